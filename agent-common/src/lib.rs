@@ -118,6 +118,9 @@ pub struct TraceOffsets {
     pub ioctl_exit_ret: u32,
     pub page_fault_address: u32,
     pub page_fault_error_code: u32,
+    pub process_exit_group_dead: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
     /// 1 once user space has filled this struct; programs do nothing before.
     pub ready: u32,
 }
@@ -163,7 +166,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Event>(), 8 * 4 + 4 * 8);
         assert_eq!(size_of::<LossRecord>(), 16);
-        assert_eq!(size_of::<TraceOffsets>(), 14 * 4);
+        assert_eq!(size_of::<TraceOffsets>(), 16 * 4);
         assert_eq!(size_of::<PendingIoctl>(), 4 * 4 + 3 * 8);
     }
 

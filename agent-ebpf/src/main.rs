@@ -1,2 +1,32 @@
+//! pagefp's eBPF programs.
+//!
+//! They watch KVM from the outside, on tracepoints only (see ENVIRONMENT.md:
+//! kprobes are absent and fentry may be refused), and send [`Event`]s to user
+//! space through one ring buffer:
+//! - VMs and memory slots: `syscalls:sys_enter_ioctl` / `sys_exit_ioctl`.
+//! - Guest page writes: `kvm:kvm_dirty_ring_push`, `fentry/mark_page_dirty_in_slot`
+//!   (where the kernel allows fentry) and write faults (`kvm:kvm_page_fault`).
+//! - Re-protection points: `kvm:kvm_dirty_ring_reset`, and the dirty-log ioctls.
+//! - VMM exit: `sched:sched_process_exit`.
+//!
+//! An event that does not fit in the ring buffer is counted in `LOSSES` under
+//! the VMM's pid (or in `UNATTRIBUTED_LOSSES` if even that fails), so user
+//! space always learns which VM may have missed something.
 #![no_std]
 #![no_main]
+
+mod emit;
+mod ioctl;
+mod kvm;
+mod process;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects programs that can reach this; it is never run.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

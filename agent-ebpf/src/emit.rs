@@ -1,0 +1,94 @@
+//! Maps shared by every program, and event delivery with loss accounting.
+
+use agent_common::{Event, LossRecord, PendingIoctl, TraceOffsets};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::map,
+    maps::{Array, HashMap, RingBuf},
+};
+
+/// Events to user space. User space may resize it at load time.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// Tracepoint field offsets, filled by user space from the format files.
+#[map]
+pub static CONFIG: Array<TraceOffsets> = Array::with_max_entries(1, 0);
+
+/// Events lost per VMM pid.
+#[map]
+pub static LOSSES: HashMap<u32, LossRecord> = HashMap::with_max_entries(4096, 0);
+
+/// Events lost that could not even be counted under a pid: every VM is affected.
+#[map]
+pub static UNATTRIBUTED_LOSSES: Array<LossRecord> = Array::with_max_entries(1, 0);
+
+/// Processes known to hold a KVM VM (filled here on `KVM_CREATE_VM` and by user
+/// space for VMs it adopts). Only their exits are reported.
+#[map]
+pub static VM_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// KVM ioctls between `sys_enter` and `sys_exit`, per thread (pid_tgid).
+#[map]
+pub static PENDING: HashMap<u64, PendingIoctl> = HashMap::with_max_entries(8192, 0);
+
+/// The offsets, or `None` before user space has written them.
+#[inline(always)]
+pub fn offsets() -> Option<&'static TraceOffsets> {
+    let config = CONFIG.get(0)?;
+    if config.ready == 1 { Some(config) } else { None }
+}
+
+/// The current process id (thread group id).
+#[inline(always)]
+pub fn current_pid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+/// An event of `kind` for the current process, timestamped now.
+#[inline(always)]
+pub fn new_event(kind: u32) -> Event {
+    Event {
+        kind,
+        pid: current_pid(),
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        ..Event::default()
+    }
+}
+
+/// Sends `event`, or records its loss under its pid.
+#[inline(always)]
+pub fn emit(event: &Event) {
+    if let Some(mut entry) = EVENTS.reserve::<Event>(0) {
+        entry.write(*event);
+        entry.submit(0);
+        return;
+    }
+    record_loss(event.pid, event.ktime_ns);
+}
+
+#[inline(always)]
+fn record_loss(pid: u32, ktime_ns: u64) {
+    if let Some(record) = LOSSES.get_ptr_mut(pid) {
+        // SAFETY: the pointer comes from a map lookup and stays valid for the
+        // whole program run; a racing update can at worst lose one increment,
+        // and any change of the record is enough for user space.
+        unsafe {
+            (*record).count += 1;
+            (*record).last_ktime_ns = ktime_ns;
+        }
+        return;
+    }
+    let fresh = LossRecord { count: 1, last_ktime_ns: ktime_ns };
+    if LOSSES.insert(pid, fresh, 0).is_ok() {
+        return;
+    }
+    if let Some(record) = UNATTRIBUTED_LOSSES.get_ptr_mut(0) {
+        // SAFETY: as above, an array element lives as long as the map.
+        unsafe {
+            (*record).count += 1;
+            (*record).last_ktime_ns = ktime_ns;
+        }
+    }
+}

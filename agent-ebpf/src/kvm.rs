@@ -1,0 +1,91 @@
+//! Guest page writes and re-protection points, from KVM's own tracepoints.
+
+use agent_common::kind;
+use aya_ebpf::{
+    macros::{fentry, tracepoint},
+    programs::{FEntryContext, TracePointContext},
+};
+
+use crate::emit::{emit, new_event, offsets};
+
+/// `kvm:kvm_dirty_ring_push`: KVM put a newly dirtied page in a vCPU's ring.
+/// Runs in the vCPU thread, so the current pid is the VMM's.
+#[tracepoint]
+pub fn pagefp_dirty_ring_push(ctx: TracePointContext) -> u32 {
+    let _ = try_dirty_ring_push(&ctx);
+    0
+}
+
+fn try_dirty_ring_push(ctx: &TracePointContext) -> Result<(), i64> {
+    let offsets = offsets().ok_or(0)?;
+    let mut event = new_event(kind::DIRTY_RING_PUSH);
+    // SAFETY: offsets come from this tracepoint's format file.
+    unsafe {
+        event.ring = ctx.read_at::<u32>(offsets.ring_push_index as usize)?;
+        // The tracepoint fires after the index moved past the new entry.
+        event.seq = ctx.read_at::<u32>(offsets.ring_push_dirty_index as usize)?.wrapping_sub(1);
+        event.slot = ctx.read_at::<u32>(offsets.ring_push_slot as usize)?;
+        event.addr = ctx.read_at::<u64>(offsets.ring_push_offset as usize)?;
+    }
+    emit(&event);
+    Ok(())
+}
+
+/// `kvm:kvm_dirty_ring_reset`: KVM write-protected again every harvested entry
+/// of one ring below `reset_index`.
+#[tracepoint]
+pub fn pagefp_dirty_ring_reset(ctx: TracePointContext) -> u32 {
+    let _ = try_dirty_ring_reset(&ctx);
+    0
+}
+
+fn try_dirty_ring_reset(ctx: &TracePointContext) -> Result<(), i64> {
+    let offsets = offsets().ok_or(0)?;
+    let mut event = new_event(kind::DIRTY_RING_RESET);
+    // SAFETY: offsets come from this tracepoint's format file.
+    unsafe {
+        event.ring = ctx.read_at::<u32>(offsets.ring_reset_index as usize)?;
+        event.seq = ctx.read_at::<u32>(offsets.ring_reset_reset_index as usize)?;
+        event.addr = u64::from(ctx.read_at::<u32>(offsets.ring_reset_dirty_index as usize)?);
+    }
+    emit(&event);
+    Ok(())
+}
+
+/// `kvm:kvm_page_fault` with the write bit: the guest wrote a page that was
+/// not writable. Only a hint (it never makes a page clean); it fires on
+/// hardware-virtualised hosts, not under the instruction emulator.
+#[tracepoint]
+pub fn pagefp_write_fault(ctx: TracePointContext) -> u32 {
+    let _ = try_write_fault(&ctx);
+    0
+}
+
+const PFERR_WRITE_MASK: u64 = 1 << 1;
+
+fn try_write_fault(ctx: &TracePointContext) -> Result<(), i64> {
+    let offsets = offsets().ok_or(0)?;
+    // SAFETY: offsets come from this tracepoint's format file.
+    let error_code = unsafe { ctx.read_at::<u64>(offsets.page_fault_error_code as usize) }?;
+    if error_code & PFERR_WRITE_MASK == 0 {
+        return Ok(());
+    }
+    let mut event = new_event(kind::WRITE_FAULT);
+    // SAFETY: as above.
+    event.addr = unsafe { ctx.read_at::<u64>(offsets.page_fault_address as usize) }?;
+    emit(&event);
+    Ok(())
+}
+
+/// `mark_page_dirty_in_slot(kvm, memslot, gfn)`: every page KVM marks dirty, in
+/// bitmap and ring mode alike. Loaded only where the kernel allows fentry.
+#[fentry(function = "mark_page_dirty_in_slot")]
+pub fn pagefp_mark_page_dirty(ctx: FEntryContext) -> u32 {
+    if offsets().is_none() {
+        return 0;
+    }
+    let mut event = new_event(kind::DIRTY_GFN);
+    event.addr = ctx.arg::<u64>(2);
+    emit(&event);
+    0
+}

@@ -1,0 +1,270 @@
+//! Host-wide occurrence counts of page contents.
+//!
+//! Every distinct content (blake3 hash) seen in any VM gets a small integer id,
+//! so a page costs 4 bytes for its content and the 32-byte hash is stored once.
+//! Counts are exact: they change in step with the page tables.
+
+use std::hash::{BuildHasherDefault, Hasher};
+
+use hashbrown::{HashMap, HashTable};
+
+/// A blake3 hash of one 4 KiB page.
+pub type PageHash = [u8; 32];
+
+/// The id of a content in a [`ContentTable`].
+pub type ContentId = u32;
+
+/// blake3 of 4096 zero bytes.
+pub fn zero_page_hash() -> PageHash {
+    static ZERO: std::sync::OnceLock<PageHash> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| *blake3::hash(&[0u8; crate::PAGE_SIZE]).as_bytes())
+}
+
+/// What is known about one content.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ContentInfo {
+    pub hash: PageHash,
+    /// Pages holding this content, over all VMs.
+    pub pages: u32,
+    /// VMs holding at least one page of this content.
+    pub vms: u32,
+}
+
+/// Per-VM page counts by content. A VM owns one and hands it to the table on
+/// every change, so the table can keep `vms` exact.
+#[derive(Debug, Default)]
+pub struct VmContentCounts {
+    counts: HashMap<ContentId, u32, BuildHasherDefault<IdHasher>>,
+}
+
+impl VmContentCounts {
+    pub fn distinct(&self) -> usize {
+        self.counts.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (ContentId, u32)> + '_ {
+        self.counts.iter().map(|(id, n)| (*id, *n))
+    }
+}
+
+/// Interned page contents with their counts.
+#[derive(Debug, Default)]
+pub struct ContentTable {
+    entries: Vec<ContentInfo>,
+    free: Vec<ContentId>,
+    index: HashTable<ContentId>,
+    /// Bumped on every change; template selection caches on it.
+    epoch: u64,
+}
+
+fn hash_key(hash: &PageHash) -> u64 {
+    // blake3 output is uniform: its first eight bytes are a good table hash.
+    u64::from_le_bytes(hash[..8].try_into().unwrap())
+}
+
+impl ContentTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Distinct contents currently held by at least one page.
+    pub fn len(&self) -> usize {
+        self.entries.len() - self.free.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, id: ContentId) -> &ContentInfo {
+        &self.entries[id as usize]
+    }
+
+    pub fn lookup(&self, hash: &PageHash) -> Option<ContentId> {
+        let entries = &self.entries;
+        self.index.find(hash_key(hash), |id| entries[*id as usize].hash == *hash).copied()
+    }
+
+    /// All live contents.
+    pub fn iter(&self) -> impl Iterator<Item = (ContentId, &ContentInfo)> + '_ {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, info)| info.pages > 0)
+            .map(|(id, info)| (id as ContentId, info))
+    }
+
+    /// Counts one more page of `hash` in the VM owning `vm`; returns its id.
+    pub fn add_page(&mut self, vm: &mut VmContentCounts, hash: &PageHash) -> ContentId {
+        self.epoch += 1;
+        let id = match self.lookup(hash) {
+            Some(id) => id,
+            None => self.intern(hash),
+        };
+        let in_vm = vm.counts.entry(id).or_insert(0);
+        *in_vm += 1;
+        let info = &mut self.entries[id as usize];
+        info.pages += 1;
+        if *in_vm == 1 {
+            info.vms += 1;
+        }
+        id
+    }
+
+    /// Forgets one page of content `id` in the VM owning `vm`.
+    pub fn remove_page(&mut self, vm: &mut VmContentCounts, id: ContentId) {
+        self.epoch += 1;
+        let Some(in_vm) = vm.counts.get_mut(&id) else {
+            debug_assert!(false, "content {id} not counted in this VM");
+            return;
+        };
+        *in_vm -= 1;
+        let vm_gone = *in_vm == 0;
+        if vm_gone {
+            vm.counts.remove(&id);
+        }
+        let info = &mut self.entries[id as usize];
+        info.pages -= 1;
+        if vm_gone {
+            info.vms -= 1;
+        }
+        if info.pages == 0 {
+            self.release(id);
+        }
+    }
+
+    /// Forgets every page of a VM that is going away.
+    pub fn remove_vm(&mut self, vm: VmContentCounts) {
+        self.epoch += 1;
+        for (id, n) in vm.counts {
+            let info = &mut self.entries[id as usize];
+            info.pages -= n;
+            info.vms -= 1;
+            if info.pages == 0 {
+                self.release(id);
+            }
+        }
+    }
+
+    /// Bytes used by the table itself (not counting per-VM counts).
+    pub fn heap_bytes(&self) -> usize {
+        self.entries.capacity() * size_of::<ContentInfo>()
+            + self.free.capacity() * size_of::<ContentId>()
+            + self.index.capacity() * (size_of::<ContentId>() + 1)
+    }
+
+    fn intern(&mut self, hash: &PageHash) -> ContentId {
+        let info = ContentInfo { hash: *hash, pages: 0, vms: 0 };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.entries[id as usize] = info;
+                id
+            }
+            None => {
+                self.entries.push(info);
+                (self.entries.len() - 1) as ContentId
+            }
+        };
+        let entries = &self.entries;
+        self.index.insert_unique(hash_key(hash), id, |id| hash_key(&entries[*id as usize].hash));
+        id
+    }
+
+    fn release(&mut self, id: ContentId) {
+        let key = hash_key(&self.entries[id as usize].hash);
+        if let Ok(slot) = self.index.find_entry(key, |candidate| *candidate == id) {
+            slot.remove();
+        }
+        self.free.push(id);
+    }
+}
+
+/// Hashes content ids for the per-VM maps (Fibonacci hashing: hashbrown needs
+/// good high bits).
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, value: u32) {
+        self.0 = u64::from(value).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap as StdHashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn h(n: u8) -> PageHash {
+        [n; 32]
+    }
+
+    #[test]
+    fn counts_pages_and_vms() {
+        let mut table = ContentTable::new();
+        let (mut a, mut b) = (VmContentCounts::default(), VmContentCounts::default());
+        let x = table.add_page(&mut a, &h(1));
+        table.add_page(&mut a, &h(1));
+        table.add_page(&mut b, &h(1));
+        assert_eq!(table.get(x).pages, 3);
+        assert_eq!(table.get(x).vms, 2);
+        table.remove_page(&mut a, x);
+        assert_eq!((table.get(x).pages, table.get(x).vms), (2, 2));
+        table.remove_page(&mut a, x);
+        assert_eq!((table.get(x).pages, table.get(x).vms), (1, 1));
+        table.remove_vm(b);
+        assert!(table.is_empty());
+        assert_eq!(table.lookup(&h(1)), None);
+    }
+
+    proptest! {
+        /// Any sequence of page changes leaves counts equal to a recount.
+        #[test]
+        fn counts_match_a_recount(ops in prop::collection::vec((0usize..3, 0usize..16, 0u8..6), 1..300)) {
+            let mut table = ContentTable::new();
+            let mut vms: Vec<VmContentCounts> = (0..3).map(|_| VmContentCounts::default()).collect();
+            // pages[vm][page] = Some((content byte, id))
+            let mut pages = vec![vec![None; 16]; 3];
+            for (vm, page, byte) in ops {
+                if let Some((_, id)) = pages[vm][page].take() {
+                    table.remove_page(&mut vms[vm], id);
+                }
+                if byte > 0 {
+                    let id = table.add_page(&mut vms[vm], &h(byte));
+                    pages[vm][page] = Some((byte, id));
+                }
+            }
+            let mut expect: StdHashMap<u8, (u32, u32)> = StdHashMap::new();
+            for vm_pages in &pages {
+                let mut seen = std::collections::HashSet::new();
+                for (byte, _) in vm_pages.iter().flatten() {
+                    let e = expect.entry(*byte).or_default();
+                    e.0 += 1;
+                    if seen.insert(*byte) { e.1 += 1; }
+                }
+            }
+            prop_assert_eq!(table.len(), expect.len());
+            for (byte, (p, v)) in expect {
+                let id = table.lookup(&h(byte)).unwrap();
+                prop_assert_eq!((table.get(id).pages, table.get(id).vms), (p, v));
+            }
+        }
+    }
+}

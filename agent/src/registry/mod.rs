@@ -1,0 +1,651 @@
+//! The VM registry: what the agent knows of every VM, fed by eBPF events and
+//! by hash results.
+//!
+//! The rule that keeps served hashes from ever being stale: a page is clean
+//! only if it was read after KVM write-protected it again following the last
+//! write the agent was told of. Every reported write bumps the page's
+//! generation; a hash read before that bump is dropped at commit. Whatever may
+//! have been missed (lost events, a VM that ran before the agent) makes the
+//! VM unsynced: its pages stay unknown until every dirty ring has been reset
+//! past what it held at that moment.
+
+pub mod pages;
+pub mod vm;
+
+use std::collections::{BTreeMap, HashMap};
+
+use agent_common::{Event, ioctl, kind};
+pub use pages::{PageEntry, PageState};
+pub use vm::{DirtyMode, Discovery, SyncState, Vm};
+use vm::{PendingEntry, Slot};
+
+use crate::content::{ContentTable, PageHash};
+
+/// Which pages a hash job covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobPages {
+    Range { first: u32, count: u32 },
+    List(Vec<u32>),
+}
+
+/// Why pages are hashed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Dirty-tracked pages: a committed hash is clean.
+    Track,
+    /// Untracked pages: a committed hash is unverified.
+    Rescan,
+}
+
+/// Pages of one slot to hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HashJob {
+    pub pid: u32,
+    pub slot: u32,
+    pub epoch: u64,
+    pub pages: JobPages,
+    pub purpose: Purpose,
+}
+
+/// What a worker reads for a job: taken under the lock, before the read.
+#[derive(Clone, Debug)]
+pub struct ReadPlan {
+    pub pid: u32,
+    /// Userspace address of the slot in the VMM.
+    pub uaddr: u64,
+    /// (page, generation) to read.
+    pub pages: Vec<(u32, u32)>,
+}
+
+/// How a slot's pages are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tracking {
+    /// Every write is reported: hashes are clean.
+    Tracked,
+    /// Tracked, but waiting until nothing missed can still be pending.
+    Syncing,
+    /// No usable write reports: rescanned at a bounded rate, unverified.
+    Untracked,
+}
+
+/// Agent-wide event statistics.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RegistryStats {
+    pub events: BTreeMap<&'static str, u64>,
+    pub events_unknown_vm: u64,
+    pub losses_attributed: u64,
+    pub losses_unattributed: u64,
+    pub pages_hashed: u64,
+    pub pages_rehashed: u64,
+    pub hashes_dropped_stale: u64,
+}
+
+/// Everything the agent knows about the VMs of this host.
+#[derive(Debug, Default)]
+pub struct Registry {
+    vms: BTreeMap<u32, Vm>,
+    pub contents: ContentTable,
+    /// fentry on `mark_page_dirty_in_slot` is attached: bitmap-mode VMs
+    /// report their writes too.
+    pub fentry_active: bool,
+    next_epoch: u64,
+    jobs: Vec<HashJob>,
+    pub stats: RegistryStats,
+}
+
+fn entry_before(entry: u32, reset: u32) -> bool {
+    (reset.wrapping_sub(entry) as i32) > 0
+}
+
+fn event_name(kind: u32) -> &'static str {
+    match kind {
+        kind::VM_CREATED => "vm_created",
+        kind::SLOT_SET => "slot_set",
+        kind::CAP_ENABLED => "cap_enabled",
+        kind::DIRTY_RING_PUSH => "dirty_ring_push",
+        kind::DIRTY_RING_RESET => "dirty_ring_reset",
+        kind::RESET_RINGS_BEGIN => "reset_rings_begin",
+        kind::RESET_RINGS_END => "reset_rings_end",
+        kind::DIRTY_LOG_GET => "dirty_log_get",
+        kind::DIRTY_LOG_CLEAR => "dirty_log_clear",
+        kind::DIRTY_GFN => "dirty_gfn",
+        kind::WRITE_FAULT => "write_fault",
+        kind::PROCESS_EXIT => "process_exit",
+        _ => "other",
+    }
+}
+
+impl Registry {
+    pub fn new(fentry_active: bool) -> Self {
+        Self { fentry_active, ..Self::default() }
+    }
+
+    pub fn vms(&self) -> impl Iterator<Item = &Vm> {
+        self.vms.values()
+    }
+
+    pub fn vm(&self, pid: u32) -> Option<&Vm> {
+        self.vms.get(&pid)
+    }
+
+    /// Hash jobs made by the changes so far.
+    pub fn take_jobs(&mut self) -> Vec<HashJob> {
+        std::mem::take(&mut self.jobs)
+    }
+
+    /// A VM that ran before the agent: listed, but unsynced from `now_ns`
+    /// (its slots are learnt at their next registration).
+    pub fn adopt(&mut self, pid: u32, now_ns: u64) {
+        self.vms.entry(pid).or_insert_with(|| {
+            let mut vm = Vm::new(
+                pid,
+                Discovery::Adopted,
+                SyncState::Unsynced { since_ns: now_ns, barrier: None },
+            );
+            vm.note = Some("started before the agent: waiting for its next memory-slot registration".into());
+            vm
+        });
+    }
+
+    /// How the pages of `slot` are kept.
+    pub fn tracking(&self, vm: &Vm, slot: &Slot) -> Tracking {
+        slot_tracking(self.fentry_active, vm, slot)
+    }
+
+    /// Applies one event from the kernel.
+    pub fn apply(&mut self, event: &Event) {
+        *self.stats.events.entry(event_name(event.kind)).or_insert(0) += 1;
+        match event.kind {
+            kind::VM_CREATED => self.vm_created(event),
+            kind::PROCESS_EXIT => self.remove_vm(event.pid),
+            _ => {
+                if !self.vms.contains_key(&event.pid) {
+                    // A VM created before the agent and missed by its scan.
+                    self.stats.events_unknown_vm += 1;
+                    self.adopt(event.pid, event.ktime_ns);
+                }
+                let vm = self.vms.get_mut(&event.pid).unwrap();
+                match event.kind {
+                    kind::SLOT_SET => self.slot_set(event),
+                    kind::CAP_ENABLED => cap_enabled(vm, event),
+                    kind::DIRTY_RING_PUSH => self.ring_push(event),
+                    kind::DIRTY_RING_RESET => self.ring_reset(event),
+                    kind::RESET_RINGS_BEGIN => vm.reset_batch = Some((event.ktime_ns, HashMap::new())),
+                    kind::RESET_RINGS_END => self.reset_batch_end(event.pid),
+                    kind::DIRTY_LOG_GET => self.dirty_log_get(event),
+                    kind::DIRTY_GFN => self.dirty_gfn(event),
+                    kind::WRITE_FAULT => self.write_fault(event),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Events of `pid` (or of every VM, for `None`) may have been lost at
+    /// `since_ns`.
+    pub fn note_loss(&mut self, pid: Option<u32>, since_ns: u64) {
+        let pids: Vec<u32> = match pid {
+            Some(pid) => vec![pid],
+            None => self.vms.keys().copied().collect(),
+        };
+        match pid {
+            Some(_) => self.stats.losses_attributed += 1,
+            None => self.stats.losses_unattributed += 1,
+        }
+        for pid in pids {
+            let Some(vm) = self.vms.get_mut(&pid) else { continue };
+            vm.stats.losses += 1;
+            vm.sync = SyncState::Unsynced { since_ns, barrier: None };
+            vm.note = Some("events were lost: pages unknown until the dirty rings are reset".into());
+            for slot in vm.slots.values_mut() {
+                for page in &mut slot.pages {
+                    if page.state() != PageState::Dirty {
+                        if page.content != pages::NO_CONTENT {
+                            self.contents.remove_page(&mut vm.counts, page.content);
+                            page.content = pages::NO_CONTENT;
+                        }
+                        page.bump(PageState::Unknown);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn remove_vm(&mut self, pid: u32) {
+        if let Some(vm) = self.vms.remove(&pid) {
+            self.contents.remove_vm(vm.counts);
+        }
+    }
+
+    /// Pids of VMs whose process no longer exists (a missed exit event).
+    pub fn reap_gone(&mut self) -> Vec<u32> {
+        let gone: Vec<u32> = self
+            .vms
+            .keys()
+            .copied()
+            .filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .collect();
+        for pid in &gone {
+            self.remove_vm(*pid);
+        }
+        gone
+    }
+
+    fn vm_created(&mut self, event: &Event) {
+        if let Some(old) = self.vms.get(&event.pid)
+            && old.discovery == Discovery::AtCreation
+            && !old.slots.is_empty()
+        {
+            let vm = self.vms.get_mut(&event.pid).unwrap();
+            vm.note = Some(format!(
+                "the process created another VM (fd {}): only one VM per process is tracked",
+                event.fd
+            ));
+            vm.sync = SyncState::Unsynced { since_ns: u64::MAX, barrier: None };
+            return;
+        }
+        self.remove_vm(event.pid);
+        let mut vm = Vm::new(event.pid, Discovery::AtCreation, SyncState::Synced);
+        vm.vm_fd = Some(event.fd);
+        self.vms.insert(event.pid, vm);
+    }
+
+    fn slot_set(&mut self, event: &Event) {
+        self.next_epoch += 1;
+        let epoch = self.next_epoch;
+        let vm = self.vms.get_mut(&event.pid).unwrap();
+        if vm.discovery == Discovery::Adopted {
+            vm.note = None;
+        }
+        let id = event.slot;
+        if let Some(old) = vm.slots.get_mut(&id)
+            && old.gpa == event.addr
+            && old.size == event.size
+            && old.uaddr == event.uaddr
+            && event.size != 0
+        {
+            // Only the flags changed (typically dirty logging switched on or off).
+            let was_logged = old.logged();
+            old.flags = event.flags;
+            if old.logged() && !was_logged {
+                // KVM write-protects every page now: what is read from here on
+                // is valid until the next report.
+                old.epoch = epoch;
+                for page in &mut old.pages {
+                    if page.content != pages::NO_CONTENT {
+                        self.contents.remove_page(&mut vm.counts, page.content);
+                        page.content = pages::NO_CONTENT;
+                    }
+                    page.bump(PageState::Unknown);
+                }
+            } else if !old.logged() {
+                for page in &mut old.pages {
+                    if page.state() == PageState::Clean {
+                        page.set_state(PageState::Unverified);
+                    }
+                }
+            }
+        } else {
+            if let Some(old) = vm.slots.remove(&id) {
+                for page in old.pages {
+                    if page.content != pages::NO_CONTENT {
+                        self.contents.remove_page(&mut vm.counts, page.content);
+                    }
+                }
+            }
+            if event.size == 0 {
+                return;
+            }
+            let mut slot = Slot {
+                id,
+                gpa: event.addr,
+                size: event.size,
+                uaddr: event.uaddr,
+                flags: event.flags,
+                epoch,
+                pages: vec![PageEntry::default(); (event.size >> crate::PAGE_SHIFT) as usize],
+                pending_bitmap: Vec::new(),
+                rescan_cursor: 0,
+            };
+            // Writes reported before the slot was known (an adopted VM).
+            for ring in vm.rings.values_mut() {
+                for pending in ring.pending.iter_mut().filter(|p| p.slot == id) {
+                    if let Some(page) = slot.pages.get_mut(pending.page as usize) {
+                        pending.generation = page.bump(PageState::Dirty);
+                    }
+                }
+            }
+            slot.pages.shrink_to_fit();
+            vm.slots.insert(id, slot);
+        }
+        self.queue_full_pass(event.pid, id);
+    }
+
+    /// Queues every page of a slot that wants a hash, if the slot is tracked.
+    fn queue_full_pass(&mut self, pid: u32, slot_id: u32) {
+        let vm = &self.vms[&pid];
+        let Some(slot) = vm.slots.get(&slot_id) else { return };
+        if self.tracking(vm, slot) != Tracking::Tracked {
+            return;
+        }
+        self.jobs.push(HashJob {
+            pid,
+            slot: slot_id,
+            epoch: slot.epoch,
+            pages: JobPages::Range { first: 0, count: slot.pages.len() as u32 },
+            purpose: Purpose::Track,
+        });
+    }
+
+    fn ring_push(&mut self, event: &Event) {
+        let vm = self.vms.get_mut(&event.pid).unwrap();
+        vm.stats.dirty_events += 1;
+        if vm.dirty_mode == DirtyMode::Unknown || matches!(vm.dirty_mode, DirtyMode::Bitmap { .. }) {
+            vm.dirty_mode = DirtyMode::Ring;
+        }
+        let ring = vm.rings.entry(event.ring).or_default();
+        let page_index = event.addr as u32;
+        let Some(slot) = vm.slots.get_mut(&event.slot) else {
+            // Unknown slot (adopted VM): remember it for when the slot appears.
+            ring.pending.push_back(PendingEntry { entry: event.seq, slot: event.slot, page: page_index, generation: u32::MAX });
+            return;
+        };
+        let Some(page) = slot.pages.get_mut(page_index as usize) else { return };
+        if page.content != pages::NO_CONTENT {
+            self.contents.remove_page(&mut vm.counts, page.content);
+            page.content = pages::NO_CONTENT;
+        }
+        let already_reset = ring.last_reset.is_some_and(|reset| entry_before(event.seq, reset));
+        if already_reset {
+            // The reset overtook this event on another CPU: the page is
+            // write-protected again already.
+            page.bump(PageState::Queued);
+            let epoch = slot.epoch;
+            self.queue_pages(event.pid, event.slot, epoch, vec![page_index]);
+        } else {
+            let generation = page.bump(PageState::Dirty);
+            ring.pending.push_back(PendingEntry { entry: event.seq, slot: event.slot, page: page_index, generation });
+        }
+    }
+
+    fn ring_reset(&mut self, event: &Event) {
+        let vm = self.vms.get_mut(&event.pid).unwrap();
+        if vm.dirty_mode == DirtyMode::Unknown {
+            vm.dirty_mode = DirtyMode::Ring;
+        }
+        let reset = event.seq;
+        if let Some((_, batch)) = &mut vm.reset_batch {
+            batch.insert(event.ring, (reset, event.addr as u32));
+        }
+        let ring = vm.rings.entry(event.ring).or_default();
+        ring.last_reset = Some(reset);
+        let mut ready: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        while let Some(front) = ring.pending.front() {
+            if !entry_before(front.entry, reset) {
+                break;
+            }
+            let pending = ring.pending.pop_front().unwrap();
+            let Some(slot) = vm.slots.get_mut(&pending.slot) else { continue };
+            let Some(page) = slot.pages.get_mut(pending.page as usize) else { continue };
+            if page.generation() == pending.generation && page.state() == PageState::Dirty {
+                page.set_state(PageState::Queued);
+                ready.entry(pending.slot).or_default().push(pending.page);
+            }
+        }
+        let epochs: Vec<u64> = ready.keys().map(|id| vm.slots[id].epoch).collect();
+        for ((slot_id, pages), epoch) in ready.into_iter().zip(epochs) {
+            self.queue_pages(event.pid, slot_id, epoch, pages);
+        }
+    }
+
+    fn queue_pages(&mut self, pid: u32, slot_id: u32, epoch: u64, pages: Vec<u32>) {
+        let vm = &self.vms[&pid];
+        let slot = &vm.slots[&slot_id];
+        if self.tracking(vm, slot) != Tracking::Tracked {
+            return;
+        }
+        self.jobs.push(HashJob { pid, slot: slot_id, epoch, pages: JobPages::List(pages), purpose: Purpose::Track });
+    }
+
+    fn reset_batch_end(&mut self, pid: u32) {
+        let vm = self.vms.get_mut(&pid).unwrap();
+        let Some((begin_ns, batch)) = vm.reset_batch.take() else { return };
+        let SyncState::Unsynced { since_ns, barrier } = &mut vm.sync else { return };
+        if begin_ns <= *since_ns {
+            return;
+        }
+        let barrier = barrier.get_or_insert_with(|| {
+            batch.iter().filter(|(_, (reset, dirty))| reset != dirty).map(|(ring, (_, dirty))| (*ring, *dirty)).collect()
+        });
+        barrier.retain(|ring, needed| match batch.get(ring) {
+            Some((reset, _)) => entry_before(*reset, *needed),
+            None => true,
+        });
+        if barrier.is_empty() {
+            self.resync(pid);
+        }
+    }
+
+    /// Nothing missed can still be pending: pages that are not waiting for a
+    /// reset are hashed afresh.
+    fn resync(&mut self, pid: u32) {
+        let vm = self.vms.get_mut(&pid).unwrap();
+        vm.sync = SyncState::Synced;
+        vm.stats.resyncs += 1;
+        if vm.note.as_deref().is_some_and(|note| !note.starts_with("the process created")) {
+            vm.note = None;
+        }
+        let slots: Vec<u32> = vm.slots.keys().copied().collect();
+        for slot in slots {
+            self.queue_full_pass(pid, slot);
+        }
+    }
+
+    fn dirty_log_get(&mut self, event: &Event) {
+        let vm = self.vms.get_mut(&event.pid).unwrap();
+        if vm.dirty_mode == DirtyMode::Unknown {
+            vm.dirty_mode = DirtyMode::Bitmap { manual_protect: false };
+        }
+        if vm.dirty_mode != (DirtyMode::Bitmap { manual_protect: false }) {
+            return;
+        }
+        // KVM_GET_DIRTY_LOG re-protects the slot's dirty pages. Writes reported
+        // before the ioctl started are covered; writes during it may not be.
+        let enter_ns = event.size;
+        let Some(slot) = vm.slots.get_mut(&event.slot) else { return };
+        let mut ready = Vec::new();
+        slot.pending_bitmap.retain(|(page, generation, ktime)| {
+            if *ktime >= enter_ns {
+                return true;
+            }
+            let entry = &mut slot.pages[*page as usize];
+            if entry.generation() == *generation && entry.state() == PageState::Dirty {
+                entry.set_state(PageState::Queued);
+                ready.push(*page);
+            }
+            false
+        });
+        let epoch = slot.epoch;
+        if let SyncState::Unsynced { since_ns, .. } = vm.sync
+            && enter_ns > since_ns
+            && vm.dirty_mode == (DirtyMode::Bitmap { manual_protect: false })
+        {
+            // Bitmap mode: one harvest of every slot after the loss resyncs.
+            // (Simplification: any harvest after the loss counts.)
+            self.resync(event.pid);
+        }
+        if !ready.is_empty() {
+            self.queue_pages(event.pid, event.slot, epoch, ready);
+        }
+    }
+
+    fn dirty_gfn(&mut self, event: &Event) {
+        let vm = self.vms.get_mut(&event.pid).unwrap();
+        if vm.dirty_mode == DirtyMode::Ring {
+            // The ring push reports the same write, with its re-protection point.
+            return;
+        }
+        vm.stats.dirty_events += 1;
+        let Some((slot_id, page_index)) = vm.locate_gpa(event.addr << crate::PAGE_SHIFT) else { return };
+        let slot = vm.slots.get_mut(&slot_id).unwrap();
+        let page = &mut slot.pages[page_index as usize];
+        if page.content != pages::NO_CONTENT {
+            self.contents.remove_page(&mut vm.counts, page.content);
+            page.content = pages::NO_CONTENT;
+        }
+        let generation = page.bump(PageState::Dirty);
+        slot.pending_bitmap.push((page_index, generation, event.ktime_ns));
+    }
+
+    fn write_fault(&mut self, event: &Event) {
+        let vm = self.vms.get_mut(&event.pid).unwrap();
+        let Some((slot_id, page_index)) = vm.locate_gpa(event.addr) else { return };
+        let slot = &vm.slots[&slot_id];
+        if slot_tracking(self.fentry_active, vm, slot) == Tracking::Tracked {
+            // The dirty log reports this write with its re-protection point.
+            return;
+        }
+        let vm = self.vms.get_mut(&event.pid).unwrap();
+        let page = &mut vm.slots.get_mut(&slot_id).unwrap().pages[page_index as usize];
+        if page.content != pages::NO_CONTENT {
+            self.contents.remove_page(&mut vm.counts, page.content);
+            page.content = pages::NO_CONTENT;
+        }
+        page.bump(PageState::Unknown);
+    }
+
+    /// Jobs for the bounded-rate rescan of untracked slots: at most
+    /// `budget_pages` pages over all of them.
+    pub fn rescan_jobs(&mut self, budget_pages: u32) -> Vec<HashJob> {
+        let mut jobs = Vec::new();
+        let mut candidates = Vec::new();
+        for vm in self.vms.values() {
+            for slot in vm.slots.values() {
+                if self.tracking(vm, slot) == Tracking::Untracked {
+                    candidates.push((vm.pid, slot.id));
+                }
+            }
+        }
+        if candidates.is_empty() {
+            return jobs;
+        }
+        let share = (budget_pages / candidates.len() as u32).max(1);
+        for (pid, slot_id) in candidates {
+            let slot = self.vms.get_mut(&pid).unwrap().slots.get_mut(&slot_id).unwrap();
+            let total = slot.pages.len() as u32;
+            if total == 0 {
+                continue;
+            }
+            let first = slot.rescan_cursor % total;
+            let count = share.min(total - first);
+            slot.rescan_cursor = (first + count) % total;
+            jobs.push(HashJob {
+                pid,
+                slot: slot_id,
+                epoch: slot.epoch,
+                pages: JobPages::Range { first, count },
+                purpose: Purpose::Rescan,
+            });
+        }
+        jobs
+    }
+
+    /// What to read for `job`, or `None` if the job is stale.
+    pub fn plan(&self, job: &HashJob) -> Option<ReadPlan> {
+        let vm = self.vms.get(&job.pid)?;
+        let slot = vm.slots.get(&job.slot).filter(|slot| slot.epoch == job.epoch)?;
+        let wanted = |page: u32| {
+            let entry = slot.pages.get(page as usize)?;
+            match job.purpose {
+                Purpose::Track => entry.state().wants_hash().then_some((page, entry.generation())),
+                Purpose::Rescan => (entry.state() != PageState::Dirty).then_some((page, entry.generation())),
+            }
+        };
+        let pages: Vec<(u32, u32)> = match &job.pages {
+            JobPages::Range { first, count } => (*first..first.saturating_add(*count)).filter_map(wanted).collect(),
+            JobPages::List(list) => list.iter().copied().filter_map(wanted).collect(),
+        };
+        if pages.is_empty() {
+            return None;
+        }
+        Some(ReadPlan { pid: job.pid, uaddr: slot.uaddr, pages })
+    }
+
+    /// Commits hashes read for `plan`; `hashes[i]` belongs to `plan.pages[i]`
+    /// (`None`: the page could not be read).
+    pub fn commit(&mut self, job: &HashJob, plan: &ReadPlan, hashes: &[Option<PageHash>]) {
+        let Some(vm) = self.vms.get_mut(&job.pid) else { return };
+        let synced = vm.sync == SyncState::Synced;
+        let Some(slot) = vm.slots.get(&job.slot).filter(|slot| slot.epoch == job.epoch) else { return };
+        let tracking = slot_tracking(self.fentry_active, vm, slot);
+        let new_state = match (job.purpose, tracking) {
+            (Purpose::Track, Tracking::Tracked) if synced => PageState::Clean,
+            (Purpose::Rescan, Tracking::Untracked) => PageState::Unverified,
+            _ => return,
+        };
+        let vm = self.vms.get_mut(&job.pid).unwrap();
+        let slot = vm.slots.get_mut(&job.slot).unwrap();
+        for ((page_index, generation), hash) in plan.pages.iter().zip(hashes) {
+            let page = &mut slot.pages[*page_index as usize];
+            let eligible = match job.purpose {
+                Purpose::Track => page.state().wants_hash(),
+                Purpose::Rescan => page.state() != PageState::Dirty,
+            };
+            if page.generation() != *generation || !eligible {
+                self.stats.hashes_dropped_stale += 1;
+                continue;
+            }
+            let Some(hash) = hash else { continue };
+            let rehash = page.state() == PageState::Queued;
+            if page.content != pages::NO_CONTENT {
+                if self.contents.get(page.content).hash == *hash {
+                    page.set_state(new_state);
+                    continue;
+                }
+                self.contents.remove_page(&mut vm.counts, page.content);
+            }
+            page.content = self.contents.add_page(&mut vm.counts, hash);
+            page.set_state(new_state);
+            if rehash {
+                vm.stats.pages_rehashed += 1;
+                self.stats.pages_rehashed += 1;
+            }
+        }
+        vm.stats.pages_hashed += plan.pages.len() as u64;
+        self.stats.pages_hashed += plan.pages.len() as u64;
+    }
+}
+
+/// How the pages of `slot` are kept.
+fn slot_tracking(fentry_active: bool, vm: &Vm, slot: &Slot) -> Tracking {
+        if !slot.logged() {
+            return Tracking::Untracked;
+        }
+        let reported = match vm.dirty_mode {
+            DirtyMode::Ring => true,
+            DirtyMode::Bitmap { manual_protect } => fentry_active && !manual_protect,
+            DirtyMode::Unknown => return Tracking::Syncing,
+        };
+        match (reported, &vm.sync) {
+            (false, _) => Tracking::Untracked,
+            (true, SyncState::Synced) => Tracking::Tracked,
+            (true, SyncState::Unsynced { .. }) => Tracking::Syncing,
+        }
+    }
+
+
+fn cap_enabled(vm: &mut Vm, event: &Event) {
+    match event.slot {
+        ioctl::KVM_CAP_DIRTY_LOG_RING | ioctl::KVM_CAP_DIRTY_LOG_RING_ACQ_REL => vm.dirty_mode = DirtyMode::Ring,
+        ioctl::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 if event.addr & 1 != 0 => {
+            if let DirtyMode::Bitmap { .. } | DirtyMode::Unknown = vm.dirty_mode {
+                vm.dirty_mode = DirtyMode::Bitmap { manual_protect: true };
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,186 @@
+//! State-machine tests of the registry with synthetic events. The same
+//! machine runs on real kernel events in the integration tests.
+
+use agent_common::{Event, ioctl, kind};
+
+use super::*;
+
+const PID: u32 = 100;
+
+fn ev(kind: u32) -> Event {
+    Event { kind, pid: PID, ktime_ns: 10, ..Event::default() }
+}
+
+fn ring_vm(pages: u64) -> Registry {
+    let mut reg = Registry::new(false);
+    reg.apply(&Event { fd: 5, ..ev(kind::VM_CREATED) });
+    reg.apply(&Event { slot: ioctl::KVM_CAP_DIRTY_LOG_RING, addr: 65536, ..ev(kind::CAP_ENABLED) });
+    reg.apply(&Event {
+        slot: 0,
+        flags: ioctl::KVM_MEM_LOG_DIRTY_PAGES,
+        addr: 0,
+        size: pages * 4096,
+        uaddr: 0x7000_0000,
+        ..ev(kind::SLOT_SET)
+    });
+    reg
+}
+
+/// Runs every queued job with `content(page)` as the page's hash.
+fn run_jobs(reg: &mut Registry, content: impl Fn(u32) -> u8) {
+    for job in reg.take_jobs() {
+        if let Some(plan) = reg.plan(&job) {
+            let hashes: Vec<_> = plan.pages.iter().map(|(p, _)| Some([content(*p); 32])).collect();
+            reg.commit(&job, &plan, &hashes);
+        }
+    }
+}
+
+fn state(reg: &Registry, page: usize) -> PageState {
+    reg.vm(PID).unwrap().slots[&0].pages[page].state()
+}
+
+fn push(entry: u32, page: u64) -> Event {
+    Event { ring: 0, seq: entry, slot: 0, addr: page, ..ev(kind::DIRTY_RING_PUSH) }
+}
+
+fn reset(reset_index: u32, dirty_index: u32, ktime_ns: u64) -> [Event; 3] {
+    [
+        Event { ktime_ns, ..ev(kind::RESET_RINGS_BEGIN) },
+        Event { ring: 0, seq: reset_index, addr: u64::from(dirty_index), ktime_ns, ..ev(kind::DIRTY_RING_RESET) },
+        Event { ktime_ns, ..ev(kind::RESET_RINGS_END) },
+    ]
+}
+
+#[test]
+fn full_pass_then_dirty_then_clean_after_reset() {
+    let mut reg = ring_vm(8);
+    run_jobs(&mut reg, |_| 1);
+    assert!((0..8).all(|p| state(&reg, p) == PageState::Clean));
+    assert_eq!(reg.contents.get(reg.contents.lookup(&[1; 32]).unwrap()).pages, 8);
+
+    reg.apply(&push(0, 3));
+    assert_eq!(state(&reg, 3), PageState::Dirty);
+    assert_eq!(reg.contents.get(reg.contents.lookup(&[1; 32]).unwrap()).pages, 7);
+    // No reset yet: nothing to hash, the page stays dirty.
+    run_jobs(&mut reg, |_| 2);
+    assert_eq!(state(&reg, 3), PageState::Dirty);
+    for e in reset(1, 1, 20) {
+        reg.apply(&e);
+    }
+    assert_eq!(state(&reg, 3), PageState::Queued);
+    run_jobs(&mut reg, |_| 2);
+    assert_eq!(state(&reg, 3), PageState::Clean);
+    assert_eq!(reg.contents.get(reg.contents.lookup(&[2; 32]).unwrap()).pages, 1);
+    assert_eq!(reg.stats.pages_rehashed, 1);
+}
+
+#[test]
+fn a_hash_read_before_a_write_is_never_committed() {
+    let mut reg = ring_vm(4);
+    let jobs = reg.take_jobs();
+    let plan = reg.plan(&jobs[0]).unwrap();
+    // The guest writes page 2 while the worker reads.
+    reg.apply(&push(0, 2));
+    let hashes: Vec<_> = plan.pages.iter().map(|_| Some([9; 32])).collect();
+    reg.commit(&jobs[0], &plan, &hashes);
+    assert_eq!(state(&reg, 2), PageState::Dirty);
+    assert_eq!(state(&reg, 1), PageState::Clean);
+    assert_eq!(reg.stats.hashes_dropped_stale, 1);
+}
+
+#[test]
+fn a_reset_that_overtakes_its_push_queues_the_page() {
+    let mut reg = ring_vm(4);
+    run_jobs(&mut reg, |_| 1);
+    for e in reset(1, 1, 20) {
+        reg.apply(&e);
+    }
+    reg.apply(&push(0, 1));
+    assert_eq!(state(&reg, 1), PageState::Queued);
+    run_jobs(&mut reg, |_| 3);
+    assert_eq!(state(&reg, 1), PageState::Clean);
+}
+
+#[test]
+fn entry_indexes_wrap() {
+    let mut reg = ring_vm(4);
+    run_jobs(&mut reg, |_| 1);
+    reg.apply(&push(u32::MAX, 0));
+    reg.apply(&push(0, 1));
+    for e in reset(0, 1, 20) {
+        reg.apply(&e);
+    }
+    assert_eq!(state(&reg, 0), PageState::Queued);
+    assert_eq!(state(&reg, 1), PageState::Dirty);
+}
+
+#[test]
+fn lost_events_make_pages_unknown_until_the_rings_are_reset() {
+    let mut reg = ring_vm(4);
+    run_jobs(&mut reg, |_| 1);
+    reg.note_loss(Some(PID), 50);
+    assert!((0..4).all(|p| state(&reg, p) == PageState::Unknown));
+    assert!(reg.contents.is_empty());
+    // A reset batch that began before the loss does not count.
+    for e in reset(5, 5, 40) {
+        reg.apply(&e);
+    }
+    run_jobs(&mut reg, |_| 1);
+    assert_eq!(state(&reg, 0), PageState::Unknown);
+    // After the loss: ring holds entries up to 7, reset only to 6.
+    for e in reset(6, 7, 60) {
+        reg.apply(&e);
+    }
+    run_jobs(&mut reg, |_| 1);
+    assert_eq!(state(&reg, 0), PageState::Unknown);
+    // A later reset passes the barrier: pages are hashed again.
+    for e in reset(7, 7, 70) {
+        reg.apply(&e);
+    }
+    run_jobs(&mut reg, |_| 4);
+    assert!((0..4).all(|p| state(&reg, p) == PageState::Clean));
+}
+
+#[test]
+fn an_adopted_vm_syncs_after_its_first_complete_reset() {
+    let mut reg = Registry::new(false);
+    reg.adopt(PID, 5);
+    reg.apply(&push(3, 1)); // before the slot is known
+    reg.apply(&Event { slot: 0, flags: 1, size: 4 * 4096, uaddr: 1, ktime_ns: 10, ..ev(kind::SLOT_SET) });
+    assert_eq!(state(&reg, 1), PageState::Dirty);
+    assert!(reg.take_jobs().is_empty());
+    for e in reset(4, 4, 20) {
+        reg.apply(&e);
+    }
+    run_jobs(&mut reg, |_| 1);
+    assert!((0..4).all(|p| state(&reg, p) == PageState::Clean));
+}
+
+#[test]
+fn untracked_slots_are_rescanned_as_unverified() {
+    let mut reg = Registry::new(false);
+    reg.apply(&ev(kind::VM_CREATED));
+    reg.apply(&Event { slot: 0, flags: 0, size: 10 * 4096, uaddr: 1, ..ev(kind::SLOT_SET) });
+    assert!(reg.take_jobs().is_empty());
+    let jobs = reg.rescan_jobs(6);
+    assert_eq!(jobs[0].pages, JobPages::Range { first: 0, count: 6 });
+    for job in jobs {
+        let plan = reg.plan(&job).unwrap();
+        let hashes: Vec<_> = plan.pages.iter().map(|_| Some([7; 32])).collect();
+        reg.commit(&job, &plan, &hashes);
+    }
+    assert_eq!(state(&reg, 5), PageState::Unverified);
+    assert_eq!(state(&reg, 6), PageState::Unknown);
+    assert_eq!(reg.rescan_jobs(6)[0].pages, JobPages::Range { first: 6, count: 4 });
+}
+
+#[test]
+fn process_exit_removes_the_vm_and_its_counts() {
+    let mut reg = ring_vm(4);
+    run_jobs(&mut reg, |p| p as u8);
+    assert_eq!(reg.contents.len(), 4);
+    reg.apply(&ev(kind::PROCESS_EXIT));
+    assert!(reg.vm(PID).is_none());
+    assert!(reg.contents.is_empty());
+}

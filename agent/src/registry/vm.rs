@@ -1,0 +1,173 @@
+//! One VM: its memory slots, dirty-tracking mode and sync state.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::Serialize;
+
+use super::pages::{PageEntry, PageState};
+use crate::{PAGE_SHIFT, content::VmContentCounts};
+
+/// How the VM reports page writes to KVM's dirty log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirtyMode {
+    /// Not known yet (a VM adopted after it started).
+    Unknown,
+    /// KVM's per-vCPU dirty ring (`KVM_CAP_DIRTY_LOG_RING`).
+    Ring,
+    /// KVM's dirty bitmap (`KVM_GET_DIRTY_LOG`), optionally with manual
+    /// re-protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`).
+    Bitmap { manual_protect: bool },
+}
+
+/// How the agent came to know the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Discovery {
+    /// Seen from `KVM_CREATE_VM` on: nothing was missed.
+    AtCreation,
+    /// Running before the agent started.
+    Adopted,
+}
+
+/// Whether every write since some point is known to have been reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncState {
+    Synced,
+    /// Something may have been missed at `since_ns` (agent start, lost
+    /// events): pages stay unknown until every dirty ring was reset past what
+    /// it held then.
+    Unsynced {
+        since_ns: u64,
+        /// Ring → dirty index that a later reset must reach.
+        barrier: Option<HashMap<u32, u32>>,
+    },
+}
+
+/// A guest memory slot.
+#[derive(Debug)]
+pub struct Slot {
+    /// as_id << 16 | slot id.
+    pub id: u32,
+    pub gpa: u64,
+    pub size: u64,
+    pub uaddr: u64,
+    pub flags: u32,
+    /// Changes whenever the slot is replaced, so stale hash jobs are dropped.
+    pub epoch: u64,
+    pub pages: Vec<PageEntry>,
+    /// Bitmap mode with fentry events: (page, generation, ktime) of writes
+    /// waiting for `KVM_GET_DIRTY_LOG`.
+    pub pending_bitmap: Vec<(u32, u32, u64)>,
+    /// Next page the bounded-rate rescan of an untracked slot reads.
+    pub rescan_cursor: u32,
+}
+
+impl Slot {
+    pub fn logged(&self) -> bool {
+        self.flags & agent_common::ioctl::KVM_MEM_LOG_DIRTY_PAGES != 0
+    }
+
+    pub fn page_count(&self) -> usize {
+        (self.size >> PAGE_SHIFT) as usize
+    }
+
+    /// The page of guest physical address `gpa`, if inside this slot.
+    pub fn page_of_gpa(&self, gpa: u64) -> Option<u32> {
+        (gpa >= self.gpa && gpa < self.gpa + self.size).then(|| ((gpa - self.gpa) >> PAGE_SHIFT) as u32)
+    }
+}
+
+/// A reported ring entry waiting for its reset.
+#[derive(Clone, Copy, Debug)]
+pub struct PendingEntry {
+    pub entry: u32,
+    pub slot: u32,
+    pub page: u32,
+    pub generation: u32,
+}
+
+/// One vCPU's dirty ring as seen through its events.
+#[derive(Debug, Default)]
+pub struct Ring {
+    pub pending: VecDeque<PendingEntry>,
+    /// Reset index of the last reset seen.
+    pub last_reset: Option<u32>,
+}
+
+/// Per-VM statistics.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct VmStats {
+    pub dirty_events: u64,
+    pub pages_hashed: u64,
+    pub pages_rehashed: u64,
+    pub losses: u64,
+    pub resyncs: u64,
+}
+
+/// A VM held by one VMM process.
+#[derive(Debug)]
+pub struct Vm {
+    pub pid: u32,
+    pub comm: String,
+    pub vm_fd: Option<u32>,
+    pub discovery: Discovery,
+    pub dirty_mode: DirtyMode,
+    pub slots: BTreeMap<u32, Slot>,
+    pub rings: HashMap<u32, Ring>,
+    pub sync: SyncState,
+    /// Per-ring (reset index, dirty index) of the reset batch under way.
+    pub reset_batch: Option<(u64, HashMap<u32, (u32, u32)>)>,
+    pub counts: VmContentCounts,
+    pub stats: VmStats,
+    /// Why the VM is not (fully) tracked, when it is not.
+    pub note: Option<String>,
+}
+
+impl Vm {
+    pub fn new(pid: u32, discovery: Discovery, sync: SyncState) -> Self {
+        Self {
+            pid,
+            comm: process_name(pid),
+            vm_fd: None,
+            discovery,
+            dirty_mode: match discovery {
+                Discovery::AtCreation => DirtyMode::Bitmap { manual_protect: false },
+                Discovery::Adopted => DirtyMode::Unknown,
+            },
+            slots: BTreeMap::new(),
+            rings: HashMap::new(),
+            sync,
+            reset_batch: None,
+            counts: VmContentCounts::default(),
+            stats: VmStats::default(),
+            note: None,
+        }
+    }
+
+    /// The slot and page of guest physical address `gpa`.
+    pub fn locate_gpa(&self, gpa: u64) -> Option<(u32, u32)> {
+        self.slots.values().find_map(|slot| slot.page_of_gpa(gpa).map(|page| (slot.id, page)))
+    }
+
+    pub fn page_count(&self) -> usize {
+        self.slots.values().map(Slot::page_count).sum()
+    }
+
+    pub fn state_counts(&self) -> BTreeMap<PageState, u64> {
+        let mut counts = BTreeMap::new();
+        for slot in self.slots.values() {
+            for page in &slot.pages {
+                *counts.entry(page.state()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// `/proc/PID/comm`, or "?" if the process is gone.
+pub fn process_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
