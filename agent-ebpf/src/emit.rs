@@ -69,7 +69,7 @@ pub fn emit(event: &Event) {
 }
 
 #[inline(always)]
-fn record_loss(pid: u32, ktime_ns: u64) {
+pub fn record_loss(pid: u32, ktime_ns: u64) {
     if let Some(record) = LOSSES.get_ptr_mut(pid) {
         // SAFETY: the pointer comes from a map lookup and stays valid for the
         // whole program run; a racing update can at worst lose one increment,

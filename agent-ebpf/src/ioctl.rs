@@ -6,6 +6,7 @@
 //! `kvm_dirty_ring_reset` events fire in between.
 
 use agent_common::{PendingIoctl, ioctl, kind};
+use aya_log_ebpf::warn;
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::tracepoint,
@@ -96,7 +97,15 @@ fn try_ioctl_enter(ctx: &TracePointContext) -> Result<(), i64> {
         }
         _ => {}
     }
-    PENDING.insert(bpf_get_current_pid_tgid(), pending, 0).map_err(i64::from)
+    if PENDING.insert(bpf_get_current_pid_tgid(), pending, 0).is_err() {
+        // The ioctl's result will not be reported: say so, and count it as a
+        // loss so that the VM's pages become unknown.
+        warn!(ctx, "pagefp: no room to follow KVM ioctl {:x} of pid {}", cmd, current_pid());
+        let mut lost = new_event(kind::SLOT_SET);
+        lost.fd = fd;
+        crate::emit::record_loss(lost.pid, lost.ktime_ns);
+    }
+    Ok(())
 }
 
 #[tracepoint]

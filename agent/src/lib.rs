@@ -1,8 +1,15 @@
 //! pagefp: page fingerprints of KVM guests, kept current by eBPF, for
 //! template-based live migration.
 
+pub mod api;
+pub mod config;
 pub mod content;
+pub mod ebpf;
+pub mod hasher;
+pub mod memory;
 pub mod registry;
+pub mod templates;
+pub mod tracker;
 
 /// Guest page size.
 pub const PAGE_SIZE: usize = 4096;

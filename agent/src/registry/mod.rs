@@ -218,6 +218,15 @@ impl Registry {
         }
     }
 
+    /// Updates every VM's dirty rate; `seconds` since the last call.
+    pub fn sample_rates(&mut self, seconds: f64) {
+        for vm in self.vms.values_mut() {
+            let delta = vm.stats.dirty_events - vm.stats.last_dirty_events;
+            vm.stats.last_dirty_events = vm.stats.dirty_events;
+            vm.stats.dirty_per_sec = delta as f64 / seconds.max(1e-3);
+        }
+    }
+
     /// Pids of VMs whose process no longer exists (a missed exit event).
     pub fn reap_gone(&mut self) -> Vec<u32> {
         let gone: Vec<u32> = self

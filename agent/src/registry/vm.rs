@@ -103,6 +103,10 @@ pub struct VmStats {
     pub pages_rehashed: u64,
     pub losses: u64,
     pub resyncs: u64,
+    /// Dirty events per second over the last sampling interval.
+    pub dirty_per_sec: f64,
+    #[serde(skip)]
+    pub last_dirty_events: u64,
 }
 
 /// A VM held by one VMM process.

@@ -1,0 +1,367 @@
+//! Request routing: plain functions from a request line to a response, so
+//! they are tested without a socket.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use hyper::{Response, StatusCode, body::Bytes, header};
+use http_body_util::Full;
+use serde::Serialize;
+
+use super::{
+    views::{VmView, vm_view},
+    wire::{HASH_LIST_MAGIC, HASH_LIST_VERSION, HashListHeader, PageRecord, state},
+};
+use crate::{
+    PAGE_SIZE,
+    content::zero_page_hash,
+    ebpf::Sources,
+    hasher::HashPool,
+    registry::{PageState, Registry, RegistryStats},
+    templates::{Catalog, SelectionPolicy},
+    tracker::{SyncHandle, TrackerStats, monotonic_ns},
+};
+
+pub type ApiResponse = Response<Full<Bytes>>;
+
+/// Everything the API reads.
+pub struct AppState {
+    pub registry: Arc<Mutex<Registry>>,
+    pub pool: Option<Arc<HashPool>>,
+    pub sync: Option<SyncHandle>,
+    pub sources: Sources,
+    pub tracker: Arc<TrackerStats>,
+    pub policy: SelectionPolicy,
+    pub started: Instant,
+    catalog: Mutex<Option<Arc<Catalog>>>,
+}
+
+impl AppState {
+    pub fn new(
+        registry: Arc<Mutex<Registry>>,
+        pool: Option<Arc<HashPool>>,
+        sync: Option<SyncHandle>,
+        sources: Sources,
+        tracker: Arc<TrackerStats>,
+        policy: SelectionPolicy,
+    ) -> Self {
+        Self { registry, pool, sync, sources, tracker, policy, started: Instant::now(), catalog: Mutex::new(None) }
+    }
+
+    /// The template catalog, selected again when contents changed.
+    pub fn catalog(&self, registry: &Registry) -> Arc<Catalog> {
+        let mut cached = self.catalog.lock().unwrap();
+        match &*cached {
+            Some(catalog) if catalog.epoch == registry.contents.epoch() => catalog.clone(),
+            _ => {
+                let catalog = Arc::new(Catalog::select(&registry.contents, self.policy));
+                *cached = Some(catalog.clone());
+                catalog
+            }
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+pub fn error(status: StatusCode, message: &str) -> ApiResponse {
+    let body = serde_json::to_vec(&ErrorBody { error: message }).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+fn json<T: Serialize>(value: &T) -> ApiResponse {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap(),
+        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("encoding the answer failed: {err}")),
+    }
+}
+
+fn binary(body: Vec<u8>) -> ApiResponse {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Json,
+    Binary,
+}
+
+struct Query {
+    format: Option<Format>,
+    limit: Option<usize>,
+}
+
+fn parse_query(query: Option<&str>) -> Result<Query, String> {
+    let mut parsed = Query { format: None, limit: None };
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "format" => {
+                parsed.format = Some(match value {
+                    "json" => Format::Json,
+                    "bin" | "binary" => Format::Binary,
+                    other => return Err(format!("unknown format `{other}`: use format=json or format=bin")),
+                })
+            }
+            "limit" => {
+                parsed.limit = Some(value.parse().map_err(|_| format!("limit must be a whole number, not `{value}`"))?)
+            }
+            other => return Err(format!("unknown query parameter `{other}` (known: format, limit)")),
+        }
+    }
+    Ok(parsed)
+}
+
+/// Answers one request. Blocking: call from a blocking context.
+pub fn handle(state: &AppState, method: &hyper::Method, path: &str, query: Option<&str>) -> ApiResponse {
+    if method != hyper::Method::GET {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
+    }
+    let query = match parse_query(query) {
+        Ok(query) => query,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+    };
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["v1", "status"] => status(state),
+        ["v1", "vms"] => vms(state),
+        ["v1", "vms", pid] => match parse_pid(pid) {
+            Ok(pid) => one_vm(state, pid),
+            Err(response) => response,
+        },
+        ["v1", "vms", pid, "hashes"] => match parse_pid(pid) {
+            Ok(pid) => hashes(state, pid, query.format.unwrap_or(Format::Binary)),
+            Err(response) => response,
+        },
+        ["v1", "templates"] => templates(state, query.format.unwrap_or(Format::Json), query.limit),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            &format!("no such endpoint `{path}`: try /v1/status, /v1/vms, /v1/vms/PID, /v1/vms/PID/hashes, /v1/templates"),
+        ),
+    }
+}
+
+fn parse_pid(text: &str) -> Result<u32, ApiResponse> {
+    text.parse().map_err(|_| error(StatusCode::BAD_REQUEST, &format!("`{text}` is not a VM id (the VMM's pid)")))
+}
+
+fn unknown_vm(pid: u32) -> ApiResponse {
+    error(StatusCode::NOT_FOUND, &format!("no VM with pid {pid} is known: see GET /v1/vms"))
+}
+
+#[derive(Serialize)]
+struct StatusView {
+    version: &'static str,
+    uptime_seconds: f64,
+    sources: Sources,
+    vms: usize,
+    distinct_contents: usize,
+    templates: usize,
+    template_bytes: u64,
+    hash_jobs_pending: u64,
+    events: u64,
+    registry: RegistryStats,
+}
+
+fn status(state: &AppState) -> ApiResponse {
+    let registry = state.registry.lock().unwrap();
+    let catalog = state.catalog(&registry);
+    json(&StatusView {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: state.started.elapsed().as_secs_f64(),
+        sources: state.sources.clone(),
+        vms: registry.vms().count(),
+        distinct_contents: registry.contents.len(),
+        templates: catalog.templates.len(),
+        template_bytes: catalog.bytes(),
+        hash_jobs_pending: state.pool.as_ref().map_or(0, |p| p.pending()),
+        events: state.tracker.events.load(std::sync::atomic::Ordering::Relaxed),
+        registry: registry.stats.clone(),
+    })
+}
+
+fn vms(state: &AppState) -> ApiResponse {
+    let registry = state.registry.lock().unwrap();
+    let catalog = state.catalog(&registry);
+    let views: Vec<VmView> = registry.vms().map(|vm| vm_view(&registry, vm, &catalog)).collect();
+    json(&views)
+}
+
+fn one_vm(state: &AppState, pid: u32) -> ApiResponse {
+    let registry = state.registry.lock().unwrap();
+    let catalog = state.catalog(&registry);
+    match registry.vm(pid) {
+        Some(vm) => json(&vm_view(&registry, vm, &catalog)),
+        None => unknown_vm(pid),
+    }
+}
+
+#[derive(Serialize)]
+struct PageJson {
+    gpa: u64,
+    state: PageState,
+    zero: bool,
+    hash: Option<String>,
+}
+
+fn hashes(state: &AppState, pid: u32, format: Format) -> ApiResponse {
+    // Everything the kernel reported before this request is applied first.
+    if let Some(sync) = &state.sync {
+        sync.sync();
+    }
+    let taken_ns = monotonic_ns();
+    let registry = state.registry.lock().unwrap();
+    let Some(vm) = registry.vm(pid) else { return unknown_vm(pid) };
+    let zero = zero_page_hash();
+    let mut records = Vec::with_capacity(vm.page_count());
+    for slot in vm.slots.values() {
+        for (index, page) in slot.pages.iter().enumerate() {
+            let page_state = page.state();
+            let known = matches!(page_state, PageState::Clean | PageState::Unverified);
+            let hash = if known { registry.contents.get(page.content).hash } else { [0; 32] };
+            records.push(PageRecord {
+                gpa: slot.gpa + (index * PAGE_SIZE) as u64,
+                hash,
+                state: match page_state {
+                    PageState::Clean => state::CLEAN,
+                    PageState::Unverified => state::UNVERIFIED,
+                    PageState::Dirty | PageState::Queued => state::DIRTY,
+                    PageState::Unknown => state::UNKNOWN,
+                },
+                zero: u8::from(known && hash == zero),
+                _pad: [0; 6],
+            });
+        }
+    }
+    records.sort_unstable_by_key(|r| r.gpa);
+    match format {
+        Format::Json => {
+            let pages: Vec<PageJson> = records
+                .iter()
+                .map(|r| PageJson {
+                    gpa: r.gpa,
+                    state: match r.state {
+                        state::CLEAN => PageState::Clean,
+                        state::UNVERIFIED => PageState::Unverified,
+                        state::DIRTY => PageState::Dirty,
+                        _ => PageState::Unknown,
+                    },
+                    zero: r.zero == 1,
+                    hash: matches!(r.state, state::CLEAN | state::UNVERIFIED).then(|| super::hex(&r.hash)),
+                })
+                .collect();
+            json(&pages)
+        }
+        Format::Binary => {
+            let header = HashListHeader {
+                magic: HASH_LIST_MAGIC,
+                version: HASH_LIST_VERSION,
+                pid,
+                page_size: PAGE_SIZE as u32,
+                count: records.len() as u64,
+                taken_ns,
+            };
+            let mut body = Vec::with_capacity(size_of::<HashListHeader>() + records.len() * size_of::<PageRecord>());
+            body.extend_from_slice(bytemuck::bytes_of(&header));
+            body.extend_from_slice(bytemuck::cast_slice(&records));
+            binary(body)
+        }
+    }
+}
+
+fn templates(state: &AppState, format: Format, limit: Option<usize>) -> ApiResponse {
+    let registry = state.registry.lock().unwrap();
+    let mut catalog = (*state.catalog(&registry)).clone();
+    drop(registry);
+    if let Some(limit) = limit {
+        catalog.templates.truncate(limit);
+    }
+    match format {
+        Format::Json => json(&catalog),
+        Format::Binary => {
+            // Records: index u32 LE, then the 32-byte hash.
+            let mut body = Vec::with_capacity(catalog.templates.len() * 36);
+            for template in &catalog.templates {
+                body.extend_from_slice(&template.index.to_le_bytes());
+                body.extend_from_slice(&template.hash);
+            }
+            binary(body)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    fn state() -> AppState {
+        AppState::new(
+            Arc::new(Mutex::new(Registry::new(false))),
+            None,
+            None,
+            Sources::default(),
+            Arc::default(),
+            SelectionPolicy { min_vms: 2, budget_bytes: 1 << 20 },
+        )
+    }
+
+    fn body(response: ApiResponse) -> String {
+        let bytes = futures_body(response);
+        String::from_utf8(bytes).unwrap()
+    }
+
+    fn futures_body(response: ApiResponse) -> Vec<u8> {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async { response.into_body().collect().await.unwrap().to_bytes().to_vec() })
+    }
+
+    #[test]
+    fn malformed_requests_get_4xx_with_a_message() {
+        let state = state();
+        let get = hyper::Method::GET;
+        let cases = [
+            (hyper::Method::POST, "/v1/vms", None, StatusCode::METHOD_NOT_ALLOWED),
+            (get.clone(), "/v2/nothing", None, StatusCode::NOT_FOUND),
+            (get.clone(), "/v1/vms/abc", None, StatusCode::BAD_REQUEST),
+            (get.clone(), "/v1/vms/424242", None, StatusCode::NOT_FOUND),
+            (get.clone(), "/v1/vms/424242/hashes", None, StatusCode::NOT_FOUND),
+            (get.clone(), "/v1/templates", Some("format=xml"), StatusCode::BAD_REQUEST),
+            (get.clone(), "/v1/templates", Some("limit=-1"), StatusCode::BAD_REQUEST),
+            (get.clone(), "/v1/templates", Some("colour=red"), StatusCode::BAD_REQUEST),
+        ];
+        for (method, path, query, expected) in cases {
+            let response = handle(&state, &method, path, query);
+            assert_eq!(response.status(), expected, "{method} {path}");
+            let text = body(response);
+            let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert!(parsed["error"].as_str().is_some_and(|m| m.len() > 10), "{text}");
+        }
+    }
+
+    #[test]
+    fn empty_agent_answers() {
+        let state = state();
+        let response = handle(&state, &hyper::Method::GET, "/v1/vms", None);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body(response).trim(), "[]");
+        let response = handle(&state, &hyper::Method::GET, "/v1/templates", Some("format=bin"));
+        assert!(futures_body(response).is_empty());
+    }
+}

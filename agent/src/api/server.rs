@@ -1,0 +1,66 @@
+//! Serving the API with hyper on a Unix socket.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use hyper::{Request, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixListener;
+
+use super::routes::{AppState, ApiResponse, handle};
+
+/// Binds the socket (replacing a stale one), mode 0600.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another agent is already serving {}: stop it first, or pass --socket PATH",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding API socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {} to root", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: UnixListener, state: Arc<AppState>, path: PathBuf) {
+    log::info!("API listening on {}", path.display());
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                log::warn!("API accept failed: {err}");
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let state = state.clone();
+                async move {
+                    let method = request.method().clone();
+                    let path = request.uri().path().to_string();
+                    let query = request.uri().query().map(str::to_string);
+                    let response: ApiResponse = tokio::task::spawn_blocking(move || handle(&state, &method, &path, query.as_deref()))
+                        .await
+                        .unwrap_or_else(|err| super::routes::error(hyper::StatusCode::INTERNAL_SERVER_ERROR, &format!("handler failed: {err}")));
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            if let Err(err) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                log::debug!("API connection ended: {err}");
+            }
+        });
+    }
+}

@@ -1,0 +1,110 @@
+//! The agent's configuration: `/etc/pagefp/pagefp.toml`, every key optional,
+//! command-line flags override it.
+
+use std::{net::SocketAddr, path::{Path, PathBuf}};
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONFIG: &str = "/etc/pagefp/pagefp.toml";
+pub const DEFAULT_SOCKET: &str = "/run/pagefp/pagefp.sock";
+/// Default Prometheus endpoint (loopback only).
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9641";
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// API socket (mode 0600: root only).
+    pub socket: PathBuf,
+    /// Prometheus `/metrics` address.
+    pub metrics_addr: SocketAddr,
+    /// Hash worker threads; 0 = one per CPU.
+    pub hash_threads: usize,
+    /// eBPF event ring buffer size in bytes (power of two, >= 4096).
+    pub ring_buffer_bytes: u32,
+    /// Pages per second read to rescan VMs that are not dirty-tracked.
+    pub rescan_pages_per_sec: u32,
+    /// A content becomes a template candidate when this many VMs hold it.
+    pub min_vms: u32,
+    /// Memory the templates may use at a destination, in bytes.
+    pub template_budget_bytes: u64,
+    /// Map sealed memfd guest memory instead of copying it.
+    pub zero_copy: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            socket: DEFAULT_SOCKET.into(),
+            metrics_addr: DEFAULT_METRICS_ADDR.parse().unwrap(),
+            hash_threads: 0,
+            ring_buffer_bytes: 16 << 20,
+            rescan_pages_per_sec: 25_600,
+            min_vms: 2,
+            template_budget_bytes: 256 << 20,
+            zero_copy: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is invalid: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("ring_buffer_bytes must be a power of two of at least 4096, not {0}")]
+    RingSize(u32),
+    #[error("min_vms must be at least 1")]
+    MinVms,
+}
+
+impl Config {
+    /// Reads `path`; a missing file at the default path means defaults.
+    pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(Self::default()),
+            Err(source) => return Err(ConfigError::Read { path: path.into(), source }),
+        };
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.ring_buffer_bytes.is_power_of_two() || self.ring_buffer_bytes < 4096 {
+            return Err(ConfigError::RingSize(self.ring_buffer_bytes));
+        }
+        if self.min_vms == 0 {
+            return Err(ConfigError::MinVms);
+        }
+        Ok(())
+    }
+
+    pub fn threads(&self) -> usize {
+        if self.hash_threads > 0 {
+            self.hash_threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_files_keep_defaults_and_unknown_keys_are_refused() {
+        let config: Config = toml::from_str("min_vms = 3").unwrap();
+        assert_eq!(config.min_vms, 3);
+        assert_eq!(config.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert!(toml::from_str::<Config>("min_vm = 3").is_err());
+        assert!(Config { ring_buffer_bytes: 5000, ..Config::default() }.validate().is_err());
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let example = include_str!("../../docs/pagefp.toml");
+        let config: Config = toml::from_str(example).unwrap();
+        assert_eq!(config, Config::default());
+    }
+}

@@ -1,0 +1,163 @@
+//! Loading and attaching pagefp's eBPF programs, with a clear error for every
+//! missing privilege or kernel feature, and a fallback where one exists.
+
+pub mod tracefs;
+
+use agent_common::{Event, LossRecord, TraceOffsets};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, RingBuf},
+    programs::{FEntry, TracePoint},
+};
+use serde::Serialize;
+
+/// The eBPF object built by `agent/build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("tracefs is not mounted: run `mount -t tracefs tracefs /sys/kernel/tracing`")]
+    NoTracefs,
+    #[error(
+        "tracepoint {tracepoint} is missing ({source}): load KVM (`modprobe kvm_intel` or `kvm_amd`) and make sure the kernel has CONFIG_FTRACE_SYSCALLS"
+    )]
+    MissingTracepoint { tracepoint: String, source: std::io::Error },
+    #[error("tracepoint {tracepoint} has no field `{field}`: this kernel's KVM is too old or too new for pagefp")]
+    MissingField { tracepoint: String, field: String },
+    #[error(
+        "loading the eBPF programs failed: {0}. pagefp needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN) and a kernel with BPF ring buffers (5.8+)"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF program {program} could not be {action}: {source}")]
+    Program {
+        program: &'static str,
+        action: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {0}: {1}")]
+    Map(&'static str, #[source] aya::maps::MapError),
+}
+
+/// Where the agent learns of guest page writes.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Sources {
+    /// Programs attached, by name.
+    pub attached: Vec<String>,
+    /// fentry on `mark_page_dirty_in_slot` is attached (covers bitmap mode).
+    pub fentry: bool,
+    /// Why fentry is not used, when it is not.
+    pub fentry_error: Option<String>,
+    /// The write-fault tracepoint is attached.
+    pub write_faults: bool,
+}
+
+/// The loaded programs and the maps user space reads.
+pub struct Probes {
+    /// Keeps the programs attached; dropped last.
+    _ebpf: Ebpf,
+    pub events: RingBuf<MapData>,
+    pub losses: HashMap<MapData, u32, LossRecord>,
+    pub unattributed: Array<MapData, LossRecord>,
+    pub vm_pids: HashMap<MapData, u32, u32>,
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pub sources: Sources,
+}
+
+/// (program, tracepoint group, tracepoint name, required)
+const TRACEPOINTS: [(&str, &str, &str, bool); 6] = [
+    ("pagefp_ioctl_enter", "syscalls", "sys_enter_ioctl", true),
+    ("pagefp_ioctl_exit", "syscalls", "sys_exit_ioctl", true),
+    ("pagefp_dirty_ring_push", "kvm", "kvm_dirty_ring_push", true),
+    ("pagefp_dirty_ring_reset", "kvm", "kvm_dirty_ring_reset", true),
+    ("pagefp_process_exit", "sched", "sched_process_exit", true),
+    ("pagefp_write_fault", "kvm", "kvm_page_fault", false),
+];
+
+impl Probes {
+    /// Loads and attaches everything. `ring_bytes` sizes the event ring buffer
+    /// (a power of two, at least one page).
+    pub fn attach(ring_bytes: u32) -> Result<Self, EbpfError> {
+        let root = tracefs::tracefs_root()?;
+        let offsets: TraceOffsets = tracefs::read_offsets(&root)?;
+        let mut ebpf = EbpfLoader::new().map_max_entries("EVENTS", ring_bytes).load(EBPF_OBJECT).map_err(EbpfError::Load)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(err) => {
+                log::warn!("eBPF logs unavailable: {err}");
+                None
+            }
+        };
+        {
+            let map = ebpf.map_mut("CONFIG").expect("CONFIG map is in the object");
+            let mut config: Array<_, TraceOffsets> = Array::try_from(map).map_err(|e| EbpfError::Map("CONFIG", e))?;
+            config.set(0, offsets, 0).map_err(|e| EbpfError::Map("CONFIG", e))?;
+        }
+        let mut sources = Sources::default();
+        for (program, group, name, required) in TRACEPOINTS {
+            let tracepoint: &mut TracePoint = ebpf
+                .program_mut(program)
+                .expect("program is in the object")
+                .try_into()
+                .expect("program is a tracepoint");
+            let attached = tracepoint
+                .load()
+                .map_err(|source| EbpfError::Program { program, action: "loaded", source })
+                .and_then(|()| {
+                    tracepoint.attach(group, name).map_err(|source| EbpfError::Program { program, action: "attached", source })
+                });
+            match attached {
+                Ok(_) => sources.attached.push(format!("tracepoint/{group}/{name}")),
+                Err(err) if !required => log::info!("optional source not used: {err}"),
+                Err(err) => return Err(err),
+            }
+        }
+        sources.write_faults = sources.attached.iter().any(|a| a.ends_with("kvm_page_fault"));
+        match attach_fentry(&mut ebpf) {
+            Ok(()) => {
+                sources.fentry = true;
+                sources.attached.push("fentry/mark_page_dirty_in_slot".into());
+            }
+            Err(err) => {
+                log::info!(
+                    "fentry/mark_page_dirty_in_slot unavailable ({err}): dirty-ring VMs are tracked through kvm:kvm_dirty_ring_push; bitmap-mode VMs are rescanned"
+                );
+                sources.fentry_error = Some(err);
+            }
+        }
+        let events = RingBuf::try_from(ebpf.take_map("EVENTS").expect("EVENTS map")).map_err(|e| EbpfError::Map("EVENTS", e))?;
+        let losses = HashMap::try_from(ebpf.take_map("LOSSES").expect("LOSSES map")).map_err(|e| EbpfError::Map("LOSSES", e))?;
+        let unattributed = Array::try_from(ebpf.take_map("UNATTRIBUTED_LOSSES").expect("UNATTRIBUTED_LOSSES map"))
+            .map_err(|e| EbpfError::Map("UNATTRIBUTED_LOSSES", e))?;
+        let vm_pids = HashMap::try_from(ebpf.take_map("VM_PIDS").expect("VM_PIDS map")).map_err(|e| EbpfError::Map("VM_PIDS", e))?;
+        Ok(Self { _ebpf: ebpf, events, losses, unattributed, vm_pids, logger, sources })
+    }
+
+    /// Reads every event waiting in the ring buffer.
+    pub fn drain(&mut self, out: &mut Vec<Event>) {
+        while let Some(item) = self.events.next() {
+            if item.len() >= size_of::<Event>() {
+                out.push(bytemuck::pod_read_unaligned(&item[..size_of::<Event>()]));
+            }
+        }
+    }
+
+    /// Current loss records: per pid, and the unattributed one.
+    pub fn losses(&self) -> (Vec<(u32, LossRecord)>, LossRecord) {
+        let per_pid = self.losses.iter().filter_map(Result::ok).collect();
+        let unattributed = self.unattributed.get(&0, 0).unwrap_or_default();
+        (per_pid, unattributed)
+    }
+}
+
+fn attach_fentry(ebpf: &mut Ebpf) -> Result<(), String> {
+    let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
+    let program: &mut FEntry = ebpf
+        .program_mut("pagefp_mark_page_dirty")
+        .ok_or("program missing")?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    program.load("mark_page_dirty_in_slot", &btf).map_err(|e| format!("load refused: {e}"))?;
+    program.attach().map_err(|e| format!("attach refused: {e}"))?;
+    Ok(())
+}

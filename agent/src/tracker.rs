@@ -1,0 +1,210 @@
+//! The tracker thread: owns the eBPF maps, turns kernel events into registry
+//! changes, watches for losses, and feeds the hash pool.
+//!
+//! Readers of the registry that must not see anything older than "now" (the
+//! API's hash lists) ask it for a sync: it drains the ring buffer and applies
+//! every event before answering.
+
+use std::{
+    collections::HashMap,
+    os::fd::{AsFd, AsRawFd},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use agent_common::{Event, LossRecord};
+use crossbeam::channel::{Receiver, Sender, TryRecvError};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use crate::{ebpf::Probes, hasher::HashPool, registry::Registry};
+
+/// Tuning of the tracker loop.
+#[derive(Clone, Debug)]
+pub struct TrackerConfig {
+    /// Pages per second the rescan of untracked VMs may read.
+    pub rescan_pages_per_sec: u32,
+}
+
+/// Counters exported as metrics.
+#[derive(Debug, Default)]
+pub struct TrackerStats {
+    pub events: AtomicU64,
+    pub batches: AtomicU64,
+    pub syncs: AtomicU64,
+}
+
+/// A handle to ask the tracker to apply every pending event.
+#[derive(Clone)]
+pub struct SyncHandle {
+    tx: Sender<Sender<()>>,
+}
+
+impl SyncHandle {
+    /// Returns once every event the kernel had produced before the call has
+    /// been applied (or the tracker is gone).
+    pub fn sync(&self) {
+        let (done_tx, done_rx) = crossbeam::channel::bounded(1);
+        if self.tx.send(done_tx).is_ok() {
+            let _ = done_rx.recv_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+pub struct Tracker {
+    probes: Probes,
+    registry: Arc<Mutex<Registry>>,
+    pool: Arc<HashPool>,
+    config: TrackerConfig,
+    sync_rx: Receiver<Sender<()>>,
+    stop: Arc<AtomicBool>,
+    pub stats: Arc<TrackerStats>,
+    seen_losses: HashMap<u32, LossRecord>,
+    seen_unattributed: LossRecord,
+}
+
+impl Tracker {
+    pub fn new(
+        probes: Probes,
+        registry: Arc<Mutex<Registry>>,
+        pool: Arc<HashPool>,
+        config: TrackerConfig,
+        stop: Arc<AtomicBool>,
+    ) -> (Self, SyncHandle) {
+        let (tx, sync_rx) = crossbeam::channel::unbounded();
+        let mut tracker = Self {
+            probes,
+            registry,
+            pool,
+            config,
+            sync_rx,
+            stop,
+            stats: Arc::default(),
+            seen_losses: HashMap::new(),
+            seen_unattributed: LossRecord::default(),
+        };
+        // Losses from before the start concern VMs adopted as unsynced anyway.
+        let (per_pid, unattributed) = tracker.probes.losses();
+        tracker.seen_losses = per_pid.into_iter().collect();
+        tracker.seen_unattributed = unattributed;
+        (tracker, SyncHandle { tx })
+    }
+
+    /// Registers VMs found running at start and lets the kernel side report
+    /// their exit.
+    pub fn adopt_running(&mut self, pids: &[u32]) {
+        let now = monotonic_ns();
+        let mut registry = self.registry.lock().unwrap();
+        for pid in pids {
+            registry.adopt(*pid, now);
+            let _ = self.probes.vm_pids.insert(pid, 1, 0);
+        }
+    }
+
+    pub fn run(mut self) {
+        let mut batch: Vec<Event> = Vec::with_capacity(4096);
+        let mut last_rescan = Instant::now();
+        let mut last_reap = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            self.wait(Duration::from_millis(10));
+            if let Some(logger) = &mut self.probes.logger {
+                logger.flush();
+            }
+            let waiting: Vec<Sender<()>> = std::iter::from_fn(|| match self.sync_rx.try_recv() {
+                Ok(done) => Some(done),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
+            })
+            .collect();
+            batch.clear();
+            self.probes.drain(&mut batch);
+            let registry_handle = self.registry.clone();
+            let jobs = {
+                let mut registry = registry_handle.lock().unwrap();
+                for event in &batch {
+                    registry.apply(event);
+                }
+                self.check_losses(&mut registry);
+                if last_reap.elapsed() >= Duration::from_secs(1) {
+                    registry.sample_rates(last_reap.elapsed().as_secs_f64());
+                    last_reap = Instant::now();
+                    for pid in registry.reap_gone() {
+                        self.pool.forget(pid);
+                        let _ = self.probes.vm_pids.remove(&pid);
+                    }
+                }
+                let mut jobs = registry.take_jobs();
+                let elapsed = last_rescan.elapsed();
+                if elapsed >= Duration::from_millis(100) && self.pool.pending() == 0 {
+                    last_rescan = Instant::now();
+                    let budget = (f64::from(self.config.rescan_pages_per_sec) * elapsed.as_secs_f64()) as u32;
+                    jobs.extend(registry.rescan_jobs(budget));
+                }
+                jobs
+            };
+            self.stats.events.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            self.pool.submit(jobs);
+            for done in waiting {
+                self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let events = self.probes.events.as_fd();
+        let mut fds = vec![PollFd::new(events, PollFlags::POLLIN)];
+        let logger_fd;
+        if let Some(logger) = &self.probes.logger {
+            logger_fd = logger.as_raw_fd();
+            // SAFETY: the logger (and its fd) outlives this poll call.
+            fds.push(PollFd::new(unsafe { std::os::fd::BorrowedFd::borrow_raw(logger_fd) }, PollFlags::POLLIN));
+        }
+        if !self.sync_rx.is_empty() {
+            return;
+        }
+        let _ = poll(&mut fds, PollTimeout::try_from(timeout.as_millis() as i32).unwrap_or(PollTimeout::ZERO));
+    }
+
+    fn check_losses(&mut self, registry: &mut Registry) {
+        let (per_pid, unattributed) = self.probes.losses();
+        for (pid, record) in per_pid {
+            if self.seen_losses.get(&pid) != Some(&record) {
+                log::warn!("{} eBPF events of pid {pid} were lost: its pages are unknown until resynced", record.count);
+                registry.note_loss(Some(pid), record.last_ktime_ns);
+                self.seen_losses.insert(pid, record);
+            }
+        }
+        if unattributed != self.seen_unattributed {
+            log::warn!("eBPF events of unknown VMs were lost: every VM's pages are unknown until resynced");
+            registry.note_loss(None, unattributed.last_ktime_ns);
+            self.seen_unattributed = unattributed;
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+/// Pids of processes that hold a KVM VM fd now.
+pub fn find_running_vms() -> Vec<u32> {
+    let Ok(proc) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut pids: Vec<u32> = proc
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.filter_map(Result::ok).any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == "anon_inode:kvm-vm")
+                })
+            })
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
