@@ -2,11 +2,15 @@
 //! template-based live migration.
 
 pub mod api;
+pub mod cli;
 pub mod config;
+pub mod client;
 pub mod content;
+pub mod daemon;
 pub mod ebpf;
 pub mod hasher;
 pub mod memory;
+pub mod metrics;
 pub mod registry;
 pub mod templates;
 pub mod tracker;

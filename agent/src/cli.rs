@@ -1,0 +1,108 @@
+//! The command line, parsed once into a validated configuration.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
+
+#[derive(Debug, Parser)]
+#[command(name = "pagefp", version, about = "Page fingerprints of KVM guests for template-based live migration")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (as root): track VMs with eBPF, hash their pages, serve the API.
+    Agent(AgentArgs),
+    /// Show the VMs the agent tracks.
+    Status(ClientArgs),
+    /// Show the top templates.
+    Templates(TemplatesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Config file (TOML); missing is fine at the default path.
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// API socket path.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Prometheus metrics address.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Hash worker threads (0 = one per CPU).
+    #[arg(long)]
+    pub hash_threads: Option<usize>,
+    /// eBPF event ring buffer bytes (power of two).
+    #[arg(long)]
+    pub ring_buffer_bytes: Option<u32>,
+    /// Rescan rate of untracked VMs, pages per second.
+    #[arg(long)]
+    pub rescan_pages_per_sec: Option<u32>,
+    /// Minimum number of VMs holding a content for it to be a template.
+    #[arg(long)]
+    pub min_vms: Option<u32>,
+    /// Template memory budget in bytes.
+    #[arg(long)]
+    pub template_budget_bytes: Option<u64>,
+    /// Always copy guest memory (never map memfds).
+    #[arg(long)]
+    pub no_zero_copy: bool,
+}
+
+impl AgentArgs {
+    /// The file's configuration with the flags applied.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let explicit = self.config.as_os_str() != DEFAULT_CONFIG;
+        let mut config = Config::load(&self.config, explicit)?;
+        if let Some(v) = &self.socket {
+            config.socket = v.clone();
+        }
+        if let Some(v) = self.metrics_addr {
+            config.metrics_addr = v;
+        }
+        if let Some(v) = self.hash_threads {
+            config.hash_threads = v;
+        }
+        if let Some(v) = self.ring_buffer_bytes {
+            config.ring_buffer_bytes = v;
+        }
+        if let Some(v) = self.rescan_pages_per_sec {
+            config.rescan_pages_per_sec = v;
+        }
+        if let Some(v) = self.min_vms {
+            config.min_vms = v;
+        }
+        if let Some(v) = self.template_budget_bytes {
+            config.template_budget_bytes = v;
+        }
+        if self.no_zero_copy {
+            config.zero_copy = false;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The agent's API socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Print the raw JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TemplatesArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// How many templates to show.
+    #[arg(long, default_value_t = 20)]
+    pub top: usize,
+}

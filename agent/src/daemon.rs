@@ -1,0 +1,94 @@
+//! `pagefp agent`: loads the eBPF programs, adopts running VMs, and serves the
+//! API and metrics until SIGINT/SIGTERM.
+
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, Ordering},
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    api::{routes::AppState, server},
+    config::Config,
+    ebpf::Probes,
+    hasher::HashPool,
+    metrics,
+    registry::Registry,
+    templates::SelectionPolicy,
+    tracker::{Tracker, TrackerConfig, find_running_vms},
+};
+
+/// Fails with one line naming what is missing when the agent cannot work.
+pub fn check_privileges() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "pagefp agent must run as root (it loads eBPF programs and reads guest memory: CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE); run it with sudo or through the systemd unit"
+        );
+    }
+    Ok(())
+}
+
+pub fn run(config: Config) -> anyhow::Result<()> {
+    config.validate()?;
+    check_privileges()?;
+    let probes = Probes::attach(config.ring_buffer_bytes)?;
+    let sources = probes.sources.clone();
+    log::info!("eBPF attached: {}", sources.attached.join(", "));
+    let registry = Arc::new(Mutex::new(Registry::new(sources.fentry)));
+    let pool = Arc::new(HashPool::new(config.threads(), registry.clone(), config.zero_copy));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (mut tracker, sync) = Tracker::new(
+        probes,
+        registry.clone(),
+        pool.clone(),
+        TrackerConfig { rescan_pages_per_sec: config.rescan_pages_per_sec },
+        stop.clone(),
+    );
+    let running = find_running_vms();
+    if !running.is_empty() {
+        log::info!("adopting {} VM(s) that started before the agent: {running:?}", running.len());
+    }
+    tracker.adopt_running(&running);
+    let tracker_stats = tracker.stats.clone();
+    let tracker_thread = std::thread::Builder::new()
+        .name("pagefp-tracker".into())
+        .spawn(move || tracker.run())
+        .context("spawning the tracker thread")?;
+
+    let state = Arc::new(AppState::new(
+        registry,
+        Some(pool),
+        Some(sync),
+        sources,
+        tracker_stats,
+        SelectionPolicy { min_vms: config.min_vms, budget_bytes: config.template_budget_bytes },
+    ));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(async {
+        let listener = server::bind(&config.socket)?;
+        let api = tokio::spawn(server::serve(listener, state.clone(), config.socket.clone()));
+        let metrics = tokio::spawn(metrics::serve(config.metrics_addr, state.clone()));
+        println!("pagefp agent ready: API on {}, metrics on http://{}/metrics", config.socket.display(), config.metrics_addr);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => log::info!("SIGINT: stopping"),
+            _ = term.recv() => log::info!("SIGTERM: stopping"),
+            ended = metrics => {
+                if let Ok(Err(err)) = ended {
+                    return Err(err);
+                }
+            }
+        }
+        api.abort();
+        anyhow::Ok(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = tracker_thread.join();
+    let _ = std::fs::remove_file(&config.socket);
+    result
+}
