@@ -1,0 +1,253 @@
+//! Running the real `pagefp agent` from tests, the demo and the benchmark.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use agent::{
+    api::wire::{PageRecord, parse_hash_list},
+    client,
+};
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+/// The workspace's target directory (tests run from target/{debug,release}/deps).
+pub fn target_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target")
+}
+
+fn profile() -> &'static str {
+    if cfg!(debug_assertions) { "debug" } else { "release" }
+}
+
+static BUILD: Mutex<()> = Mutex::new(());
+
+/// The `pagefp` binary of this build profile; built on first use if missing
+/// (`cargo test` does not build other packages' binaries). `PAGEFP_BIN`
+/// overrides.
+pub fn agent_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("PAGEFP_BIN") {
+        return PathBuf::from(path);
+    }
+    let path = target_dir().join(profile()).join("pagefp");
+    let _guard = BUILD.lock().unwrap();
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build.args(["build", "--quiet", "-p", "agent", "--bin", "pagefp"]);
+    if profile() == "release" {
+        build.arg("--release");
+    }
+    build.current_dir(env!("CARGO_MANIFEST_DIR"));
+    let status = build.status().expect("running cargo build for the pagefp binary");
+    assert!(status.success(), "building pagefp failed");
+    path
+}
+
+/// Options for a test agent.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub ring_buffer_bytes: Option<u32>,
+    pub hash_threads: Option<usize>,
+    pub min_vms: Option<u32>,
+    pub zero_copy: bool,
+    pub extra: Vec<String>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self { ring_buffer_bytes: None, hash_threads: None, min_vms: None, zero_copy: true, extra: Vec::new() }
+    }
+}
+
+/// A running agent, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct AgentProcess {
+    child: Child,
+    pub socket: PathBuf,
+    pub metrics_addr: String,
+    _dir: TempDir,
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), unique()));
+        std::fs::create_dir_all(&dir).expect("creating a temporary directory");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl AgentProcess {
+    pub fn start(options: &AgentOptions) -> anyhow::Result<Self> {
+        let dir = TempDir::new("pagefp-agent");
+        let socket = dir.0.join("pagefp.sock");
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let mut command = Command::new(agent_binary());
+        command
+            .arg("agent")
+            .arg("--config")
+            .arg(dir.0.join("none.toml"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--metrics-addr")
+            .arg(&metrics_addr);
+        // An explicit config path must exist: write an empty one.
+        std::fs::write(dir.0.join("none.toml"), "")?;
+        if let Some(bytes) = options.ring_buffer_bytes {
+            command.arg("--ring-buffer-bytes").arg(bytes.to_string());
+        }
+        if let Some(threads) = options.hash_threads {
+            command.arg("--hash-threads").arg(threads.to_string());
+        }
+        if let Some(min_vms) = options.min_vms {
+            command.arg("--min-vms").arg(min_vms.to_string());
+        }
+        if !options.zero_copy {
+            command.arg("--no-zero-copy");
+        }
+        command.args(&options.extra);
+        command.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
+        command.stdout(Stdio::null()).stderr(Stdio::inherit());
+        let child = command.spawn().context("spawning pagefp agent")?;
+        let mut agent = Self { child, socket, metrics_addr, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client::get_blocking(&agent.socket, "/v1/status").is_err() {
+            if let Some(status) = agent.child.try_wait()? {
+                bail!("pagefp agent exited during start: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("pagefp agent did not answer on {} within 30 s", agent.socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(agent)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn get(&self, path: &str) -> Result<Vec<u8>, client::ClientError> {
+        client::get_blocking(&self.socket, path)
+    }
+
+    pub fn get_json(&self, path: &str) -> Value {
+        let body = self.get(path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        serde_json::from_slice(&body).unwrap_or_else(|e| panic!("GET {path}: bad JSON: {e}"))
+    }
+
+    pub fn status(&self) -> Value {
+        self.get_json("/v1/status")
+    }
+
+    /// The VM of `pid`, if the agent knows it.
+    pub fn vm(&self, pid: u32) -> Option<Value> {
+        self.get(&format!("/v1/vms/{pid}")).ok().map(|b| serde_json::from_slice(&b).unwrap())
+    }
+
+    /// The binary hash list of `pid`.
+    pub fn hashes(&self, pid: u32) -> Vec<PageRecord> {
+        let body = self.get(&format!("/v1/vms/{pid}/hashes")).unwrap_or_else(|e| panic!("hash list of {pid}: {e}"));
+        parse_hash_list(&body).unwrap().1
+    }
+
+    pub fn templates(&self) -> Value {
+        self.get_json("/v1/templates")
+    }
+
+    /// Waits until `check` holds for VM `pid`'s view, or fails after `timeout`.
+    pub fn wait_vm(&self, pid: u32, timeout: Duration, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let view = self.vm(pid);
+            if let Some(view) = &view
+                && check(view)
+            {
+                return view.clone();
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for VM {pid}: {what}; last view: {view:#?}");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Waits until VM `pid` is tracked and every page is clean.
+    pub fn wait_all_clean(&self, pid: u32, timeout: Duration) -> Value {
+        self.wait_vm(pid, timeout, "all pages clean", |v| v["pages"].as_u64() > Some(0) && v["clean"] == v["pages"])
+    }
+
+    /// Anonymous memory of the agent process (its own heap), in bytes.
+    pub fn rss_anon_bytes(&self) -> u64 {
+        proc_status_kib(self.pid(), "RssAnon:") * 1024
+    }
+
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&self.metrics_addr).expect("connecting to metrics");
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    }
+}
+
+/// A `/proc/PID/status` field in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// blake3 of a page, as the agent computes it.
+pub fn page_hash(page: &[u8]) -> [u8; 32] {
+    *blake3::hash(page).as_bytes()
+}
+
+/// Checks that a path exists, for clearer failures.
+pub fn must_exist(path: &Path) {
+    assert!(path.exists(), "{} does not exist", path.display());
+}
