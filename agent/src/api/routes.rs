@@ -174,6 +174,7 @@ struct StatusView {
     templates: usize,
     template_bytes: u64,
     hash_jobs_pending: u64,
+    hashing: crate::hasher::HashStatsView,
     events: u64,
     registry: RegistryStats,
 }
@@ -190,6 +191,7 @@ fn status(state: &AppState) -> ApiResponse {
         templates: catalog.templates.len(),
         template_bytes: catalog.bytes(),
         hash_jobs_pending: state.pool.as_ref().map_or(0, |p| p.pending()),
+        hashing: state.pool.as_ref().map(|p| p.stats.view()).unwrap_or_default(),
         events: state.tracker.events.load(std::sync::atomic::Ordering::Relaxed),
         registry: registry.stats.clone(),
     })
