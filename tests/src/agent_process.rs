@@ -28,24 +28,28 @@ fn profile() -> &'static str {
 
 static BUILD: Mutex<()> = Mutex::new(());
 
-/// The `pagefp` binary of this build profile; built on first use if missing
-/// (`cargo test` does not build other packages' binaries). `PAGEFP_BIN`
-/// overrides.
-pub fn agent_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("PAGEFP_BIN") {
-        return PathBuf::from(path);
-    }
-    let path = target_dir().join(profile()).join("pagefp");
+/// Builds binary `bin` of `package` in this build profile (cargo test does
+/// not build other packages' binaries) and returns its path.
+pub fn build_binary(package: &str, bin: &str) -> PathBuf {
     let _guard = BUILD.lock().unwrap();
     let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.args(["build", "--quiet", "-p", "agent", "--bin", "pagefp"]);
+    build.args(["build", "--quiet", "-p", package, "--bin", bin]);
     if profile() == "release" {
         build.arg("--release");
     }
     build.current_dir(env!("CARGO_MANIFEST_DIR"));
-    let status = build.status().expect("running cargo build for the pagefp binary");
-    assert!(status.success(), "building pagefp failed");
-    path
+    let status = build.status().unwrap_or_else(|e| panic!("running cargo build for {bin}: {e}"));
+    assert!(status.success(), "building {bin} failed");
+    target_dir().join(profile()).join(bin)
+}
+
+/// The `pagefp` binary of this build profile (`PAGEFP_BIN` overrides).
+pub fn agent_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("PAGEFP_BIN") {
+        return PathBuf::from(path);
+    }
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| build_binary("agent", "pagefp")).clone()
 }
 
 /// Options for a test agent.

@@ -1,0 +1,139 @@
+//! The agent on real KVM VMs and real eBPF: discovery, hashes that match the
+//! VMM's own memory, rehashing that follows writes, and exits.
+//!
+//! Every test runs the real `pagefp agent` (as root) and real
+//! `pagefp-testvmm` processes; see `pagefp_tests::fleet`.
+
+use std::time::Duration;
+
+use pagefp_tests::{
+    agent_process::{AgentOptions, AgentProcess, TempDir},
+    fleet::{Vm, VmOptions, assert_served_hashes_match, vm_pages},
+    images::{FleetLayout, write_fleet},
+    require_privileged,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[test]
+fn vms_started_before_and_after_the_agent_are_tracked_and_hashes_match() {
+    require_privileged!("vms_started_before_and_after_the_agent_are_tracked_and_hashes_match");
+    let dir = TempDir::new("pagefp-discovery");
+    let images = write_fleet(&dir.0, 2, 2048, FleetLayout::default()).unwrap();
+    let before = Vm::start(&dir, &images[0], VmOptions::default());
+    let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
+
+    // Started before: listed at once, not tracked until it registers memory.
+    let view = agent.wait_vm(before.pid(), WAIT, "adopted", |v| v["discovery"] == "adopted");
+    assert_eq!(view["pages"], 0, "{view:#}");
+    assert!(view["note"].as_str().unwrap().contains("started before the agent"));
+
+    // Started after: tracked from creation.
+    let after = Vm::start(&dir, &images[1], VmOptions::default());
+    let view = agent.wait_all_clean(after.pid(), WAIT);
+    assert_eq!(view["discovery"], "at_creation");
+    assert_eq!(view["dirty_mode"], "ring");
+    assert_eq!(view["tracking"], "tracked");
+    assert_eq!(view["pages"], 2048);
+    assert_served_hashes_match(&agent, &after);
+
+    // The early VM re-registers its memory (as QEMU does when a migration
+    // starts) and harvests its ring once: then it is tracked too.
+    before.reregister();
+    before.touch(0, 1, 7);
+    let view = agent.wait_all_clean(before.pid(), WAIT);
+    assert_eq!(view["synced"], true);
+    assert_served_hashes_match(&agent, &before);
+}
+
+#[test]
+fn written_pages_are_rehashed_and_only_a_bounded_number_of_others() {
+    require_privileged!("written_pages_are_rehashed_and_only_a_bounded_number_of_others");
+    let dir = TempDir::new("pagefp-rehash");
+    let images = write_fleet(&dir.0, 1, 4096, FleetLayout::default()).unwrap();
+    let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
+    let vm = Vm::start(&dir, &images[0], VmOptions::default());
+    let before = agent.wait_all_clean(vm.pid(), WAIT);
+    let hashed_before = before["stats"]["pages_hashed"].as_u64().unwrap();
+
+    const K: u32 = 300;
+    vm.random(1000, K, 42);
+    let after = agent.wait_vm(vm.pid(), WAIT, "rehashed", |v| {
+        v["clean"] == v["pages"] && v["stats"]["pages_rehashed"].as_u64() >= Some(u64::from(K))
+    });
+    let hashed = after["stats"]["pages_hashed"].as_u64().unwrap() - hashed_before;
+    let rehashed = after["stats"]["pages_rehashed"].as_u64().unwrap();
+    assert_eq!(rehashed, u64::from(K), "every written page rehashed once: {after:#}");
+    assert!(hashed <= u64::from(K) + 16, "{hashed} pages hashed for {K} written");
+    assert_served_hashes_match(&agent, &vm);
+}
+
+#[test]
+fn a_page_written_again_before_reprotection_is_never_served_stale() {
+    require_privileged!("a_page_written_again_before_reprotection_is_never_served_stale");
+    let dir = TempDir::new("pagefp-rewrite");
+    let images = write_fleet(&dir.0, 1, 1024, FleetLayout::default()).unwrap();
+    let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
+    let vm = Vm::start(&dir, &images[0], VmOptions { manual_harvest: true, ..VmOptions::default() });
+    agent.wait_all_clean(vm.pid(), WAIT);
+
+    // First write: reported, not re-protected (the VMM does not harvest).
+    vm.touch(10, 4, 1);
+    assert_served_hashes_match(&agent, &vm);
+    let records = vm_pages(&agent, vm.pid());
+    for page in 10..14 {
+        assert_ne!(records[page].state, 1, "page {page} written but served clean");
+    }
+    // Second write of the same pages before re-protection: on hardware this
+    // raises no event; the page must still not be served with old content.
+    vm.touch(10, 4, 2);
+    assert_served_hashes_match(&agent, &vm);
+    // Re-protection: now the pages are read again and served clean.
+    vm.harvest();
+    agent.wait_all_clean(vm.pid(), WAIT);
+    assert_served_hashes_match(&agent, &vm);
+}
+
+#[test]
+fn an_exited_vm_disappears_with_its_counts() {
+    require_privileged!("an_exited_vm_disappears_with_its_counts");
+    let dir = TempDir::new("pagefp-exit");
+    let images = write_fleet(&dir.0, 2, 1024, FleetLayout::default()).unwrap();
+    let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
+    let a = Vm::start(&dir, &images[0], VmOptions::default());
+    let b = Vm::start(&dir, &images[1], VmOptions::default());
+    agent.wait_all_clean(a.pid(), WAIT);
+    agent.wait_all_clean(b.pid(), WAIT);
+    let with_both = agent.status()["distinct_contents"].as_u64().unwrap();
+    assert!(!agent.templates()["templates"].as_array().unwrap().is_empty());
+
+    let gone = b.pid();
+    b.exit();
+    let deadline = std::time::Instant::now() + WAIT;
+    while agent.vm(gone).is_some() {
+        assert!(std::time::Instant::now() < deadline, "VM {gone} still listed after it exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = agent.status();
+    assert!(status["distinct_contents"].as_u64().unwrap() < with_both);
+    assert_eq!(status["vms"], 1);
+    // Nothing is shared by two VMs any more.
+    assert!(agent.templates()["templates"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn untracked_vms_are_rescanned_and_served_unverified() {
+    require_privileged!("untracked_vms_are_rescanned_and_served_unverified");
+    let dir = TempDir::new("pagefp-untracked");
+    let images = write_fleet(&dir.0, 2, 1024, FleetLayout::default()).unwrap();
+    let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
+    for (image, mode) in images.iter().zip(["none", "bitmap"]) {
+        let vm = Vm::start(&dir, image, VmOptions { dirty: mode, ..VmOptions::default() });
+        let view = agent.wait_vm(vm.pid(), WAIT, "rescanned", |v| {
+            v["pages"].as_u64() > Some(0) && v["unverified"] == v["pages"]
+        });
+        assert_eq!(view["tracking"], "untracked", "{mode}: {view:#}");
+        assert_eq!(view["clean"], 0);
+        assert_served_hashes_match(&agent, &vm);
+    }
+}
