@@ -27,6 +27,8 @@ pub mod ioctl {
 
     /// Memory-slot flag: dirty logging enabled for the slot.
     pub const KVM_MEM_LOG_DIRTY_PAGES: u32 = 1;
+    /// Memory-slot flag: the guest cannot write the slot.
+    pub const KVM_MEM_READONLY: u32 = 2;
 }
 
 /// What an [`Event`] reports. Stored as `u32` in the event.

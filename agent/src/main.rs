@@ -48,7 +48,13 @@ fn status(args: &agent::cli::ClientArgs) -> anyhow::Result<()> {
             view.template_coverage_pct,
             view.zero_pages,
             view.tracking,
-            view.dirty_mode,
+            match &view.dirty_mode {
+                serde_json::Value::String(mode) => mode.clone(),
+                serde_json::Value::Object(map) if map.contains_key("bitmap") => {
+                    if map["bitmap"]["manual_protect"] == true { "bitmap-mp".into() } else { "bitmap".into() }
+                }
+                other => other.to_string(),
+            },
         );
         if let Some(note) = &view.note {
             println!("{:>8} note: {note}", "");

@@ -6,6 +6,7 @@ use std::path::Path;
 use agent::api::wire::PageRecord;
 use serde_json::{Value, json};
 
+pub use crate::vmm::guest_code::{CODE_GPA, CODE_PAGES, code_slot_image};
 use crate::{
     agent_process::{AgentProcess, TempDir},
     vmm_client::{VmmArgs, VmmProcess, testvmm_binary},
@@ -108,6 +109,11 @@ impl Vm {
     }
 }
 
+/// blake3 of every page of the VMM's code slot.
+pub fn code_slot_hashes() -> Vec<[u8; 32]> {
+    code_slot_image().chunks_exact(4096).map(|page| *blake3::hash(page).as_bytes()).collect()
+}
+
 /// The agent's hash list of `pid`.
 pub fn vm_pages(agent: &AgentProcess, pid: u32) -> Vec<PageRecord> {
     agent.hashes(pid)
@@ -117,12 +123,16 @@ pub fn vm_pages(agent: &AgentProcess, pid: u32) -> Vec<PageRecord> {
 /// the VMM's current memory. (The VM is idle between control commands.)
 pub fn assert_served_hashes_match(agent: &AgentProcess, vm: &Vm) {
     let records = agent.hashes(vm.pid());
-    let truth = vm.checksums();
+    let mut truth = vm.checksums();
+    // The VMM's read-only code slot follows its RAM.
+    truth.extend(code_slot_hashes());
     assert_eq!(records.len(), truth.len(), "hash list covers every page");
     let zero = *blake3::hash(&[0u8; 4096]).as_bytes();
+    let ram_pages = truth.len() - CODE_PAGES;
     let mut served = 0;
     for (index, (record, expected)) in records.iter().zip(&truth).enumerate() {
-        assert_eq!(record.gpa, index as u64 * 4096);
+        let gpa = if index < ram_pages { index as u64 * 4096 } else { CODE_GPA + (index - ram_pages) as u64 * 4096 };
+        assert_eq!(record.gpa, gpa);
         if record.state == agent::api::wire::state::CLEAN || record.state == agent::api::wire::state::UNVERIFIED {
             served += 1;
             assert_eq!(

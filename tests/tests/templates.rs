@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
-    fleet::{Vm, VmOptions},
+    fleet::{Vm, VmOptions, code_slot_image},
     images::{FleetLayout, count_contents, expected_templates, fleet_image, write_fleet},
     require_privileged,
 };
@@ -22,7 +22,14 @@ fn four_vms_counts_and_catalog_equal_the_ground_truth() {
         agent.wait_all_clean(vm.pid(), Duration::from_secs(60));
     }
 
-    let memories: Vec<Vec<u8>> = (0..4).map(|vm| fleet_image(vm, PAGES, FleetLayout::default())).collect();
+    // Each VM's memory: its RAM image, then the VMM's read-only code slot.
+    let memories: Vec<Vec<u8>> = (0..4)
+        .map(|vm| {
+            let mut memory = fleet_image(vm, PAGES, FleetLayout::default());
+            memory.extend(code_slot_image());
+            memory
+        })
+        .collect();
     let refs: Vec<&[u8]> = memories.iter().map(Vec::as_slice).collect();
     let counts = count_contents(&refs);
     let status = agent.status();

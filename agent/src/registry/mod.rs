@@ -628,6 +628,13 @@ impl Registry {
 
 /// How the pages of `slot` are kept.
 fn slot_tracking(fentry_active: bool, vm: &Vm, slot: &Slot) -> Tracking {
+        if slot.read_only() {
+            // The guest cannot write it: a page read once stays valid.
+            return match vm.sync {
+                SyncState::Synced => Tracking::Tracked,
+                SyncState::Unsynced { .. } => Tracking::Syncing,
+            };
+        }
         if !slot.logged() {
             return Tracking::Untracked;
         }

@@ -184,3 +184,12 @@ fn process_exit_removes_the_vm_and_its_counts() {
     assert!(reg.vm(PID).is_none());
     assert!(reg.contents.is_empty());
 }
+
+#[test]
+fn read_only_slots_are_tracked_without_dirty_logging() {
+    let mut reg = Registry::new(false);
+    reg.apply(&ev(kind::VM_CREATED));
+    reg.apply(&Event { slot: 0, flags: ioctl::KVM_MEM_READONLY, size: 2 * 4096, uaddr: 1, ..ev(kind::SLOT_SET) });
+    run_jobs(&mut reg, |_| 5);
+    assert_eq!(state(&reg, 0), PageState::Clean);
+}

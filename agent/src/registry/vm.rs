@@ -68,6 +68,11 @@ impl Slot {
         self.flags & agent_common::ioctl::KVM_MEM_LOG_DIRTY_PAGES != 0
     }
 
+    /// The guest cannot write the slot (ROM, firmware, code).
+    pub fn read_only(&self) -> bool {
+        self.flags & agent_common::ioctl::KVM_MEM_READONLY != 0
+    }
+
     pub fn page_count(&self) -> usize {
         (self.size >> PAGE_SHIFT) as usize
     }

@@ -119,6 +119,20 @@ pub fn random_pool() -> Vec<u8> {
     pool
 }
 
+/// Pages of the code slot.
+pub const CODE_PAGES: usize = CODE_SLOT_SIZE / 4096;
+
+/// The whole code slot: routines, then the pool.
+pub fn code_slot_image() -> Vec<u8> {
+    let mut image = vec![0u8; CODE_SLOT_SIZE];
+    for (offset, bytes) in routines() {
+        image[offset as usize..offset as usize + bytes.len()].copy_from_slice(&bytes);
+    }
+    let pool = random_pool();
+    image[POOL_OFFSET..POOL_OFFSET + pool.len()].copy_from_slice(&pool);
+    image
+}
+
 /// What the random routine writes into `page` for `seed` (for tests).
 pub fn expected_random_page(pool: &[u8], page: u32, seed: u32) -> Vec<u8> {
     let offset = (page.wrapping_mul(0x9E37_79B1).wrapping_add(seed.wrapping_mul(0x85EB_CA77))) & (POOL_SPAN - 4);

@@ -14,13 +14,13 @@ pub mod workload;
 use std::{os::fd::AsRawFd, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, bail};
-use kvm_bindings::{kvm_enable_cap, kvm_segment, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, kvm_enable_cap, kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::Serialize;
 
 use self::{
     dirty_ring::DirtyRing,
-    guest_code::{CODE_GPA, CODE_SLOT_SIZE, POOL_OFFSET},
+    guest_code::{CODE_GPA, CODE_SLOT_SIZE},
     memory::{CodeMemory, GuestRam},
     workload::Op,
 };
@@ -83,7 +83,9 @@ pub struct TestVm {
     /// Ring entries collected or pending since the last reset.
     unreset_entries: u64,
     pub config: VmConfig,
+    /// RAM slots.
     pub slots: Vec<SlotInfo>,
+    code_slot: SlotInfo,
 }
 
 impl TestVm {
@@ -112,10 +114,7 @@ impl TestVm {
         // to dirty tracking.
         let ram = GuestRam::new(config.mem_bytes, config.image.as_deref())?;
         let mut code = CodeMemory::new(CODE_SLOT_SIZE)?;
-        for (offset, bytes) in guest_code::routines() {
-            code.write(offset as usize, &bytes);
-        }
-        code.write(POOL_OFFSET, &guest_code::random_pool());
+        code.write(0, &guest_code::code_slot_image());
         let flags = if config.dirty == DirtyMode::None { 0 } else { KVM_MEM_LOG_DIRTY_PAGES };
         let slot_count = config.slots.max(1);
         let slot_size = (config.mem_bytes / slot_count as usize) as u64;
@@ -131,15 +130,15 @@ impl TestVm {
         for slot in &slots {
             register_slot(&vm, slot)?;
         }
-        let code_region = kvm_userspace_memory_region {
+        // Read-only: the guest only executes and reads it.
+        let code_slot = SlotInfo {
             slot: CODE_SLOT,
-            flags: 0,
-            guest_phys_addr: CODE_GPA,
-            memory_size: CODE_SLOT_SIZE as u64,
-            userspace_addr: code.host_addr(),
+            gpa: CODE_GPA,
+            size: CODE_SLOT_SIZE as u64,
+            uaddr: code.host_addr(),
+            flags: KVM_MEM_READONLY,
         };
-        // SAFETY: the code memory is kept in the struct, alive as long as the VM.
-        unsafe { vm.set_user_memory_region(code_region) }.context("registering the code slot")?;
+        register_slot(&vm, &code_slot)?;
         let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
         let ring = match config.dirty {
             DirtyMode::Ring => {
@@ -149,14 +148,15 @@ impl TestVm {
             }
             _ => None,
         };
-        let mut this = Self { _kvm: kvm, vm, vcpu, ram, _code: code, ring, unreset_entries: 0, config, slots };
+        let mut this = Self { _kvm: kvm, vm, vcpu, ram, _code: code, ring, unreset_entries: 0, config, slots, code_slot };
         this.setup_protected_mode()?;
         Ok(this)
     }
 
-    /// (Re-)registers the RAM slots with their current parameters.
+    /// Registers every slot again with its current parameters (as QEMU does
+    /// when a migration switches dirty logging on).
     pub fn register_slots(&mut self) -> anyhow::Result<()> {
-        for slot in &self.slots {
+        for slot in self.slots.iter().chain([&self.code_slot]) {
             register_slot(&self.vm, slot)?;
         }
         Ok(())
