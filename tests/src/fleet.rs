@@ -75,6 +75,15 @@ impl Vm {
         self.run(json!([{"op": "touch", "first": first, "count": count, "value": value}]))
     }
 
+    /// Runs `ops` over and over in the VMM until [`Vm::stop_loop`].
+    pub fn start_loop(&self, ops: Value) -> Value {
+        self.call(json!({"cmd": "start_loop", "ops": ops}))
+    }
+
+    pub fn stop_loop(&self) -> Value {
+        self.call(json!({"cmd": "stop_loop"}))
+    }
+
     pub fn harvest(&self) -> Value {
         self.call(json!({"cmd": "harvest"}))
     }

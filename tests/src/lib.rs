@@ -2,6 +2,7 @@
 //! and the benchmarks run (`pagefp-testvmm`).
 
 pub mod agent_process;
+pub mod bench;
 pub mod fleet;
 pub mod images;
 pub mod privileged;
