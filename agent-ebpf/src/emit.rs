@@ -57,15 +57,45 @@ pub fn new_event(kind: u32) -> Event {
     }
 }
 
-/// Sends `event`, or records its loss under its pid.
+/// `BPF_RB_NO_WAKEUP`: do not wake the reader for this record.
+const NO_WAKEUP: u64 = 1;
+
+/// An event of `kind` without a timestamp (for the stream of dirty-page
+/// events, whose order the ring entry indexes already give).
+#[inline(always)]
+pub fn new_event_untimed(kind: u32) -> Event {
+    Event { kind, pid: current_pid(), ..Event::default() }
+}
+
+/// Sends `event`, or records its loss under its pid. The reader is woken for
+/// rare events only; for the stream of dirty-page events it polls on its own
+/// (every few milliseconds, and before it serves anything), which spares the
+/// vCPU thread a wake-up per guest page write.
 #[inline(always)]
 pub fn emit(event: &Event) {
+    emit_with(event, 0);
+}
+
+/// Like [`emit`], without waking the reader.
+#[inline(always)]
+pub fn emit_quiet(event: &Event) {
+    emit_with(event, NO_WAKEUP);
+}
+
+#[inline(always)]
+fn emit_with(event: &Event, flags: u64) {
     if let Some(mut entry) = EVENTS.reserve::<Event>(0) {
         entry.write(*event);
-        entry.submit(0);
+        entry.submit(flags);
         return;
     }
-    record_loss(event.pid, event.ktime_ns);
+    let ktime_ns = if event.ktime_ns != 0 {
+        event.ktime_ns
+    } else {
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        unsafe { bpf_ktime_get_ns() }
+    };
+    record_loss(event.pid, ktime_ns);
 }
 
 #[inline(always)]

@@ -6,7 +6,7 @@ use aya_ebpf::{
     programs::{FEntryContext, TracePointContext},
 };
 
-use crate::emit::{emit, new_event, offsets};
+use crate::emit::{emit, emit_quiet, new_event, new_event_untimed, offsets};
 
 /// `kvm:kvm_dirty_ring_push`: KVM put a newly dirtied page in a vCPU's ring.
 /// Runs in the vCPU thread, so the current pid is the VMM's.
@@ -18,17 +18,41 @@ pub fn pagefp_dirty_ring_push(ctx: TracePointContext) -> u32 {
 
 fn try_dirty_ring_push(ctx: &TracePointContext) -> Result<(), i64> {
     let offsets = offsets().ok_or(0)?;
-    let mut event = new_event(kind::DIRTY_RING_PUSH);
-    // SAFETY: offsets come from this tracepoint's format file.
-    unsafe {
-        event.ring = ctx.read_at::<u32>(offsets.ring_push_index as usize)?;
-        // The tracepoint fires after the index moved past the new entry.
-        event.seq = ctx.read_at::<u32>(offsets.ring_push_dirty_index as usize)?.wrapping_sub(1);
-        event.slot = ctx.read_at::<u32>(offsets.ring_push_slot as usize)?;
-        event.addr = ctx.read_at::<u64>(offsets.ring_push_offset as usize)?;
-    }
-    emit(&event);
+    // One read of the record's head instead of one helper call per field.
+    // SAFETY: the tracepoint record is at least RECORD bytes long (its last
+    // field, `offset`, ends at byte 32 on every kernel with this tracepoint).
+    let record: [u8; RECORD] = unsafe { ctx.read_at(0) }?;
+    let mut event = new_event_untimed(kind::DIRTY_RING_PUSH);
+    event.ring = field_u32(&record, offsets.ring_push_index);
+    // The tracepoint fires after the index moved past the new entry.
+    event.seq = field_u32(&record, offsets.ring_push_dirty_index).wrapping_sub(1);
+    event.slot = field_u32(&record, offsets.ring_push_slot);
+    event.addr = field_u64(&record, offsets.ring_push_offset);
+    emit_quiet(&event);
     Ok(())
+}
+
+/// Bytes of the dirty-ring push record read at once.
+const RECORD: usize = 32;
+
+#[inline(always)]
+fn field_u32(record: &[u8; RECORD], offset: u32) -> u32 {
+    let at = (offset as usize) & (RECORD - 1) & !3;
+    if at + 4 > RECORD {
+        return 0;
+    }
+    u32::from_ne_bytes([record[at], record[at + 1], record[at + 2], record[at + 3]])
+}
+
+#[inline(always)]
+fn field_u64(record: &[u8; RECORD], offset: u32) -> u64 {
+    let at = (offset as usize) & (RECORD - 1) & !7;
+    if at + 8 > RECORD {
+        return 0;
+    }
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&record[at..at + 8]);
+    u64::from_ne_bytes(bytes)
 }
 
 /// `kvm:kvm_dirty_ring_reset`: KVM write-protected again every harvested entry

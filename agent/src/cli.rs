@@ -43,6 +43,9 @@ pub struct AgentArgs {
     /// Rescan rate of untracked VMs, pages per second.
     #[arg(long)]
     pub rescan_pages_per_sec: Option<u32>,
+    /// Milliseconds a written page must stay quiet before it is rehashed.
+    #[arg(long)]
+    pub rehash_delay_ms: Option<u64>,
     /// Minimum number of VMs holding a content for it to be a template.
     #[arg(long)]
     pub min_vms: Option<u32>,
@@ -73,6 +76,9 @@ impl AgentArgs {
         }
         if let Some(v) = self.rescan_pages_per_sec {
             config.rescan_pages_per_sec = v;
+        }
+        if let Some(v) = self.rehash_delay_ms {
+            config.rehash_delay_ms = v;
         }
         if let Some(v) = self.min_vms {
             config.min_vms = v;

@@ -23,6 +23,9 @@ pub struct Config {
     pub ring_buffer_bytes: u32,
     /// Pages per second read to rescan VMs that are not dirty-tracked.
     pub rescan_pages_per_sec: u32,
+    /// Milliseconds a re-protected page must stay unwritten before it is
+    /// rehashed (pages the guest keeps writing are not hashed again and again).
+    pub rehash_delay_ms: u64,
     /// A content becomes a template candidate when this many VMs hold it.
     pub min_vms: u32,
     /// Memory the templates may use at a destination, in bytes.
@@ -39,6 +42,7 @@ impl Default for Config {
             hash_threads: 0,
             ring_buffer_bytes: 16 << 20,
             rescan_pages_per_sec: 25_600,
+            rehash_delay_ms: 250,
             min_vms: 2,
             template_budget_bytes: 256 << 20,
             zero_copy: true,

@@ -47,10 +47,56 @@ impl VmContentCounts {
     }
 }
 
+/// Entries are stored in fixed chunks, allocated exactly: a growing table
+/// never holds twice the memory it needs, as a doubling `Vec` would.
+const CHUNK: usize = 1 << 14;
+
+#[derive(Debug, Default)]
+struct Entries {
+    chunks: Vec<Box<[ContentInfo]>>,
+    len: usize,
+}
+
+impl Entries {
+    fn push(&mut self, info: ContentInfo) {
+        if self.len == self.chunks.len() * CHUNK {
+            self.chunks.push(vec![ContentInfo::default(); CHUNK].into_boxed_slice());
+        }
+        self.chunks[self.len / CHUNK][self.len % CHUNK] = info;
+        self.len += 1;
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn capacity(&self) -> usize {
+        self.chunks.len() * CHUNK
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &ContentInfo> + '_ {
+        self.chunks.iter().flat_map(|chunk| chunk.iter()).take(self.len)
+    }
+}
+
+impl std::ops::Index<usize> for Entries {
+    type Output = ContentInfo;
+
+    fn index(&self, index: usize) -> &ContentInfo {
+        &self.chunks[index / CHUNK][index % CHUNK]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Entries {
+    fn index_mut(&mut self, index: usize) -> &mut ContentInfo {
+        &mut self.chunks[index / CHUNK][index % CHUNK]
+    }
+}
+
 /// Interned page contents with their counts.
 #[derive(Debug, Default)]
 pub struct ContentTable {
-    entries: Vec<ContentInfo>,
+    entries: Entries,
     free: Vec<ContentId>,
     index: HashTable<ContentId>,
     /// Bumped on every change; template selection caches on it.

@@ -42,7 +42,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         probes,
         registry.clone(),
         pool.clone(),
-        TrackerConfig { rescan_pages_per_sec: config.rescan_pages_per_sec },
+        TrackerConfig {
+            rescan_pages_per_sec: config.rescan_pages_per_sec,
+            rehash_delay: std::time::Duration::from_millis(config.rehash_delay_ms),
+        },
         stop.clone(),
     );
     let running = find_running_vms();

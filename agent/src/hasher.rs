@@ -102,7 +102,7 @@ impl HashPool {
     }
 
     /// Queues jobs, split into chunks.
-    pub fn submit(&self, jobs: Vec<HashJob>) {
+    pub fn submit(&self, jobs: impl IntoIterator<Item = HashJob>) {
         let Some(tx) = &self.tx else { return };
         for job in jobs {
             for chunk in split(job) {

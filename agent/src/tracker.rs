@@ -19,13 +19,20 @@ use agent_common::{Event, LossRecord};
 use crossbeam::channel::{Receiver, Sender, TryRecvError};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use crate::{ebpf::Probes, hasher::HashPool, registry::Registry};
+use crate::{
+    ebpf::Probes,
+    hasher::HashPool,
+    registry::{HashJob, JobPages, Purpose, Registry},
+};
 
 /// Tuning of the tracker loop.
 #[derive(Clone, Debug)]
 pub struct TrackerConfig {
     /// Pages per second the rescan of untracked VMs may read.
     pub rescan_pages_per_sec: u32,
+    /// How long a re-protected page must stay unwritten before it is
+    /// rehashed: pages the guest keeps writing are not hashed over and over.
+    pub rehash_delay: Duration,
 }
 
 /// Counters exported as metrics.
@@ -105,6 +112,7 @@ impl Tracker {
 
     pub fn run(mut self) {
         let mut batch: Vec<Event> = Vec::with_capacity(4096);
+        let mut delayed: std::collections::VecDeque<(Instant, HashJob)> = std::collections::VecDeque::new();
         let mut last_rescan = Instant::now();
         let mut last_reap = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
@@ -127,6 +135,9 @@ impl Tracker {
                 }
                 self.check_losses(&mut registry);
                 if last_reap.elapsed() >= Duration::from_secs(1) {
+                    if self.pool.pending() == 0 {
+                        release_free_memory();
+                    }
                     registry.sample_rates(last_reap.elapsed().as_secs_f64());
                     last_reap = Instant::now();
                     for pid in registry.reap_gone() {
@@ -145,7 +156,19 @@ impl Tracker {
             };
             self.stats.events.fetch_add(batch.len() as u64, Ordering::Relaxed);
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
-            self.pool.submit(jobs);
+            let now = Instant::now();
+            let mut ready = Vec::new();
+            for job in jobs {
+                if matches!(job.pages, JobPages::List(_)) && job.purpose == Purpose::Track && !self.config.rehash_delay.is_zero() {
+                    delayed.push_back((now + self.config.rehash_delay, job));
+                } else {
+                    ready.push(job);
+                }
+            }
+            while delayed.front().is_some_and(|(due, _)| *due <= now) {
+                ready.push(delayed.pop_front().unwrap().1);
+            }
+            self.pool.submit(ready);
             for done in waiting {
                 self.stats.syncs.fetch_add(1, Ordering::Relaxed);
                 let _ = done.send(());
@@ -182,6 +205,16 @@ impl Tracker {
             registry.note_loss(None, unattributed.last_ktime_ns);
             self.seen_unattributed = unattributed;
         }
+    }
+}
+
+/// Gives memory freed by finished hash jobs back to the system (glibc keeps
+/// it in per-thread arenas otherwise).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory; no pointer changes.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

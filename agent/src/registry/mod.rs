@@ -25,7 +25,9 @@ use crate::content::{ContentTable, PageHash};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobPages {
     Range { first: u32, count: u32 },
-    List(Vec<u32>),
+    /// (page, generation): pages written and re-protected; each is hashed
+    /// only if it was not written again since (then a newer job has it).
+    List(Vec<(u32, u32)>),
 }
 
 /// Why pages are hashed.
@@ -369,9 +371,9 @@ impl Registry {
         if already_reset {
             // The reset overtook this event on another CPU: the page is
             // write-protected again already.
-            page.bump(PageState::Queued);
+            let generation = page.bump(PageState::Queued);
             let epoch = slot.epoch;
-            self.queue_pages(event.pid, event.slot, epoch, vec![page_index]);
+            self.queue_pages(event.pid, event.slot, epoch, vec![(page_index, generation)]);
         } else {
             let generation = page.bump(PageState::Dirty);
             ring.pending.push_back(PendingEntry { entry: event.seq, slot: event.slot, page: page_index, generation });
@@ -389,7 +391,7 @@ impl Registry {
         }
         let ring = vm.rings.entry(event.ring).or_default();
         ring.last_reset = Some(reset);
-        let mut ready: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        let mut ready: BTreeMap<u32, Vec<(u32, u32)>> = BTreeMap::new();
         while let Some(front) = ring.pending.front() {
             if !entry_before(front.entry, reset) {
                 break;
@@ -399,7 +401,7 @@ impl Registry {
             let Some(page) = slot.pages.get_mut(pending.page as usize) else { continue };
             if page.generation() == pending.generation && page.state() == PageState::Dirty {
                 page.set_state(PageState::Queued);
-                ready.entry(pending.slot).or_default().push(pending.page);
+                ready.entry(pending.slot).or_default().push((pending.page, pending.generation));
             }
         }
         let epochs: Vec<u64> = ready.keys().map(|id| vm.slots[id].epoch).collect();
@@ -408,7 +410,7 @@ impl Registry {
         }
     }
 
-    fn queue_pages(&mut self, pid: u32, slot_id: u32, epoch: u64, pages: Vec<u32>) {
+    fn queue_pages(&mut self, pid: u32, slot_id: u32, epoch: u64, pages: Vec<(u32, u32)>) {
         let vm = &self.vms[&pid];
         let slot = &vm.slots[&slot_id];
         if self.tracking(vm, slot) != Tracking::Tracked {
@@ -471,7 +473,7 @@ impl Registry {
             let entry = &mut slot.pages[*page as usize];
             if entry.generation() == *generation && entry.state() == PageState::Dirty {
                 entry.set_state(PageState::Queued);
-                ready.push(*page);
+                ready.push((*page, *generation));
             }
             false
         });
@@ -573,7 +575,13 @@ impl Registry {
         };
         let pages: Vec<(u32, u32)> = match &job.pages {
             JobPages::Range { first, count } => (*first..first.saturating_add(*count)).filter_map(wanted).collect(),
-            JobPages::List(list) => list.iter().copied().filter_map(wanted).collect(),
+            JobPages::List(list) => list
+                .iter()
+                .filter(|(page, generation)| {
+                    slot.pages.get(*page as usize).is_some_and(|entry| entry.generation() == *generation)
+                })
+                .filter_map(|(page, _)| wanted(*page))
+                .collect(),
         };
         if pages.is_empty() {
             return None;

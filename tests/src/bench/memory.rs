@@ -16,13 +16,21 @@ fn bytes_per_page(layout: FleetLayout, vms: usize, pages: usize) -> anyhow::Resu
     let dir = TempDir::new("pagefp-bench-memory");
     let images = write_fleet(&dir.0, vms, pages, layout)?;
     let agent = AgentProcess::start(&AgentOptions::default())?;
-    std::thread::sleep(Duration::from_millis(300));
+    // Warm up with one small VM so fixed costs (hash buffers, thread arenas,
+    // runtime) are in the baseline: the figure is the cost per added page.
+    let warm_image = dir.0.join("warm.img");
+    std::fs::write(&warm_image, vec![1u8; 1 << 20])?;
+    let warm = Vm::start(&dir, &warm_image, VmOptions::default());
+    agent.wait_all_clean(warm.pid(), Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(1500));
     let idle = agent.rss_anon_bytes();
     let fleet: Vec<Vm> = images.iter().map(|image| Vm::start(&dir, image, VmOptions::default())).collect();
     let mut tracked = 0u64;
     for vm in &fleet {
         tracked += agent.wait_all_clean(vm.pid(), Duration::from_secs(300))["pages"].as_u64().unwrap();
     }
+    // Let the agent release what finished jobs freed.
+    std::thread::sleep(Duration::from_millis(1500));
     let loaded = agent.rss_anon_bytes();
     let per_page = loaded.saturating_sub(idle) as f64 / tracked as f64;
     let contents = agent.status()["distinct_contents"].clone();

@@ -13,6 +13,9 @@ struct Args {
     /// Fewer rounds and smaller VMs (for a quick look; the figures are noisier).
     #[arg(long)]
     quick: bool,
+    /// Only these parts (comma-separated: hashing, dirty, rehash, memory).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Where to write the JSON report.
     #[arg(long)]
     output: Option<std::path::PathBuf>,
@@ -24,15 +27,24 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("the benchmark needs root, /dev/kvm and tracefs: {reason}");
     }
     let (rounds, seconds, hash_pages, vm_pages) = if args.quick { (1, 1.0, 32768, 16384) } else { (3, 2.0, 131072, 65536) };
+    let wanted = |part: &str| args.only.is_empty() || args.only.iter().any(|p| p == part);
     let mut figures = Vec::new();
-    println!("== hashing throughput ({hash_pages} distinct pages, {rounds} rounds)");
-    figures.extend(bench::hashing::measure(hash_pages, rounds)?);
-    println!("== guest dirty rate with and without the agent ({rounds} rounds of {seconds} s)");
-    figures.extend(bench::dirty_rate::measure(rounds, seconds)?);
-    println!("== rehashing in steady state");
-    figures.extend(bench::rehash::measure(if args.quick { 10 } else { 40 })?);
-    println!("== agent memory (4 VMs of {vm_pages} pages)");
-    figures.extend(bench::memory::measure(4, vm_pages)?);
+    if wanted("hashing") {
+        println!("== hashing throughput ({hash_pages} distinct pages, {rounds} rounds)");
+        figures.extend(bench::hashing::measure(hash_pages, rounds)?);
+    }
+    if wanted("dirty") {
+        println!("== guest dirty rate with and without the agent ({rounds} rounds of {seconds} s)");
+        figures.extend(bench::dirty_rate::measure(rounds, seconds)?);
+    }
+    if wanted("rehash") {
+        println!("== rehashing in steady state");
+        figures.extend(bench::rehash::measure(if args.quick { 10 } else { 40 })?);
+    }
+    if wanted("memory") {
+        println!("== agent memory (4 VMs of {vm_pages} pages)");
+        figures.extend(bench::memory::measure(4, vm_pages)?);
+    }
     let report = Report { machine: bench::machine(), figures };
     let path = args.output.unwrap_or_else(|| target_dir().join("pagefp-bench/report.json"));
     bench::write_report(&report, &path)?;
