@@ -37,7 +37,9 @@ impl Vm {
     pub fn start(dir: &TempDir, image: &Path, options: VmOptions) -> Self {
         let bytes = std::fs::metadata(image).expect("image exists").len();
         assert_eq!(bytes % (1 << 20), 0, "test images are whole MiB");
-        let socket = dir.0.join(format!("vmm-{}.sock", image.file_stem().unwrap().to_string_lossy()));
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let socket = dir.0.join(format!("vmm-{n}-{}.sock", image.file_stem().unwrap().to_string_lossy()));
         let args = VmmArgs {
             socket,
             mem_mib: (bytes >> 20) as u32,

@@ -48,6 +48,9 @@ pub struct VmmProcess {
 
 impl VmmProcess {
     pub fn spawn(binary: &Path, args: &VmmArgs) -> anyhow::Result<Self> {
+        if args.socket.exists() {
+            bail!("{} exists already: give every VMM its own socket", args.socket.display());
+        }
         let mut command = Command::new(binary);
         command
             .arg("--socket")
