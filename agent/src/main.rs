@@ -94,11 +94,13 @@ fn templates(args: &agent::cli::TemplatesArgs) -> anyhow::Result<()> {
     }
     let catalog: serde_json::Value = serde_json::from_slice(&body)?;
     println!(
-        "{} templates selected of {} eligible contents (min_vms {}), covering {} pages",
-        catalog["templates"].as_array().map_or(0, Vec::len),
+        "{} templates ({} MiB) selected of {} contents held by at least {} VMs; they cover {} guest pages. Top {}:",
+        catalog["selected"],
+        catalog["selected"].as_u64().unwrap_or(0) * 4096 >> 20,
         catalog["eligible"],
         catalog["min_vms"],
-        catalog["pages_covered"]
+        catalog["pages_covered"],
+        catalog["templates"].as_array().map_or(0, Vec::len),
     );
     println!("{:>6} {:>8} {:>5}  HASH", "INDEX", "PAGES", "VMS");
     for t in catalog["templates"].as_array().into_iter().flatten() {

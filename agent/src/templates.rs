@@ -39,6 +39,8 @@ pub struct Catalog {
     pub min_vms: u32,
     pub budget_bytes: u64,
     pub templates: Vec<Template>,
+    /// Templates selected (`templates` may be cut short by `?limit=`).
+    pub selected: usize,
     /// Pages covered by the templates, host-wide.
     pub pages_covered: u64,
     /// Distinct contents that were eligible (held by enough VMs).
@@ -81,6 +83,7 @@ impl Catalog {
             pages_covered: templates.iter().map(|t| u64::from(t.pages)).sum(),
             eligible: total_eligible,
             ids: eligible.iter().map(|e| e.0).collect(),
+            selected: templates.len(),
             templates,
         }
     }
