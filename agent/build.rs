@@ -7,8 +7,14 @@ use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
-    let cargo_metadata::Metadata { packages, workspace_root, .. } =
-        cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
+    let cargo_metadata::Metadata {
+        packages,
+        workspace_root,
+        ..
+    } = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("cargo metadata")?;
     // bpf-linker is installed inside the project by `cargo xtask setup`.
     let tools = workspace_root.join("target/tools/bin");
     let path = env::var_os("PATH").unwrap_or_default();
@@ -33,7 +39,11 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("agent-ebpf manifest has no parent directory"))?
         .to_string();
     aya_build::build_ebpf(
-        [Package { name: "agent-ebpf", root_dir: &root_dir, ..Package::default() }],
+        [Package {
+            name: "agent-ebpf",
+            root_dir: &root_dir,
+            ..Package::default()
+        }],
         Toolchain::default(),
     )
 }

@@ -203,6 +203,9 @@ mod tests {
         assert_eq!(ioctl::KVM_SET_USER_MEMORY_REGION2, iow(0x49, 160));
         assert_eq!(ioctl::KVM_ENABLE_CAP, iow(0xa3, 104));
         assert_eq!(ioctl::KVM_GET_DIRTY_LOG, iow(0x42, 16));
-        assert_eq!(ioctl::KVM_CLEAR_DIRTY_LOG, (3 << 30) | (24 << 16) | (0xae << 8) | 0xc0);
+        assert_eq!(
+            ioctl::KVM_CLEAR_DIRTY_LOG,
+            (3 << 30) | (24 << 16) | (0xae << 8) | 0xc0
+        );
     }
 }

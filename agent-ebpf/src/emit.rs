@@ -36,7 +36,11 @@ pub static PENDING: HashMap<u64, PendingIoctl> = HashMap::with_max_entries(8192,
 #[inline(always)]
 pub fn offsets() -> Option<&'static TraceOffsets> {
     let config = CONFIG.get(0)?;
-    if config.ready == 1 { Some(config) } else { None }
+    if config.ready == 1 {
+        Some(config)
+    } else {
+        None
+    }
 }
 
 /// The current process id (thread group id).
@@ -64,7 +68,11 @@ const NO_WAKEUP: u64 = 1;
 /// events, whose order the ring entry indexes already give).
 #[inline(always)]
 pub fn new_event_untimed(kind: u32) -> Event {
-    Event { kind, pid: current_pid(), ..Event::default() }
+    Event {
+        kind,
+        pid: current_pid(),
+        ..Event::default()
+    }
 }
 
 /// Sends `event`, or records its loss under its pid. The reader is woken for
@@ -110,7 +118,10 @@ pub fn record_loss(pid: u32, ktime_ns: u64) {
         }
         return;
     }
-    let fresh = LossRecord { count: 1, last_ktime_ns: ktime_ns };
+    let fresh = LossRecord {
+        count: 1,
+        last_ktime_ns: ktime_ns,
+    };
     if LOSSES.insert(pid, fresh, 0).is_ok() {
         return;
     }

@@ -6,12 +6,12 @@
 //! `kvm_dirty_ring_reset` events fire in between.
 
 use agent_common::{PendingIoctl, ioctl, kind};
-use aya_log_ebpf::warn;
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::tracepoint,
     programs::TracePointContext,
 };
+use aya_log_ebpf::warn;
 
 use crate::emit::{PENDING, VM_PIDS, current_pid, emit, new_event, offsets};
 
@@ -61,7 +61,11 @@ fn try_ioctl_enter(ctx: &TracePointContext) -> Result<(), i64> {
     let fd = unsafe { ctx.read_at::<u64>(offsets.ioctl_enter_fd as usize) }? as u32;
     // SAFETY: as above.
     let arg = unsafe { ctx.read_at::<u64>(offsets.ioctl_enter_arg as usize) }?;
-    let mut pending = PendingIoctl { cmd, fd, ..PendingIoctl::default() };
+    let mut pending = PendingIoctl {
+        cmd,
+        fd,
+        ..PendingIoctl::default()
+    };
     match cmd {
         ioctl::KVM_SET_USER_MEMORY_REGION | ioctl::KVM_SET_USER_MEMORY_REGION2 => {
             // SAFETY: bpf_probe_read_user checks the user address itself.
@@ -97,10 +101,18 @@ fn try_ioctl_enter(ctx: &TracePointContext) -> Result<(), i64> {
         }
         _ => {}
     }
-    if PENDING.insert(bpf_get_current_pid_tgid(), pending, 0).is_err() {
+    if PENDING
+        .insert(bpf_get_current_pid_tgid(), pending, 0)
+        .is_err()
+    {
         // The ioctl's result will not be reported: say so, and count it as a
         // loss so that the VM's pages become unknown.
-        warn!(ctx, "pagefp: no room to follow KVM ioctl {:x} of pid {}", cmd, current_pid());
+        warn!(
+            ctx,
+            "pagefp: no room to follow KVM ioctl {:x} of pid {}",
+            cmd,
+            current_pid()
+        );
         let mut lost = new_event(kind::SLOT_SET);
         lost.fd = fd;
         crate::emit::record_loss(lost.pid, lost.ktime_ns);

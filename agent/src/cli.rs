@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
 
 #[derive(Debug, Parser)]
-#[command(name = "pagefp", version, about = "Page fingerprints of KVM guests for template-based live migration")]
+#[command(
+    name = "pagefp",
+    version,
+    about = "Page fingerprints of KVM guests for template-based live migration"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -10,8 +10,13 @@ use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to the agent at {path}: {source}. Is `pagefp agent` running (systemctl status pagefp)? Use --socket PATH if it listens elsewhere")]
-    Connect { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot connect to the agent at {path}: {source}. Is `pagefp agent` running (systemctl status pagefp)? Use --socket PATH if it listens elsewhere"
+    )]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("talking to the agent failed: {0}")]
     Http(String),
     #[error("the agent answered {status}: {message}")]
@@ -22,7 +27,10 @@ pub enum ClientError {
 pub async fn get(socket: &Path, path_and_query: &str) -> Result<Vec<u8>, ClientError> {
     let stream = UnixStream::connect(socket)
         .await
-        .map_err(|source| ClientError::Connect { path: socket.into(), source })?;
+        .map_err(|source| ClientError::Connect {
+            path: socket.into(),
+            source,
+        })?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| ClientError::Http(e.to_string()))?;
@@ -33,9 +41,17 @@ pub async fn get(socket: &Path, path_and_query: &str) -> Result<Vec<u8>, ClientE
         .header(hyper::header::HOST, "pagefp")
         .body(Empty::<Bytes>::new())
         .map_err(|e| ClientError::Http(e.to_string()))?;
-    let response = sender.send_request(request).await.map_err(|e| ClientError::Http(e.to_string()))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
     let status = response.status();
-    let body = response.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?.to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?
+        .to_bytes();
     if !status.is_success() {
         let message = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()

@@ -1,7 +1,10 @@
 //! The agent's configuration: `/etc/pagefp/pagefp.toml`, every key optional,
 //! command-line flags override it.
 
-use std::{net::SocketAddr, path::{Path, PathBuf}};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -53,9 +56,15 @@ impl Default for Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is invalid: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("ring_buffer_bytes must be a power of two of at least 4096, not {0}")]
     RingSize(u32),
     #[error("min_vms must be at least 1")]
@@ -67,10 +76,20 @@ impl Config {
     pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(Self::default()),
-            Err(source) => return Err(ConfigError::Read { path: path.into(), source }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Self::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.into(),
+                    source,
+                });
+            }
         };
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -102,7 +121,14 @@ mod tests {
         assert_eq!(config.min_vms, 3);
         assert_eq!(config.socket, PathBuf::from(DEFAULT_SOCKET));
         assert!(toml::from_str::<Config>("min_vm = 3").is_err());
-        assert!(Config { ring_buffer_bytes: 5000, ..Config::default() }.validate().is_err());
+        assert!(
+            Config {
+                ring_buffer_bytes: 5000,
+                ..Config::default()
+            }
+            .validate()
+            .is_err()
+        );
     }
 
     #[test]

@@ -60,7 +60,8 @@ struct Entries {
 impl Entries {
     fn push(&mut self, info: ContentInfo) {
         if self.len == self.chunks.len() * CHUNK {
-            self.chunks.push(vec![ContentInfo::default(); CHUNK].into_boxed_slice());
+            self.chunks
+                .push(vec![ContentInfo::default(); CHUNK].into_boxed_slice());
         }
         self.chunks[self.len / CHUNK][self.len % CHUNK] = info;
         self.len += 1;
@@ -75,7 +76,10 @@ impl Entries {
     }
 
     fn iter(&self) -> impl Iterator<Item = &ContentInfo> + '_ {
-        self.chunks.iter().flat_map(|chunk| chunk.iter()).take(self.len)
+        self.chunks
+            .iter()
+            .flat_map(|chunk| chunk.iter())
+            .take(self.len)
     }
 }
 
@@ -132,7 +136,9 @@ impl ContentTable {
 
     pub fn lookup(&self, hash: &PageHash) -> Option<ContentId> {
         let entries = &self.entries;
-        self.index.find(hash_key(hash), |id| entries[*id as usize].hash == *hash).copied()
+        self.index
+            .find(hash_key(hash), |id| entries[*id as usize].hash == *hash)
+            .copied()
     }
 
     /// All live contents.
@@ -204,7 +210,11 @@ impl ContentTable {
     }
 
     fn intern(&mut self, hash: &PageHash) -> ContentId {
-        let info = ContentInfo { hash: *hash, pages: 0, vms: 0 };
+        let info = ContentInfo {
+            hash: *hash,
+            pages: 0,
+            vms: 0,
+        };
         let id = match self.free.pop() {
             Some(id) => {
                 self.entries[id as usize] = info;
@@ -216,7 +226,9 @@ impl ContentTable {
             }
         };
         let entries = &self.entries;
-        self.index.insert_unique(hash_key(hash), id, |id| hash_key(&entries[*id as usize].hash));
+        self.index.insert_unique(hash_key(hash), id, |id| {
+            hash_key(&entries[*id as usize].hash)
+        });
         id
     }
 

@@ -36,7 +36,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let sources = probes.sources.clone();
     log::info!("eBPF attached: {}", sources.attached.join(", "));
     let registry = Arc::new(Mutex::new(Registry::new(sources.fentry)));
-    let pool = Arc::new(HashPool::new(config.threads(), registry.clone(), config.zero_copy));
+    let pool = Arc::new(HashPool::new(
+        config.threads(),
+        registry.clone(),
+        config.zero_copy,
+    ));
     let stop = Arc::new(AtomicBool::new(false));
     let (mut tracker, sync) = Tracker::new(
         probes,
@@ -50,7 +54,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     );
     let running = find_running_vms();
     if !running.is_empty() {
-        log::info!("adopting {} VM(s) that started before the agent: {running:?}", running.len());
+        log::info!(
+            "adopting {} VM(s) that started before the agent: {running:?}",
+            running.len()
+        );
     }
     tracker.adopt_running(&running);
     let tracker_stats = tracker.stats.clone();
@@ -65,7 +72,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         Some(sync),
         sources,
         tracker_stats,
-        SelectionPolicy { min_vms: config.min_vms, budget_bytes: config.template_budget_bytes },
+        SelectionPolicy {
+            min_vms: config.min_vms,
+            budget_bytes: config.template_budget_bytes,
+        },
     ));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -74,9 +84,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let result = runtime.block_on(async {
         let listener = server::bind(&config.socket)?;
-        let api = tokio::spawn(server::serve(listener, state.clone(), config.socket.clone()));
+        let api = tokio::spawn(server::serve(
+            listener,
+            state.clone(),
+            config.socket.clone(),
+        ));
         let metrics = tokio::spawn(metrics::serve(config.metrics_addr, state.clone()));
-        println!("pagefp agent ready: API on {}, metrics on http://{}/metrics", config.socket.display(), config.metrics_addr);
+        println!(
+            "pagefp agent ready: API on {}, metrics on http://{}/metrics",
+            config.socket.display(),
+            config.metrics_addr
+        );
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => log::info!("SIGINT: stopping"),

@@ -98,7 +98,12 @@ impl HashPool {
                     .expect("spawning a hash worker thread")
             })
             .collect();
-        Self { tx: Some(tx), workers, stats, mapped }
+        Self {
+            tx: Some(tx),
+            workers,
+            stats,
+            mapped,
+        }
     }
 
     /// Queues jobs, split into chunks.
@@ -119,7 +124,10 @@ impl HashPool {
 
     /// Forgets mappings of processes that are gone.
     pub fn forget(&self, pid: u32) {
-        self.mapped.write().unwrap().retain(|(p, _, _), _| *p != pid);
+        self.mapped
+            .write()
+            .unwrap()
+            .retain(|(p, _, _), _| *p != pid);
     }
 }
 
@@ -134,18 +142,25 @@ impl Drop for HashPool {
 
 fn split(job: HashJob) -> Vec<HashJob> {
     match &job.pages {
-        JobPages::Range { first, count } if *count > CHUNK_PAGES => (0..count.div_ceil(CHUNK_PAGES))
+        JobPages::Range { first, count } if *count > CHUNK_PAGES => (0..count
+            .div_ceil(CHUNK_PAGES))
             .map(|i| {
                 let start = first + i * CHUNK_PAGES;
                 HashJob {
-                    pages: JobPages::Range { first: start, count: CHUNK_PAGES.min(first + count - start) },
+                    pages: JobPages::Range {
+                        first: start,
+                        count: CHUNK_PAGES.min(first + count - start),
+                    },
                     ..job.clone()
                 }
             })
             .collect(),
         JobPages::List(list) if list.len() > CHUNK_PAGES as usize => list
             .chunks(CHUNK_PAGES as usize)
-            .map(|pages| HashJob { pages: JobPages::List(pages.to_vec()), ..job.clone() })
+            .map(|pages| HashJob {
+                pages: JobPages::List(pages.to_vec()),
+                ..job.clone()
+            })
             .collect(),
         _ => vec![job],
     }
@@ -171,7 +186,9 @@ impl Worker {
                 let hashes = self.hash(&job, &plan, &mut buf);
                 self.registry.lock().unwrap().commit(&job, &plan, &hashes);
             }
-            self.stats.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.stats
+                .busy_ns
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             self.stats.jobs_pending.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -186,9 +203,15 @@ impl Worker {
         }
         let size = {
             let registry = self.registry.lock().unwrap();
-            registry.vm(plan.pid).and_then(|vm| vm.slots.get(&job.slot)).map(|slot| slot.size)
+            registry
+                .vm(plan.pid)
+                .and_then(|vm| vm.slots.get(&job.slot))
+                .map(|slot| slot.size)
         }?;
-        let mapped = MappedSlot::open(plan.pid, plan.uaddr, size).ok().flatten().map(Arc::new);
+        let mapped = MappedSlot::open(plan.pid, plan.uaddr, size)
+            .ok()
+            .flatten()
+            .map(Arc::new);
         self.mapped.write().unwrap().insert(key, mapped.clone());
         mapped
     }
@@ -199,7 +222,10 @@ impl Worker {
         self.stats.pages_read.fetch_add(n, Ordering::Relaxed);
         if let Some(mapped) = self.mapping(job, plan) {
             self.stats.reads_mapped.fetch_add(n, Ordering::Relaxed);
-            return pages.iter().map(|page| mapped.page(*page).map(|bytes| self.hash_page(bytes))).collect();
+            return pages
+                .iter()
+                .map(|page| mapped.page(*page).map(|bytes| self.hash_page(bytes)))
+                .collect();
         }
         self.stats.reads_copied.fetch_add(n, Ordering::Relaxed);
         let buf = &mut buf[..pages.len() * PAGE_SIZE];
@@ -222,7 +248,9 @@ impl Worker {
             self.stats.pages_zero.fetch_add(1, Ordering::Relaxed);
             return zero_page_hash();
         }
-        self.stats.bytes_hashed.fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_hashed
+            .fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
         *blake3::hash(bytes).as_bytes()
     }
 }
@@ -237,7 +265,10 @@ mod tests {
             pid: 1,
             slot: 0,
             epoch: 1,
-            pages: JobPages::Range { first: 10, count: 600 },
+            pages: JobPages::Range {
+                first: 10,
+                count: 600,
+            },
             purpose: crate::registry::Purpose::Track,
         };
         let parts = split(job);

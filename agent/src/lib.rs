@@ -3,8 +3,8 @@
 
 pub mod api;
 pub mod cli;
-pub mod config;
 pub mod client;
+pub mod config;
 pub mod content;
 pub mod daemon;
 pub mod ebpf;

@@ -51,7 +51,11 @@ fn status(args: &agent::cli::ClientArgs) -> anyhow::Result<()> {
             match &view.dirty_mode {
                 serde_json::Value::String(mode) => mode.clone(),
                 serde_json::Value::Object(map) if map.contains_key("bitmap") => {
-                    if map["bitmap"]["manual_protect"] == true { "bitmap-mp".into() } else { "bitmap".into() }
+                    if map["bitmap"]["manual_protect"] == true {
+                        "bitmap-mp".into()
+                    } else {
+                        "bitmap".into()
+                    }
                 }
                 other => other.to_string(),
             },
@@ -87,7 +91,10 @@ struct StatsLite {
 }
 
 fn templates(args: &agent::cli::TemplatesArgs) -> anyhow::Result<()> {
-    let body = client::get_blocking(&args.client.socket, &format!("/v1/templates?limit={}", args.top))?;
+    let body = client::get_blocking(
+        &args.client.socket,
+        &format!("/v1/templates?limit={}", args.top),
+    )?;
     if args.client.json {
         println!("{}", String::from_utf8_lossy(&body));
         return Ok(());
@@ -104,7 +111,13 @@ fn templates(args: &agent::cli::TemplatesArgs) -> anyhow::Result<()> {
     );
     println!("{:>6} {:>8} {:>5}  HASH", "INDEX", "PAGES", "VMS");
     for t in catalog["templates"].as_array().into_iter().flatten() {
-        println!("{:>6} {:>8} {:>5}  {}", t["index"], t["pages"], t["vms"], t["hash"].as_str().unwrap_or(""));
+        println!(
+            "{:>6} {:>8} {:>5}  {}",
+            t["index"],
+            t["pages"],
+            t["vms"],
+            t["hash"].as_str().unwrap_or("")
+        );
     }
     Ok(())
 }

@@ -9,14 +9,7 @@
 //! - **copied**: `process_vm_readv`, for anonymous memory. A VMM that exits
 //!   mid-read makes the read fail (ESRCH/EFAULT), never the agent.
 
-use std::{
-    fs::File,
-    io,
-    num::NonZeroUsize,
-    os::fd::AsFd,
-    path::PathBuf,
-    ptr::NonNull,
-};
+use std::{fs::File, io, num::NonZeroUsize, os::fd::AsFd, path::PathBuf, ptr::NonNull};
 
 use nix::{
     fcntl::{FcntlArg, SealFlag, fcntl},
@@ -66,7 +59,9 @@ impl MappedSlot {
         if offset + size > file_len {
             return Ok(None);
         }
-        let Some(len) = NonZeroUsize::new(size as usize) else { return Ok(None) };
+        let Some(len) = NonZeroUsize::new(size as usize) else {
+            return Ok(None);
+        };
         // SAFETY: a fresh read-only shared mapping of a file we hold open; the
         // range lies inside the file, which cannot shrink (F_SEAL_SHRINK).
         let ptr = unsafe {
@@ -82,7 +77,10 @@ impl MappedSlot {
             )
         }
         .map_err(io::Error::from)?;
-        Ok(Some(Self { ptr: ptr.cast(), len: size as usize }))
+        Ok(Some(Self {
+            ptr: ptr.cast(),
+            len: size as usize,
+        }))
     }
 
     /// The bytes of page `page` of the slot.
@@ -111,15 +109,23 @@ fn find_file_mapping(pid: u32, uaddr: u64, size: u64) -> io::Result<Option<(u64,
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     for line in maps.lines() {
         let mut fields = line.split_whitespace();
-        let (Some(range), Some(perms), Some(offset), Some(_dev), Some(inode)) =
-            (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
-        else {
+        let (Some(range), Some(perms), Some(offset), Some(_dev), Some(inode)) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
             continue;
         };
-        let Some((start, end)) = range.split_once('-') else { continue };
-        let (Ok(start), Ok(end), Ok(offset)) =
-            (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16), u64::from_str_radix(offset, 16))
-        else {
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end), Ok(offset)) = (
+            u64::from_str_radix(start, 16),
+            u64::from_str_radix(end, 16),
+            u64::from_str_radix(offset, 16),
+        ) else {
             continue;
         };
         if start <= uaddr && uaddr + size <= end {
@@ -146,8 +152,12 @@ pub fn read_copied(pid: u32, uaddr: u64, pages: &[u32], buf: &mut [u8]) -> Vec<b
             len: run * PAGE_SIZE,
         }];
         let local = &mut buf[i * PAGE_SIZE..(i + run) * PAGE_SIZE];
-        let read = process_vm_readv(Pid::from_raw(pid as i32), &mut [io::IoSliceMut::new(local)], &remote)
-            .unwrap_or(0);
+        let read = process_vm_readv(
+            Pid::from_raw(pid as i32),
+            &mut [io::IoSliceMut::new(local)],
+            &remote,
+        )
+        .unwrap_or(0);
         let whole = read / PAGE_SIZE;
         ok[i..i + whole].fill(true);
         if whole < run && whole > 0 {
@@ -157,10 +167,17 @@ pub fn read_copied(pid: u32, uaddr: u64, pages: &[u32], buf: &mut [u8]) -> Vec<b
         }
         if whole == 0 && run > 1 {
             // Try the first page alone, so one bad page does not sink a run.
-            let single = [RemoteIoVec { base: remote[0].base, len: PAGE_SIZE }];
+            let single = [RemoteIoVec {
+                base: remote[0].base,
+                len: PAGE_SIZE,
+            }];
             let local = &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-            let read = process_vm_readv(Pid::from_raw(pid as i32), &mut [io::IoSliceMut::new(local)], &single)
-                .unwrap_or(0);
+            let read = process_vm_readv(
+                Pid::from_raw(pid as i32),
+                &mut [io::IoSliceMut::new(local)],
+                &single,
+            )
+            .unwrap_or(0);
             ok[i] = read == PAGE_SIZE;
             i += 1;
             continue;
@@ -177,7 +194,9 @@ pub fn is_zero_page(page: &[u8]) -> bool {
         // the aligned middle part.
         unsafe { page.align_to::<u64>() }
     };
-    prefix.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && suffix.iter().all(|b| *b == 0)
+    prefix.iter().all(|b| *b == 0)
+        && words.iter().all(|w| *w == 0)
+        && suffix.iter().all(|b| *b == 0)
 }
 
 #[cfg(test)]
@@ -186,7 +205,9 @@ mod tests {
 
     #[test]
     fn reads_own_memory_copied_and_reports_bad_pages() {
-        let data: Vec<u8> = (0..4 * PAGE_SIZE).map(|i| (i / PAGE_SIZE) as u8 + 1).collect();
+        let data: Vec<u8> = (0..4 * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE) as u8 + 1)
+            .collect();
         let mut buf = vec![0u8; 3 * PAGE_SIZE];
         let pid = std::process::id();
         let ok = read_copied(pid, data.as_ptr() as u64, &[0, 1, 3], &mut buf);
@@ -194,7 +215,12 @@ mod tests {
         assert!(buf[..PAGE_SIZE].iter().all(|b| *b == 1));
         assert!(buf[2 * PAGE_SIZE..].iter().all(|b| *b == 4));
         // An address nothing is mapped at.
-        let ok = read_copied(pid, 8 * PAGE_SIZE as u64, &[0, 1], &mut buf[..2 * PAGE_SIZE]);
+        let ok = read_copied(
+            pid,
+            8 * PAGE_SIZE as u64,
+            &[0, 1],
+            &mut buf[..2 * PAGE_SIZE],
+        );
         assert_eq!(ok, vec![false, false]);
     }
 

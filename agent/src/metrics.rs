@@ -6,10 +6,19 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use hyper::{Request, Response, body::{Bytes, Incoming}, header, server::conn::http1, service::service_fn};
 use http_body_util::Full;
+use hyper::{
+    Request, Response,
+    body::{Bytes, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
+};
 use hyper_util::rt::TokioIo;
-use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry, TextEncoder};
+use prometheus::{
+    Encoder, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry,
+    TextEncoder,
+};
 
 use crate::{
     api::{routes::AppState, views::vm_view},
@@ -19,18 +28,59 @@ use crate::{
 /// Renders the exposition for one scrape.
 pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
     let prom = PromRegistry::new();
-    let build_info = IntGaugeVec::new(Opts::new("pagefp_build_info", "pagefp build information (always 1)"), &["version"])?;
-    build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-    let vms_tracked = IntGaugeVec::new(Opts::new("pagefp_vms", "VMs known to the agent by tracking state"), &["tracking"])?;
-    let pages = IntGaugeVec::new(Opts::new("pagefp_vm_pages", "Guest pages by state"), &["vm", "state"])?;
-    let dirty_rate = GaugeVec::new(Opts::new("pagefp_vm_dirty_pages_per_second", "Dirty events per second"), &["vm"])?;
-    let template_pages = IntGaugeVec::new(Opts::new("pagefp_vm_template_pages", "Guest pages whose content is a template"), &["vm"])?;
-    let events = IntCounterVec::new(Opts::new("pagefp_ebpf_events_total", "eBPF events applied, by kind"), &["kind"])?;
-    let lost = IntCounterVec::new(Opts::new("pagefp_ebpf_lost_events_total", "Times eBPF events were lost"), &["scope"])?;
-    let hashed = IntCounterVec::new(Opts::new("pagefp_pages_hashed_total", "Pages hashed"), &["reason"])?;
+    let build_info = IntGaugeVec::new(
+        Opts::new("pagefp_build_info", "pagefp build information (always 1)"),
+        &["version"],
+    )?;
+    build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    let vms_tracked = IntGaugeVec::new(
+        Opts::new("pagefp_vms", "VMs known to the agent by tracking state"),
+        &["tracking"],
+    )?;
+    let pages = IntGaugeVec::new(
+        Opts::new("pagefp_vm_pages", "Guest pages by state"),
+        &["vm", "state"],
+    )?;
+    let dirty_rate = GaugeVec::new(
+        Opts::new(
+            "pagefp_vm_dirty_pages_per_second",
+            "Dirty events per second",
+        ),
+        &["vm"],
+    )?;
+    let template_pages = IntGaugeVec::new(
+        Opts::new(
+            "pagefp_vm_template_pages",
+            "Guest pages whose content is a template",
+        ),
+        &["vm"],
+    )?;
+    let events = IntCounterVec::new(
+        Opts::new("pagefp_ebpf_events_total", "eBPF events applied, by kind"),
+        &["kind"],
+    )?;
+    let lost = IntCounterVec::new(
+        Opts::new(
+            "pagefp_ebpf_lost_events_total",
+            "Times eBPF events were lost",
+        ),
+        &["scope"],
+    )?;
+    let hashed = IntCounterVec::new(
+        Opts::new("pagefp_pages_hashed_total", "Pages hashed"),
+        &["reason"],
+    )?;
     let templates = IntGauge::new("pagefp_templates", "Templates selected")?;
-    let template_bytes = IntGauge::new("pagefp_template_bytes", "Bytes the selected templates occupy")?;
-    let contents = IntGauge::new("pagefp_distinct_contents", "Distinct page contents host-wide")?;
+    let template_bytes = IntGauge::new(
+        "pagefp_template_bytes",
+        "Bytes the selected templates occupy",
+    )?;
+    let contents = IntGauge::new(
+        "pagefp_distinct_contents",
+        "Distinct page contents host-wide",
+    )?;
     let programs = IntGauge::new("pagefp_ebpf_programs_attached", "eBPF programs attached")?;
     for collector in [
         Box::new(build_info.clone()) as Box<dyn prometheus::core::Collector>,
@@ -72,16 +122,26 @@ pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
             ] {
                 pages.with_label_values(&[&label, state_name]).set(n as i64);
             }
-            dirty_rate.with_label_values(&[&label]).set(view.stats.dirty_per_sec);
-            template_pages.with_label_values(&[&label]).set(view.template_pages as i64);
+            dirty_rate
+                .with_label_values(&[&label])
+                .set(view.stats.dirty_per_sec);
+            template_pages
+                .with_label_values(&[&label])
+                .set(view.template_pages as i64);
         }
         for (kind, n) in &registry.stats.events {
             events.with_label_values(&[kind]).inc_by(*n);
         }
-        lost.with_label_values(&["vm"]).inc_by(registry.stats.losses_attributed);
-        lost.with_label_values(&["host"]).inc_by(registry.stats.losses_unattributed);
-        hashed.with_label_values(&["full_pass"]).inc_by(registry.stats.pages_hashed - registry.stats.pages_rehashed);
-        hashed.with_label_values(&["dirty"]).inc_by(registry.stats.pages_rehashed);
+        lost.with_label_values(&["vm"])
+            .inc_by(registry.stats.losses_attributed);
+        lost.with_label_values(&["host"])
+            .inc_by(registry.stats.losses_unattributed);
+        hashed
+            .with_label_values(&["full_pass"])
+            .inc_by(registry.stats.pages_hashed - registry.stats.pages_rehashed);
+        hashed
+            .with_label_values(&["dirty"])
+            .inc_by(registry.stats.pages_rehashed);
         templates.set(catalog.templates.len() as i64);
         template_bytes.set(catalog.bytes() as i64);
         contents.set(registry.contents.len() as i64);
@@ -99,12 +159,16 @@ const LANDING: &str = "<html><head><title>pagefp</title></head><body><h1>pagefp<
 
 /// Serves `/metrics` and `/` on `addr`.
 pub async fn serve(addr: SocketAddr, state: Arc<AppState>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}. Pick another with --metrics-addr"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen for metrics on {addr}: {e}. Pick another with --metrics-addr"
+        )
+    })?;
     log::info!("metrics on http://{addr}/metrics");
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
@@ -117,16 +181,24 @@ pub async fn serve(addr: SocketAddr, state: Arc<AppState>) -> anyhow::Result<()>
                                 Ok(Ok(text)) => Response::builder()
                                     .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
                                     .body(Full::new(Bytes::from(text))),
-                                _ => Response::builder().status(500).body(Full::new(Bytes::from("metrics failed\n"))),
+                                _ => Response::builder()
+                                    .status(500)
+                                    .body(Full::new(Bytes::from("metrics failed\n"))),
                             }
                         }
-                        "/" => Response::builder().header(header::CONTENT_TYPE, "text/html").body(Full::new(Bytes::from(LANDING))),
-                        _ => Response::builder().status(404).body(Full::new(Bytes::from("not found: try /metrics\n"))),
+                        "/" => Response::builder()
+                            .header(header::CONTENT_TYPE, "text/html")
+                            .body(Full::new(Bytes::from(LANDING))),
+                        _ => Response::builder()
+                            .status(404)
+                            .body(Full::new(Bytes::from("not found: try /metrics\n"))),
                     };
                     Ok::<_, std::convert::Infallible>(response.unwrap())
                 }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }

@@ -74,7 +74,12 @@ impl Catalog {
         let templates: Vec<Template> = eligible
             .iter()
             .enumerate()
-            .map(|(index, (_, pages, vms, hash))| Template { index: index as u32, hash: *hash, pages: *pages, vms: *vms })
+            .map(|(index, (_, pages, vms, hash))| Template {
+                index: index as u32,
+                hash: *hash,
+                pages: *pages,
+                vms: *vms,
+            })
             .collect();
         Self {
             epoch: contents.epoch(),
@@ -90,7 +95,10 @@ impl Catalog {
 
     /// Pages of one VM whose content is a template.
     pub fn covered_pages(&self, vm: &VmContentCounts) -> u64 {
-        vm.iter().filter(|(id, _)| self.ids.contains(id)).map(|(_, n)| u64::from(n)).sum()
+        vm.iter()
+            .filter(|(id, _)| self.ids.contains(id))
+            .map(|(_, n)| u64::from(n))
+            .sum()
     }
 
     pub fn bytes(&self) -> u64 {
@@ -118,13 +126,25 @@ mod tests {
         for _ in 0..9 {
             table.add_page(&mut vms[2], &[3; 32]); // one VM only
         }
-        let catalog = Catalog::select(&table, SelectionPolicy { min_vms: 2, budget_bytes: 1 << 30 });
+        let catalog = Catalog::select(
+            &table,
+            SelectionPolicy {
+                min_vms: 2,
+                budget_bytes: 1 << 30,
+            },
+        );
         let hashes: Vec<PageHash> = catalog.templates.iter().map(|t| t.hash).collect();
         assert_eq!(hashes, vec![[2; 32], [1; 32]]);
         assert_eq!(catalog.templates[0].pages, 6);
         assert_eq!(catalog.pages_covered, 9);
         assert_eq!(catalog.covered_pages(&vms[0]), 6);
-        let small = Catalog::select(&table, SelectionPolicy { min_vms: 2, budget_bytes: 4096 });
+        let small = Catalog::select(
+            &table,
+            SelectionPolicy {
+                min_vms: 2,
+                budget_bytes: 4096,
+            },
+        );
         assert_eq!(small.templates.len(), 1);
         assert_eq!(small.templates[0].hash, [2; 32]);
     }

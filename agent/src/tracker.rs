@@ -112,7 +112,8 @@ impl Tracker {
 
     pub fn run(mut self) {
         let mut batch: Vec<Event> = Vec::with_capacity(4096);
-        let mut delayed: std::collections::VecDeque<(Instant, HashJob)> = std::collections::VecDeque::new();
+        let mut delayed: std::collections::VecDeque<(Instant, HashJob)> =
+            std::collections::VecDeque::new();
         let mut last_rescan = Instant::now();
         let mut last_reap = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
@@ -149,17 +150,23 @@ impl Tracker {
                 let elapsed = last_rescan.elapsed();
                 if elapsed >= Duration::from_millis(100) && self.pool.pending() == 0 {
                     last_rescan = Instant::now();
-                    let budget = (f64::from(self.config.rescan_pages_per_sec) * elapsed.as_secs_f64()) as u32;
+                    let budget = (f64::from(self.config.rescan_pages_per_sec)
+                        * elapsed.as_secs_f64()) as u32;
                     jobs.extend(registry.rescan_jobs(budget));
                 }
                 jobs
             };
-            self.stats.events.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            self.stats
+                .events
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
             let now = Instant::now();
             let mut ready = Vec::new();
             for job in jobs {
-                if matches!(job.pages, JobPages::List(_)) && job.purpose == Purpose::Track && !self.config.rehash_delay.is_zero() {
+                if matches!(job.pages, JobPages::List(_))
+                    && job.purpose == Purpose::Track
+                    && !self.config.rehash_delay.is_zero()
+                {
                     delayed.push_back((now + self.config.rehash_delay, job));
                 } else {
                     ready.push(job);
@@ -183,25 +190,36 @@ impl Tracker {
         if let Some(logger) = &self.probes.logger {
             logger_fd = logger.as_raw_fd();
             // SAFETY: the logger (and its fd) outlives this poll call.
-            fds.push(PollFd::new(unsafe { std::os::fd::BorrowedFd::borrow_raw(logger_fd) }, PollFlags::POLLIN));
+            fds.push(PollFd::new(
+                unsafe { std::os::fd::BorrowedFd::borrow_raw(logger_fd) },
+                PollFlags::POLLIN,
+            ));
         }
         if !self.sync_rx.is_empty() {
             return;
         }
-        let _ = poll(&mut fds, PollTimeout::try_from(timeout.as_millis() as i32).unwrap_or(PollTimeout::ZERO));
+        let _ = poll(
+            &mut fds,
+            PollTimeout::try_from(timeout.as_millis() as i32).unwrap_or(PollTimeout::ZERO),
+        );
     }
 
     fn check_losses(&mut self, registry: &mut Registry) {
         let (per_pid, unattributed) = self.probes.losses();
         for (pid, record) in per_pid {
             if self.seen_losses.get(&pid) != Some(&record) {
-                log::warn!("{} eBPF events of pid {pid} were lost: its pages are unknown until resynced", record.count);
+                log::warn!(
+                    "{} eBPF events of pid {pid} were lost: its pages are unknown until resynced",
+                    record.count
+                );
                 registry.note_loss(Some(pid), record.last_ktime_ns);
                 self.seen_losses.insert(pid, record);
             }
         }
         if unattributed != self.seen_unattributed {
-            log::warn!("eBPF events of unknown VMs were lost: every VM's pages are unknown until resynced");
+            log::warn!(
+                "eBPF events of unknown VMs were lost: every VM's pages are unknown until resynced"
+            );
             registry.note_loss(None, unattributed.last_ktime_ns);
             self.seen_unattributed = unattributed;
         }
@@ -220,20 +238,24 @@ fn release_free_memory() {
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    let now =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
     now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }
 
 /// Pids of processes that hold a KVM VM fd now.
 pub fn find_running_vms() -> Vec<u32> {
-    let Ok(proc) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(proc) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     let mut pids: Vec<u32> = proc
         .filter_map(Result::ok)
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
                 fds.filter_map(Result::ok).any(|fd| {
-                    std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == "anon_inode:kvm-vm")
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|target| target.as_os_str() == "anon_inode:kvm-vm")
                 })
             })
         })

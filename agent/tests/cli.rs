@@ -4,7 +4,10 @@
 use std::process::Command;
 
 fn pagefp(args: &[&str]) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_pagefp")).args(args).output().expect("running pagefp");
+    let output = Command::new(env!("CARGO_BIN_EXE_pagefp"))
+        .args(args)
+        .output()
+        .expect("running pagefp");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "pagefp panicked: {stderr}");
     (output.status.success(), stderr)
@@ -14,22 +17,41 @@ fn pagefp(args: &[&str]) -> (bool, String) {
 fn status_without_an_agent_says_what_to_do() {
     let (ok, stderr) = pagefp(&["status", "--socket", "/nonexistent/pagefp.sock"]);
     assert!(!ok);
-    assert!(stderr.contains("cannot connect to the agent") && stderr.contains("pagefp agent"), "{stderr}");
+    assert!(
+        stderr.contains("cannot connect to the agent") && stderr.contains("pagefp agent"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn invalid_configuration_is_refused_with_the_reason() {
-    let (ok, stderr) = pagefp(&["agent", "--ring-buffer-bytes", "5000", "--socket", "/tmp/never.sock"]);
+    let (ok, stderr) = pagefp(&[
+        "agent",
+        "--ring-buffer-bytes",
+        "5000",
+        "--socket",
+        "/tmp/never.sock",
+    ]);
     assert!(!ok);
-    assert!(stderr.contains("ring_buffer_bytes must be a power of two"), "{stderr}");
+    assert!(
+        stderr.contains("ring_buffer_bytes must be a power of two"),
+        "{stderr}"
+    );
     let dir = std::env::temp_dir().join(format!("pagefp-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("bad.toml");
     std::fs::write(&config, "min_vm = 3\n").unwrap();
     let (ok, stderr) = pagefp(&["agent", "--config", config.to_str().unwrap()]);
     assert!(!ok);
-    assert!(stderr.contains("is invalid") && stderr.contains("min_vm"), "{stderr}");
-    let (ok, stderr) = pagefp(&["agent", "--config", dir.join("missing.toml").to_str().unwrap()]);
+    assert!(
+        stderr.contains("is invalid") && stderr.contains("min_vm"),
+        "{stderr}"
+    );
+    let (ok, stderr) = pagefp(&[
+        "agent",
+        "--config",
+        dir.join("missing.toml").to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert!(stderr.contains("cannot read config file"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -45,7 +67,15 @@ fn the_agent_without_root_names_what_is_missing() {
     }
     // As root: drop to nobody for this one run.
     let Ok(output) = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_pagefp"), "agent", "--socket", "/tmp/pagefp-nobody.sock"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_pagefp"),
+            "agent",
+            "--socket",
+            "/tmp/pagefp-nobody.sock",
+        ])
         .output()
     else {
         eprintln!("skipped: setpriv is not installed");
@@ -53,5 +83,8 @@ fn the_agent_without_root_names_what_is_missing() {
     };
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("must run as root") && stderr.lines().count() <= 2, "{stderr}");
+    assert!(
+        stderr.contains("must run as root") && stderr.lines().count() <= 2,
+        "{stderr}"
+    );
 }

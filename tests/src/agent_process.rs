@@ -23,7 +23,11 @@ pub fn target_dir() -> PathBuf {
 }
 
 fn profile() -> &'static str {
-    if cfg!(debug_assertions) { "debug" } else { "release" }
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
 }
 
 static BUILD: Mutex<()> = Mutex::new(());
@@ -38,7 +42,9 @@ pub fn build_binary(package: &str, bin: &str) -> PathBuf {
         build.arg("--release");
     }
     build.current_dir(env!("CARGO_MANIFEST_DIR"));
-    let status = build.status().unwrap_or_else(|e| panic!("running cargo build for {bin}: {e}"));
+    let status = build
+        .status()
+        .unwrap_or_else(|e| panic!("running cargo build for {bin}: {e}"));
     assert!(status.success(), "building {bin} failed");
     target_dir().join(profile()).join(bin)
 }
@@ -64,7 +70,13 @@ pub struct AgentOptions {
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        Self { ring_buffer_bytes: None, hash_threads: None, min_vms: None, zero_copy: true, extra: Vec::new() }
+        Self {
+            ring_buffer_bytes: None,
+            hash_threads: None,
+            min_vms: None,
+            zero_copy: true,
+            extra: Vec::new(),
+        }
     }
 }
 
@@ -81,7 +93,8 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(prefix: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), unique()));
+        let dir =
+            std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&dir).expect("creating a temporary directory");
         Self(dir)
     }
@@ -101,7 +114,11 @@ fn unique() -> u64 {
 
 /// A free loopback TCP port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl AgentProcess {
@@ -133,17 +150,28 @@ impl AgentProcess {
             command.arg("--no-zero-copy");
         }
         command.args(&options.extra);
-        command.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
+        command.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
         command.stdout(Stdio::null()).stderr(Stdio::inherit());
         let child = command.spawn().context("spawning pagefp agent")?;
-        let mut agent = Self { child, socket, metrics_addr, _dir: dir };
+        let mut agent = Self {
+            child,
+            socket,
+            metrics_addr,
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while client::get_blocking(&agent.socket, "/v1/status").is_err() {
             if let Some(status) = agent.child.try_wait()? {
                 bail!("pagefp agent exited during start: {status}");
             }
             if Instant::now() > deadline {
-                bail!("pagefp agent did not answer on {} within 30 s", agent.socket.display());
+                bail!(
+                    "pagefp agent did not answer on {} within 30 s",
+                    agent.socket.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -169,12 +197,16 @@ impl AgentProcess {
 
     /// The VM of `pid`, if the agent knows it.
     pub fn vm(&self, pid: u32) -> Option<Value> {
-        self.get(&format!("/v1/vms/{pid}")).ok().map(|b| serde_json::from_slice(&b).unwrap())
+        self.get(&format!("/v1/vms/{pid}"))
+            .ok()
+            .map(|b| serde_json::from_slice(&b).unwrap())
     }
 
     /// The binary hash list of `pid`.
     pub fn hashes(&self, pid: u32) -> Vec<PageRecord> {
-        let body = self.get(&format!("/v1/vms/{pid}/hashes")).unwrap_or_else(|e| panic!("hash list of {pid}: {e}"));
+        let body = self
+            .get(&format!("/v1/vms/{pid}/hashes"))
+            .unwrap_or_else(|e| panic!("hash list of {pid}: {e}"));
         parse_hash_list(&body).unwrap().1
     }
 
@@ -183,7 +215,13 @@ impl AgentProcess {
     }
 
     /// Waits until `check` holds for VM `pid`'s view, or fails after `timeout`.
-    pub fn wait_vm(&self, pid: u32, timeout: Duration, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    pub fn wait_vm(
+        &self,
+        pid: u32,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             let view = self.vm(pid);
@@ -192,14 +230,19 @@ impl AgentProcess {
             {
                 return view.clone();
             }
-            assert!(Instant::now() < deadline, "timed out waiting for VM {pid}: {what}; last view: {view:#?}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for VM {pid}: {what}; last view: {view:#?}"
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
 
     /// Waits until VM `pid` is tracked and every page is clean.
     pub fn wait_all_clean(&self, pid: u32, timeout: Duration) -> Value {
-        self.wait_vm(pid, timeout, "all pages clean", |v| v["pages"].as_u64() > Some(0) && v["clean"] == v["pages"])
+        self.wait_vm(pid, timeout, "all pages clean", |v| {
+            v["pages"].as_u64() > Some(0) && v["clean"] == v["pages"]
+        })
     }
 
     /// Anonymous memory of the agent process (its own heap), in bytes.
@@ -209,7 +252,8 @@ impl AgentProcess {
 
     pub fn metrics(&self) -> String {
         use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(&self.metrics_addr).expect("connecting to metrics");
+        let mut stream =
+            std::net::TcpStream::connect(&self.metrics_addr).expect("connecting to metrics");
         write!(stream, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
         let mut text = String::new();
         stream.read_to_string(&mut text).unwrap();

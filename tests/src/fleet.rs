@@ -24,7 +24,11 @@ pub struct VmOptions {
 
 impl Default for VmOptions {
     fn default() -> Self {
-        Self { dirty: "ring", manual_harvest: false, ring_entries: 65536 }
+        Self {
+            dirty: "ring",
+            manual_harvest: false,
+            ring_entries: 65536,
+        }
     }
 }
 
@@ -39,14 +43,22 @@ impl Vm {
         assert_eq!(bytes % (1 << 20), 0, "test images are whole MiB");
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let socket = dir.0.join(format!("vmm-{n}-{}.sock", image.file_stem().unwrap().to_string_lossy()));
+        let socket = dir.0.join(format!(
+            "vmm-{n}-{}.sock",
+            image.file_stem().unwrap().to_string_lossy()
+        ));
         let args = VmmArgs {
             socket,
             mem_mib: (bytes >> 20) as u32,
             image: Some(image.to_path_buf()),
             dirty: options.dirty.to_string(),
             ring_entries: options.ring_entries,
-            harvest: if options.manual_harvest { "manual" } else { "auto" }.to_string(),
+            harvest: if options.manual_harvest {
+                "manual"
+            } else {
+                "auto"
+            }
+            .to_string(),
             slots: 1,
         };
         let process = VmmProcess::spawn(&testvmm_binary(), &args).expect("starting pagefp-testvmm");
@@ -58,7 +70,10 @@ impl Vm {
     }
 
     fn call(&self, request: Value) -> Value {
-        let answer = self.process.request(&request).unwrap_or_else(|e| panic!("VMM request {request}: {e}"));
+        let answer = self
+            .process
+            .request(&request)
+            .unwrap_or_else(|e| panic!("VMM request {request}: {e}"));
         assert_eq!(answer["ok"], true, "VMM request {request} failed: {answer}");
         answer
     }
@@ -116,13 +131,19 @@ impl Vm {
     /// Asks the VMM to exit and waits for it.
     pub fn exit(mut self) {
         let _ = self.process.request(&json!({"cmd": "exit"}));
-        assert!(self.process.wait_exit(std::time::Duration::from_secs(10)), "the VMM did not exit");
+        assert!(
+            self.process.wait_exit(std::time::Duration::from_secs(10)),
+            "the VMM did not exit"
+        );
     }
 }
 
 /// blake3 of every page of the VMM's code slot.
 pub fn code_slot_hashes() -> Vec<[u8; 32]> {
-    code_slot_image().chunks_exact(4096).map(|page| *blake3::hash(page).as_bytes()).collect()
+    code_slot_image()
+        .chunks_exact(4096)
+        .map(|page| *blake3::hash(page).as_bytes())
+        .collect()
 }
 
 /// The agent's hash list of `pid`.
@@ -142,19 +163,35 @@ pub fn assert_served_hashes_match(agent: &AgentProcess, vm: &Vm) {
     let ram_pages = truth.len() - CODE_PAGES;
     let mut served = 0;
     for (index, (record, expected)) in records.iter().zip(&truth).enumerate() {
-        let gpa = if index < ram_pages { index as u64 * 4096 } else { CODE_GPA + (index - ram_pages) as u64 * 4096 };
+        let gpa = if index < ram_pages {
+            index as u64 * 4096
+        } else {
+            CODE_GPA + (index - ram_pages) as u64 * 4096
+        };
         assert_eq!(record.gpa, gpa);
-        if record.state == agent::api::wire::state::CLEAN || record.state == agent::api::wire::state::UNVERIFIED {
+        if record.state == agent::api::wire::state::CLEAN
+            || record.state == agent::api::wire::state::UNVERIFIED
+        {
             served += 1;
             assert_eq!(
                 &record.hash, expected,
                 "page {index} served (state {}) with a hash that is not its content",
                 record.state
             );
-            assert_eq!(record.zero == 1, *expected == zero, "page {index} zero flag");
+            assert_eq!(
+                record.zero == 1,
+                *expected == zero,
+                "page {index} zero flag"
+            );
         } else {
-            assert_eq!(record.hash, [0; 32], "page {index}: no hash for unknown or dirty pages");
+            assert_eq!(
+                record.hash, [0; 32],
+                "page {index}: no hash for unknown or dirty pages"
+            );
         }
     }
-    eprintln!("{served}/{} served hashes match the VMM's memory", records.len());
+    eprintln!(
+        "{served}/{} served hashes match the VMM's memory",
+        records.len()
+    );
 }

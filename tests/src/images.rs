@@ -27,7 +27,11 @@ pub struct FleetLayout {
 
 impl Default for FleetLayout {
     fn default() -> Self {
-        Self { os_pct: 40, library_pct: 20, zero_pct: 20 }
+        Self {
+            os_pct: 40,
+            library_pct: 20,
+            zero_pct: 20,
+        }
     }
 }
 
@@ -53,12 +57,18 @@ pub fn fleet_image(vm: usize, pages: usize, layout: FleetLayout) -> Vec<u8> {
             // A few OS pages repeat inside the image too.
             Some(1_000_000 + (index % (os_end.max(1) * 9 / 10).max(1)) as u64)
         } else if index < library_end {
-            (vm % 2 == 0).then_some(2_000_000 + index as u64).or(Some(10_000_000 * (vm as u64 + 1) + index as u64))
+            (vm % 2 == 0)
+                .then_some(2_000_000 + index as u64)
+                .or(Some(10_000_000 * (vm as u64 + 1) + index as u64))
         } else if index < zero_end {
             None
         } else {
             // Unique to this VM; every 16th page repeats its neighbour.
-            let base = if index % 16 == 0 && index > zero_end { index - 1 } else { index };
+            let base = if index % 16 == 0 && index > zero_end {
+                index - 1
+            } else {
+                index
+            };
             Some(10_000_000 * (vm as u64 + 1) + base as u64)
         };
         if let Some(id) = content {
@@ -69,7 +79,12 @@ pub fn fleet_image(vm: usize, pages: usize, layout: FleetLayout) -> Vec<u8> {
 }
 
 /// Writes a fleet of `vms` images of `pages` pages into `dir`.
-pub fn write_fleet(dir: &Path, vms: usize, pages: usize, layout: FleetLayout) -> std::io::Result<Vec<PathBuf>> {
+pub fn write_fleet(
+    dir: &Path,
+    vms: usize,
+    pages: usize,
+    layout: FleetLayout,
+) -> std::io::Result<Vec<PathBuf>> {
     (0..vms)
         .map(|vm| {
             let path = dir.join(format!("vm{vm}.img"));
@@ -121,12 +136,17 @@ mod tests {
 
     #[test]
     fn fleet_shares_what_it_says() {
-        let images: Vec<Vec<u8>> = (0..4).map(|vm| fleet_image(vm, 200, FleetLayout::default())).collect();
+        let images: Vec<Vec<u8>> = (0..4)
+            .map(|vm| fleet_image(vm, 200, FleetLayout::default()))
+            .collect();
         let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
         let counts = count_contents(&refs);
         let zero = *blake3::hash(&[0u8; PAGE]).as_bytes();
         assert_eq!(counts[&zero], (160, 4));
-        let shared_by_all = counts.iter().filter(|(h, c)| c.1 == 4 && **h != zero).count();
+        let shared_by_all = counts
+            .iter()
+            .filter(|(h, c)| c.1 == 4 && **h != zero)
+            .count();
         let shared_by_two = counts.values().filter(|c| c.1 == 2).count();
         assert_eq!(shared_by_all, 72); // 80 OS pages, 72 distinct contents
         assert_eq!(shared_by_two, 40);

@@ -20,7 +20,10 @@ pub fn missing() -> Option<String> {
     if !Path::new("/dev/kvm").exists() {
         return Some("/dev/kvm not available".into());
     }
-    let tracefs = ["/sys/kernel/tracing/events/kvm", "/sys/kernel/debug/tracing/events/kvm"];
+    let tracefs = [
+        "/sys/kernel/tracing/events/kvm",
+        "/sys/kernel/debug/tracing/events/kvm",
+    ];
     if !tracefs.iter().any(|p| Path::new(p).is_dir()) {
         return Some("KVM tracepoints not visible (mount tracefs: `cargo xtask setup`)".into());
     }
@@ -33,7 +36,9 @@ pub fn missing() -> Option<String> {
 pub fn check(test: &str) -> bool {
     match missing() {
         None => true,
-        Some(reason) if required() => panic!("{test}: privileged test cannot run ({reason}) but CI requires it"),
+        Some(reason) if required() => {
+            panic!("{test}: privileged test cannot run ({reason}) but CI requires it")
+        }
         Some(reason) => {
             eprintln!("skipped: {test}: {reason}");
             false

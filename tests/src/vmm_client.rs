@@ -49,7 +49,10 @@ pub struct VmmProcess {
 impl VmmProcess {
     pub fn spawn(binary: &Path, args: &VmmArgs) -> anyhow::Result<Self> {
         if args.socket.exists() {
-            bail!("{} exists already: give every VMM its own socket", args.socket.display());
+            bail!(
+                "{} exists already: give every VMM its own socket",
+                args.socket.display()
+            );
         }
         let mut command = Command::new(binary);
         command
@@ -68,8 +71,13 @@ impl VmmProcess {
         if let Some(image) = &args.image {
             command.arg("--image").arg(image);
         }
-        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
-        let mut child = command.spawn().with_context(|| format!("spawning {}", binary.display()))?;
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("spawning {}", binary.display()))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let stream = loop {
             if let Ok(stream) = UnixStream::connect(&args.socket) {
@@ -80,11 +88,17 @@ impl VmmProcess {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!("pagefp-testvmm did not open {} within 30 s", args.socket.display());
+                bail!(
+                    "pagefp-testvmm did not open {} within 30 s",
+                    args.socket.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        Ok(Self { child, stream: Mutex::new(BufReader::new(stream)) })
+        Ok(Self {
+            child,
+            stream: Mutex::new(BufReader::new(stream)),
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -96,7 +110,9 @@ impl VmmProcess {
         let mut stream = self.stream.lock().unwrap();
         writeln!(stream.get_mut(), "{request}").context("writing to the VMM")?;
         let mut line = String::new();
-        stream.read_line(&mut line).context("reading from the VMM")?;
+        stream
+            .read_line(&mut line)
+            .context("reading from the VMM")?;
         if line.is_empty() {
             bail!("the VMM closed its control socket");
         }

@@ -17,14 +17,28 @@ fn lost_events_make_pages_unknown_never_stale() {
     let dir = TempDir::new("pagefp-loss");
     let images = write_fleet(&dir.0, 1, 8192, FleetLayout::default()).unwrap();
     // A ring buffer of one page holds about 60 events.
-    let agent = AgentProcess::start(&AgentOptions { ring_buffer_bytes: Some(4096), ..AgentOptions::default() }).unwrap();
-    let vm = Vm::start(&dir, &images[0], VmOptions { ring_entries: 16384, ..VmOptions::default() });
+    let agent = AgentProcess::start(&AgentOptions {
+        ring_buffer_bytes: Some(4096),
+        ..AgentOptions::default()
+    })
+    .unwrap();
+    let vm = Vm::start(
+        &dir,
+        &images[0],
+        VmOptions {
+            ring_entries: 16384,
+            ..VmOptions::default()
+        },
+    );
     agent.wait_all_clean(vm.pid(), WAIT);
 
     // Thousands of writes at once: the ring buffer overflows.
     vm.random(0, 8192, 5);
     let status = agent.status();
-    assert!(status["registry"]["losses_attributed"].as_u64() > Some(0), "no loss recorded: {status:#}");
+    assert!(
+        status["registry"]["losses_attributed"].as_u64() > Some(0),
+        "no loss recorded: {status:#}"
+    );
     // Whatever the agent serves now is current content, or not served.
     assert_served_hashes_match(&agent, &vm);
 
@@ -48,7 +62,10 @@ fn malformed_requests_and_unknown_vms_get_4xx_with_a_message() {
         ("/v1/nothing", 404),
     ] {
         match agent.get(path) {
-            Err(agent::client::ClientError::Status { status: got, message }) => {
+            Err(agent::client::ClientError::Status {
+                status: got,
+                message,
+            }) => {
                 assert_eq!(got.as_u16(), status, "{path}");
                 assert!(message.len() > 10, "{path}: unhelpful message {message:?}");
             }
@@ -66,7 +83,11 @@ fn malformed_requests_and_unknown_vms_get_4xx_with_a_message() {
     assert_eq!(agent.status()["version"], env!("CARGO_PKG_VERSION"));
     // The socket is root-only.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(&agent.socket).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
     // Metrics answer too, with no VM running.
     assert!(agent.metrics().contains("pagefp_build_info"));

@@ -24,9 +24,16 @@ fn vms_started_before_and_after_the_agent_are_tracked_and_hashes_match() {
     let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
 
     // Started before: listed at once, not tracked until it registers memory.
-    let view = agent.wait_vm(before.pid(), WAIT, "adopted", |v| v["discovery"] == "adopted");
+    let view = agent.wait_vm(before.pid(), WAIT, "adopted", |v| {
+        v["discovery"] == "adopted"
+    });
     assert_eq!(view["pages"], 0, "{view:#}");
-    assert!(view["note"].as_str().unwrap().contains("started before the agent"));
+    assert!(
+        view["note"]
+            .as_str()
+            .unwrap()
+            .contains("started before the agent")
+    );
 
     // Started after: tracked from creation.
     let after = Vm::start(&dir, &images[1], VmOptions::default());
@@ -63,8 +70,15 @@ fn written_pages_are_rehashed_and_only_a_bounded_number_of_others() {
     });
     let hashed = after["stats"]["pages_hashed"].as_u64().unwrap() - hashed_before;
     let rehashed = after["stats"]["pages_rehashed"].as_u64().unwrap();
-    assert_eq!(rehashed, u64::from(K), "every written page rehashed once: {after:#}");
-    assert!(hashed <= u64::from(K) + 16, "{hashed} pages hashed for {K} written");
+    assert_eq!(
+        rehashed,
+        u64::from(K),
+        "every written page rehashed once: {after:#}"
+    );
+    assert!(
+        hashed <= u64::from(K) + 16,
+        "{hashed} pages hashed for {K} written"
+    );
     assert_served_hashes_match(&agent, &vm);
 }
 
@@ -74,7 +88,14 @@ fn a_page_written_again_before_reprotection_is_never_served_stale() {
     let dir = TempDir::new("pagefp-rewrite");
     let images = write_fleet(&dir.0, 1, 1024, FleetLayout::default()).unwrap();
     let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
-    let vm = Vm::start(&dir, &images[0], VmOptions { manual_harvest: true, ..VmOptions::default() });
+    let vm = Vm::start(
+        &dir,
+        &images[0],
+        VmOptions {
+            manual_harvest: true,
+            ..VmOptions::default()
+        },
+    );
     agent.wait_all_clean(vm.pid(), WAIT);
 
     // First write: reported, not re-protected (the VMM does not harvest).
@@ -82,7 +103,10 @@ fn a_page_written_again_before_reprotection_is_never_served_stale() {
     assert_served_hashes_match(&agent, &vm);
     let records = vm_pages(&agent, vm.pid());
     for page in 10..14 {
-        assert_ne!(records[page].state, 1, "page {page} written but served clean");
+        assert_ne!(
+            records[page].state, 1,
+            "page {page} written but served clean"
+        );
     }
     // Second write of the same pages before re-protection: on hardware this
     // raises no event; the page must still not be served with old content.
@@ -105,20 +129,33 @@ fn an_exited_vm_disappears_with_its_counts() {
     agent.wait_all_clean(a.pid(), WAIT);
     agent.wait_all_clean(b.pid(), WAIT);
     let with_both = agent.status()["distinct_contents"].as_u64().unwrap();
-    assert!(!agent.templates()["templates"].as_array().unwrap().is_empty());
+    assert!(
+        !agent.templates()["templates"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 
     let gone = b.pid();
     b.exit();
     let deadline = std::time::Instant::now() + WAIT;
     while agent.vm(gone).is_some() {
-        assert!(std::time::Instant::now() < deadline, "VM {gone} still listed after it exited");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VM {gone} still listed after it exited"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let status = agent.status();
     assert!(status["distinct_contents"].as_u64().unwrap() < with_both);
     assert_eq!(status["vms"], 1);
     // Nothing is shared by two VMs any more.
-    assert!(agent.templates()["templates"].as_array().unwrap().is_empty());
+    assert!(
+        agent.templates()["templates"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]
@@ -128,7 +165,14 @@ fn untracked_vms_are_rescanned_and_served_unverified() {
     let images = write_fleet(&dir.0, 2, 1024, FleetLayout::default()).unwrap();
     let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
     for (image, mode) in images.iter().zip(["none", "bitmap"]) {
-        let vm = Vm::start(&dir, image, VmOptions { dirty: mode, ..VmOptions::default() });
+        let vm = Vm::start(
+            &dir,
+            image,
+            VmOptions {
+                dirty: mode,
+                ..VmOptions::default()
+            },
+        );
         let view = agent.wait_vm(vm.pid(), WAIT, "rescanned", |v| {
             v["unverified"].as_u64() == Some(1024) && v["clean"].as_u64() == Some(CODE_PAGES as u64)
         });

@@ -17,7 +17,10 @@ fn four_vms_counts_and_catalog_equal_the_ground_truth() {
     let dir = TempDir::new("pagefp-templates");
     let images = write_fleet(&dir.0, 4, PAGES, FleetLayout::default()).unwrap();
     let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
-    let vms: Vec<Vm> = images.iter().map(|image| Vm::start(&dir, image, VmOptions::default())).collect();
+    let vms: Vec<Vm> = images
+        .iter()
+        .map(|image| Vm::start(&dir, image, VmOptions::default()))
+        .collect();
     for vm in &vms {
         agent.wait_all_clean(vm.pid(), Duration::from_secs(60));
     }
@@ -33,7 +36,11 @@ fn four_vms_counts_and_catalog_equal_the_ground_truth() {
     let refs: Vec<&[u8]> = memories.iter().map(Vec::as_slice).collect();
     let counts = count_contents(&refs);
     let status = agent.status();
-    assert_eq!(status["distinct_contents"].as_u64(), Some(counts.len() as u64), "{status:#}");
+    assert_eq!(
+        status["distinct_contents"].as_u64(),
+        Some(counts.len() as u64),
+        "{status:#}"
+    );
 
     let expected = expected_templates(&counts, 2, usize::MAX);
     let catalog = agent.templates();
@@ -41,7 +48,13 @@ fn four_vms_counts_and_catalog_equal_the_ground_truth() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| (t["hash"].as_str().unwrap().to_string(), t["pages"].as_u64().unwrap(), t["vms"].as_u64().unwrap()))
+        .map(|t| {
+            (
+                t["hash"].as_str().unwrap().to_string(),
+                t["pages"].as_u64().unwrap(),
+                t["vms"].as_u64().unwrap(),
+            )
+        })
         .collect();
     let expected: Vec<(String, u64, u64)> = expected
         .iter()
@@ -63,6 +76,10 @@ fn four_vms_counts_and_catalog_equal_the_ground_truth() {
                 served.iter().any(|(h, _, _)| *h == hash)
             })
             .count();
-        assert_eq!(view["template_pages"].as_u64(), Some(expected_pages as u64), "VM {i}");
+        assert_eq!(
+            view["template_pages"].as_u64(),
+            Some(expected_pages as u64),
+            "VM {i}"
+        );
     }
 }

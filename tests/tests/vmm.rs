@@ -20,7 +20,10 @@ fn every_op_writes_exactly_its_pages() {
     require_privileged!("every_op_writes_exactly_its_pages");
     let dir = TempDir::new("pagefp-vmm-ops");
     let images = write_fleet(&dir.0, 1, 256, FleetLayout::default()).unwrap();
-    let mut expected: Vec<Vec<u8>> = fleet_image(0, 256, FleetLayout::default()).chunks(4096).map(<[u8]>::to_vec).collect();
+    let mut expected: Vec<Vec<u8>> = fleet_image(0, 256, FleetLayout::default())
+        .chunks(4096)
+        .map(<[u8]>::to_vec)
+        .collect();
     let vm = Vm::start(&dir, &images[0], VmOptions::default());
     let pool = random_pool();
 
@@ -60,14 +63,43 @@ fn dirty_logging_sees_every_written_page() {
     let dir = TempDir::new("pagefp-vmm-dirty");
     let images = write_fleet(&dir.0, 1, 4096, FleetLayout::default()).unwrap();
     // A small ring: the VMM must harvest in the middle of the op.
-    let ring = Vm::start(&dir, &images[0], VmOptions { ring_entries: 256, ..VmOptions::default() });
+    let ring = Vm::start(
+        &dir,
+        &images[0],
+        VmOptions {
+            ring_entries: 256,
+            ..VmOptions::default()
+        },
+    );
     let report = ring.touch(0, 3000, 9);
-    assert_eq!(report["harvested"], 3000, "one ring entry per touched page: {report}");
-    let bitmap = Vm::start(&dir, &images[0], VmOptions { dirty: "bitmap", manual_harvest: true, ..VmOptions::default() });
+    assert_eq!(
+        report["harvested"], 3000,
+        "one ring entry per touched page: {report}"
+    );
+    let bitmap = Vm::start(
+        &dir,
+        &images[0],
+        VmOptions {
+            dirty: "bitmap",
+            manual_harvest: true,
+            ..VmOptions::default()
+        },
+    );
     bitmap.touch(100, 50, 1);
     assert_eq!(bitmap.harvest()["harvested"], 50);
-    assert_eq!(bitmap.harvest()["harvested"], 0, "a harvest re-protects what it reported");
-    let none = Vm::start(&dir, &images[0], VmOptions { dirty: "none", ..VmOptions::default() });
+    assert_eq!(
+        bitmap.harvest()["harvested"],
+        0,
+        "a harvest re-protects what it reported"
+    );
+    let none = Vm::start(
+        &dir,
+        &images[0],
+        VmOptions {
+            dirty: "none",
+            ..VmOptions::default()
+        },
+    );
     assert_eq!(none.touch(0, 10, 1)["harvested"], 0);
 }
 
@@ -96,13 +128,23 @@ fn bad_requests_are_refused_and_the_vmm_keeps_serving() {
     ] {
         let answer = vmm.request(&bad).unwrap();
         assert_eq!(answer["ok"], false, "{bad} was accepted");
-        assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "{bad}: {answer}");
+        assert!(
+            answer["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{bad}: {answer}"
+        );
     }
     let info = vmm.request(&json!({"cmd": "info"})).unwrap();
     assert_eq!(info["pages"], 256);
     // An image larger than RAM is refused at start with a clear message.
     let big = dir.0.join("big.img");
     std::fs::write(&big, vec![1u8; 2 << 20]).unwrap();
-    let refused = VmmProcess::spawn(&testvmm_binary(), &VmmArgs { image: Some(big), socket: dir.0.join("b.sock"), ..args });
+    let refused = VmmProcess::spawn(
+        &testvmm_binary(),
+        &VmmArgs {
+            image: Some(big),
+            socket: dir.0.join("b.sock"),
+            ..args
+        },
+    );
     assert!(refused.is_err());
 }

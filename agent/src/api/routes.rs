@@ -6,8 +6,8 @@ use std::{
     time::Instant,
 };
 
-use hyper::{Response, StatusCode, body::Bytes, header};
 use http_body_util::Full;
+use hyper::{Response, StatusCode, body::Bytes, header};
 use serde::Serialize;
 
 use super::{
@@ -47,7 +47,16 @@ impl AppState {
         tracker: Arc<TrackerStats>,
         policy: SelectionPolicy,
     ) -> Self {
-        Self { registry, pool, sync, sources, tracker, policy, started: Instant::now(), catalog: Mutex::new(None) }
+        Self {
+            registry,
+            pool,
+            sync,
+            sources,
+            tracker,
+            policy,
+            started: Instant::now(),
+            catalog: Mutex::new(None),
+        }
     }
 
     /// The template catalog, selected again when contents changed.
@@ -84,7 +93,10 @@ fn json<T: Serialize>(value: &T) -> ApiResponse {
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .unwrap(),
-        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("encoding the answer failed: {err}")),
+        Err(err) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("encoding the answer failed: {err}"),
+        ),
     }
 }
 
@@ -107,7 +119,10 @@ struct Query {
 }
 
 fn parse_query(query: Option<&str>) -> Result<Query, String> {
-    let mut parsed = Query { format: None, limit: None };
+    let mut parsed = Query {
+        format: None,
+        limit: None,
+    };
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
@@ -115,20 +130,37 @@ fn parse_query(query: Option<&str>) -> Result<Query, String> {
                 parsed.format = Some(match value {
                     "json" => Format::Json,
                     "bin" | "binary" => Format::Binary,
-                    other => return Err(format!("unknown format `{other}`: use format=json or format=bin")),
+                    other => {
+                        return Err(format!(
+                            "unknown format `{other}`: use format=json or format=bin"
+                        ));
+                    }
                 })
             }
             "limit" => {
-                parsed.limit = Some(value.parse().map_err(|_| format!("limit must be a whole number, not `{value}`"))?)
+                parsed.limit = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("limit must be a whole number, not `{value}`"))?,
+                )
             }
-            other => return Err(format!("unknown query parameter `{other}` (known: format, limit)")),
+            other => {
+                return Err(format!(
+                    "unknown query parameter `{other}` (known: format, limit)"
+                ));
+            }
         }
     }
     Ok(parsed)
 }
 
 /// Answers one request. Blocking: call from a blocking context.
-pub fn handle(state: &AppState, method: &hyper::Method, path: &str, query: Option<&str>) -> ApiResponse {
+pub fn handle(
+    state: &AppState,
+    method: &hyper::Method,
+    path: &str,
+    query: Option<&str>,
+) -> ApiResponse {
     if method != hyper::Method::GET {
         return error(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
     }
@@ -151,17 +183,27 @@ pub fn handle(state: &AppState, method: &hyper::Method, path: &str, query: Optio
         ["v1", "templates"] => templates(state, query.format.unwrap_or(Format::Json), query.limit),
         _ => error(
             StatusCode::NOT_FOUND,
-            &format!("no such endpoint `{path}`: try /v1/status, /v1/vms, /v1/vms/PID, /v1/vms/PID/hashes, /v1/templates"),
+            &format!(
+                "no such endpoint `{path}`: try /v1/status, /v1/vms, /v1/vms/PID, /v1/vms/PID/hashes, /v1/templates"
+            ),
         ),
     }
 }
 
 fn parse_pid(text: &str) -> Result<u32, ApiResponse> {
-    text.parse().map_err(|_| error(StatusCode::BAD_REQUEST, &format!("`{text}` is not a VM id (the VMM's pid)")))
+    text.parse().map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("`{text}` is not a VM id (the VMM's pid)"),
+        )
+    })
 }
 
 fn unknown_vm(pid: u32) -> ApiResponse {
-    error(StatusCode::NOT_FOUND, &format!("no VM with pid {pid} is known: see GET /v1/vms"))
+    error(
+        StatusCode::NOT_FOUND,
+        &format!("no VM with pid {pid} is known: see GET /v1/vms"),
+    )
 }
 
 #[derive(Serialize)]
@@ -191,8 +233,15 @@ fn status(state: &AppState) -> ApiResponse {
         templates: catalog.templates.len(),
         template_bytes: catalog.bytes(),
         hash_jobs_pending: state.pool.as_ref().map_or(0, |p| p.pending()),
-        hashing: state.pool.as_ref().map(|p| p.stats.view()).unwrap_or_default(),
-        events: state.tracker.events.load(std::sync::atomic::Ordering::Relaxed),
+        hashing: state
+            .pool
+            .as_ref()
+            .map(|p| p.stats.view())
+            .unwrap_or_default(),
+        events: state
+            .tracker
+            .events
+            .load(std::sync::atomic::Ordering::Relaxed),
         registry: registry.stats.clone(),
     })
 }
@@ -200,7 +249,10 @@ fn status(state: &AppState) -> ApiResponse {
 fn vms(state: &AppState) -> ApiResponse {
     let registry = state.registry.lock().unwrap();
     let catalog = state.catalog(&registry);
-    let views: Vec<VmView> = registry.vms().map(|vm| vm_view(&registry, vm, &catalog)).collect();
+    let views: Vec<VmView> = registry
+        .vms()
+        .map(|vm| vm_view(&registry, vm, &catalog))
+        .collect();
     json(&views)
 }
 
@@ -228,14 +280,20 @@ fn hashes(state: &AppState, pid: u32, format: Format) -> ApiResponse {
     }
     let taken_ns = monotonic_ns();
     let registry = state.registry.lock().unwrap();
-    let Some(vm) = registry.vm(pid) else { return unknown_vm(pid) };
+    let Some(vm) = registry.vm(pid) else {
+        return unknown_vm(pid);
+    };
     let zero = zero_page_hash();
     let mut records = Vec::with_capacity(vm.page_count());
     for slot in vm.slots.values() {
         for (index, page) in slot.pages.iter().enumerate() {
             let page_state = page.state();
             let known = matches!(page_state, PageState::Clean | PageState::Unverified);
-            let hash = if known { registry.contents.get(page.content).hash } else { [0; 32] };
+            let hash = if known {
+                registry.contents.get(page.content).hash
+            } else {
+                [0; 32]
+            };
             records.push(PageRecord {
                 gpa: slot.gpa + (index * PAGE_SIZE) as u64,
                 hash,
@@ -264,7 +322,8 @@ fn hashes(state: &AppState, pid: u32, format: Format) -> ApiResponse {
                         _ => PageState::Unknown,
                     },
                     zero: r.zero == 1,
-                    hash: matches!(r.state, state::CLEAN | state::UNVERIFIED).then(|| super::hex(&r.hash)),
+                    hash: matches!(r.state, state::CLEAN | state::UNVERIFIED)
+                        .then(|| super::hex(&r.hash)),
                 })
                 .collect();
             json(&pages)
@@ -278,7 +337,9 @@ fn hashes(state: &AppState, pid: u32, format: Format) -> ApiResponse {
                 count: records.len() as u64,
                 taken_ns,
             };
-            let mut body = Vec::with_capacity(size_of::<HashListHeader>() + records.len() * size_of::<PageRecord>());
+            let mut body = Vec::with_capacity(
+                size_of::<HashListHeader>() + records.len() * size_of::<PageRecord>(),
+            );
             body.extend_from_slice(bytemuck::bytes_of(&header));
             body.extend_from_slice(bytemuck::cast_slice(&records));
             binary(body)
@@ -320,7 +381,10 @@ mod tests {
             None,
             Sources::default(),
             Arc::default(),
-            SelectionPolicy { min_vms: 2, budget_bytes: 1 << 20 },
+            SelectionPolicy {
+                min_vms: 2,
+                budget_bytes: 1 << 20,
+            },
         )
     }
 
@@ -330,8 +394,18 @@ mod tests {
     }
 
     fn futures_body(response: ApiResponse) -> Vec<u8> {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(async { response.into_body().collect().await.unwrap().to_bytes().to_vec() })
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            response
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec()
+        })
     }
 
     #[test]
@@ -339,21 +413,49 @@ mod tests {
         let state = state();
         let get = hyper::Method::GET;
         let cases = [
-            (hyper::Method::POST, "/v1/vms", None, StatusCode::METHOD_NOT_ALLOWED),
+            (
+                hyper::Method::POST,
+                "/v1/vms",
+                None,
+                StatusCode::METHOD_NOT_ALLOWED,
+            ),
             (get.clone(), "/v2/nothing", None, StatusCode::NOT_FOUND),
             (get.clone(), "/v1/vms/abc", None, StatusCode::BAD_REQUEST),
             (get.clone(), "/v1/vms/424242", None, StatusCode::NOT_FOUND),
-            (get.clone(), "/v1/vms/424242/hashes", None, StatusCode::NOT_FOUND),
-            (get.clone(), "/v1/templates", Some("format=xml"), StatusCode::BAD_REQUEST),
-            (get.clone(), "/v1/templates", Some("limit=-1"), StatusCode::BAD_REQUEST),
-            (get.clone(), "/v1/templates", Some("colour=red"), StatusCode::BAD_REQUEST),
+            (
+                get.clone(),
+                "/v1/vms/424242/hashes",
+                None,
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                get.clone(),
+                "/v1/templates",
+                Some("format=xml"),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                get.clone(),
+                "/v1/templates",
+                Some("limit=-1"),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                get.clone(),
+                "/v1/templates",
+                Some("colour=red"),
+                StatusCode::BAD_REQUEST,
+            ),
         ];
         for (method, path, query, expected) in cases {
             let response = handle(&state, &method, path, query);
             assert_eq!(response.status(), expected, "{method} {path}");
             let text = body(response);
             let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
-            assert!(parsed["error"].as_str().is_some_and(|m| m.len() > 10), "{text}");
+            assert!(
+                parsed["error"].as_str().is_some_and(|m| m.len() > 10),
+                "{text}"
+            );
         }
     }
 
@@ -363,7 +465,12 @@ mod tests {
         let response = handle(&state, &hyper::Method::GET, "/v1/vms", None);
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(body(response).trim(), "[]");
-        let response = handle(&state, &hyper::Method::GET, "/v1/templates", Some("format=bin"));
+        let response = handle(
+            &state,
+            &hyper::Method::GET,
+            "/v1/templates",
+            Some("format=bin"),
+        );
         assert!(futures_body(response).is_empty());
     }
 }

@@ -11,7 +11,7 @@ use hyper::{Request, body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 
-use super::routes::{AppState, ApiResponse, handle};
+use super::routes::{ApiResponse, AppState, handle};
 
 /// Binds the socket (replacing a stale one), mode 0600.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
@@ -25,9 +25,11 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
                 path.display()
             );
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding API socket {}", path.display()))?;
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding API socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {} to root", path.display()))?;
     Ok(listener)
@@ -52,13 +54,23 @@ pub async fn serve(listener: UnixListener, state: Arc<AppState>, path: PathBuf) 
                     let method = request.method().clone();
                     let path = request.uri().path().to_string();
                     let query = request.uri().query().map(str::to_string);
-                    let response: ApiResponse = tokio::task::spawn_blocking(move || handle(&state, &method, &path, query.as_deref()))
-                        .await
-                        .unwrap_or_else(|err| super::routes::error(hyper::StatusCode::INTERNAL_SERVER_ERROR, &format!("handler failed: {err}")));
+                    let response: ApiResponse = tokio::task::spawn_blocking(move || {
+                        handle(&state, &method, &path, query.as_deref())
+                    })
+                    .await
+                    .unwrap_or_else(|err| {
+                        super::routes::error(
+                            hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                            &format!("handler failed: {err}"),
+                        )
+                    });
                     Ok::<_, std::convert::Infallible>(response)
                 }
             });
-            if let Err(err) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(err) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 log::debug!("API connection ended: {err}");
             }
         });

@@ -70,7 +70,13 @@ pub fn vm_view(registry: &Registry, vm: &Vm, catalog: &Catalog) -> VmView {
         Tracking::Syncing => 1,
         Tracking::Untracked => 2,
     });
-    let pct = |n: u64| if pages == 0 { 0.0 } else { 100.0 * n as f64 / pages as f64 };
+    let pct = |n: u64| {
+        if pages == 0 {
+            0.0
+        } else {
+            100.0 * n as f64 / pages as f64
+        }
+    };
     VmView {
         pid: vm.pid,
         comm: vm.comm.clone(),

@@ -55,9 +55,16 @@ pub fn parse_hash_list(bytes: &[u8]) -> Result<(HashListHeader, Vec<PageRecord>)
     }
     let body = &bytes[header_len..];
     if body.len() as u64 != header.count * size_of::<PageRecord>() as u64 {
-        return Err(format!("hash list body has {} bytes for {} records", body.len(), header.count));
+        return Err(format!(
+            "hash list body has {} bytes for {} records",
+            body.len(),
+            header.count
+        ));
     }
-    let records = body.chunks_exact(size_of::<PageRecord>()).map(bytemuck::pod_read_unaligned).collect();
+    let records = body
+        .chunks_exact(size_of::<PageRecord>())
+        .map(bytemuck::pod_read_unaligned)
+        .collect();
     Ok((header, records))
 }
 
@@ -77,7 +84,13 @@ mod tests {
             count: 1,
             taken_ns: 5,
         };
-        let record = PageRecord { gpa: 4096, hash: [7; 32], state: state::CLEAN, zero: 0, _pad: [0; 6] };
+        let record = PageRecord {
+            gpa: 4096,
+            hash: [7; 32],
+            state: state::CLEAN,
+            zero: 0,
+            _pad: [0; 6],
+        };
         let mut bytes = bytemuck::bytes_of(&header).to_vec();
         bytes.extend_from_slice(bytemuck::bytes_of(&record));
         assert_eq!(parse_hash_list(&bytes).unwrap(), (header, vec![record]));

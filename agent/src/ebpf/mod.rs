@@ -21,8 +21,13 @@ pub enum EbpfError {
     #[error(
         "tracepoint {tracepoint} is missing ({source}): load KVM (`modprobe kvm_intel` or `kvm_amd`) and make sure the kernel has CONFIG_FTRACE_SYSCALLS"
     )]
-    MissingTracepoint { tracepoint: String, source: std::io::Error },
-    #[error("tracepoint {tracepoint} has no field `{field}`: this kernel's KVM is too old or too new for pagefp")]
+    MissingTracepoint {
+        tracepoint: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "tracepoint {tracepoint} has no field `{field}`: this kernel's KVM is too old or too new for pagefp"
+    )]
     MissingField { tracepoint: String, field: String },
     #[error(
         "loading the eBPF programs failed: {0}. pagefp needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN) and a kernel with BPF ring buffers (5.8+)"
@@ -69,7 +74,12 @@ const TRACEPOINTS: [(&str, &str, &str, bool); 6] = [
     ("pagefp_ioctl_enter", "syscalls", "sys_enter_ioctl", true),
     ("pagefp_ioctl_exit", "syscalls", "sys_exit_ioctl", true),
     ("pagefp_dirty_ring_push", "kvm", "kvm_dirty_ring_push", true),
-    ("pagefp_dirty_ring_reset", "kvm", "kvm_dirty_ring_reset", true),
+    (
+        "pagefp_dirty_ring_reset",
+        "kvm",
+        "kvm_dirty_ring_reset",
+        true,
+    ),
     ("pagefp_process_exit", "sched", "sched_process_exit", true),
     ("pagefp_write_fault", "kvm", "kvm_page_fault", false),
 ];
@@ -80,7 +90,10 @@ impl Probes {
     pub fn attach(ring_bytes: u32) -> Result<Self, EbpfError> {
         let root = tracefs::tracefs_root()?;
         let offsets: TraceOffsets = tracefs::read_offsets(&root)?;
-        let mut ebpf = EbpfLoader::new().map_max_entries("EVENTS", ring_bytes).load(EBPF_OBJECT).map_err(EbpfError::Load)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("EVENTS", ring_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(EbpfError::Load)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
             Err(err) => {
@@ -90,8 +103,11 @@ impl Probes {
         };
         {
             let map = ebpf.map_mut("CONFIG").expect("CONFIG map is in the object");
-            let mut config: Array<_, TraceOffsets> = Array::try_from(map).map_err(|e| EbpfError::Map("CONFIG", e))?;
-            config.set(0, offsets, 0).map_err(|e| EbpfError::Map("CONFIG", e))?;
+            let mut config: Array<_, TraceOffsets> =
+                Array::try_from(map).map_err(|e| EbpfError::Map("CONFIG", e))?;
+            config
+                .set(0, offsets, 0)
+                .map_err(|e| EbpfError::Map("CONFIG", e))?;
         }
         let mut sources = Sources::default();
         for (program, group, name, required) in TRACEPOINTS {
@@ -102,9 +118,19 @@ impl Probes {
                 .expect("program is a tracepoint");
             let attached = tracepoint
                 .load()
-                .map_err(|source| EbpfError::Program { program, action: "loaded", source })
+                .map_err(|source| EbpfError::Program {
+                    program,
+                    action: "loaded",
+                    source,
+                })
                 .and_then(|()| {
-                    tracepoint.attach(group, name).map_err(|source| EbpfError::Program { program, action: "attached", source })
+                    tracepoint
+                        .attach(group, name)
+                        .map_err(|source| EbpfError::Program {
+                            program,
+                            action: "attached",
+                            source,
+                        })
                 });
             match attached {
                 Ok(_) => sources.attached.push(format!("tracepoint/{group}/{name}")),
@@ -112,11 +138,16 @@ impl Probes {
                 Err(err) => return Err(err),
             }
         }
-        sources.write_faults = sources.attached.iter().any(|a| a.ends_with("kvm_page_fault"));
+        sources.write_faults = sources
+            .attached
+            .iter()
+            .any(|a| a.ends_with("kvm_page_fault"));
         match attach_fentry(&mut ebpf) {
             Ok(()) => {
                 sources.fentry = true;
-                sources.attached.push("fentry/mark_page_dirty_in_slot".into());
+                sources
+                    .attached
+                    .push("fentry/mark_page_dirty_in_slot".into());
             }
             Err(err) => {
                 log::info!(
@@ -125,12 +156,26 @@ impl Probes {
                 sources.fentry_error = Some(err);
             }
         }
-        let events = RingBuf::try_from(ebpf.take_map("EVENTS").expect("EVENTS map")).map_err(|e| EbpfError::Map("EVENTS", e))?;
-        let losses = HashMap::try_from(ebpf.take_map("LOSSES").expect("LOSSES map")).map_err(|e| EbpfError::Map("LOSSES", e))?;
-        let unattributed = Array::try_from(ebpf.take_map("UNATTRIBUTED_LOSSES").expect("UNATTRIBUTED_LOSSES map"))
-            .map_err(|e| EbpfError::Map("UNATTRIBUTED_LOSSES", e))?;
-        let vm_pids = HashMap::try_from(ebpf.take_map("VM_PIDS").expect("VM_PIDS map")).map_err(|e| EbpfError::Map("VM_PIDS", e))?;
-        Ok(Self { _ebpf: ebpf, events, losses, unattributed, vm_pids, logger, sources })
+        let events = RingBuf::try_from(ebpf.take_map("EVENTS").expect("EVENTS map"))
+            .map_err(|e| EbpfError::Map("EVENTS", e))?;
+        let losses = HashMap::try_from(ebpf.take_map("LOSSES").expect("LOSSES map"))
+            .map_err(|e| EbpfError::Map("LOSSES", e))?;
+        let unattributed = Array::try_from(
+            ebpf.take_map("UNATTRIBUTED_LOSSES")
+                .expect("UNATTRIBUTED_LOSSES map"),
+        )
+        .map_err(|e| EbpfError::Map("UNATTRIBUTED_LOSSES", e))?;
+        let vm_pids = HashMap::try_from(ebpf.take_map("VM_PIDS").expect("VM_PIDS map"))
+            .map_err(|e| EbpfError::Map("VM_PIDS", e))?;
+        Ok(Self {
+            _ebpf: ebpf,
+            events,
+            losses,
+            unattributed,
+            vm_pids,
+            logger,
+            sources,
+        })
     }
 
     /// Reads every event waiting in the ring buffer.
@@ -157,7 +202,11 @@ fn attach_fentry(ebpf: &mut Ebpf) -> Result<(), String> {
         .ok_or("program missing")?
         .try_into()
         .map_err(|e| format!("{e}"))?;
-    program.load("mark_page_dirty_in_slot", &btf).map_err(|e| format!("load refused: {e}"))?;
-    program.attach().map_err(|e| format!("attach refused: {e}"))?;
+    program
+        .load("mark_page_dirty_in_slot", &btf)
+        .map_err(|e| format!("load refused: {e}"))?;
+    program
+        .attach()
+        .map_err(|e| format!("attach refused: {e}"))?;
     Ok(())
 }

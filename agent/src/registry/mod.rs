@@ -24,7 +24,10 @@ use crate::content::{ContentTable, PageHash};
 /// Which pages a hash job covers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobPages {
-    Range { first: u32, count: u32 },
+    Range {
+        first: u32,
+        count: u32,
+    },
     /// (page, generation): pages written and re-protected; each is hashed
     /// only if it was not written again since (then a newer job has it).
     List(Vec<(u32, u32)>),
@@ -120,7 +123,10 @@ fn event_name(kind: u32) -> &'static str {
 
 impl Registry {
     pub fn new(fentry_active: bool) -> Self {
-        Self { fentry_active, ..Self::default() }
+        Self {
+            fentry_active,
+            ..Self::default()
+        }
     }
 
     pub fn vms(&self) -> impl Iterator<Item = &Vm> {
@@ -143,9 +149,14 @@ impl Registry {
             let mut vm = Vm::new(
                 pid,
                 Discovery::Adopted,
-                SyncState::Unsynced { since_ns: now_ns, barrier: None },
+                SyncState::Unsynced {
+                    since_ns: now_ns,
+                    barrier: None,
+                },
             );
-            vm.note = Some("started before the agent: waiting for its next memory-slot registration".into());
+            vm.note = Some(
+                "started before the agent: waiting for its next memory-slot registration".into(),
+            );
             vm
         });
     }
@@ -173,7 +184,9 @@ impl Registry {
                     kind::CAP_ENABLED => cap_enabled(vm, event),
                     kind::DIRTY_RING_PUSH => self.ring_push(event),
                     kind::DIRTY_RING_RESET => self.ring_reset(event),
-                    kind::RESET_RINGS_BEGIN => vm.reset_batch = Some((event.ktime_ns, HashMap::new())),
+                    kind::RESET_RINGS_BEGIN => {
+                        vm.reset_batch = Some((event.ktime_ns, HashMap::new()))
+                    }
                     kind::RESET_RINGS_END => self.reset_batch_end(event.pid),
                     kind::DIRTY_LOG_GET => self.dirty_log_get(event),
                     kind::DIRTY_GFN => self.dirty_gfn(event),
@@ -196,10 +209,16 @@ impl Registry {
             None => self.stats.losses_unattributed += 1,
         }
         for pid in pids {
-            let Some(vm) = self.vms.get_mut(&pid) else { continue };
+            let Some(vm) = self.vms.get_mut(&pid) else {
+                continue;
+            };
             vm.stats.losses += 1;
-            vm.sync = SyncState::Unsynced { since_ns, barrier: None };
-            vm.note = Some("events were lost: pages unknown until the dirty rings are reset".into());
+            vm.sync = SyncState::Unsynced {
+                since_ns,
+                barrier: None,
+            };
+            vm.note =
+                Some("events were lost: pages unknown until the dirty rings are reset".into());
             for slot in vm.slots.values_mut() {
                 for page in &mut slot.pages {
                     if page.state() != PageState::Dirty {
@@ -253,7 +272,10 @@ impl Registry {
                 "the process created another VM (fd {}): only one VM per process is tracked",
                 event.fd
             ));
-            vm.sync = SyncState::Unsynced { since_ns: u64::MAX, barrier: None };
+            vm.sync = SyncState::Unsynced {
+                since_ns: u64::MAX,
+                barrier: None,
+            };
             return;
         }
         self.remove_vm(event.pid);
@@ -336,7 +358,9 @@ impl Registry {
     /// Queues every page of a slot that wants a hash, if the slot is tracked.
     fn queue_full_pass(&mut self, pid: u32, slot_id: u32) {
         let vm = &self.vms[&pid];
-        let Some(slot) = vm.slots.get(&slot_id) else { return };
+        let Some(slot) = vm.slots.get(&slot_id) else {
+            return;
+        };
         if self.tracking(vm, slot) != Tracking::Tracked {
             return;
         }
@@ -344,7 +368,10 @@ impl Registry {
             pid,
             slot: slot_id,
             epoch: slot.epoch,
-            pages: JobPages::Range { first: 0, count: slot.pages.len() as u32 },
+            pages: JobPages::Range {
+                first: 0,
+                count: slot.pages.len() as u32,
+            },
             purpose: Purpose::Track,
         });
     }
@@ -352,22 +379,32 @@ impl Registry {
     fn ring_push(&mut self, event: &Event) {
         let vm = self.vms.get_mut(&event.pid).unwrap();
         vm.stats.dirty_events += 1;
-        if vm.dirty_mode == DirtyMode::Unknown || matches!(vm.dirty_mode, DirtyMode::Bitmap { .. }) {
+        if vm.dirty_mode == DirtyMode::Unknown || matches!(vm.dirty_mode, DirtyMode::Bitmap { .. })
+        {
             vm.dirty_mode = DirtyMode::Ring;
         }
         let ring = vm.rings.entry(event.ring).or_default();
         let page_index = event.addr as u32;
         let Some(slot) = vm.slots.get_mut(&event.slot) else {
             // Unknown slot (adopted VM): remember it for when the slot appears.
-            ring.pending.push_back(PendingEntry { entry: event.seq, slot: event.slot, page: page_index, generation: u32::MAX });
+            ring.pending.push_back(PendingEntry {
+                entry: event.seq,
+                slot: event.slot,
+                page: page_index,
+                generation: u32::MAX,
+            });
             return;
         };
-        let Some(page) = slot.pages.get_mut(page_index as usize) else { return };
+        let Some(page) = slot.pages.get_mut(page_index as usize) else {
+            return;
+        };
         if page.content != pages::NO_CONTENT {
             self.contents.remove_page(&mut vm.counts, page.content);
             page.content = pages::NO_CONTENT;
         }
-        let already_reset = ring.last_reset.is_some_and(|reset| entry_before(event.seq, reset));
+        let already_reset = ring
+            .last_reset
+            .is_some_and(|reset| entry_before(event.seq, reset));
         if already_reset {
             // The reset overtook this event on another CPU: the page is
             // write-protected again already.
@@ -376,7 +413,12 @@ impl Registry {
             self.queue_pages(event.pid, event.slot, epoch, vec![(page_index, generation)]);
         } else {
             let generation = page.bump(PageState::Dirty);
-            ring.pending.push_back(PendingEntry { entry: event.seq, slot: event.slot, page: page_index, generation });
+            ring.pending.push_back(PendingEntry {
+                entry: event.seq,
+                slot: event.slot,
+                page: page_index,
+                generation,
+            });
         }
     }
 
@@ -397,11 +439,18 @@ impl Registry {
                 break;
             }
             let pending = ring.pending.pop_front().unwrap();
-            let Some(slot) = vm.slots.get_mut(&pending.slot) else { continue };
-            let Some(page) = slot.pages.get_mut(pending.page as usize) else { continue };
+            let Some(slot) = vm.slots.get_mut(&pending.slot) else {
+                continue;
+            };
+            let Some(page) = slot.pages.get_mut(pending.page as usize) else {
+                continue;
+            };
             if page.generation() == pending.generation && page.state() == PageState::Dirty {
                 page.set_state(PageState::Queued);
-                ready.entry(pending.slot).or_default().push((pending.page, pending.generation));
+                ready
+                    .entry(pending.slot)
+                    .or_default()
+                    .push((pending.page, pending.generation));
             }
         }
         let epochs: Vec<u64> = ready.keys().map(|id| vm.slots[id].epoch).collect();
@@ -416,18 +465,32 @@ impl Registry {
         if self.tracking(vm, slot) != Tracking::Tracked {
             return;
         }
-        self.jobs.push(HashJob { pid, slot: slot_id, epoch, pages: JobPages::List(pages), purpose: Purpose::Track });
+        self.jobs.push(HashJob {
+            pid,
+            slot: slot_id,
+            epoch,
+            pages: JobPages::List(pages),
+            purpose: Purpose::Track,
+        });
     }
 
     fn reset_batch_end(&mut self, pid: u32) {
         let vm = self.vms.get_mut(&pid).unwrap();
-        let Some((begin_ns, batch)) = vm.reset_batch.take() else { return };
-        let SyncState::Unsynced { since_ns, barrier } = &mut vm.sync else { return };
+        let Some((begin_ns, batch)) = vm.reset_batch.take() else {
+            return;
+        };
+        let SyncState::Unsynced { since_ns, barrier } = &mut vm.sync else {
+            return;
+        };
         if begin_ns <= *since_ns {
             return;
         }
         let barrier = barrier.get_or_insert_with(|| {
-            batch.iter().filter(|(_, (reset, dirty))| reset != dirty).map(|(ring, (_, dirty))| (*ring, *dirty)).collect()
+            batch
+                .iter()
+                .filter(|(_, (reset, dirty))| reset != dirty)
+                .map(|(ring, (_, dirty))| (*ring, *dirty))
+                .collect()
         });
         barrier.retain(|ring, needed| match batch.get(ring) {
             Some((reset, _)) => entry_before(*reset, *needed),
@@ -444,7 +507,11 @@ impl Registry {
         let vm = self.vms.get_mut(&pid).unwrap();
         vm.sync = SyncState::Synced;
         vm.stats.resyncs += 1;
-        if vm.note.as_deref().is_some_and(|note| !note.starts_with("the process created")) {
+        if vm
+            .note
+            .as_deref()
+            .is_some_and(|note| !note.starts_with("the process created"))
+        {
             vm.note = None;
         }
         let slots: Vec<u32> = vm.slots.keys().copied().collect();
@@ -456,15 +523,23 @@ impl Registry {
     fn dirty_log_get(&mut self, event: &Event) {
         let vm = self.vms.get_mut(&event.pid).unwrap();
         if vm.dirty_mode == DirtyMode::Unknown {
-            vm.dirty_mode = DirtyMode::Bitmap { manual_protect: false };
+            vm.dirty_mode = DirtyMode::Bitmap {
+                manual_protect: false,
+            };
         }
-        if vm.dirty_mode != (DirtyMode::Bitmap { manual_protect: false }) {
+        if vm.dirty_mode
+            != (DirtyMode::Bitmap {
+                manual_protect: false,
+            })
+        {
             return;
         }
         // KVM_GET_DIRTY_LOG re-protects the slot's dirty pages. Writes reported
         // before the ioctl started are covered; writes during it may not be.
         let enter_ns = event.size;
-        let Some(slot) = vm.slots.get_mut(&event.slot) else { return };
+        let Some(slot) = vm.slots.get_mut(&event.slot) else {
+            return;
+        };
         let mut ready = Vec::new();
         slot.pending_bitmap.retain(|(page, generation, ktime)| {
             if *ktime >= enter_ns {
@@ -480,7 +555,10 @@ impl Registry {
         let epoch = slot.epoch;
         if let SyncState::Unsynced { since_ns, .. } = vm.sync
             && enter_ns > since_ns
-            && vm.dirty_mode == (DirtyMode::Bitmap { manual_protect: false })
+            && vm.dirty_mode
+                == (DirtyMode::Bitmap {
+                    manual_protect: false,
+                })
         {
             // Bitmap mode: one harvest of every slot after the loss resyncs.
             // (Simplification: any harvest after the loss counts.)
@@ -498,7 +576,9 @@ impl Registry {
             return;
         }
         vm.stats.dirty_events += 1;
-        let Some((slot_id, page_index)) = vm.locate_gpa(event.addr << crate::PAGE_SHIFT) else { return };
+        let Some((slot_id, page_index)) = vm.locate_gpa(event.addr << crate::PAGE_SHIFT) else {
+            return;
+        };
         let slot = vm.slots.get_mut(&slot_id).unwrap();
         let page = &mut slot.pages[page_index as usize];
         if page.content != pages::NO_CONTENT {
@@ -506,12 +586,15 @@ impl Registry {
             page.content = pages::NO_CONTENT;
         }
         let generation = page.bump(PageState::Dirty);
-        slot.pending_bitmap.push((page_index, generation, event.ktime_ns));
+        slot.pending_bitmap
+            .push((page_index, generation, event.ktime_ns));
     }
 
     fn write_fault(&mut self, event: &Event) {
         let vm = self.vms.get_mut(&event.pid).unwrap();
-        let Some((slot_id, page_index)) = vm.locate_gpa(event.addr) else { return };
+        let Some((slot_id, page_index)) = vm.locate_gpa(event.addr) else {
+            return;
+        };
         let slot = &vm.slots[&slot_id];
         if slot_tracking(self.fentry_active, vm, slot) == Tracking::Tracked {
             // The dirty log reports this write with its re-protection point.
@@ -543,7 +626,13 @@ impl Registry {
         }
         let share = (budget_pages / candidates.len() as u32).max(1);
         for (pid, slot_id) in candidates {
-            let slot = self.vms.get_mut(&pid).unwrap().slots.get_mut(&slot_id).unwrap();
+            let slot = self
+                .vms
+                .get_mut(&pid)
+                .unwrap()
+                .slots
+                .get_mut(&slot_id)
+                .unwrap();
             let total = slot.pages.len() as u32;
             if total == 0 {
                 continue;
@@ -565,20 +654,32 @@ impl Registry {
     /// What to read for `job`, or `None` if the job is stale.
     pub fn plan(&self, job: &HashJob) -> Option<ReadPlan> {
         let vm = self.vms.get(&job.pid)?;
-        let slot = vm.slots.get(&job.slot).filter(|slot| slot.epoch == job.epoch)?;
+        let slot = vm
+            .slots
+            .get(&job.slot)
+            .filter(|slot| slot.epoch == job.epoch)?;
         let wanted = |page: u32| {
             let entry = slot.pages.get(page as usize)?;
             match job.purpose {
-                Purpose::Track => entry.state().wants_hash().then_some((page, entry.generation())),
-                Purpose::Rescan => (entry.state() != PageState::Dirty).then_some((page, entry.generation())),
+                Purpose::Track => entry
+                    .state()
+                    .wants_hash()
+                    .then_some((page, entry.generation())),
+                Purpose::Rescan => {
+                    (entry.state() != PageState::Dirty).then_some((page, entry.generation()))
+                }
             }
         };
         let pages: Vec<(u32, u32)> = match &job.pages {
-            JobPages::Range { first, count } => (*first..first.saturating_add(*count)).filter_map(wanted).collect(),
+            JobPages::Range { first, count } => (*first..first.saturating_add(*count))
+                .filter_map(wanted)
+                .collect(),
             JobPages::List(list) => list
                 .iter()
                 .filter(|(page, generation)| {
-                    slot.pages.get(*page as usize).is_some_and(|entry| entry.generation() == *generation)
+                    slot.pages
+                        .get(*page as usize)
+                        .is_some_and(|entry| entry.generation() == *generation)
                 })
                 .filter_map(|(page, _)| wanted(*page))
                 .collect(),
@@ -586,15 +687,27 @@ impl Registry {
         if pages.is_empty() {
             return None;
         }
-        Some(ReadPlan { pid: job.pid, uaddr: slot.uaddr, pages })
+        Some(ReadPlan {
+            pid: job.pid,
+            uaddr: slot.uaddr,
+            pages,
+        })
     }
 
     /// Commits hashes read for `plan`; `hashes[i]` belongs to `plan.pages[i]`
     /// (`None`: the page could not be read).
     pub fn commit(&mut self, job: &HashJob, plan: &ReadPlan, hashes: &[Option<PageHash>]) {
-        let Some(vm) = self.vms.get_mut(&job.pid) else { return };
+        let Some(vm) = self.vms.get_mut(&job.pid) else {
+            return;
+        };
         let synced = vm.sync == SyncState::Synced;
-        let Some(slot) = vm.slots.get(&job.slot).filter(|slot| slot.epoch == job.epoch) else { return };
+        let Some(slot) = vm
+            .slots
+            .get(&job.slot)
+            .filter(|slot| slot.epoch == job.epoch)
+        else {
+            return;
+        };
         let tracking = slot_tracking(self.fentry_active, vm, slot);
         let new_state = match (job.purpose, tracking) {
             (Purpose::Track, Tracking::Tracked) if synced => PageState::Clean,
@@ -636,35 +749,38 @@ impl Registry {
 
 /// How the pages of `slot` are kept.
 fn slot_tracking(fentry_active: bool, vm: &Vm, slot: &Slot) -> Tracking {
-        if slot.read_only() {
-            // The guest cannot write it: a page read once stays valid.
-            return match vm.sync {
-                SyncState::Synced => Tracking::Tracked,
-                SyncState::Unsynced { .. } => Tracking::Syncing,
-            };
-        }
-        if !slot.logged() {
-            return Tracking::Untracked;
-        }
-        let reported = match vm.dirty_mode {
-            DirtyMode::Ring => true,
-            DirtyMode::Bitmap { manual_protect } => fentry_active && !manual_protect,
-            DirtyMode::Unknown => return Tracking::Syncing,
+    if slot.read_only() {
+        // The guest cannot write it: a page read once stays valid.
+        return match vm.sync {
+            SyncState::Synced => Tracking::Tracked,
+            SyncState::Unsynced { .. } => Tracking::Syncing,
         };
-        match (reported, &vm.sync) {
-            (false, _) => Tracking::Untracked,
-            (true, SyncState::Synced) => Tracking::Tracked,
-            (true, SyncState::Unsynced { .. }) => Tracking::Syncing,
-        }
     }
-
+    if !slot.logged() {
+        return Tracking::Untracked;
+    }
+    let reported = match vm.dirty_mode {
+        DirtyMode::Ring => true,
+        DirtyMode::Bitmap { manual_protect } => fentry_active && !manual_protect,
+        DirtyMode::Unknown => return Tracking::Syncing,
+    };
+    match (reported, &vm.sync) {
+        (false, _) => Tracking::Untracked,
+        (true, SyncState::Synced) => Tracking::Tracked,
+        (true, SyncState::Unsynced { .. }) => Tracking::Syncing,
+    }
+}
 
 fn cap_enabled(vm: &mut Vm, event: &Event) {
     match event.slot {
-        ioctl::KVM_CAP_DIRTY_LOG_RING | ioctl::KVM_CAP_DIRTY_LOG_RING_ACQ_REL => vm.dirty_mode = DirtyMode::Ring,
+        ioctl::KVM_CAP_DIRTY_LOG_RING | ioctl::KVM_CAP_DIRTY_LOG_RING_ACQ_REL => {
+            vm.dirty_mode = DirtyMode::Ring
+        }
         ioctl::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 if event.addr & 1 != 0 => {
             if let DirtyMode::Bitmap { .. } | DirtyMode::Unknown = vm.dirty_mode {
-                vm.dirty_mode = DirtyMode::Bitmap { manual_protect: true };
+                vm.dirty_mode = DirtyMode::Bitmap {
+                    manual_protect: true,
+                };
             }
         }
         _ => {}

@@ -52,7 +52,10 @@ pub struct PageEntry {
 
 impl Default for PageEntry {
     fn default() -> Self {
-        Self { content: NO_CONTENT, meta: 0 }
+        Self {
+            content: NO_CONTENT,
+            meta: 0,
+        }
     }
 }
 

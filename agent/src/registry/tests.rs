@@ -8,13 +8,25 @@ use super::*;
 const PID: u32 = 100;
 
 fn ev(kind: u32) -> Event {
-    Event { kind, pid: PID, ktime_ns: 10, ..Event::default() }
+    Event {
+        kind,
+        pid: PID,
+        ktime_ns: 10,
+        ..Event::default()
+    }
 }
 
 fn ring_vm(pages: u64) -> Registry {
     let mut reg = Registry::new(false);
-    reg.apply(&Event { fd: 5, ..ev(kind::VM_CREATED) });
-    reg.apply(&Event { slot: ioctl::KVM_CAP_DIRTY_LOG_RING, addr: 65536, ..ev(kind::CAP_ENABLED) });
+    reg.apply(&Event {
+        fd: 5,
+        ..ev(kind::VM_CREATED)
+    });
+    reg.apply(&Event {
+        slot: ioctl::KVM_CAP_DIRTY_LOG_RING,
+        addr: 65536,
+        ..ev(kind::CAP_ENABLED)
+    });
     reg.apply(&Event {
         slot: 0,
         flags: ioctl::KVM_MEM_LOG_DIRTY_PAGES,
@@ -30,7 +42,11 @@ fn ring_vm(pages: u64) -> Registry {
 fn run_jobs(reg: &mut Registry, content: impl Fn(u32) -> u8) {
     for job in reg.take_jobs() {
         if let Some(plan) = reg.plan(&job) {
-            let hashes: Vec<_> = plan.pages.iter().map(|(p, _)| Some([content(*p); 32])).collect();
+            let hashes: Vec<_> = plan
+                .pages
+                .iter()
+                .map(|(p, _)| Some([content(*p); 32]))
+                .collect();
             reg.commit(&job, &plan, &hashes);
         }
     }
@@ -41,14 +57,32 @@ fn state(reg: &Registry, page: usize) -> PageState {
 }
 
 fn push(entry: u32, page: u64) -> Event {
-    Event { ring: 0, seq: entry, slot: 0, addr: page, ..ev(kind::DIRTY_RING_PUSH) }
+    Event {
+        ring: 0,
+        seq: entry,
+        slot: 0,
+        addr: page,
+        ..ev(kind::DIRTY_RING_PUSH)
+    }
 }
 
 fn reset(reset_index: u32, dirty_index: u32, ktime_ns: u64) -> [Event; 3] {
     [
-        Event { ktime_ns, ..ev(kind::RESET_RINGS_BEGIN) },
-        Event { ring: 0, seq: reset_index, addr: u64::from(dirty_index), ktime_ns, ..ev(kind::DIRTY_RING_RESET) },
-        Event { ktime_ns, ..ev(kind::RESET_RINGS_END) },
+        Event {
+            ktime_ns,
+            ..ev(kind::RESET_RINGS_BEGIN)
+        },
+        Event {
+            ring: 0,
+            seq: reset_index,
+            addr: u64::from(dirty_index),
+            ktime_ns,
+            ..ev(kind::DIRTY_RING_RESET)
+        },
+        Event {
+            ktime_ns,
+            ..ev(kind::RESET_RINGS_END)
+        },
     ]
 }
 
@@ -57,11 +91,21 @@ fn full_pass_then_dirty_then_clean_after_reset() {
     let mut reg = ring_vm(8);
     run_jobs(&mut reg, |_| 1);
     assert!((0..8).all(|p| state(&reg, p) == PageState::Clean));
-    assert_eq!(reg.contents.get(reg.contents.lookup(&[1; 32]).unwrap()).pages, 8);
+    assert_eq!(
+        reg.contents
+            .get(reg.contents.lookup(&[1; 32]).unwrap())
+            .pages,
+        8
+    );
 
     reg.apply(&push(0, 3));
     assert_eq!(state(&reg, 3), PageState::Dirty);
-    assert_eq!(reg.contents.get(reg.contents.lookup(&[1; 32]).unwrap()).pages, 7);
+    assert_eq!(
+        reg.contents
+            .get(reg.contents.lookup(&[1; 32]).unwrap())
+            .pages,
+        7
+    );
     // No reset yet: nothing to hash, the page stays dirty.
     run_jobs(&mut reg, |_| 2);
     assert_eq!(state(&reg, 3), PageState::Dirty);
@@ -71,7 +115,12 @@ fn full_pass_then_dirty_then_clean_after_reset() {
     assert_eq!(state(&reg, 3), PageState::Queued);
     run_jobs(&mut reg, |_| 2);
     assert_eq!(state(&reg, 3), PageState::Clean);
-    assert_eq!(reg.contents.get(reg.contents.lookup(&[2; 32]).unwrap()).pages, 1);
+    assert_eq!(
+        reg.contents
+            .get(reg.contents.lookup(&[2; 32]).unwrap())
+            .pages,
+        1
+    );
     assert_eq!(reg.stats.pages_rehashed, 1);
 }
 
@@ -147,7 +196,14 @@ fn an_adopted_vm_syncs_after_its_first_complete_reset() {
     let mut reg = Registry::new(false);
     reg.adopt(PID, 5);
     reg.apply(&push(3, 1)); // before the slot is known
-    reg.apply(&Event { slot: 0, flags: 1, size: 4 * 4096, uaddr: 1, ktime_ns: 10, ..ev(kind::SLOT_SET) });
+    reg.apply(&Event {
+        slot: 0,
+        flags: 1,
+        size: 4 * 4096,
+        uaddr: 1,
+        ktime_ns: 10,
+        ..ev(kind::SLOT_SET)
+    });
     assert_eq!(state(&reg, 1), PageState::Dirty);
     assert!(reg.take_jobs().is_empty());
     for e in reset(4, 4, 20) {
@@ -161,7 +217,13 @@ fn an_adopted_vm_syncs_after_its_first_complete_reset() {
 fn untracked_slots_are_rescanned_as_unverified() {
     let mut reg = Registry::new(false);
     reg.apply(&ev(kind::VM_CREATED));
-    reg.apply(&Event { slot: 0, flags: 0, size: 10 * 4096, uaddr: 1, ..ev(kind::SLOT_SET) });
+    reg.apply(&Event {
+        slot: 0,
+        flags: 0,
+        size: 10 * 4096,
+        uaddr: 1,
+        ..ev(kind::SLOT_SET)
+    });
     assert!(reg.take_jobs().is_empty());
     let jobs = reg.rescan_jobs(6);
     assert_eq!(jobs[0].pages, JobPages::Range { first: 0, count: 6 });
@@ -172,7 +234,10 @@ fn untracked_slots_are_rescanned_as_unverified() {
     }
     assert_eq!(state(&reg, 5), PageState::Unverified);
     assert_eq!(state(&reg, 6), PageState::Unknown);
-    assert_eq!(reg.rescan_jobs(6)[0].pages, JobPages::Range { first: 6, count: 4 });
+    assert_eq!(
+        reg.rescan_jobs(6)[0].pages,
+        JobPages::Range { first: 6, count: 4 }
+    );
 }
 
 #[test]
@@ -189,7 +254,13 @@ fn process_exit_removes_the_vm_and_its_counts() {
 fn read_only_slots_are_tracked_without_dirty_logging() {
     let mut reg = Registry::new(false);
     reg.apply(&ev(kind::VM_CREATED));
-    reg.apply(&Event { slot: 0, flags: ioctl::KVM_MEM_READONLY, size: 2 * 4096, uaddr: 1, ..ev(kind::SLOT_SET) });
+    reg.apply(&Event {
+        slot: 0,
+        flags: ioctl::KVM_MEM_READONLY,
+        size: 2 * 4096,
+        uaddr: 1,
+        ..ev(kind::SLOT_SET)
+    });
     run_jobs(&mut reg, |_| 5);
     assert_eq!(state(&reg, 0), PageState::Clean);
 }

@@ -79,7 +79,8 @@ impl Slot {
 
     /// The page of guest physical address `gpa`, if inside this slot.
     pub fn page_of_gpa(&self, gpa: u64) -> Option<u32> {
-        (gpa >= self.gpa && gpa < self.gpa + self.size).then(|| ((gpa - self.gpa) >> PAGE_SHIFT) as u32)
+        (gpa >= self.gpa && gpa < self.gpa + self.size)
+            .then(|| ((gpa - self.gpa) >> PAGE_SHIFT) as u32)
     }
 }
 
@@ -141,7 +142,9 @@ impl Vm {
             vm_fd: None,
             discovery,
             dirty_mode: match discovery {
-                Discovery::AtCreation => DirtyMode::Bitmap { manual_protect: false },
+                Discovery::AtCreation => DirtyMode::Bitmap {
+                    manual_protect: false,
+                },
                 Discovery::Adopted => DirtyMode::Unknown,
             },
             slots: BTreeMap::new(),
@@ -156,7 +159,9 @@ impl Vm {
 
     /// The slot and page of guest physical address `gpa`.
     pub fn locate_gpa(&self, gpa: u64) -> Option<(u32, u32)> {
-        self.slots.values().find_map(|slot| slot.page_of_gpa(gpa).map(|page| (slot.id, page)))
+        self.slots
+            .values()
+            .find_map(|slot| slot.page_of_gpa(gpa).map(|page| (slot.id, page)))
     }
 
     pub fn page_count(&self) -> usize {

@@ -34,7 +34,9 @@ fn ratio_for(vm: &Vm, ops: &Value, rounds: usize, seconds: f64) -> anyhow::Resul
         let with = guest_rate(vm, ops, seconds);
         drop(agent);
         ratios.push(with / without);
-        runs.push(json!({"without_agent_pages_per_sec": without, "with_agent_pages_per_sec": with}));
+        runs.push(
+            json!({"without_agent_pages_per_sec": without, "with_agent_pages_per_sec": with}),
+        );
     }
     Ok((median(&mut ratios), json!(runs)))
 }

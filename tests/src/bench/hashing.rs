@@ -24,8 +24,16 @@ pub fn blake3_pages_per_sec(memory: &[u8]) -> f64 {
 }
 
 /// One agent full pass with one hash thread: pages per busy second.
-fn agent_pages_per_sec(dir: &TempDir, image: &std::path::Path, zero_copy: bool) -> anyhow::Result<(f64, serde_json::Value)> {
-    let agent = AgentProcess::start(&AgentOptions { hash_threads: Some(1), zero_copy, ..AgentOptions::default() })?;
+fn agent_pages_per_sec(
+    dir: &TempDir,
+    image: &std::path::Path,
+    zero_copy: bool,
+) -> anyhow::Result<(f64, serde_json::Value)> {
+    let agent = AgentProcess::start(&AgentOptions {
+        hash_threads: Some(1),
+        zero_copy,
+        ..AgentOptions::default()
+    })?;
     let vm = Vm::start(dir, image, VmOptions::default());
     agent.wait_all_clean(vm.pid(), Duration::from_secs(300));
     let hashing = agent.status()["hashing"].clone();
@@ -56,8 +64,10 @@ pub fn measure(pages: usize, rounds: usize) -> anyhow::Result<Vec<Figure>> {
         println!(
             "  hashing round {round}: blake3 {reference:.0} pages/s, agent {agent_mapped:.0} (mapped), {agent_copied:.0} (copied) pages/s per core"
         );
-        runs.push(json!({"blake3_pages_per_sec": reference, "agent_mapped_pages_per_sec": agent_mapped,
-                         "agent_copied_pages_per_sec": agent_copied, "agent_hashing": stats}));
+        runs.push(
+            json!({"blake3_pages_per_sec": reference, "agent_mapped_pages_per_sec": agent_mapped,
+                         "agent_copied_pages_per_sec": agent_copied, "agent_hashing": stats}),
+        );
     }
     let copied_ratio = median(&mut copied);
     Ok(vec![

@@ -12,7 +12,11 @@ use crate::{
     images::{FleetLayout, write_fleet},
 };
 
-fn bytes_per_page(layout: FleetLayout, vms: usize, pages: usize) -> anyhow::Result<(f64, serde_json::Value)> {
+fn bytes_per_page(
+    layout: FleetLayout,
+    vms: usize,
+    pages: usize,
+) -> anyhow::Result<(f64, serde_json::Value)> {
     let dir = TempDir::new("pagefp-bench-memory");
     let images = write_fleet(&dir.0, vms, pages, layout)?;
     let agent = AgentProcess::start(&AgentOptions::default())?;
@@ -24,24 +28,36 @@ fn bytes_per_page(layout: FleetLayout, vms: usize, pages: usize) -> anyhow::Resu
     agent.wait_all_clean(warm.pid(), Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(1500));
     let idle = agent.rss_anon_bytes();
-    let fleet: Vec<Vm> = images.iter().map(|image| Vm::start(&dir, image, VmOptions::default())).collect();
+    let fleet: Vec<Vm> = images
+        .iter()
+        .map(|image| Vm::start(&dir, image, VmOptions::default()))
+        .collect();
     let mut tracked = 0u64;
     for vm in &fleet {
-        tracked += agent.wait_all_clean(vm.pid(), Duration::from_secs(300))["pages"].as_u64().unwrap();
+        tracked += agent.wait_all_clean(vm.pid(), Duration::from_secs(300))["pages"]
+            .as_u64()
+            .unwrap();
     }
     // Let the agent release what finished jobs freed.
     std::thread::sleep(Duration::from_millis(1500));
     let loaded = agent.rss_anon_bytes();
     let per_page = loaded.saturating_sub(idle) as f64 / tracked as f64;
     let contents = agent.status()["distinct_contents"].clone();
-    Ok((per_page, json!({"vms": vms, "tracked_pages": tracked, "rss_anon_idle": idle, "rss_anon_loaded": loaded,
-                         "distinct_contents": contents})))
+    Ok((
+        per_page,
+        json!({"vms": vms, "tracked_pages": tracked, "rss_anon_idle": idle, "rss_anon_loaded": loaded,
+                         "distinct_contents": contents}),
+    ))
 }
 
 pub fn measure(vms: usize, pages: usize) -> anyhow::Result<Vec<Figure>> {
     let (fleet, fleet_details) = bytes_per_page(FleetLayout::default(), vms, pages)?;
     println!("  agent memory per guest page, fleet images: {fleet:.1} bytes");
-    let unique = FleetLayout { os_pct: 0, library_pct: 0, zero_pct: 0 };
+    let unique = FleetLayout {
+        os_pct: 0,
+        library_pct: 0,
+        zero_pct: 0,
+    };
     let (worst, worst_details) = bytes_per_page(unique, vms, pages)?;
     println!("  agent memory per guest page, every page distinct: {worst:.1} bytes");
     Ok(vec![

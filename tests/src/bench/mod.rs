@@ -26,12 +26,40 @@ pub struct Figure {
 }
 
 impl Figure {
-    pub fn at_least(name: &'static str, value: f64, target: f64, unit: &'static str, details: serde_json::Value) -> Self {
-        Self { name, value, target, direction: ">=", met: value >= target, unit, details }
+    pub fn at_least(
+        name: &'static str,
+        value: f64,
+        target: f64,
+        unit: &'static str,
+        details: serde_json::Value,
+    ) -> Self {
+        Self {
+            name,
+            value,
+            target,
+            direction: ">=",
+            met: value >= target,
+            unit,
+            details,
+        }
     }
 
-    pub fn at_most(name: &'static str, value: f64, target: f64, unit: &'static str, details: serde_json::Value) -> Self {
-        Self { name, value, target, direction: "<=", met: value <= target, unit, details }
+    pub fn at_most(
+        name: &'static str,
+        value: f64,
+        target: f64,
+        unit: &'static str,
+        details: serde_json::Value,
+    ) -> Self {
+        Self {
+            name,
+            value,
+            target,
+            direction: "<=",
+            met: value <= target,
+            unit,
+            details,
+        }
     }
 }
 
@@ -45,13 +73,20 @@ pub struct Report {
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = values.len();
-    if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
 }
 
 /// Prints the report and writes it as JSON.
 pub fn write_report(report: &Report, path: &Path) -> anyhow::Result<PathBuf> {
     println!();
-    println!("{:<32} {:>12} {:>10} {:>6}", "figure", "value", "target", "met");
+    println!(
+        "{:<32} {:>12} {:>10} {:>6}",
+        "figure", "value", "target", "met"
+    );
     for figure in &report.figures {
         println!(
             "{:<32} {:>12.3} {:>7}{:<3.2} {:>6}",

@@ -8,7 +8,10 @@ use pagefp_tests::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "pagefp-bench", about = "Measure pagefp's tracking cost, as ratios taken side by side")]
+#[command(
+    name = "pagefp-bench",
+    about = "Measure pagefp's tracking cost, as ratios taken side by side"
+)]
 struct Args {
     /// Fewer rounds and smaller VMs (for a quick look; the figures are noisier).
     #[arg(long)]
@@ -26,7 +29,11 @@ fn main() -> anyhow::Result<()> {
     if let Some(reason) = pagefp_tests::privileged::missing() {
         anyhow::bail!("the benchmark needs root, /dev/kvm and tracefs: {reason}");
     }
-    let (rounds, seconds, hash_pages, vm_pages) = if args.quick { (1, 1.0, 32768, 16384) } else { (3, 2.0, 131072, 65536) };
+    let (rounds, seconds, hash_pages, vm_pages) = if args.quick {
+        (1, 1.0, 32768, 16384)
+    } else {
+        (3, 2.0, 131072, 65536)
+    };
     let wanted = |part: &str| args.only.is_empty() || args.only.iter().any(|p| p == part);
     let mut figures = Vec::new();
     if wanted("hashing") {
@@ -45,8 +52,13 @@ fn main() -> anyhow::Result<()> {
         println!("== agent memory (4 VMs of {vm_pages} pages)");
         figures.extend(bench::memory::measure(4, vm_pages)?);
     }
-    let report = Report { machine: bench::machine(), figures };
-    let path = args.output.unwrap_or_else(|| target_dir().join("pagefp-bench/report.json"));
+    let report = Report {
+        machine: bench::machine(),
+        figures,
+    };
+    let path = args
+        .output
+        .unwrap_or_else(|| target_dir().join("pagefp-bench/report.json"));
     bench::write_report(&report, &path)?;
     Ok(())
 }

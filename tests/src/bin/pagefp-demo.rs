@@ -24,7 +24,10 @@ struct Args {
 }
 
 fn show(agent: &AgentProcess, what: &str) -> anyhow::Result<()> {
-    let output = Command::new(agent_binary()).args([what, "--socket"]).arg(&agent.socket).output()?;
+    let output = Command::new(agent_binary())
+        .args([what, "--socket"])
+        .arg(&agent.socket)
+        .output()?;
     print!("{}", String::from_utf8_lossy(&output.stdout));
     Ok(())
 }
@@ -32,18 +35,31 @@ fn show(agent: &AgentProcess, what: &str) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(reason) = pagefp_tests::privileged::missing() {
-        anyhow::bail!("the demo needs root, /dev/kvm and tracefs: {reason}. Run `cargo xtask setup` as root");
+        anyhow::bail!(
+            "the demo needs root, /dev/kvm and tracefs: {reason}. Run `cargo xtask setup` as root"
+        );
     }
     let pages = args.mem_mib * 256;
     let dir = TempDir::new("pagefp-demo");
-    println!("== making {} guest images of {} MiB: 40% OS pages shared by all, 20% shared by half, 20% zero, 20% unique", args.vms, args.mem_mib);
+    println!(
+        "== making {} guest images of {} MiB: 40% OS pages shared by all, 20% shared by half, 20% zero, 20% unique",
+        args.vms, args.mem_mib
+    );
     let images = write_fleet(&dir.0, args.vms, pages, FleetLayout::default())?;
 
     println!("== starting one VM before the agent (it is adopted), then the agent");
     let mut fleet = vec![Vm::start(&dir, &images[0], VmOptions::default())];
     let agent = AgentProcess::start(&AgentOptions::default())?;
-    println!("   agent pid {}, API {}, metrics http://{}/metrics", agent.pid(), agent.socket.display(), agent.metrics_addr);
-    println!("== starting {} more VMs (seen from KVM_CREATE_VM on)", args.vms - 1);
+    println!(
+        "   agent pid {}, API {}, metrics http://{}/metrics",
+        agent.pid(),
+        agent.socket.display(),
+        agent.metrics_addr
+    );
+    println!(
+        "== starting {} more VMs (seen from KVM_CREATE_VM on)",
+        args.vms - 1
+    );
     for image in &images[1..] {
         fleet.push(Vm::start(&dir, image, VmOptions::default()));
     }
@@ -56,12 +72,21 @@ fn main() -> anyhow::Result<()> {
     let sources = agent.status()["sources"].clone();
     println!("   eBPF attached: {}", sources["attached"]);
     if let Some(why) = sources["fentry_error"].as_str() {
-        println!("   fentry not used here ({why}); dirty rings are tracked through kvm:kvm_dirty_ring_push");
+        println!(
+            "   fentry not used here ({why}); dirty rings are tracked through kvm:kvm_dirty_ring_push"
+        );
     }
     show(&agent, "status")?;
 
     println!("\n== the guests write: VM 1 gives 2000 pages fresh content, VM 2 touches 5000 pages");
-    let before: Vec<u64> = fleet.iter().map(|vm| agent.vm(vm.pid()).unwrap()["stats"]["pages_rehashed"].as_u64().unwrap()).collect();
+    let before: Vec<u64> = fleet
+        .iter()
+        .map(|vm| {
+            agent.vm(vm.pid()).unwrap()["stats"]["pages_rehashed"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
     fleet[1].run(json!([{"op": "random", "first": 0, "count": 2000, "seed": 1}]));
     fleet[2 % fleet.len()].touch(1000, 5000.min(pages as u32 - 1000), 7);
     for (i, vm) in fleet.iter().enumerate() {
@@ -80,7 +105,10 @@ fn main() -> anyhow::Result<()> {
     show(&agent, "status")?;
 
     println!("\n== templates: contents held by at least 2 VMs, ranked by pages saved");
-    Command::new(agent_binary()).args(["templates", "--top", "8", "--socket"]).arg(&agent.socket).status()?;
+    Command::new(agent_binary())
+        .args(["templates", "--top", "8", "--socket"])
+        .arg(&agent.socket)
+        .status()?;
     let status = agent.status();
     println!(
         "\n   {} distinct contents host-wide; {} templates ({} MiB)",
@@ -89,8 +117,15 @@ fn main() -> anyhow::Result<()> {
         status["template_bytes"].as_u64().unwrap_or(0) >> 20
     );
     let metrics = agent.metrics();
-    let lines: Vec<&str> = metrics.lines().filter(|l| l.starts_with("pagefp_vm_pages")).take(5).collect();
-    println!("\n== Prometheus metrics at http://{}/metrics, for example:", agent.metrics_addr);
+    let lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("pagefp_vm_pages"))
+        .take(5)
+        .collect();
+    println!(
+        "\n== Prometheus metrics at http://{}/metrics, for example:",
+        agent.metrics_addr
+    );
     for line in lines {
         println!("   {line}");
     }

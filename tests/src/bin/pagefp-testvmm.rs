@@ -7,7 +7,10 @@ use clap::Parser;
 use pagefp_tests::vmm::{DirtyMode, Harvest, TestVm, VmConfig, control::Server};
 
 #[derive(Debug, Parser)]
-#[command(name = "pagefp-testvmm", about = "One KVM VM whose guest writes pages as told over a control socket")]
+#[command(
+    name = "pagefp-testvmm",
+    about = "One KVM VM whose guest writes pages as told over a control socket"
+)]
 struct Args {
     /// Control socket path.
     #[arg(long)]

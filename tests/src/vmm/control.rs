@@ -17,7 +17,10 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::{fs::PermissionsExt, net::{UnixListener, UnixStream}},
+    os::unix::{
+        fs::PermissionsExt,
+        net::{UnixListener, UnixStream},
+    },
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -36,12 +39,19 @@ use super::{TestVm, workload::Op};
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 enum Request {
     Info,
-    Run { ops: Vec<Op> },
-    StartLoop { ops: Vec<Op> },
+    Run {
+        ops: Vec<Op>,
+    },
+    StartLoop {
+        ops: Vec<Op>,
+    },
     StopLoop,
     Harvest,
     Reregister,
-    Checksums { first: Option<u32>, count: Option<u32> },
+    Checksums {
+        first: Option<u32>,
+        count: Option<u32>,
+    },
     Exit,
 }
 
@@ -59,7 +69,11 @@ pub struct Server {
 
 impl Server {
     pub fn new(vm: TestVm, socket: &Path) -> Self {
-        Self { vm: Arc::new(Mutex::new(vm)), running: None, socket: socket.to_path_buf() }
+        Self {
+            vm: Arc::new(Mutex::new(vm)),
+            running: None,
+            socket: socket.to_path_buf(),
+        }
     }
 
     /// Serves connections one after another until an `exit` request.
@@ -79,7 +93,9 @@ impl Server {
 
     /// Returns true when asked to exit.
     fn connection(&mut self, stream: UnixStream) -> bool {
-        let Ok(mut writer) = stream.try_clone() else { return false };
+        let Ok(mut writer) = stream.try_clone() else {
+            return false;
+        };
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { return false };
             if line.trim().is_empty() {
@@ -88,9 +104,16 @@ impl Server {
             let (answer, exit) = match serde_json::from_str::<Request>(&line) {
                 Ok(request) => {
                     let exit = matches!(request, Request::Exit);
-                    (self.answer(request).unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")})), exit)
+                    (
+                        self.answer(request)
+                            .unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")})),
+                        exit,
+                    )
                 }
-                Err(e) => (json!({"ok": false, "error": format!("bad request: {e}")}), false),
+                Err(e) => (
+                    json!({"ok": false, "error": format!("bad request: {e}")}),
+                    false,
+                ),
             };
             if writeln!(writer, "{answer}").is_err() {
                 return exit;
@@ -149,14 +172,20 @@ impl Server {
                     }
                     Ok((iterations, written))
                 });
-                self.running = Some(Loop { stop, thread, started: Instant::now() });
+                self.running = Some(Loop {
+                    stop,
+                    thread,
+                    started: Instant::now(),
+                });
                 json!({"ok": true})
             }
             Request::StopLoop => {
                 let (iterations, written, seconds) = self.stop_loop()?;
                 json!({"ok": true, "iterations": iterations, "pages_written": written, "seconds": seconds})
             }
-            Request::Harvest => json!({"ok": true, "harvested": self.vm.lock().unwrap().harvest()?}),
+            Request::Harvest => {
+                json!({"ok": true, "harvested": self.vm.lock().unwrap().harvest()?})
+            }
             Request::Reregister => {
                 self.vm.lock().unwrap().register_slots()?;
                 json!({"ok": true})
@@ -175,10 +204,16 @@ impl Server {
     }
 
     fn stop_loop(&mut self) -> anyhow::Result<(u64, u64, f64)> {
-        let running = self.running.take().ok_or_else(|| anyhow::anyhow!("no loop is running"))?;
+        let running = self
+            .running
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no loop is running"))?;
         running.stop.store(true, Ordering::Relaxed);
         let seconds = running.started.elapsed().as_secs_f64();
-        let (iterations, written) = running.thread.join().map_err(|_| anyhow::anyhow!("the loop thread panicked"))??;
+        let (iterations, written) = running
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the loop thread panicked"))??;
         Ok((iterations, written, seconds))
     }
 }

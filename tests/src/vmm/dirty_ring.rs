@@ -50,7 +50,11 @@ impl DirtyRing {
             )
         }
         .context("mapping the vCPU dirty ring")?;
-        Ok(Self { entries: ptr.cast(), count, fetch: 0 })
+        Ok(Self {
+            entries: ptr.cast(),
+            count,
+            fetch: 0,
+        })
     }
 
     /// Flags of every entry: (dirty, reset, other) counts, for diagnostics.
@@ -58,7 +62,9 @@ impl DirtyRing {
         let (mut dirty, mut reset, mut other) = (0, 0, 0);
         for i in 0..self.count as usize {
             // SAFETY: i < count, inside the mapping.
-            let flags = unsafe { &*self.entries.as_ptr().add(i) }.flags.load(Ordering::Acquire);
+            let flags = unsafe { &*self.entries.as_ptr().add(i) }
+                .flags
+                .load(Ordering::Acquire);
             match flags {
                 DIRTY => dirty += 1,
                 RESET => reset += 1,
@@ -94,7 +100,12 @@ impl DirtyRing {
 impl Drop for DirtyRing {
     fn drop(&mut self) {
         // SAFETY: unmaps the mapping made in `map`.
-        let _ = unsafe { munmap(self.entries.cast(), self.count as usize * size_of::<DirtyGfn>()) };
+        let _ = unsafe {
+            munmap(
+                self.entries.cast(),
+                self.count as usize * size_of::<DirtyGfn>(),
+            )
+        };
     }
 }
 

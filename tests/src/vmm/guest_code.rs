@@ -103,7 +103,13 @@ pub fn routines() -> Vec<(u64, Vec<u8>)> {
         0x75, 0xF8, // jnz loop (-8)
         0xF4, // hlt
     ];
-    vec![(ZERO, zero), (COPY, copy), (RANDOM, random), (TOUCH, touch), (STRIDE, stride)]
+    vec![
+        (ZERO, zero),
+        (COPY, copy),
+        (RANDOM, random),
+        (TOUCH, touch),
+        (STRIDE, stride),
+    ]
 }
 
 /// The pool of pseudo-random bytes "random" pages are copied from.
@@ -135,7 +141,10 @@ pub fn code_slot_image() -> Vec<u8> {
 
 /// What the random routine writes into `page` for `seed` (for tests).
 pub fn expected_random_page(pool: &[u8], page: u32, seed: u32) -> Vec<u8> {
-    let offset = (page.wrapping_mul(0x9E37_79B1).wrapping_add(seed.wrapping_mul(0x85EB_CA77))) & (POOL_SPAN - 4);
+    let offset = (page
+        .wrapping_mul(0x9E37_79B1)
+        .wrapping_add(seed.wrapping_mul(0x85EB_CA77)))
+        & (POOL_SPAN - 4);
     let mut bytes = pool[offset as usize..offset as usize + 4096].to_vec();
     bytes[..4].copy_from_slice(&page.to_le_bytes());
     bytes[4..8].copy_from_slice(&seed.to_le_bytes());
@@ -150,7 +159,11 @@ mod tests {
     fn routines_fit_their_slots_and_loops_jump_to_their_start() {
         let routines = routines();
         for pair in routines.windows(2) {
-            assert!(pair[0].0 + pair[0].1.len() as u64 <= pair[1].0, "routine at {:#x} overlaps", pair[0].0);
+            assert!(
+                pair[0].0 + pair[0].1.len() as u64 <= pair[1].0,
+                "routine at {:#x} overlaps",
+                pair[0].0
+            );
         }
         let random = &routines[2].1;
         // The loop starts after the 8-byte prologue; jnz is the 2 bytes before hlt.

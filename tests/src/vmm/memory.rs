@@ -35,18 +35,37 @@ impl GuestRam {
     /// `len` bytes of zeroed RAM, with `image` copied at its start.
     pub fn new(len: usize, image: Option<&Path>) -> anyhow::Result<Self> {
         let name = CString::new("pagefp-guest-ram").unwrap();
-        let fd = memfd_create(name.as_c_str(), MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
-            .context("memfd_create")?;
+        let fd = memfd_create(
+            name.as_c_str(),
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .context("memfd_create")?;
         ftruncate(&fd, len as i64).context("sizing guest RAM")?;
-        fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL))
-            .context("sealing guest RAM")?;
+        fcntl(
+            fd.as_fd(),
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
+        )
+        .context("sealing guest RAM")?;
         let size = NonZeroUsize::new(len).context("guest RAM size must not be 0")?;
         // SAFETY: a fresh shared mapping of a file of exactly `len` bytes.
         let ptr = unsafe {
-            mmap(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd.as_fd(), 0)
+            mmap(
+                None,
+                size,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                fd.as_fd(),
+                0,
+            )
         }
         .context("mapping guest RAM")?;
-        let mut ram = Self { _file: fd, ptr: ptr.cast(), len };
+        let mut ram = Self {
+            _file: fd,
+            ptr: ptr.cast(),
+            len,
+        };
         if let Some(path) = image {
             ram.load(path)?;
         }
@@ -54,12 +73,18 @@ impl GuestRam {
     }
 
     fn load(&mut self, path: &Path) -> anyhow::Result<()> {
-        let mut file = File::open(path).with_context(|| format!("opening image {}", path.display()))?;
+        let mut file =
+            File::open(path).with_context(|| format!("opening image {}", path.display()))?;
         let size = file.metadata()?.len() as usize;
         if size > self.len {
-            bail!("image {} has {size} bytes, more than the {} bytes of guest RAM: raise --mem-mib", path.display(), self.len);
+            bail!(
+                "image {} has {size} bytes, more than the {} bytes of guest RAM: raise --mem-mib",
+                path.display(),
+                self.len
+            );
         }
-        file.read_exact(&mut self.as_mut_slice()[..size]).with_context(|| format!("reading image {}", path.display()))?;
+        file.read_exact(&mut self.as_mut_slice()[..size])
+            .with_context(|| format!("reading image {}", path.display()))?;
         Ok(())
     }
 
@@ -107,10 +132,18 @@ impl CodeMemory {
         let size = NonZeroUsize::new(len).context("code slot size")?;
         // SAFETY: a fresh anonymous mapping.
         let ptr = unsafe {
-            nix::sys::mman::mmap_anonymous(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_PRIVATE)
+            nix::sys::mman::mmap_anonymous(
+                None,
+                size,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
+            )
         }
         .context("mapping the code slot")?;
-        Ok(Self { ptr: ptr.cast(), len })
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
     }
 
     pub fn host_addr(&self) -> u64 {
@@ -120,7 +153,13 @@ impl CodeMemory {
     pub fn write(&mut self, offset: usize, bytes: &[u8]) {
         assert!(offset + bytes.len() <= self.len);
         // SAFETY: in bounds (checked above) of our own mapping.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.as_ptr().add(offset), bytes.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.ptr.as_ptr().add(offset),
+                bytes.len(),
+            )
+        }
     }
 }
 

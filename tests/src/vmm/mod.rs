@@ -14,7 +14,10 @@ pub mod workload;
 use std::{os::fd::AsRawFd, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, bail};
-use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, kvm_enable_cap, kvm_segment, kvm_userspace_memory_region};
+use kvm_bindings::{
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, kvm_enable_cap, kvm_segment,
+    kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::Serialize;
 
@@ -91,10 +94,16 @@ pub struct TestVm {
 impl TestVm {
     pub fn new(config: VmConfig) -> anyhow::Result<Self> {
         if config.mem_bytes == 0 || config.mem_bytes % (PAGE * config.slots.max(1) as usize) != 0 {
-            bail!("guest RAM must be a non-zero multiple of {} pages per slot", config.slots.max(1));
+            bail!(
+                "guest RAM must be a non-zero multiple of {} pages per slot",
+                config.slots.max(1)
+            );
         }
         if config.dirty == DirtyMode::Ring && !config.ring_entries.is_power_of_two() {
-            bail!("--ring-entries must be a power of two, not {}", config.ring_entries);
+            bail!(
+                "--ring-entries must be a power of two, not {}",
+                config.ring_entries
+            );
         }
         let kvm = Kvm::new().context("opening /dev/kvm (is KVM available and are you root?)")?;
         let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
@@ -106,7 +115,10 @@ impl TestVm {
             } else {
                 bail!("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING): use --dirty bitmap");
             };
-            let mut enable = kvm_enable_cap { cap, ..Default::default() };
+            let mut enable = kvm_enable_cap {
+                cap,
+                ..Default::default()
+            };
             enable.args[0] = u64::from(config.ring_entries) * 16;
             vm.enable_cap(&enable).context("enabling the dirty ring")?;
         }
@@ -115,7 +127,11 @@ impl TestVm {
         let ram = GuestRam::new(config.mem_bytes, config.image.as_deref())?;
         let mut code = CodeMemory::new(CODE_SLOT_SIZE)?;
         code.write(0, &guest_code::code_slot_image());
-        let flags = if config.dirty == DirtyMode::None { 0 } else { KVM_MEM_LOG_DIRTY_PAGES };
+        let flags = if config.dirty == DirtyMode::None {
+            0
+        } else {
+            KVM_MEM_LOG_DIRTY_PAGES
+        };
         let slot_count = config.slots.max(1);
         let slot_size = (config.mem_bytes / slot_count as usize) as u64;
         let slots: Vec<SlotInfo> = (0..slot_count)
@@ -148,7 +164,18 @@ impl TestVm {
             }
             _ => None,
         };
-        let mut this = Self { _kvm: kvm, vm, vcpu, ram, _code: code, ring, unreset_entries: 0, config, slots, code_slot };
+        let mut this = Self {
+            _kvm: kvm,
+            vm,
+            vcpu,
+            ram,
+            _code: code,
+            ring,
+            unreset_entries: 0,
+            config,
+            slots,
+            code_slot,
+        };
         this.setup_protected_mode()?;
         Ok(this)
     }
@@ -179,7 +206,11 @@ impl TestVm {
             unusable: 0,
             padding: 0,
         };
-        let data = kvm_segment { selector: 0x10, type_: 0x3, ..code };
+        let data = kvm_segment {
+            selector: 0x10,
+            type_: 0x3,
+            ..code
+        };
         sregs.cs = code;
         sregs.ds = data;
         sregs.es = data;
@@ -234,8 +265,17 @@ impl TestVm {
             Op::Random { first, count, seed } => (guest_code::RANDOM, first, count, seed, 0),
             Op::Copy { src, first, count } => (guest_code::COPY, first, count, src, 0),
             Op::Zero { first, count } => (guest_code::ZERO, first, count, 0, 0),
-            Op::Touch { first, count, value } => (guest_code::TOUCH, first, count, value, 0),
-            Op::Stride { first, count, step, value } => (guest_code::STRIDE, first, count, value, step),
+            Op::Touch {
+                first,
+                count,
+                value,
+            } => (guest_code::TOUCH, first, count, value, 0),
+            Op::Stride {
+                first,
+                count,
+                step,
+                value,
+            } => (guest_code::STRIDE, first, count, value, step),
         };
         let mut regs = self.vcpu.get_regs().context("KVM_GET_REGS")?;
         regs.rip = CODE_GPA + entry;
@@ -284,8 +324,14 @@ impl TestVm {
             DirtyMode::Bitmap => {
                 let mut dirty = 0u64;
                 for slot in &self.slots {
-                    let bitmap = self.vm.get_dirty_log(slot.slot, slot.size as usize).context("KVM_GET_DIRTY_LOG")?;
-                    dirty += bitmap.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+                    let bitmap = self
+                        .vm
+                        .get_dirty_log(slot.slot, slot.size as usize)
+                        .context("KVM_GET_DIRTY_LOG")?;
+                    dirty += bitmap
+                        .iter()
+                        .map(|w| u64::from(w.count_ones()))
+                        .sum::<u64>();
                 }
                 Ok(dirty)
             }
@@ -295,11 +341,16 @@ impl TestVm {
 
     /// blake3 of pages `first..first+count` from the VMM's own mapping.
     pub fn checksums(&self, first: u32, count: u32) -> anyhow::Result<Vec<String>> {
-        let end = first.checked_add(count).filter(|end| *end <= self.pages()).context("checksum range outside RAM")?;
-        Ok(self.ram.as_slice()[first as usize * PAGE..end as usize * PAGE]
-            .chunks_exact(PAGE)
-            .map(|page| blake3::hash(page).to_hex().to_string())
-            .collect())
+        let end = first
+            .checked_add(count)
+            .filter(|end| *end <= self.pages())
+            .context("checksum range outside RAM")?;
+        Ok(
+            self.ram.as_slice()[first as usize * PAGE..end as usize * PAGE]
+                .chunks_exact(PAGE)
+                .map(|page| blake3::hash(page).to_hex().to_string())
+                .collect(),
+        )
     }
 }
 
@@ -314,5 +365,6 @@ fn register_slot(vm: &VmFd, slot: &SlotInfo) -> anyhow::Result<()> {
     };
     // SAFETY: `uaddr..uaddr+size` lies in the guest RAM mapping, which the
     // TestVm owning `vm` keeps mapped until the VM is dropped.
-    unsafe { vm.set_user_memory_region(region) }.with_context(|| format!("registering RAM slot {}", slot.slot))
+    unsafe { vm.set_user_memory_region(region) }
+        .with_context(|| format!("registering RAM slot {}", slot.slot))
 }
