@@ -1,1 +1,10 @@
-//! Test support.
+//! pagefp's integration-test support, and the small VMM the tests, the demo
+//! and the benchmarks run (`pagefp-testvmm`).
+
+pub mod agent_process;
+pub mod bench;
+pub mod fleet;
+pub mod images;
+pub mod privileged;
+pub mod vmm;
+pub mod vmm_client;
