@@ -208,10 +208,15 @@ impl Tracker {
         let (per_pid, unattributed) = self.probes.losses();
         for (pid, record) in per_pid {
             if self.seen_losses.get(&pid) != Some(&record) {
-                log::warn!(
-                    "{} eBPF events of pid {pid} were lost: its pages are unknown until resynced",
-                    record.count
-                );
+                let quiet = self.seen_losses.get(&pid).is_some_and(|seen| {
+                    record.last_ktime_ns.saturating_sub(seen.last_ktime_ns) < 5_000_000_000
+                });
+                if !quiet {
+                    log::warn!(
+                        "{} eBPF events of pid {pid} lost so far: its pages are unknown until resynced (raise ring_buffer_bytes if this repeats)",
+                        record.count
+                    );
+                }
                 registry.note_loss(Some(pid), record.last_ktime_ns);
                 self.seen_losses.insert(pid, record);
             }

@@ -148,7 +148,8 @@ fn an_exited_vm_disappears_with_its_counts() {
     }
     let status = agent.status();
     assert!(status["distinct_contents"].as_u64().unwrap() < with_both);
-    assert_eq!(status["vms"], 1);
+    let listed: Vec<u64> = agent.get_json("/v1/vms").as_array().unwrap().iter().map(|v| v["pid"].as_u64().unwrap()).collect();
+    assert!(listed.contains(&u64::from(a.pid())) && !listed.contains(&u64::from(gone)), "{listed:?}");
     // Nothing is shared by two VMs any more.
     assert!(
         agent.templates()["templates"]
