@@ -255,9 +255,13 @@ impl AgentProcess {
         let mut stream =
             std::net::TcpStream::connect(&self.metrics_addr).expect("connecting to metrics");
         write!(stream, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        text
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        // The body of the HTTP answer: the exposition.
+        match response.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => body.to_string(),
+            _ => panic!("GET /metrics did not answer 200: {response}"),
+        }
     }
 }
 
