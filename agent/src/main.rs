@@ -111,11 +111,12 @@ fn templates(args: &agent::cli::TemplatesArgs) -> anyhow::Result<()> {
     );
     println!("{:>6} {:>8} {:>5}  HASH", "INDEX", "PAGES", "VMS");
     for t in catalog["templates"].as_array().into_iter().flatten() {
+        let number = |key: &str| t[key].as_u64().unwrap_or(0);
         println!(
             "{:>6} {:>8} {:>5}  {}",
-            t["index"],
-            t["pages"],
-            t["vms"],
+            number("index"),
+            number("pages"),
+            number("vms"),
             t["hash"].as_str().unwrap_or("")
         );
     }
