@@ -30,11 +30,38 @@ pub fn missing() -> Option<String> {
     None
 }
 
+/// What is missing for tests that only need KVM (the test VMM), if anything.
+pub fn kvm_missing() -> Option<String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Some("/dev/kvm not available".into());
+    }
+    if let Err(err) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return Some(format!(
+            "/dev/kvm not available ({err}: run as root or join the kvm group)"
+        ));
+    }
+    None
+}
+
 /// Returns true if the test should run; prints why and returns false if it is
 /// skipped; panics if it is skipped where it must run.
 #[must_use]
 pub fn check(test: &str) -> bool {
-    match missing() {
+    decide(test, missing())
+}
+
+/// As [`check`], for tests that only need /dev/kvm.
+#[must_use]
+pub fn check_kvm(test: &str) -> bool {
+    decide(test, kvm_missing())
+}
+
+fn decide(test: &str, missing: Option<String>) -> bool {
+    match missing {
         None => true,
         Some(reason) if required() => {
             panic!("{test}: privileged test cannot run ({reason}) but CI requires it")
@@ -51,6 +78,16 @@ pub fn check(test: &str) -> bool {
 macro_rules! require_privileged {
     ($name:expr) => {
         if !$crate::privileged::check($name) {
+            return;
+        }
+    };
+}
+
+/// Skips (returns from) the calling test when /dev/kvm cannot be used.
+#[macro_export]
+macro_rules! require_kvm {
+    ($name:expr) => {
+        if !$crate::privileged::check_kvm($name) {
             return;
         }
     };

@@ -1,4 +1,8 @@
 //! Driving `pagefp-testvmm` processes from tests, the demo and benchmarks.
+//!
+//! [`VmmProcess`] starts the binary, waits for its control socket and kills
+//! and reaps it when dropped; its typed methods cover every control command
+//! (see [`crate::vmm::control`] for the protocol).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -10,7 +14,13 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+pub use crate::vmm::{RunReport, SlotInfo, workload::Op};
+
+/// How long one request may take before the client gives up.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Command-line arguments of one VMM.
 #[derive(Clone, Debug)]
@@ -18,10 +28,70 @@ pub struct VmmArgs {
     pub socket: PathBuf,
     pub mem_mib: u32,
     pub image: Option<PathBuf>,
+    /// "ring", "bitmap" or "none".
+    pub dirty: String,
+    pub ring_entries: u32,
+    /// "auto" or "manual".
+    pub harvest: String,
+    pub slots: u32,
+}
+
+impl VmmArgs {
+    /// `mem_mib` MiB of zeroed RAM in one slot, a 65536-entry dirty ring,
+    /// harvested after every run.
+    pub fn new(socket: impl Into<PathBuf>, mem_mib: u32) -> Self {
+        Self {
+            socket: socket.into(),
+            mem_mib,
+            image: None,
+            dirty: "ring".into(),
+            ring_entries: 65536,
+            harvest: "auto".into(),
+            slots: 1,
+        }
+    }
+}
+
+/// The VMM refused a request (`"ok": false`).
+#[derive(Debug, thiserror::Error)]
+#[error("the VMM refused {request}: {error}")]
+pub struct Refused {
+    pub request: String,
+    /// The VMM's `"error"` text.
+    pub error: String,
+}
+
+/// Answer to `info`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct VmmInfo {
+    pub pid: u32,
+    pub mem_bytes: u64,
+    pub pages: u32,
     pub dirty: String,
     pub ring_entries: u32,
     pub harvest: String,
-    pub slots: u32,
+    pub slots: Vec<SlotInfo>,
+    pub loop_running: bool,
+}
+
+/// Answer to `stop_loop`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+pub struct LoopReport {
+    pub iterations: u64,
+    pub pages_written: u64,
+    pub seconds: f64,
+}
+
+/// Answer to `harvest`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct HarvestReport {
+    /// Distinct pages written since the previous harvest.
+    pub harvested: u64,
+    /// Dirty-ring entries behind them (the emulator pushes one per write).
+    pub entries: u64,
+    /// The pages themselves, when asked for with [`VmmProcess::harvest_list`].
+    #[serde(default)]
+    pub pages: Option<Vec<u64>>,
 }
 
 /// The VMM binary: `PAGEFP_TESTVMM`, or next to the running executable
@@ -40,9 +110,10 @@ pub fn testvmm_binary() -> PathBuf {
     crate::agent_process::build_binary("pagefp-tests", "pagefp-testvmm")
 }
 
-/// A running VMM, killed and reaped on drop.
+/// A running VMM, stopped (SIGTERM, then SIGKILL) and reaped on drop.
 pub struct VmmProcess {
     child: Child,
+    socket: PathBuf,
     stream: Mutex<BufReader<UnixStream>>,
 }
 
@@ -75,19 +146,23 @@ impl VmmProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("spawning {}", binary.display()))?;
+        let mut child = command.spawn().with_context(|| {
+            format!(
+                "spawning {} (build it with `cargo build -p pagefp-tests`, or set PAGEFP_TESTVMM)",
+                binary.display()
+            )
+        })?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let stream = loop {
             if let Ok(stream) = UnixStream::connect(&args.socket) {
                 break stream;
             }
             if let Some(status) = child.try_wait()? {
-                bail!("pagefp-testvmm exited during start: {status}");
+                bail!("pagefp-testvmm exited during start ({status}); its error is printed above");
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
+                let _ = child.wait();
                 bail!(
                     "pagefp-testvmm did not open {} within 30 s",
                     args.socket.display()
@@ -95,8 +170,10 @@ impl VmmProcess {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
+        stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
         Ok(Self {
             child,
+            socket: args.socket.clone(),
             stream: Mutex::new(BufReader::new(stream)),
         })
     }
@@ -105,38 +182,139 @@ impl VmmProcess {
         self.child.id()
     }
 
-    /// Sends one request and reads its answer.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Sends one request and reads its answer, whatever its `"ok"`.
     pub fn request(&self, request: &Value) -> anyhow::Result<Value> {
-        let mut stream = self.stream.lock().unwrap();
+        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         writeln!(stream.get_mut(), "{request}").context("writing to the VMM")?;
         let mut line = String::new();
         stream
             .read_line(&mut line)
-            .context("reading from the VMM")?;
+            .context("reading the VMM's answer (did it die or hang?)")?;
         if line.is_empty() {
             bail!("the VMM closed its control socket");
         }
         serde_json::from_str(&line).context("the VMM answered with bad JSON")
     }
-}
 
-impl VmmProcess {
-    /// Waits up to `timeout` for the process to exit by itself.
-    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+    /// Sends `request`; an `"ok": false` answer becomes a [`Refused`] error.
+    pub fn call(&self, request: &Value) -> anyhow::Result<Value> {
+        let answer = self.request(request)?;
+        if answer["ok"] != true {
+            return Err(Refused {
+                request: request.to_string(),
+                error: answer["error"].as_str().unwrap_or("no error text").to_owned(),
+            }
+            .into());
+        }
+        Ok(answer)
+    }
+
+    fn call_as<T: for<'de> Deserialize<'de>>(&self, request: Value) -> anyhow::Result<T> {
+        let answer = self.call(&request)?;
+        serde_json::from_value(answer)
+            .with_context(|| format!("unexpected answer to {request}"))
+    }
+
+    pub fn info(&self) -> anyhow::Result<VmmInfo> {
+        self.call_as(json!({"cmd": "info"}))
+    }
+
+    /// Runs `ops` once, in order (and harvests afterwards in auto mode).
+    pub fn run(&self, ops: &[Op]) -> anyhow::Result<RunReport> {
+        self.call_as(json!({"cmd": "run", "ops": ops}))
+    }
+
+    /// Runs `ops` over and over in the background until [`Self::stop_loop`].
+    pub fn start_loop(&self, ops: &[Op]) -> anyhow::Result<()> {
+        self.call(&json!({"cmd": "start_loop", "ops": ops})).map(drop)
+    }
+
+    pub fn stop_loop(&self) -> anyhow::Result<LoopReport> {
+        self.call_as(json!({"cmd": "stop_loop"}))
+    }
+
+    /// Harvests the dirty log now (and re-protects the pages).
+    pub fn harvest(&self) -> anyhow::Result<HarvestReport> {
+        self.call_as(json!({"cmd": "harvest"}))
+    }
+
+    /// As [`Self::harvest`], with the list of pages.
+    pub fn harvest_list(&self) -> anyhow::Result<HarvestReport> {
+        self.call_as(json!({"cmd": "harvest", "list": true}))
+    }
+
+    /// Registers every memory slot again, unchanged.
+    pub fn reregister(&self) -> anyhow::Result<()> {
+        self.call(&json!({"cmd": "reregister"})).map(drop)
+    }
+
+    /// blake3 (lowercase hex) of every RAM page.
+    pub fn checksums(&self) -> anyhow::Result<Vec<String>> {
+        self.checksums_answer(json!({"cmd": "checksums"}))
+    }
+
+    /// blake3 (lowercase hex) of pages `first..first+count`.
+    pub fn checksums_range(&self, first: u32, count: u32) -> anyhow::Result<Vec<String>> {
+        self.checksums_answer(json!({"cmd": "checksums", "first": first, "count": count}))
+    }
+
+    fn checksums_answer(&self, request: Value) -> anyhow::Result<Vec<String>> {
+        #[derive(Deserialize)]
+        struct Hashes {
+            hashes: Vec<String>,
+        }
+        Ok(self.call_as::<Hashes>(request)?.hashes)
+    }
+
+    /// Asks the VMM to exit and waits up to 10 s for it.
+    pub fn exit(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.call(&json!({"cmd": "exit"}))?;
+        self.wait_exit(Duration::from_secs(10))
+            .context("the VMM answered `exit` but did not exit within 10 s")
+    }
+
+    /// Sends SIGTERM and waits up to 10 s for the process to exit.
+    pub fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.signal(nix::sys::signal::Signal::SIGTERM)?;
+        self.wait_exit(Duration::from_secs(10))
+            .context("the VMM did not exit within 10 s of SIGTERM")
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).with_context(|| format!("sending {signal} to the VMM"))
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return true;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        false
     }
 }
 
 impl Drop for VmmProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if let Ok(None) = self.child.try_wait() {
+            // SIGTERM first: the VMM removes its socket and exits.
+            if self.signal(nix::sys::signal::Signal::SIGTERM).is_err()
+                || self.wait_exit(Duration::from_secs(5)).is_none()
+            {
+                let _ = self.child.kill();
+            }
+        }
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
     }
 }

@@ -1,39 +1,47 @@
-//! The control socket: one JSON request per line, one JSON answer per line.
+//! The control socket: one JSON request per line, one JSON answer per line,
+//! several requests per connection, connections served concurrently (one
+//! thread each; the VM itself runs one command at a time).
 //!
 //! | request | answer (besides `"ok": true`) |
 //! |---|---|
-//! | `{"cmd":"info"}` | pid, mem_bytes, pages, dirty, ring_entries, harvest, slots |
-//! | `{"cmd":"run","ops":[...]}` | pages_written, harvested, ring_full_exits, seconds |
-//! | `{"cmd":"start_loop","ops":[...]}` / `{"cmd":"stop_loop"}` | iterations, pages_written, seconds |
-//! | `{"cmd":"harvest"}` | harvested |
-//! | `{"cmd":"reregister"}` | the RAM slots are registered again, unchanged |
-//! | `{"cmd":"checksums"[,"first":F,"count":C]}` | hashes: blake3 hex per page |
-//! | `{"cmd":"exit"}` | then the process exits |
+//! | `{"cmd":"info"}` | pid, mem_bytes, pages, dirty, ring_entries, harvest, slots, loop_running |
+//! | `{"cmd":"run","ops":[...]}` | pages_written, harvested, entries, ring_full_exits, seconds |
+//! | `{"cmd":"start_loop","ops":[...]}` | (nothing) |
+//! | `{"cmd":"stop_loop"}` | iterations, pages_written, seconds |
+//! | `{"cmd":"harvest"[,"list":true]}` | harvested, entries[, pages] |
+//! | `{"cmd":"reregister"}` | (the RAM and code slots are registered again, unchanged) |
+//! | `{"cmd":"checksums"[,"first":F][,"count":C]}` | hashes: blake3 hex per page |
+//! | `{"cmd":"exit"}` | then the process exits 0 and removes the socket |
 //!
 //! Ops: `{"op":"random","first","count","seed"}`, `{"op":"copy","src","first","count"}`,
 //! `{"op":"zero","first","count"}`, `{"op":"touch","first","count","value"}`,
-//! `{"op":"stride","first","count","step","value"}`. A bad request gets
-//! `{"ok":false,"error":"..."}` and the VMM keeps serving.
+//! `{"op":"stride","first","count","step","value"}`. `harvested` counts
+//! distinct pages; `entries` the dirty-ring entries behind them. A bad request
+//! gets `{"ok":false,"error":"..."}` and the VMM keeps serving.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     os::unix::{
         fs::PermissionsExt,
         net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
+use anyhow::{Context as _, anyhow, bail};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{TestVm, workload::Op};
+use super::{TestVm, signals, workload::Op};
+
+/// Longest request line accepted.
+const MAX_REQUEST_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
@@ -46,7 +54,10 @@ enum Request {
         ops: Vec<Op>,
     },
     StopLoop,
-    Harvest,
+    Harvest {
+        #[serde(default)]
+        list: bool,
+    },
     Reregister,
     Checksums {
         first: Option<u32>,
@@ -61,159 +72,256 @@ struct Loop {
     started: Instant,
 }
 
-pub struct Server {
-    vm: Arc<Mutex<TestVm>>,
-    running: Option<Loop>,
+/// State shared by the connection threads and the loop thread.
+struct Shared {
+    vm: Mutex<TestVm>,
+    /// Control threads waiting for `vm`; a running loop lets them in.
+    waiters: AtomicUsize,
+    running: Mutex<Option<Loop>>,
+    loop_running: AtomicBool,
+    /// The `info` answer without the loop state (it never changes).
+    info: Value,
     socket: PathBuf,
+}
+
+pub struct Server {
+    shared: Arc<Shared>,
 }
 
 impl Server {
     pub fn new(vm: TestVm, socket: &Path) -> Self {
+        let info = json!({
+            "ok": true,
+            "pid": std::process::id(),
+            "mem_bytes": vm.config.mem_bytes,
+            "pages": vm.pages(),
+            "dirty": vm.config.dirty,
+            "ring_entries": vm.config.ring_entries,
+            "harvest": vm.config.harvest,
+            "slots": vm.slots,
+        });
         Self {
-            vm: Arc::new(Mutex::new(vm)),
-            running: None,
-            socket: socket.to_path_buf(),
+            shared: Arc::new(Shared {
+                vm: Mutex::new(vm),
+                waiters: AtomicUsize::new(0),
+                running: Mutex::new(None),
+                loop_running: AtomicBool::new(false),
+                info,
+                socket: socket.to_path_buf(),
+            }),
         }
     }
 
-    /// Serves connections one after another until an `exit` request.
-    pub fn serve(mut self) -> anyhow::Result<()> {
-        let _ = std::fs::remove_file(&self.socket);
-        let listener = UnixListener::bind(&self.socket)?;
-        std::fs::set_permissions(&self.socket, std::fs::Permissions::from_mode(0o600))?;
+    /// Serves connections until an `exit` request, SIGTERM or SIGINT, all of
+    /// which end the process with status 0.
+    pub fn serve(self) -> anyhow::Result<()> {
+        let socket = &self.shared.socket;
+        // Before any thread starts, so that every thread blocks the signals.
+        signals::exit_on_termination(socket.clone())?;
+        if socket.exists() {
+            std::fs::remove_file(socket).with_context(|| {
+                format!("removing the stale socket {} (is another VMM using it?)", socket.display())
+            })?;
+        }
+        // Created 0600 from the start: no window where others may connect.
+        let listener = {
+            let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+            let bound = UnixListener::bind(socket);
+            nix::sys::stat::umask(old);
+            bound.with_context(|| format!("binding the control socket {}", socket.display()))?
+        };
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+        log::info!("control socket {} ready", socket.display());
         for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            if self.connection(stream) {
-                break;
+            let stream = match stream {
+                Ok(stream) => stream,
+                Err(err) => {
+                    log::warn!("accept on the control socket: {err}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            let shared = self.shared.clone();
+            if let Err(err) = std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || shared.connection(stream))
+            {
+                log::warn!("cannot start a thread for a control connection: {err}");
             }
         }
-        let _ = std::fs::remove_file(&self.socket);
         Ok(())
     }
+}
 
-    /// Returns true when asked to exit.
-    fn connection(&mut self, stream: UnixStream) -> bool {
+impl Shared {
+    fn connection(self: Arc<Self>, stream: UnixStream) {
         let Ok(mut writer) = stream.try_clone() else {
-            return false;
+            return;
         };
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { return false };
-            if line.trim().is_empty() {
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader
+                .by_ref()
+                .take(MAX_REQUEST_BYTES)
+                .read_until(b'\n', &mut line)
+            {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if !line.ends_with(b"\n") && line.len() as u64 >= MAX_REQUEST_BYTES {
+                let answer = json!({"ok": false, "error": format!(
+                    "request longer than {MAX_REQUEST_BYTES} bytes: send one JSON object per line")});
+                let _ = writeln!(writer, "{answer}");
+                return;
+            }
+            if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let (answer, exit) = match serde_json::from_str::<Request>(&line) {
+            let (answer, exit) = match serde_json::from_slice::<Request>(&line) {
                 Ok(request) => {
                     let exit = matches!(request, Request::Exit);
-                    (
-                        self.answer(request)
-                            .unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")})),
-                        exit,
-                    )
+                    let answer = self
+                        .answer(request)
+                        .unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")}));
+                    (answer, exit)
                 }
                 Err(e) => (
-                    json!({"ok": false, "error": format!("bad request: {e}")}),
+                    json!({"ok": false, "error": format!(
+                        "bad request: {e} (send one JSON object per line, e.g. {{\"cmd\":\"info\"}})")}),
                     false,
                 ),
             };
-            if writeln!(writer, "{answer}").is_err() {
-                return exit;
-            }
+            let written = writeln!(writer, "{answer}").and_then(|()| writer.flush());
             if exit {
-                self.stop_loop().ok();
-                return true;
+                signals::exit_now(&self.socket);
+            }
+            if written.is_err() {
+                return;
             }
         }
-        false
     }
 
-    fn answer(&mut self, request: Request) -> anyhow::Result<Value> {
-        let busy = || anyhow::anyhow!("a loop is running; send stop_loop first");
+    /// Locks the VM ahead of a running loop's next iteration.
+    fn lock_vm(&self) -> MutexGuard<'_, TestVm> {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        vm
+    }
+
+    fn running(&self) -> MutexGuard<'_, Option<Loop>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn answer(self: &Arc<Self>, request: Request) -> anyhow::Result<Value> {
+        let busy = || anyhow!("a loop is running; send stop_loop first");
         Ok(match request {
             Request::Info => {
-                let vm = self.vm.lock().unwrap();
-                json!({
-                    "ok": true,
-                    "pid": std::process::id(),
-                    "mem_bytes": vm.config.mem_bytes,
-                    "pages": vm.pages(),
-                    "dirty": vm.config.dirty,
-                    "ring_entries": vm.config.ring_entries,
-                    "harvest": vm.config.harvest,
-                    "slots": vm.slots,
-                    "loop_running": self.running.is_some(),
-                })
+                let mut info = self.info.clone();
+                info["loop_running"] = self.loop_running.load(Ordering::SeqCst).into();
+                info
             }
             Request::Run { ops } => {
-                if self.running.is_some() {
+                // Held while running: no loop can start meanwhile.
+                let running = self.running();
+                if running.is_some() {
                     return Err(busy());
                 }
-                let report = self.vm.lock().unwrap().run(&ops)?;
-                json!({"ok": true, "pages_written": report.pages_written, "harvested": report.harvested,
+                let report = self.lock_vm().run(&ops)?;
+                drop(running);
+                json!({"ok": true, "pages_written": report.pages_written,
+                       "harvested": report.harvested, "entries": report.entries,
                        "ring_full_exits": report.ring_full_exits, "seconds": report.seconds})
             }
             Request::StartLoop { ops } => {
-                if self.running.is_some() {
+                let mut running = self.running();
+                if running.is_some() {
                     return Err(busy());
                 }
-                let pages = self.vm.lock().unwrap().pages();
-                for op in &ops {
-                    op.validate(pages).map_err(|e| anyhow::anyhow!(e))?;
-                }
                 if ops.is_empty() {
-                    anyhow::bail!("start_loop needs at least one op");
+                    bail!("start_loop needs at least one op");
                 }
-                let stop = Arc::new(AtomicBool::new(false));
-                let (vm, flag) = (self.vm.clone(), stop.clone());
-                let thread = std::thread::spawn(move || {
-                    let (mut iterations, mut written) = (0u64, 0u64);
-                    while !flag.load(Ordering::Relaxed) {
-                        written += vm.lock().unwrap().run(&ops)?.pages_written;
-                        iterations += 1;
-                    }
-                    Ok((iterations, written))
-                });
-                self.running = Some(Loop {
-                    stop,
-                    thread,
-                    started: Instant::now(),
-                });
+                self.lock_vm().check_ops(&ops)?;
+                *running = Some(self.spawn_loop(ops)?);
+                self.loop_running.store(true, Ordering::SeqCst);
                 json!({"ok": true})
             }
             Request::StopLoop => {
                 let (iterations, written, seconds) = self.stop_loop()?;
                 json!({"ok": true, "iterations": iterations, "pages_written": written, "seconds": seconds})
             }
-            Request::Harvest => {
-                json!({"ok": true, "harvested": self.vm.lock().unwrap().harvest()?})
+            Request::Harvest { list } => {
+                let harvested = self.lock_vm().harvest()?;
+                let mut answer = json!({"ok": true, "harvested": harvested.pages.len(),
+                                        "entries": harvested.entries});
+                if list {
+                    answer["pages"] = json!(harvested.pages);
+                }
+                answer
             }
             Request::Reregister => {
-                self.vm.lock().unwrap().register_slots()?;
+                self.lock_vm().register_slots()?;
                 json!({"ok": true})
             }
             Request::Checksums { first, count } => {
-                if self.running.is_some() {
+                let running = self.running();
+                if running.is_some() {
                     return Err(busy());
                 }
-                let vm = self.vm.lock().unwrap();
+                let vm = self.lock_vm();
                 let first = first.unwrap_or(0);
                 let count = count.unwrap_or(vm.pages().saturating_sub(first));
-                json!({"ok": true, "hashes": vm.checksums(first, count)?})
+                let hashes = vm.checksums(first, count)?;
+                drop(running);
+                json!({"ok": true, "hashes": hashes})
             }
             Request::Exit => json!({"ok": true}),
         })
     }
 
-    fn stop_loop(&mut self) -> anyhow::Result<(u64, u64, f64)> {
-        let running = self
-            .running
+    /// Runs `ops` over and over on a thread of its own until stopped.
+    fn spawn_loop(self: &Arc<Self>, ops: Vec<Op>) -> anyhow::Result<Loop> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let this = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("vcpu-loop".into())
+            .spawn(move || {
+                let (mut iterations, mut written) = (0u64, 0u64);
+                while !flag.load(Ordering::SeqCst) {
+                    written += this.vm.lock().unwrap_or_else(|e| e.into_inner()).run(&ops)?.pages_written;
+                    iterations += 1;
+                    // Let control requests (harvest, reregister) in between iterations.
+                    while this.waiters.load(Ordering::SeqCst) > 0 {
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                }
+                Ok((iterations, written))
+            })
+            .context("starting the loop thread")?;
+        Ok(Loop {
+            stop,
+            thread,
+            started: Instant::now(),
+        })
+    }
+
+    fn stop_loop(&self) -> anyhow::Result<(u64, u64, f64)> {
+        // Held until the loop has ended: no other loop or run starts meanwhile.
+        let mut guard = self.running();
+        let running = guard
             .take()
-            .ok_or_else(|| anyhow::anyhow!("no loop is running"))?;
-        running.stop.store(true, Ordering::Relaxed);
+            .ok_or_else(|| anyhow!("no loop is running; start one with start_loop"))?;
+        running.stop.store(true, Ordering::SeqCst);
+        let result = running.thread.join();
         let seconds = running.started.elapsed().as_secs_f64();
-        let (iterations, written) = running
-            .thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("the loop thread panicked"))??;
+        self.loop_running.store(false, Ordering::SeqCst);
+        drop(guard);
+        let (iterations, written) = result
+            .map_err(|_| anyhow!("the loop thread panicked"))?
+            .context("the loop stopped on an error")?;
         Ok((iterations, written, seconds))
     }
 }

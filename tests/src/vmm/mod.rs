@@ -6,9 +6,11 @@
 //! guest that writes pages as told; and a control socket (see [`control`]).
 
 pub mod control;
+pub mod dirty_pages;
 pub mod dirty_ring;
 pub mod guest_code;
 pub mod memory;
+pub mod signals;
 pub mod workload;
 
 use std::{os::fd::AsRawFd, path::PathBuf, time::Instant};
@@ -22,6 +24,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::Serialize;
 
 use self::{
+    dirty_pages::DirtyPages,
     dirty_ring::DirtyRing,
     guest_code::{CODE_GPA, CODE_SLOT_SIZE},
     memory::{CodeMemory, GuestRam},
@@ -59,7 +62,44 @@ pub struct VmConfig {
     pub slots: u32,
 }
 
-#[derive(Clone, Copy, Debug, Serialize)]
+impl VmConfig {
+    /// Checks what KVM would otherwise refuse with a bare errno.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(1..MAX_RAM_SLOTS).contains(&self.slots) {
+            bail!("--slots must be 1..={}, not {}", MAX_RAM_SLOTS - 1, self.slots);
+        }
+        let unit = PAGE * self.slots as usize;
+        if self.mem_bytes == 0 || self.mem_bytes % unit != 0 {
+            bail!(
+                "guest RAM ({} bytes) must be a non-zero multiple of {} pages ({} bytes) so that each of the {} slots gets whole pages",
+                self.mem_bytes,
+                self.slots,
+                unit,
+                self.slots
+            );
+        }
+        if self.mem_bytes > MAX_MEM_BYTES {
+            bail!(
+                "--mem-mib {} is too large: RAM must end below the code slot at {CODE_GPA:#x} (at most {} MiB)",
+                self.mem_bytes >> 20,
+                MAX_MEM_BYTES >> 20
+            );
+        }
+        if self.dirty == DirtyMode::Ring {
+            // KVM wants a power-of-two ring of at least one page of entries.
+            let min = (PAGE / 16) as u32;
+            if !self.ring_entries.is_power_of_two() || self.ring_entries < min {
+                bail!(
+                    "--ring-entries must be a power of two of at least {min} (one page of 16-byte entries), not {}",
+                    self.ring_entries
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct SlotInfo {
     pub slot: u32,
     pub gpa: u64,
@@ -68,12 +108,29 @@ pub struct SlotInfo {
     pub flags: u32,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+/// Largest RAM: everything below the code slot.
+pub const MAX_MEM_BYTES: usize = CODE_GPA as usize;
+/// RAM slot ids are 0..K-1 and must stay clear of the code slot's id.
+pub const MAX_RAM_SLOTS: u32 = CODE_SLOT;
+
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize)]
 pub struct RunReport {
     pub pages_written: u64,
+    /// Distinct pages the closing harvest reported (auto mode; 0 in manual mode).
     pub harvested: u64,
+    /// Dirty-ring entries behind `harvested` (one per emulated write).
+    pub entries: u64,
     pub ring_full_exits: u64,
     pub seconds: f64,
+}
+
+/// What one harvest reported.
+#[derive(Clone, Debug, Default)]
+pub struct Harvested {
+    /// Guest page numbers written since the previous harvest, ascending.
+    pub pages: Vec<u64>,
+    /// Dirty-ring entries seen for them (ring mode; 0 otherwise).
+    pub entries: u64,
 }
 
 pub struct TestVm {
@@ -85,6 +142,10 @@ pub struct TestVm {
     ring: Option<DirtyRing>,
     /// Ring entries collected or pending since the last reset.
     unreset_entries: u64,
+    /// Pages collected from the ring since the last harvest.
+    pending: DirtyPages,
+    /// Ring entries behind `pending`.
+    pending_entries: u64,
     pub config: VmConfig,
     /// RAM slots.
     pub slots: Vec<SlotInfo>,
@@ -93,18 +154,7 @@ pub struct TestVm {
 
 impl TestVm {
     pub fn new(config: VmConfig) -> anyhow::Result<Self> {
-        if config.mem_bytes == 0 || config.mem_bytes % (PAGE * config.slots.max(1) as usize) != 0 {
-            bail!(
-                "guest RAM must be a non-zero multiple of {} pages per slot",
-                config.slots.max(1)
-            );
-        }
-        if config.dirty == DirtyMode::Ring && !config.ring_entries.is_power_of_two() {
-            bail!(
-                "--ring-entries must be a power of two, not {}",
-                config.ring_entries
-            );
-        }
+        config.validate()?;
         let kvm = Kvm::new().context("opening /dev/kvm (is KVM available and are you root?)")?;
         let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
         if config.dirty == DirtyMode::Ring {
@@ -115,6 +165,15 @@ impl TestVm {
             } else {
                 bail!("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING): use --dirty bitmap");
             };
+            let max_bytes = vm.check_extension_raw(KVM_CAP_DIRTY_LOG_RING.into());
+            let bytes = u64::from(config.ring_entries) * 16;
+            if max_bytes > 0 && bytes > max_bytes as u64 {
+                bail!(
+                    "--ring-entries {} is more than this KVM allows: use at most {}",
+                    config.ring_entries,
+                    max_bytes / 16
+                );
+            }
             let mut enable = kvm_enable_cap {
                 cap,
                 ..Default::default()
@@ -132,7 +191,7 @@ impl TestVm {
         } else {
             KVM_MEM_LOG_DIRTY_PAGES
         };
-        let slot_count = config.slots.max(1);
+        let slot_count = config.slots;
         let slot_size = (config.mem_bytes / slot_count as usize) as u64;
         let slots: Vec<SlotInfo> = (0..slot_count)
             .map(|i| SlotInfo {
@@ -172,6 +231,8 @@ impl TestVm {
             _code: code,
             ring,
             unreset_entries: 0,
+            pending: DirtyPages::new((config.mem_bytes / PAGE) as u32),
+            pending_entries: 0,
             config,
             slots,
             code_slot,
@@ -226,35 +287,64 @@ impl TestVm {
     }
 
     /// Runs `ops` on the vCPU; in auto mode harvests afterwards.
-    pub fn run(&mut self, ops: &[Op]) -> anyhow::Result<RunReport> {
+    /// Dirty-ring entries a single KVM_RUN may add to the ring's un-reset
+    /// entries. KVM asks for an exit once the ring is "soft full" (64 entries
+    /// short of full), but under the instruction emulator that exit comes late
+    /// or not at all (one `rep movsd` pushes 1024 entries in one go), and a
+    /// push into a full ring overwrites an entry (the ring is then out of
+    /// sync for good). So the VMM never lets a run come near that: it resets
+    /// the ring before a run that could pass this budget.
+    fn ring_budget(&self) -> u32 {
+        self.config.ring_entries.saturating_sub(128)
+    }
+
+    /// Checks `ops` before anything runs.
+    pub fn check_ops(&self, ops: &[Op]) -> anyhow::Result<()> {
         let pages = self.pages();
         for op in ops {
             op.validate(pages).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if self.config.dirty == DirtyMode::Ring && op.writes_per_page() > self.ring_budget() {
+                bail!(
+                    "{} writes {} dwords per page and the instruction emulator pushes one dirty-ring entry per write: \
+                     it needs --ring-entries of at least {} (this VMM has {})",
+                    op.name(),
+                    op.writes_per_page(),
+                    (op.writes_per_page() + 128).next_power_of_two(),
+                    self.config.ring_entries
+                );
+            }
         }
+        Ok(())
+    }
+
+    /// Runs `ops` on the vCPU; in auto mode harvests afterwards.
+    pub fn run(&mut self, ops: &[Op]) -> anyhow::Result<RunReport> {
+        self.check_ops(ops)?;
         let started = Instant::now();
         let mut report = RunReport::default();
         for op in ops {
-            // Keep each KVM_RUN within half the dirty ring: the emulator does
-            // not stop a vCPU whose ring fills in the middle of a run.
             let per_run = match self.config.dirty {
-                DirtyMode::Ring => (self.config.ring_entries / 2) / op.writes_per_page(),
+                DirtyMode::Ring => self.ring_budget() / op.writes_per_page(),
                 _ => u32::MAX,
             };
             for chunk in op.chunks(per_run) {
-                self.run_one(&chunk, &mut report)?;
                 if self.config.dirty == DirtyMode::Ring {
-                    let collected = self.collect_ring();
-                    report.harvested += collected;
-                    if self.unreset_entries > u64::from(self.config.ring_entries / 2) {
-                        // The ring would overflow: re-protect now, whatever the mode.
+                    let pushes = u64::from(chunk.writes_per_page()) * chunk.pages();
+                    if self.unreset_entries + pushes > u64::from(self.ring_budget()) {
+                        // The ring could fill: re-protect now, whatever the mode
+                        // (the entries stay pending for the next harvest).
                         self.reset_ring()?;
                     }
                 }
+                self.run_one(&chunk, &mut report)?;
+                self.collect_ring();
             }
             report.pages_written += op.pages();
         }
         if self.config.harvest == Harvest::Auto {
-            report.harvested += self.harvest()?;
+            let harvested = self.harvest()?;
+            report.harvested = harvested.pages.len() as u64;
+            report.entries = harvested.entries;
         }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
@@ -290,7 +380,14 @@ impl TestVm {
                 VcpuExit::Hlt => return Ok(()),
                 VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
                     report.ring_full_exits += 1;
-                    report.harvested += self.collect_ring();
+                    let collected = self.collect_ring();
+                    log::debug!("dirty ring full: {collected} entries collected");
+                    if collected == 0 && self.unreset_entries == 0 {
+                        bail!(
+                            "KVM reports the dirty ring full but it holds no dirty entry: the ring overflowed \
+                             and is out of sync; restart the VMM with a larger --ring-entries"
+                        );
+                    }
                     self.reset_ring()?;
                 }
                 other => bail!("unexpected vCPU exit: {other:?}"),
@@ -298,12 +395,19 @@ impl TestVm {
         }
     }
 
-    /// Collects the ring's dirty entries (marking them for reset).
+    /// Moves the ring's dirty entries into `pending` (marking them for reset).
     fn collect_ring(&mut self) -> u64 {
         let Some(ring) = &mut self.ring else { return 0 };
         let mut entries = Vec::new();
         let n = ring.collect(&mut entries) as u64;
+        for (slot, offset) in entries {
+            // slot = address space << 16 | slot id; only RAM slots are logged.
+            if let Some(slot) = self.slots.get((slot & 0xFFFF) as usize) {
+                self.pending.insert(slot.gpa / PAGE as u64 + offset);
+            }
+        }
         self.unreset_entries += n;
+        self.pending_entries += n;
         n
     }
 
@@ -313,30 +417,29 @@ impl TestVm {
         Ok(())
     }
 
-    /// Harvests the dirty log and re-protects the pages; returns entries seen.
-    pub fn harvest(&mut self) -> anyhow::Result<u64> {
+    /// Harvests the dirty log and re-protects the pages: every page written
+    /// since the previous harvest, once.
+    pub fn harvest(&mut self) -> anyhow::Result<Harvested> {
         match self.config.dirty {
             DirtyMode::Ring => {
-                let collected = self.collect_ring();
+                self.collect_ring();
                 self.reset_ring()?;
-                Ok(collected)
             }
             DirtyMode::Bitmap => {
-                let mut dirty = 0u64;
                 for slot in &self.slots {
                     let bitmap = self
                         .vm
                         .get_dirty_log(slot.slot, slot.size as usize)
                         .context("KVM_GET_DIRTY_LOG")?;
-                    dirty += bitmap
-                        .iter()
-                        .map(|w| u64::from(w.count_ones()))
-                        .sum::<u64>();
+                    self.pending.insert_bitmap(slot.gpa / PAGE as u64, &bitmap);
                 }
-                Ok(dirty)
             }
-            DirtyMode::None => Ok(0),
+            DirtyMode::None => {}
         }
+        Ok(Harvested {
+            pages: self.pending.drain(),
+            entries: std::mem::take(&mut self.pending_entries),
+        })
     }
 
     /// blake3 of pages `first..first+count` from the VMM's own mapping.
@@ -367,4 +470,67 @@ fn register_slot(vm: &VmFd, slot: &SlotInfo) -> anyhow::Result<()> {
     // TestVm owning `vm` keeps mapped until the VM is dropped.
     unsafe { vm.set_user_memory_region(region) }
         .with_context(|| format!("registering RAM slot {}", slot.slot))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(mem_mib: usize) -> VmConfig {
+        VmConfig {
+            mem_bytes: mem_mib << 20,
+            image: None,
+            dirty: DirtyMode::Ring,
+            ring_entries: 4096,
+            harvest: Harvest::Auto,
+            slots: 1,
+        }
+    }
+
+    #[test]
+    fn configs_kvm_would_refuse_are_refused_with_a_reason() {
+        assert!(config(1).validate().is_ok());
+        for (bad, needle) in [
+            (VmConfig { ring_entries: 64, ..config(1) }, "at least 256"),
+            (VmConfig { ring_entries: 3000, ..config(1) }, "power of two"),
+            (VmConfig { slots: 0, ..config(1) }, "--slots"),
+            (VmConfig { slots: 100, ..config(1) }, "--slots"),
+            (VmConfig { slots: 3, ..config(1) }, "multiple of 3 pages"),
+            (VmConfig { mem_bytes: 0, ..config(1) }, "non-zero"),
+            (config(4096), "at most 3584 MiB"),
+        ] {
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad:?}: {err}");
+        }
+        // A ring smaller than a page is fine when the ring is not used.
+        assert!(
+            VmConfig { ring_entries: 64, dirty: DirtyMode::Bitmap, ..config(1) }
+                .validate()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_vm_in_process_runs_ops_and_harvests_each_page_once() {
+        if !crate::privileged::check_kvm("a_vm_in_process_runs_ops_and_harvests_each_page_once") {
+            return;
+        }
+        let mut vm = TestVm::new(VmConfig { slots: 2, ..config(1) }).unwrap();
+        let ops = [
+            Op::Touch { first: 100, count: 56, value: 7 },
+            // Written twice in one run, reported once.
+            Op::Zero { first: 120, count: 16 },
+            Op::Stride { first: 0, count: 4, step: 64, value: 1 },
+        ];
+        let report = vm.run(&ops).unwrap();
+        assert_eq!(report.pages_written, 56 + 16 + 4);
+        assert_eq!(report.harvested, 56 + 3, "pages 0, 64, 192 and 100..156 (128 twice)");
+        assert_eq!(report.entries, 56 + 16 * 1024 + 4);
+        let hashes = vm.checksums(100, 56).unwrap();
+        let mut touched = vec![0u8; PAGE];
+        touched[8..12].copy_from_slice(&7u32.to_le_bytes());
+        assert_eq!(hashes[0], blake3::hash(&touched).to_hex().to_string());
+        assert_eq!(hashes[20], blake3::hash(&[0; PAGE]).to_hex().to_string());
+        assert!(vm.harvest().unwrap().pages.is_empty(), "nothing written since");
+    }
 }

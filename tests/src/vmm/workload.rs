@@ -130,6 +130,17 @@ impl Op {
             .collect()
     }
 
+    /// The op's name in the protocol.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Random { .. } => "random",
+            Op::Copy { .. } => "copy",
+            Op::Zero { .. } => "zero",
+            Op::Touch { .. } => "touch",
+            Op::Stride { .. } => "stride",
+        }
+    }
+
     /// Distinct pages written.
     pub fn pages(&self) -> u64 {
         match *self {
