@@ -132,7 +132,9 @@ impl Vm {
     pub fn exit(mut self) {
         let _ = self.process.request(&json!({"cmd": "exit"}));
         assert!(
-            self.process.wait_exit(std::time::Duration::from_secs(10)).is_some(),
+            self.process
+                .wait_exit(std::time::Duration::from_secs(10))
+                .is_some(),
             "the VMM did not exit"
         );
     }

@@ -57,7 +57,7 @@ pub fn fleet_image(vm: usize, pages: usize, layout: FleetLayout) -> Vec<u8> {
             // A few OS pages repeat inside the image too.
             Some(1_000_000 + (index % (os_end.max(1) * 9 / 10).max(1)) as u64)
         } else if index < library_end {
-            (vm % 2 == 0)
+            vm.is_multiple_of(2)
                 .then_some(2_000_000 + index as u64)
                 .or(Some(10_000_000 * (vm as u64 + 1) + index as u64))
         } else if index < zero_end {

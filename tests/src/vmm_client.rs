@@ -206,7 +206,10 @@ impl VmmProcess {
         if answer["ok"] != true {
             return Err(Refused {
                 request: request.to_string(),
-                error: answer["error"].as_str().unwrap_or("no error text").to_owned(),
+                error: answer["error"]
+                    .as_str()
+                    .unwrap_or("no error text")
+                    .to_owned(),
             }
             .into());
         }
@@ -215,8 +218,7 @@ impl VmmProcess {
 
     fn call_as<T: for<'de> Deserialize<'de>>(&self, request: Value) -> anyhow::Result<T> {
         let answer = self.call(&request)?;
-        serde_json::from_value(answer)
-            .with_context(|| format!("unexpected answer to {request}"))
+        serde_json::from_value(answer).with_context(|| format!("unexpected answer to {request}"))
     }
 
     pub fn info(&self) -> anyhow::Result<VmmInfo> {
@@ -230,7 +232,8 @@ impl VmmProcess {
 
     /// Runs `ops` over and over in the background until [`Self::stop_loop`].
     pub fn start_loop(&self, ops: &[Op]) -> anyhow::Result<()> {
-        self.call(&json!({"cmd": "start_loop", "ops": ops})).map(drop)
+        self.call(&json!({"cmd": "start_loop", "ops": ops}))
+            .map(drop)
     }
 
     pub fn stop_loop(&self) -> anyhow::Result<LoopReport> {

@@ -43,27 +43,29 @@ use super::{TestVm, signals, workload::Op};
 /// Longest request line accepted.
 const MAX_REQUEST_BYTES: u64 = 16 << 20;
 
+// Commands without arguments are empty struct variants: serde ignores
+// unknown fields next to the tag of a unit variant, even with deny_unknown_fields.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 enum Request {
-    Info,
+    Info {},
     Run {
         ops: Vec<Op>,
     },
     StartLoop {
         ops: Vec<Op>,
     },
-    StopLoop,
+    StopLoop {},
     Harvest {
         #[serde(default)]
         list: bool,
     },
-    Reregister,
+    Reregister {},
     Checksums {
         first: Option<u32>,
         count: Option<u32>,
     },
-    Exit,
+    Exit {},
 }
 
 struct Loop {
@@ -120,7 +122,10 @@ impl Server {
         signals::exit_on_termination(socket.clone())?;
         if socket.exists() {
             std::fs::remove_file(socket).with_context(|| {
-                format!("removing the stale socket {} (is another VMM using it?)", socket.display())
+                format!(
+                    "removing the stale socket {} (is another VMM using it?)",
+                    socket.display()
+                )
             })?;
         }
         // Created 0600 from the start: no window where others may connect.
@@ -181,7 +186,7 @@ impl Shared {
             }
             let (answer, exit) = match serde_json::from_slice::<Request>(&line) {
                 Ok(request) => {
-                    let exit = matches!(request, Request::Exit);
+                    let exit = matches!(request, Request::Exit {});
                     let answer = self
                         .answer(request)
                         .unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")}));
@@ -218,7 +223,7 @@ impl Shared {
     fn answer(self: &Arc<Self>, request: Request) -> anyhow::Result<Value> {
         let busy = || anyhow!("a loop is running; send stop_loop first");
         Ok(match request {
-            Request::Info => {
+            Request::Info {} => {
                 let mut info = self.info.clone();
                 info["loop_running"] = self.loop_running.load(Ordering::SeqCst).into();
                 info
@@ -248,7 +253,7 @@ impl Shared {
                 self.loop_running.store(true, Ordering::SeqCst);
                 json!({"ok": true})
             }
-            Request::StopLoop => {
+            Request::StopLoop {} => {
                 let (iterations, written, seconds) = self.stop_loop()?;
                 json!({"ok": true, "iterations": iterations, "pages_written": written, "seconds": seconds})
             }
@@ -261,7 +266,7 @@ impl Shared {
                 }
                 answer
             }
-            Request::Reregister => {
+            Request::Reregister {} => {
                 self.lock_vm().register_slots()?;
                 json!({"ok": true})
             }
@@ -277,7 +282,7 @@ impl Shared {
                 drop(running);
                 json!({"ok": true, "hashes": hashes})
             }
-            Request::Exit => json!({"ok": true}),
+            Request::Exit {} => json!({"ok": true}),
         })
     }
 
@@ -291,7 +296,12 @@ impl Shared {
             .spawn(move || {
                 let (mut iterations, mut written) = (0u64, 0u64);
                 while !flag.load(Ordering::SeqCst) {
-                    written += this.vm.lock().unwrap_or_else(|e| e.into_inner()).run(&ops)?.pages_written;
+                    written += this
+                        .vm
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .run(&ops)?
+                        .pages_written;
                     iterations += 1;
                     // Let control requests (harvest, reregister) in between iterations.
                     while this.waiters.load(Ordering::SeqCst) > 0 {

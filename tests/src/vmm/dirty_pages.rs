@@ -79,7 +79,11 @@ mod tests {
         for page in [5, 130, 5, 64, 199, 200, 1000] {
             set.insert(page);
         }
-        assert_eq!(set.len(), 4, "duplicates and out-of-RAM pages are not counted");
+        assert_eq!(
+            set.len(),
+            4,
+            "duplicates and out-of-RAM pages are not counted"
+        );
         set.insert_bitmap(128, &[0b101]);
         assert_eq!(set.drain(), vec![5, 64, 128, 130, 199]);
         assert!(set.is_empty());

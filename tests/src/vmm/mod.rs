@@ -66,10 +66,14 @@ impl VmConfig {
     /// Checks what KVM would otherwise refuse with a bare errno.
     pub fn validate(&self) -> anyhow::Result<()> {
         if !(1..MAX_RAM_SLOTS).contains(&self.slots) {
-            bail!("--slots must be 1..={}, not {}", MAX_RAM_SLOTS - 1, self.slots);
+            bail!(
+                "--slots must be 1..={}, not {}",
+                MAX_RAM_SLOTS - 1,
+                self.slots
+            );
         }
         let unit = PAGE * self.slots as usize;
-        if self.mem_bytes == 0 || self.mem_bytes % unit != 0 {
+        if self.mem_bytes == 0 || !self.mem_bytes.is_multiple_of(unit) {
             bail!(
                 "guest RAM ({} bytes) must be a non-zero multiple of {} pages ({} bytes) so that each of the {} slots gets whole pages",
                 self.mem_bytes,
@@ -491,12 +495,48 @@ mod tests {
     fn configs_kvm_would_refuse_are_refused_with_a_reason() {
         assert!(config(1).validate().is_ok());
         for (bad, needle) in [
-            (VmConfig { ring_entries: 64, ..config(1) }, "at least 256"),
-            (VmConfig { ring_entries: 3000, ..config(1) }, "power of two"),
-            (VmConfig { slots: 0, ..config(1) }, "--slots"),
-            (VmConfig { slots: 100, ..config(1) }, "--slots"),
-            (VmConfig { slots: 3, ..config(1) }, "multiple of 3 pages"),
-            (VmConfig { mem_bytes: 0, ..config(1) }, "non-zero"),
+            (
+                VmConfig {
+                    ring_entries: 64,
+                    ..config(1)
+                },
+                "at least 256",
+            ),
+            (
+                VmConfig {
+                    ring_entries: 3000,
+                    ..config(1)
+                },
+                "power of two",
+            ),
+            (
+                VmConfig {
+                    slots: 0,
+                    ..config(1)
+                },
+                "--slots",
+            ),
+            (
+                VmConfig {
+                    slots: 100,
+                    ..config(1)
+                },
+                "--slots",
+            ),
+            (
+                VmConfig {
+                    slots: 3,
+                    ..config(1)
+                },
+                "multiple of 3 pages",
+            ),
+            (
+                VmConfig {
+                    mem_bytes: 0,
+                    ..config(1)
+                },
+                "non-zero",
+            ),
             (config(4096), "at most 3584 MiB"),
         ] {
             let err = bad.validate().unwrap_err().to_string();
@@ -504,9 +544,13 @@ mod tests {
         }
         // A ring smaller than a page is fine when the ring is not used.
         assert!(
-            VmConfig { ring_entries: 64, dirty: DirtyMode::Bitmap, ..config(1) }
-                .validate()
-                .is_ok()
+            VmConfig {
+                ring_entries: 64,
+                dirty: DirtyMode::Bitmap,
+                ..config(1)
+            }
+            .validate()
+            .is_ok()
         );
     }
 
@@ -515,22 +559,45 @@ mod tests {
         if !crate::privileged::check_kvm("a_vm_in_process_runs_ops_and_harvests_each_page_once") {
             return;
         }
-        let mut vm = TestVm::new(VmConfig { slots: 2, ..config(1) }).unwrap();
+        let mut vm = TestVm::new(VmConfig {
+            slots: 2,
+            ..config(1)
+        })
+        .unwrap();
         let ops = [
-            Op::Touch { first: 100, count: 56, value: 7 },
+            Op::Touch {
+                first: 100,
+                count: 56,
+                value: 7,
+            },
             // Written twice in one run, reported once.
-            Op::Zero { first: 120, count: 16 },
-            Op::Stride { first: 0, count: 4, step: 64, value: 1 },
+            Op::Zero {
+                first: 120,
+                count: 16,
+            },
+            Op::Stride {
+                first: 0,
+                count: 4,
+                step: 64,
+                value: 1,
+            },
         ];
         let report = vm.run(&ops).unwrap();
         assert_eq!(report.pages_written, 56 + 16 + 4);
-        assert_eq!(report.harvested, 56 + 3, "pages 0, 64, 192 and 100..156 (128 twice)");
+        assert_eq!(
+            report.harvested,
+            56 + 3,
+            "pages 0, 64, 192 and 100..156 (128 twice)"
+        );
         assert_eq!(report.entries, 56 + 16 * 1024 + 4);
         let hashes = vm.checksums(100, 56).unwrap();
         let mut touched = vec![0u8; PAGE];
         touched[8..12].copy_from_slice(&7u32.to_le_bytes());
         assert_eq!(hashes[0], blake3::hash(&touched).to_hex().to_string());
         assert_eq!(hashes[20], blake3::hash(&[0; PAGE]).to_hex().to_string());
-        assert!(vm.harvest().unwrap().pages.is_empty(), "nothing written since");
+        assert!(
+            vm.harvest().unwrap().pages.is_empty(),
+            "nothing written since"
+        );
     }
 }
