@@ -290,7 +290,6 @@ impl TestVm {
         (self.config.mem_bytes / PAGE) as u32
     }
 
-    /// Runs `ops` on the vCPU; in auto mode harvests afterwards.
     /// Dirty-ring entries a single KVM_RUN may add to the ring's un-reset
     /// entries. KVM asks for an exit once the ring is "soft full" (64 entries
     /// short of full), but under the instruction emulator that exit comes late
