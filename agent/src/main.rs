@@ -103,7 +103,7 @@ fn templates(args: &agent::cli::TemplatesArgs) -> anyhow::Result<()> {
     println!(
         "{} templates ({} MiB) selected of {} contents held by at least {} VMs; they cover {} guest pages. Top {}:",
         catalog["selected"],
-        catalog["selected"].as_u64().unwrap_or(0) * 4096 >> 20,
+        (catalog["selected"].as_u64().unwrap_or(0) * 4096) >> 20,
         catalog["eligible"],
         catalog["min_vms"],
         catalog["pages_covered"],

@@ -16,7 +16,7 @@ use std::{
 };
 
 use agent_common::{Event, LossRecord};
-use crossbeam::channel::{Receiver, Sender, TryRecvError};
+use crossbeam::channel::{Receiver, Sender};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::{
@@ -121,11 +121,8 @@ impl Tracker {
             if let Some(logger) = &mut self.probes.logger {
                 logger.flush();
             }
-            let waiting: Vec<Sender<()>> = std::iter::from_fn(|| match self.sync_rx.try_recv() {
-                Ok(done) => Some(done),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-            })
-            .collect();
+            let waiting: Vec<Sender<()>> =
+                std::iter::from_fn(|| self.sync_rx.try_recv().ok()).collect();
             batch.clear();
             self.probes.drain(&mut batch);
             let registry_handle = self.registry.clone();

@@ -259,7 +259,9 @@ impl AgentProcess {
         stream.read_to_string(&mut response).unwrap();
         // The body of the HTTP answer: the exposition.
         match response.split_once("\r\n\r\n") {
-            Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => body.to_string(),
+            Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => {
+                body.to_string()
+            }
             _ => panic!("GET /metrics did not answer 200: {response}"),
         }
     }

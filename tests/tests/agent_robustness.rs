@@ -61,7 +61,10 @@ fn harvest_until_clean(agent: &AgentProcess, vm: &Vm) -> serde_json::Value {
         if view["synced"] == true && view["clean"] == view["pages"] {
             return view;
         }
-        assert!(std::time::Instant::now() < deadline, "VM never synced: {view:#}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VM never synced: {view:#}"
+        );
     }
 }
 

@@ -103,10 +103,7 @@ fn a_page_written_again_before_reprotection_is_never_served_stale() {
     assert_served_hashes_match(&agent, &vm);
     let records = vm_pages(&agent, vm.pid());
     for (page, record) in records.iter().enumerate().take(14).skip(10) {
-        assert_ne!(
-            record.state, 1,
-            "page {page} written but served clean"
-        );
+        assert_ne!(record.state, 1, "page {page} written but served clean");
     }
     // Second write of the same pages before re-protection: on hardware this
     // raises no event; the page must still not be served with old content.
@@ -148,8 +145,17 @@ fn an_exited_vm_disappears_with_its_counts() {
     }
     let status = agent.status();
     assert!(status["distinct_contents"].as_u64().unwrap() < with_both);
-    let listed: Vec<u64> = agent.get_json("/v1/vms").as_array().unwrap().iter().map(|v| v["pid"].as_u64().unwrap()).collect();
-    assert!(listed.contains(&u64::from(a.pid())) && !listed.contains(&u64::from(gone)), "{listed:?}");
+    let listed: Vec<u64> = agent
+        .get_json("/v1/vms")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["pid"].as_u64().unwrap())
+        .collect();
+    assert!(
+        listed.contains(&u64::from(a.pid())) && !listed.contains(&u64::from(gone)),
+        "{listed:?}"
+    );
     // Nothing is shared by two VMs any more.
     assert!(
         agent.templates()["templates"]

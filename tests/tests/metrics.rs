@@ -30,7 +30,12 @@ fn promtool_problems(text: &str) -> Option<String> {
         .stderr(Stdio::piped())
         .spawn()
         .ok()?;
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let output = child.wait_with_output().unwrap();
     let mut problems = String::from_utf8_lossy(&output.stdout).into_owned();
     problems.push_str(&String::from_utf8_lossy(&output.stderr));
@@ -54,12 +59,21 @@ fn metrics_follow_the_vms_and_pass_promtool() {
     let view = agent.wait_all_clean(vm.pid(), Duration::from_secs(60));
     let text = agent.metrics();
     let label = format!("pagefp_vm_pages{{state=\"clean\",vm=\"{}\"}}", vm.pid());
-    assert_eq!(metric(&text, &label), view["pages"].as_f64(), "{label} in\n{text}");
+    assert_eq!(
+        metric(&text, &label),
+        view["pages"].as_f64(),
+        "{label} in\n{text}"
+    );
     assert!(metric(&text, "pagefp_ebpf_programs_attached").unwrap() >= 5.0);
     assert!(metric(&text, "pagefp_pages_hashed_total{reason=\"full_pass\"}").unwrap() > 0.0);
     match promtool_problems(&text) {
-        Some(problems) => assert!(problems.trim().is_empty(), "promtool check metrics:\n{problems}"),
-        None if pagefp_tests::privileged::required() => panic!("promtool is missing: run `cargo xtask setup`"),
+        Some(problems) => assert!(
+            problems.trim().is_empty(),
+            "promtool check metrics:\n{problems}"
+        ),
+        None if pagefp_tests::privileged::required() => {
+            panic!("promtool is missing: run `cargo xtask setup`")
+        }
         None => eprintln!("skipped promtool check: promtool not installed"),
     }
 
@@ -68,7 +82,10 @@ fn metrics_follow_the_vms_and_pass_promtool() {
     vm.exit();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while agent.metrics().contains(&format!("vm=\"{pid}\"")) {
-        assert!(std::time::Instant::now() < deadline, "series of VM {pid} still exported after it exited");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "series of VM {pid} still exported after it exited"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -190,6 +190,10 @@ pub fn handle(
     }
 }
 
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the HTTP answer itself, built once per bad request"
+)]
 fn parse_pid(text: &str) -> Result<u32, ApiResponse> {
     text.parse().map_err(|_| {
         error(

@@ -115,6 +115,10 @@ pub struct VmStats {
     pub last_dirty_events: u64,
 }
 
+/// A `KVM_RESET_DIRTY_RINGS` under way: when it began (ktime), and per ring
+/// (reset index, dirty index).
+pub type ResetBatch = (u64, HashMap<u32, (u32, u32)>);
+
 /// A VM held by one VMM process.
 #[derive(Debug)]
 pub struct Vm {
@@ -127,7 +131,7 @@ pub struct Vm {
     pub rings: HashMap<u32, Ring>,
     pub sync: SyncState,
     /// Per-ring (reset index, dirty index) of the reset batch under way.
-    pub reset_batch: Option<(u64, HashMap<u32, (u32, u32)>)>,
+    pub reset_batch: Option<ResetBatch>,
     pub counts: VmContentCounts,
     pub stats: VmStats,
     /// Why the VM is not (fully) tracked, when it is not.

@@ -57,27 +57,6 @@ impl DirtyRing {
         })
     }
 
-    /// Flags of every entry: (dirty, reset, other) counts, for diagnostics.
-    pub fn census(&self) -> (u32, u32, u32) {
-        let (mut dirty, mut reset, mut other) = (0, 0, 0);
-        for i in 0..self.count as usize {
-            // SAFETY: i < count, inside the mapping.
-            let flags = unsafe { &*self.entries.as_ptr().add(i) }
-                .flags
-                .load(Ordering::Acquire);
-            match flags {
-                DIRTY => dirty += 1,
-                RESET => reset += 1,
-                _ => other += 1,
-            }
-        }
-        (dirty, reset, other)
-    }
-
-    pub fn fetch_index(&self) -> u32 {
-        self.fetch
-    }
-
     /// Collects every dirty entry (slot, page offset) and marks it for reset.
     pub fn collect(&mut self, out: &mut Vec<(u32, u64)>) -> usize {
         let mut n = 0;
