@@ -1,21 +1,26 @@
-//! `cargo xtask build`: the workspace, eBPF programs included.
+//! `cargo xtask build`: the whole workspace, eBPF programs included
+//! (`agent/build.rs` builds them with bpf-linker from `target/tools/bin`).
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
-use crate::{exec, setup, workspace::{Workspace, workspace_selection}};
+use crate::{
+    exec::{self, Fix},
+    setup,
+    workspace::{self, Workspace},
+};
 
 pub fn run(ws: &Workspace, release: bool) -> Result<()> {
     setup::check_build_tools(ws)?;
-    build(ws, release)
+    let mut args = workspace::workspace_selection();
+    if release {
+        args.push("--release".into());
+    }
+    build(ws, &args)
 }
 
-/// `cargo build` of every host package and its binaries (the tests start the
-/// `pagefp` and `pagefp-testvmm` binaries).
-pub fn build(ws: &Workspace, release: bool) -> Result<()> {
-    let mut cmd = ws.cargo("build");
-    cmd.args(workspace_selection()).arg("--bins");
-    if release {
-        cmd.arg("--release");
-    }
-    exec::run(&mut cmd)
+/// `cargo build <args>` with our tools on `PATH`. Binaries included: the tests
+/// start `pagefp` and `pagefp-testvmm`.
+pub fn build(ws: &Workspace, args: &[String]) -> Result<()> {
+    exec::run(ws.cargo("build").args(args))
+        .context(Fix("fix the compile errors above, then rerun".into()))
 }

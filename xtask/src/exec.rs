@@ -41,7 +41,11 @@ pub fn display(cmd: &Command) -> String {
         if let Some(value) = value
             && key != "PATH"
         {
-            words.push(format!("{}={}", key.display(), quote(&value.to_string_lossy())));
+            words.push(format!(
+                "{}={}",
+                key.display(),
+                quote(&value.to_string_lossy())
+            ));
         }
     }
     words.push(quote(&cmd.get_program().to_string_lossy()));
@@ -54,14 +58,20 @@ fn quote(word: &str) -> String {
         && word
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
-    if plain { word.to_owned() } else { format!("'{}'", word.replace('\'', r"'\''")) }
+    if plain {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
 }
 
 /// Prints `==> cmd`, runs it with inherited stdio, and fails unless it succeeds.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let line = display(cmd);
     println!("==> {line}");
-    let status = cmd.status().with_context(|| format!("could not start `{line}`"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{line}`"))?;
     if !status.success() {
         bail!("`{line}` failed ({status})");
     }

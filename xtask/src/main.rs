@@ -17,7 +17,11 @@ use clap::{Parser, Subcommand};
 use crate::workspace::Workspace;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "pagefp's development tasks")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "pagefp's development tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     verb: Verb,
@@ -78,6 +82,8 @@ fn report(err: &anyhow::Error) {
     eprintln!("error: {causes}");
     eprintln!(
         "  fix: {}",
-        fix.unwrap_or_else(|| "read the messages above; `cargo xtask setup` reinstalls prerequisites".to_owned())
+        fix.unwrap_or_else(|| {
+            "read the messages above; `cargo xtask setup` reinstalls prerequisites".to_owned()
+        })
     );
 }

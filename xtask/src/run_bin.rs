@@ -1,20 +1,73 @@
-//! `cargo xtask demo` and `cargo xtask bench`: setup, then run a release
-//! binary of the `pagefp-tests` package.
+//! `cargo xtask demo` and `cargo xtask bench`: setup, release build, then one
+//! binary of the `pagefp-tests` package with the user's arguments.
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, anyhow};
+use serde_json::Value;
 
-use crate::{exec::{self, Fix}, setup, workspace::Workspace};
+use crate::{
+    cargo_build,
+    exec::{self, Fix},
+    setup,
+    workspace::{self, Workspace},
+};
 
+/// The package holding the demo and benchmark binaries.
+const PACKAGE: &str = "pagefp-tests";
 pub const DEMO: &str = "pagefp-demo";
 pub const BENCH: &str = "pagefp-bench";
 
 pub fn run(ws: &Workspace, bin: &str, args: &[String]) -> Result<()> {
+    // Fail before the slow steps if there is nothing to run.
+    ensure_bin_exists(ws, bin)?;
     setup::run(ws)?;
-    // The demo and bench start the agent and the VMM: build them all in release.
-    let mut build = ws.cargo("build");
-    build.args(["--release", "-p", "agent", "--bin", "pagefp", "-p", "pagefp-tests", "--bins"]);
-    exec::run(&mut build)?;
-    let mut cmd = ws.cargo("run");
-    cmd.args(["--release", "--quiet", "-p", "pagefp-tests", "--bin", bin, "--"]).args(args);
-    exec::run(&mut cmd).context(Fix(format!("see the messages above; `{bin} --help` lists its options")))
+    // The binaries start the agent (`pagefp`) and the test VMM: build them all.
+    let mut build_args = workspace::workspace_selection();
+    build_args.push("--release".into());
+    cargo_build::build(ws, &build_args)?;
+    exec::run(
+        ws.cargo("run")
+            .args(["--release", "--quiet", "-p", PACKAGE, "--bin", bin, "--"])
+            .args(args),
+    )
+    .context(Fix(format!(
+        "see {bin}'s output above; `cargo xtask {} -- --help` lists its options",
+        verb(bin)
+    )))
+}
+
+fn verb(bin: &str) -> &'static str {
+    if bin == BENCH { "bench" } else { "demo" }
+}
+
+fn ensure_bin_exists(ws: &Workspace, bin: &str) -> Result<()> {
+    let metadata = exec::output(
+        ws.cargo("metadata")
+            .args(["--no-deps", "--format-version", "1"]),
+    )?;
+    let metadata: Value = serde_json::from_str(&metadata).context("parsing `cargo metadata`")?;
+    let package = metadata["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|package| package["name"] == PACKAGE)
+        .with_context(|| format!("package {PACKAGE} is not in the workspace"))?;
+    let has_bin = package["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|target| {
+            target["name"] == bin
+                && target["kind"]
+                    .as_array()
+                    .is_some_and(|kinds| kinds.iter().any(|kind| kind == "bin"))
+        });
+    if !has_bin {
+        return Err(anyhow!(
+            "package {PACKAGE} has no binary target `{bin}` yet"
+        ))
+        .context(Fix(format!(
+            "add `[[bin]] name = \"{bin}\"` to tests/Cargo.toml (tests/src/bin/{bin}.rs)"
+        )));
+    }
+    Ok(())
 }

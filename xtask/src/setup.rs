@@ -19,10 +19,22 @@ use crate::{
 };
 
 /// Debian packages the tests, demo and benchmarks use.
-pub const APT_PACKAGES: &[&str] = &["qemu-system-x86", "cpio", "busybox-static", "prometheus", "iproute2"];
+pub const APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "cpio",
+    "busybox-static",
+    "prometheus",
+    "iproute2",
+];
 
-const TRACEFS: Mount = Mount { fstype: "tracefs", target: "/sys/kernel/tracing" };
-const BPFFS: Mount = Mount { fstype: "bpf", target: "/sys/fs/bpf" };
+const TRACEFS: Mount = Mount {
+    fstype: "tracefs",
+    target: "/sys/kernel/tracing",
+};
+const BPFFS: Mount = Mount {
+    fstype: "bpf",
+    target: "/sys/fs/bpf",
+};
 
 /// What a successful step did.
 enum Done {
@@ -65,10 +77,14 @@ pub fn run(ws: &Workspace) -> Result<()> {
             }
         }
     }
-    println!("setup: {ok} ok, {installed} installed, {} failed", failed.len());
+    println!(
+        "setup: {ok} ok, {installed} installed, {} failed",
+        failed.len()
+    );
     if !failed.is_empty() {
-        return Err(anyhow!("setup failed: {}", failed.join(", ")))
-            .context(Fix("fix the failed steps listed above, then rerun `cargo xtask setup`".into()));
+        return Err(anyhow!("setup failed: {}", failed.join(", "))).context(Fix(
+            "fix the failed steps listed above, then rerun `cargo xtask setup`".into(),
+        ));
     }
     Ok(())
 }
@@ -77,8 +93,14 @@ pub fn run(ws: &Workspace) -> Result<()> {
 /// present and current. Installs nothing.
 pub fn check_build_tools(ws: &Workspace) -> Result<()> {
     let missing = || Fix("run `cargo xtask setup`".into());
-    if !rust_src_installed().context("rust-src for the nightly toolchain").with_context(missing)? {
-        return Err(anyhow!("rust-src is not installed for the nightly toolchain")).with_context(missing);
+    if !rust_src_installed()
+        .context("rust-src for the nightly toolchain")
+        .with_context(missing)?
+    {
+        return Err(anyhow!(
+            "rust-src is not installed for the nightly toolchain"
+        ))
+        .with_context(missing);
     }
     bpf_linker::check(ws).with_context(missing)
 }
@@ -98,12 +120,21 @@ fn check_root() -> Result<()> {
 }
 
 fn kvm(_: &Workspace) -> Result<Done> {
-    let fix = || Fix("run on a machine with KVM enabled (kvm_intel/kvm_amd loaded, or nested virtualisation on)".into());
-    let meta = fs::metadata("/dev/kvm").context("/dev/kvm does not exist").with_context(fix)?;
+    let fix = || {
+        Fix("run on a machine with KVM enabled (kvm_intel/kvm_amd loaded, or nested virtualisation on)".into())
+    };
+    let meta = fs::metadata("/dev/kvm")
+        .context("/dev/kvm does not exist")
+        .with_context(fix)?;
     if !meta.file_type().is_char_device() {
         return Err(anyhow!("/dev/kvm is not a character device")).with_context(fix);
     }
-    OpenOptions::new().read(true).write(true).open("/dev/kvm").context("cannot open /dev/kvm read-write").with_context(fix)?;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .context("cannot open /dev/kvm read-write")
+        .with_context(fix)?;
     Ok(Done::AlreadyOk("/dev/kvm opens read-write".into()))
 }
 
@@ -117,7 +148,12 @@ fn apt_packages(_: &Workspace) -> Result<Done> {
     if missing.is_empty() {
         return Ok(Done::AlreadyOk(APT_PACKAGES.join(" ")));
     }
-    let fix = || Fix(format!("read apt-get's error above, then run `apt-get install {}` by hand", missing.join(" ")));
+    let fix = || {
+        Fix(format!(
+            "read apt-get's error above, then run `apt-get install {}` by hand",
+            missing.join(" ")
+        ))
+    };
     let apt = || {
         let mut cmd = Command::new("apt-get");
         cmd.env("DEBIAN_FRONTEND", "noninteractive");
@@ -127,7 +163,10 @@ fn apt_packages(_: &Workspace) -> Result<Done> {
     exec::run(apt().args(["install", "-y"]).args(&missing)).with_context(fix)?;
     for package in &missing {
         if !dpkg_installed(package)? {
-            return Err(anyhow!("{package} is still not installed after apt-get install")).with_context(fix);
+            return Err(anyhow!(
+                "{package} is still not installed after apt-get install"
+            ))
+            .with_context(fix);
         }
     }
     Ok(Done::Installed(missing.join(" ")))
@@ -139,18 +178,28 @@ fn dpkg_installed(package: &str) -> Result<bool> {
         .args(["-W", "-f=${Status}", package])
         .output()
         .context("cannot run dpkg-query")
-        .context(Fix("setup supports Debian-based systems; install the packages by hand".into()))?;
+        .context(Fix(
+            "setup supports Debian-based systems; install the packages by hand".into(),
+        ))?;
     // dpkg-query fails for packages it has never heard of: not installed.
-    Ok(out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "install ok installed")
+    Ok(out.status.success()
+        && String::from_utf8_lossy(&out.stdout).trim() == "install ok installed")
 }
 
 fn rust_src(_: &Workspace) -> Result<Done> {
-    let fix = || Fix("install it by hand: `rustup component add rust-src --toolchain nightly`".into());
+    let fix =
+        || Fix("install it by hand: `rustup component add rust-src --toolchain nightly`".into());
     match rust_src_installed() {
         Ok(true) => return Ok(Done::AlreadyOk("installed".into())),
         Ok(false) => {
-            exec::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
-                .with_context(fix)?;
+            exec::run(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                "nightly",
+            ]))
+            .with_context(fix)?;
         }
         Err(err) => {
             // Most likely no nightly toolchain at all: install it with rust-src.
@@ -164,7 +213,10 @@ fn rust_src(_: &Workspace) -> Result<Done> {
                 "--component",
                 "rust-src",
             ]))
-            .context(Fix("install it by hand: `rustup toolchain install nightly --component rust-src`".into()))?;
+            .context(Fix(
+                "install it by hand: `rustup toolchain install nightly --component rust-src`"
+                    .into(),
+            ))?;
         }
     }
     if !rust_src_installed().with_context(fix)? {
@@ -174,8 +226,16 @@ fn rust_src(_: &Workspace) -> Result<Done> {
 }
 
 fn rust_src_installed() -> Result<bool> {
-    let list = exec::output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
-    Ok(list.lines().any(|line| line.trim() == "rust-src" || line.trim().starts_with("rust-src-")))
+    let list = exec::output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
+    Ok(list
+        .lines()
+        .any(|line| line.trim() == "rust-src" || line.trim().starts_with("rust-src-")))
 }
 
 /// A pseudo file system that must be mounted.
@@ -190,7 +250,11 @@ impl Mount {
         if self.is_mounted()? {
             return Ok(Done::AlreadyOk(format!("mounted at {target}")));
         }
-        let fix = || Fix(format!("mount it by hand: `mount -t {fstype} {fstype} {target}`"));
+        let fix = || {
+            Fix(format!(
+                "mount it by hand: `mount -t {fstype} {fstype} {target}`"
+            ))
+        };
         exec::run(Command::new("mount").args(["-t", fstype, fstype, target])).with_context(fix)?;
         if !self.is_mounted()? {
             return Err(anyhow!("{fstype} is still not mounted at {target}")).with_context(fix);

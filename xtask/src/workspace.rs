@@ -42,7 +42,9 @@ impl Workspace {
     /// first on `PATH` (bpf-linker lives there).
     pub fn cargo(&self, subcommand: &str) -> Command {
         let mut cmd = Command::new("cargo");
-        cmd.arg(subcommand).current_dir(&self.root).env("PATH", self.path_with_tools());
+        cmd.arg(subcommand)
+            .current_dir(&self.root)
+            .env("PATH", self.path_with_tools());
         cmd
     }
 

@@ -50,7 +50,11 @@ impl Nightly {
             .and_then(|major| major.parse().ok())
             .with_context(|| format!("cannot read the LLVM major version from `{llvm}`"))?;
         let sysroot = exec::output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
-        Ok(Self { commit_hash, llvm_major, sysroot: PathBuf::from(sysroot.trim()) })
+        Ok(Self {
+            commit_hash,
+            llvm_major,
+            sysroot: PathBuf::from(sysroot.trim()),
+        })
     }
 
     fn lib_dir(&self) -> PathBuf {
@@ -97,6 +101,9 @@ fn stamp_path(ws: &Workspace) -> PathBuf {
 /// Why the installed bpf-linker cannot be used as it is, if it cannot.
 fn outdated(ws: &Workspace, nightly: &Nightly) -> Option<String> {
     let binary = binary(ws);
+    if !binary.exists() {
+        return Some(format!("{} is not installed", binary.display()));
+    }
     if let Err(err) = exec::output(Command::new(&binary).arg("--version")) {
         return Some(format!("{} does not run ({err:#})", binary.display()));
     }
@@ -118,8 +125,14 @@ pub fn check(ws: &Workspace) -> Result<()> {
 
 /// Setup step: builds and installs bpf-linker unless it is current.
 pub fn ensure(ws: &Workspace) -> Result<Done> {
-    let nightly = Nightly::query().context(Fix("run `cargo xtask setup` again once rust-src (nightly) is ok".into()))?;
-    let what = format!("{VERSION} for LLVM {}, in {}", nightly.llvm_major, ws.tools_bin().display());
+    let nightly = Nightly::query().context(Fix(
+        "run `cargo xtask setup` again once rust-src (nightly) is ok".into(),
+    ))?;
+    let what = format!(
+        "{VERSION} for LLVM {}, in {}",
+        nightly.llvm_major,
+        ws.tools_bin().display()
+    );
     let Some(why) = outdated(ws, &nightly) else {
         return Ok(Done::AlreadyOk(what));
     };
@@ -178,5 +191,6 @@ fn relink(target: &Path, link: &Path) -> Result<()> {
     if link.symlink_metadata().is_ok() {
         fs::remove_file(link).with_context(|| format!("removing {}", link.display()))?;
     }
-    symlink(target, link).with_context(|| format!("linking {} -> {}", link.display(), target.display()))
+    symlink(target, link)
+        .with_context(|| format!("linking {} -> {}", link.display(), target.display()))
 }
