@@ -152,6 +152,7 @@ impl Registry {
                 SyncState::Unsynced {
                     since_ns: now_ns,
                     barrier: None,
+                    harvested: Default::default(),
                 },
             );
             vm.note = Some(
@@ -216,6 +217,7 @@ impl Registry {
             vm.sync = SyncState::Unsynced {
                 since_ns,
                 barrier: None,
+                harvested: Default::default(),
             };
             vm.note =
                 Some("events were lost: pages unknown until the dirty rings are reset".into());
@@ -275,6 +277,7 @@ impl Registry {
             vm.sync = SyncState::Unsynced {
                 since_ns: u64::MAX,
                 barrier: None,
+                harvested: Default::default(),
             };
             return;
         }
@@ -479,7 +482,10 @@ impl Registry {
         let Some((begin_ns, batch)) = vm.reset_batch.take() else {
             return;
         };
-        let SyncState::Unsynced { since_ns, barrier } = &mut vm.sync else {
+        let SyncState::Unsynced {
+            since_ns, barrier, ..
+        } = &mut vm.sync
+        else {
             return;
         };
         if begin_ns <= *since_ns {
@@ -553,16 +559,24 @@ impl Registry {
             false
         });
         let epoch = slot.epoch;
-        if let SyncState::Unsynced { since_ns, .. } = vm.sync
-            && enter_ns > since_ns
-            && vm.dirty_mode
-                == (DirtyMode::Bitmap {
-                    manual_protect: false,
-                })
+        if let SyncState::Unsynced {
+            since_ns,
+            harvested,
+            ..
+        } = &mut vm.sync
+            && enter_ns > *since_ns
         {
-            // Bitmap mode: one harvest of every slot after the loss resyncs.
-            // (Simplification: any harvest after the loss counts.)
-            self.resync(event.pid);
+            // Bitmap mode resyncs once every logged slot was harvested (and
+            // so write-protected) after the moment something was missed.
+            harvested.insert(event.slot);
+            let all = vm
+                .slots
+                .values()
+                .filter(|s| s.logged())
+                .all(|s| harvested.contains(&s.id));
+            if all {
+                self.resync(event.pid);
+            }
         }
         if !ready.is_empty() {
             self.queue_pages(event.pid, event.slot, epoch, ready);

@@ -264,3 +264,36 @@ fn read_only_slots_are_tracked_without_dirty_logging() {
     run_jobs(&mut reg, |_| 5);
     assert_eq!(state(&reg, 0), PageState::Clean);
 }
+
+#[test]
+fn a_bitmap_vm_resyncs_only_after_every_logged_slot_was_harvested() {
+    let mut reg = Registry::new(true);
+    reg.apply(&ev(kind::VM_CREATED));
+    for slot in 0..2u32 {
+        reg.apply(&Event {
+            slot,
+            flags: ioctl::KVM_MEM_LOG_DIRTY_PAGES,
+            addr: u64::from(slot) * 4 * 4096,
+            size: 4 * 4096,
+            uaddr: 1,
+            ..ev(kind::SLOT_SET)
+        });
+    }
+    run_jobs(&mut reg, |_| 1);
+    reg.note_loss(Some(PID), 50);
+    let get = |slot: u32| Event {
+        slot,
+        size: 60,
+        ktime_ns: 61,
+        ..ev(kind::DIRTY_LOG_GET)
+    };
+    reg.apply(&get(0));
+    assert!(
+        reg.vm(PID).unwrap().sync != SyncState::Synced,
+        "slot 1 may still hold unreported writes"
+    );
+    reg.apply(&get(1));
+    assert_eq!(reg.vm(PID).unwrap().sync, SyncState::Synced);
+    run_jobs(&mut reg, |_| 2);
+    assert_eq!(state(&reg, 0), PageState::Clean);
+}

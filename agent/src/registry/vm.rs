@@ -41,6 +41,8 @@ pub enum SyncState {
         since_ns: u64,
         /// Ring → dirty index that a later reset must reach.
         barrier: Option<HashMap<u32, u32>>,
+        /// Bitmap mode: slots harvested (`KVM_GET_DIRTY_LOG`) since then.
+        harvested: std::collections::BTreeSet<u32>,
     },
 }
 
