@@ -239,9 +239,15 @@ impl AgentProcess {
     }
 
     /// Waits until VM `pid` is tracked and every page is clean.
+    /// The test VMM registers its read-only code slot (id 100) after its RAM,
+    /// so "every page clean" is only final once that slot is known: before,
+    /// the RAM alone can already be all clean.
     pub fn wait_all_clean(&self, pid: u32, timeout: Duration) -> Value {
         self.wait_vm(pid, timeout, "all pages clean", |v| {
-            v["pages"].as_u64() > Some(0) && v["clean"] == v["pages"]
+            let code_slot_known = v["slots"]
+                .as_array()
+                .is_some_and(|slots| slots.iter().any(|s| s["slot"] == 100));
+            code_slot_known && v["pages"].as_u64() > Some(0) && v["clean"] == v["pages"]
         })
     }
 
