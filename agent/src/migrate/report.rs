@@ -1,0 +1,159 @@
+//! What a running or finished migration reports about itself.
+//!
+//! `pagefp migrate send|receive` posts a [`MigrationReport`] to the local
+//! agent (`POST /v1/migrations`, JSON) when it starts, about once a second,
+//! and when it ends; the agent keeps the latest report per `id` and exports
+//! them as metrics. The same struct is printed with `--json` at the end.
+
+use serde::{Deserialize, Serialize};
+
+/// Which end of a migration a report comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Source,
+    Destination,
+}
+
+/// How pages travel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Mode {
+    /// Like QEMU's default pre-copy: zero pages detected, others raw.
+    #[serde(rename = "baseline")]
+    Baseline,
+    /// Zero pages, template references, raw pages.
+    #[serde(rename = "templates")]
+    Templates,
+    /// Templates, and the remaining full pages zstd-compressed.
+    #[serde(rename = "templates+zstd")]
+    TemplatesZstd,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Baseline => "baseline",
+            Mode::Templates => "templates",
+            Mode::TemplatesZstd => "templates+zstd",
+        }
+    }
+
+    pub fn uses_templates(self) -> bool {
+        !matches!(self, Mode::Baseline)
+    }
+
+    pub fn uses_zstd(self) -> bool {
+        matches!(self, Mode::TemplatesZstd)
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "baseline" => Ok(Mode::Baseline),
+            "templates" => Ok(Mode::Templates),
+            "templates+zstd" | "templates-zstd" => Ok(Mode::TemplatesZstd),
+            other => Err(format!(
+                "unknown migration mode {other:?}: use baseline, templates or templates+zstd"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Connecting,
+    Negotiating,
+    Precopy,
+    StopAndCopy,
+    Verifying,
+    Completed,
+    Failed,
+}
+
+impl Phase {
+    pub fn finished(self) -> bool {
+        matches!(self, Phase::Completed | Phase::Failed)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Connecting => "connecting",
+            Phase::Negotiating => "negotiating",
+            Phase::Precopy => "precopy",
+            Phase::StopAndCopy => "stop_and_copy",
+            Phase::Verifying => "verifying",
+            Phase::Completed => "completed",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+/// Pages or bytes by page encoding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByEncoding {
+    pub zero: u64,
+    pub template: u64,
+    /// Raw 4 KiB pages.
+    pub full: u64,
+    /// Full pages sent zstd-compressed (bytes: compressed size).
+    pub zstd: u64,
+}
+
+impl ByEncoding {
+    pub fn total(&self) -> u64 {
+        self.zero + self.template + self.full + self.zstd
+    }
+}
+
+/// One migration, as one end sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// Chosen by the source, shared by both ends.
+    pub id: String,
+    pub role: Role,
+    pub mode: Mode,
+    /// The local VMM's pid (the source VM, or the destination VMM).
+    pub vm_pid: u32,
+    /// The local VMM's process name.
+    pub vm_name: String,
+    /// The other end's address.
+    pub peer: String,
+    pub phase: Phase,
+    /// Pre-copy round (1 = the first pass over all memory).
+    pub round: u32,
+    /// Wall-clock start, Unix milliseconds.
+    pub started_unix_ms: u64,
+    pub elapsed_seconds: f64,
+    /// Guest memory size.
+    pub mem_bytes: u64,
+    /// Estimated bytes still to send (source; 0 at the destination).
+    pub remaining_bytes: u64,
+    /// Pages the guest dirtied per second during the last round.
+    pub dirty_pages_per_second: f64,
+    /// Everything written to (source) or read from (destination) the link.
+    pub wire_bytes: u64,
+    /// Bytes of the template negotiation (included in `wire_bytes`).
+    pub negotiation_bytes: u64,
+    /// Pages by encoding, all rounds.
+    pub pages: ByEncoding,
+    /// Wire bytes by encoding, all rounds (page headers included).
+    pub bytes: ByEncoding,
+    /// Templates both ends agreed on.
+    pub templates_agreed: u64,
+    /// From pausing the VM to the destination resuming it.
+    pub downtime_ms: Option<f64>,
+    /// The destination memory was checked byte-identical to the source.
+    pub verified: bool,
+    pub error: Option<String>,
+}
