@@ -11,6 +11,7 @@ pub mod ebpf;
 pub mod hasher;
 pub mod memory;
 pub mod metrics;
+pub mod migrate;
 pub mod registry;
 pub mod templates;
 pub mod tracker;
