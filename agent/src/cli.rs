@@ -23,8 +23,11 @@ pub enum Command {
     Agent(AgentArgs),
     /// Show the VMs the agent tracks.
     Status(ClientArgs),
-    /// Show the top templates.
+    /// Show the top templates, or export/import template catalogs.
     Templates(TemplatesArgs),
+    /// Live-migrate a VM (pre-copy, template-deduplicated).
+    #[command(subcommand)]
+    Migrate(crate::migrate::cli::MigrateCommand),
 }
 
 #[derive(Debug, Args)]
@@ -115,4 +118,6 @@ pub struct TemplatesArgs {
     /// How many templates to show.
     #[arg(long, default_value_t = 20)]
     pub top: usize,
+    #[command(subcommand)]
+    pub action: Option<crate::migrate::cli::CatalogCommand>,
 }

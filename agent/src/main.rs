@@ -1,6 +1,6 @@
 //! `pagefp`: thin entry point; the logic lives in the library.
 
-use std::process::ExitCode;
+use std::{io::IsTerminal as _, process::ExitCode};
 
 use agent::{
     cli::{Cli, Command},
@@ -14,7 +14,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(args) => args.config().and_then(daemon::run),
         Command::Status(args) => status(&args),
-        Command::Templates(args) => templates(&args),
+        Command::Templates(mut args) => match args.action.take() {
+            Some(action) => agent::migrate::cli::run_catalog(action, &args.client.socket),
+            None => templates(&args),
+        },
+        Command::Migrate(command) => {
+            agent::migrate::cli::run_migrate(command, std::io::stderr().is_terminal())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

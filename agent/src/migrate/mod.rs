@@ -2,3 +2,13 @@
 //! The wire format is documented in `docs/migration-protocol.md`.
 
 pub mod report;
+pub mod catalog;
+pub mod digest;
+pub mod guest_memory;
+pub mod pacing;
+pub mod progress;
+pub mod sender;
+pub mod vmm;
+pub mod wire;
+pub mod receiver;
+pub mod cli;

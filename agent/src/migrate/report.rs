@@ -156,4 +156,8 @@ pub struct MigrationReport {
     /// The destination memory was checked byte-identical to the source.
     pub verified: bool,
     pub error: Option<String>,
+    /// Bytes of template catalogs the destination loaded, moved there ahead
+    /// of time (`pagefp templates import`), not part of `wire_bytes`.
+    #[serde(default)]
+    pub catalog_bytes: u64,
 }

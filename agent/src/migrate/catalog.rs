@@ -1,0 +1,369 @@
+//! Template catalogs with their page contents: what a destination holds.
+//!
+//! A catalog is built from the agent's hash lists (the most common page
+//! contents across a chosen set of VMs, as in Li, Zheng and Hu), its pages
+//! read from those VMs and checked against their hashes. It is saved to a
+//! file (`pagefp templates export`), installed at a destination ahead of
+//! time (`pagefp templates import`), and loaded by `pagefp migrate receive`.
+//!
+//! File format, version 1 (little-endian):
+//!
+//! ```text
+//! b"PFTC", u32 version, u32 page size, u32 count, [u8; 32] digest
+//! count × [u8; 32] blake3 hashes (the digest is the blake3 of these bytes)
+//! u64 length, then one zstd frame holding count × page bytes, in hash order
+//! ```
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::{Read, Write},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+
+use super::wire::{PAGE, TEMPLATE_ID_LEN, TemplateId};
+use crate::{
+    api::wire::{parse_hash_list, state},
+    client,
+    content::zero_page_hash,
+    memory::read_copied,
+};
+
+pub const MAGIC: [u8; 4] = *b"PFTC";
+pub const VERSION: u32 = 1;
+const HEADER_LEN: usize = 48;
+
+/// Default directory `templates import` installs into and `migrate
+/// receive` loads from.
+pub const DEFAULT_DIR: &str = "/var/lib/pagefp/catalogs";
+
+/// Templates and their pages.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Catalog {
+    pub hashes: Vec<[u8; 32]>,
+    /// `hashes.len()` pages.
+    pub pages: Vec<u8>,
+}
+
+impl Catalog {
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    pub fn page(&self, index: usize) -> &[u8] {
+        &self.pages[index * PAGE..(index + 1) * PAGE]
+    }
+
+    /// Identifies the catalog: blake3 of its hash list.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new();
+        for hash in &self.hashes {
+            hasher.update(hash);
+        }
+        *hasher.finalize().as_bytes()
+    }
+
+    pub fn to_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.len() * 32 + self.pages.len() / 2);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(PAGE as u32).to_le_bytes());
+        out.extend_from_slice(&(self.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.digest());
+        for hash in &self.hashes {
+            out.extend_from_slice(hash);
+        }
+        let compressed = zstd::bulk::compress(&self.pages, 3).context("compressing templates")?;
+        out.extend_from_slice(&(compressed.len() as u64).to_le_bytes());
+        out.extend_from_slice(&compressed);
+        Ok(out)
+    }
+
+    /// Parses and checks a catalog: every page must match its hash.
+    pub fn from_bytes(bytes: &[u8]) -> anyhow::Result<Self> {
+        if bytes.len() < HEADER_LEN || bytes[..4] != MAGIC {
+            bail!("not a pagefp template catalog (made by `pagefp templates export`)");
+        }
+        let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        if word(4) != VERSION {
+            bail!("catalog version {} is not supported (this pagefp reads version {VERSION})", word(4));
+        }
+        if word(8) as usize != PAGE {
+            bail!("catalog of {}-byte pages; this host uses {PAGE}", word(8));
+        }
+        let count = word(12) as usize;
+        let digest: [u8; 32] = bytes[16..48].try_into().unwrap();
+        let hashes_end = HEADER_LEN
+            .checked_add(count.checked_mul(32).context("catalog count overflows")?)
+            .context("catalog count overflows")?;
+        if bytes.len() < hashes_end + 8 {
+            bail!("catalog is truncated: {count} templates announced, {} bytes present", bytes.len());
+        }
+        let hashes: Vec<[u8; 32]> = bytes[HEADER_LEN..hashes_end]
+            .chunks_exact(32)
+            .map(|c| c.try_into().unwrap())
+            .collect();
+        let compressed_len =
+            u64::from_le_bytes(bytes[hashes_end..hashes_end + 8].try_into().unwrap()) as usize;
+        let body = &bytes[hashes_end + 8..];
+        if body.len() != compressed_len {
+            bail!("catalog is truncated: page data has {} of {compressed_len} bytes", body.len());
+        }
+        let mut pages = Vec::with_capacity(count * PAGE);
+        zstd::stream::read::Decoder::new(body)
+            .context("catalog page data is not zstd")?
+            .take((count * PAGE) as u64 + 1)
+            .read_to_end(&mut pages)
+            .context("catalog page data is corrupt")?;
+        if pages.len() != count * PAGE {
+            bail!("catalog page data holds {} bytes for {count} pages", pages.len());
+        }
+        let catalog = Self { hashes, pages };
+        if catalog.digest() != digest {
+            bail!("catalog digest mismatch: the file is corrupt");
+        }
+        for (i, hash) in catalog.hashes.iter().enumerate() {
+            if blake3::hash(catalog.page(i)).as_bytes() != hash {
+                bail!("catalog template {i} does not match its hash: the file is corrupt");
+            }
+        }
+        Ok(catalog)
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading catalog {}", path.display()))?;
+        Self::from_bytes(&bytes).with_context(|| format!("catalog {}", path.display()))
+    }
+
+    /// Writes atomically (temporary file, then rename).
+    pub fn save(&self, path: &Path) -> anyhow::Result<u64> {
+        let bytes = self.to_bytes()?;
+        let tmp = path.with_extension("tmp");
+        let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        Ok(bytes.len() as u64)
+    }
+}
+
+/// Which VMs' pages a catalog is built from, and how many templates.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// Only these VMs (all the agent tracks if empty).
+    pub vms: Vec<u32>,
+    /// Never these VMs.
+    pub exclude: Vec<u32>,
+    /// A content must be held by at least this many of the VMs.
+    pub min_vms: u32,
+    /// At most this many bytes of templates.
+    pub budget_bytes: u64,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self {
+            vms: Vec::new(),
+            exclude: Vec::new(),
+            min_vms: 2,
+            budget_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct SlotJson {
+    gpa: u64,
+    size: u64,
+    uaddr: u64,
+}
+
+#[derive(Deserialize)]
+struct VmJson {
+    pid: u32,
+    slots: Vec<SlotJson>,
+}
+
+struct Candidate {
+    pages: u32,
+    vms: u32,
+    last_vm: u32,
+    /// Where one copy lives: (pid, uaddr of the page).
+    at: (u32, u64),
+}
+
+/// Builds a catalog from what the agent at `socket` knows: counts clean
+/// pages over the chosen VMs, ranks contents by pages, reads each chosen
+/// content from one VM and keeps it only if it still matches its hash.
+pub fn build_from_agent(socket: &Path, options: &BuildOptions) -> anyhow::Result<Catalog> {
+    let vms: Vec<VmJson> = serde_json::from_slice(&client::get_blocking(socket, "/v1/vms")?)
+        .context("the agent's VM list is not what this pagefp expects")?;
+    for pid in &options.vms {
+        if !vms.iter().any(|vm| vm.pid == *pid) {
+            bail!("the agent does not track a VM with pid {pid} (see `pagefp status`)");
+        }
+    }
+    let chosen: Vec<&VmJson> = vms
+        .iter()
+        .filter(|vm| options.vms.is_empty() || options.vms.contains(&vm.pid))
+        .filter(|vm| !options.exclude.contains(&vm.pid))
+        .collect();
+    let zero = zero_page_hash();
+    let mut candidates: HashMap<[u8; 32], Candidate> = HashMap::new();
+    for vm in &chosen {
+        let bytes = match client::get_blocking(socket, &format!("/v1/vms/{}/hashes", vm.pid)) {
+            Ok(bytes) => bytes,
+            // The VM left meanwhile.
+            Err(client::ClientError::Status { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let (_, records) = parse_hash_list(&bytes).map_err(anyhow::Error::msg)?;
+        for record in records.iter().filter(|r| r.state == state::CLEAN && r.hash != zero) {
+            let Some(slot) = vm
+                .slots
+                .iter()
+                .find(|s| s.gpa <= record.gpa && record.gpa < s.gpa + s.size)
+            else {
+                continue;
+            };
+            let entry = candidates.entry(record.hash).or_insert(Candidate {
+                pages: 0,
+                vms: 0,
+                last_vm: 0,
+                at: (vm.pid, slot.uaddr + (record.gpa - slot.gpa)),
+            });
+            entry.pages += 1;
+            if entry.last_vm != vm.pid {
+                entry.last_vm = vm.pid;
+                entry.vms += 1;
+            }
+        }
+    }
+    let mut ranked: Vec<([u8; 32], Candidate)> = candidates
+        .into_iter()
+        .filter(|(_, c)| c.vms >= options.min_vms)
+        .collect();
+    ranked.sort_unstable_by(|a, b| b.1.pages.cmp(&a.1.pages).then(b.1.vms.cmp(&a.1.vms)).then(a.0.cmp(&b.0)));
+    ranked.truncate((options.budget_bytes / PAGE as u64) as usize);
+    let mut catalog = Catalog::default();
+    let mut buf = vec![0u8; PAGE];
+    for (hash, candidate) in ranked {
+        let (pid, uaddr) = candidate.at;
+        if !read_copied(pid, uaddr, &[0], &mut buf)[0] {
+            continue;
+        }
+        if *blake3::hash(&buf).as_bytes() == hash {
+            catalog.hashes.push(hash);
+            catalog.pages.extend_from_slice(&buf);
+        }
+    }
+    Ok(catalog)
+}
+
+/// The templates a receiver can offer, from every source, without repeats.
+#[derive(Default)]
+pub struct TemplateStore {
+    pub ids: Vec<TemplateId>,
+    pages: Vec<u8>,
+    seen: HashSet<TemplateId>,
+}
+
+impl TemplateStore {
+    pub fn add(&mut self, catalog: &Catalog) -> usize {
+        let before = self.ids.len();
+        for (i, hash) in catalog.hashes.iter().enumerate() {
+            let id = template_id(hash);
+            if self.seen.insert(id) {
+                self.ids.push(id);
+                self.pages.extend_from_slice(catalog.page(i));
+            }
+        }
+        self.ids.len() - before
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn page(&self, index: u32) -> Option<&[u8]> {
+        let start = index as usize * PAGE;
+        self.pages.get(start..start + PAGE)
+    }
+}
+
+/// A template's id on the wire: the first bytes of its blake3 hash.
+pub fn template_id(hash: &[u8; 32]) -> TemplateId {
+    hash[..TEMPLATE_ID_LEN].try_into().unwrap()
+}
+
+/// The catalog files installed in `dir` (missing dir: none).
+pub fn installed(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pftc"))
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+/// Checks `file` and installs it into `dir` as `<digest>.pftc`.
+pub fn import(file: &Path, dir: &Path) -> anyhow::Result<(PathBuf, Catalog)> {
+    let catalog = Catalog::load(file)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name: String = catalog.digest()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let target = dir.join(format!("{name}.pftc"));
+    catalog.save(&target)?;
+    Ok((target, catalog))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog(n: usize) -> Catalog {
+        let mut c = Catalog::default();
+        for i in 0..n {
+            let page: Vec<u8> = (0..PAGE).map(|j| (i * 7 + j / 3) as u8).collect();
+            c.hashes.push(*blake3::hash(&page).as_bytes());
+            c.pages.extend_from_slice(&page);
+        }
+        c
+    }
+
+    #[test]
+    fn catalogs_round_trip_and_corruption_is_refused() {
+        let c = catalog(5);
+        let bytes = c.to_bytes().unwrap();
+        assert_eq!(Catalog::from_bytes(&bytes).unwrap(), c);
+        for at in [0, 13, 60, bytes.len() - 1] {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x40;
+            assert!(Catalog::from_bytes(&bad).is_err(), "corruption at {at} accepted");
+        }
+        assert!(Catalog::from_bytes(&bytes[..bytes.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn the_store_keeps_each_template_once() {
+        let mut store = TemplateStore::default();
+        assert_eq!(store.add(&catalog(3)), 3);
+        assert_eq!(store.add(&catalog(4)), 1);
+        assert_eq!(store.page(3).unwrap(), catalog(4).page(3));
+    }
+}

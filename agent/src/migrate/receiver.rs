@@ -1,0 +1,403 @@
+//! `pagefp migrate receive`: takes one migration into an incoming VMM.
+//!
+//! Templates are loaded before the connection is accepted (their cost is
+//! reported on its own). Pages are written into the incoming VMM's memory,
+//! which KVM does not see yet. At the end the memory is checked against the
+//! source's digest, the VM state is loaded, and the VM resumes only when the
+//! source says go. Any failure discards the incoming VM: the source keeps
+//! running.
+
+use std::{
+    io::{BufReader, BufWriter, Write},
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{
+    catalog::{self, BuildOptions, Catalog, TemplateStore},
+    digest::chunk_digests,
+    guest_memory::{DestMemory, Layout},
+    progress::Progress,
+    report::{ByEncoding, MigrationReport, Mode, Phase, Role},
+    vmm::VmmControl,
+    wire::{
+        self, FLAG_ZSTD, FrameReader, FrameWriter, Hello, Kind, PAGE, PageRecord, Ready, Resumed,
+        RoundEnd, WireError,
+    },
+};
+use crate::registry::vm::process_name;
+
+#[derive(Clone, Debug)]
+pub struct ReceiveOptions {
+    pub listen: String,
+    pub vmm_socket: PathBuf,
+    /// Catalog files to offer templates from.
+    pub catalogs: Vec<PathBuf>,
+    /// Also every catalog installed here (`pagefp templates import`).
+    pub catalog_dir: Option<PathBuf>,
+    /// Also a catalog built from the VMs the local agent tracks.
+    pub local_templates: Option<BuildOptions>,
+    pub agent_socket: PathBuf,
+    /// Resume the VM when the source says go (tests may leave it paused).
+    pub resume: bool,
+    pub progress: bool,
+    /// Give up if no source connects within this time.
+    pub accept_timeout: Option<Duration>,
+}
+
+/// Loaded templates and what loading them cost.
+pub struct LoadedTemplates {
+    pub store: TemplateStore,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// Loads every template source named in `options`.
+pub fn load_templates(options: &ReceiveOptions) -> anyhow::Result<LoadedTemplates> {
+    let started = Instant::now();
+    let mut store = TemplateStore::default();
+    let mut bytes = 0;
+    let mut paths = options.catalogs.clone();
+    if let Some(dir) = &options.catalog_dir {
+        paths.extend(catalog::installed(dir)?);
+    }
+    for path in &paths {
+        let catalog = Catalog::load(path)?;
+        bytes += std::fs::metadata(path).map_or(0, |m| m.len());
+        let added = store.add(&catalog);
+        log::info!("{}: {} templates ({added} new)", path.display(), catalog.len());
+    }
+    if let Some(build) = &options.local_templates {
+        let catalog = catalog::build_from_agent(&options.agent_socket, build)
+            .context("building templates from the local agent's VMs")?;
+        let added = store.add(&catalog);
+        log::info!("local VMs: {} templates ({added} new)", catalog.len());
+    }
+    Ok(LoadedTemplates {
+        store,
+        bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Receives one migration; the final report on success.
+pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
+    let templates = load_templates(options)?;
+    let mut vmm = VmmControl::connect(&options.vmm_socket)?;
+    let info = vmm.info()?;
+    if info.state != "incoming" {
+        bail!(
+            "the VMM at {} is {}, not waiting for an incoming VM: start it with --incoming",
+            options.vmm_socket.display(),
+            info.state
+        );
+    }
+    let listener = TcpListener::bind(&options.listen)
+        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    log::info!(
+        "waiting for a migration on {} into VMM pid {} ({} templates loaded in {:.2} s from {} bytes of catalogs)",
+        listener.local_addr()?,
+        info.pid,
+        templates.store.len(),
+        templates.seconds,
+        templates.bytes
+    );
+    let stream = accept(&listener, options.accept_timeout)?;
+    let peer = stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    stream.set_nodelay(true)?;
+    let write_half = stream.try_clone()?;
+    let mut receiver = Receiver {
+        reader: FrameReader::new(BufReader::with_capacity(1 << 20, stream)),
+        writer: FrameWriter::new(BufWriter::new(write_half)),
+        templates: &templates.store,
+        report: MigrationReport {
+            id: String::new(),
+            role: Role::Destination,
+            mode: Mode::Baseline,
+            vm_pid: info.pid,
+            vm_name: process_name(info.pid),
+            peer,
+            phase: Phase::Negotiating,
+            round: 0,
+            started_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()
+                as u64,
+            elapsed_seconds: 0.0,
+            mem_bytes: 0,
+            remaining_bytes: 0,
+            dirty_pages_per_second: 0.0,
+            wire_bytes: 0,
+            negotiation_bytes: 0,
+            pages: ByEncoding::default(),
+            bytes: ByEncoding::default(),
+            templates_agreed: 0,
+            downtime_ms: None,
+            verified: false,
+            error: None,
+            catalog_bytes: templates.bytes,
+        },
+        progress: Progress::new(options.progress, Some(options.agent_socket.clone())),
+        started: Instant::now(),
+        memory: None,
+        state: None,
+    };
+    match receiver.run(&mut vmm, options, &info.memory) {
+        Ok(()) => {
+            receiver.report.phase = Phase::Completed;
+            receiver.sync();
+            receiver.progress.update(&receiver.report);
+            Ok(receiver.report)
+        }
+        Err(err) => {
+            let _ = receiver.writer.json(Kind::Abort, &wire::Abort { reason: format!("{err:#}") });
+            let _ = receiver.writer.flush();
+            receiver.report.phase = Phase::Failed;
+            receiver.report.error = Some(format!("{err:#}"));
+            receiver.sync();
+            receiver.progress.update(&receiver.report);
+            // Unmap before the VMM goes away.
+            receiver.memory = None;
+            let discarded = vmm.exit();
+            match discarded {
+                Ok(()) => Err(err.context("migration failed; the incoming VM was discarded")),
+                Err(exit_err) => Err(err.context(format!(
+                    "migration failed, and discarding the incoming VM failed too ({exit_err:#}); stop that VMM by hand"
+                ))),
+            }
+        }
+    }
+}
+
+fn accept(listener: &TcpListener, timeout: Option<Duration>) -> anyhow::Result<TcpStream> {
+    let Some(timeout) = timeout else {
+        return Ok(listener.accept()?.0);
+    };
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    bail!("no migration arrived within {} s", timeout.as_secs());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+struct Receiver<'a> {
+    reader: FrameReader<BufReader<TcpStream>>,
+    writer: FrameWriter<BufWriter<TcpStream>>,
+    templates: &'a TemplateStore,
+    report: MigrationReport,
+    progress: Progress,
+    started: Instant,
+    memory: Option<DestMemory>,
+    state: Option<Vec<u8>>,
+}
+
+impl Receiver<'_> {
+    fn sync(&mut self) {
+        self.report.wire_bytes = self.reader.bytes + self.writer.bytes;
+        self.report.elapsed_seconds = self.started.elapsed().as_secs_f64();
+    }
+
+    fn run(
+        &mut self,
+        vmm: &mut VmmControl,
+        options: &ReceiveOptions,
+        regions: &[super::vmm::VmmRegion],
+    ) -> anyhow::Result<()> {
+        self.reader.preamble()?;
+        let hello: Hello = self.reader.expect(Kind::Hello, "hello")?.json()?;
+        self.report.id = hello.id.clone();
+        self.report.mode = hello.mode;
+        self.report.mem_bytes = hello.total_pages() * PAGE as u64;
+        if hello.page_size as usize != PAGE {
+            bail!("the source uses {}-byte pages; this host uses {PAGE}", hello.page_size);
+        }
+        // The incoming VMM must have the source's memory layout.
+        let mut mine: Vec<_> = regions.iter().map(|r| (r.gpa, r.size)).collect();
+        let mut theirs: Vec<_> = hello.regions.iter().map(|r| (r.gpa, r.size)).collect();
+        mine.sort_unstable();
+        theirs.sort_unstable();
+        if mine != theirs {
+            bail!(
+                "memory layouts differ: the source has (gpa, bytes) {theirs:x?}, the incoming VMM {mine:x?}; \
+                 start the destination VMM with the source's memory size and slots"
+            );
+        }
+        let layout = Layout::new(hello.regions.clone())?;
+        let uaddrs: Vec<u64> = layout
+            .regions
+            .iter()
+            .map(|r| regions.iter().find(|m| m.gpa == r.gpa).unwrap().uaddr)
+            .collect();
+        self.memory = Some(DestMemory::open(self.report.vm_pid, layout, &uaddrs)?);
+        let offer = if hello.mode.uses_templates() {
+            self.templates.ids.clone()
+        } else {
+            Vec::new()
+        };
+        self.writer.frame(Kind::Offer, 0, &wire::encode_offer(&offer))?;
+        self.writer.flush()?;
+        self.report.templates_agreed = offer.len() as u64;
+        self.report.negotiation_bytes = self.reader.bytes + self.writer.bytes;
+        self.report.phase = Phase::Precopy;
+        self.sync();
+        self.progress.update(&self.report);
+
+        loop {
+            let frame = self.reader.frame()?;
+            match frame.kind {
+                Kind::Pages => self.apply_pages(&frame)?,
+                Kind::RoundEnd => {
+                    let round: RoundEnd = frame.json()?;
+                    self.report.round = round.round;
+                    self.report.dirty_pages_per_second = round.dirty_pages_per_second;
+                }
+                Kind::State => {
+                    self.report.phase = Phase::StopAndCopy;
+                    self.state = Some(frame.payload);
+                }
+                Kind::Verify => {
+                    self.report.phase = Phase::Verifying;
+                    self.progress.update(&self.report);
+                    self.verify(&frame, hello.digest_chunk_pages, vmm)?;
+                }
+                Kind::Go => {
+                    if !self.report.verified {
+                        bail!("the source said go before the memory was verified");
+                    }
+                    if options.resume {
+                        vmm.resume().context("resuming the migrated VM")?;
+                    }
+                    self.writer.json(
+                        Kind::Resumed,
+                        &Resumed {
+                            pid: self.report.vm_pid,
+                        },
+                    )?;
+                    self.writer.flush()?;
+                    return Ok(());
+                }
+                other => {
+                    return Err(WireError::Unexpected {
+                        expected: "pages, round end, state, verify or go",
+                        got: other,
+                    }
+                    .into());
+                }
+            }
+            self.sync();
+            self.progress.update(&self.report);
+        }
+    }
+
+    fn apply_pages(&mut self, frame: &wire::Frame) -> anyhow::Result<()> {
+        let body = frame.body()?;
+        let memory = self.memory.as_mut().expect("memory mapped after hello");
+        let total = memory.layout.pages();
+        for record in wire::parse_pages(&body) {
+            let record = record.map_err(|what| frame.malformed(what))?;
+            match record {
+                PageRecord::Zero { first, count } => {
+                    let end = first
+                        .checked_add(count)
+                        .filter(|end| *end <= total)
+                        .ok_or_else(|| frame.malformed(format!("zero run {first}+{count} beyond {total} pages")))?;
+                    for page in first..end {
+                        memory.zero(page);
+                    }
+                    self.report.pages.zero += u64::from(count);
+                }
+                PageRecord::Template { page, index } => {
+                    let data = self
+                        .templates
+                        .page(index)
+                        .filter(|_| self.report.mode.uses_templates())
+                        .ok_or_else(|| frame.malformed(format!("template {index} was not offered")))?;
+                    if !memory.write(page, data) {
+                        return Err(frame.malformed(format!("page {page} beyond {total} pages")).into());
+                    }
+                    self.report.pages.template += 1;
+                }
+                PageRecord::Full { page, data } => {
+                    if !memory.write(page, data) {
+                        return Err(frame.malformed(format!("page {page} beyond {total} pages")).into());
+                    }
+                    if frame.flags & FLAG_ZSTD != 0 {
+                        self.report.pages.zstd += 1;
+                    } else {
+                        self.report.pages.full += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn verify(&mut self, frame: &wire::Frame, chunk_pages: u32, vmm: &mut VmmControl) -> anyhow::Result<()> {
+        let (frame_chunk, expected) = wire::decode_digest(frame)?;
+        if frame_chunk != chunk_pages || frame_chunk == 0 {
+            return Err(frame.malformed("digest chunk size differs from the hello").into());
+        }
+        let memory = self.memory.as_ref().expect("memory mapped after hello");
+        let actual = chunk_digests(memory.layout.pages(), chunk_pages, |page, buf| {
+            buf.copy_from_slice(memory.page(page).context("page outside memory")?);
+            Ok(())
+        })?;
+        if actual.len() != expected.len() {
+            return Err(frame.malformed(format!("{} digests for {} chunks", expected.len(), actual.len())).into());
+        }
+        let mismatched: Vec<u32> = (0..actual.len() as u32)
+            .filter(|&i| actual[i as usize] != expected[i as usize])
+            .collect();
+        if !mismatched.is_empty() {
+            self.writer.json(
+                Kind::Ready,
+                &Ready {
+                    verified: false,
+                    mismatched_chunks: mismatched.clone(),
+                },
+            )?;
+            self.writer.flush()?;
+            bail!(
+                "memory differs from the source's in {} chunk(s) (first {}); discarding",
+                mismatched.len(),
+                mismatched[0]
+            );
+        }
+        let state = self.state.take().context("the source sent no VM state before the digest")?;
+        // The VMM registers its memory with KVM now; unmap ours first.
+        self.memory = None;
+        vmm.load_state(&state).context("loading the VM state into the incoming VMM")?;
+        self.report.verified = true;
+        self.writer.json(
+            Kind::Ready,
+            &Ready {
+                verified: true,
+                mismatched_chunks: Vec::new(),
+            },
+        )?;
+        self.writer.flush()?;
+        Ok(())
+    }
+}
+
+/// Writes `report` as one JSON line (for `--json`).
+pub fn print_json(report: &MigrationReport) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, report)?;
+    writeln!(out)?;
+    Ok(())
+}

@@ -1,0 +1,618 @@
+//! `pagefp migrate send`: pre-copy migration of one VM.
+//!
+//! 1. Connect, say hello (layout, mode), receive the destination's template
+//!    offer.
+//! 2. Round 1 sends every page; each later round sends the pages whose
+//!    content may differ from what the destination holds. The agent's hash
+//!    list (taken after it applied every eBPF event the kernel produced)
+//!    says which: a page is skipped only if the agent reports it clean with
+//!    the very hash the destination holds. Every other page is read and
+//!    hashed here.
+//! 3. When what is left fits the downtime target at the measured bandwidth
+//!    (or after `max_rounds`), the VM is paused; the last pages, the vCPU
+//!    state and a digest of all memory follow. The destination checks its
+//!    memory against the digest, loads the state and says ready; the source
+//!    says go; the destination resumes and confirms; the source VMM exits.
+//!
+//! Any failure before "go" resumes the source VM: nothing is lost.
+
+use std::{
+    collections::HashMap,
+    io::{BufReader, BufWriter},
+    net::{TcpStream, ToSocketAddrs},
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{
+    catalog::template_id,
+    digest::{CHUNK_PAGES, chunk_digests},
+    guest_memory::{Layout, SourceMemory},
+    pacing::Paced,
+    progress::Progress,
+    report::{ByEncoding, MigrationReport, Mode, Phase, Role},
+    vmm::VmmControl,
+    wire::{
+        self, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PAGE, PagesBuilder,
+        Ready, Region, Resumed, RoundEnd, TEMPLATE_LEN, TemplateId, ZERO_RUN_LEN,
+    },
+};
+use crate::{
+    api::wire::{parse_hash_list, state},
+    client,
+    content::zero_page_hash,
+    memory::is_zero_page,
+    registry::vm::process_name,
+};
+
+/// Full pages per message (256 KiB of page data).
+const FULL_PAGES_PER_FRAME: usize = 64;
+/// Zero/template records per message.
+const SMALL_RECORDS_PER_FRAME: usize = 8192;
+
+#[derive(Clone, Debug)]
+pub struct SendOptions {
+    pub pid: u32,
+    pub vmm_socket: PathBuf,
+    pub to: String,
+    pub mode: Mode,
+    pub agent_socket: PathBuf,
+    /// Bytes per second; `None`: as fast as the link goes.
+    pub max_bandwidth: Option<u64>,
+    pub downtime_ms: u64,
+    pub max_rounds: u32,
+    /// Leave the paused source VMM running after success (for inspection).
+    pub keep_source: bool,
+    pub progress: bool,
+    pub zstd_level: i32,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        Self {
+            pid: 0,
+            vmm_socket: PathBuf::new(),
+            to: String::new(),
+            mode: Mode::Templates,
+            agent_socket: PathBuf::from(crate::config::DEFAULT_SOCKET),
+            max_bandwidth: None,
+            downtime_ms: 300,
+            max_rounds: 30,
+            keep_source: false,
+            progress: false,
+            zstd_level: 3,
+        }
+    }
+}
+
+/// What the agent reports about each page, by global page index.
+struct PageStates {
+    state: Vec<u8>,
+    hash: Vec<[u8; 32]>,
+}
+
+/// The sender's state: what the destination holds, what was sent.
+struct Sender<'a> {
+    options: &'a SendOptions,
+    memory: SourceMemory,
+    writer: FrameWriter<BufWriter<Paced<TcpStream>>>,
+    reader: FrameReader<BufReader<TcpStream>>,
+    offer: HashMap<TemplateId, u32>,
+    /// blake3 of the content the destination holds, per page.
+    held: Vec<Option<[u8; 32]>>,
+    report: MigrationReport,
+    progress: Progress,
+    started: Instant,
+    full: PagesBuilder,
+    small: PagesBuilder,
+    zero_run: Option<(u32, u32)>,
+    buf: Vec<u8>,
+    zero_hash: [u8; 32],
+    pause_started: Option<Instant>,
+    /// Bytes per second the link carried in the last long enough round.
+    bandwidth: Option<f64>,
+}
+
+/// Runs one migration; the final report on success.
+pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
+    let started = Instant::now();
+    let mut vmm = VmmControl::connect(&options.vmm_socket)?;
+    let info = vmm.info()?;
+    if info.pid != options.pid {
+        bail!(
+            "the VMM at {} is pid {}, not {}: check --pid and --vmm-socket",
+            options.vmm_socket.display(),
+            info.pid,
+            options.pid
+        );
+    }
+    if info.state != "running" {
+        bail!("the source VM is {}, not running: nothing to migrate", info.state);
+    }
+    // The agent must track the VM: its hash lists drive the rounds.
+    client::get_blocking(&options.agent_socket, &format!("/v1/vms/{}", options.pid)).with_context(|| {
+        format!(
+            "the agent does not track VM pid {}; migration needs its dirty tracking (see `pagefp status`)",
+            options.pid
+        )
+    })?;
+    let regions: Vec<Region> = info
+        .memory
+        .iter()
+        .map(|m| Region {
+            slot: m.slot,
+            gpa: m.gpa,
+            size: m.size,
+            read_only: m.read_only,
+        })
+        .collect();
+    let layout = Layout::new(regions)?;
+    let uaddrs: Vec<u64> = layout
+        .regions
+        .iter()
+        .map(|r| info.memory.iter().find(|m| m.slot == r.slot).unwrap().uaddr)
+        .collect();
+    let memory = SourceMemory::open(options.pid, layout.clone(), &uaddrs)?;
+
+    let id = format!(
+        "{}-{}",
+        options.pid,
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()
+    );
+    let mut report = MigrationReport {
+        id: id.clone(),
+        role: Role::Source,
+        mode: options.mode,
+        vm_pid: options.pid,
+        vm_name: process_name(options.pid),
+        peer: options.to.clone(),
+        phase: Phase::Connecting,
+        round: 0,
+        started_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64,
+        elapsed_seconds: 0.0,
+        mem_bytes: layout.bytes(),
+        remaining_bytes: layout.bytes(),
+        dirty_pages_per_second: 0.0,
+        wire_bytes: 0,
+        negotiation_bytes: 0,
+        pages: ByEncoding::default(),
+        bytes: ByEncoding::default(),
+        templates_agreed: 0,
+        downtime_ms: None,
+        verified: false,
+        error: None,
+        catalog_bytes: 0,
+    };
+    let mut progress = Progress::new(options.progress, Some(options.agent_socket.clone()));
+    progress.update(&report);
+
+    let connected = connect(&options.to).and_then(|stream| {
+        let write_half = stream.try_clone()?;
+        Ok((stream, write_half))
+    });
+    let (read_half, write_half) = match connected {
+        Ok(halves) => halves,
+        Err(err) => {
+            report.phase = Phase::Failed;
+            report.error = Some(format!("{err:#}"));
+            progress.update(&report);
+            return Err(err);
+        }
+    };
+    let mut sender = Sender {
+        options,
+        memory,
+        writer: FrameWriter::new(BufWriter::with_capacity(
+            512 << 10,
+            Paced::new(write_half, options.max_bandwidth),
+        )),
+        reader: FrameReader::new(BufReader::new(read_half)),
+        offer: HashMap::new(),
+        held: vec![None; layout.pages() as usize],
+        report,
+        progress,
+        started,
+        full: PagesBuilder::default(),
+        small: PagesBuilder::default(),
+        zero_run: None,
+        buf: vec![0u8; PAGE],
+        zero_hash: zero_page_hash(),
+        pause_started: None,
+        bandwidth: options.max_bandwidth.map(|b| b as f64),
+    };
+    let mut paused = false;
+    let outcome = sender.run(&mut vmm, &mut paused);
+    sender.report.elapsed_seconds = sender.started.elapsed().as_secs_f64();
+    match outcome {
+        Ok(()) => {
+            sender.report.phase = Phase::Completed;
+            sender.report.remaining_bytes = 0;
+            sender.progress.update(&sender.report);
+            if !options.keep_source {
+                vmm.exit().context("the migration succeeded, but the source VMM did not exit")?;
+            }
+            Ok(sender.report)
+        }
+        Err(Failure::BeforeGo(err)) => {
+            let _ = sender.writer.json(Kind::Abort, &wire::Abort { reason: format!("{err:#}") });
+            let _ = sender.writer.flush();
+            let resumed = if paused { vmm.resume() } else { Ok(()) };
+            sender.report.phase = Phase::Failed;
+            sender.report.error = Some(format!("{err:#}"));
+            sender.progress.update(&sender.report);
+            match resumed {
+                Ok(()) => Err(err.context("migration failed; the source VM keeps running")),
+                Err(resume_err) => Err(err.context(format!(
+                    "migration failed, and resuming the source VM failed too ({resume_err:#}); resume it by hand"
+                ))),
+            }
+        }
+        Err(Failure::AfterGo(err)) => {
+            sender.report.phase = Phase::Failed;
+            sender.report.error = Some(format!("{err:#}"));
+            sender.progress.update(&sender.report);
+            Err(err.context(
+                "the destination was told to resume but did not confirm; the source VM stays paused. \
+                 Check the destination: if its VM runs, stop the source VMM; if not, resume the source",
+            ))
+        }
+    }
+}
+
+enum Failure {
+    BeforeGo(anyhow::Error),
+    AfterGo(anyhow::Error),
+}
+
+fn connect(to: &str) -> anyhow::Result<TcpStream> {
+    let addrs: Vec<_> = to
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {to:?}: give HOST:PORT of `pagefp migrate receive`"))?
+        .collect();
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+                return Ok(stream);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(anyhow::anyhow!(
+        "cannot connect to {to}: {}; is `pagefp migrate receive` listening there?",
+        last.map_or("no address".into(), |e| e.to_string())
+    ))
+}
+
+impl Sender<'_> {
+    fn run(&mut self, vmm: &mut VmmControl, paused: &mut bool) -> Result<(), Failure> {
+        self.precopy(vmm, paused).map_err(Failure::BeforeGo)?;
+        // Go: from here the destination owns the VM.
+        self.writer
+            .frame(Kind::Go, 0, &[])
+            .and_then(|_| self.writer.flush())
+            .context("sending go")
+            .map_err(Failure::BeforeGo)?;
+        let resumed: Resumed = self
+            .reader
+            .expect(Kind::Resumed, "resumed")
+            .and_then(|f| f.json())
+            .context("waiting for the destination to resume")
+            .map_err(Failure::AfterGo)?;
+        let downtime = self.pause_started.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+        self.report.downtime_ms = downtime;
+        log::info!(
+            "destination VM resumed (pid {}); downtime {:.0} ms",
+            resumed.pid,
+            downtime.unwrap_or(0.0)
+        );
+        Ok(())
+    }
+}
+
+impl Sender<'_> {
+    fn negotiate(&mut self) -> anyhow::Result<()> {
+        self.report.phase = Phase::Negotiating;
+        self.progress.update(&self.report);
+        let hello = Hello {
+            id: self.report.id.clone(),
+            mode: self.options.mode,
+            page_size: PAGE as u32,
+            regions: self.memory.layout.regions.clone(),
+            source: self.report.vm_name.clone(),
+            digest_chunk_pages: CHUNK_PAGES,
+        };
+        self.writer.preamble()?;
+        self.writer.json(Kind::Hello, &hello)?;
+        self.writer.flush()?;
+        let frame = self.reader.expect(Kind::Offer, "template offer")?;
+        let ids = wire::decode_offer(&frame)?;
+        if self.options.mode.uses_templates() {
+            self.offer = ids.iter().enumerate().map(|(i, id)| (*id, i as u32)).collect();
+        } else if !ids.is_empty() {
+            bail!("the destination offered templates to a baseline migration");
+        }
+        self.report.templates_agreed = self.offer.len() as u64;
+        self.report.negotiation_bytes = self.writer.bytes + self.reader.bytes;
+        self.sync_bytes();
+        log::info!(
+            "destination offers {} templates ({} bytes of negotiation)",
+            ids.len(),
+            self.report.negotiation_bytes
+        );
+        Ok(())
+    }
+
+    fn sync_bytes(&mut self) {
+        self.report.wire_bytes = self.writer.bytes + self.reader.bytes;
+        self.report.elapsed_seconds = self.started.elapsed().as_secs_f64();
+    }
+
+    /// The agent's view of every page, after it applied all events so far.
+    fn page_states(&self) -> anyhow::Result<PageStates> {
+        let pid = self.options.pid;
+        let bytes = client::get_blocking(&self.options.agent_socket, &format!("/v1/vms/{pid}/hashes"))
+            .with_context(|| format!("asking the agent for the pages of VM pid {pid}"))?;
+        let (_, records) = parse_hash_list(&bytes).map_err(anyhow::Error::msg)?;
+        let pages = self.memory.layout.pages() as usize;
+        let mut states = PageStates {
+            state: vec![state::UNKNOWN; pages],
+            hash: vec![[0; 32]; pages],
+        };
+        for record in records {
+            if let Some(page) = self.memory.layout.page_of_gpa(record.gpa) {
+                states.state[page as usize] = record.state;
+                states.hash[page as usize] = record.hash;
+            }
+        }
+        Ok(states)
+    }
+
+    /// Pages whose content may differ from what the destination holds.
+    fn candidates(&self, states: &PageStates) -> Vec<u32> {
+        (0..self.memory.layout.pages())
+            .filter(|&p| {
+                let p = p as usize;
+                !(states.state[p] == state::CLEAN && self.held[p] == Some(states.hash[p]))
+            })
+            .collect()
+    }
+
+    /// Wire bytes per page sent so far (a guess of 4 KiB before any).
+    fn bytes_per_page(&self) -> f64 {
+        let pages = self.report.pages.total();
+        if pages == 0 {
+            FULL_LEN as f64
+        } else {
+            (self.report.bytes.total() as f64 / pages as f64).max(ZERO_RUN_LEN as f64)
+        }
+    }
+
+    fn precopy(&mut self, vmm: &mut VmmControl, paused: &mut bool) -> anyhow::Result<()> {
+        self.negotiate()?;
+        self.report.phase = Phase::Precopy;
+        let target = Duration::from_millis(self.options.downtime_ms).as_secs_f64();
+        let mut states = self.page_states()?;
+        let mut taken = Instant::now();
+        loop {
+            let candidates = self.candidates(&states);
+            let estimate = candidates.len() as f64 * self.bytes_per_page();
+            self.report.remaining_bytes = estimate as u64;
+            if self.report.round >= 1 {
+                let seconds = self.bandwidth.map_or(f64::INFINITY, |bw| estimate / bw);
+                if seconds <= target {
+                    break;
+                }
+                if self.report.round >= self.options.max_rounds {
+                    log::warn!(
+                        "the guest dirties memory faster than the link carries it: stopping after {} rounds with ~{:.0} ms of data left (downtime target {} ms)",
+                        self.report.round,
+                        seconds * 1000.0,
+                        self.options.downtime_ms
+                    );
+                    break;
+                }
+            }
+            self.report.round += 1;
+            let round_start = Instant::now();
+            let bytes_before = self.writer.bytes;
+            self.send_pages(&candidates, &states)?;
+            let round = RoundEnd {
+                round: self.report.round,
+                pages_sent: candidates.len() as u64,
+                pages_remaining: 0,
+                dirty_pages_per_second: self.report.dirty_pages_per_second,
+            };
+            self.writer.json(Kind::RoundEnd, &round)?;
+            self.writer.flush()?;
+            let seconds = round_start.elapsed().as_secs_f64();
+            let sent = (self.writer.bytes - bytes_before) as f64;
+            // Short rounds mostly fill socket buffers: no bandwidth signal.
+            if seconds > 0.25 && sent > 1e6 {
+                let measured = sent / seconds;
+                self.bandwidth = Some(self.options.max_bandwidth.map_or(measured, |m| measured.min(m as f64)));
+            }
+            let since = taken.elapsed().as_secs_f64();
+            states = self.page_states()?;
+            taken = Instant::now();
+            let dirtied = self.candidates(&states).len();
+            self.report.dirty_pages_per_second = dirtied as f64 / since.max(1e-3);
+            self.sync_bytes();
+            self.report.remaining_bytes = (dirtied as f64 * self.bytes_per_page()) as u64;
+            self.progress.round(&self.report, candidates.len() as u64, seconds);
+            self.progress.update(&self.report);
+        }
+
+        // Stop and copy.
+        self.report.phase = Phase::StopAndCopy;
+        self.progress.update(&self.report);
+        vmm.pause().context("pausing the source VM")?;
+        *paused = true;
+        self.pause_started = Some(Instant::now());
+        let states = self.page_states()?;
+        let candidates = self.candidates(&states);
+        self.report.round += 1;
+        self.send_pages(&candidates, &states)?;
+        let round = RoundEnd {
+            round: self.report.round,
+            pages_sent: candidates.len() as u64,
+            pages_remaining: 0,
+            dirty_pages_per_second: self.report.dirty_pages_per_second,
+        };
+        self.writer.json(Kind::RoundEnd, &round)?;
+        let vm_state = vmm.save_state().context("saving the source VM's state")?;
+        self.writer.frame(Kind::State, 0, &vm_state)?;
+
+        // The digest of all memory, independent of the tracking.
+        self.report.phase = Phase::Verifying;
+        self.progress.update(&self.report);
+        let memory = &self.memory;
+        let digests = chunk_digests(memory.layout.pages(), CHUNK_PAGES, |page, buf| memory.read(page, buf))?;
+        self.writer.frame(Kind::Verify, 0, &wire::encode_digest(CHUNK_PAGES, &digests))?;
+        self.writer.flush()?;
+        let ready: Ready = self.reader.expect(Kind::Ready, "ready")?.json()?;
+        self.sync_bytes();
+        if !ready.verified {
+            bail!(
+                "the destination's memory differs from the source in {} chunk(s) of {} pages (first: {:?}); \
+                 this is a pagefp bug, please report it",
+                ready.mismatched_chunks.len(),
+                CHUNK_PAGES,
+                ready.mismatched_chunks.first()
+            );
+        }
+        self.report.verified = true;
+        self.report.remaining_bytes = 0;
+        log::info!(
+            "final round: {} pages; destination memory verified against the source",
+            candidates.len()
+        );
+        Ok(())
+    }
+
+    /// Sends `pages`, choosing each page's encoding.
+    fn send_pages(&mut self, pages: &[u32], states: &PageStates) -> anyhow::Result<()> {
+        let use_templates = self.options.mode.uses_templates();
+        for &page in pages {
+            let p = page as usize;
+            let agent_hash = (states.state[p] == state::CLEAN).then_some(states.hash[p]);
+            // Clean pages the agent vouches for: zero and templates need no read.
+            if let Some(hash) = agent_hash {
+                if hash == self.zero_hash {
+                    self.zero(page)?;
+                    continue;
+                }
+                if use_templates {
+                    if let Some(&index) = self.offer.get(&template_id(&hash)) {
+                        self.template(page, index, hash)?;
+                        continue;
+                    }
+                }
+            }
+            // Everything else is read and checked here.
+            let mut buf = std::mem::take(&mut self.buf);
+            self.memory.read(page, &mut buf)?;
+            let result = if is_zero_page(&buf) {
+                self.zero(page)
+            } else {
+                let hash = *blake3::hash(&buf).as_bytes();
+                match use_templates.then(|| self.offer.get(&template_id(&hash))).flatten() {
+                    Some(&index) => self.template(page, index, hash),
+                    None => self.full_page(page, &buf, hash),
+                }
+            };
+            self.buf = buf;
+            result?;
+        }
+        self.flush_zero_run();
+        self.flush_small()?;
+        self.flush_full()?;
+        Ok(())
+    }
+
+    fn zero(&mut self, page: u32) -> anyhow::Result<()> {
+        self.held[page as usize] = Some(self.zero_hash);
+        self.report.pages.zero += 1;
+        match &mut self.zero_run {
+            Some((first, count)) if *first + *count == page => *count += 1,
+            _ => {
+                self.flush_zero_run();
+                self.zero_run = Some((page, 1));
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_zero_run(&mut self) {
+        if let Some((first, count)) = self.zero_run.take() {
+            self.small.zero_run(first, count);
+            self.report.bytes.zero += ZERO_RUN_LEN as u64;
+        }
+    }
+
+    fn template(&mut self, page: u32, index: u32, hash: [u8; 32]) -> anyhow::Result<()> {
+        self.held[page as usize] = Some(hash);
+        self.small.template(page, index);
+        self.report.pages.template += 1;
+        self.report.bytes.template += TEMPLATE_LEN as u64;
+        if self.small.records >= SMALL_RECORDS_PER_FRAME {
+            self.flush_zero_run();
+            self.flush_small()?;
+        }
+        Ok(())
+    }
+
+    fn full_page(&mut self, page: u32, data: &[u8], hash: [u8; 32]) -> anyhow::Result<()> {
+        self.held[page as usize] = Some(hash);
+        self.full.full(page, data);
+        if self.full.records >= FULL_PAGES_PER_FRAME {
+            self.flush_full()?;
+        }
+        Ok(())
+    }
+
+    fn flush_small(&mut self) -> anyhow::Result<()> {
+        if !self.small.is_empty() {
+            let framing = self.writer.frame(Kind::Pages, 0, &self.small.buf)? - self.small.buf.len();
+            // Frame overhead goes to the encodings by share; keep it simple:
+            // count it as zero/template bytes, split evenly.
+            self.report.bytes.template += framing as u64 / 2;
+            self.report.bytes.zero += framing as u64 - framing as u64 / 2;
+            self.small.clear();
+            self.after_write();
+        }
+        Ok(())
+    }
+
+    fn flush_full(&mut self) -> anyhow::Result<()> {
+        if self.full.is_empty() {
+            return Ok(());
+        }
+        let pages = self.full.records as u64;
+        if self.options.mode.uses_zstd() {
+            let compressed = zstd::bulk::compress(&self.full.buf, self.options.zstd_level)
+                .context("compressing pages")?;
+            let wire = self.writer.frame(Kind::Pages, FLAG_ZSTD, &compressed)?;
+            self.report.pages.zstd += pages;
+            self.report.bytes.zstd += wire as u64;
+        } else {
+            let wire = self.writer.frame(Kind::Pages, 0, &self.full.buf)?;
+            self.report.pages.full += pages;
+            self.report.bytes.full += wire as u64;
+        }
+        self.full.clear();
+        self.after_write();
+        Ok(())
+    }
+
+    fn after_write(&mut self) {
+        self.sync_bytes();
+        let remaining = self.report.remaining_bytes;
+        self.progress.update(&self.report);
+        self.report.remaining_bytes = remaining;
+    }
+}
