@@ -5,6 +5,8 @@ pub mod agent_process;
 pub mod bench;
 pub mod fleet;
 pub mod images;
+pub mod migration;
+pub mod netns;
 pub mod privileged;
 pub mod vmm;
 pub mod vmm_client;

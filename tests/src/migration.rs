@@ -1,0 +1,228 @@
+//! Running `pagefp migrate send` and `receive` as the tests, the demo and the
+//! benchmark do: real processes, optionally inside the namespaces of a
+//! shaped link.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use agent::migrate::report::{MigrationReport, Mode};
+use anyhow::{Context as _, bail};
+
+use crate::agent_process::agent_binary;
+
+/// How one end of a migration ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub success: bool,
+    pub report: Option<MigrationReport>,
+    pub stderr: String,
+}
+
+impl Outcome {
+    pub fn report(&self) -> &MigrationReport {
+        self.report
+            .as_ref()
+            .unwrap_or_else(|| panic!("no report; the command said:\n{}", self.stderr))
+    }
+}
+
+/// What the receiver gets.
+#[derive(Clone, Debug, Default)]
+pub struct ReceiveSpec {
+    pub listen: String,
+    pub vmm_socket: PathBuf,
+    pub catalogs: Vec<PathBuf>,
+    pub agent_socket: Option<PathBuf>,
+    pub local_templates: bool,
+    pub no_resume: bool,
+    pub timeout_s: u64,
+}
+
+/// What the sender does.
+#[derive(Clone, Debug)]
+pub struct SendSpec {
+    pub pid: u32,
+    pub vmm_socket: PathBuf,
+    pub to: String,
+    pub mode: Mode,
+    pub agent_socket: PathBuf,
+    pub max_bandwidth: Option<String>,
+    pub downtime_ms: Option<u64>,
+    pub max_rounds: Option<u32>,
+    pub keep_source: bool,
+}
+
+/// A receiver that is listening.
+pub struct RunningReceiver {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+}
+
+/// Starts `pagefp migrate receive`; returns once it listens. `wrap` runs it
+/// through another command (e.g. `ip netns exec NS`).
+pub fn start_receiver(spec: &ReceiveSpec, wrap: Option<Command>) -> anyhow::Result<RunningReceiver> {
+    let mut command = wrapped(wrap);
+    command
+        .args(["migrate", "receive", "--listen", &spec.listen, "--json", "--no-installed"])
+        .arg("--vmm-socket")
+        .arg(&spec.vmm_socket)
+        .args(["--timeout-s", &spec.timeout_s.max(1).to_string()]);
+    for catalog in &spec.catalogs {
+        command.arg("--templates").arg(catalog);
+    }
+    if let Some(socket) = &spec.agent_socket {
+        command.arg("--agent-socket").arg(socket);
+    }
+    if spec.local_templates {
+        command.arg("--local-templates");
+    }
+    if spec.no_resume {
+        command.arg("--no-resume");
+    }
+    command
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().context("spawning pagefp migrate receive")?;
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut receiver = RunningReceiver { child, stderr: rx };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = String::new();
+    loop {
+        match receiver.stderr.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                let ready = line.contains("waiting for a migration on");
+                seen.push_str(&line);
+                seen.push('\n');
+                if ready {
+                    return Ok(receiver);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = receiver.child.wait()?;
+                bail!("pagefp migrate receive exited ({status}) before listening:\n{seen}");
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("pagefp migrate receive did not listen within 60 s:\n{seen}");
+        }
+    }
+}
+
+impl RunningReceiver {
+    /// Waits for the receiver to end.
+    pub fn finish(mut self, timeout: Duration) -> Outcome {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the receiver") {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stdout = String::new();
+        if let Some(mut out) = self.child.stdout.take() {
+            let _ = out.read_to_string(&mut stdout);
+        }
+        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        let mut stderr = stderr.join("\n");
+        if status.is_none() {
+            stderr.push_str("\n(killed: did not finish in time)");
+        }
+        Outcome {
+            success: status.is_some_and(|s| s.success()),
+            report: last_json(&stdout),
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for RunningReceiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `pagefp migrate send` to completion.
+pub fn send(spec: &SendSpec, wrap: Option<Command>) -> anyhow::Result<Outcome> {
+    let mut command = wrapped(wrap);
+    command
+        .args(["migrate", "send", "--json", "--pid", &spec.pid.to_string()])
+        .arg("--vmm-socket")
+        .arg(&spec.vmm_socket)
+        .args(["--to", &spec.to, "--mode", spec.mode.name()])
+        .arg("--agent-socket")
+        .arg(&spec.agent_socket);
+    if let Some(bw) = &spec.max_bandwidth {
+        command.args(["--max-bandwidth", bw]);
+    }
+    if let Some(ms) = spec.downtime_ms {
+        command.args(["--downtime-ms", &ms.to_string()]);
+    }
+    if let Some(rounds) = spec.max_rounds {
+        command.args(["--max-rounds", &rounds.to_string()]);
+    }
+    if spec.keep_source {
+        command.arg("--keep-source");
+    }
+    let output = command
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .context("running pagefp migrate send")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    Ok(Outcome {
+        success: output.status.success(),
+        report: last_json(&stdout),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+fn wrapped(wrap: Option<Command>) -> Command {
+    match wrap {
+        Some(mut command) => {
+            command.arg(agent_binary());
+            command
+        }
+        None => Command::new(agent_binary()),
+    }
+}
+
+fn last_json(stdout: &str) -> Option<MigrationReport> {
+    stdout
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line.trim()).ok())
+}
+
+/// blake3 of every page of a file, for comparing memory with an image.
+pub fn file_page_hashes(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
+    let bytes = std::fs::read(path)?;
+    Ok(bytes
+        .chunks(agent::PAGE_SIZE)
+        .map(|page| *blake3::hash(page).as_bytes())
+        .collect())
+}
