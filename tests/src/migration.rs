@@ -226,3 +226,70 @@ pub fn file_page_hashes(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
         .map(|page| *blake3::hash(page).as_bytes())
         .collect())
 }
+
+/// A TCP relay that cuts the connection after a number of bytes in one
+/// direction: the "connection lost at this phase" of the failure tests.
+pub struct CuttingRelay {
+    pub listen: String,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Which way the relay counts bytes before cutting.
+#[derive(Clone, Copy, Debug)]
+pub enum Direction {
+    SourceToDest,
+    DestToSource,
+}
+
+impl CuttingRelay {
+    /// Relays one connection to `target`, cutting both ways when more than
+    /// `after` bytes would go in `direction` (the first `after` pass).
+    pub fn start(target: String, direction: Direction, after: u64) -> anyhow::Result<Self> {
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let listen = listener.local_addr()?.to_string();
+        let thread = std::thread::spawn(move || {
+            let Ok((source, _)) = listener.accept() else { return };
+            let Ok(dest) = TcpStream::connect(&target) else { return };
+            let pump = |mut from: TcpStream, mut to: TcpStream, limit: Option<u64>| {
+                use std::io::Write;
+                let mut buf = vec![0u8; 64 << 10];
+                let mut passed = 0u64;
+                loop {
+                    let n = match from.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let allowed = limit.map_or(n as u64, |l| (l - passed).min(n as u64)) as usize;
+                    if to.write_all(&buf[..allowed]).is_err() {
+                        break;
+                    }
+                    passed += allowed as u64;
+                    if allowed < n {
+                        break;
+                    }
+                }
+                let _ = from.shutdown(Shutdown::Both);
+                let _ = to.shutdown(Shutdown::Both);
+            };
+            let (s2d, d2s) = match direction {
+                Direction::SourceToDest => (Some(after), None),
+                Direction::DestToSource => (None, Some(after)),
+            };
+            let (s1, d1) = (source.try_clone().unwrap(), dest.try_clone().unwrap());
+            let forward = std::thread::spawn(move || pump(s1, d1, s2d));
+            pump(dest, source, d2s);
+            let _ = forward.join();
+        });
+        Ok(Self {
+            listen,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
