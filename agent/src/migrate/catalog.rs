@@ -270,6 +270,7 @@ pub fn build_from_agent(socket: &Path, options: &BuildOptions) -> anyhow::Result
 #[derive(Default)]
 pub struct TemplateStore {
     pub ids: Vec<TemplateId>,
+    hashes: Vec<[u8; 32]>,
     pages: Vec<u8>,
     seen: HashSet<TemplateId>,
 }
@@ -281,6 +282,7 @@ impl TemplateStore {
             let id = template_id(hash);
             if self.seen.insert(id) {
                 self.ids.push(id);
+                self.hashes.push(*hash);
                 self.pages.extend_from_slice(catalog.page(i));
             }
         }
@@ -298,6 +300,10 @@ impl TemplateStore {
     pub fn page(&self, index: u32) -> Option<&[u8]> {
         let start = index as usize * PAGE;
         self.pages.get(start..start + PAGE)
+    }
+
+    pub fn hash(&self, index: u32) -> Option<&[u8; 32]> {
+        self.hashes.get(index as usize)
     }
 }
 

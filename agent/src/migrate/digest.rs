@@ -54,6 +54,20 @@ where
     })
 }
 
+/// The same digests from known page hashes (what a receiver wrote).
+pub fn digests_from_hashes(hashes: &[[u8; 32]], chunk_pages: u32) -> Vec<[u8; 32]> {
+    hashes
+        .chunks(chunk_pages.max(1) as usize)
+        .map(|chunk| {
+            let mut hasher = blake3::Hasher::new();
+            for hash in chunk {
+                hasher.update(hash);
+            }
+            *hasher.finalize().as_bytes()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,6 +85,8 @@ mod tests {
         };
         let before = chunk_digests(10, 4, read(&memory)).unwrap();
         assert_eq!(before.len(), 3);
+        let hashes: Vec<[u8; 32]> = memory.chunks(PAGE).map(|p| *blake3::hash(p).as_bytes()).collect();
+        assert_eq!(digests_from_hashes(&hashes, 4), before);
         memory[9 * PAGE + 5] = 7;
         let after = chunk_digests(10, 4, read(&memory)).unwrap();
         assert_eq!(before[..2], after[..2]);

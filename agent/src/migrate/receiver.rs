@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 
 use super::{
     catalog::{self, BuildOptions, Catalog, TemplateStore},
-    digest::chunk_digests,
+    digest::digests_from_hashes,
     guest_memory::{DestMemory, Layout},
     progress::Progress,
     report::{ByEncoding, MigrationReport, Mode, Phase, Role},
@@ -28,7 +28,7 @@ use super::{
         RoundEnd, WireError,
     },
 };
-use crate::registry::vm::process_name;
+use crate::{content::zero_page_hash, registry::vm::process_name};
 
 #[derive(Clone, Debug)]
 pub struct ReceiveOptions {
@@ -142,6 +142,7 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         progress: Progress::new(options.progress, Some(options.agent_socket.clone())),
         started: Instant::now(),
         memory: None,
+        hashes: Vec::new(),
         state: None,
     };
     match receiver.run(&mut vmm, options, &info.memory) {
@@ -202,6 +203,8 @@ struct Receiver<'a> {
     progress: Progress,
     started: Instant,
     memory: Option<DestMemory>,
+    /// blake3 of what was written to each page (the memory starts zeroed).
+    hashes: Vec<[u8; 32]>,
     state: Option<Vec<u8>>,
 }
 
@@ -242,6 +245,7 @@ impl Receiver<'_> {
             .iter()
             .map(|r| regions.iter().find(|m| m.gpa == r.gpa).unwrap().uaddr)
             .collect();
+        self.hashes = vec![zero_page_hash(); layout.pages() as usize];
         self.memory = Some(DestMemory::open(self.report.vm_pid, layout, &uaddrs)?);
         let offer = if hello.mode.uses_templates() {
             self.templates.ids.clone()
@@ -317,6 +321,7 @@ impl Receiver<'_> {
                         .ok_or_else(|| frame.malformed(format!("zero run {first}+{count} beyond {total} pages")))?;
                     for page in first..end {
                         memory.zero(page);
+                        self.hashes[page as usize] = zero_page_hash();
                     }
                     self.report.pages.zero += u64::from(count);
                 }
@@ -329,12 +334,14 @@ impl Receiver<'_> {
                     if !memory.write(page, data) {
                         return Err(frame.malformed(format!("page {page} beyond {total} pages")).into());
                     }
+                    self.hashes[page as usize] = *self.templates.hash(index).expect("offered");
                     self.report.pages.template += 1;
                 }
                 PageRecord::Full { page, data } => {
                     if !memory.write(page, data) {
                         return Err(frame.malformed(format!("page {page} beyond {total} pages")).into());
                     }
+                    self.hashes[page as usize] = *blake3::hash(data).as_bytes();
                     if frame.flags & FLAG_ZSTD != 0 {
                         self.report.pages.zstd += 1;
                     } else {
@@ -351,11 +358,9 @@ impl Receiver<'_> {
         if frame_chunk != chunk_pages || frame_chunk == 0 {
             return Err(frame.malformed("digest chunk size differs from the hello").into());
         }
-        let memory = self.memory.as_ref().expect("memory mapped after hello");
-        let actual = chunk_digests(memory.layout.pages(), chunk_pages, |page, buf| {
-            buf.copy_from_slice(memory.page(page).context("page outside memory")?);
-            Ok(())
-        })?;
+        // What was written, page by page, hashed as it arrived; the source
+        // hashed its memory itself, independently of its dirty tracking.
+        let actual = digests_from_hashes(&self.hashes, chunk_pages);
         if actual.len() != expected.len() {
             return Err(frame.malformed(format!("{} digests for {} chunks", expected.len(), actual.len())).into());
         }

@@ -21,6 +21,7 @@ use std::{
     io::{BufReader, BufWriter},
     net::{TcpStream, ToSocketAddrs},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -96,7 +97,7 @@ struct PageStates {
 /// The sender's state: what the destination holds, what was sent.
 struct Sender<'a> {
     options: &'a SendOptions,
-    memory: SourceMemory,
+    memory: Arc<SourceMemory>,
     writer: FrameWriter<BufWriter<Paced<TcpStream>>>,
     reader: FrameReader<BufReader<TcpStream>>,
     offer: HashMap<TemplateId, u32>,
@@ -203,7 +204,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
     };
     let mut sender = Sender {
         options,
-        memory,
+        memory: Arc::new(memory),
         writer: FrameWriter::new(BufWriter::with_capacity(
             512 << 10,
             Paced::new(write_half, options.max_bandwidth),
@@ -453,6 +454,12 @@ impl Sender<'_> {
         vmm.pause().context("pausing the source VM")?;
         *paused = true;
         self.pause_started = Some(Instant::now());
+        // The digest of all memory, independent of the tracking, computed
+        // while the last pages go out.
+        let memory = Arc::clone(&self.memory);
+        let digest = std::thread::spawn(move || {
+            chunk_digests(memory.layout.pages(), CHUNK_PAGES, |page, buf| memory.read(page, buf))
+        });
         let states = self.page_states()?;
         let candidates = self.candidates(&states);
         self.report.round += 1;
@@ -467,11 +474,9 @@ impl Sender<'_> {
         let vm_state = vmm.save_state().context("saving the source VM's state")?;
         self.writer.frame(Kind::State, 0, &vm_state)?;
 
-        // The digest of all memory, independent of the tracking.
         self.report.phase = Phase::Verifying;
         self.progress.update(&self.report);
-        let memory = &self.memory;
-        let digests = chunk_digests(memory.layout.pages(), CHUNK_PAGES, |page, buf| memory.read(page, buf))?;
+        let digests = digest.join().expect("digest thread panicked")?;
         self.writer.frame(Kind::Verify, 0, &wire::encode_digest(CHUNK_PAGES, &digests))?;
         self.writer.flush()?;
         let ready: Ready = self.reader.expect(Kind::Ready, "ready")?.json()?;
