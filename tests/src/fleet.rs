@@ -60,6 +60,7 @@ impl Vm {
             }
             .to_string(),
             slots: 1,
+            incoming: false,
         };
         let process = VmmProcess::spawn(&testvmm_binary(), &args).expect("starting pagefp-testvmm");
         Self { process }
@@ -67,6 +68,11 @@ impl Vm {
 
     pub fn pid(&self) -> u32 {
         self.process.pid()
+    }
+
+    /// The VMM's control socket.
+    pub fn socket(&self) -> &Path {
+        self.process.socket()
     }
 
     fn call(&self, request: Value) -> Value {

@@ -34,6 +34,8 @@ pub struct VmmArgs {
     /// "auto" or "manual".
     pub harvest: String,
     pub slots: u32,
+    /// Start empty, waiting for a migration (`--incoming`).
+    pub incoming: bool,
 }
 
 impl VmmArgs {
@@ -48,6 +50,7 @@ impl VmmArgs {
             ring_entries: 65536,
             harvest: "auto".into(),
             slots: 1,
+            incoming: false,
         }
     }
 }
@@ -72,6 +75,20 @@ pub struct VmmInfo {
     pub harvest: String,
     pub slots: Vec<SlotInfo>,
     pub loop_running: bool,
+    /// `running`, `paused` or `incoming`.
+    pub state: String,
+    /// The RAM regions a migration copies.
+    pub memory: Vec<MemoryRegion>,
+}
+
+/// One migratable RAM region (`info.memory`).
+#[derive(Clone, Copy, Debug, Deserialize)]
+pub struct MemoryRegion {
+    pub slot: u32,
+    pub gpa: u64,
+    pub size: u64,
+    pub uaddr: u64,
+    pub read_only: bool,
 }
 
 /// Answer to `stop_loop`.
@@ -141,6 +158,9 @@ impl VmmProcess {
             .arg(args.slots.to_string());
         if let Some(image) = &args.image {
             command.arg("--image").arg(image);
+        }
+        if args.incoming {
+            command.arg("--incoming");
         }
         command
             .stdin(Stdio::null())
@@ -256,6 +276,29 @@ impl VmmProcess {
     }
 
     /// blake3 (lowercase hex) of every RAM page.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.call(&json!({"cmd": "pause"})).map(drop)
+    }
+
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.call(&json!({"cmd": "resume"})).map(drop)
+    }
+
+    /// The paused VM's state (see `vmm::snapshot`).
+    pub fn save_state(&self) -> anyhow::Result<String> {
+        let answer = self.call(&json!({"cmd": "save_state"}))?;
+        Ok(answer["state"].as_str().context("no state in the answer")?.to_string())
+    }
+
+    pub fn load_state(&self, state: &str) -> anyhow::Result<()> {
+        self.call(&json!({"cmd": "load_state", "state": state})).map(drop)
+    }
+
+    /// `running`, `paused` or `incoming`.
+    pub fn state(&self) -> anyhow::Result<String> {
+        Ok(self.info()?.state)
+    }
+
     pub fn checksums(&self) -> anyhow::Result<Vec<String>> {
         self.checksums_answer(json!({"cmd": "checksums"}))
     }

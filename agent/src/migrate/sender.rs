@@ -50,6 +50,9 @@ use crate::{
 
 /// Full pages per message (256 KiB of page data).
 const FULL_PAGES_PER_FRAME: usize = 64;
+/// Rounds in a row that leave at least 95% of the previous round's pages
+/// before the sender gives up converging and pauses the VM.
+const STALLED_ROUNDS: u32 = 3;
 /// Zero/template records per message.
 const SMALL_RECORDS_PER_FRAME: usize = 8192;
 
@@ -399,13 +402,29 @@ impl Sender<'_> {
         let target = Duration::from_millis(self.options.downtime_ms).as_secs_f64();
         let mut states = self.page_states()?;
         let mut taken = Instant::now();
+        let mut previous = usize::MAX;
+        let mut stalled = 0;
         loop {
             let candidates = self.candidates(&states);
+            // Rounds that barely shrink what is left: the guest dirties as
+            // fast as the link carries.
+            stalled = if (candidates.len() as u64) * 20 >= (previous as u64).saturating_mul(19) { stalled + 1 } else { 0 };
+            previous = candidates.len();
             let estimate = candidates.len() as f64 * self.bytes_per_page();
             self.report.remaining_bytes = estimate as u64;
             if self.report.round >= 1 {
                 let seconds = self.bandwidth.map_or(f64::INFINITY, |bw| estimate / bw);
                 if seconds <= target {
+                    break;
+                }
+                if stalled >= STALLED_ROUNDS {
+                    log::warn!(
+                        "pre-copy is not converging ({} pages left after {} rounds that did not shrink it): pausing now, ~{:.0} ms of data left (downtime target {} ms)",
+                        candidates.len(),
+                        STALLED_ROUNDS,
+                        seconds * 1000.0,
+                        self.options.downtime_ms
+                    );
                     break;
                 }
                 if self.report.round >= self.options.max_rounds {

@@ -33,6 +33,9 @@ struct Args {
     /// Number of equal RAM slots.
     #[arg(long, default_value_t = 1)]
     slots: u32,
+    /// Wait for a migration: zeroed RAM, registered with KVM by `load_state`.
+    #[arg(long, conflicts_with = "image")]
+    incoming: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,7 +49,12 @@ fn main() -> std::process::ExitCode {
         harvest: args.harvest,
         slots: args.slots,
     };
-    let result = TestVm::new(config).and_then(|vm| Server::new(vm, &args.socket).serve());
+    let vm = if args.incoming {
+        TestVm::new_incoming(config)
+    } else {
+        TestVm::new(config)
+    };
+    let result = vm.and_then(|vm| Server::new(vm, &args.socket).serve());
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

@@ -12,6 +12,18 @@
 //! | `{"cmd":"reregister"}` | (the RAM and code slots are registered again, unchanged) |
 //! | `{"cmd":"checksums"[,"first":F][,"count":C]}` | hashes: blake3 hex per page |
 //! | `{"cmd":"exit"}` | then the process exits 0 and removes the socket |
+//! | `{"cmd":"pause"}` | (answers once the vCPU stopped: within one chunk of an op, a few ms) |
+//! | `{"cmd":"resume"}` | (a loop carries on where it stopped; an incoming VM starts its migrated loop) |
+//! | `{"cmd":"save_state"}` | state: the paused VM's vCPU registers and workload (see [`super::snapshot`]) |
+//! | `{"cmd":"load_state","state":S}` | (incoming VM: checks S, registers memory with KVM, stays paused) |
+//!
+//! `info` also gives `state` (`running`, `paused` or `incoming`),
+//! `loop_iterations` (of the current loop, migrated ones included) and `memory`:
+//! the RAM regions a migration copies (`slot`, `gpa`, `size`, `uaddr`,
+//! `read_only`), mapped from a sealed memfd that `/proc/PID/map_files` opens.
+//! The read-only code slot is the same in every VMM and is not migrated.
+//! With `--incoming` the VMM starts with zeroed RAM that KVM does not see
+//! until `load_state`; `exit` discards it.
 //!
 //! Ops: `{"op":"random","first","count","seed"}`, `{"op":"copy","src","first","count"}`,
 //! `{"op":"zero","first","count"}`, `{"op":"touch","first","count","value"}`,
@@ -27,7 +39,7 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Condvar, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
@@ -38,7 +50,7 @@ use anyhow::{Context as _, anyhow, bail};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{TestVm, signals, workload::Op};
+use super::{Cursor, LoopState, TestVm, signals, workload::Op};
 
 /// Longest request line accepted.
 const MAX_REQUEST_BYTES: u64 = 16 << 20;
@@ -66,11 +78,17 @@ enum Request {
         count: Option<u32>,
     },
     Exit {},
+    Pause {},
+    Resume {},
+    SaveState {},
+    LoadState {
+        state: String,
+    },
 }
 
 struct Loop {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<anyhow::Result<(u64, u64)>>,
+    thread: JoinHandle<anyhow::Result<()>>,
     started: Instant,
 }
 
@@ -84,6 +102,12 @@ struct Shared {
     /// The `info` answer without the loop state (it never changes).
     info: Value,
     socket: PathBuf,
+    /// Paused by `pause` (or incoming, until `resume`); the vCPU runs no
+    /// chunk while set.
+    paused: Mutex<bool>,
+    resumed: Condvar,
+    /// A one-shot `run` request is in progress (its ops do not migrate).
+    oneshot: AtomicBool,
 }
 
 pub struct Server {
@@ -92,8 +116,15 @@ pub struct Server {
 
 impl Server {
     pub fn new(vm: TestVm, socket: &Path) -> Self {
+        let memory: Vec<Value> = vm
+            .slots
+            .iter()
+            .map(|s| json!({"slot": s.slot, "gpa": s.gpa, "size": s.size, "uaddr": s.uaddr, "read_only": false}))
+            .collect();
+        let incoming = !vm.registered;
         let info = json!({
             "ok": true,
+            "memory": memory,
             "pid": std::process::id(),
             "mem_bytes": vm.config.mem_bytes,
             "pages": vm.pages(),
@@ -110,6 +141,9 @@ impl Server {
                 loop_running: AtomicBool::new(false),
                 info,
                 socket: socket.to_path_buf(),
+                paused: Mutex::new(incoming),
+                resumed: Condvar::new(),
+                oneshot: AtomicBool::new(false),
             }),
         }
     }
@@ -226,6 +260,13 @@ impl Shared {
             Request::Info {} => {
                 let mut info = self.info.clone();
                 info["loop_running"] = self.loop_running.load(Ordering::SeqCst).into();
+                info["state"] = self.state_name().into();
+                info["loop_iterations"] = self
+                    .lock_vm()
+                    .workload
+                    .as_ref()
+                    .map_or(0, |w| w.iterations)
+                    .into();
                 info
             }
             Request::Run { ops } => {
@@ -234,7 +275,22 @@ impl Shared {
                 if running.is_some() {
                     return Err(busy());
                 }
-                let report = self.lock_vm().run(&ops)?;
+                if self.state_name() != "running" {
+                    bail!("the VM is {}: send resume first", self.state_name());
+                }
+                self.lock_vm().check_ops(&ops)?;
+                self.oneshot.store(true, Ordering::SeqCst);
+                let mut cursor = Cursor::new(ops);
+                let result = loop {
+                    self.wait_while_paused(None);
+                    match self.lock_vm().step(&mut cursor) {
+                        Ok(true) => break Ok(cursor.report),
+                        Ok(false) => {}
+                        Err(err) => break Err(err),
+                    }
+                };
+                self.oneshot.store(false, Ordering::SeqCst);
+                let report = result?;
                 drop(running);
                 json!({"ok": true, "pages_written": report.pages_written,
                        "harvested": report.harvested, "entries": report.entries,
@@ -248,8 +304,19 @@ impl Shared {
                 if ops.is_empty() {
                     bail!("start_loop needs at least one op");
                 }
-                self.lock_vm().check_ops(&ops)?;
-                *running = Some(self.spawn_loop(ops)?);
+                if self.state_name() != "running" {
+                    bail!("the VM is {}: send resume first", self.state_name());
+                }
+                {
+                    let mut vm = self.lock_vm();
+                    vm.check_ops(&ops)?;
+                    vm.workload = Some(LoopState {
+                        cursor: Cursor::new(ops),
+                        iterations: 0,
+                        pages_written: 0,
+                    });
+                }
+                *running = Some(self.spawn_loop()?);
                 self.loop_running.store(true, Ordering::SeqCst);
                 json!({"ok": true})
             }
@@ -272,8 +339,8 @@ impl Shared {
             }
             Request::Checksums { first, count } => {
                 let running = self.running();
-                if running.is_some() {
-                    return Err(busy());
+                if running.is_some() && self.state_name() == "running" {
+                    return Err(anyhow!("a loop is running; send stop_loop first (or pause)"));
                 }
                 let vm = self.lock_vm();
                 let first = first.unwrap_or(0);
@@ -283,32 +350,98 @@ impl Shared {
                 json!({"ok": true, "hashes": hashes})
             }
             Request::Exit {} => json!({"ok": true}),
+            Request::Pause {} => {
+                if self.state_name() == "incoming" {
+                    bail!("the incoming VM has not been loaded: nothing runs");
+                }
+                *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                // Taking the VM waits for the chunk the vCPU is running; after
+                // that no chunk starts while paused.
+                drop(self.lock_vm());
+                json!({"ok": true, "paused": true})
+            }
+            Request::Resume {} => {
+                if self.state_name() == "incoming" {
+                    bail!("the incoming VM has no state yet: send load_state first");
+                }
+                let mut running = self.running();
+                let migrated_loop = running.is_none() && self.lock_vm().workload.is_some();
+                *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = false;
+                self.resumed.notify_all();
+                if migrated_loop {
+                    *running = Some(self.spawn_loop()?);
+                    self.loop_running.store(true, Ordering::SeqCst);
+                }
+                json!({"ok": true})
+            }
+            Request::SaveState {} => {
+                if self.state_name() != "paused" {
+                    bail!("save_state needs a paused VM (send pause first); this one is {}", self.state_name());
+                }
+                if self.oneshot.load(Ordering::SeqCst) {
+                    bail!("a run request is in progress and cannot migrate: wait for it, or use start_loop");
+                }
+                let state = self.lock_vm().save_snapshot()?;
+                json!({"ok": true, "state": state})
+            }
+            Request::LoadState { state } => {
+                if self.state_name() != "incoming" {
+                    bail!("load_state is for an incoming VM (pagefp-testvmm --incoming); this one is {}", self.state_name());
+                }
+                self.lock_vm().load_snapshot(&state)?;
+                json!({"ok": true})
+            }
         })
     }
 
-    /// Runs `ops` over and over on a thread of its own until stopped.
-    fn spawn_loop(self: &Arc<Self>, ops: Vec<Op>) -> anyhow::Result<Loop> {
+    /// `running`, `paused` or `incoming`.
+    fn state_name(&self) -> &'static str {
+        if !self.vm.lock().unwrap_or_else(|e| e.into_inner()).registered {
+            "incoming"
+        } else if *self.paused.lock().unwrap_or_else(|e| e.into_inner()) {
+            "paused"
+        } else {
+            "running"
+        }
+    }
+
+    /// Blocks while the VM is paused (or until `stop` is set).
+    fn wait_while_paused(&self, stop: Option<&AtomicBool>) {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        while *paused && !stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            paused = self
+                .resumed
+                .wait_timeout(paused, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Runs the VM's loop over and over on a thread of its own until
+    /// stopped, pausing between chunks while the VM is paused.
+    fn spawn_loop(self: &Arc<Self>) -> anyhow::Result<Loop> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let this = self.clone();
         let thread = std::thread::Builder::new()
             .name("vcpu-loop".into())
             .spawn(move || {
-                let (mut iterations, mut written) = (0u64, 0u64);
                 while !flag.load(Ordering::SeqCst) {
-                    written += this
-                        .vm
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .run(&ops)?
-                        .pages_written;
-                    iterations += 1;
-                    // Let control requests (harvest, reregister) in between iterations.
+                    this.wait_while_paused(Some(&flag));
+                    {
+                        let mut vm = this.vm.lock().unwrap_or_else(|e| e.into_inner());
+                        // Checked under the lock: `pause` takes it to wait for us.
+                        if *this.paused.lock().unwrap_or_else(|e| e.into_inner()) || flag.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        vm.step_loop()?;
+                    }
+                    // Let control requests (harvest, reregister) in between chunks.
                     while this.waiters.load(Ordering::SeqCst) > 0 {
                         std::thread::sleep(Duration::from_micros(100));
                     }
                 }
-                Ok((iterations, written))
+                Ok(())
             })
             .context("starting the loop thread")?;
         Ok(Loop {
@@ -325,13 +458,17 @@ impl Shared {
             .take()
             .ok_or_else(|| anyhow!("no loop is running; start one with start_loop"))?;
         running.stop.store(true, Ordering::SeqCst);
+        self.resumed.notify_all();
         let result = running.thread.join();
         let seconds = running.started.elapsed().as_secs_f64();
         self.loop_running.store(false, Ordering::SeqCst);
+        let workload = self.lock_vm().workload.take();
         drop(guard);
-        let (iterations, written) = result
+        result
             .map_err(|_| anyhow!("the loop thread panicked"))?
             .context("the loop stopped on an error")?;
-        Ok((iterations, written, seconds))
+        let workload = workload.context("the loop left no state")?;
+        let written = workload.pages_written + workload.cursor.report.pages_written;
+        Ok((workload.iterations, written, seconds))
     }
 }

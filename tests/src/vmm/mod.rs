@@ -11,6 +11,7 @@ pub mod dirty_ring;
 pub mod guest_code;
 pub mod memory;
 pub mod signals;
+pub mod snapshot;
 pub mod workload;
 
 use std::{os::fd::AsRawFd, path::PathBuf, time::Instant};
@@ -137,6 +138,43 @@ pub struct Harvested {
     pub entries: u64,
 }
 
+/// Where a list of ops stands: the VM runs it one chunk at a time, so that
+/// it can pause between chunks (a chunk takes at most a few tens of ms).
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct Cursor {
+    pub ops: Vec<Op>,
+    /// The op being run.
+    pub op: usize,
+    /// Its chunks, and the next one to run.
+    pub chunks: Vec<Op>,
+    pub chunk: usize,
+    #[serde(skip)]
+    pub report: RunReport,
+}
+
+impl Cursor {
+    pub fn new(ops: Vec<Op>) -> Self {
+        Self {
+            ops,
+            op: 0,
+            chunks: Vec::new(),
+            chunk: 0,
+            report: RunReport::default(),
+        }
+    }
+}
+
+/// A workload the VM runs over and over (`start_loop`).
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct LoopState {
+    pub cursor: Cursor,
+    pub iterations: u64,
+    pub pages_written: u64,
+}
+
+/// Most pages one KVM_RUN writes (bounds how long a pause waits).
+const MAX_CHUNK_PAGES: u32 = 2048;
+
 pub struct TestVm {
     _kvm: Kvm,
     vm: VmFd,
@@ -154,10 +192,28 @@ pub struct TestVm {
     /// RAM slots.
     pub slots: Vec<SlotInfo>,
     code_slot: SlotInfo,
+    /// Memory registered with KVM (false: an incoming VM not loaded yet).
+    pub registered: bool,
+    /// The running (or paused) loop.
+    pub workload: Option<LoopState>,
 }
 
 impl TestVm {
     pub fn new(config: VmConfig) -> anyhow::Result<Self> {
+        Self::create(config, true)
+    }
+
+    /// A VM waiting for a migration: zeroed RAM that KVM does not see yet
+    /// (a receiver writes it through /proc/PID/map_files), registered by
+    /// [`TestVm::load_snapshot`].
+    pub fn new_incoming(config: VmConfig) -> anyhow::Result<Self> {
+        if config.image.is_some() {
+            bail!("an incoming VM gets its memory from the migration, not from --image");
+        }
+        Self::create(config, false)
+    }
+
+    fn create(config: VmConfig, register: bool) -> anyhow::Result<Self> {
         config.validate()?;
         let kvm = Kvm::new().context("opening /dev/kvm (is KVM available and are you root?)")?;
         let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
@@ -206,9 +262,6 @@ impl TestVm {
                 flags,
             })
             .collect();
-        for slot in &slots {
-            register_slot(&vm, slot)?;
-        }
         // Read-only: the guest only executes and reads it.
         let code_slot = SlotInfo {
             slot: CODE_SLOT,
@@ -217,7 +270,12 @@ impl TestVm {
             uaddr: code.host_addr(),
             flags: KVM_MEM_READONLY,
         };
-        register_slot(&vm, &code_slot)?;
+        if register {
+            for slot in &slots {
+                register_slot(&vm, slot)?;
+            }
+            register_slot(&vm, &code_slot)?;
+        }
         let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
         let ring = match config.dirty {
             DirtyMode::Ring => {
@@ -240,6 +298,8 @@ impl TestVm {
             config,
             slots,
             code_slot,
+            registered: register,
+            workload: None,
         };
         this.setup_protected_mode()?;
         Ok(this)
@@ -248,6 +308,9 @@ impl TestVm {
     /// Registers every slot again with its current parameters (as QEMU does
     /// when a migration switches dirty logging on).
     pub fn register_slots(&mut self) -> anyhow::Result<()> {
+        if !self.registered {
+            bail!("the incoming VM has no memory registered yet: send load_state first");
+        }
         for slot in self.slots.iter().chain([&self.code_slot]) {
             register_slot(&self.vm, slot)?;
         }
@@ -323,34 +386,66 @@ impl TestVm {
     /// Runs `ops` on the vCPU; in auto mode harvests afterwards.
     pub fn run(&mut self, ops: &[Op]) -> anyhow::Result<RunReport> {
         self.check_ops(ops)?;
+        let mut cursor = Cursor::new(ops.to_vec());
+        while !self.step(&mut cursor)? {}
+        Ok(cursor.report)
+    }
+
+    /// Runs the next chunk of `cursor`; true once every op ran (then, in
+    /// auto mode, the dirty log was harvested).
+    pub fn step(&mut self, cursor: &mut Cursor) -> anyhow::Result<bool> {
+        if !self.registered {
+            bail!("the incoming VM has no memory yet: send load_state first");
+        }
         let started = Instant::now();
-        let mut report = RunReport::default();
-        for op in ops {
-            let per_run = match self.config.dirty {
-                DirtyMode::Ring => self.ring_budget() / op.writes_per_page(),
-                _ => u32::MAX,
-            };
-            for chunk in op.chunks(per_run) {
-                if self.config.dirty == DirtyMode::Ring {
-                    let pushes = u64::from(chunk.writes_per_page()) * chunk.pages();
-                    if self.unreset_entries + pushes > u64::from(self.ring_budget()) {
-                        // The ring could fill: re-protect now, whatever the mode
-                        // (the entries stay pending for the next harvest).
-                        self.reset_ring()?;
-                    }
-                }
-                self.run_one(&chunk, &mut report)?;
-                self.collect_ring();
+        if let Some(op) = cursor.ops.get(cursor.op).cloned() {
+            if cursor.chunks.is_empty() {
+                let per_run = match self.config.dirty {
+                    DirtyMode::Ring => self.ring_budget() / op.writes_per_page(),
+                    _ => u32::MAX,
+                };
+                cursor.chunks = op.chunks(per_run.min(MAX_CHUNK_PAGES));
+                cursor.chunk = 0;
             }
-            report.pages_written += op.pages();
+            let chunk = cursor.chunks[cursor.chunk].clone();
+            if self.config.dirty == DirtyMode::Ring {
+                let pushes = u64::from(chunk.writes_per_page()) * chunk.pages();
+                if self.unreset_entries + pushes > u64::from(self.ring_budget()) {
+                    // The ring could fill: re-protect now, whatever the mode
+                    // (the entries stay pending for the next harvest).
+                    self.reset_ring()?;
+                }
+            }
+            self.run_one(&chunk, &mut cursor.report)?;
+            self.collect_ring();
+            cursor.chunk += 1;
+            if cursor.chunk == cursor.chunks.len() {
+                cursor.report.pages_written += op.pages();
+                cursor.op += 1;
+                cursor.chunks.clear();
+            }
         }
-        if self.config.harvest == Harvest::Auto {
+        let done = cursor.op >= cursor.ops.len();
+        if done && self.config.harvest == Harvest::Auto {
             let harvested = self.harvest()?;
-            report.harvested = harvested.pages.len() as u64;
-            report.entries = harvested.entries;
+            cursor.report.harvested = harvested.pages.len() as u64;
+            cursor.report.entries = harvested.entries;
         }
-        report.seconds = started.elapsed().as_secs_f64();
-        Ok(report)
+        cursor.report.seconds += started.elapsed().as_secs_f64();
+        Ok(done)
+    }
+
+    /// Runs the next chunk of the loop, starting it over when it ends.
+    pub fn step_loop(&mut self) -> anyhow::Result<()> {
+        let mut workload = self.workload.take().context("no loop to run")?;
+        let result = self.step(&mut workload.cursor);
+        if let Ok(true) = result {
+            workload.iterations += 1;
+            workload.pages_written += workload.cursor.report.pages_written;
+            workload.cursor = Cursor::new(std::mem::take(&mut workload.cursor.ops));
+        }
+        self.workload = Some(workload);
+        result.map(drop)
     }
 
     fn run_one(&mut self, op: &Op, report: &mut RunReport) -> anyhow::Result<()> {

@@ -1,0 +1,422 @@
+//! Live migration end to end: real KVM VMs (the test VMM), the real agent
+//! with its eBPF tracking, `pagefp migrate send` and `receive` as processes
+//! over TCP. Every migration is checked independently of pagefp's own
+//! verification: the paused source's memory against the destination's.
+
+use std::{io::Write, net::TcpStream, path::PathBuf, time::Duration};
+
+use agent::migrate::{
+    report::Mode,
+    wire::{FrameWriter, Hello, Kind, PREAMBLE_MAGIC, Region},
+};
+use pagefp_tests::{
+    agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary, free_port},
+    images::{FleetLayout, fleet_image},
+    migration::{self, CuttingRelay, Direction, ReceiveSpec, SendSpec},
+    privileged,
+    vmm_client::{Op, VmmArgs, VmmProcess, testvmm_binary},
+};
+use proptest::{prelude::*, test_runner::TestRunner};
+
+const MEM_MIB: u32 = 32;
+const PAGES: u32 = MEM_MIB * 256;
+
+struct Setup {
+    dir: TempDir,
+    agent: AgentProcess,
+}
+
+fn setup(test: &str) -> Option<Setup> {
+    if !privileged::check(test) {
+        return None;
+    }
+    let dir = TempDir::new("pagefp-migration");
+    let agent = AgentProcess::start(&AgentOptions::default()).expect("starting the agent");
+    Some(Setup { dir, agent })
+}
+
+fn image(dir: &TempDir, vm: usize) -> PathBuf {
+    let path = dir.0.join(format!("fleet-{vm}.img"));
+    if !path.exists() {
+        std::fs::write(&path, fleet_image(vm, PAGES as usize, FleetLayout::default())).unwrap();
+    }
+    path
+}
+
+fn source_vm(setup: &Setup, vm: usize) -> VmmProcess {
+    let mut args = VmmArgs::new(setup.dir.0.join(format!("src-{vm}-{}.sock", free_port())), MEM_MIB);
+    args.image = Some(image(&setup.dir, vm));
+    let process = VmmProcess::spawn(&testvmm_binary(), &args).expect("starting the source VMM");
+    setup.agent.wait_all_clean(process.pid(), Duration::from_secs(120));
+    process
+}
+
+fn incoming_vm(setup: &Setup) -> VmmProcess {
+    let mut args = VmmArgs::new(setup.dir.0.join(format!("dst-{}.sock", free_port())), MEM_MIB);
+    args.incoming = true;
+    VmmProcess::spawn(&testvmm_binary(), &args).expect("starting the incoming VMM")
+}
+
+/// A catalog of the templates of fleet VM `vm` (started, exported, stopped).
+fn catalog_of(setup: &Setup, vms: &[usize]) -> PathBuf {
+    let running: Vec<VmmProcess> = vms.iter().map(|&vm| source_vm(setup, vm)).collect();
+    let pids: Vec<String> = running.iter().map(|v| v.pid().to_string()).collect();
+    let path = setup.dir.0.join(format!("catalog-{}.pftc", pids.join("-")));
+    let output = std::process::Command::new(agent_binary())
+        .args(["templates", "--socket"])
+        .arg(&setup.agent.socket)
+        .args(["export", "--min-vms", "1", "--out"])
+        .arg(&path)
+        .args(["--vms", &pids.join(",")])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "export failed: {}", String::from_utf8_lossy(&output.stderr));
+    for vm in running {
+        vm.exit().unwrap();
+    }
+    path
+}
+
+fn send_spec(setup: &Setup, source: &VmmProcess, to: String, mode: Mode) -> SendSpec {
+    SendSpec {
+        pid: source.pid(),
+        vmm_socket: source.socket().to_path_buf(),
+        to,
+        mode,
+        agent_socket: setup.agent.socket.clone(),
+        max_bandwidth: None,
+        downtime_ms: None,
+        max_rounds: None,
+        keep_source: true,
+    }
+}
+
+fn receive_spec(setup: &Setup, dest: &VmmProcess, listen: String, catalogs: Vec<PathBuf>) -> ReceiveSpec {
+    ReceiveSpec {
+        listen,
+        vmm_socket: dest.socket().to_path_buf(),
+        catalogs,
+        agent_socket: Some(setup.agent.socket.clone()),
+        no_resume: true,
+        timeout_s: 60,
+        ..ReceiveSpec::default()
+    }
+}
+
+fn state_of(vmm: &VmmProcess) -> String {
+    vmm.request(&serde_json::json!({"cmd": "info"})).unwrap()["state"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// Migrates `source` into a fresh incoming VMM, both left paused; checks
+/// the memory is identical; returns the sender's report and the destination.
+fn migrate_checked(
+    setup: &Setup,
+    source: &VmmProcess,
+    mode: Mode,
+    catalogs: Vec<PathBuf>,
+) -> (agent::migrate::report::MigrationReport, VmmProcess) {
+    let dest = incoming_vm(setup);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let receiver = migration::start_receiver(&receive_spec(setup, &dest, listen.clone(), catalogs), None).unwrap();
+    let sent = migration::send(&send_spec(setup, source, listen, mode), None).unwrap();
+    let received = receiver.finish(Duration::from_secs(60));
+    assert!(sent.success, "sender failed:\n{}", sent.stderr);
+    assert!(received.success, "receiver failed:\n{}", received.stderr);
+    let report = sent.report().clone();
+    assert!(report.verified && received.report().verified, "not verified: {report:?}");
+    assert_eq!(state_of(source), "paused", "--keep-source leaves the source paused");
+    assert_eq!(state_of(&dest), "paused", "--no-resume leaves the destination paused");
+    let diff = differing(&source.checksums().unwrap(), &dest.checksums().unwrap());
+    assert!(diff.is_empty(), "{} pages differ, first {:?}", diff.len(), &diff[..diff.len().min(8)]);
+    (report, dest)
+}
+
+/// A workload that keeps changing `count` pages (two values in turn) and a
+/// few pages of random content. (Under this host's instruction emulator every
+/// written dword is a dirty-ring push: whole-page random writes cost 1026
+/// eBPF events a page, so they are kept few.)
+fn hot_loop(first: u32, count: u32, seed: u32) -> Vec<Op> {
+    vec![
+        Op::Touch { first, count, value: seed },
+        Op::Stride { first, count: count / 2, step: 2, value: seed ^ 0xFFFF },
+        Op::Random { first: first + count, count: 4, seed },
+    ]
+}
+
+/// Resumes `vmm` (if paused) and checks its loop goes on.
+fn assert_keeps_writing(vmm: &VmmProcess, what: &str) {
+    let iterations = |v: &VmmProcess| v.request(&serde_json::json!({"cmd": "info"})).unwrap()["loop_iterations"].as_u64().unwrap();
+    if state_of(vmm) == "paused" {
+        vmm.resume().unwrap();
+    }
+    let before = iterations(vmm);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = iterations(vmm);
+    assert!(after > before, "{what} keeps running its workload ({before} -> {after} iterations)");
+}
+
+/// Page indexes where two checksum lists differ (the lists are not printed: too long).
+fn differing(a: &[String], b: &[String]) -> Vec<usize> {
+    assert_eq!(a.len(), b.len(), "memory sizes differ");
+    (0..a.len()).filter(|&i| a[i] != b[i]).collect()
+}
+
+#[test]
+fn every_mode_migrates_a_running_guest_byte_identical() {
+    let Some(setup) = setup("every_mode_migrates_a_running_guest_byte_identical") else { return };
+    let catalog = catalog_of(&setup, &[2, 4]);
+    let mut bytes = Vec::new();
+    for mode in [Mode::Baseline, Mode::Templates, Mode::TemplatesZstd] {
+        let source = source_vm(&setup, 0);
+        source.start_loop(&hot_loop(PAGES / 2, 128, 11)).unwrap();
+        let (report, dest) = migrate_checked(&setup, &source, mode, vec![catalog.clone()]);
+        println!(
+            "{mode}: {} bytes, {} rounds, pages zero {} template {} full {} zstd {}, downtime {:?} ms",
+            report.wire_bytes, report.round, report.pages.zero, report.pages.template, report.pages.full, report.pages.zstd, report.downtime_ms
+        );
+        assert!(report.round >= 2, "a pre-copy round and the final round");
+        match mode {
+            Mode::Baseline => assert_eq!(report.pages.template + report.pages.zstd, 0),
+            Mode::Templates => {
+                assert!(report.pages.template > 0, "the shared OS pages travel as templates");
+                assert_eq!(report.pages.zstd, 0);
+            }
+            Mode::TemplatesZstd => assert!(report.pages.zstd > 0 && report.pages.template > 0),
+        }
+        // The destination runs the guest on: its loop continues.
+        assert_keeps_writing(&dest, "the migrated guest");
+        assert!(dest.stop_loop().unwrap().iterations > 0);
+        bytes.push(report.wire_bytes);
+        source.exit().unwrap();
+        dest.exit().unwrap();
+    }
+    assert!(bytes[1] < bytes[0], "templates send fewer bytes than baseline: {bytes:?}");
+    assert!(bytes[2] < bytes[1], "zstd sends fewer still: {bytes:?}");
+}
+
+#[test]
+fn the_source_exits_only_after_success() {
+    let Some(setup) = setup("the_source_exits_only_after_success") else { return };
+    let mut source = source_vm(&setup, 1);
+    source.start_loop(&hot_loop(100, 64, 3)).unwrap();
+    let dest = incoming_vm(&setup);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut spec = receive_spec(&setup, &dest, listen.clone(), vec![]);
+    spec.no_resume = false;
+    let receiver = migration::start_receiver(&spec, None).unwrap();
+    let mut send = send_spec(&setup, &source, listen, Mode::Templates);
+    send.keep_source = false;
+    let sent = migration::send(&send, None).unwrap();
+    assert!(sent.success, "{}", sent.stderr);
+    assert!(receiver.finish(Duration::from_secs(30)).success);
+    let status = source.wait_exit(Duration::from_secs(10)).expect("the source VMM exits after success");
+    assert!(status.success());
+    assert_eq!(state_of(&dest), "running");
+}
+
+/// Property: whatever the guest writes while it migrates, the destination
+/// ends byte-identical (checked by the test, not only by pagefp).
+#[test]
+fn concurrent_random_writes_end_byte_identical() {
+    let Some(setup) = setup("concurrent_random_writes_end_byte_identical") else { return };
+    // Whole-page ops (random, copy, zero) stay small: see hot_loop.
+    let op = (0u32..5, 0..PAGES - 600, 1u32..400, any::<u32>()).prop_map(|(kind, first, count, x)| match kind {
+        0 => Op::Random { first, count: count % 8 + 1, seed: x },
+        1 => Op::Copy { src: first + 20, first, count: count % 16 + 1 },
+        2 => Op::Zero { first, count: count % 16 + 1 },
+        3 => Op::Touch { first, count, value: x },
+        _ => Op::Stride { first, count: count.min(150), step: 3, value: x },
+    });
+    let workload = proptest::collection::vec(op, 1..4);
+    let modes = prop_oneof![Just(Mode::Baseline), Just(Mode::Templates), Just(Mode::TemplatesZstd)];
+    let mut runner = TestRunner::new(ProptestConfig { cases: 4, ..ProptestConfig::default() });
+    let catalog = catalog_of(&setup, &[3]);
+    runner
+        .run(&(workload, modes), |(ops, mode)| {
+            let source = source_vm(&setup, 0);
+            source.start_loop(&ops).unwrap();
+            let (_, dest) = migrate_checked(&setup, &source, mode, vec![catalog.clone()]);
+            source.exit().unwrap();
+            dest.exit().unwrap();
+            Ok(())
+        })
+        .unwrap();
+}
+
+fn expect_refused(setup: &Setup, bytes: Vec<u8>, expected: &str) {
+    let dest = incoming_vm(setup);
+    let mut dest = dest;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let receiver = migration::start_receiver(&receive_spec(setup, &dest, listen.clone(), vec![]), None).unwrap();
+    let mut stream = TcpStream::connect(&listen).unwrap();
+    let _ = stream.write_all(&bytes);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let outcome = receiver.finish(Duration::from_secs(30));
+    assert!(!outcome.success, "a malformed stream was accepted");
+    assert!(outcome.stderr.contains(expected), "expected {expected:?} in:\n{}", outcome.stderr);
+    assert!(outcome.stderr.contains("discarded"), "{}", outcome.stderr);
+    assert!(dest.wait_exit(Duration::from_secs(10)).is_some(), "the incoming VMM is discarded");
+}
+
+fn hello_stream(regions: Vec<Region>, tail: impl FnOnce(&mut FrameWriter<Vec<u8>>)) -> Vec<u8> {
+    let mut writer = FrameWriter::new(Vec::new());
+    writer.preamble().unwrap();
+    writer
+        .json(
+            Kind::Hello,
+            &Hello {
+                id: "test".into(),
+                mode: Mode::Baseline,
+                page_size: 4096,
+                regions,
+                source: "test".into(),
+                digest_chunk_pages: 1024,
+            },
+        )
+        .unwrap();
+    tail(&mut writer);
+    writer.get_mut().clone()
+}
+
+fn regions_of(mem_mib: u32) -> Vec<Region> {
+    vec![Region { slot: 0, gpa: 0, size: u64::from(mem_mib) << 20, read_only: false }]
+}
+
+#[test]
+fn malformed_or_incompatible_streams_are_refused() {
+    let Some(setup) = setup("malformed_or_incompatible_streams_are_refused") else { return };
+    expect_refused(&setup, b"GET / HTTP/1.1\r\n\r\n".to_vec(), "not a pagefp migration stream");
+    let mut future = PREAMBLE_MAGIC.to_vec();
+    future.extend_from_slice(&9u32.to_le_bytes());
+    expect_refused(&setup, future, "version 9 is not supported");
+    expect_refused(&setup, hello_stream(regions_of(MEM_MIB * 2), |_| {}), "memory layouts differ");
+    // A page record with a corrupted byte: the checksum catches it.
+    let mut corrupt = hello_stream(regions_of(MEM_MIB), |w| {
+        let mut page = vec![0u8; 4101];
+        page[0] = 3;
+        w.frame(Kind::Pages, 0, &page).unwrap();
+    });
+    let at = corrupt.len() - 100;
+    corrupt[at] ^= 1;
+    expect_refused(&setup, corrupt, "checksum mismatch");
+    // A well-formed page beyond guest memory.
+    let beyond = hello_stream(regions_of(MEM_MIB), |w| {
+        let mut record = vec![3u8];
+        record.extend_from_slice(&(PAGES + 5000).to_le_bytes());
+        record.extend_from_slice(&[0u8; 4096]);
+        w.frame(Kind::Pages, 0, &record).unwrap();
+    });
+    expect_refused(&setup, beyond, "beyond");
+    // A template reference in a baseline stream.
+    let template = hello_stream(regions_of(MEM_MIB), |w| {
+        let mut record = vec![2u8];
+        record.extend_from_slice(&1u32.to_le_bytes());
+        record.extend_from_slice(&0u32.to_le_bytes());
+        w.frame(Kind::Pages, 0, &record).unwrap();
+    });
+    expect_refused(&setup, template, "was not offered");
+    // Truncated in the middle of a message.
+    let mut truncated = hello_stream(regions_of(MEM_MIB), |w| {
+        w.frame(Kind::Pages, 0, &[1, 0, 0, 0, 0, 1, 0, 0, 0]).unwrap();
+    });
+    truncated.truncate(truncated.len() - 3);
+    expect_refused(&setup, truncated, "connection failed");
+}
+
+/// Loses the connection at one point; the source keeps running, the
+/// destination is discarded.
+fn lose_connection(setup: &Setup, direction: Direction, after: u64, phase: &str) {
+    let source = source_vm(setup, 0);
+    source.start_loop(&hot_loop(200, 64, 5)).unwrap();
+    let mut dest = incoming_vm(setup);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let receiver = migration::start_receiver(&receive_spec(setup, &dest, listen.clone(), vec![]), None).unwrap();
+    let relay = CuttingRelay::start(listen, direction, after).unwrap();
+    let sent = migration::send(&send_spec(setup, &source, relay.listen.clone(), Mode::Templates), None).unwrap();
+    let received = receiver.finish(Duration::from_secs(30));
+    relay.join();
+    assert!(!sent.success, "{phase}: the sender reported success over a cut connection");
+    assert!(!received.success, "{phase}: the receiver reported success");
+    assert!(sent.stderr.contains("the source VM keeps running"), "{phase}:\n{}", sent.stderr);
+    assert_eq!(state_of(&source), "running", "{phase}: the source runs on");
+    assert_keeps_writing(&source, phase);
+    assert!(dest.wait_exit(Duration::from_secs(10)).is_some(), "{phase}: the destination is discarded");
+    source.exit().unwrap();
+}
+
+#[test]
+fn a_lost_connection_at_any_phase_leaves_the_source_running() {
+    let Some(setup) = setup("a_lost_connection_at_any_phase_leaves_the_source_running") else { return };
+    lose_connection(&setup, Direction::SourceToDest, 5, "preamble");
+    lose_connection(&setup, Direction::SourceToDest, 40, "hello");
+    lose_connection(&setup, Direction::DestToSource, 6, "offer");
+    lose_connection(&setup, Direction::SourceToDest, 3 << 20, "first round");
+    // The offer is empty without catalogs: 12 + 4 bytes; cutting there loses
+    // the destination's "ready" (after it verified and loaded the state).
+    lose_connection(&setup, Direction::DestToSource, 16, "ready");
+}
+
+#[test]
+fn losing_the_final_acknowledgement_leaves_the_source_paused_never_running_twice() {
+    let Some(setup) = setup("losing_the_final_acknowledgement_leaves_the_source_paused_never_running_twice") else { return };
+    let source = source_vm(&setup, 0);
+    source.start_loop(&hot_loop(200, 64, 5)).unwrap();
+    let dest = incoming_vm(&setup);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut spec = receive_spec(&setup, &dest, listen.clone(), vec![]);
+    spec.no_resume = false;
+    let receiver = migration::start_receiver(&spec, None).unwrap();
+    // Offer (16 bytes) and ready pass, "go" reaches the destination, which
+    // resumes; its "resumed" is lost, so the source cannot know.
+    let ready = agent::migrate::wire::Ready { verified: true, mismatched_chunks: vec![] };
+    let ready_len = 12 + serde_json::to_vec(&ready).unwrap().len() as u64;
+    let relay = CuttingRelay::start(listen, Direction::DestToSource, 16 + ready_len).unwrap();
+    let mut send = send_spec(&setup, &source, relay.listen.clone(), Mode::Templates);
+    send.keep_source = false;
+    let sent = migration::send(&send, None).unwrap();
+    let received = receiver.finish(Duration::from_secs(30));
+    relay.join();
+    assert!(received.success, "the destination resumed:\n{}", received.stderr);
+    assert!(!sent.success);
+    assert!(sent.stderr.contains("stays paused"), "{}", sent.stderr);
+    assert_eq!(state_of(&source), "paused", "never running on both hosts");
+    assert_eq!(state_of(&dest), "running");
+    // The source still holds everything: an operator could resume it.
+    assert_eq!(source.checksums().unwrap().len(), dest.checksums().unwrap().len());
+    source.exit().unwrap();
+    dest.exit().unwrap();
+}
+
+#[test]
+fn catalogs_export_import_and_serve_templates() {
+    let Some(setup) = setup("catalogs_export_import_and_serve_templates") else { return };
+    let catalog = catalog_of(&setup, &[2, 4]);
+    let install = setup.dir.0.join("installed");
+    let output = std::process::Command::new(agent_binary())
+        .args(["templates", "import"])
+        .arg(&catalog)
+        .arg("--dir")
+        .arg(&install)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(std::fs::read_dir(&install).unwrap().count(), 1);
+    // A corrupted catalog is refused with a clear message.
+    let mut bytes = std::fs::read(&catalog).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xFF;
+    let bad = setup.dir.0.join("bad.pftc");
+    std::fs::write(&bad, bytes).unwrap();
+    let output = std::process::Command::new(agent_binary())
+        .args(["templates", "import"])
+        .arg(&bad)
+        .arg("--dir")
+        .arg(&install)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("corrupt"));
+}
