@@ -251,6 +251,12 @@ impl VmmProcess {
     }
 
     /// Runs `ops` over and over in the background until [`Self::stop_loop`].
+    /// Runs `ops` over and over, iterations at least `interval_ms` apart.
+    pub fn start_loop_every(&self, ops: &[Op], interval_ms: u64) -> anyhow::Result<()> {
+        self.call(&json!({"cmd": "start_loop", "ops": ops, "interval_ms": interval_ms}))
+            .map(drop)
+    }
+
     pub fn start_loop(&self, ops: &[Op]) -> anyhow::Result<()> {
         self.call(&json!({"cmd": "start_loop", "ops": ops}))
             .map(drop)

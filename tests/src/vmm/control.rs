@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `{"cmd":"info"}` | pid, mem_bytes, pages, dirty, ring_entries, harvest, slots, loop_running |
 //! | `{"cmd":"run","ops":[...]}` | pages_written, harvested, entries, ring_full_exits, seconds |
-//! | `{"cmd":"start_loop","ops":[...]}` | (nothing) |
+//! | `{"cmd":"start_loop","ops":[...][,"interval_ms":N]}` | (nothing; iterations start at least N ms apart) |
 //! | `{"cmd":"stop_loop"}` | iterations, pages_written, seconds |
 //! | `{"cmd":"harvest"[,"list":true]}` | harvested, entries[, pages] |
 //! | `{"cmd":"reregister"}` | (the RAM and code slots are registered again, unchanged) |
@@ -66,6 +66,8 @@ enum Request {
     },
     StartLoop {
         ops: Vec<Op>,
+        #[serde(default)]
+        interval_ms: u64,
     },
     StopLoop {},
     Harvest {
@@ -296,7 +298,7 @@ impl Shared {
                        "harvested": report.harvested, "entries": report.entries,
                        "ring_full_exits": report.ring_full_exits, "seconds": report.seconds})
             }
-            Request::StartLoop { ops } => {
+            Request::StartLoop { ops, interval_ms } => {
                 let mut running = self.running();
                 if running.is_some() {
                     return Err(busy());
@@ -314,6 +316,7 @@ impl Shared {
                         cursor: Cursor::new(ops),
                         iterations: 0,
                         pages_written: 0,
+                        interval_ms,
                     });
                 }
                 *running = Some(self.spawn_loop()?);
@@ -426,15 +429,24 @@ impl Shared {
         let thread = std::thread::Builder::new()
             .name("vcpu-loop".into())
             .spawn(move || {
+                let mut iteration_start = Instant::now();
                 while !flag.load(Ordering::SeqCst) {
                     this.wait_while_paused(Some(&flag));
-                    {
+                    let (ended, interval) = {
                         let mut vm = this.vm.lock().unwrap_or_else(|e| e.into_inner());
                         // Checked under the lock: `pause` takes it to wait for us.
                         if *this.paused.lock().unwrap_or_else(|e| e.into_inner()) || flag.load(Ordering::SeqCst) {
                             continue;
                         }
-                        vm.step_loop()?;
+                        let ended = vm.step_loop()?;
+                        (ended, vm.workload.as_ref().map_or(0, |w| w.interval_ms))
+                    };
+                    if ended {
+                        let due = iteration_start + Duration::from_millis(interval);
+                        while Instant::now() < due && !flag.load(Ordering::SeqCst) {
+                            std::thread::sleep((due - Instant::now()).min(Duration::from_millis(20)));
+                        }
+                        iteration_start = Instant::now();
                     }
                     // Let control requests (harvest, reregister) in between chunks.
                     while this.waiters.load(Ordering::SeqCst) > 0 {

@@ -170,6 +170,10 @@ pub struct LoopState {
     pub cursor: Cursor,
     pub iterations: u64,
     pub pages_written: u64,
+    /// Shortest time between iteration starts (0: back to back), to model
+    /// a guest that dirties memory at a bounded rate.
+    #[serde(default)]
+    pub interval_ms: u64,
 }
 
 /// Most pages one KVM_RUN writes (bounds how long a pause waits).
@@ -435,8 +439,9 @@ impl TestVm {
         Ok(done)
     }
 
-    /// Runs the next chunk of the loop, starting it over when it ends.
-    pub fn step_loop(&mut self) -> anyhow::Result<()> {
+    /// Runs the next chunk of the loop, starting it over when it ends;
+    /// true when an iteration ended.
+    pub fn step_loop(&mut self) -> anyhow::Result<bool> {
         let mut workload = self.workload.take().context("no loop to run")?;
         let result = self.step(&mut workload.cursor);
         if let Ok(true) = result {
@@ -445,7 +450,7 @@ impl TestVm {
             workload.cursor = Cursor::new(std::mem::take(&mut workload.cursor.ops));
         }
         self.workload = Some(workload);
-        result.map(drop)
+        result
     }
 
     fn run_one(&mut self, op: &Op, report: &mut RunReport) -> anyhow::Result<()> {
