@@ -4,9 +4,11 @@
 pub mod agent_process;
 pub mod bench;
 pub mod fleet;
+pub mod guest_images;
 pub mod images;
 pub mod migration;
 pub mod netns;
 pub mod privileged;
+pub mod qemu;
 pub mod vmm;
 pub mod vmm_client;

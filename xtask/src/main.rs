@@ -45,6 +45,11 @@ enum Verb {
         #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
         args: Vec<String>,
     },
+    /// Set up, build, then build the Linux guest images (cached; `-- --force` rebuilds).
+    Images {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Set up, build, then run the demo (`pagefp-demo`) with the given arguments.
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
         Verb::Setup => setup::run(&ws),
         Verb::Build { release } => cargo_build::run(&ws, release),
         Verb::Test { args } => test::run(&ws, &args),
+        Verb::Images { args } => run_bin::run(&ws, run_bin::IMAGES, &args),
         Verb::Demo { args } => run_bin::run(&ws, run_bin::DEMO, &args),
         Verb::Bench { args } => run_bin::run(&ws, run_bin::BENCH, &args),
     };

@@ -15,6 +15,7 @@ use crate::{
 const PACKAGE: &str = "pagefp-tests";
 pub const DEMO: &str = "pagefp-demo";
 pub const BENCH: &str = "pagefp-bench";
+pub const IMAGES: &str = "pagefp-images";
 
 pub fn run(ws: &Workspace, bin: &str, args: &[String]) -> Result<()> {
     // Fail before the slow steps if there is nothing to run.
@@ -36,7 +37,11 @@ pub fn run(ws: &Workspace, bin: &str, args: &[String]) -> Result<()> {
 }
 
 fn verb(bin: &str) -> &'static str {
-    if bin == BENCH { "bench" } else { "demo" }
+    match bin {
+        BENCH => "bench",
+        IMAGES => "images",
+        _ => "demo",
+    }
 }
 
 fn ensure_bin_exists(ws: &Workspace, bin: &str) -> Result<()> {
