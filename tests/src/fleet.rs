@@ -103,6 +103,11 @@ impl Vm {
         self.call(json!({"cmd": "start_loop", "ops": ops}))
     }
 
+    /// A loop whose iterations start at least `interval_ms` apart.
+    pub fn start_loop_every(&self, ops: Value, interval_ms: u64) -> Value {
+        self.call(json!({"cmd": "start_loop", "ops": ops, "interval_ms": interval_ms}))
+    }
+
     pub fn stop_loop(&self) -> Value {
         self.call(json!({"cmd": "stop_loop"}))
     }

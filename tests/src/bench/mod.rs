@@ -5,6 +5,7 @@
 pub mod dirty_rate;
 pub mod hashing;
 pub mod memory;
+pub mod migration;
 pub mod rehash;
 
 use std::path::{Path, PathBuf};

@@ -16,7 +16,7 @@ struct Args {
     /// Fewer rounds and smaller VMs (for a quick look; the figures are noisier).
     #[arg(long)]
     quick: bool,
-    /// Only these parts (comma-separated: hashing, dirty, rehash, memory).
+    /// Only these parts (comma-separated: hashing, dirty, rehash, memory, migration).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON report.
@@ -51,6 +51,33 @@ fn main() -> anyhow::Result<()> {
     if wanted("memory") {
         println!("== agent memory (4 VMs of {vm_pages} pages)");
         figures.extend(bench::memory::measure(4, vm_pages)?);
+    }
+    if wanted("migration") {
+        let images = pagefp_tests::guest_images::ensure_images()?;
+        let mut settings = bench::migration::Settings::default();
+        let images: Vec<_> = if args.quick {
+            settings.links_mbit = vec![100];
+            images.into_iter().take(3).collect()
+        } else {
+            images
+        };
+        println!(
+            "== migration: {} guests x {:?} Mbit/s x {:?}",
+            images.len(),
+            settings.links_mbit,
+            settings.modes
+        );
+        let report = bench::migration::run(&images, &settings)?;
+        bench::migration::print_table(&report);
+        let path = args
+            .output
+            .as_ref()
+            .and_then(|p| p.parent().map(|d| d.join("migration.json")))
+            .unwrap_or_else(|| target_dir().join("pagefp-bench").join("migration.json"));
+        bench::migration::write(&report, &path)?;
+    }
+    if figures.is_empty() {
+        return Ok(());
     }
     let report = Report {
         machine: bench::machine(),
