@@ -227,59 +227,104 @@ pub fn file_page_hashes(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
         .collect())
 }
 
-/// A TCP relay that cuts the connection after a number of bytes in one
-/// direction: the "connection lost at this phase" of the failure tests.
+/// A TCP relay that cuts a migration at a chosen point: the "connection
+/// lost at this phase" of the failure tests.
 pub struct CuttingRelay {
     pub listen: String,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Which way the relay counts bytes before cutting.
+/// Which way the relay watches.
 #[derive(Clone, Copy, Debug)]
 pub enum Direction {
     SourceToDest,
     DestToSource,
 }
 
+/// Where the relay cuts both ways.
+#[derive(Clone, Copy, Debug)]
+pub enum Cut {
+    /// Once more than this many bytes would pass.
+    AfterBytes(u64),
+    /// Just before the first message of this kind would pass.
+    BeforeKind(agent::migrate::wire::Kind),
+    /// Just after the first message of this kind passed.
+    AfterKind(agent::migrate::wire::Kind),
+}
+
 impl CuttingRelay {
-    /// Relays one connection to `target`, cutting both ways when more than
-    /// `after` bytes would go in `direction` (the first `after` pass).
-    pub fn start(target: String, direction: Direction, after: u64) -> anyhow::Result<Self> {
+    /// Relays one connection to `target`, cutting it in `direction` at `cut`.
+    pub fn start(target: String, direction: Direction, cut: Cut) -> anyhow::Result<Self> {
         use std::net::{Shutdown, TcpListener, TcpStream};
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let listen = listener.local_addr()?.to_string();
         let thread = std::thread::spawn(move || {
             let Ok((source, _)) = listener.accept() else { return };
             let Ok(dest) = TcpStream::connect(&target) else { return };
-            let pump = |mut from: TcpStream, mut to: TcpStream, limit: Option<u64>| {
-                use std::io::Write;
-                let mut buf = vec![0u8; 64 << 10];
+            fn close(a: &TcpStream, b: &TcpStream) {
+                let _ = a.shutdown(Shutdown::Both);
+                let _ = b.shutdown(Shutdown::Both);
+            }
+            // Unwatched direction: plain copy.
+            let plain = |mut from: TcpStream, mut to: TcpStream| {
+                let _ = std::io::copy(&mut from, &mut to);
+                close(&from, &to);
+            };
+            // Watched direction: frame by frame (after the source's preamble).
+            let watched = move |mut from: TcpStream, mut to: TcpStream, preamble: usize| {
+                use std::io::{Read, Write};
                 let mut passed = 0u64;
+                let mut forward = |bytes: &[u8], to: &mut TcpStream, passed: &mut u64| -> bool {
+                    if let Cut::AfterBytes(limit) = cut {
+                        let allowed = (limit.saturating_sub(*passed) as usize).min(bytes.len());
+                        let ok = to.write_all(&bytes[..allowed]).is_ok();
+                        *passed += allowed as u64;
+                        return ok && allowed == bytes.len();
+                    }
+                    *passed += bytes.len() as u64;
+                    to.write_all(bytes).is_ok()
+                };
+                let mut head = vec![0u8; preamble];
+                if from.read_exact(&mut head).is_err() || !forward(&head, &mut to, &mut passed) {
+                    return close(&from, &to);
+                }
                 loop {
-                    let n = match from.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    let allowed = limit.map_or(n as u64, |l| (l - passed).min(n as u64)) as usize;
-                    if to.write_all(&buf[..allowed]).is_err() {
+                    let mut header = [0u8; 8];
+                    if from.read_exact(&mut header).is_err() {
                         break;
                     }
-                    passed += allowed as u64;
-                    if allowed < n {
+                    let len = u32::from_le_bytes(header[4..8].try_into().unwrap()) as usize;
+                    let mut frame = header.to_vec();
+                    frame.resize(8 + len + 4, 0);
+                    if from.read_exact(&mut frame[8..]).is_err() {
+                        break;
+                    }
+                    let kind = header[0];
+                    if matches!(cut, Cut::BeforeKind(k) if k as u8 == kind) {
+                        break;
+                    }
+                    if !forward(&frame, &mut to, &mut passed) {
+                        break;
+                    }
+                    if matches!(cut, Cut::AfterKind(k) if k as u8 == kind) {
                         break;
                     }
                 }
-                let _ = from.shutdown(Shutdown::Both);
-                let _ = to.shutdown(Shutdown::Both);
-            };
-            let (s2d, d2s) = match direction {
-                Direction::SourceToDest => (Some(after), None),
-                Direction::DestToSource => (None, Some(after)),
+                close(&from, &to);
             };
             let (s1, d1) = (source.try_clone().unwrap(), dest.try_clone().unwrap());
-            let forward = std::thread::spawn(move || pump(s1, d1, s2d));
-            pump(dest, source, d2s);
-            let _ = forward.join();
+            match direction {
+                Direction::SourceToDest => {
+                    let other = std::thread::spawn(move || plain(d1, s1));
+                    watched(source, dest, agent::migrate::wire::PREAMBLE_LEN);
+                    let _ = other.join();
+                }
+                Direction::DestToSource => {
+                    let other = std::thread::spawn(move || plain(s1, d1));
+                    watched(dest, source, 0);
+                    let _ = other.join();
+                }
+            }
         });
         Ok(Self {
             listen,

@@ -12,7 +12,7 @@ use agent::migrate::{
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary, free_port},
     images::{FleetLayout, fleet_image},
-    migration::{self, CuttingRelay, Direction, ReceiveSpec, SendSpec},
+    migration::{self, Cut, CuttingRelay, Direction, ReceiveSpec, SendSpec},
     privileged,
     vmm_client::{Op, VmmArgs, VmmProcess, testvmm_binary},
 };
@@ -337,22 +337,30 @@ fn malformed_or_incompatible_streams_are_refused() {
     expect_refused(&setup, truncated, "connection failed");
 }
 
-/// Loses the connection at one point; the source keeps running, the
-/// destination is discarded.
-fn lose_connection(setup: &Setup, direction: Direction, after: u64, phase: &str) {
+/// Loses the connection at one point; the destination is discarded, the
+/// source keeps running (or, once "go" was sent, stays paused).
+fn lose_connection(setup: &Setup, direction: Direction, cut: Cut, phase: &str) {
     let source = source_vm(setup, 0);
     start_hot_loop(&source, 200, 64, 5);
     let mut dest = incoming_vm(setup);
     let listen = format!("127.0.0.1:{}", free_port());
     let receiver = migration::start_receiver(&receive_spec(setup, &dest, listen.clone(), vec![]), None).unwrap();
-    let relay = CuttingRelay::start(listen, direction, after).unwrap();
+    let relay = CuttingRelay::start(listen, direction, cut).unwrap();
     let sent = migration::send(&send_spec(setup, &source, relay.listen.clone(), Mode::Templates), None).unwrap();
     let received = receiver.finish(Duration::from_secs(30));
     relay.join();
     assert!(!sent.success, "{phase}: the sender reported success over a cut connection");
     assert!(!received.success, "{phase}: the receiver reported success");
-    assert!(sent.stderr.contains("the source VM keeps running"), "{phase}:\n{}", sent.stderr);
-    assert_eq!(state_of(&source), "running", "{phase}: the source runs on");
+    if matches!(cut, Cut::BeforeKind(Kind::Go)) {
+        // The source sent "go" and cannot know it was lost: it must not run
+        // (the destination might), so it stays paused for the operator.
+        assert!(sent.stderr.contains("stays paused"), "{phase}:\n{}", sent.stderr);
+        assert_eq!(state_of(&source), "paused", "{phase}");
+        source.resume().unwrap();
+    } else {
+        assert!(sent.stderr.contains("the source VM keeps running"), "{phase}:\n{}", sent.stderr);
+        assert_eq!(state_of(&source), "running", "{phase}: the source runs on");
+    }
     assert_keeps_writing(&source, phase);
     assert!(dest.wait_exit(Duration::from_secs(10)).is_some(), "{phase}: the destination is discarded");
     source.exit().unwrap();
@@ -361,13 +369,19 @@ fn lose_connection(setup: &Setup, direction: Direction, after: u64, phase: &str)
 #[test]
 fn a_lost_connection_at_any_phase_leaves_the_source_running() {
     let Some(setup) = setup("a_lost_connection_at_any_phase_leaves_the_source_running") else { return };
-    lose_connection(&setup, Direction::SourceToDest, 5, "preamble");
-    lose_connection(&setup, Direction::SourceToDest, 40, "hello");
-    lose_connection(&setup, Direction::DestToSource, 6, "offer");
-    lose_connection(&setup, Direction::SourceToDest, 3 << 20, "first round");
-    // The offer is empty without catalogs: 12 + 4 bytes; cutting there loses
-    // the destination's "ready" (after it verified and loaded the state).
-    lose_connection(&setup, Direction::DestToSource, 16, "ready");
+    use Direction::*;
+    lose_connection(&setup, SourceToDest, Cut::AfterBytes(5), "preamble");
+    lose_connection(&setup, SourceToDest, Cut::AfterBytes(40), "hello");
+    lose_connection(&setup, DestToSource, Cut::AfterBytes(6), "offer");
+    lose_connection(&setup, SourceToDest, Cut::AfterBytes(3 << 20), "first round");
+    lose_connection(&setup, DestToSource, Cut::BeforeKind(Kind::RoundAck), "round acknowledgement");
+    lose_connection(&setup, SourceToDest, Cut::BeforeKind(Kind::State), "final round");
+    lose_connection(&setup, SourceToDest, Cut::BeforeKind(Kind::Verify), "digest");
+    // The destination verified and loaded the state; its "ready" is lost.
+    lose_connection(&setup, DestToSource, Cut::BeforeKind(Kind::Ready), "ready");
+    // "go" is lost: the destination never resumes; the source stays paused
+    // (it cannot tell this from a lost "resumed") until the operator acts.
+    lose_connection(&setup, SourceToDest, Cut::BeforeKind(Kind::Go), "go");
 }
 
 #[test]
@@ -380,11 +394,9 @@ fn losing_the_final_acknowledgement_leaves_the_source_paused_never_running_twice
     let mut spec = receive_spec(&setup, &dest, listen.clone(), vec![]);
     spec.no_resume = false;
     let receiver = migration::start_receiver(&spec, None).unwrap();
-    // Offer (16 bytes) and ready pass, "go" reaches the destination, which
-    // resumes; its "resumed" is lost, so the source cannot know.
-    let ready = agent::migrate::wire::Ready { verified: true, mismatched_chunks: vec![] };
-    let ready_len = 12 + serde_json::to_vec(&ready).unwrap().len() as u64;
-    let relay = CuttingRelay::start(listen, Direction::DestToSource, 16 + ready_len).unwrap();
+    // "go" reaches the destination, which resumes; its "resumed" is lost,
+    // so the source cannot know.
+    let relay = CuttingRelay::start(listen, Direction::DestToSource, Cut::BeforeKind(Kind::Resumed)).unwrap();
     let mut send = send_spec(&setup, &source, relay.listen.clone(), Mode::Templates);
     send.keep_source = false;
     let sent = migration::send(&send, None).unwrap();

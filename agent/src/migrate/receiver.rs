@@ -138,6 +138,8 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
             verified: false,
             error: None,
             catalog_bytes: templates.bytes,
+            final_pages: 0,
+            downtime_parts_ms: Vec::new(),
         },
         progress: Progress::new(options.progress, Some(options.agent_socket.clone())),
         started: Instant::now(),
@@ -268,6 +270,12 @@ impl Receiver<'_> {
                     let round: RoundEnd = frame.json()?;
                     self.report.round = round.round;
                     self.report.dirty_pages_per_second = round.dirty_pages_per_second;
+                    // Pre-copy rounds are acknowledged; the final one is
+                    // followed by the state and the digest instead.
+                    if !round.last {
+                        self.writer.json(Kind::RoundAck, &round)?;
+                        self.writer.flush()?;
+                    }
                 }
                 Kind::State => {
                     self.report.phase = Phase::StopAndCopy;
@@ -384,8 +392,15 @@ impl Receiver<'_> {
         }
         let state = self.state.take().context("the source sent no VM state before the digest")?;
         // The VMM registers its memory with KVM now; unmap ours first.
+        let started = Instant::now();
         self.memory = None;
+        let unmapped = started.elapsed();
         vmm.load_state(&state).context("loading the VM state into the incoming VMM")?;
+        log::info!(
+            "memory verified; unmapped in {:.1} ms, VM state loaded in {:.1} ms",
+            unmapped.as_secs_f64() * 1000.0,
+            (started.elapsed() - unmapped).as_secs_f64() * 1000.0
+        );
         self.report.verified = true;
         self.writer.json(
             Kind::Ready,

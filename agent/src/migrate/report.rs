@@ -160,4 +160,12 @@ pub struct MigrationReport {
     /// of time (`pagefp templates import`), not part of `wire_bytes`.
     #[serde(default)]
     pub catalog_bytes: u64,
+    /// Pages sent while the VM was paused.
+    #[serde(default)]
+    pub final_pages: u64,
+    /// Where the downtime went: the agent's final hash list, the last pages,
+    /// waiting for the destination's check and state load, the go/resumed
+    /// exchange (milliseconds).
+    #[serde(default)]
+    pub downtime_parts_ms: Vec<(String, f64)>,
 }

@@ -188,6 +188,8 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
         verified: false,
         error: None,
         catalog_bytes: 0,
+        final_pages: 0,
+        downtime_parts_ms: Vec::new(),
     };
     let mut progress = Progress::new(options.progress, Some(options.agent_socket.clone()));
     progress.update(&report);
@@ -307,7 +309,11 @@ impl Sender<'_> {
             .and_then(|f| f.json())
             .context("waiting for the destination to resume")
             .map_err(Failure::AfterGo)?;
+        let before = self.report.downtime_parts_ms.iter().map(|p| p.1).sum::<f64>();
         let downtime = self.pause_started.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+        if let Some(total) = downtime {
+            self.report.downtime_parts_ms.push(("go_resumed".into(), total - before));
+        }
         self.report.downtime_ms = downtime;
         log::info!(
             "destination VM resumed (pid {}); downtime {:.0} ms",
@@ -386,13 +392,15 @@ impl Sender<'_> {
             .collect()
     }
 
-    /// Wire bytes per page sent so far (a guess of 4 KiB before any).
+    /// Wire bytes per non-zero page sent so far (4 KiB before any): the
+    /// pages left after the first round are written ones, rarely zero.
     fn bytes_per_page(&self) -> f64 {
-        let pages = self.report.pages.total();
-        if pages == 0 {
+        let (pages, bytes) = (&self.report.pages, &self.report.bytes);
+        let sent = pages.template + pages.full + pages.zstd;
+        if sent == 0 {
             FULL_LEN as f64
         } else {
-            (self.report.bytes.total() as f64 / pages as f64).max(ZERO_RUN_LEN as f64)
+            ((bytes.template + bytes.full + bytes.zstd) as f64 / sent as f64).max(TEMPLATE_LEN as f64)
         }
     }
 
@@ -443,12 +451,20 @@ impl Sender<'_> {
             self.send_pages(&candidates, &states)?;
             let round = RoundEnd {
                 round: self.report.round,
+                last: false,
                 pages_sent: candidates.len() as u64,
                 pages_remaining: 0,
                 dirty_pages_per_second: self.report.dirty_pages_per_second,
             };
             self.writer.json(Kind::RoundEnd, &round)?;
             self.writer.flush()?;
+            // Wait until the round arrived: data still queued in socket
+            // buffers would otherwise be sent during the downtime, and the
+            // bandwidth would be overestimated.
+            let ack: RoundEnd = self.reader.expect(Kind::RoundAck, "round acknowledgement")?.json()?;
+            if ack.round != round.round {
+                bail!("the destination acknowledged round {} instead of {}", ack.round, round.round);
+            }
             let seconds = round_start.elapsed().as_secs_f64();
             let sent = (self.writer.bytes - bytes_before) as f64;
             // Short rounds mostly fill socket buffers: no bandwidth signal.
@@ -479,12 +495,20 @@ impl Sender<'_> {
         let digest = std::thread::spawn(move || {
             chunk_digests(memory.layout.pages(), CHUNK_PAGES, |page, buf| memory.read(page, buf))
         });
+        let mut mark = Instant::now();
+        let mut part = |report: &mut MigrationReport, name: &str| {
+            report.downtime_parts_ms.push((name.to_string(), mark.elapsed().as_secs_f64() * 1000.0));
+            mark = Instant::now();
+        };
         let states = self.page_states()?;
         let candidates = self.candidates(&states);
+        part(&mut self.report, "hash_list");
         self.report.round += 1;
+        self.report.final_pages = candidates.len() as u64;
         self.send_pages(&candidates, &states)?;
         let round = RoundEnd {
             round: self.report.round,
+            last: true,
             pages_sent: candidates.len() as u64,
             pages_remaining: 0,
             dirty_pages_per_second: self.report.dirty_pages_per_second,
@@ -492,13 +516,16 @@ impl Sender<'_> {
         self.writer.json(Kind::RoundEnd, &round)?;
         let vm_state = vmm.save_state().context("saving the source VM's state")?;
         self.writer.frame(Kind::State, 0, &vm_state)?;
+        part(&mut self.report, "last_pages");
 
         self.report.phase = Phase::Verifying;
         self.progress.update(&self.report);
         let digests = digest.join().expect("digest thread panicked")?;
+        part(&mut self.report, "source_digest");
         self.writer.frame(Kind::Verify, 0, &wire::encode_digest(CHUNK_PAGES, &digests))?;
         self.writer.flush()?;
         let ready: Ready = self.reader.expect(Kind::Ready, "ready")?.json()?;
+        part(&mut self.report, "destination_check");
         self.sync_bytes();
         if !ready.verified {
             bail!(

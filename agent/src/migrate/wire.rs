@@ -55,6 +55,8 @@ pub enum Kind {
     Resumed = 9,
     /// Either way, JSON [`Abort`].
     Abort = 10,
+    /// R→S, JSON [`RoundEnd`] echoed: every byte of the round arrived.
+    RoundAck = 11,
 }
 
 impl Kind {
@@ -70,6 +72,7 @@ impl Kind {
             8 => Kind::Go,
             9 => Kind::Resumed,
             10 => Kind::Abort,
+            11 => Kind::RoundAck,
             _ => return None,
         })
     }
@@ -320,6 +323,9 @@ impl Hello {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoundEnd {
     pub round: u32,
+    /// The round sent with the VM paused (not acknowledged).
+    #[serde(default)]
+    pub last: bool,
     pub pages_sent: u64,
     /// Pages the source will send next (0 after the final round).
     pub pages_remaining: u64,

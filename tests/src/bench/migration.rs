@@ -49,6 +49,9 @@ pub struct Run {
     /// The destination's catalog, moved there ahead of time (not in `wire_bytes`).
     pub catalog_bytes: u64,
     pub templates_agreed: u64,
+    /// Pages sent while the VM was paused, and where the downtime went.
+    pub final_pages: u64,
+    pub downtime_parts_ms: Vec<(String, f64)>,
     pub error: Option<String>,
 }
 
@@ -155,6 +158,8 @@ fn failed_run(image: &GuestImage, mode: &str, mbit: u32, err: &anyhow::Error) ->
         negotiation_bytes: 0,
         catalog_bytes: 0,
         templates_agreed: 0,
+        final_pages: 0,
+        downtime_parts_ms: Vec::new(),
         error: Some(format!("{err:#}")),
     }
 }
@@ -293,6 +298,8 @@ fn pagefp_run(
         negotiation_bytes: report.negotiation_bytes,
         catalog_bytes,
         templates_agreed: report.templates_agreed,
+        final_pages: report.final_pages,
+        downtime_parts_ms: report.downtime_parts_ms.clone(),
         error: None,
     })
 }
@@ -344,6 +351,8 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
         negotiation_bytes: 0,
         catalog_bytes: 0,
         templates_agreed: 0,
+        final_pages: 0,
+        downtime_parts_ms: Vec::new(),
         error: None,
     })
 }
