@@ -53,6 +53,8 @@ pub struct Run {
     pub final_pages: u64,
     pub downtime_parts_ms: Vec<(String, f64)>,
     pub error: Option<String>,
+    /// What the run showed besides its figures.
+    pub note: Option<String>,
 }
 
 /// Experiment settings.
@@ -66,6 +68,8 @@ pub struct Settings {
     pub hot_interval_ms: u64,
     pub downtime_ms: u64,
     pub template_budget_mib: u64,
+    /// Migrate only these images (all if empty); the others still give templates.
+    pub migrate: Vec<String>,
 }
 
 impl Default for Settings {
@@ -79,6 +83,7 @@ impl Default for Settings {
             hot_interval_ms: 50,
             downtime_ms: 300,
             template_budget_mib: 64,
+            migrate: Vec::new(),
         }
     }
 }
@@ -109,6 +114,9 @@ pub fn run(images: &[GuestImage], settings: &Settings) -> anyhow::Result<Migrati
     for (index, &mbit) in settings.links_mbit.iter().enumerate() {
         let link = ShapedLink::new(&format!("b{index}"), 10 + index as u8, mbit)?;
         for (image, catalog) in images.iter().zip(&catalogs) {
+            if !settings.migrate.is_empty() && !settings.migrate.contains(&image.name) {
+                continue;
+            }
             for mode in &settings.modes {
                 let started = Instant::now();
                 let result = if mode == "qemu" {
@@ -161,6 +169,7 @@ fn failed_run(image: &GuestImage, mode: &str, mbit: u32, err: &anyhow::Error) ->
         final_pages: 0,
         downtime_parts_ms: Vec::new(),
         error: Some(format!("{err:#}")),
+        note: None,
     }
 }
 
@@ -301,6 +310,7 @@ fn pagefp_run(
         final_pages: report.final_pages,
         downtime_parts_ms: report.downtime_parts_ms.clone(),
         error: None,
+        note: None,
     })
 }
 
@@ -330,7 +340,22 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
     let size = u64::from(image.mem_mib) << 20;
     source.qmp.execute("pmemsave", Some(json!({"val": 0, "size": size, "filename": a})))?;
     dest.qmp.execute("pmemsave", Some(json!({"val": 0, "size": size, "filename": b})))?;
-    let verified = std::fs::read(&a)? == std::fs::read(&b)?;
+    let (source_ram, dest_ram) = (std::fs::read(&a)?, std::fs::read(&b)?);
+    let differing: Vec<usize> = source_ram
+        .chunks(4096)
+        .zip(dest_ram.chunks(4096))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, _)| i)
+        .collect();
+    let verified = differing.is_empty();
+    let note = (!verified).then(|| {
+        format!(
+            "after QEMU reported completed, {} page(s) of the paused destination differ from the paused source (first: {:?})",
+            differing.len(),
+            &differing[..differing.len().min(5)]
+        )
+    });
     let _ = std::fs::remove_file(&a);
     let _ = std::fs::remove_file(&b);
     dest.qmp.execute("cont", None)?;
@@ -354,6 +379,7 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
         final_pages: 0,
         downtime_parts_ms: Vec::new(),
         error: None,
+        note,
     })
 }
 
@@ -416,6 +442,15 @@ pub fn print_table(report: &MigrationReport) {
             r.pages_template,
             r.pages_full,
             if r.error.is_some() { "FAILED" } else if r.verified { "yes" } else { "NO" }
+        );
+    }
+    for r in report.runs.iter().filter(|r| r.note.is_some() || r.error.is_some()) {
+        println!(
+            "  {} {} {} Mbit/s: {}",
+            r.vm,
+            r.mode,
+            r.link_mbit,
+            r.error.as_deref().or(r.note.as_deref()).unwrap_or("")
         );
     }
     println!();

@@ -6,7 +6,8 @@ use std::{process::Command, time::Duration};
 
 use clap::Parser;
 use pagefp_tests::{
-    agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary},
+    agent_process::{self, AgentOptions, AgentProcess, TempDir, agent_binary},
+    bench,
     fleet::{Vm, VmOptions, assert_served_hashes_match},
     images::{FleetLayout, write_fleet},
 };
@@ -21,6 +22,15 @@ struct Args {
     /// Guest RAM per VM in MiB.
     #[arg(long, default_value_t = 64)]
     mem_mib: usize,
+    /// Real Linux guests to migrate (image names, comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "linux-httpd,linux-compress")]
+    migrate: Vec<String>,
+    /// Link speed of the migration part, Mbit/s.
+    #[arg(long, default_value_t = 100)]
+    link_mbit: u32,
+    /// Skip the migration part.
+    #[arg(long)]
+    no_migration: bool,
 }
 
 fn show(agent: &AgentProcess, what: &str) -> anyhow::Result<()> {
@@ -129,6 +139,38 @@ fn main() -> anyhow::Result<()> {
     for line in lines {
         println!("   {line}");
     }
+    println!(
+        "\n   (Prometheus: point a scrape job at http://{}/metrics; Grafana dashboards in grafana/)",
+        agent.metrics_addr
+    );
+    drop(fleet);
+    drop(agent);
+    if !args.no_migration {
+        migration_part(&args)?;
+    }
     println!("\ndemo done: the VMs and the agent stop now");
+    Ok(())
+}
+
+/// Real Linux guests migrated over a shaped link, pagefp's modes side by side
+/// with QEMU's own migration of the same guest.
+fn migration_part(args: &Args) -> anyhow::Result<()> {
+    println!("\n== live migration of real Linux guests over a {} Mbit/s link", args.link_mbit);
+    println!("   guest images: Debian kernel + busybox/perl initramfs under QEMU TCG, one workload each (cargo xtask images)");
+    let images = pagefp_tests::guest_images::ensure_images()?;
+    let settings = bench::migration::Settings {
+        links_mbit: vec![args.link_mbit],
+        migrate: args.migrate.clone(),
+        ..bench::migration::Settings::default()
+    };
+    println!(
+        "   each guest's destination holds templates exported from the {} other images' VMs (never its own pages)",
+        images.len() - 1
+    );
+    let report = bench::migration::run(&images, &settings)?;
+    bench::migration::print_table(&report);
+    let path = agent_process::target_dir().join("pagefp-bench").join("migration-demo.json");
+    bench::migration::write(&report, &path)?;
+    println!("   the full experiment (every image, 100 Mbit/s and 1 Gbit/s): cargo xtask bench -- --only migration");
     Ok(())
 }
