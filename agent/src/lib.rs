@@ -12,6 +12,7 @@ pub mod hasher;
 pub mod memory;
 pub mod metrics;
 pub mod migrate;
+pub mod migration_book;
 pub mod registry;
 pub mod templates;
 pub mod tracker;

@@ -82,6 +82,57 @@ pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
         "Distinct page contents host-wide",
     )?;
     let programs = IntGauge::new("pagefp_ebpf_programs_attached", "eBPF programs attached")?;
+    let vm_info = IntGaugeVec::new(
+        Opts::new(
+            "pagefp_vm_info",
+            "A VM the agent knows (always 1): its process name, tracking and dirty-log source",
+        ),
+        &["vm", "comm", "tracking", "dirty_log"],
+    )?;
+    let wan_saving = IntGaugeVec::new(
+        Opts::new(
+            "pagefp_vm_estimated_wan_saving_bytes",
+            "Bytes a template migration of the VM would not send compared with zero-page detection alone (template pages x page size)",
+        ),
+        &["vm"],
+    )?;
+    let covered = IntGauge::new(
+        "pagefp_template_covered_pages",
+        "Guest pages host-wide whose content is a template",
+    )?;
+    let hashed_bytes = IntCounterVec::new(
+        Opts::new("pagefp_hashed_bytes_total", "Bytes of guest memory hashed"),
+        &["reason"],
+    )?;
+    let running = IntGauge::new(
+        "pagefp_migrations_running",
+        "Migrations in progress on this host",
+    )?;
+    let remaining = GaugeVec::new(
+        Opts::new(
+            "pagefp_migration_remaining_bytes",
+            "Estimated bytes a running migration still has to send",
+        ),
+        &["id", "role", "vm"],
+    )?;
+    let migration_dirty = GaugeVec::new(
+        Opts::new(
+            "pagefp_migration_dirty_pages_per_second",
+            "Pages the guest of a running migration dirtied per second in its last round",
+        ),
+        &["id", "role", "vm"],
+    )?;
+    let migration_round = IntGaugeVec::new(
+        Opts::new("pagefp_migration_round", "Pre-copy round of a running migration"),
+        &["id", "role", "vm"],
+    )?;
+    let migration_sent = IntGaugeVec::new(
+        Opts::new(
+            "pagefp_migration_sent_bytes",
+            "Bytes a running migration has put on the wire so far",
+        ),
+        &["id", "role", "vm"],
+    )?;
     for collector in [
         Box::new(build_info.clone()) as Box<dyn prometheus::core::Collector>,
         Box::new(vms_tracked.clone()),
@@ -95,8 +146,45 @@ pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
         Box::new(template_bytes.clone()),
         Box::new(contents.clone()),
         Box::new(programs.clone()),
+        Box::new(vm_info.clone()),
+        Box::new(wan_saving.clone()),
+        Box::new(covered.clone()),
+        Box::new(hashed_bytes.clone()),
+        Box::new(running.clone()),
+        Box::new(remaining.clone()),
+        Box::new(migration_dirty.clone()),
+        Box::new(migration_round.clone()),
+        Box::new(migration_sent.clone()),
     ] {
         prom.register(collector)?;
+    }
+    {
+        let book = state.migrations.lock().unwrap();
+        for collector in [
+            Box::new(book.started.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(book.completed.clone()),
+            Box::new(book.failed.clone()),
+            Box::new(book.pages.clone()),
+            Box::new(book.bytes.clone()),
+            Box::new(book.duration.clone()),
+            Box::new(book.downtime.clone()),
+        ] {
+            prom.register(collector)?;
+        }
+        running.set(book.running().count() as i64);
+        for report in book.running() {
+            let role = match report.role {
+                crate::migrate::report::Role::Source => "source",
+                crate::migrate::report::Role::Destination => "destination",
+            };
+            let labels = [report.id.as_str(), role, &report.vm_pid.to_string()];
+            remaining.with_label_values(&labels).set(report.remaining_bytes as f64);
+            migration_dirty
+                .with_label_values(&labels)
+                .set(report.dirty_pages_per_second);
+            migration_round.with_label_values(&labels).set(i64::from(report.round));
+            migration_sent.with_label_values(&labels).set(report.wire_bytes as i64);
+        }
     }
     {
         let registry = state.registry.lock().unwrap();
@@ -113,6 +201,17 @@ pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
                 Tracking::Untracked => "untracked",
             };
             vms_tracked.with_label_values(&[tracking]).inc();
+            let dirty_log = match view.dirty_mode {
+                crate::registry::vm::DirtyMode::Unknown => "unknown",
+                crate::registry::vm::DirtyMode::Ring => "ring",
+                crate::registry::vm::DirtyMode::Bitmap { .. } => "bitmap",
+            };
+            vm_info
+                .with_label_values(&[&label, &view.comm, tracking, dirty_log])
+                .set(1);
+            wan_saving
+                .with_label_values(&[&label])
+                .set((view.template_pages * crate::PAGE_SIZE as u64) as i64);
             for (state_name, n) in [
                 ("unknown", view.unknown),
                 ("clean", view.clean),
@@ -142,6 +241,14 @@ pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
         hashed
             .with_label_values(&["dirty"])
             .inc_by(registry.stats.pages_rehashed);
+        let page = crate::PAGE_SIZE as u64;
+        hashed_bytes
+            .with_label_values(&["full_pass"])
+            .inc_by((registry.stats.pages_hashed - registry.stats.pages_rehashed) * page);
+        hashed_bytes
+            .with_label_values(&["dirty"])
+            .inc_by(registry.stats.pages_rehashed * page);
+        covered.set(catalog.pages_covered as i64);
         templates.set(catalog.templates.len() as i64);
         template_bytes.set(catalog.bytes() as i64);
         contents.set(registry.contents.len() as i64);

@@ -17,6 +17,8 @@ use super::{
 use crate::{
     PAGE_SIZE,
     content::zero_page_hash,
+    migrate::report::MigrationReport,
+    migration_book::MigrationBook,
     ebpf::Sources,
     hasher::HashPool,
     registry::{PageState, Registry, RegistryStats},
@@ -35,6 +37,7 @@ pub struct AppState {
     pub tracker: Arc<TrackerStats>,
     pub policy: SelectionPolicy,
     pub started: Instant,
+    pub migrations: Mutex<MigrationBook>,
     catalog: Mutex<Option<Arc<Catalog>>>,
 }
 
@@ -55,6 +58,7 @@ impl AppState {
             tracker,
             policy,
             started: Instant::now(),
+            migrations: Mutex::new(MigrationBook::new()),
             catalog: Mutex::new(None),
         }
     }
@@ -154,6 +158,9 @@ fn parse_query(query: Option<&str>) -> Result<Query, String> {
     Ok(parsed)
 }
 
+/// Largest request body accepted (a migration report).
+pub const MAX_BODY: usize = 256 << 10;
+
 /// Answers one request. Blocking: call from a blocking context.
 pub fn handle(
     state: &AppState,
@@ -161,8 +168,25 @@ pub fn handle(
     path: &str,
     query: Option<&str>,
 ) -> ApiResponse {
+    handle_with_body(state, method, path, query, &[])
+}
+
+/// [`handle`] for requests with a body (`POST /v1/migrations`).
+pub fn handle_with_body(
+    state: &AppState,
+    method: &hyper::Method,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> ApiResponse {
+    if method == hyper::Method::POST && path.trim_end_matches('/') == "/v1/migrations" {
+        return post_migration(state, body);
+    }
     if method != hyper::Method::GET {
-        return error(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is supported (and POST on /v1/migrations)",
+        );
     }
     let query = match parse_query(query) {
         Ok(query) => query,
@@ -181,12 +205,36 @@ pub fn handle(
             Err(response) => response,
         },
         ["v1", "templates"] => templates(state, query.format.unwrap_or(Format::Json), query.limit),
+        ["v1", "migrations"] => json(&state.migrations.lock().unwrap().reports()),
         _ => error(
             StatusCode::NOT_FOUND,
             &format!(
-                "no such endpoint `{path}`: try /v1/status, /v1/vms, /v1/vms/PID, /v1/vms/PID/hashes, /v1/templates"
+                "no such endpoint `{path}`: try /v1/status, /v1/vms, /v1/vms/PID, /v1/vms/PID/hashes, /v1/templates, /v1/migrations"
             ),
         ),
+    }
+}
+
+/// `POST /v1/migrations`: a progress report of `pagefp migrate`.
+fn post_migration(state: &AppState, body: &[u8]) -> ApiResponse {
+    if body.len() > MAX_BODY {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("a migration report is at most {MAX_BODY} bytes"),
+        );
+    }
+    let report: MigrationReport = match serde_json::from_slice(body) {
+        Ok(report) => report,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("the body is not a migration report (JSON, as `pagefp migrate --json` prints): {e}"),
+            );
+        }
+    };
+    match state.migrations.lock().unwrap().record(report) {
+        Ok(()) => json(&serde_json::json!({"ok": true})),
+        Err(message) => error(StatusCode::BAD_REQUEST, &message),
     }
 }
 
@@ -422,6 +470,12 @@ mod tests {
                 "/v1/vms",
                 None,
                 StatusCode::METHOD_NOT_ALLOWED,
+            ),
+            (
+                hyper::Method::POST,
+                "/v1/migrations",
+                None,
+                StatusCode::BAD_REQUEST,
             ),
             (get.clone(), "/v2/nothing", None, StatusCode::NOT_FOUND),
             (get.clone(), "/v1/vms/abc", None, StatusCode::BAD_REQUEST),

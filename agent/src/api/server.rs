@@ -11,7 +11,9 @@ use hyper::{Request, body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 
-use super::routes::{ApiResponse, AppState, handle};
+use http_body_util::{BodyExt, Limited};
+
+use super::routes::{ApiResponse, AppState, MAX_BODY, error, handle_with_body};
 
 /// Binds the socket (replacing a stale one), mode 0600.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
@@ -54,12 +56,21 @@ pub async fn serve(listener: UnixListener, state: Arc<AppState>, path: PathBuf) 
                     let method = request.method().clone();
                     let path = request.uri().path().to_string();
                     let query = request.uri().query().map(str::to_string);
+                    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+                        Ok(body) => body.to_bytes(),
+                        Err(err) => {
+                            return Ok(error(
+                                hyper::StatusCode::PAYLOAD_TOO_LARGE,
+                                &format!("reading the request body failed (at most {MAX_BODY} bytes): {err}"),
+                            ));
+                        }
+                    };
                     let response: ApiResponse = tokio::task::spawn_blocking(move || {
-                        handle(&state, &method, &path, query.as_deref())
+                        handle_with_body(&state, &method, &path, query.as_deref(), &body)
                     })
                     .await
                     .unwrap_or_else(|err| {
-                        super::routes::error(
+                        error(
                             hyper::StatusCode::INTERNAL_SERVER_ERROR,
                             &format!("handler failed: {err}"),
                         )
