@@ -110,6 +110,9 @@ impl MigrationBook {
         }
         if previous.is_none() {
             self.started.with_label_values(&[role, mode]).inc();
+            // Outcome series exist (at 0) from the first migration on.
+            self.completed.with_label_values(&[role, mode]).inc_by(0);
+            self.failed.with_label_values(&[role, mode]).inc_by(0);
         }
         let zero = ByEncoding::default();
         let (old_pages, old_bytes) = previous.map_or((zero, zero), |p| (p.pages, p.bytes));

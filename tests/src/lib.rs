@@ -9,6 +9,7 @@ pub mod images;
 pub mod migration;
 pub mod netns;
 pub mod privileged;
+pub mod prometheus;
 pub mod qemu;
 pub mod vmm;
 pub mod vmm_client;

@@ -117,6 +117,8 @@ struct Sender<'a> {
     pause_started: Option<Instant>,
     /// Bytes per second the link carried in the last long enough round.
     bandwidth: Option<f64>,
+    /// The current round's estimated bytes, and the stream position it began at.
+    round_estimate: (u64, u64),
 }
 
 /// Runs one migration; the final report on success.
@@ -227,6 +229,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
         zero_hash: zero_page_hash(),
         pause_started: None,
         bandwidth: options.max_bandwidth.map(|b| b as f64),
+        round_estimate: (0, 0),
     };
     let mut paused = false;
     let outcome = sender.run(&mut vmm, &mut paused);
@@ -448,6 +451,7 @@ impl Sender<'_> {
             self.report.round += 1;
             let round_start = Instant::now();
             let bytes_before = self.writer.bytes;
+            self.round_estimate = (estimate as u64, bytes_before);
             self.send_pages(&candidates, &states)?;
             let round = RoundEnd {
                 round: self.report.round,
@@ -662,8 +666,8 @@ impl Sender<'_> {
 
     fn after_write(&mut self) {
         self.sync_bytes();
-        let remaining = self.report.remaining_bytes;
+        let (estimate, start) = self.round_estimate;
+        self.report.remaining_bytes = estimate.saturating_sub(self.writer.bytes - start);
         self.progress.update(&self.report);
-        self.report.remaining_bytes = remaining;
     }
 }
