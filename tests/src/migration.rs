@@ -274,7 +274,7 @@ impl CuttingRelay {
             let watched = move |mut from: TcpStream, mut to: TcpStream, preamble: usize| {
                 use std::io::{Read, Write};
                 let mut passed = 0u64;
-                let mut forward = |bytes: &[u8], to: &mut TcpStream, passed: &mut u64| -> bool {
+                let forward = |bytes: &[u8], to: &mut TcpStream, passed: &mut u64| -> bool {
                     if let Cut::AfterBytes(limit) = cut {
                         let allowed = (limit.saturating_sub(*passed) as usize).min(bytes.len());
                         let ok = to.write_all(&bytes[..allowed]).is_ok();

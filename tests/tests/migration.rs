@@ -442,3 +442,62 @@ fn catalogs_export_import_and_serve_templates() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("corrupt"));
 }
+
+/// A real Linux guest (image built under QEMU) migrates with templates
+/// exported from two other guests of the same OS.
+#[test]
+fn a_linux_guest_migrates_with_templates_from_other_guests() {
+    let Some(setup) = setup("a_linux_guest_migrates_with_templates_from_other_guests") else { return };
+    if which::which("qemu-system-x86_64").is_err() {
+        assert!(!privileged::required(), "QEMU is missing: run `cargo xtask setup`");
+        return;
+    }
+    let images = pagefp_tests::guest_images::ensure_images().expect("building the guest images");
+    let image = |w: &str| images.iter().find(|i| i.workload == w).unwrap();
+    let start = |image: &pagefp_tests::guest_images::GuestImage| {
+        let mut args = VmmArgs::new(setup.dir.0.join(format!("{}-{}.sock", image.name, free_port())), image.mem_mib);
+        args.image = Some(image.ram_path.clone());
+        let vmm = VmmProcess::spawn(&testvmm_binary(), &args).unwrap();
+        setup.agent.wait_all_clean(vmm.pid(), Duration::from_secs(300));
+        vmm
+    };
+    let others = [start(image("idle")), start(image("find"))];
+    let pids: Vec<String> = others.iter().map(|v| v.pid().to_string()).collect();
+    let catalog = setup.dir.0.join("linux.pftc");
+    let output = std::process::Command::new(agent_binary())
+        .args(["templates", "--socket"])
+        .arg(&setup.agent.socket)
+        .args(["export", "--out"])
+        .arg(&catalog)
+        .args(["--vms", &pids.join(",")])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    for vm in others {
+        vm.exit().unwrap();
+    }
+    let httpd = image("httpd");
+    let source = start(httpd);
+    start_hot_loop(&source, 30_000, 64, 9);
+    let mut args = VmmArgs::new(setup.dir.0.join(format!("dst-{}.sock", free_port())), httpd.mem_mib);
+    args.incoming = true;
+    let dest = VmmProcess::spawn(&testvmm_binary(), &args).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let receiver = migration::start_receiver(&receive_spec(&setup, &dest, listen.clone(), vec![catalog]), None).unwrap();
+    let sent = migration::send(&send_spec(&setup, &source, listen, Mode::Templates), None).unwrap();
+    let received = receiver.finish(Duration::from_secs(120));
+    assert!(sent.success, "{}", sent.stderr);
+    assert!(received.success, "{}", received.stderr);
+    let report = sent.report();
+    println!(
+        "{}: {} bytes, pages zero {} template {} full {}",
+        httpd.name, report.wire_bytes, report.pages.zero, report.pages.template, report.pages.full
+    );
+    assert!(report.verified);
+    assert!(report.pages.template > 5_000, "the shared OS pages travel as templates");
+    let diff = differing(&source.checksums().unwrap(), &dest.checksums().unwrap());
+    assert!(diff.is_empty(), "{} pages differ", diff.len());
+    assert_keeps_writing(&dest, "the migrated Linux guest's workload");
+    source.exit().unwrap();
+    dest.exit().unwrap();
+}
