@@ -28,6 +28,9 @@ pub enum Command {
     /// Live-migrate a VM (pre-copy, template-deduplicated).
     #[command(subcommand)]
     Migrate(crate::migrate::cli::MigrateCommand),
+    /// Deduplicate unmodified QEMU's migration stream through a proxy pair.
+    #[command(subcommand, name = "qemu-proxy")]
+    QemuProxy(crate::qemu_proxy::ProxyCommand),
 }
 
 #[derive(Debug, Args)]

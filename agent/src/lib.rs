@@ -13,6 +13,8 @@ pub mod memory;
 pub mod metrics;
 pub mod migrate;
 pub mod migration_book;
+pub mod qemu_proxy;
+pub mod qemu_stream;
 pub mod registry;
 pub mod templates;
 pub mod tracker;

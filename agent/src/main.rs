@@ -18,6 +18,7 @@ fn main() -> ExitCode {
             Some(action) => agent::migrate::cli::run_catalog(action, &args.client.socket),
             None => templates(&args),
         },
+        Command::QemuProxy(command) => agent::qemu_proxy::run(command),
         Command::Migrate(command) => {
             agent::migrate::cli::run_migrate(command, std::io::stderr().is_terminal())
         }

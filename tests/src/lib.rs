@@ -11,5 +11,6 @@ pub mod netns;
 pub mod privileged;
 pub mod prometheus;
 pub mod qemu;
+pub mod qemu_proxy_run;
 pub mod vmm;
 pub mod vmm_client;
