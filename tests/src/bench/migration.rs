@@ -174,7 +174,7 @@ fn failed_run(image: &GuestImage, mode: &str, mbit: u32, err: &anyhow::Error) ->
 }
 
 /// One catalog per image, built from the VMs of all the other images.
-fn build_catalogs(
+pub fn build_catalogs(
     agent: &AgentProcess,
     dir: &TempDir,
     images: &[GuestImage],

@@ -16,7 +16,7 @@ struct Args {
     /// Fewer rounds and smaller VMs (for a quick look; the figures are noisier).
     #[arg(long)]
     quick: bool,
-    /// Only these parts (comma-separated: hashing, dirty, rehash, memory, migration).
+    /// Only these parts (comma-separated: hashing, dirty, rehash, memory, migration, qemu-proxy).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON report.
@@ -74,6 +74,9 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| target_dir().join("pagefp-bench").join("migration.json"));
         bench::migration::write(&report, &path)?;
     }
+    if wanted("qemu-proxy") {
+        qemu_proxy(&args)?;
+    }
     if figures.is_empty() {
         return Ok(());
     }
@@ -87,3 +90,43 @@ fn main() -> anyhow::Result<()> {
     bench::write_report(&report, &path)?;
     Ok(())
 }
+
+/// Unmodified QEMU migrated directly and through `pagefp qemu-proxy`, side by
+/// side over the same shaped link; target/pagefp-bench/qemu-proxy.json.
+fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
+    use pagefp_tests::{
+        agent_process::{AgentOptions, AgentProcess, TempDir},
+        netns::ShapedLink,
+        qemu_proxy_run::{Ends, compare},
+    };
+    let images = pagefp_tests::guest_images::ensure_images()?;
+    let migrate: Vec<&str> = if args.quick { vec!["linux-httpd"] } else { vec!["linux-httpd", "linux-compress", "linux-perl"] };
+    println!("== QEMU through the proxies vs direct: {migrate:?} at 100 Mbit/s");
+    let dir = TempDir::new("pagefp-proxy-bench");
+    let agent = AgentProcess::start(&AgentOptions::default())?;
+    let catalogs = bench::migration::build_catalogs(&agent, &dir, &images, &bench::migration::Settings::default())?;
+    drop(agent);
+    let link = ShapedLink::new("qp", 30, 100)?;
+    let mut runs = Vec::new();
+    for (image, catalog) in images.iter().zip(&catalogs).filter(|(i, _)| migrate.contains(&i.name.as_str())) {
+        let run = compare(image, catalog, &Ends { link: Some(&link) }, pagefp_tests::guest_images::RUN_SECONDS)?;
+        println!(
+            "{:<16} direct {:>11} B {:>6.2} s | proxied {:>11} B {:>6.2} s | x{:.3} bytes | {} {}",
+            run.vm,
+            run.direct_wire_bytes,
+            run.direct_seconds,
+            run.proxied_wire_bytes,
+            run.proxied_seconds,
+            run.proxied_wire_bytes as f64 / run.direct_wire_bytes.max(1) as f64,
+            run.qemu_status,
+            if run.guest_resumed { "resumed" } else { "NOT RESUMED" }
+        );
+        runs.push(run);
+    }
+    let path = target_dir().join("pagefp-bench").join("qemu-proxy.json");
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    std::fs::write(&path, serde_json::to_vec_pretty(&serde_json::json!({"machine": bench::machine(), "target_bytes_ratio_max": 0.5, "runs": runs}))?)?;
+    println!("qemu-proxy report written to {}", path.display());
+    Ok(())
+}
+
