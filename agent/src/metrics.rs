@@ -123,7 +123,10 @@ pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
         &["id", "role", "vm"],
     )?;
     let migration_round = IntGaugeVec::new(
-        Opts::new("pagefp_migration_round", "Pre-copy round of a running migration"),
+        Opts::new(
+            "pagefp_migration_round",
+            "Pre-copy round of a running migration",
+        ),
         &["id", "role", "vm"],
     )?;
     let migration_sent = IntGaugeVec::new(
@@ -178,12 +181,18 @@ pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
                 crate::migrate::report::Role::Destination => "destination",
             };
             let labels = [report.id.as_str(), role, &report.vm_pid.to_string()];
-            remaining.with_label_values(&labels).set(report.remaining_bytes as f64);
+            remaining
+                .with_label_values(&labels)
+                .set(report.remaining_bytes as f64);
             migration_dirty
                 .with_label_values(&labels)
                 .set(report.dirty_pages_per_second);
-            migration_round.with_label_values(&labels).set(i64::from(report.round));
-            migration_sent.with_label_values(&labels).set(report.wire_bytes as i64);
+            migration_round
+                .with_label_values(&labels)
+                .set(i64::from(report.round));
+            migration_sent
+                .with_label_values(&labels)
+                .set(report.wire_bytes as i64);
         }
     }
     {

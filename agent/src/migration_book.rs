@@ -79,7 +79,9 @@ impl MigrationBook {
                     "pagefp_migration_duration_seconds",
                     "Duration of completed migrations (source side)",
                 )
-                .buckets(vec![0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]),
+                .buckets(vec![
+                    0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                ]),
                 &["mode"],
             )
             .expect("valid metric"),
@@ -134,7 +136,9 @@ impl MigrationBook {
                         .with_label_values(&[mode])
                         .observe(report.elapsed_seconds);
                     if let Some(ms) = report.downtime_ms {
-                        self.downtime.with_label_values(&[mode]).observe(ms / 1000.0);
+                        self.downtime
+                            .with_label_values(&[mode])
+                            .observe(ms / 1000.0);
                     }
                 }
             }
@@ -171,10 +175,7 @@ impl MigrationBook {
     }
 }
 
-fn encodings<'a>(
-    new: &'a ByEncoding,
-    old: &'a ByEncoding,
-) -> [(&'static str, u64, u64); 4] {
+fn encodings<'a>(new: &'a ByEncoding, old: &'a ByEncoding) -> [(&'static str, u64, u64); 4] {
     [
         ("zero", new.zero, old.zero),
         ("template", new.template, old.template),
@@ -237,7 +238,12 @@ mod tests {
         assert_eq!(get(&book.completed, &["source", "templates"]), 1);
         assert_eq!(get(&book.pages, &["source", "template"]), 30);
         assert_eq!(get(&book.bytes, &["source", "template"]), 270);
-        assert_eq!(book.duration.with_label_values(&["templates"]).get_sample_count(), 1);
+        assert_eq!(
+            book.duration
+                .with_label_values(&["templates"])
+                .get_sample_count(),
+            1
+        );
         assert_eq!(book.running().count(), 0);
         book.record(report("b", Phase::Failed, 0)).unwrap();
         assert_eq!(get(&book.failed, &["source", "templates"]), 1);

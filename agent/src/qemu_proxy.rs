@@ -148,7 +148,11 @@ pub fn run(command: ProxyCommand) -> anyhow::Result<()> {
 fn send(args: &SendArgs) -> anyhow::Result<ProxyReport> {
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {} for the source QEMU", args.listen))?;
-    log::info!("waiting for QEMU's migration on {} (QMP: migrate tcp:{})", args.listen, args.listen);
+    log::info!(
+        "waiting for QEMU's migration on {} (QMP: migrate tcp:{})",
+        args.listen,
+        args.listen
+    );
     let (qemu, _) = listener.accept()?;
     // One connection only: multifd channels would be further connections.
     drop(listener);
@@ -159,10 +163,19 @@ fn send(args: &SendArgs) -> anyhow::Result<ProxyReport> {
     let mut reader = FrameReader::new(BufReader::new(wan.try_clone()?));
     let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 20, wan));
     writer.preamble()?;
-    writer.json(Kind::QemuHello, &QemuHello { id: format!("qemu-{}", std::process::id()) })?;
+    writer.json(
+        Kind::QemuHello,
+        &QemuHello {
+            id: format!("qemu-{}", std::process::id()),
+        },
+    )?;
     writer.flush()?;
     let offer = wire::decode_offer(&reader.expect(Kind::Offer, "template offer")?)?;
-    let index: HashMap<TemplateId, u32> = offer.iter().enumerate().map(|(i, id)| (*id, i as u32)).collect();
+    let index: HashMap<TemplateId, u32> = offer
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (*id, i as u32))
+        .collect();
     let mut parser = Parser::new(BufReader::with_capacity(1 << 20, qemu));
     let mut pending: Vec<u8> = Vec::with_capacity(CHUNK + 8192);
     let mut digest = blake3::Hasher::new();
@@ -171,7 +184,9 @@ fn send(args: &SendArgs) -> anyhow::Result<ProxyReport> {
         ..ProxyReport::default()
     };
     let zstd = !args.no_zstd;
-    let flush = |writer: &mut FrameWriter<BufWriter<TcpStream>>, pending: &mut Vec<u8>| -> anyhow::Result<()> {
+    let flush = |writer: &mut FrameWriter<BufWriter<TcpStream>>,
+                 pending: &mut Vec<u8>|
+     -> anyhow::Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
@@ -227,7 +242,11 @@ fn send(args: &SendArgs) -> anyhow::Result<ProxyReport> {
     writer.flush()?;
     let done: QemuDone = reader.expect(Kind::QemuDone, "done")?.json()?;
     if done.stream_bytes != report.stream_bytes {
-        bail!("the receive proxy rebuilt {} bytes of {}", done.stream_bytes, report.stream_bytes);
+        bail!(
+            "the receive proxy rebuilt {} bytes of {}",
+            done.stream_bytes,
+            report.stream_bytes
+        );
     }
     report.wire_bytes = writer.bytes + reader.bytes;
     report.seconds = started.elapsed().as_secs_f64();
@@ -254,7 +273,8 @@ fn receive(args: &ReceiveArgs) -> anyhow::Result<ProxyReport> {
         progress: false,
         accept_timeout: None,
     })?;
-    let listener = TcpListener::bind(&args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = TcpListener::bind(&args.listen)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     log::info!(
         "waiting for a proxied QEMU migration on {} ({} templates)",
         args.listen,
@@ -266,7 +286,9 @@ fn receive(args: &ReceiveArgs) -> anyhow::Result<ProxyReport> {
         loop {
             match listener.accept() {
                 Ok((stream, _)) => return relay_in(stream, args, &templates.store),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => bail!("no proxied migration arrived: {e}"),
@@ -277,7 +299,11 @@ fn receive(args: &ReceiveArgs) -> anyhow::Result<ProxyReport> {
     relay_in(stream, args, &templates.store)
 }
 
-fn relay_in(stream: TcpStream, args: &ReceiveArgs, store: &catalog::TemplateStore) -> anyhow::Result<ProxyReport> {
+fn relay_in(
+    stream: TcpStream,
+    args: &ReceiveArgs,
+    store: &catalog::TemplateStore,
+) -> anyhow::Result<ProxyReport> {
     stream.set_nonblocking(false)?;
     stream.set_nodelay(true)?;
     let started = Instant::now();
@@ -295,7 +321,8 @@ fn relay_in(stream: TcpStream, args: &ReceiveArgs, store: &catalog::TemplateStor
         ..ProxyReport::default()
     };
     let mut put = |bytes: &[u8], report: &mut ProxyReport| -> anyhow::Result<()> {
-        qemu.write_all(bytes).context("writing to the destination QEMU")?;
+        qemu.write_all(bytes)
+            .context("writing to the destination QEMU")?;
         digest.update(bytes);
         report.stream_bytes += bytes.len() as u64;
         Ok(())
@@ -307,7 +334,9 @@ fn relay_in(stream: TcpStream, args: &ReceiveArgs, store: &catalog::TemplateStor
             Kind::QemuTemplate => {
                 let body = &frame.payload;
                 if body.len() < 4 {
-                    return Err(frame.malformed("template reference shorter than its index").into());
+                    return Err(frame
+                        .malformed("template reference shorter than its index")
+                        .into());
                 }
                 let (prefix, index) = body.split_at(body.len() - 4);
                 let index = u32::from_le_bytes(index.try_into().unwrap());
@@ -320,7 +349,6 @@ fn relay_in(stream: TcpStream, args: &ReceiveArgs, store: &catalog::TemplateStor
             }
             Kind::QemuEnd => {
                 let end: QemuEnd = frame.json()?;
-                drop(put);
                 qemu.flush().context("writing to the destination QEMU")?;
                 let rebuilt = digest.finalize().to_hex().to_string();
                 if end.stream_bytes != report.stream_bytes || end.blake3 != rebuilt {
@@ -362,7 +390,9 @@ fn connect_retrying(addr: &str) -> anyhow::Result<TcpStream> {
                 log::debug!("destination QEMU at {addr} not ready: {e}");
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(e) => bail!("cannot reach the destination QEMU at {addr} (started with -incoming tcp:{addr}?): {e}"),
+            Err(e) => bail!(
+                "cannot reach the destination QEMU at {addr} (started with -incoming tcp:{addr}?): {e}"
+            ),
         }
     }
 }

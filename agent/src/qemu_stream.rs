@@ -65,9 +65,13 @@ pub enum Piece {
 pub enum StreamError {
     #[error("reading the QEMU migration stream failed at byte {offset}: {source}")]
     Io { offset: u64, source: io::Error },
-    #[error("not a QEMU migration stream (magic {0:#010x}, expected QEVM); is the source `migrate tcp:` pointed at the proxy?")]
+    #[error(
+        "not a QEMU migration stream (magic {0:#010x}, expected QEVM); is the source `migrate tcp:` pointed at the proxy?"
+    )]
     Magic(u32),
-    #[error("QEMU migration stream version {0} is not supported (this proxy reads version {QEMU_VM_FILE_VERSION})")]
+    #[error(
+        "QEMU migration stream version {0} is not supported (this proxy reads version {QEMU_VM_FILE_VERSION})"
+    )]
     Version(u32),
     #[error("malformed RAM section at byte {offset}: {what}")]
     Malformed { offset: u64, what: String },
@@ -214,8 +218,13 @@ impl<R: Read> Parser<R> {
                         continue;
                     };
                     let n = self.out.len();
-                    if n >= 17 && self.out[n - 17] == SECTION_START && self.out[n - 12] == 3 && &self.out[n - 11..n - 8] == b"ram" {
-                        self.ram_section = u32::from_be_bytes(self.out[n - 16..n - 12].try_into().unwrap());
+                    if n >= 17
+                        && self.out[n - 17] == SECTION_START
+                        && self.out[n - 12] == 3
+                        && &self.out[n - 11..n - 8] == b"ram"
+                    {
+                        self.ram_section =
+                            u32::from_be_bytes(self.out[n - 16..n - 12].try_into().unwrap());
                         self.state = State::Ram;
                     } else if searched > MAX_SEARCH {
                         self.pass(PassThroughReason::NoRamSection);
@@ -232,14 +241,18 @@ impl<R: Read> Parser<R> {
                     let addr = header & !FLAGS_MASK;
                     if flags & FLAG_MEM_SIZE != 0 {
                         if flags != FLAG_MEM_SIZE {
-                            return Err(self.malformed(format!("MEM_SIZE with other flags {flags:#x}")));
+                            return Err(
+                                self.malformed(format!("MEM_SIZE with other flags {flags:#x}"))
+                            );
                         }
                         let mut left = addr;
                         while left > 0 {
                             self.idstr()?;
                             let size = self.be64()?;
                             if size == 0 || size > left {
-                                return Err(self.malformed(format!("RAM block of {size} bytes with {left} left of the total")));
+                                return Err(self.malformed(format!(
+                                    "RAM block of {size} bytes with {left} left of the total"
+                                )));
                             }
                             left -= size;
                         }
@@ -254,7 +267,9 @@ impl<R: Read> Parser<R> {
                         }
                         let piece = self.flush();
                         let mut page = Box::new([0u8; TARGET_PAGE]);
-                        self.input.read_exact(&mut page[..]).map_err(|e| self.io(e))?;
+                        self.input
+                            .read_exact(&mut page[..])
+                            .map_err(|e| self.io(e))?;
                         self.offset += TARGET_PAGE as u64;
                         self.pages += 1;
                         // The record header first, then the page.
@@ -283,7 +298,10 @@ impl<R: Read> Parser<R> {
                     if kind == SECTION_FOOTER {
                         let id = self.be32()?;
                         if id != self.ram_section {
-                            return Err(self.malformed(format!("footer of section {id} after RAM section {}", self.ram_section)));
+                            return Err(self.malformed(format!(
+                                "footer of section {id} after RAM section {}",
+                                self.ram_section
+                            )));
                         }
                         match self.byte_or_eof()? {
                             Some(next) => kind = next,
@@ -297,7 +315,9 @@ impl<R: Read> Parser<R> {
                         SECTION_PART | SECTION_END => {
                             let id = self.be32()?;
                             if id != self.ram_section {
-                                self.pass(PassThroughReason::Unsupported(format!("iterative section {id} besides RAM")));
+                                self.pass(PassThroughReason::Unsupported(format!(
+                                    "iterative section {id} besides RAM"
+                                )));
                             } else if kind == SECTION_END {
                                 self.state = State::Ram;
                                 self.ending = true;
@@ -399,7 +419,11 @@ mod tests {
         s.push(SECTION_FOOTER);
         s.extend_from_slice(&2u32.to_be_bytes());
         for (i, chunk) in chunks.iter().enumerate() {
-            s.push(if i + 1 == chunks.len() { SECTION_END } else { SECTION_PART });
+            s.push(if i + 1 == chunks.len() {
+                SECTION_END
+            } else {
+                SECTION_PART
+            });
             s.extend_from_slice(&2u32.to_be_bytes());
             for (j, (kind, fill)) in chunk.iter().enumerate() {
                 let continued = if j == 0 { 0 } else { FLAG_CONTINUE };
@@ -441,7 +465,11 @@ mod tests {
 
     #[test]
     fn pages_are_found_and_everything_else_passes_through() {
-        let chunks = vec![vec![(0, 1), (1, 0), (0, 2)], vec![(0, 3)], vec![(1, 0), (0, 4)]];
+        let chunks = vec![
+            vec![(0, 1), (1, 0), (0, 2)],
+            vec![(0, 3)],
+            vec![(1, 0), (0, 4)],
+        ];
         let (bytes, pages) = stream(&chunks, b"\x04device state\x00");
         let (pieces, parser) = parse_all(&bytes).unwrap();
         assert_eq!(reassemble(&pieces), bytes);
@@ -454,7 +482,10 @@ mod tests {
             .collect();
         assert_eq!(found, pages);
         assert_eq!((parser.pages, parser.zero_pages), (4, 2));
-        assert_eq!(parser.pass_through, Some(PassThroughReason::RamSectionEnded));
+        assert_eq!(
+            parser.pass_through,
+            Some(PassThroughReason::RamSectionEnded)
+        );
     }
 
     #[test]
@@ -466,7 +497,10 @@ mod tests {
         bytes[at + 7] = 0x40;
         let (pieces, parser) = parse_all(&bytes).unwrap();
         assert_eq!(reassemble(&pieces), bytes);
-        assert!(matches!(parser.pass_through, Some(PassThroughReason::Unsupported(_))));
+        assert!(matches!(
+            parser.pass_through,
+            Some(PassThroughReason::Unsupported(_))
+        ));
         assert!(Parser::new(&b"QEVX\0\0\0\x03"[..]).next_piece().is_err());
     }
 

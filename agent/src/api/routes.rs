@@ -17,10 +17,10 @@ use super::{
 use crate::{
     PAGE_SIZE,
     content::zero_page_hash,
-    migrate::report::MigrationReport,
-    migration_book::MigrationBook,
     ebpf::Sources,
     hasher::HashPool,
+    migrate::report::MigrationReport,
+    migration_book::MigrationBook,
     registry::{PageState, Registry, RegistryStats},
     templates::{Catalog, SelectionPolicy},
     tracker::{SyncHandle, TrackerStats, monotonic_ns},
@@ -228,7 +228,9 @@ fn post_migration(state: &AppState, body: &[u8]) -> ApiResponse {
         Err(e) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                &format!("the body is not a migration report (JSON, as `pagefp migrate --json` prints): {e}"),
+                &format!(
+                    "the body is not a migration report (JSON, as `pagefp migrate --json` prints): {e}"
+                ),
             );
         }
     };

@@ -61,7 +61,9 @@ pub async fn serve(listener: UnixListener, state: Arc<AppState>, path: PathBuf) 
                         Err(err) => {
                             return Ok(error(
                                 hyper::StatusCode::PAYLOAD_TOO_LARGE,
-                                &format!("reading the request body failed (at most {MAX_BODY} bytes): {err}"),
+                                &format!(
+                                    "reading the request body failed (at most {MAX_BODY} bytes): {err}"
+                                ),
                             ));
                         }
                     };

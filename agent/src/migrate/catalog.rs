@@ -92,7 +92,10 @@ impl Catalog {
         }
         let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
         if word(4) != VERSION {
-            bail!("catalog version {} is not supported (this pagefp reads version {VERSION})", word(4));
+            bail!(
+                "catalog version {} is not supported (this pagefp reads version {VERSION})",
+                word(4)
+            );
         }
         if word(8) as usize != PAGE {
             bail!("catalog of {}-byte pages; this host uses {PAGE}", word(8));
@@ -103,7 +106,10 @@ impl Catalog {
             .checked_add(count.checked_mul(32).context("catalog count overflows")?)
             .context("catalog count overflows")?;
         if bytes.len() < hashes_end + 8 {
-            bail!("catalog is truncated: {count} templates announced, {} bytes present", bytes.len());
+            bail!(
+                "catalog is truncated: {count} templates announced, {} bytes present",
+                bytes.len()
+            );
         }
         let hashes: Vec<[u8; 32]> = bytes[HEADER_LEN..hashes_end]
             .chunks_exact(32)
@@ -113,7 +119,10 @@ impl Catalog {
             u64::from_le_bytes(bytes[hashes_end..hashes_end + 8].try_into().unwrap()) as usize;
         let body = &bytes[hashes_end + 8..];
         if body.len() != compressed_len {
-            bail!("catalog is truncated: page data has {} of {compressed_len} bytes", body.len());
+            bail!(
+                "catalog is truncated: page data has {} of {compressed_len} bytes",
+                body.len()
+            );
         }
         let mut pages = Vec::with_capacity(count * PAGE);
         zstd::stream::read::Decoder::new(body)
@@ -122,7 +131,10 @@ impl Catalog {
             .read_to_end(&mut pages)
             .context("catalog page data is corrupt")?;
         if pages.len() != count * PAGE {
-            bail!("catalog page data holds {} bytes for {count} pages", pages.len());
+            bail!(
+                "catalog page data holds {} bytes for {count} pages",
+                pages.len()
+            );
         }
         let catalog = Self { hashes, pages };
         if catalog.digest() != digest {
@@ -137,7 +149,8 @@ impl Catalog {
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading catalog {}", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("reading catalog {}", path.display()))?;
         Self::from_bytes(&bytes).with_context(|| format!("catalog {}", path.display()))
     }
 
@@ -145,7 +158,8 @@ impl Catalog {
     pub fn save(&self, path: &Path) -> anyhow::Result<u64> {
         let bytes = self.to_bytes()?;
         let tmp = path.with_extension("tmp");
-        let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         file.write_all(&bytes)?;
         file.sync_all()?;
         std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
@@ -224,7 +238,10 @@ pub fn build_from_agent(socket: &Path, options: &BuildOptions) -> anyhow::Result
             Err(e) => return Err(e.into()),
         };
         let (_, records) = parse_hash_list(&bytes).map_err(anyhow::Error::msg)?;
-        for record in records.iter().filter(|r| r.state == state::CLEAN && r.hash != zero) {
+        for record in records
+            .iter()
+            .filter(|r| r.state == state::CLEAN && r.hash != zero)
+        {
             let Some(slot) = vm
                 .slots
                 .iter()
@@ -249,7 +266,12 @@ pub fn build_from_agent(socket: &Path, options: &BuildOptions) -> anyhow::Result
         .into_iter()
         .filter(|(_, c)| c.vms >= options.min_vms)
         .collect();
-    ranked.sort_unstable_by(|a, b| b.1.pages.cmp(&a.1.pages).then(b.1.vms.cmp(&a.1.vms)).then(a.0.cmp(&b.0)));
+    ranked.sort_unstable_by(|a, b| {
+        b.1.pages
+            .cmp(&a.1.pages)
+            .then(b.1.vms.cmp(&a.1.vms))
+            .then(a.0.cmp(&b.0))
+    });
     ranked.truncate((options.budget_bytes / PAGE as u64) as usize);
     let mut catalog = Catalog::default();
     let mut buf = vec![0u8; PAGE];
@@ -332,7 +354,10 @@ pub fn installed(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 pub fn import(file: &Path, dir: &Path) -> anyhow::Result<(PathBuf, Catalog)> {
     let catalog = Catalog::load(file)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name: String = catalog.digest()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let name: String = catalog.digest()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let target = dir.join(format!("{name}.pftc"));
     catalog.save(&target)?;
     Ok((target, catalog))
@@ -360,7 +385,10 @@ mod tests {
         for at in [0, 13, 60, bytes.len() - 1] {
             let mut bad = bytes.clone();
             bad[at] ^= 0x40;
-            assert!(Catalog::from_bytes(&bad).is_err(), "corruption at {at} accepted");
+            assert!(
+                Catalog::from_bytes(&bad).is_err(),
+                "corruption at {at} accepted"
+            );
         }
         assert!(Catalog::from_bytes(&bytes[..bytes.len() - 3]).is_err());
     }

@@ -209,7 +209,11 @@ pub fn run_migrate(command: MigrateCommand, show_progress: bool) -> anyhow::Resu
                     report.elapsed_seconds,
                     report.wire_bytes,
                     report.templates_agreed,
-                    if options.resume { ", VM resumed" } else { ", VM left paused" }
+                    if options.resume {
+                        ", VM resumed"
+                    } else {
+                        ", VM left paused"
+                    }
                 );
             }
             Ok(())
@@ -240,7 +244,11 @@ pub fn run_catalog(command: CatalogCommand, agent_socket: &std::path::Path) -> a
         }
         CatalogCommand::Import(args) => {
             let (path, catalog) = catalog::import(&args.file, &args.dir)?;
-            println!("installed {} templates as {}", catalog.len(), path.display());
+            println!(
+                "installed {} templates as {}",
+                catalog.len(),
+                path.display()
+            );
             Ok(())
         }
     }

@@ -16,7 +16,9 @@ where
     F: Fn(u32, &mut [u8]) -> anyhow::Result<()> + Sync,
 {
     let chunks = pages.div_ceil(chunk_pages.max(1));
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4) as u32;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4) as u32;
     let per_thread = chunks.div_ceil(threads.max(1)).max(1);
     let zero = zero_page_hash();
     let read = &read;
@@ -85,7 +87,10 @@ mod tests {
         };
         let before = chunk_digests(10, 4, read(&memory)).unwrap();
         assert_eq!(before.len(), 3);
-        let hashes: Vec<[u8; 32]> = memory.chunks(PAGE).map(|p| *blake3::hash(p).as_bytes()).collect();
+        let hashes: Vec<[u8; 32]> = memory
+            .chunks(PAGE)
+            .map(|p| *blake3::hash(p).as_bytes())
+            .collect();
         assert_eq!(digests_from_hashes(&hashes, 4), before);
         memory[9 * PAGE + 5] = 7;
         let after = chunk_digests(10, 4, read(&memory)).unwrap();

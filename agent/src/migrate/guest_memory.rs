@@ -28,11 +28,23 @@ impl Layout {
         let mut starts = Vec::with_capacity(regions.len());
         let mut total: u64 = 0;
         for (i, r) in regions.iter().enumerate() {
-            if r.size == 0 || !r.size.is_multiple_of(PAGE as u64) || !r.gpa.is_multiple_of(PAGE as u64) {
-                bail!("region of slot {} (gpa {:#x}, {} bytes) is not whole pages", r.slot, r.gpa, r.size);
+            if r.size == 0
+                || !r.size.is_multiple_of(PAGE as u64)
+                || !r.gpa.is_multiple_of(PAGE as u64)
+            {
+                bail!(
+                    "region of slot {} (gpa {:#x}, {} bytes) is not whole pages",
+                    r.slot,
+                    r.gpa,
+                    r.size
+                );
             }
             if i > 0 && regions[i - 1].gpa + regions[i - 1].size > r.gpa {
-                bail!("regions of slots {} and {} overlap", regions[i - 1].slot, r.slot);
+                bail!(
+                    "regions of slots {} and {} overlap",
+                    regions[i - 1].slot,
+                    r.slot
+                );
             }
             starts.push(total as u32);
             total += r.size / PAGE as u64;
@@ -64,7 +76,10 @@ impl Layout {
 
     /// The global page of a guest physical address.
     pub fn page_of_gpa(&self, gpa: u64) -> Option<u32> {
-        let region = self.regions.partition_point(|r| r.gpa <= gpa).checked_sub(1)?;
+        let region = self
+            .regions
+            .partition_point(|r| r.gpa <= gpa)
+            .checked_sub(1)?;
         let r = &self.regions[region];
         (gpa < r.gpa + r.size).then(|| self.starts[region] + ((gpa - r.gpa) / PAGE as u64) as u32)
     }
@@ -87,7 +102,9 @@ impl SourceMemory {
         let mut regions = Vec::with_capacity(layout.regions.len());
         for (region, uaddr) in layout.regions.iter().zip(uaddrs) {
             let mapped = MappedSlot::open(pid, *uaddr, region.size).with_context(|| {
-                format!("reading the memory map of VMM pid {pid} (is it still running? are you root?)")
+                format!(
+                    "reading the memory map of VMM pid {pid} (is it still running? are you root?)"
+                )
             })?;
             regions.push(match mapped {
                 Some(slot) => SourceRegion::Mapped(slot),
@@ -145,17 +162,19 @@ unsafe impl Sync for DestMemory {}
 impl DestMemory {
     /// Maps `[uaddr, uaddr+size)` of every region of VMM `pid` read-write.
     pub fn open(pid: u32, layout: Layout, uaddrs: &[u64]) -> anyhow::Result<Self> {
-        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-            .with_context(|| format!("reading /proc/{pid}/maps: is the destination VMM running?"))?;
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| {
+            format!("reading /proc/{pid}/maps: is the destination VMM running?")
+        })?;
         let mut regions = Vec::new();
         for (region, &uaddr) in layout.regions.iter().zip(uaddrs) {
-            let (start, end, offset) = file_mapping(&maps, uaddr, region.size).with_context(|| {
-                format!(
-                    "slot {} of VMM pid {pid} at {uaddr:#x} is not a shared file mapping; \
+            let (start, end, offset) =
+                file_mapping(&maps, uaddr, region.size).with_context(|| {
+                    format!(
+                        "slot {} of VMM pid {pid} at {uaddr:#x} is not a shared file mapping; \
                      the destination VMM must keep guest memory in a memfd",
-                    region.slot
-                )
-            })?;
+                        region.slot
+                    )
+                })?;
             let path = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
             let file = OpenOptions::new()
                 .read(true)

@@ -1,14 +1,14 @@
 //! Template-based live migration: `pagefp migrate send` and `receive`.
 //! The wire format is documented in `docs/migration-protocol.md`.
 
-pub mod report;
 pub mod catalog;
+pub mod cli;
 pub mod digest;
 pub mod guest_memory;
 pub mod pacing;
 pub mod progress;
+pub mod receiver;
+pub mod report;
 pub mod sender;
 pub mod vmm;
 pub mod wire;
-pub mod receiver;
-pub mod cli;

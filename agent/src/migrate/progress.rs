@@ -32,11 +32,9 @@ impl Progress {
         let bar = show.then(|| {
             let bar = ProgressBar::new(0);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {msg}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
+                ProgressStyle::with_template("{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
             );
             bar
         });
@@ -98,8 +96,10 @@ impl Progress {
 
     fn post(&mut self, report: &MigrationReport) {
         let Some(socket) = &self.agent else { return };
-        if let Err(err) = post_report(socket, report) {
-            if !self.agent_warned {
+        if let Err(err) = post_report(socket, report)
+            && !self.agent_warned
+        {
+            {
                 log::warn!(
                     "cannot report migration progress to the agent at {} ({err}); its metrics will miss this migration",
                     socket.display()

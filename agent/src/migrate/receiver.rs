@@ -68,7 +68,11 @@ pub fn load_templates(options: &ReceiveOptions) -> anyhow::Result<LoadedTemplate
         let catalog = Catalog::load(path)?;
         bytes += std::fs::metadata(path).map_or(0, |m| m.len());
         let added = store.add(&catalog);
-        log::info!("{}: {} templates ({added} new)", path.display(), catalog.len());
+        log::info!(
+            "{}: {} templates ({added} new)",
+            path.display(),
+            catalog.len()
+        );
     }
     if let Some(build) = &options.local_templates {
         let catalog = catalog::build_from_agent(&options.agent_socket, build)
@@ -106,7 +110,9 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         templates.bytes
     );
     let stream = accept(&listener, options.accept_timeout)?;
-    let peer = stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string());
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     stream.set_nodelay(true)?;
     let write_half = stream.try_clone()?;
@@ -123,8 +129,10 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
             peer,
             phase: Phase::Negotiating,
             round: 0,
-            started_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()
-                as u64,
+            started_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64,
             elapsed_seconds: 0.0,
             mem_bytes: 0,
             remaining_bytes: 0,
@@ -155,7 +163,12 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
             Ok(receiver.report)
         }
         Err(err) => {
-            let _ = receiver.writer.json(Kind::Abort, &wire::Abort { reason: format!("{err:#}") });
+            let _ = receiver.writer.json(
+                Kind::Abort,
+                &wire::Abort {
+                    reason: format!("{err:#}"),
+                },
+            );
             let _ = receiver.writer.flush();
             receiver.report.phase = Phase::Failed;
             receiver.report.error = Some(format!("{err:#}"));
@@ -228,7 +241,10 @@ impl Receiver<'_> {
         self.report.mode = hello.mode;
         self.report.mem_bytes = hello.total_pages() * PAGE as u64;
         if hello.page_size as usize != PAGE {
-            bail!("the source uses {}-byte pages; this host uses {PAGE}", hello.page_size);
+            bail!(
+                "the source uses {}-byte pages; this host uses {PAGE}",
+                hello.page_size
+            );
         }
         // The incoming VMM must have the source's memory layout.
         let mut mine: Vec<_> = regions.iter().map(|r| (r.gpa, r.size)).collect();
@@ -254,7 +270,8 @@ impl Receiver<'_> {
         } else {
             Vec::new()
         };
-        self.writer.frame(Kind::Offer, 0, &wire::encode_offer(&offer))?;
+        self.writer
+            .frame(Kind::Offer, 0, &wire::encode_offer(&offer))?;
         self.writer.flush()?;
         self.report.templates_agreed = offer.len() as u64;
         self.report.negotiation_bytes = self.reader.bytes + self.writer.bytes;
@@ -326,7 +343,10 @@ impl Receiver<'_> {
                     let end = first
                         .checked_add(count)
                         .filter(|end| *end <= total)
-                        .ok_or_else(|| frame.malformed(format!("zero run {first}+{count} beyond {total} pages")))?;
+                        .ok_or_else(|| {
+                            frame
+                                .malformed(format!("zero run {first}+{count} beyond {total} pages"))
+                        })?;
                     for page in first..end {
                         memory.zero(page);
                         self.hashes[page as usize] = zero_page_hash();
@@ -338,16 +358,22 @@ impl Receiver<'_> {
                         .templates
                         .page(index)
                         .filter(|_| self.report.mode.uses_templates())
-                        .ok_or_else(|| frame.malformed(format!("template {index} was not offered")))?;
+                        .ok_or_else(|| {
+                            frame.malformed(format!("template {index} was not offered"))
+                        })?;
                     if !memory.write(page, data) {
-                        return Err(frame.malformed(format!("page {page} beyond {total} pages")).into());
+                        return Err(frame
+                            .malformed(format!("page {page} beyond {total} pages"))
+                            .into());
                     }
                     self.hashes[page as usize] = *self.templates.hash(index).expect("offered");
                     self.report.pages.template += 1;
                 }
                 PageRecord::Full { page, data } => {
                     if !memory.write(page, data) {
-                        return Err(frame.malformed(format!("page {page} beyond {total} pages")).into());
+                        return Err(frame
+                            .malformed(format!("page {page} beyond {total} pages"))
+                            .into());
                     }
                     self.hashes[page as usize] = *blake3::hash(data).as_bytes();
                     if frame.flags & FLAG_ZSTD != 0 {
@@ -361,16 +387,29 @@ impl Receiver<'_> {
         Ok(())
     }
 
-    fn verify(&mut self, frame: &wire::Frame, chunk_pages: u32, vmm: &mut VmmControl) -> anyhow::Result<()> {
+    fn verify(
+        &mut self,
+        frame: &wire::Frame,
+        chunk_pages: u32,
+        vmm: &mut VmmControl,
+    ) -> anyhow::Result<()> {
         let (frame_chunk, expected) = wire::decode_digest(frame)?;
         if frame_chunk != chunk_pages || frame_chunk == 0 {
-            return Err(frame.malformed("digest chunk size differs from the hello").into());
+            return Err(frame
+                .malformed("digest chunk size differs from the hello")
+                .into());
         }
         // What was written, page by page, hashed as it arrived; the source
         // hashed its memory itself, independently of its dirty tracking.
         let actual = digests_from_hashes(&self.hashes, chunk_pages);
         if actual.len() != expected.len() {
-            return Err(frame.malformed(format!("{} digests for {} chunks", expected.len(), actual.len())).into());
+            return Err(frame
+                .malformed(format!(
+                    "{} digests for {} chunks",
+                    expected.len(),
+                    actual.len()
+                ))
+                .into());
         }
         let mismatched: Vec<u32> = (0..actual.len() as u32)
             .filter(|&i| actual[i as usize] != expected[i as usize])
@@ -390,12 +429,16 @@ impl Receiver<'_> {
                 mismatched[0]
             );
         }
-        let state = self.state.take().context("the source sent no VM state before the digest")?;
+        let state = self
+            .state
+            .take()
+            .context("the source sent no VM state before the digest")?;
         // The VMM registers its memory with KVM now; unmap ours first.
         let started = Instant::now();
         self.memory = None;
         let unmapped = started.elapsed();
-        vmm.load_state(&state).context("loading the VM state into the incoming VMM")?;
+        vmm.load_state(&state)
+            .context("loading the VM state into the incoming VMM")?;
         log::info!(
             "memory verified; unmapped in {:.1} ms, VM state loaded in {:.1} ms",
             unmapped.as_secs_f64() * 1000.0,

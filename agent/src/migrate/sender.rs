@@ -135,7 +135,10 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
         );
     }
     if info.state != "running" {
-        bail!("the source VM is {}, not running: nothing to migrate", info.state);
+        bail!(
+            "the source VM is {}, not running: nothing to migrate",
+            info.state
+        );
     }
     // The agent must track the VM: its hash lists drive the rounds.
     client::get_blocking(&options.agent_socket, &format!("/v1/vms/{}", options.pid)).with_context(|| {
@@ -165,7 +168,10 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
     let id = format!(
         "{}-{}",
         options.pid,
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
     );
     let mut report = MigrationReport {
         id: id.clone(),
@@ -176,7 +182,10 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
         peer: options.to.clone(),
         phase: Phase::Connecting,
         round: 0,
-        started_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64,
+        started_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64,
         elapsed_seconds: 0.0,
         mem_bytes: layout.bytes(),
         remaining_bytes: layout.bytes(),
@@ -240,12 +249,18 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
             sender.report.remaining_bytes = 0;
             sender.progress.update(&sender.report);
             if !options.keep_source {
-                vmm.exit().context("the migration succeeded, but the source VMM did not exit")?;
+                vmm.exit()
+                    .context("the migration succeeded, but the source VMM did not exit")?;
             }
             Ok(sender.report)
         }
         Err(Failure::BeforeGo(err)) => {
-            let _ = sender.writer.json(Kind::Abort, &wire::Abort { reason: format!("{err:#}") });
+            let _ = sender.writer.json(
+                Kind::Abort,
+                &wire::Abort {
+                    reason: format!("{err:#}"),
+                },
+            );
             let _ = sender.writer.flush();
             let resumed = if paused { vmm.resume() } else { Ok(()) };
             sender.report.phase = Phase::Failed;
@@ -278,7 +293,9 @@ enum Failure {
 fn connect(to: &str) -> anyhow::Result<TcpStream> {
     let addrs: Vec<_> = to
         .to_socket_addrs()
-        .with_context(|| format!("cannot resolve {to:?}: give HOST:PORT of `pagefp migrate receive`"))?
+        .with_context(|| {
+            format!("cannot resolve {to:?}: give HOST:PORT of `pagefp migrate receive`")
+        })?
         .collect();
     let mut last = None;
     for addr in addrs {
@@ -312,10 +329,19 @@ impl Sender<'_> {
             .and_then(|f| f.json())
             .context("waiting for the destination to resume")
             .map_err(Failure::AfterGo)?;
-        let before = self.report.downtime_parts_ms.iter().map(|p| p.1).sum::<f64>();
-        let downtime = self.pause_started.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+        let before = self
+            .report
+            .downtime_parts_ms
+            .iter()
+            .map(|p| p.1)
+            .sum::<f64>();
+        let downtime = self
+            .pause_started
+            .map(|t| t.elapsed().as_secs_f64() * 1000.0);
         if let Some(total) = downtime {
-            self.report.downtime_parts_ms.push(("go_resumed".into(), total - before));
+            self.report
+                .downtime_parts_ms
+                .push(("go_resumed".into(), total - before));
         }
         self.report.downtime_ms = downtime;
         log::info!(
@@ -345,7 +371,11 @@ impl Sender<'_> {
         let frame = self.reader.expect(Kind::Offer, "template offer")?;
         let ids = wire::decode_offer(&frame)?;
         if self.options.mode.uses_templates() {
-            self.offer = ids.iter().enumerate().map(|(i, id)| (*id, i as u32)).collect();
+            self.offer = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (*id, i as u32))
+                .collect();
         } else if !ids.is_empty() {
             bail!("the destination offered templates to a baseline migration");
         }
@@ -368,8 +398,9 @@ impl Sender<'_> {
     /// The agent's view of every page, after it applied all events so far.
     fn page_states(&self) -> anyhow::Result<PageStates> {
         let pid = self.options.pid;
-        let bytes = client::get_blocking(&self.options.agent_socket, &format!("/v1/vms/{pid}/hashes"))
-            .with_context(|| format!("asking the agent for the pages of VM pid {pid}"))?;
+        let bytes =
+            client::get_blocking(&self.options.agent_socket, &format!("/v1/vms/{pid}/hashes"))
+                .with_context(|| format!("asking the agent for the pages of VM pid {pid}"))?;
         let (_, records) = parse_hash_list(&bytes).map_err(anyhow::Error::msg)?;
         let pages = self.memory.layout.pages() as usize;
         let mut states = PageStates {
@@ -403,7 +434,8 @@ impl Sender<'_> {
         if sent == 0 {
             FULL_LEN as f64
         } else {
-            ((bytes.template + bytes.full + bytes.zstd) as f64 / sent as f64).max(TEMPLATE_LEN as f64)
+            ((bytes.template + bytes.full + bytes.zstd) as f64 / sent as f64)
+                .max(TEMPLATE_LEN as f64)
         }
     }
 
@@ -419,7 +451,11 @@ impl Sender<'_> {
             let candidates = self.candidates(&states);
             // Rounds that barely shrink what is left: the guest dirties as
             // fast as the link carries.
-            stalled = if (candidates.len() as u64) * 20 >= (previous as u64).saturating_mul(19) { stalled + 1 } else { 0 };
+            stalled = if (candidates.len() as u64) * 20 >= (previous as u64).saturating_mul(19) {
+                stalled + 1
+            } else {
+                0
+            };
             previous = candidates.len();
             let estimate = candidates.len() as f64 * self.bytes_per_page();
             self.report.remaining_bytes = estimate as u64;
@@ -465,16 +501,27 @@ impl Sender<'_> {
             // Wait until the round arrived: data still queued in socket
             // buffers would otherwise be sent during the downtime, and the
             // bandwidth would be overestimated.
-            let ack: RoundEnd = self.reader.expect(Kind::RoundAck, "round acknowledgement")?.json()?;
+            let ack: RoundEnd = self
+                .reader
+                .expect(Kind::RoundAck, "round acknowledgement")?
+                .json()?;
             if ack.round != round.round {
-                bail!("the destination acknowledged round {} instead of {}", ack.round, round.round);
+                bail!(
+                    "the destination acknowledged round {} instead of {}",
+                    ack.round,
+                    round.round
+                );
             }
             let seconds = round_start.elapsed().as_secs_f64();
             let sent = (self.writer.bytes - bytes_before) as f64;
             // Short rounds mostly fill socket buffers: no bandwidth signal.
             if seconds > 0.25 && sent > 1e6 {
                 let measured = sent / seconds;
-                self.bandwidth = Some(self.options.max_bandwidth.map_or(measured, |m| measured.min(m as f64)));
+                self.bandwidth = Some(
+                    self.options
+                        .max_bandwidth
+                        .map_or(measured, |m| measured.min(m as f64)),
+                );
             }
             let since = taken.elapsed().as_secs_f64();
             states = self.page_states()?;
@@ -483,7 +530,8 @@ impl Sender<'_> {
             self.report.dirty_pages_per_second = dirtied as f64 / since.max(1e-3);
             self.sync_bytes();
             self.report.remaining_bytes = (dirtied as f64 * self.bytes_per_page()) as u64;
-            self.progress.round(&self.report, candidates.len() as u64, seconds);
+            self.progress
+                .round(&self.report, candidates.len() as u64, seconds);
             self.progress.update(&self.report);
         }
 
@@ -497,11 +545,15 @@ impl Sender<'_> {
         // while the last pages go out.
         let memory = Arc::clone(&self.memory);
         let digest = std::thread::spawn(move || {
-            chunk_digests(memory.layout.pages(), CHUNK_PAGES, |page, buf| memory.read(page, buf))
+            chunk_digests(memory.layout.pages(), CHUNK_PAGES, |page, buf| {
+                memory.read(page, buf)
+            })
         });
         let mut mark = Instant::now();
         let mut part = |report: &mut MigrationReport, name: &str| {
-            report.downtime_parts_ms.push((name.to_string(), mark.elapsed().as_secs_f64() * 1000.0));
+            report
+                .downtime_parts_ms
+                .push((name.to_string(), mark.elapsed().as_secs_f64() * 1000.0));
             mark = Instant::now();
         };
         let states = self.page_states()?;
@@ -526,7 +578,8 @@ impl Sender<'_> {
         self.progress.update(&self.report);
         let digests = digest.join().expect("digest thread panicked")?;
         part(&mut self.report, "source_digest");
-        self.writer.frame(Kind::Verify, 0, &wire::encode_digest(CHUNK_PAGES, &digests))?;
+        self.writer
+            .frame(Kind::Verify, 0, &wire::encode_digest(CHUNK_PAGES, &digests))?;
         self.writer.flush()?;
         let ready: Ready = self.reader.expect(Kind::Ready, "ready")?.json()?;
         part(&mut self.report, "destination_check");
@@ -561,11 +614,9 @@ impl Sender<'_> {
                     self.zero(page)?;
                     continue;
                 }
-                if use_templates {
-                    if let Some(&index) = self.offer.get(&template_id(&hash)) {
-                        self.template(page, index, hash)?;
-                        continue;
-                    }
+                if use_templates && let Some(&index) = self.offer.get(&template_id(&hash)) {
+                    self.template(page, index, hash)?;
+                    continue;
                 }
             }
             // Everything else is read and checked here.
@@ -575,7 +626,10 @@ impl Sender<'_> {
                 self.zero(page)
             } else {
                 let hash = *blake3::hash(&buf).as_bytes();
-                match use_templates.then(|| self.offer.get(&template_id(&hash))).flatten() {
+                match use_templates
+                    .then(|| self.offer.get(&template_id(&hash)))
+                    .flatten()
+                {
                     Some(&index) => self.template(page, index, hash),
                     None => self.full_page(page, &buf, hash),
                 }
@@ -632,7 +686,8 @@ impl Sender<'_> {
 
     fn flush_small(&mut self) -> anyhow::Result<()> {
         if !self.small.is_empty() {
-            let framing = self.writer.frame(Kind::Pages, 0, &self.small.buf)? - self.small.buf.len();
+            let framing =
+                self.writer.frame(Kind::Pages, 0, &self.small.buf)? - self.small.buf.len();
             // Frame overhead goes to the encodings by share; keep it simple:
             // count it as zero/template bytes, split evenly.
             self.report.bytes.template += framing as u64 / 2;

@@ -75,7 +75,10 @@ impl VmmControl {
             .read_line(&mut answer)
             .with_context(|| format!("waiting for the VMM's answer to {cmd:?}"))?;
         if n == 0 {
-            bail!("the VMM at {} closed its control socket during {cmd:?}", self.path.display());
+            bail!(
+                "the VMM at {} closed its control socket during {cmd:?}",
+                self.path.display()
+            );
         }
         let value: Value = serde_json::from_str(&answer)
             .with_context(|| format!("the VMM's answer to {cmd:?} is not JSON"))?;
@@ -90,8 +93,9 @@ impl VmmControl {
 
     pub fn info(&mut self) -> anyhow::Result<VmmInfo> {
         let value = self.call(json!({"cmd": "info"}))?;
-        let info: VmmInfo = serde_json::from_value(value)
-            .context("the VMM's `info` answer lacks pid/state/memory: is it a migratable pagefp-testvmm?")?;
+        let info: VmmInfo = serde_json::from_value(value).context(
+            "the VMM's `info` answer lacks pid/state/memory: is it a migratable pagefp-testvmm?",
+        )?;
         if info.memory.is_empty() {
             bail!("the VMM reports no guest memory regions: it does not support migration");
         }
@@ -117,7 +121,8 @@ impl VmmControl {
 
     pub fn load_state(&mut self, state: &[u8]) -> anyhow::Result<()> {
         let state = std::str::from_utf8(state).context("the VM state is not text")?;
-        self.call(json!({"cmd": "load_state", "state": state})).map(drop)
+        self.call(json!({"cmd": "load_state", "state": state}))
+            .map(drop)
     }
 
     /// Ends the VMM process (after a migration, or to discard an incoming VM).

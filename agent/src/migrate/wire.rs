@@ -99,17 +99,27 @@ impl Kind {
 pub enum WireError {
     #[error("the connection failed: {0}")]
     Io(#[from] io::Error),
-    #[error("not a pagefp migration stream (the first bytes are {0:02x?}); is the sender `pagefp migrate send`?")]
+    #[error(
+        "not a pagefp migration stream (the first bytes are {0:02x?}); is the sender `pagefp migrate send`?"
+    )]
     NotAMigrationStream([u8; 8]),
-    #[error("migration stream version {0} is not supported: this pagefp speaks version {VERSION}; run the same pagefp release on both hosts")]
+    #[error(
+        "migration stream version {0} is not supported: this pagefp speaks version {VERSION}; run the same pagefp release on both hosts"
+    )]
     Version(u32),
-    #[error("unknown message kind {0} at stream offset {1}: the stream is corrupt or from a newer pagefp")]
+    #[error(
+        "unknown message kind {0} at stream offset {1}: the stream is corrupt or from a newer pagefp"
+    )]
     UnknownKind(u8, u64),
-    #[error("message at stream offset {offset} announces {len} bytes, more than the {MAX_PAYLOAD} allowed")]
+    #[error(
+        "message at stream offset {offset} announces {len} bytes, more than the {MAX_PAYLOAD} allowed"
+    )]
     TooLarge { offset: u64, len: usize },
     #[error("message at stream offset {0} has non-zero reserved bits or unknown flags")]
     Reserved(u64),
-    #[error("checksum mismatch in the {kind:?} message at stream offset {offset}: the data was corrupted in transit")]
+    #[error(
+        "checksum mismatch in the {kind:?} message at stream offset {offset}: the data was corrupted in transit"
+    )]
     Checksum { kind: Kind, offset: u64 },
     #[error("malformed {kind:?} message at stream offset {offset}: {what}")]
     Malformed {
@@ -524,10 +534,7 @@ pub fn decode_digest(frame: &Frame) -> Result<(u32, Vec<[u8; 32]>), WireError> {
     let chunk_pages = u32::from_le_bytes(body[..4].try_into().unwrap());
     let count = u32::from_le_bytes(body[4..8].try_into().unwrap()) as usize;
     if body.len() != 8 + count * 32 {
-        return Err(frame.malformed(format!(
-            "digest of {count} chunks has {} bytes",
-            body.len()
-        )));
+        return Err(frame.malformed(format!("digest of {count} chunks has {} bytes", body.len())));
     }
     Ok((
         chunk_pages,
@@ -600,7 +607,10 @@ mod tests {
         assert!(err.contains("not a pagefp migration stream"), "{err}");
         let mut bytes = PREAMBLE_MAGIC.to_vec();
         bytes.extend_from_slice(&2u32.to_le_bytes());
-        let err = FrameReader::new(&bytes[..]).preamble().unwrap_err().to_string();
+        let err = FrameReader::new(&bytes[..])
+            .preamble()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("version 2 is not supported"), "{err}");
     }
 
@@ -608,7 +618,12 @@ mod tests {
     fn an_aborting_peer_is_an_error_with_its_reason() {
         let mut writer = FrameWriter::new(Vec::new());
         writer
-            .json(Kind::Abort, &Abort { reason: "disk full".into() })
+            .json(
+                Kind::Abort,
+                &Abort {
+                    reason: "disk full".into(),
+                },
+            )
             .unwrap();
         let bytes = writer.get_mut().clone();
         let err = FrameReader::new(&bytes[..]).frame().unwrap_err();
@@ -628,9 +643,8 @@ mod tests {
             let mut bytes = writer.get_mut().clone();
             let i = at.index(bytes.len());
             bytes[i] ^= xor;
-            match FrameReader::new(&bytes[..]).frame() {
-                Ok(frame) => prop_assert!(false, "corrupted frame accepted: {frame:?}"),
-                Err(_) => {}
+            if let Ok(frame) = FrameReader::new(&bytes[..]).frame() {
+                prop_assert!(false, "corrupted frame accepted: {frame:?}");
             }
         }
 
