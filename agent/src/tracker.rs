@@ -138,10 +138,13 @@ impl Tracker {
                     }
                     registry.sample_rates(last_reap.elapsed().as_secs_f64());
                     last_reap = Instant::now();
-                    for pid in registry.reap_gone() {
-                        self.pool.forget(pid);
-                        let _ = self.probes.vm_pids.remove(&pid);
-                    }
+                    registry.reap_gone();
+                }
+                // VMs gone (exit event or reaped): drop their mappings, or
+                // their RAM stays allocated for as long as the agent runs.
+                for pid in registry.take_removed() {
+                    self.pool.forget(pid);
+                    let _ = self.probes.vm_pids.remove(&pid);
                 }
                 let mut jobs = registry.take_jobs();
                 let elapsed = last_rescan.elapsed();

@@ -145,6 +145,24 @@ fn an_exited_vm_disappears_with_its_counts() {
     }
     let status = agent.status();
     assert!(status["distinct_contents"].as_u64().unwrap() < with_both);
+    // The agent no longer maps the exited VM's RAM (else it is never freed):
+    // one guest-RAM mapping left, the running VM's.
+    let ram_mappings = || {
+        std::fs::read_to_string(format!("/proc/{}/maps", agent.pid()))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("pagefp-guest-ram"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while ram_mappings() > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent still maps the exited VM's RAM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ram_mappings(), 1, "the running VM stays mapped");
     let listed: Vec<u64> = agent
         .get_json("/v1/vms")
         .as_array()

@@ -96,6 +96,8 @@ pub struct Registry {
     pub fentry_active: bool,
     next_epoch: u64,
     jobs: Vec<HashJob>,
+    /// VMs removed, not yet reported by [`Registry::take_removed`].
+    removed: Vec<u32>,
     pub stats: RegistryStats,
 }
 
@@ -238,7 +240,14 @@ impl Registry {
     pub fn remove_vm(&mut self, pid: u32) {
         if let Some(vm) = self.vms.remove(&pid) {
             self.contents.remove_vm(vm.counts);
+            self.removed.push(pid);
         }
+    }
+
+    /// VMs removed since the last call (their memory mappings, held
+    /// elsewhere, must be dropped too, or their RAM is never freed).
+    pub fn take_removed(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.removed)
     }
 
     /// Updates every VM's dirty rate; `seconds` since the last call.

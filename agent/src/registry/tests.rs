@@ -297,3 +297,13 @@ fn a_bitmap_vm_resyncs_only_after_every_logged_slot_was_harvested() {
     run_jobs(&mut reg, |_| 2);
     assert_eq!(state(&reg, 0), PageState::Clean);
 }
+
+#[test]
+fn removed_vms_are_reported_once_for_their_mappings_to_go() {
+    let mut registry = Registry::new(false);
+    registry.adopt(4242, 0);
+    registry.remove_vm(4242);
+    registry.remove_vm(4242);
+    assert_eq!(registry.take_removed(), vec![4242]);
+    assert!(registry.take_removed().is_empty());
+}
