@@ -2,7 +2,9 @@
 //!
 //! [`VmmProcess`] starts the binary, waits for its control socket and kills
 //! and reaps it when dropped; its typed methods cover every control command
-//! (see [`crate::vmm::control`] for the protocol).
+//! (see [`crate::vmm::control`] for the protocol). [`copy_guest_memory`]
+//! copies one VMM's guest memory into another (an incoming one) through
+//! `/proc/PID/map_files`, as a migration does.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -17,7 +19,7 @@ use anyhow::{Context as _, bail};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-pub use crate::vmm::{RunReport, SlotInfo, workload::Op};
+pub use crate::vmm::{MemoryRegion, RunReport, SlotInfo, map_files::MappedRegion, workload::Op};
 
 /// How long one request may take before the client gives up.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -77,18 +79,17 @@ pub struct VmmInfo {
     pub loop_running: bool,
     /// `running`, `paused` or `incoming`.
     pub state: String,
-    /// The RAM regions a migration copies.
+    /// Every region of guest memory (RAM slots, then the read-only code
+    /// slot), as a migration copies them.
     pub memory: Vec<MemoryRegion>,
-}
-
-/// One migratable RAM region (`info.memory`).
-#[derive(Clone, Copy, Debug, Deserialize)]
-pub struct MemoryRegion {
-    pub slot: u32,
-    pub gpa: u64,
-    pub size: u64,
-    pub uaddr: u64,
-    pub read_only: bool,
+    /// Iterations of the current loop (a migrated loop's included).
+    pub loop_iterations: u64,
+    /// A `run` request's ops are not done yet (on a destination: a migrated
+    /// run still finishing).
+    pub run_pending: bool,
+    /// Why the loop stopped, if it failed.
+    #[serde(default)]
+    pub loop_error: Option<String>,
 }
 
 /// Answer to `stop_loop`.
@@ -109,6 +110,15 @@ pub struct HarvestReport {
     /// The pages themselves, when asked for with [`VmmProcess::harvest_list`].
     #[serde(default)]
     pub pages: Option<Vec<u64>>,
+}
+
+/// Copies all of `source`'s guest memory (every region of `info.memory`,
+/// the read-only code slot included) into `dest`, through
+/// `/proc/PID/map_files`: what a migration does with an incoming VMM before
+/// `load_state`. `source` should be paused. Returns the bytes copied.
+pub fn copy_guest_memory(source: &VmmProcess, dest: &VmmProcess) -> anyhow::Result<u64> {
+    let (from, to) = (source.info()?, dest.info()?);
+    crate::vmm::map_files::copy_regions(from.pid, &from.memory, to.pid, &to.memory)
 }
 
 /// The VMM binary: `PAGEFP_TESTVMM`, or next to the running executable
@@ -250,13 +260,13 @@ impl VmmProcess {
         self.call_as(json!({"cmd": "run", "ops": ops}))
     }
 
-    /// Runs `ops` over and over in the background until [`Self::stop_loop`].
     /// Runs `ops` over and over, iterations at least `interval_ms` apart.
     pub fn start_loop_every(&self, ops: &[Op], interval_ms: u64) -> anyhow::Result<()> {
         self.call(&json!({"cmd": "start_loop", "ops": ops, "interval_ms": interval_ms}))
             .map(drop)
     }
 
+    /// Runs `ops` over and over in the background until [`Self::stop_loop`].
     pub fn start_loop(&self, ops: &[Op]) -> anyhow::Result<()> {
         self.call(&json!({"cmd": "start_loop", "ops": ops}))
             .map(drop)
@@ -281,23 +291,31 @@ impl VmmProcess {
         self.call(&json!({"cmd": "reregister"})).map(drop)
     }
 
-    /// blake3 (lowercase hex) of every RAM page.
+    /// Stops the vCPU, even in the middle of an op; returns once it is out
+    /// of KVM_RUN. Idempotent.
     pub fn pause(&self) -> anyhow::Result<()> {
         self.call(&json!({"cmd": "pause"})).map(drop)
     }
 
+    /// Lets the vCPU go on exactly where it stopped. Idempotent.
     pub fn resume(&self) -> anyhow::Result<()> {
         self.call(&json!({"cmd": "resume"})).map(drop)
     }
 
-    /// The paused VM's state (see `vmm::snapshot`).
+    /// The paused VM's state blob, hex (see `vmm::snapshot`).
     pub fn save_state(&self) -> anyhow::Result<String> {
         let answer = self.call(&json!({"cmd": "save_state"}))?;
-        Ok(answer["state"].as_str().context("no state in the answer")?.to_string())
+        Ok(answer["state"]
+            .as_str()
+            .context("no state in the answer")?
+            .to_string())
     }
 
+    /// Loads a state into an incoming VMM (whose memory was copied before);
+    /// it stays paused.
     pub fn load_state(&self, state: &str) -> anyhow::Result<()> {
-        self.call(&json!({"cmd": "load_state", "state": state})).map(drop)
+        self.call(&json!({"cmd": "load_state", "state": state}))
+            .map(drop)
     }
 
     /// `running`, `paused` or `incoming`.
@@ -305,6 +323,12 @@ impl VmmProcess {
         Ok(self.info()?.state)
     }
 
+    /// Every region of guest memory (`info.memory`).
+    pub fn memory(&self) -> anyhow::Result<Vec<MemoryRegion>> {
+        Ok(self.info()?.memory)
+    }
+
+    /// blake3 (lowercase hex) of every RAM page.
     pub fn checksums(&self) -> anyhow::Result<Vec<String>> {
         self.checksums_answer(json!({"cmd": "checksums"}))
     }

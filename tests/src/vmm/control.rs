@@ -1,29 +1,43 @@
 //! The control socket: one JSON request per line, one JSON answer per line,
 //! several requests per connection, connections served concurrently (one
-//! thread each; the VM itself runs one command at a time).
+//! thread each). One vCPU thread runs the guest: a `run` request's ops or a
+//! loop, one chunk at a time.
 //!
 //! | request | answer (besides `"ok": true`) |
 //! |---|---|
-//! | `{"cmd":"info"}` | pid, mem_bytes, pages, dirty, ring_entries, harvest, slots, loop_running |
-//! | `{"cmd":"run","ops":[...]}` | pages_written, harvested, entries, ring_full_exits, seconds |
+//! | `{"cmd":"info"}` | pid, mem_bytes, pages, dirty, ring_entries, harvest, slots, memory, state, loop_running, loop_iterations, run_pending |
+//! | `{"cmd":"run","ops":[...]}` | pages_written, harvested, entries, ring_full_exits, seconds (once the ops ran) |
 //! | `{"cmd":"start_loop","ops":[...][,"interval_ms":N]}` | (nothing; iterations start at least N ms apart) |
 //! | `{"cmd":"stop_loop"}` | iterations, pages_written, seconds |
 //! | `{"cmd":"harvest"[,"list":true]}` | harvested, entries[, pages] |
 //! | `{"cmd":"reregister"}` | (the RAM and code slots are registered again, unchanged) |
-//! | `{"cmd":"checksums"[,"first":F][,"count":C]}` | hashes: blake3 hex per page |
+//! | `{"cmd":"checksums"[,"first":F][,"count":C]}` | hashes: blake3 hex per RAM page |
+//! | `{"cmd":"pause"}` | paused: true, once the vCPU is out of KVM_RUN (the op it was in is suspended, not abandoned) |
+//! | `{"cmd":"resume"}` | (the vCPU goes on exactly where it stopped) |
+//! | `{"cmd":"save_state"}` | state: hex blob of the paused VM's vCPU and work (see [`super::snapshot`]) |
+//! | `{"cmd":"load_state","state":S}` | (incoming VM: checks S, registers its memory with KVM, restores the vCPU and work; stays paused) |
 //! | `{"cmd":"exit"}` | then the process exits 0 and removes the socket |
-//! | `{"cmd":"pause"}` | (answers once the vCPU stopped: within one chunk of an op, a few ms) |
-//! | `{"cmd":"resume"}` | (a loop carries on where it stopped; an incoming VM starts its migrated loop) |
-//! | `{"cmd":"save_state"}` | state: the paused VM's vCPU registers and workload (see [`super::snapshot`]) |
-//! | `{"cmd":"load_state","state":S}` | (incoming VM: checks S, registers memory with KVM, stays paused) |
 //!
-//! `info` also gives `state` (`running`, `paused` or `incoming`),
-//! `loop_iterations` (of the current loop, migrated ones included) and `memory`:
-//! the RAM regions a migration copies (`slot`, `gpa`, `size`, `uaddr`,
-//! `read_only`), mapped from a sealed memfd that `/proc/PID/map_files` opens.
-//! The read-only code slot is the same in every VMM and is not migrated.
-//! With `--incoming` the VMM starts with zeroed RAM that KVM does not see
-//! until `load_state`; `exit` discards it.
+//! `state` is `running`, `paused` or `incoming`. `pause` stops the vCPU
+//! promptly even in the middle of a long op (it kicks the vCPU thread out of
+//! KVM_RUN: `immediate_exit` plus a signal) and is idempotent, as is
+//! `resume`. While paused, `run` and `start_loop` are refused; `info`,
+//! `checksums`, `harvest`, `stop_loop`, `save_state` and `exit` work. A `run`
+//! request paused in the middle waits for `resume` (or migrates: see below).
+//!
+//! `memory` lists every region of guest memory: the RAM slots and the
+//! read-only code slot (`slot`, `gpa`, `size`, `uaddr`, `read_only`), each
+//! inside a sealed memfd mapping that `/proc/PID/map_files/START-END` opens
+//! (see [`super::map_files`]). `slots` gives the RAM slots with their KVM flags.
+//!
+//! Migration: pause the source, copy every `memory` region into a VMM
+//! started with `--incoming` (same `--mem-mib` and `--slots`; its memory is
+//! zeroed and not registered with KVM, its state `incoming`), send the
+//! source's `save_state` blob to its `load_state`, then `resume` it: a loop
+//! goes on from the op and page where it stopped, a `run` request's
+//! remaining ops finish in the background (`run_pending` until then). `exit`
+//! discards an incoming VMM at any point, and ends a paused source after
+//! success (a `run` request still waiting there is answered with an error).
 //!
 //! Ops: `{"op":"random","first","count","seed"}`, `{"op":"copy","src","first","count"}`,
 //! `{"op":"zero","first","count"}`, `{"op":"touch","first","count","value"}`,
@@ -40,9 +54,9 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Condvar, Mutex, MutexGuard,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
     },
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -50,10 +64,12 @@ use anyhow::{Context as _, anyhow, bail};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Cursor, LoopState, TestVm, signals, workload::Op};
+use super::{Cursor, LoopState, RunReport, TestVm, Work, kick::Kicker, signals, workload::Op};
 
 /// Longest request line accepted.
 const MAX_REQUEST_BYTES: u64 = 16 << 20;
+/// How long `exit` waits for a `run` request it cut short to be answered.
+const EXIT_ANSWER_WAIT: Duration = Duration::from_secs(2);
 
 // Commands without arguments are empty struct variants: serde ignores
 // unknown fields next to the tag of a unit variant, even with deny_unknown_fields.
@@ -88,28 +104,71 @@ enum Request {
     },
 }
 
-struct Loop {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<anyhow::Result<()>>,
-    started: Instant,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Started with --incoming, no state loaded yet.
+    Incoming,
+    Paused,
+    Running,
 }
 
-/// State shared by the connection threads and the loop thread.
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Incoming => "incoming",
+            Phase::Paused => "paused",
+            Phase::Running => "running",
+        }
+    }
+}
+
+/// What the vCPU thread and the control threads share, under one lock.
+struct Ctl {
+    phase: Phase,
+    /// Requests that keep the vCPU from starting another step (stop_loop).
+    holds: u32,
+    /// The vCPU thread is in a step; `work` is out meanwhile.
+    busy: bool,
+    work: Option<Work>,
+    /// What `info` says about the work, kept while the work is out.
+    loop_running: bool,
+    loop_iterations: u64,
+    run_pending: bool,
+    /// The loop stopped on this error; `stop_loop` reports it.
+    failed: Option<String>,
+    loop_started: Instant,
+    iteration_started: Instant,
+    /// The next loop iteration starts no earlier (`interval_ms`).
+    not_before: Option<Instant>,
+    /// Where the `run` request in progress waits for its report (None for
+    /// a migrated run: nobody waits here).
+    reply: Option<mpsc::Sender<anyhow::Result<RunReport>>>,
+}
+
+impl Ctl {
+    /// The vCPU thread may run a step now (ignoring `not_before`).
+    fn runnable(&self) -> bool {
+        self.phase == Phase::Running && self.holds == 0 && self.work.is_some() && self.failed.is_none()
+    }
+}
+
+/// State shared by the connection threads and the vCPU thread. Lock order:
+/// `ctl` before `vm`; nobody takes `ctl` while holding `vm`.
 struct Shared {
     vm: Mutex<TestVm>,
-    /// Control threads waiting for `vm`; a running loop lets them in.
+    kicker: Arc<Kicker>,
+    /// Control threads waiting for `vm`: the vCPU thread lets them in first.
     waiters: AtomicUsize,
-    running: Mutex<Option<Loop>>,
-    loop_running: AtomicBool,
-    /// The `info` answer without the loop state (it never changes).
+    ctl: Mutex<Ctl>,
+    changed: Condvar,
+    /// Serialises `run` and `start_loop` requests (a run waits for the one
+    /// before it to end).
+    requests: Mutex<()>,
+    /// `run` requests not answered yet (`exit` lets them answer first).
+    unanswered_runs: AtomicUsize,
+    /// The `info` answer without the changing fields.
     info: Value,
     socket: PathBuf,
-    /// Paused by `pause` (or incoming, until `resume`); the vCPU runs no
-    /// chunk while set.
-    paused: Mutex<bool>,
-    resumed: Condvar,
-    /// A one-shot `run` request is in progress (its ops do not migrate).
-    oneshot: AtomicBool,
 }
 
 pub struct Server {
@@ -118,15 +177,14 @@ pub struct Server {
 
 impl Server {
     pub fn new(vm: TestVm, socket: &Path) -> Self {
-        let memory: Vec<Value> = vm
-            .slots
-            .iter()
-            .map(|s| json!({"slot": s.slot, "gpa": s.gpa, "size": s.size, "uaddr": s.uaddr, "read_only": false}))
-            .collect();
-        let incoming = !vm.registered;
+        let phase = if vm.registered {
+            Phase::Running
+        } else {
+            Phase::Incoming
+        };
         let info = json!({
             "ok": true,
-            "memory": memory,
+            "memory": vm.memory(),
             "pid": std::process::id(),
             "mem_bytes": vm.config.mem_bytes,
             "pages": vm.pages(),
@@ -135,17 +193,31 @@ impl Server {
             "harvest": vm.config.harvest,
             "slots": vm.slots,
         });
+        let now = Instant::now();
         Self {
             shared: Arc::new(Shared {
+                kicker: vm.kicker(),
                 vm: Mutex::new(vm),
                 waiters: AtomicUsize::new(0),
-                running: Mutex::new(None),
-                loop_running: AtomicBool::new(false),
+                ctl: Mutex::new(Ctl {
+                    phase,
+                    holds: 0,
+                    busy: false,
+                    work: None,
+                    loop_running: false,
+                    loop_iterations: 0,
+                    run_pending: false,
+                    failed: None,
+                    loop_started: now,
+                    iteration_started: now,
+                    not_before: None,
+                    reply: None,
+                }),
+                changed: Condvar::new(),
+                requests: Mutex::new(()),
+                unanswered_runs: AtomicUsize::new(0),
                 info,
                 socket: socket.to_path_buf(),
-                paused: Mutex::new(incoming),
-                resumed: Condvar::new(),
-                oneshot: AtomicBool::new(false),
             }),
         }
     }
@@ -156,6 +228,11 @@ impl Server {
         let socket = &self.shared.socket;
         // Before any thread starts, so that every thread blocks the signals.
         signals::exit_on_termination(socket.clone())?;
+        let shared = self.shared.clone();
+        std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || shared.vcpu_thread())
+            .context("starting the vCPU thread")?;
         if socket.exists() {
             std::fs::remove_file(socket).with_context(|| {
                 format!(
@@ -220,21 +297,29 @@ impl Shared {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let (answer, exit) = match serde_json::from_slice::<Request>(&line) {
+            let (answer, exit, run) = match serde_json::from_slice::<Request>(&line) {
                 Ok(request) => {
                     let exit = matches!(request, Request::Exit {});
+                    let run = matches!(request, Request::Run { .. });
+                    if run {
+                        self.unanswered_runs.fetch_add(1, Ordering::SeqCst);
+                    }
                     let answer = self
                         .answer(request)
                         .unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")}));
-                    (answer, exit)
+                    (answer, exit, run)
                 }
                 Err(e) => (
                     json!({"ok": false, "error": format!(
                         "bad request: {e} (send one JSON object per line, e.g. {{\"cmd\":\"info\"}})")}),
                     false,
+                    false,
                 ),
             };
             let written = writeln!(writer, "{answer}").and_then(|()| writer.flush());
+            if run {
+                self.unanswered_runs.fetch_sub(1, Ordering::SeqCst);
+            }
             if exit {
                 signals::exit_now(&self.socket);
             }
@@ -244,90 +329,166 @@ impl Shared {
         }
     }
 
-    /// Locks the VM ahead of a running loop's next iteration.
+    fn ctl(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, ctl: MutexGuard<'a, Ctl>, timeout: Duration) -> MutexGuard<'a, Ctl> {
+        self.changed
+            .wait_timeout(ctl, timeout)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
+
+    /// Locks the VM ahead of the vCPU thread, kicking the vCPU out of
+    /// KVM_RUN if it is in a step (it continues afterwards).
     fn lock_vm(&self) -> MutexGuard<'_, TestVm> {
         self.waiters.fetch_add(1, Ordering::SeqCst);
+        if self.ctl().busy {
+            self.kicker.kick();
+        }
         let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
         self.waiters.fetch_sub(1, Ordering::SeqCst);
         vm
     }
 
-    fn running(&self) -> MutexGuard<'_, Option<Loop>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    /// Kicks the vCPU out of KVM_RUN and waits until its step has ended and
+    /// the work is back in `ctl`. The caller has made the vCPU not runnable.
+    fn quiesce<'a>(&self, mut ctl: MutexGuard<'a, Ctl>) -> MutexGuard<'a, Ctl> {
+        while ctl.busy {
+            self.kicker.kick();
+            ctl = self.wait(ctl, Duration::from_millis(20));
+        }
+        ctl
+    }
+
+    /// Runs the work in `ctl` whenever the VM runs; lives as long as the
+    /// process (so the kicker may always signal it).
+    fn vcpu_thread(self: Arc<Self>) {
+        let _bound = self.kicker.bind();
+        loop {
+            let mut work = {
+                let mut ctl = self.ctl();
+                loop {
+                    if ctl.runnable() {
+                        match ctl.not_before {
+                            Some(due) if Instant::now() < due => {
+                                let left = due - Instant::now();
+                                ctl = self.wait(ctl, left.min(Duration::from_millis(50)));
+                                continue;
+                            }
+                            Some(_) => {
+                                ctl.not_before = None;
+                                ctl.iteration_started = Instant::now();
+                            }
+                            None => {}
+                        }
+                        break;
+                    }
+                    ctl = self.wait(ctl, Duration::from_millis(500));
+                }
+                ctl.busy = true;
+                ctl.work.take().expect("runnable work")
+            };
+            // Let control requests (harvest, reregister, ...) in first.
+            while self.waiters.load(Ordering::SeqCst) > 0 {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            let result = {
+                let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+                match &mut work {
+                    Work::Run(cursor) => vm.step(cursor),
+                    Work::Loop(state) => vm.step_loop(state),
+                }
+            };
+            let mut ctl = self.ctl();
+            ctl.busy = false;
+            match (result, work) {
+                (Ok(true), Work::Run(cursor)) => {
+                    ctl.run_pending = false;
+                    match ctl.reply.take() {
+                        Some(reply) => drop(reply.send(Ok(cursor.report))),
+                        None => log::info!("the migrated run finished: {:?}", cursor.report),
+                    }
+                }
+                (Err(err), Work::Run(_)) => {
+                    ctl.run_pending = false;
+                    match ctl.reply.take() {
+                        Some(reply) => drop(reply.send(Err(err))),
+                        None => log::warn!("the migrated run failed: {err:#}"),
+                    }
+                }
+                (Ok(ended), Work::Loop(state)) => {
+                    ctl.loop_iterations = state.iterations;
+                    if ended {
+                        let interval = Duration::from_millis(state.interval_ms);
+                        ctl.not_before = Some(ctl.iteration_started + interval);
+                    }
+                    ctl.work = Some(Work::Loop(state));
+                }
+                (Ok(false), work) => ctl.work = Some(work),
+                (Err(err), work) => {
+                    log::warn!("the loop stopped on an error: {err:#}");
+                    ctl.failed = Some(format!("{err:#}"));
+                    ctl.work = Some(work);
+                }
+            }
+            drop(ctl);
+            self.changed.notify_all();
+        }
     }
 
     fn answer(self: &Arc<Self>, request: Request) -> anyhow::Result<Value> {
-        let busy = || anyhow!("a loop is running; send stop_loop first");
         Ok(match request {
             Request::Info {} => {
+                let ctl = self.ctl();
                 let mut info = self.info.clone();
-                info["loop_running"] = self.loop_running.load(Ordering::SeqCst).into();
-                info["state"] = self.state_name().into();
-                info["loop_iterations"] = self
-                    .lock_vm()
-                    .workload
-                    .as_ref()
-                    .map_or(0, |w| w.iterations)
-                    .into();
+                info["state"] = ctl.phase.name().into();
+                info["loop_running"] = ctl.loop_running.into();
+                info["loop_iterations"] = ctl.loop_iterations.into();
+                info["run_pending"] = ctl.run_pending.into();
+                if let Some(err) = &ctl.failed {
+                    info["loop_error"] = err.as_str().into();
+                }
                 info
             }
             Request::Run { ops } => {
-                // Held while running: no loop can start meanwhile.
-                let running = self.running();
-                if running.is_some() {
-                    return Err(busy());
-                }
-                if self.state_name() != "running" {
-                    bail!("the VM is {}: send resume first", self.state_name());
-                }
-                self.lock_vm().check_ops(&ops)?;
-                self.oneshot.store(true, Ordering::SeqCst);
-                let mut cursor = Cursor::new(ops);
-                let result = loop {
-                    self.wait_while_paused(None);
-                    match self.lock_vm().step(&mut cursor) {
-                        Ok(true) => break Ok(cursor.report),
-                        Ok(false) => {}
-                        Err(err) => break Err(err),
-                    }
-                };
-                self.oneshot.store(false, Ordering::SeqCst);
-                let report = result?;
-                drop(running);
+                let report = self.run(ops)?;
                 json!({"ok": true, "pages_written": report.pages_written,
                        "harvested": report.harvested, "entries": report.entries,
                        "ring_full_exits": report.ring_full_exits, "seconds": report.seconds})
             }
             Request::StartLoop { ops, interval_ms } => {
-                let mut running = self.running();
-                if running.is_some() {
-                    return Err(busy());
-                }
+                let _serial = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+                can_start(&self.ctl())?;
                 if ops.is_empty() {
                     bail!("start_loop needs at least one op");
                 }
-                if self.state_name() != "running" {
-                    bail!("the VM is {}: send resume first", self.state_name());
-                }
-                {
-                    let mut vm = self.lock_vm();
-                    vm.check_ops(&ops)?;
-                    vm.workload = Some(LoopState {
-                        cursor: Cursor::new(ops),
-                        iterations: 0,
-                        pages_written: 0,
-                        interval_ms,
-                    });
-                }
-                *running = Some(self.spawn_loop()?);
-                self.loop_running.store(true, Ordering::SeqCst);
+                self.lock_vm().check_ops(&ops)?;
+                let mut ctl = self.ctl();
+                // Again: the VM may have been paused meanwhile.
+                can_start(&ctl)?;
+                let now = Instant::now();
+                ctl.work = Some(Work::Loop(LoopState::new(ops, interval_ms)));
+                ctl.loop_running = true;
+                ctl.loop_iterations = 0;
+                ctl.failed = None;
+                ctl.loop_started = now;
+                ctl.iteration_started = now;
+                ctl.not_before = None;
+                drop(ctl);
+                self.changed.notify_all();
                 json!({"ok": true})
             }
             Request::StopLoop {} => {
-                let (iterations, written, seconds) = self.stop_loop()?;
-                json!({"ok": true, "iterations": iterations, "pages_written": written, "seconds": seconds})
+                let (state, seconds) = self.stop_loop()?;
+                json!({"ok": true, "iterations": state.iterations,
+                       "pages_written": state.total_pages_written(), "seconds": seconds})
             }
             Request::Harvest { list } => {
+                if self.ctl().phase == Phase::Incoming {
+                    bail!("the incoming VM has no memory registered with KVM yet: send load_state first");
+                }
                 let harvested = self.lock_vm().harvest()?;
                 let mut answer = json!({"ok": true, "harvested": harvested.pages.len(),
                                         "entries": harvested.entries});
@@ -341,146 +502,174 @@ impl Shared {
                 json!({"ok": true})
             }
             Request::Checksums { first, count } => {
-                let running = self.running();
-                if running.is_some() && self.state_name() == "running" {
-                    return Err(anyhow!("a loop is running; send stop_loop first (or pause)"));
-                }
+                let _serial = self.quiet_vm()?;
                 let vm = self.lock_vm();
                 let first = first.unwrap_or(0);
                 let count = count.unwrap_or(vm.pages().saturating_sub(first));
-                let hashes = vm.checksums(first, count)?;
-                drop(running);
-                json!({"ok": true, "hashes": hashes})
+                json!({"ok": true, "hashes": vm.checksums(first, count)?})
             }
-            Request::Exit {} => json!({"ok": true}),
-            Request::Pause {} => {
-                if self.state_name() == "incoming" {
-                    bail!("the incoming VM has not been loaded: nothing runs");
+            Request::Exit {} => {
+                // A run request still waiting (paused, its VM migrated or
+                // discarded) is answered with an error before the process ends.
+                let reply = self.ctl().reply.take();
+                if reply.is_some() {
+                    drop(reply);
+                    let deadline = Instant::now() + EXIT_ANSWER_WAIT;
+                    while self.unanswered_runs.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
                 }
-                *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = true;
-                // Taking the VM waits for the chunk the vCPU is running; after
-                // that no chunk starts while paused.
-                drop(self.lock_vm());
+                json!({"ok": true})
+            }
+            Request::Pause {} => {
+                let mut ctl = self.ctl();
+                match ctl.phase {
+                    Phase::Incoming => bail!(
+                        "the incoming VM has no state loaded, nothing runs: send load_state (it stays paused)"
+                    ),
+                    Phase::Paused => {}
+                    Phase::Running => {
+                        ctl.phase = Phase::Paused;
+                        drop(self.quiesce(ctl));
+                    }
+                }
                 json!({"ok": true, "paused": true})
             }
             Request::Resume {} => {
-                if self.state_name() == "incoming" {
-                    bail!("the incoming VM has no state yet: send load_state first");
-                }
-                let mut running = self.running();
-                let migrated_loop = running.is_none() && self.lock_vm().workload.is_some();
-                *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = false;
-                self.resumed.notify_all();
-                if migrated_loop {
-                    *running = Some(self.spawn_loop()?);
-                    self.loop_running.store(true, Ordering::SeqCst);
+                let mut ctl = self.ctl();
+                match ctl.phase {
+                    Phase::Incoming => bail!("the incoming VM has no state yet: send load_state first"),
+                    Phase::Running => {}
+                    Phase::Paused => {
+                        ctl.phase = Phase::Running;
+                        drop(ctl);
+                        self.changed.notify_all();
+                    }
                 }
                 json!({"ok": true})
             }
             Request::SaveState {} => {
-                if self.state_name() != "paused" {
-                    bail!("save_state needs a paused VM (send pause first); this one is {}", self.state_name());
+                let ctl = self.ctl();
+                if ctl.phase != Phase::Paused {
+                    bail!(
+                        "save_state needs a paused VM (send pause first); this one is {}",
+                        ctl.phase.name()
+                    );
                 }
-                if self.oneshot.load(Ordering::SeqCst) {
-                    bail!("a run request is in progress and cannot migrate: wait for it, or use start_loop");
-                }
-                let state = self.lock_vm().save_snapshot()?;
+                let ctl = self.quiesce(ctl);
+                let state = self.lock_vm().save_snapshot(ctl.work.as_ref())?;
                 json!({"ok": true, "state": state})
             }
             Request::LoadState { state } => {
-                if self.state_name() != "incoming" {
-                    bail!("load_state is for an incoming VM (pagefp-testvmm --incoming); this one is {}", self.state_name());
+                let mut ctl = self.ctl();
+                if ctl.phase != Phase::Incoming {
+                    bail!(
+                        "load_state is for an incoming VM (pagefp-testvmm --incoming); this one is {}",
+                        ctl.phase.name()
+                    );
                 }
-                self.lock_vm().load_snapshot(&state)?;
+                let work = self.lock_vm().load_snapshot(&state)?;
+                let now = Instant::now();
+                ctl.phase = Phase::Paused;
+                ctl.loop_running = matches!(work, Some(Work::Loop(_)));
+                ctl.loop_iterations = match &work {
+                    Some(Work::Loop(state)) => state.iterations,
+                    _ => 0,
+                };
+                ctl.run_pending = matches!(work, Some(Work::Run(_)));
+                ctl.loop_started = now;
+                ctl.iteration_started = now;
+                ctl.work = work;
                 json!({"ok": true})
             }
         })
     }
 
-    /// `running`, `paused` or `incoming`.
-    fn state_name(&self) -> &'static str {
-        if !self.vm.lock().unwrap_or_else(|e| e.into_inner()).registered {
-            "incoming"
-        } else if *self.paused.lock().unwrap_or_else(|e| e.into_inner()) {
-            "paused"
-        } else {
-            "running"
+    /// A `run` request: queues the ops for the vCPU thread and waits for
+    /// their report.
+    fn run(&self, ops: Vec<Op>) -> anyhow::Result<RunReport> {
+        // Held until the report: the next run (or loop) waits for this one.
+        let _serial = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        can_start(&self.ctl())?;
+        self.lock_vm().check_ops(&ops)?;
+        let (reply, report) = mpsc::channel();
+        {
+            let mut ctl = self.ctl();
+            // Again: the VM may have been paused meanwhile.
+            can_start(&ctl)?;
+            ctl.work = Some(Work::Run(Cursor::new(ops)));
+            ctl.run_pending = true;
+            ctl.reply = Some(reply);
+        }
+        self.changed.notify_all();
+        report.recv().map_err(|_| {
+            anyhow!(
+                "the VMM is exiting before this run finished (the VM was paused: if it migrated, \
+                 the run finishes on the destination)"
+            )
+        })?
+    }
+
+    /// Makes sure no guest writes happen while memory is read: fine while
+    /// paused (or incoming); while running, waits for a `run` in progress and
+    /// refuses if a loop runs. The guard keeps new runs out.
+    fn quiet_vm(&self) -> anyhow::Result<Option<MutexGuard<'_, ()>>> {
+        if self.ctl().phase != Phase::Running {
+            return Ok(None);
+        }
+        let serial = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let ctl = self.ctl();
+        if ctl.phase == Phase::Running {
+            if ctl.loop_running {
+                bail!("a loop is running; send stop_loop first (or pause)");
+            }
+            if ctl.run_pending {
+                bail!("a migrated run is still finishing (info shows run_pending): try again once it is false");
+            }
+        }
+        Ok(Some(serial))
+    }
+
+    /// Stops the loop (in the middle of an op if need be); its final state
+    /// and how long it ran.
+    fn stop_loop(&self) -> anyhow::Result<(LoopState, f64)> {
+        let mut ctl = self.ctl();
+        if !ctl.loop_running {
+            bail!("no loop is running; start one with start_loop");
+        }
+        ctl.holds += 1;
+        ctl = self.quiesce(ctl);
+        ctl.holds -= 1;
+        let work = ctl.work.take();
+        ctl.loop_running = false;
+        ctl.loop_iterations = 0;
+        ctl.not_before = None;
+        let failed = ctl.failed.take();
+        let seconds = ctl.loop_started.elapsed().as_secs_f64();
+        drop(ctl);
+        self.changed.notify_all();
+        if let Some(err) = failed {
+            bail!("the loop stopped on an error: {err}");
+        }
+        match work {
+            Some(Work::Loop(state)) => Ok((state, seconds)),
+            _ => bail!("the loop left no state"),
         }
     }
+}
 
-    /// Blocks while the VM is paused (or until `stop` is set).
-    fn wait_while_paused(&self, stop: Option<&AtomicBool>) {
-        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
-        while *paused && !stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
-            paused = self
-                .resumed
-                .wait_timeout(paused, Duration::from_millis(50))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+/// Refuses to start new work unless the VM runs and is idle.
+fn can_start(ctl: &Ctl) -> anyhow::Result<()> {
+    match ctl.phase {
+        Phase::Incoming => bail!("the incoming VM has no state yet: send load_state, then resume"),
+        Phase::Paused => bail!("the VM is paused: send resume first"),
+        Phase::Running => {}
     }
-
-    /// Runs the VM's loop over and over on a thread of its own until
-    /// stopped, pausing between chunks while the VM is paused.
-    fn spawn_loop(self: &Arc<Self>) -> anyhow::Result<Loop> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let this = self.clone();
-        let thread = std::thread::Builder::new()
-            .name("vcpu-loop".into())
-            .spawn(move || {
-                let mut iteration_start = Instant::now();
-                while !flag.load(Ordering::SeqCst) {
-                    this.wait_while_paused(Some(&flag));
-                    let (ended, interval) = {
-                        let mut vm = this.vm.lock().unwrap_or_else(|e| e.into_inner());
-                        // Checked under the lock: `pause` takes it to wait for us.
-                        if *this.paused.lock().unwrap_or_else(|e| e.into_inner()) || flag.load(Ordering::SeqCst) {
-                            continue;
-                        }
-                        let ended = vm.step_loop()?;
-                        (ended, vm.workload.as_ref().map_or(0, |w| w.interval_ms))
-                    };
-                    if ended {
-                        let due = iteration_start + Duration::from_millis(interval);
-                        while Instant::now() < due && !flag.load(Ordering::SeqCst) {
-                            std::thread::sleep((due - Instant::now()).min(Duration::from_millis(20)));
-                        }
-                        iteration_start = Instant::now();
-                    }
-                    // Let control requests (harvest, reregister) in between chunks.
-                    while this.waiters.load(Ordering::SeqCst) > 0 {
-                        std::thread::sleep(Duration::from_micros(100));
-                    }
-                }
-                Ok(())
-            })
-            .context("starting the loop thread")?;
-        Ok(Loop {
-            stop,
-            thread,
-            started: Instant::now(),
-        })
+    if ctl.loop_running {
+        bail!("a loop is running; send stop_loop first");
     }
-
-    fn stop_loop(&self) -> anyhow::Result<(u64, u64, f64)> {
-        // Held until the loop has ended: no other loop or run starts meanwhile.
-        let mut guard = self.running();
-        let running = guard
-            .take()
-            .ok_or_else(|| anyhow!("no loop is running; start one with start_loop"))?;
-        running.stop.store(true, Ordering::SeqCst);
-        self.resumed.notify_all();
-        let result = running.thread.join();
-        let seconds = running.started.elapsed().as_secs_f64();
-        self.loop_running.store(false, Ordering::SeqCst);
-        let workload = self.lock_vm().workload.take();
-        drop(guard);
-        result
-            .map_err(|_| anyhow!("the loop thread panicked"))?
-            .context("the loop stopped on an error")?;
-        let workload = workload.context("the loop left no state")?;
-        let written = workload.pages_written + workload.cursor.report.pages_written;
-        Ok((workload.iterations, written, seconds))
+    if ctl.run_pending {
+        bail!("a migrated run is still finishing (info shows run_pending): try again once it is false");
     }
+    Ok(())
 }

@@ -1,5 +1,10 @@
-//! Guest RAM: one sealed memfd mapped shared, as QEMU's memory-backend-memfd.
-//! The seals (no shrink, no grow) let the agent map the same file safely.
+//! Guest memory: sealed memfds mapped shared, as QEMU's memory-backend-memfd.
+//! The seals (no shrink, no grow) let another process (the agent, a migration
+//! receiver) map the same file through `/proc/PID/map_files` safely.
+//!
+//! RAM is one memfd (`memfd:pagefp-guest-ram`) split into the RAM slots; the
+//! read-only code slot is a second one (`memfd:pagefp-guest-code`), so that a
+//! migration can copy every region the same way.
 
 use std::{
     ffi::CString,
@@ -21,7 +26,13 @@ use nix::{
     unistd::ftruncate,
 };
 
-pub struct GuestRam {
+/// Name of the RAM memfd (seen in `/proc/PID/maps` as `memfd:NAME`).
+pub const RAM_MEMFD: &str = "pagefp-guest-ram";
+/// Name of the code slot's memfd.
+pub const CODE_MEMFD: &str = "pagefp-guest-code";
+
+/// One sealed memfd of a fixed size, mapped shared read-write.
+pub struct Memfd {
     _file: OwnedFd,
     ptr: NonNull<u8>,
     len: usize,
@@ -29,26 +40,27 @@ pub struct GuestRam {
 
 // SAFETY: the mapping lives as long as the struct; access goes through
 // methods that take &self/&mut self (the VMM serialises them with a mutex).
-unsafe impl Send for GuestRam {}
+unsafe impl Send for Memfd {}
 
-impl GuestRam {
-    /// `len` bytes of zeroed RAM, with `image` copied at its start.
-    pub fn new(len: usize, image: Option<&Path>) -> anyhow::Result<Self> {
-        let name = CString::new("pagefp-guest-ram").unwrap();
+impl Memfd {
+    /// `len` zeroed bytes in a memfd called `name`, sealed against shrinking
+    /// and growing.
+    pub fn new(name: &str, len: usize) -> anyhow::Result<Self> {
+        let c_name = CString::new(name).context("memfd name")?;
         let fd = memfd_create(
-            name.as_c_str(),
+            c_name.as_c_str(),
             MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
         )
-        .context("memfd_create")?;
-        ftruncate(&fd, len as i64).context("sizing guest RAM")?;
+        .with_context(|| format!("memfd_create {name}"))?;
+        ftruncate(&fd, len as i64).with_context(|| format!("sizing {name}"))?;
         fcntl(
             fd.as_fd(),
             FcntlArg::F_ADD_SEALS(
                 SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
             ),
         )
-        .context("sealing guest RAM")?;
-        let size = NonZeroUsize::new(len).context("guest RAM size must not be 0")?;
+        .with_context(|| format!("sealing {name}"))?;
+        let size = NonZeroUsize::new(len).with_context(|| format!("{name} must not be empty"))?;
         // SAFETY: a fresh shared mapping of a file of exactly `len` bytes.
         let ptr = unsafe {
             mmap(
@@ -60,12 +72,17 @@ impl GuestRam {
                 0,
             )
         }
-        .context("mapping guest RAM")?;
-        let mut ram = Self {
+        .with_context(|| format!("mapping {name}"))?;
+        Ok(Self {
             _file: fd,
             ptr: ptr.cast(),
             len,
-        };
+        })
+    }
+
+    /// Guest RAM: `len` zeroed bytes with `image` copied at the start.
+    pub fn ram(len: usize, image: Option<&Path>) -> anyhow::Result<Self> {
+        let mut ram = Self::new(RAM_MEMFD, len)?;
         if let Some(path) = image {
             ram.load(path)?;
         }
@@ -105,65 +122,18 @@ impl GuestRam {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as above; &mut self gives exclusive access from the host side.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
-}
 
-impl Drop for GuestRam {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`.
-        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-/// Anonymous private memory for the code slot (never dirty-logged).
-pub struct CodeMemory {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: as GuestRam.
-unsafe impl Send for CodeMemory {}
-
-impl CodeMemory {
-    pub fn new(len: usize) -> anyhow::Result<Self> {
-        let size = NonZeroUsize::new(len).context("code slot size")?;
-        // SAFETY: a fresh anonymous mapping.
-        let ptr = unsafe {
-            nix::sys::mman::mmap_anonymous(
-                None,
-                size,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_PRIVATE,
-            )
-        }
-        .context("mapping the code slot")?;
-        Ok(Self {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-
-    pub fn host_addr(&self) -> u64 {
-        self.ptr.as_ptr() as u64
-    }
-
+    /// Copies `bytes` to `offset`.
     pub fn write(&mut self, offset: usize, bytes: &[u8]) {
-        assert!(offset + bytes.len() <= self.len);
-        // SAFETY: in bounds (checked above) of our own mapping.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.ptr.as_ptr().add(offset),
-                bytes.len(),
-            )
-        }
+        self.as_mut_slice()[offset..offset + bytes.len()].copy_from_slice(bytes);
     }
 }
 
-impl Drop for CodeMemory {
+impl Drop for Memfd {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `new`.
         let _ = unsafe { munmap(self.ptr.cast(), self.len) };

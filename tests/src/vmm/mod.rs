@@ -3,18 +3,29 @@
 //! What QEMU does on a KVM host, reduced to what pagefp's tests, demo and
 //! benchmarks need: guest RAM in a sealed memfd, loaded from an image before
 //! KVM sees it; dirty logging by ring (default), bitmap or not at all; a
-//! guest that writes pages as told; and a control socket (see [`control`]).
+//! guest that writes pages as told; a control socket (see [`control`]); and
+//! live migration: the vCPU can be kicked out of KVM_RUN in the middle of an
+//! op ([`kick`]), its state saved and loaded into an incoming VMM
+//! ([`snapshot`]) whose memory a receiver writes through
+//! `/proc/PID/map_files` ([`map_files`]).
 
 pub mod control;
 pub mod dirty_pages;
 pub mod dirty_ring;
 pub mod guest_code;
+pub mod kick;
+pub mod map_files;
 pub mod memory;
 pub mod signals;
 pub mod snapshot;
 pub mod workload;
 
-use std::{os::fd::AsRawFd, path::PathBuf, time::Instant};
+use std::{
+    os::fd::{AsRawFd, BorrowedFd},
+    path::PathBuf,
+    sync::Arc,
+    time::Instant,
+};
 
 use anyhow::{Context as _, bail};
 use kvm_bindings::{
@@ -28,12 +39,14 @@ use self::{
     dirty_pages::DirtyPages,
     dirty_ring::DirtyRing,
     guest_code::{CODE_GPA, CODE_SLOT_SIZE},
-    memory::{CodeMemory, GuestRam},
+    kick::Kicker,
+    memory::{CODE_MEMFD, Memfd},
     workload::Op,
 };
 
 pub const PAGE: usize = 4096;
-const CODE_SLOT: u32 = 100;
+/// KVM slot id of the read-only code slot.
+pub const CODE_SLOT: u32 = 100;
 const KVM_CAP_DIRTY_LOG_RING: u32 = 192;
 const KVM_CAP_DIRTY_LOG_RING_ACQ_REL: u32 = 223;
 const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
@@ -113,6 +126,17 @@ pub struct SlotInfo {
     pub flags: u32,
 }
 
+/// One region of guest memory as `info` reports it: where the guest sees it
+/// and where this VMM maps it (`uaddr`, inside a sealed memfd mapping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct MemoryRegion {
+    pub slot: u32,
+    pub gpa: u64,
+    pub size: u64,
+    pub uaddr: u64,
+    pub read_only: bool,
+}
+
 /// Largest RAM: everything below the code slot.
 pub const MAX_MEM_BYTES: usize = CODE_GPA as usize;
 /// RAM slot ids are 0..K-1 and must stay clear of the code slot's id.
@@ -138,8 +162,9 @@ pub struct Harvested {
     pub entries: u64,
 }
 
-/// Where a list of ops stands: the VM runs it one chunk at a time, so that
-/// it can pause between chunks (a chunk takes at most a few tens of ms).
+/// Where a list of ops stands. The VM runs it one chunk at a time (a chunk
+/// fits the dirty ring); a chunk may itself be interrupted (pause, a control
+/// request) and continues from the vCPU's registers.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Cursor {
     pub ops: Vec<Op>,
@@ -148,7 +173,11 @@ pub struct Cursor {
     /// Its chunks, and the next one to run.
     pub chunks: Vec<Op>,
     pub chunk: usize,
-    #[serde(skip)]
+    /// The vCPU is inside chunk `chunk` (it was interrupted): the next run
+    /// continues from the vCPU's registers instead of starting the chunk.
+    #[serde(default)]
+    pub started: bool,
+    #[serde(default)]
     pub report: RunReport,
 }
 
@@ -159,8 +188,14 @@ impl Cursor {
             op: 0,
             chunks: Vec::new(),
             chunk: 0,
+            started: false,
             report: RunReport::default(),
         }
+    }
+
+    /// Chunks still to run, the interrupted one included.
+    pub fn remaining_chunks(&self) -> &[Op] {
+        self.chunks.get(self.chunk..).unwrap_or_default()
     }
 }
 
@@ -176,15 +211,69 @@ pub struct LoopState {
     pub interval_ms: u64,
 }
 
-/// Most pages one KVM_RUN writes (bounds how long a pause waits).
+impl LoopState {
+    pub fn new(ops: Vec<Op>, interval_ms: u64) -> Self {
+        Self {
+            cursor: Cursor::new(ops),
+            iterations: 0,
+            pages_written: 0,
+            interval_ms,
+        }
+    }
+
+    /// Pages written by whole ops, the current iteration's included.
+    pub fn total_pages_written(&self) -> u64 {
+        self.pages_written + self.cursor.report.pages_written
+    }
+}
+
+/// What the vCPU is doing for the VMM's clients; migrates with the VM.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Work {
+    /// The ops of one `run` request.
+    Run(Cursor),
+    /// A `start_loop` workload.
+    Loop(LoopState),
+}
+
+impl Work {
+    /// The ops it runs.
+    pub fn ops(&self) -> &[Op] {
+        match self {
+            Work::Run(cursor) => &cursor.ops,
+            Work::Loop(state) => &state.cursor.ops,
+        }
+    }
+
+    pub fn cursor(&self) -> &Cursor {
+        match self {
+            Work::Run(cursor) => cursor,
+            Work::Loop(state) => &state.cursor,
+        }
+    }
+}
+
+/// How a KVM_RUN ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// The routine reached its `hlt`.
+    Halted,
+    /// Kicked out (see [`kick`]); the registers say where it stopped.
+    Kicked,
+}
+
+/// Most pages one chunk writes (bounds how long a control request such as
+/// `harvest` may wait when the vCPU is not kicked).
 const MAX_CHUNK_PAGES: u32 = 2048;
 
 pub struct TestVm {
-    _kvm: Kvm,
+    kvm: Kvm,
     vm: VmFd,
     vcpu: VcpuFd,
-    ram: GuestRam,
-    _code: CodeMemory,
+    kicker: Arc<Kicker>,
+    ram: Memfd,
+    code: Memfd,
     ring: Option<DirtyRing>,
     /// Ring entries collected or pending since the last reset.
     unreset_entries: u64,
@@ -198,8 +287,6 @@ pub struct TestVm {
     code_slot: SlotInfo,
     /// Memory registered with KVM (false: an incoming VM not loaded yet).
     pub registered: bool,
-    /// The running (or paused) loop.
-    pub workload: Option<LoopState>,
 }
 
 impl TestVm {
@@ -207,9 +294,9 @@ impl TestVm {
         Self::create(config, true)
     }
 
-    /// A VM waiting for a migration: zeroed RAM that KVM does not see yet
-    /// (a receiver writes it through /proc/PID/map_files), registered by
-    /// [`TestVm::load_snapshot`].
+    /// A VM waiting for a migration: zeroed RAM and code slot that KVM does
+    /// not see yet (a receiver writes them through /proc/PID/map_files),
+    /// registered by [`TestVm::load_snapshot`].
     pub fn new_incoming(config: VmConfig) -> anyhow::Result<Self> {
         if config.image.is_some() {
             bail!("an incoming VM gets its memory from the migration, not from --image");
@@ -247,9 +334,12 @@ impl TestVm {
         }
         // Image first: host-side writes after registration would be invisible
         // to dirty tracking.
-        let ram = GuestRam::new(config.mem_bytes, config.image.as_deref())?;
-        let mut code = CodeMemory::new(CODE_SLOT_SIZE)?;
-        code.write(0, &guest_code::code_slot_image());
+        let ram = Memfd::ram(config.mem_bytes, config.image.as_deref())?;
+        let mut code = Memfd::new(CODE_MEMFD, CODE_SLOT_SIZE)?;
+        if register {
+            // An incoming VM gets its code with the rest of its memory.
+            code.write(0, &guest_code::code_slot_image());
+        }
         let flags = if config.dirty == DirtyMode::None {
             0
         } else {
@@ -281,20 +371,20 @@ impl TestVm {
             register_slot(&vm, &code_slot)?;
         }
         let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
+        // SAFETY: the vCPU fd is open for the whole of `create`.
+        let vcpu_fd = unsafe { BorrowedFd::borrow_raw(vcpu.as_raw_fd()) };
+        let kicker = Arc::new(Kicker::new(vcpu_fd)?);
         let ring = match config.dirty {
-            DirtyMode::Ring => {
-                // SAFETY: the vCPU fd is open for the whole call.
-                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(vcpu.as_raw_fd()) };
-                Some(DirtyRing::map(fd, config.ring_entries)?)
-            }
+            DirtyMode::Ring => Some(DirtyRing::map(vcpu_fd, config.ring_entries)?),
             _ => None,
         };
         let mut this = Self {
-            _kvm: kvm,
+            kvm,
             vm,
             vcpu,
+            kicker,
             ram,
-            _code: code,
+            code,
             ring,
             unreset_entries: 0,
             pending: DirtyPages::new((config.mem_bytes / PAGE) as u32),
@@ -303,7 +393,6 @@ impl TestVm {
             slots,
             code_slot,
             registered: register,
-            workload: None,
         };
         this.setup_protected_mode()?;
         Ok(this)
@@ -319,6 +408,27 @@ impl TestVm {
             register_slot(&self.vm, slot)?;
         }
         Ok(())
+    }
+
+    /// Every region of guest memory: the RAM slots, then the code slot.
+    pub fn memory(&self) -> Vec<MemoryRegion> {
+        self.slots
+            .iter()
+            .chain([&self.code_slot])
+            .map(|s| MemoryRegion {
+                slot: s.slot,
+                gpa: s.gpa,
+                size: s.size,
+                uaddr: s.uaddr,
+                read_only: s.flags & KVM_MEM_READONLY != 0,
+            })
+            .collect()
+    }
+
+    /// What kicks this VM's vCPU out of KVM_RUN (shared with the control
+    /// threads, which must not wait for the VM's lock to do it).
+    pub fn kicker(&self) -> Arc<Kicker> {
+        self.kicker.clone()
     }
 
     fn setup_protected_mode(&mut self) -> anyhow::Result<()> {
@@ -395,8 +505,9 @@ impl TestVm {
         Ok(cursor.report)
     }
 
-    /// Runs the next chunk of `cursor`; true once every op ran (then, in
-    /// auto mode, the dirty log was harvested).
+    /// Runs `cursor` on until the current chunk ends or the vCPU is kicked;
+    /// true once every op ran (then, in auto mode, the dirty log was
+    /// harvested).
     pub fn step(&mut self, cursor: &mut Cursor) -> anyhow::Result<bool> {
         if !self.registered {
             bail!("the incoming VM has no memory yet: send load_state first");
@@ -410,23 +521,31 @@ impl TestVm {
                 };
                 cursor.chunks = op.chunks(per_run.min(MAX_CHUNK_PAGES));
                 cursor.chunk = 0;
+                cursor.started = false;
             }
             let chunk = cursor.chunks[cursor.chunk].clone();
-            if self.config.dirty == DirtyMode::Ring {
-                let pushes = u64::from(chunk.writes_per_page()) * chunk.pages();
-                if self.unreset_entries + pushes > u64::from(self.ring_budget()) {
-                    // The ring could fill: re-protect now, whatever the mode
-                    // (the entries stay pending for the next harvest).
-                    self.reset_ring()?;
+            if !cursor.started {
+                if self.config.dirty == DirtyMode::Ring {
+                    let pushes = u64::from(chunk.writes_per_page()) * chunk.pages();
+                    if self.unreset_entries + pushes > u64::from(self.ring_budget()) {
+                        // The ring could fill: re-protect now, whatever the mode
+                        // (the entries stay pending for the next harvest).
+                        self.reset_ring()?;
+                    }
                 }
+                self.enter(&chunk)?;
+                cursor.started = true;
             }
-            self.run_one(&chunk, &mut cursor.report)?;
+            let stop = self.run_vcpu(&mut cursor.report);
             self.collect_ring();
-            cursor.chunk += 1;
-            if cursor.chunk == cursor.chunks.len() {
-                cursor.report.pages_written += op.pages();
-                cursor.op += 1;
-                cursor.chunks.clear();
+            if stop? == Stop::Halted {
+                cursor.started = false;
+                cursor.chunk += 1;
+                if cursor.chunk == cursor.chunks.len() {
+                    cursor.report.pages_written += op.pages();
+                    cursor.op += 1;
+                    cursor.chunks.clear();
+                }
             }
         }
         let done = cursor.op >= cursor.ops.len();
@@ -439,21 +558,20 @@ impl TestVm {
         Ok(done)
     }
 
-    /// Runs the next chunk of the loop, starting it over when it ends;
+    /// Runs a loop on (as [`TestVm::step`]), starting it over when it ends;
     /// true when an iteration ended.
-    pub fn step_loop(&mut self) -> anyhow::Result<bool> {
-        let mut workload = self.workload.take().context("no loop to run")?;
-        let result = self.step(&mut workload.cursor);
-        if let Ok(true) = result {
-            workload.iterations += 1;
-            workload.pages_written += workload.cursor.report.pages_written;
-            workload.cursor = Cursor::new(std::mem::take(&mut workload.cursor.ops));
+    pub fn step_loop(&mut self, state: &mut LoopState) -> anyhow::Result<bool> {
+        let ended = self.step(&mut state.cursor)?;
+        if ended {
+            state.iterations += 1;
+            state.pages_written += state.cursor.report.pages_written;
+            state.cursor = Cursor::new(std::mem::take(&mut state.cursor.ops));
         }
-        self.workload = Some(workload);
-        result
+        Ok(ended)
     }
 
-    fn run_one(&mut self, op: &Op, report: &mut RunReport) -> anyhow::Result<()> {
+    /// Points the vCPU at the routine of `op` with its parameters.
+    fn enter(&mut self, op: &Op) -> anyhow::Result<()> {
         let (entry, ebx, ecx, edx, esi) = match *op {
             Op::Random { first, count, seed } => (guest_code::RANDOM, first, count, seed, 0),
             Op::Copy { src, first, count } => (guest_code::COPY, first, count, src, 0),
@@ -477,11 +595,23 @@ impl TestVm {
         regs.rcx = u64::from(ecx);
         regs.rdx = u64::from(edx);
         regs.rsi = u64::from(esi);
-        self.vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
+        self.vcpu.set_regs(&regs).context("KVM_SET_REGS")
+    }
+
+    /// KVM_RUN until the routine halts or the vCPU is kicked.
+    fn run_vcpu(&mut self, report: &mut RunReport) -> anyhow::Result<Stop> {
         loop {
-            match self.vcpu.run().context("KVM_RUN")? {
-                VcpuExit::Hlt => return Ok(()),
-                VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
+            match self.vcpu.run() {
+                Ok(VcpuExit::Hlt) => return Ok(Stop::Halted),
+                Ok(VcpuExit::Intr) => {
+                    self.kicker.clear();
+                    return Ok(Stop::Kicked);
+                }
+                Err(err) if err.errno() == libc::EINTR => {
+                    self.kicker.clear();
+                    return Ok(Stop::Kicked);
+                }
+                Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
                     report.ring_full_exits += 1;
                     let collected = self.collect_ring();
                     log::debug!("dirty ring full: {collected} entries collected");
@@ -493,7 +623,8 @@ impl TestVm {
                     }
                     self.reset_ring()?;
                 }
-                other => bail!("unexpected vCPU exit: {other:?}"),
+                Ok(other) => bail!("unexpected vCPU exit: {other:?}"),
+                Err(err) => return Err(err).context("KVM_RUN"),
             }
         }
     }
