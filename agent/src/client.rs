@@ -1,10 +1,13 @@
 //! A small client for the agent's API socket (used by `pagefp status`,
-//! `pagefp templates`, the tests and migration tooling).
+//! `pagefp templates`, `pagefp migrate`, the tests and migration tooling).
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use http_body_util::{BodyExt, Empty};
-use hyper::{Request, StatusCode, body::Bytes};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode, body::Bytes};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
@@ -21,10 +24,21 @@ pub enum ClientError {
     Http(String),
     #[error("the agent answered {status}: {message}")]
     Status { status: StatusCode, message: String },
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
-/// GETs `path_and_query` from the agent listening on `socket`.
-pub async fn get(socket: &Path, path_and_query: &str) -> Result<Vec<u8>, ClientError> {
+/// How long [`post_json`] waits for the whole exchange: a report must never
+/// hold up a migration for long.
+pub const POST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One request to the agent listening on `socket`; the body of a 2xx answer.
+async fn request(
+    socket: &Path,
+    method: Method,
+    path_and_query: &str,
+    body: Option<&[u8]>,
+) -> Result<Vec<u8>, ClientError> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|source| ClientError::Connect {
@@ -37,9 +51,15 @@ pub async fn get(socket: &Path, path_and_query: &str) -> Result<Vec<u8>, ClientE
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let request = Request::get(path_and_query)
-        .header(hyper::header::HOST, "pagefp")
-        .body(Empty::<Bytes>::new())
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path_and_query)
+        .header(hyper::header::HOST, "pagefp");
+    if body.is_some() {
+        builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    let request = builder
+        .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
         .map_err(|e| ClientError::Http(e.to_string()))?;
     let response = sender
         .send_request(request)
@@ -62,11 +82,37 @@ pub async fn get(socket: &Path, path_and_query: &str) -> Result<Vec<u8>, ClientE
     Ok(body.to_vec())
 }
 
-/// Blocking variant for callers without a runtime.
-pub fn get_blocking(socket: &Path, path_and_query: &str) -> Result<Vec<u8>, ClientError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// GETs `path_and_query` from the agent listening on `socket`.
+pub async fn get(socket: &Path, path_and_query: &str) -> Result<Vec<u8>, ClientError> {
+    request(socket, Method::GET, path_and_query, None).await
+}
+
+/// POSTs the JSON `body` to `path` of the agent listening on `socket`
+/// (e.g. a migration report to `/v1/migrations`); gives up after
+/// [`POST_TIMEOUT`].
+pub async fn post_json(socket: &Path, path: &str, body: &[u8]) -> Result<Vec<u8>, ClientError> {
+    tokio::time::timeout(
+        POST_TIMEOUT,
+        request(socket, Method::POST, path, Some(body)),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout(POST_TIMEOUT))?
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ClientError> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| ClientError::Http(e.to_string()))?;
-    runtime.block_on(get(socket, path_and_query))
+        .map_err(|e| ClientError::Http(e.to_string()))
+}
+
+/// Blocking variant of [`get`] for callers without a runtime.
+pub fn get_blocking(socket: &Path, path_and_query: &str) -> Result<Vec<u8>, ClientError> {
+    runtime()?.block_on(get(socket, path_and_query))
+}
+
+/// Blocking variant of [`post_json`] for callers without a runtime (not
+/// from inside one).
+pub fn post_json_blocking(socket: &Path, path: &str, body: &[u8]) -> Result<Vec<u8>, ClientError> {
+    runtime()?.block_on(post_json(socket, path, body))
 }

@@ -1,14 +1,15 @@
 //! Prometheus metrics over HTTP (hyper): `/metrics` and a landing page at `/`.
-//! Values are read from the registry at scrape time.
+//!
+//! Values are read from the registry, the hash pool and the migration book
+//! at scrape time, into a registry built for that scrape: the series of a VM
+//! or of a running migration end with it. Every metric is described in
+//! `docs/metrics.md`.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use http_body_util::Full;
 use hyper::{
-    Request, Response,
+    Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
     header,
     server::conn::http1,
@@ -16,305 +17,542 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    Encoder, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry,
-    TextEncoder,
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry,
+    TextEncoder, core::Collector,
 };
 
 use crate::{
-    api::{routes::AppState, views::vm_view},
-    registry::Tracking,
+    api::routes::AppState,
+    content::zero_page_hash,
+    migrate::wire::{FULL_LEN, TEMPLATE_LEN},
+    registry::{DirtyMode, Discovery, PageState, Registry, Tracking, Vm},
+    templates::Catalog,
 };
+
+/// Content type of the text exposition format.
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn tracking_name(tracking: Tracking) -> &'static str {
+    match tracking {
+        Tracking::Tracked => "tracked",
+        Tracking::Syncing => "syncing",
+        Tracking::Untracked => "untracked",
+    }
+}
+
+fn dirty_log_name(mode: DirtyMode) -> &'static str {
+    match mode {
+        DirtyMode::Unknown => "unknown",
+        DirtyMode::Ring => "ring",
+        DirtyMode::Bitmap { .. } => "bitmap",
+    }
+}
+
+/// The collectors of one scrape, registered as they are made.
+struct Scrape {
+    registry: PromRegistry,
+}
+
+impl Scrape {
+    fn add<C: Collector + Clone + 'static>(&self, collector: C) -> Result<C, prometheus::Error> {
+        self.registry.register(Box::new(collector.clone()))?;
+        Ok(collector)
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+        self.add(IntGauge::new(name, help)?)
+    }
+
+    fn gauges(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntGaugeVec, prometheus::Error> {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels)?)
+    }
+
+    fn counter(&self, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+        self.add(IntCounter::new(name, help)?)
+    }
+
+    fn counters(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntCounterVec, prometheus::Error> {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels)?)
+    }
+}
+
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// One VM as the metrics show it (one pass over its pages).
+struct VmFigures {
+    tracking: Tracking,
+    /// unknown, dirty, clean, unverified, zero: a partition of its pages.
+    pages: [u64; 5],
+    template_pages: u64,
+}
+
+const PAGE_STATES: [&str; 5] = ["unknown", "dirty", "clean", "unverified", "zero"];
+
+fn vm_figures(registry: &Registry, vm: &Vm, catalog: &Catalog) -> VmFigures {
+    let zero = registry.contents.lookup(&zero_page_hash());
+    let mut pages = [0u64; 5];
+    let mut tracking: Option<Tracking> = None;
+    for slot in vm.slots.values() {
+        let slot_tracking = registry.tracking(vm, slot);
+        let rank = |t: Tracking| match t {
+            Tracking::Tracked => 0,
+            Tracking::Syncing => 1,
+            Tracking::Untracked => 2,
+        };
+        if tracking.is_none_or(|t| rank(slot_tracking) > rank(t)) {
+            tracking = Some(slot_tracking);
+        }
+        for page in &slot.pages {
+            let index = match page.state() {
+                PageState::Unknown => 0,
+                PageState::Dirty | PageState::Queued => 1,
+                PageState::Clean | PageState::Unverified if Some(page.content) == zero => 4,
+                PageState::Clean => 2,
+                PageState::Unverified => 3,
+            };
+            pages[index] += 1;
+        }
+    }
+    VmFigures {
+        tracking: tracking.unwrap_or(Tracking::Untracked),
+        pages,
+        template_pages: catalog.covered_pages(&vm.counts),
+    }
+}
 
 /// Renders the exposition for one scrape.
 pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
-    let prom = PromRegistry::new();
-    let build_info = IntGaugeVec::new(
-        Opts::new("pagefp_build_info", "pagefp build information (always 1)"),
-        &["version"],
-    )?;
-    build_info
+    let scrape = Scrape {
+        registry: PromRegistry::new(),
+    };
+    scrape
+        .gauges(
+            "pagefp_build_info",
+            "pagefp build information (always 1)",
+            &["version"],
+        )?
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
-    let vms_tracked = IntGaugeVec::new(
-        Opts::new("pagefp_vms", "VMs known to the agent by tracking state"),
-        &["tracking"],
-    )?;
-    let pages = IntGaugeVec::new(
-        Opts::new("pagefp_vm_pages", "Guest pages by state"),
-        &["vm", "state"],
-    )?;
-    let dirty_rate = GaugeVec::new(
-        Opts::new(
-            "pagefp_vm_dirty_pages_per_second",
-            "Dirty events per second",
-        ),
-        &["vm"],
-    )?;
-    let template_pages = IntGaugeVec::new(
-        Opts::new(
-            "pagefp_vm_template_pages",
-            "Guest pages whose content is a template",
-        ),
-        &["vm"],
-    )?;
-    let events = IntCounterVec::new(
-        Opts::new("pagefp_ebpf_events_total", "eBPF events applied, by kind"),
-        &["kind"],
-    )?;
-    let lost = IntCounterVec::new(
-        Opts::new(
-            "pagefp_ebpf_lost_events_total",
-            "Times eBPF events were lost",
-        ),
-        &["scope"],
-    )?;
-    let hashed = IntCounterVec::new(
-        Opts::new("pagefp_pages_hashed_total", "Pages hashed"),
-        &["reason"],
-    )?;
-    let templates = IntGauge::new("pagefp_templates", "Templates selected")?;
-    let template_bytes = IntGauge::new(
-        "pagefp_template_bytes",
-        "Bytes the selected templates occupy",
-    )?;
-    let contents = IntGauge::new(
-        "pagefp_distinct_contents",
-        "Distinct page contents host-wide",
-    )?;
-    let programs = IntGauge::new("pagefp_ebpf_programs_attached", "eBPF programs attached")?;
-    let vm_info = IntGaugeVec::new(
-        Opts::new(
-            "pagefp_vm_info",
-            "A VM the agent knows (always 1): its process name, tracking and dirty-log source",
-        ),
-        &["vm", "comm", "tracking", "dirty_log"],
-    )?;
-    let wan_saving = IntGaugeVec::new(
-        Opts::new(
-            "pagefp_vm_estimated_wan_saving_bytes",
-            "Bytes a template migration of the VM would not send compared with zero-page detection alone (template pages x page size)",
-        ),
-        &["vm"],
-    )?;
-    let covered = IntGauge::new(
-        "pagefp_template_covered_pages",
-        "Guest pages host-wide whose content is a template",
-    )?;
-    let hashed_bytes = IntCounterVec::new(
-        Opts::new("pagefp_hashed_bytes_total", "Bytes of guest memory hashed"),
-        &["reason"],
-    )?;
-    let running = IntGauge::new(
-        "pagefp_migrations_running",
-        "Migrations in progress on this host",
-    )?;
-    let remaining = GaugeVec::new(
-        Opts::new(
-            "pagefp_migration_remaining_bytes",
-            "Estimated bytes a running migration still has to send",
-        ),
-        &["id", "role", "vm"],
-    )?;
-    let migration_dirty = GaugeVec::new(
-        Opts::new(
-            "pagefp_migration_dirty_pages_per_second",
-            "Pages the guest of a running migration dirtied per second in its last round",
-        ),
-        &["id", "role", "vm"],
-    )?;
-    let migration_round = IntGaugeVec::new(
-        Opts::new(
-            "pagefp_migration_round",
-            "Pre-copy round of a running migration",
-        ),
-        &["id", "role", "vm"],
-    )?;
-    let migration_sent = IntGaugeVec::new(
-        Opts::new(
-            "pagefp_migration_sent_bytes",
-            "Bytes a running migration has put on the wire so far",
-        ),
-        &["id", "role", "vm"],
-    )?;
-    for collector in [
-        Box::new(build_info.clone()) as Box<dyn prometheus::core::Collector>,
-        Box::new(vms_tracked.clone()),
-        Box::new(pages.clone()),
-        Box::new(dirty_rate.clone()),
-        Box::new(template_pages.clone()),
-        Box::new(events.clone()),
-        Box::new(lost.clone()),
-        Box::new(hashed.clone()),
-        Box::new(templates.clone()),
-        Box::new(template_bytes.clone()),
-        Box::new(contents.clone()),
-        Box::new(programs.clone()),
-        Box::new(vm_info.clone()),
-        Box::new(wan_saving.clone()),
-        Box::new(covered.clone()),
-        Box::new(hashed_bytes.clone()),
-        Box::new(running.clone()),
-        Box::new(remaining.clone()),
-        Box::new(migration_dirty.clone()),
-        Box::new(migration_round.clone()),
-        Box::new(migration_sent.clone()),
-    ] {
-        prom.register(collector)?;
-    }
-    {
-        let book = state.migrations.lock().unwrap();
-        for collector in [
-            Box::new(book.started.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(book.completed.clone()),
-            Box::new(book.failed.clone()),
-            Box::new(book.pages.clone()),
-            Box::new(book.bytes.clone()),
-            Box::new(book.duration.clone()),
-            Box::new(book.downtime.clone()),
-        ] {
-            prom.register(collector)?;
-        }
-        running.set(book.running().count() as i64);
-        for report in book.running() {
-            let role = match report.role {
-                crate::migrate::report::Role::Source => "source",
-                crate::migrate::report::Role::Destination => "destination",
-            };
-            let labels = [report.id.as_str(), role, &report.vm_pid.to_string()];
-            remaining
-                .with_label_values(&labels)
-                .set(report.remaining_bytes as f64);
-            migration_dirty
-                .with_label_values(&labels)
-                .set(report.dirty_pages_per_second);
-            migration_round
-                .with_label_values(&labels)
-                .set(i64::from(report.round));
-            migration_sent
-                .with_label_values(&labels)
-                .set(report.wire_bytes as i64);
-        }
-    }
+    agent_metrics(&scrape, state)?;
     {
         let registry = state.registry.lock().unwrap();
         let catalog = state.catalog(&registry);
-        for tracking in ["tracked", "syncing", "untracked"] {
-            vms_tracked.with_label_values(&[tracking]).set(0);
-        }
-        for vm in registry.vms() {
-            let view = vm_view(&registry, vm, &catalog);
-            let label = view.pid.to_string();
-            let tracking = match view.tracking {
-                Tracking::Tracked => "tracked",
-                Tracking::Syncing => "syncing",
-                Tracking::Untracked => "untracked",
-            };
-            vms_tracked.with_label_values(&[tracking]).inc();
-            let dirty_log = match view.dirty_mode {
-                crate::registry::vm::DirtyMode::Unknown => "unknown",
-                crate::registry::vm::DirtyMode::Ring => "ring",
-                crate::registry::vm::DirtyMode::Bitmap { .. } => "bitmap",
-            };
-            vm_info
-                .with_label_values(&[&label, &view.comm, tracking, dirty_log])
-                .set(1);
-            wan_saving
-                .with_label_values(&[&label])
-                .set((view.template_pages * crate::PAGE_SIZE as u64) as i64);
-            for (state_name, n) in [
-                ("unknown", view.unknown),
-                ("clean", view.clean),
-                ("dirty", view.dirty),
-                ("unverified", view.unverified),
-                ("zero", view.zero_pages),
-            ] {
-                pages.with_label_values(&[&label, state_name]).set(n as i64);
-            }
-            dirty_rate
-                .with_label_values(&[&label])
-                .set(view.stats.dirty_per_sec);
-            template_pages
-                .with_label_values(&[&label])
-                .set(view.template_pages as i64);
-        }
-        for (kind, n) in &registry.stats.events {
-            events.with_label_values(&[kind]).inc_by(*n);
-        }
-        lost.with_label_values(&["vm"])
-            .inc_by(registry.stats.losses_attributed);
-        lost.with_label_values(&["host"])
-            .inc_by(registry.stats.losses_unattributed);
-        hashed
-            .with_label_values(&["full_pass"])
-            .inc_by(registry.stats.pages_hashed - registry.stats.pages_rehashed);
-        hashed
-            .with_label_values(&["dirty"])
-            .inc_by(registry.stats.pages_rehashed);
-        let page = crate::PAGE_SIZE as u64;
-        hashed_bytes
-            .with_label_values(&["full_pass"])
-            .inc_by((registry.stats.pages_hashed - registry.stats.pages_rehashed) * page);
-        hashed_bytes
-            .with_label_values(&["dirty"])
-            .inc_by(registry.stats.pages_rehashed * page);
-        covered.set(catalog.pages_covered as i64);
-        templates.set(catalog.templates.len() as i64);
-        template_bytes.set(catalog.bytes() as i64);
-        contents.set(registry.contents.len() as i64);
+        vm_metrics(&scrape, &registry, &catalog)?;
+        host_metrics(&scrape, &registry, &catalog)?;
     }
-    programs.set(state.sources.attached.len() as i64);
-    let _ = state.tracker.events.load(Ordering::Relaxed);
-    let mut families = prom.gather();
+    {
+        let mut book = state.migrations.lock().unwrap();
+        book.sweep();
+        for collector in book.collectors()? {
+            scrape.registry.register(collector)?;
+        }
+    }
+    let mut families = scrape.registry.gather();
+    // The process collector (CPU, memory, file descriptors, start time).
     families.extend(prometheus::gather());
     let mut out = Vec::new();
     TextEncoder::new().encode(&families, &mut out)?;
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
-const LANDING: &str = "<html><head><title>pagefp</title></head><body><h1>pagefp</h1><p><a href=\"/metrics\">Metrics</a></p></body></html>";
+/// eBPF programs and the hash pool.
+fn agent_metrics(scrape: &Scrape, state: &AppState) -> Result<(), prometheus::Error> {
+    scrape
+        .gauge("pagefp_ebpf_programs_attached", "eBPF programs attached")?
+        .set(state.sources.attached.len() as i64);
+    let programs = scrape.gauges(
+        "pagefp_ebpf_program_info",
+        "An eBPF program the agent attached (always 1)",
+        &["program"],
+    )?;
+    for program in &state.sources.attached {
+        programs.with_label_values(&[program]).set(1);
+    }
+    let stats = state
+        .pool
+        .as_ref()
+        .map(|pool| pool.stats.view())
+        .unwrap_or_default();
+    scrape
+        .add(prometheus::Counter::new(
+            "pagefp_hasher_busy_seconds_total",
+            "Time the hash workers spent on jobs (reading, hashing, committing): the CPU cost of hashing",
+        )?)?
+        .inc_by(Duration::from_nanos(stats.busy_ns).as_secs_f64());
+    let read = scrape.counters(
+        "pagefp_hasher_read_pages_total",
+        "Guest pages the hash workers read, by method (mapped: sealed memfd mapped in place; copied: process_vm_readv)",
+        &["method"],
+    )?;
+    read.with_label_values(&["mapped"])
+        .inc_by(stats.reads_mapped);
+    read.with_label_values(&["copied"])
+        .inc_by(stats.reads_copied);
+    scrape
+        .counter(
+            "pagefp_hashed_bytes_total",
+            "Bytes of guest memory hashed with blake3 (all-zero pages are recognised without hashing)",
+        )?
+        .inc_by(stats.bytes_hashed);
+    scrape
+        .counter(
+            "pagefp_hasher_zero_pages_total",
+            "Pages read that were all zero (not hashed)",
+        )?
+        .inc_by(stats.pages_zero);
+    scrape
+        .counter(
+            "pagefp_hasher_unreadable_pages_total",
+            "Pages that could not be read from the VMM's memory",
+        )?
+        .inc_by(stats.pages_unreadable);
+    scrape
+        .gauge("pagefp_hasher_pending_jobs", "Hash jobs queued or running")?
+        .set(clamp(stats.jobs_pending));
+    Ok(())
+}
 
-/// Serves `/metrics` and `/` on `addr`.
+/// Series labelled with `vm` (the VMM's pid): built from the VMs known now.
+fn vm_metrics(
+    scrape: &Scrape,
+    registry: &Registry,
+    catalog: &Catalog,
+) -> Result<(), prometheus::Error> {
+    let vms = scrape.gauges(
+        "pagefp_vms",
+        "VMs known to the agent, by tracking state and dirty-log source",
+        &["tracking", "dirty_log"],
+    )?;
+    for tracking in [Tracking::Tracked, Tracking::Syncing, Tracking::Untracked] {
+        for dirty_log in [
+            DirtyMode::Ring,
+            DirtyMode::Bitmap {
+                manual_protect: false,
+            },
+            DirtyMode::Unknown,
+        ] {
+            vms.with_label_values(&[tracking_name(tracking), dirty_log_name(dirty_log)])
+                .set(0);
+        }
+    }
+    let info = scrape.gauges(
+        "pagefp_vm_info",
+        "A VM the agent knows (always 1): its process name, tracking state, dirty-log source and how it was found",
+        &["vm", "comm", "tracking", "dirty_log", "discovery"],
+    )?;
+    let pages = scrape.gauges(
+        "pagefp_vm_pages",
+        "Guest pages by state: unknown, dirty (written, rehash pending), clean (hash valid), unverified (hashed, VM not dirty-tracked), zero (hashed and all zero); the states partition the pages",
+        &["vm", "state"],
+    )?;
+    let template_pages = scrape.gauges(
+        "pagefp_vm_template_pages",
+        "Guest pages whose content is one of the host's templates",
+        &["vm"],
+    )?;
+    let wan_saving = scrape.gauges(
+        "pagefp_vm_estimated_wan_saving_bytes",
+        "Wire bytes a template migration of the VM would save over the baseline mode (zero pages detected, others sent raw), if the destination holds this host's templates",
+        &["vm"],
+    )?;
+    let dirty_events = scrape.counters(
+        "pagefp_vm_dirty_events_total",
+        "Dirty-page events of the VM the agent applied (all sources)",
+        &["vm"],
+    )?;
+    let hashed = scrape.counters(
+        "pagefp_vm_hashed_pages_total",
+        "Pages of the VM hashed (first pass, rescans and rehashes of written pages)",
+        &["vm"],
+    )?;
+    let changed = scrape.counters(
+        "pagefp_vm_changed_pages_total",
+        "Rehashes of written pages of the VM that found a new content",
+        &["vm"],
+    )?;
+    let losses = scrape.counters(
+        "pagefp_vm_event_losses_total",
+        "Times eBPF events of the VM were lost (its pages become unknown until resynced)",
+        &["vm"],
+    )?;
+    let resyncs = scrape.counters(
+        "pagefp_vm_resyncs_total",
+        "Times the VM's tracking was resynchronised after a loss or adoption",
+        &["vm"],
+    )?;
+    let saving_per_page = (FULL_LEN - TEMPLATE_LEN) as u64;
+    for vm in registry.vms() {
+        let figures = vm_figures(registry, vm, catalog);
+        let label = vm.pid.to_string();
+        let tracking = tracking_name(figures.tracking);
+        let dirty_log = dirty_log_name(vm.dirty_mode);
+        vms.with_label_values(&[tracking, dirty_log]).inc();
+        let discovery = match vm.discovery {
+            Discovery::AtCreation => "at_creation",
+            Discovery::Adopted => "adopted",
+        };
+        info.with_label_values(&[&label, &vm.comm, tracking, dirty_log, discovery])
+            .set(1);
+        for (state, n) in PAGE_STATES.iter().zip(figures.pages) {
+            pages
+                .with_label_values(&[label.as_str(), state])
+                .set(clamp(n));
+        }
+        template_pages
+            .with_label_values(&[&label])
+            .set(clamp(figures.template_pages));
+        wan_saving
+            .with_label_values(&[&label])
+            .set(clamp(figures.template_pages * saving_per_page));
+        let stats = &vm.stats;
+        dirty_events
+            .with_label_values(&[&label])
+            .inc_by(stats.dirty_events);
+        hashed
+            .with_label_values(&[&label])
+            .inc_by(stats.pages_hashed);
+        changed
+            .with_label_values(&[&label])
+            .inc_by(stats.pages_rehashed);
+        losses.with_label_values(&[&label]).inc_by(stats.losses);
+        resyncs.with_label_values(&[&label]).inc_by(stats.resyncs);
+    }
+    Ok(())
+}
+
+/// Host-wide counters of the registry and the template catalog.
+fn host_metrics(
+    scrape: &Scrape,
+    registry: &Registry,
+    catalog: &Catalog,
+) -> Result<(), prometheus::Error> {
+    let stats = &registry.stats;
+    let events = scrape.counters(
+        "pagefp_ebpf_events_total",
+        "eBPF events applied, by kind: dirty pages by source (dirty_ring_push, dirty_gfn, write_fault) and VM life-cycle events",
+        &["kind"],
+    )?;
+    for (kind, n) in &stats.events {
+        events.with_label_values(&[kind]).inc_by(*n);
+    }
+    let losses = scrape.counters(
+        "pagefp_ebpf_event_losses_total",
+        "Times eBPF events were found lost, by scope (vm: one VM's; host: of an unknown VM, so every VM resyncs)",
+        &["scope"],
+    )?;
+    losses
+        .with_label_values(&["vm"])
+        .inc_by(stats.losses_attributed);
+    losses
+        .with_label_values(&["host"])
+        .inc_by(stats.losses_unattributed);
+    scrape
+        .counter(
+            "pagefp_ebpf_unknown_vm_events_total",
+            "Events of VMs the agent did not know yet (adopted on the spot)",
+        )?
+        .inc_by(stats.events_unknown_vm);
+    scrape
+        .counter(
+            "pagefp_hashed_pages_total",
+            "Guest pages hashed (first pass, rescans and rehashes of written pages)",
+        )?
+        .inc_by(stats.pages_hashed);
+    scrape
+        .counter(
+            "pagefp_changed_pages_total",
+            "Rehashes of written pages that found a new content",
+        )?
+        .inc_by(stats.pages_rehashed);
+    scrape
+        .counter(
+            "pagefp_hashes_discarded_total",
+            "Hashes thrown away because their page was written while it was read",
+        )?
+        .inc_by(stats.hashes_dropped_stale);
+    scrape
+        .gauge(
+            "pagefp_distinct_contents",
+            "Distinct page contents host-wide",
+        )?
+        .set(registry.contents.len() as i64);
+    scrape
+        .gauge(
+            "pagefp_template_candidates",
+            "Distinct non-zero contents held by enough VMs to be templates (before the memory budget)",
+        )?
+        .set(clamp(catalog.eligible));
+    scrape
+        .gauge("pagefp_templates", "Templates selected")?
+        .set(catalog.templates.len() as i64);
+    scrape
+        .gauge(
+            "pagefp_template_bytes",
+            "Memory the selected templates occupy",
+        )?
+        .set(clamp(catalog.bytes()));
+    scrape
+        .gauge(
+            "pagefp_template_covered_pages",
+            "Guest pages host-wide whose content is a template",
+        )?
+        .set(clamp(catalog.pages_covered));
+    Ok(())
+}
+
+fn landing_page() -> String {
+    format!(
+        "<!DOCTYPE html>\n<html><head><title>pagefp agent</title></head><body>\n\
+         <h1>pagefp agent {version}</h1>\n\
+         <p>Page fingerprints of the KVM guests of this host.</p>\n\
+         <ul>\n\
+         <li><a href=\"/metrics\">/metrics</a>: Prometheus text exposition (every metric: docs/metrics.md)</li>\n\
+         </ul>\n\
+         <p>Scrape job: <code>- job_name: pagefp</code> with <code>targets: ['HOST:9641']</code> \
+         (the default port; <code>--metrics-addr</code> or <code>metrics_addr</code> in /etc/pagefp/pagefp.toml). \
+         Grafana dashboards: <code>grafana/</code> in the pagefp sources.</p>\n\
+         </body></html>\n",
+        version = env!("CARGO_PKG_VERSION")
+    )
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("a valid response")
+}
+
+async fn answer(request: Request<Incoming>, state: Arc<AppState>) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET: try /metrics\n");
+    }
+    match request.uri().path() {
+        "/metrics" => match tokio::task::spawn_blocking(move || render(&state)).await {
+            Ok(Ok(exposition)) => Response::builder()
+                .header(header::CONTENT_TYPE, TEXT_FORMAT)
+                .body(Full::new(Bytes::from(exposition)))
+                .expect("a valid response"),
+            Ok(Err(err)) => {
+                log::error!("rendering metrics failed: {err}");
+                text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("rendering metrics failed: {err}\n"),
+                )
+            }
+            Err(err) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("rendering metrics failed: {err}\n"),
+            ),
+        },
+        "/" => Response::builder()
+            .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+            .body(Full::new(Bytes::from(landing_page())))
+            .expect("a valid response"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics\n"),
+    }
+}
+
+/// Serves `/metrics` and `/` on `addr` until the task is dropped.
 pub async fn serve(addr: SocketAddr, state: Arc<AppState>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!(
-            "cannot listen for metrics on {addr}: {e}. Pick another with --metrics-addr"
+            "cannot listen for metrics on {addr}: {e}. Pick another address with --metrics-addr (or metrics_addr in the config file)"
         )
     })?;
     log::info!("metrics on http://{addr}/metrics");
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of file descriptors, usually: wait instead of spinning.
+                log::warn!("metrics: accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 let state = state.clone();
-                async move {
-                    let response = match request.uri().path() {
-                        "/metrics" => {
-                            let text = tokio::task::spawn_blocking(move || render(&state)).await;
-                            match text {
-                                Ok(Ok(text)) => Response::builder()
-                                    .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-                                    .body(Full::new(Bytes::from(text))),
-                                _ => Response::builder()
-                                    .status(500)
-                                    .body(Full::new(Bytes::from("metrics failed\n"))),
-                            }
-                        }
-                        "/" => Response::builder()
-                            .header(header::CONTENT_TYPE, "text/html")
-                            .body(Full::new(Bytes::from(LANDING))),
-                        _ => Response::builder()
-                            .status(404)
-                            .body(Full::new(Bytes::from("not found: try /metrics\n"))),
-                    };
-                    Ok::<_, std::convert::Infallible>(response.unwrap())
-                }
+                async move { Ok::<_, std::convert::Infallible>(answer(request, state).await) }
             });
-            let _ = http1::Builder::new()
+            if let Err(err) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .await
+            {
+                log::debug!("metrics connection ended: {err}");
+            }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{ebpf::Sources, templates::SelectionPolicy};
+
+    #[test]
+    fn an_agent_without_vms_exposes_its_metrics() {
+        let state = AppState::new(
+            Arc::new(Mutex::new(Registry::new(false))),
+            None,
+            None,
+            Sources::default(),
+            Arc::default(),
+            SelectionPolicy {
+                min_vms: 2,
+                budget_bytes: 1 << 20,
+            },
+        );
+        let text = render(&state).unwrap();
+        for line in [
+            "# TYPE pagefp_build_info gauge",
+            "pagefp_vms{dirty_log=\"ring\",tracking=\"tracked\"} 0",
+            "pagefp_templates 0",
+            "pagefp_hashed_pages_total 0",
+            "pagefp_hasher_busy_seconds_total 0",
+            "pagefp_migrations_running 0",
+            "pagefp_migrations_completed_total{mode=\"templates\",role=\"source\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        assert!(!text.contains("vm=\""), "no VM series without VMs:\n{text}");
+        // Base units and _total suffixes.
+        for line in text.lines().filter(|l| l.starts_with("# TYPE pagefp_")) {
+            let mut words = line.split(' ').skip(2);
+            let (name, kind) = (words.next().unwrap(), words.next().unwrap());
+            assert_eq!(
+                name.ends_with("_total"),
+                kind == "counter",
+                "{name} ({kind})"
+            );
+            assert!(
+                !["_milliseconds", "_kilobytes", "_megabytes", "_percent"]
+                    .iter()
+                    .any(|unit| name.contains(unit)),
+                "{name}: base units"
+            );
+        }
+    }
+
+    #[test]
+    fn the_landing_page_links_the_metrics() {
+        assert!(landing_page().contains("href=\"/metrics\""));
     }
 }

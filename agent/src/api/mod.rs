@@ -7,6 +7,8 @@
 //! | `GET /v1/vms/{pid}` | one VM with its slots (JSON) |
 //! | `GET /v1/vms/{pid}/hashes` | the VM's hash list: binary ([`wire`]), or `?format=json` |
 //! | `GET /v1/templates` | the template catalog (JSON; `?format=bin` for 36-byte records, `?limit=N`) |
+//! | `POST /v1/migrations` | a [`MigrationReport`](crate::migrate::report::MigrationReport) of `pagefp migrate` (JSON body, at most 256 KiB) |
+//! | `GET /v1/migrations` | the latest report of each migration: running ones first, then the last 100 finished (JSON) |
 //!
 //! Errors are JSON `{"error": "..."}` with a 4xx status.
 

@@ -20,7 +20,7 @@ use crate::{
     ebpf::Sources,
     hasher::HashPool,
     migrate::report::MigrationReport,
-    migration_book::MigrationBook,
+    migration_book::{MigrationBook, Refused, Reporter},
     registry::{PageState, Registry, RegistryStats},
     templates::{Catalog, SelectionPolicy},
     tracker::{SyncHandle, TrackerStats, monotonic_ns},
@@ -168,19 +168,21 @@ pub fn handle(
     path: &str,
     query: Option<&str>,
 ) -> ApiResponse {
-    handle_with_body(state, method, path, query, &[])
+    handle_with_body(state, method, path, query, &[], None)
 }
 
-/// [`handle`] for requests with a body (`POST /v1/migrations`).
+/// [`handle`] for requests with a body (`POST /v1/migrations`); `peer_pid`
+/// is the pid of the process on the other end of the socket, when known.
 pub fn handle_with_body(
     state: &AppState,
     method: &hyper::Method,
     path: &str,
     query: Option<&str>,
     body: &[u8],
+    peer_pid: Option<u32>,
 ) -> ApiResponse {
-    if method == hyper::Method::POST && path.trim_end_matches('/') == "/v1/migrations" {
-        return post_migration(state, body);
+    if path.trim_end_matches('/') == "/v1/migrations" && method == hyper::Method::POST {
+        return post_migration(state, body, peer_pid);
     }
     if method != hyper::Method::GET {
         return error(
@@ -205,7 +207,11 @@ pub fn handle_with_body(
             Err(response) => response,
         },
         ["v1", "templates"] => templates(state, query.format.unwrap_or(Format::Json), query.limit),
-        ["v1", "migrations"] => json(&state.migrations.lock().unwrap().reports()),
+        ["v1", "migrations"] => {
+            let mut book = state.migrations.lock().unwrap();
+            book.sweep();
+            json(&book.reports())
+        }
         _ => error(
             StatusCode::NOT_FOUND,
             &format!(
@@ -215,8 +221,9 @@ pub fn handle_with_body(
     }
 }
 
-/// `POST /v1/migrations`: a progress report of `pagefp migrate`.
-fn post_migration(state: &AppState, body: &[u8]) -> ApiResponse {
+/// `POST /v1/migrations`: a progress report of `pagefp migrate`, posted by
+/// process `peer_pid`.
+fn post_migration(state: &AppState, body: &[u8], peer_pid: Option<u32>) -> ApiResponse {
     if body.len() > MAX_BODY {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -234,9 +241,17 @@ fn post_migration(state: &AppState, body: &[u8]) -> ApiResponse {
             );
         }
     };
-    match state.migrations.lock().unwrap().record(report) {
+    let reporter = peer_pid.filter(|pid| *pid > 0).map(Reporter::new);
+    match state.migrations.lock().unwrap().record(report, reporter) {
         Ok(()) => json(&serde_json::json!({"ok": true})),
-        Err(message) => error(StatusCode::BAD_REQUEST, &message),
+        Err(refused) => error(
+            match refused {
+                Refused::Invalid(_) => StatusCode::BAD_REQUEST,
+                Refused::Conflict(_) => StatusCode::CONFLICT,
+                Refused::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+            },
+            refused.message(),
+        ),
     }
 }
 

@@ -7,11 +7,10 @@ use std::{
 };
 
 use anyhow::Context as _;
+use http_body_util::{BodyExt, Limited};
 use hyper::{Request, body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
-
-use http_body_util::{BodyExt, Limited};
 
 use super::routes::{ApiResponse, AppState, MAX_BODY, error, handle_with_body};
 
@@ -48,6 +47,13 @@ pub async fn serve(listener: UnixListener, state: Arc<AppState>, path: PathBuf) 
                 continue;
             }
         };
+        // The peer's pid: a migration whose reporting process is gone
+        // without a final report is counted as failed.
+        let peer_pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|cred| cred.pid())
+            .and_then(|pid| u32::try_from(pid).ok());
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
@@ -68,7 +74,7 @@ pub async fn serve(listener: UnixListener, state: Arc<AppState>, path: PathBuf) 
                         }
                     };
                     let response: ApiResponse = tokio::task::spawn_blocking(move || {
-                        handle_with_body(&state, &method, &path, query.as_deref(), &body)
+                        handle_with_body(&state, &method, &path, query.as_deref(), &body, peer_pid)
                     })
                     .await
                     .unwrap_or_else(|err| {
