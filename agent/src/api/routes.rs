@@ -535,6 +535,63 @@ mod tests {
     }
 
     #[test]
+    fn migration_reports_are_checked_and_listed() {
+        use crate::migrate::report::{ByEncoding, Mode, Phase, Role};
+        let state = state();
+        let report = |mode: Mode, phase: Phase| MigrationReport {
+            id: "m-1".into(),
+            role: Role::Destination,
+            mode,
+            vm_pid: 9,
+            vm_name: "vmm".into(),
+            peer: "peer".into(),
+            phase,
+            round: 1,
+            started_unix_ms: 5,
+            elapsed_seconds: 1.0,
+            mem_bytes: 4096,
+            remaining_bytes: 0,
+            dirty_pages_per_second: 0.0,
+            wire_bytes: 1,
+            negotiation_bytes: 0,
+            pages: ByEncoding::default(),
+            bytes: ByEncoding::default(),
+            templates_agreed: 0,
+            downtime_ms: None,
+            verified: false,
+            error: None,
+            catalog_bytes: 0,
+            final_pages: 0,
+            downtime_parts_ms: Vec::new(),
+        };
+        let post = |body: &[u8]| {
+            handle_with_body(
+                &state,
+                &hyper::Method::POST,
+                "/v1/migrations",
+                None,
+                body,
+                None,
+            )
+        };
+        let running = serde_json::to_vec(&report(Mode::Baseline, Phase::Precopy)).unwrap();
+        assert_eq!(post(&running).status(), StatusCode::OK);
+        let other_mode = serde_json::to_vec(&report(Mode::Templates, Phase::Precopy)).unwrap();
+        let refused = post(&other_mode);
+        assert_eq!(refused.status(), StatusCode::CONFLICT);
+        assert!(body(refused).contains("mode"));
+        assert_eq!(
+            post(&vec![b'{'; MAX_BODY + 1]).status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        let listed = handle(&state, &hyper::Method::GET, "/v1/migrations", None);
+        let listed: Vec<MigrationReport> = serde_json::from_str(&body(listed)).unwrap();
+        assert_eq!(listed, vec![report(Mode::Baseline, Phase::Precopy)]);
+        let put = handle(&state, &hyper::Method::PUT, "/v1/migrations", None);
+        assert_eq!(put.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[test]
     fn empty_agent_answers() {
         let state = state();
         let response = handle(&state, &hyper::Method::GET, "/v1/vms", None);
