@@ -8,7 +8,7 @@
 //! | `{"cmd":"info"}` | pid, mem_bytes, pages, dirty, ring_entries, harvest, slots, memory, state, loop_running, loop_iterations, run_pending |
 //! | `{"cmd":"run","ops":[...]}` | pages_written, harvested, entries, ring_full_exits, seconds (once the ops ran) |
 //! | `{"cmd":"start_loop","ops":[...][,"interval_ms":N]}` | (nothing; iterations start at least N ms apart) |
-//! | `{"cmd":"stop_loop"}` | iterations, pages_written, seconds |
+//! | `{"cmd":"stop_loop"}` | iterations, pages_written, seconds (the loop stops after the chunk in progress; a paused one where it is) |
 //! | `{"cmd":"harvest"[,"list":true]}` | harvested, entries[, pages] |
 //! | `{"cmd":"reregister"}` | (the RAM and code slots are registered again, unchanged) |
 //! | `{"cmd":"checksums"[,"first":F][,"count":C]}` | hashes: blake3 hex per RAM page |
@@ -352,11 +352,21 @@ impl Shared {
         vm
     }
 
-    /// Kicks the vCPU out of KVM_RUN and waits until its step has ended and
-    /// the work is back in `ctl`. The caller has made the vCPU not runnable.
-    fn quiesce<'a>(&self, mut ctl: MutexGuard<'a, Ctl>) -> MutexGuard<'a, Ctl> {
+    /// Locks the VM for a caller that holds `ctl` and saw the vCPU idle
+    /// (not busy, not runnable): nothing to kick, nobody to wait for long.
+    fn lock_idle_vm(&self) -> MutexGuard<'_, TestVm> {
+        self.vm.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until the vCPU thread's step has ended and the work is back in
+    /// `ctl`; `kick`: gets the vCPU out of KVM_RUN first (the chunk is
+    /// suspended, to go on later), else lets the chunk finish. The caller has
+    /// made the vCPU not runnable.
+    fn quiesce<'a>(&self, mut ctl: MutexGuard<'a, Ctl>, kick: bool) -> MutexGuard<'a, Ctl> {
         while ctl.busy {
-            self.kicker.kick();
+            if kick {
+                self.kicker.kick();
+            }
             ctl = self.wait(ctl, Duration::from_millis(20));
         }
         ctl
@@ -530,7 +540,7 @@ impl Shared {
                     Phase::Paused => {}
                     Phase::Running => {
                         ctl.phase = Phase::Paused;
-                        drop(self.quiesce(ctl));
+                        drop(self.quiesce(ctl, true));
                     }
                 }
                 json!({"ok": true, "paused": true})
@@ -556,8 +566,8 @@ impl Shared {
                         ctl.phase.name()
                     );
                 }
-                let ctl = self.quiesce(ctl);
-                let state = self.lock_vm().save_snapshot(ctl.work.as_ref())?;
+                let ctl = self.quiesce(ctl, true);
+                let state = self.lock_idle_vm().save_snapshot(ctl.work.as_ref())?;
                 json!({"ok": true, "state": state})
             }
             Request::LoadState { state } => {
@@ -568,7 +578,7 @@ impl Shared {
                         ctl.phase.name()
                     );
                 }
-                let work = self.lock_vm().load_snapshot(&state)?;
+                let work = self.lock_idle_vm().load_snapshot(&state)?;
                 let now = Instant::now();
                 ctl.phase = Phase::Paused;
                 ctl.loop_running = matches!(work, Some(Work::Loop(_)));
@@ -630,15 +640,16 @@ impl Shared {
         Ok(Some(serial))
     }
 
-    /// Stops the loop (in the middle of an op if need be); its final state
-    /// and how long it ran.
+    /// Stops the loop once the chunk in progress ends (a paused loop: where
+    /// it stopped); its final state and how long it ran.
     fn stop_loop(&self) -> anyhow::Result<(LoopState, f64)> {
         let mut ctl = self.ctl();
         if !ctl.loop_running {
             bail!("no loop is running; start one with start_loop");
         }
+        // The chunk in progress finishes (no page is left half written).
         ctl.holds += 1;
-        ctl = self.quiesce(ctl);
+        ctl = self.quiesce(ctl, false);
         ctl.holds -= 1;
         let work = ctl.work.take();
         ctl.loop_running = false;
