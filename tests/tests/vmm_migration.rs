@@ -54,7 +54,10 @@ fn refusal(vmm: &VmmProcess, request: Value) -> String {
 
 fn assert_refused(vmm: &VmmProcess, request: Value, needle: &str) {
     let error = refusal(vmm, request.clone());
-    assert!(error.contains(needle), "{request}: {error:?} does not mention {needle:?}");
+    assert!(
+        error.contains(needle),
+        "{request}: {error:?} does not mention {needle:?}"
+    );
 }
 
 fn iterations(vmm: &VmmProcess) -> u64 {
@@ -65,7 +68,10 @@ fn iterations(vmm: &VmmProcess) -> u64 {
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -96,7 +102,8 @@ fn pause_stops_the_vcpu_in_the_middle_of_an_op_and_resume_goes_on() {
     // would be seen, in time and in memory.
     let vmm = spawn(&dir, "pause", 32, |a| a.dirty = "none".into());
     let (first, count, seed) = (0, 4096, 21);
-    vmm.start_loop(&[Op::Random { first, count, seed }]).unwrap();
+    vmm.start_loop(&[Op::Random { first, count, seed }])
+        .unwrap();
     assert_refused(&vmm, json!({"cmd": "save_state"}), "paused VM");
     // About 400 pages in (0.4 ms a page here; 3x either way still lands
     // inside the first chunk).
@@ -113,16 +120,38 @@ fn pause_stops_the_vcpu_in_the_middle_of_an_op_and_resume_goes_on() {
     // then at most one page in progress, then nothing.
     let hashes = vmm.checksums().unwrap();
     let done = random_prefix(&hashes, first, count, seed);
-    assert!(done > 0 && done < 2048, "{done} pages written at the pause: not inside the first chunk");
-    let untouched = hashes[done as usize + 1..].iter().filter(|h| **h == zero_hash()).count();
-    assert_eq!(untouched, hashes.len() - done as usize - 1, "only pages before the pause point were written");
+    assert!(
+        done > 0 && done < 2048,
+        "{done} pages written at the pause: not inside the first chunk"
+    );
+    let untouched = hashes[done as usize + 1..]
+        .iter()
+        .filter(|h| **h == zero_hash())
+        .count();
+    assert_eq!(
+        untouched,
+        hashes.len() - done as usize - 1,
+        "only pages before the pause point were written"
+    );
 
     // Nothing runs while paused.
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(vmm.checksums().unwrap(), hashes, "memory changed while paused");
+    assert_eq!(
+        vmm.checksums().unwrap(),
+        hashes,
+        "memory changed while paused"
+    );
     assert_eq!(iterations(&vmm), 0);
-    assert_refused(&vmm, json!({"cmd": "run", "ops": [{"op": "zero", "first": 0, "count": 1}]}), "paused");
-    assert_refused(&vmm, json!({"cmd": "start_loop", "ops": [{"op": "zero", "first": 0, "count": 1}]}), "paused");
+    assert_refused(
+        &vmm,
+        json!({"cmd": "run", "ops": [{"op": "zero", "first": 0, "count": 1}]}),
+        "paused",
+    );
+    assert_refused(
+        &vmm,
+        json!({"cmd": "start_loop", "ops": [{"op": "zero", "first": 0, "count": 1}]}),
+        "paused",
+    );
     vmm.harvest().unwrap();
     vmm.pause().unwrap();
     assert_eq!(vmm.state().unwrap(), "paused", "pause is idempotent");
@@ -138,15 +167,26 @@ fn pause_stops_the_vcpu_in_the_middle_of_an_op_and_resume_goes_on() {
     }
     latencies.sort();
     println!("pause latencies: {latencies:?}");
-    assert!(latencies[latencies.len() / 2] < Duration::from_millis(150), "{latencies:?}");
-    assert!(latencies[latencies.len() - 1] < Duration::from_millis(700), "{latencies:?}");
+    assert!(
+        latencies[latencies.len() / 2] < Duration::from_millis(150),
+        "{latencies:?}"
+    );
+    assert!(
+        latencies[latencies.len() - 1] < Duration::from_millis(700),
+        "{latencies:?}"
+    );
 
     vmm.resume().unwrap();
     vmm.resume().unwrap();
     assert_eq!(vmm.state().unwrap(), "running", "resume is idempotent");
-    wait_for("an iteration after resume", Duration::from_secs(30), || iterations(&vmm) >= 1);
+    wait_for("an iteration after resume", Duration::from_secs(30), || {
+        iterations(&vmm) >= 1
+    });
     let report = vmm.stop_loop().unwrap();
-    assert!(report.iterations >= 1 && report.pages_written >= u64::from(count), "{report:?}");
+    assert!(
+        report.iterations >= 1 && report.pages_written >= u64::from(count),
+        "{report:?}"
+    );
     // The op, interrupted five times, wrote exactly its pages.
     let hashes = vmm.checksums().unwrap();
     assert_eq!(random_prefix(&hashes, first, count, seed), count);
@@ -162,19 +202,39 @@ fn a_running_loop_migrates_through_map_files_and_goes_on() {
     let source = spawn(&dir, "source", 16, |a| a.slots = 2);
     let info = source.info().unwrap();
     assert_eq!(info.state, "running");
-    let regions: Vec<_> = info.memory.iter().map(|r| (r.slot, r.gpa, r.size, r.read_only)).collect();
+    let regions: Vec<_> = info
+        .memory
+        .iter()
+        .map(|r| (r.slot, r.gpa, r.size, r.read_only))
+        .collect();
     assert_eq!(
         regions,
-        [(0, 0, 8 << 20, false), (1, 8 << 20, 8 << 20, false), (100, CODE_GPA, CODE_SLOT_SIZE as u64, true)]
+        [
+            (0, 0, 8 << 20, false),
+            (1, 8 << 20, 8 << 20, false),
+            (100, CODE_GPA, CODE_SLOT_SIZE as u64, true)
+        ]
     );
     // A long random op (about 1.6 s with the dirty ring), then a page that
     // changes value twice an iteration.
     let (count, seed, hot) = (2500, 7, 3000);
     source
         .start_loop(&[
-            Op::Random { first: 0, count, seed },
-            Op::Touch { first: hot, count: 1, value: 1 },
-            Op::Touch { first: hot, count: 1, value: 2 },
+            Op::Random {
+                first: 0,
+                count,
+                seed,
+            },
+            Op::Touch {
+                first: hot,
+                count: 1,
+                value: 1,
+            },
+            Op::Touch {
+                first: hot,
+                count: 1,
+                value: 2,
+            },
         ])
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -182,31 +242,52 @@ fn a_running_loop_migrates_through_map_files_and_goes_on() {
     let state = source.save_state().unwrap();
     let at_pause = source.checksums().unwrap();
     let done = random_prefix(&at_pause, 0, count, seed);
-    assert!(done < count, "paused inside the first iteration's random op ({done} pages done)");
+    assert!(
+        done < count,
+        "paused inside the first iteration's random op ({done} pages done)"
+    );
 
     let dest = incoming_like(&dir, "dest", &source, 2);
     let incoming = dest.info().unwrap();
     assert_eq!(incoming.state, "incoming");
     assert!(!incoming.loop_running);
-    assert!(dest.checksums().unwrap().iter().all(|h| *h == zero_hash()), "incoming memory starts zeroed");
+    assert!(
+        dest.checksums().unwrap().iter().all(|h| *h == zero_hash()),
+        "incoming memory starts zeroed"
+    );
     let copied = copy_guest_memory(&source, &dest).unwrap();
     assert_eq!(copied, (16 << 20) + CODE_SLOT_SIZE as u64);
     dest.load_state(&state).unwrap();
     let loaded = dest.info().unwrap();
     assert_eq!(loaded.state, "paused", "load_state leaves the VM paused");
     assert!(loaded.loop_running, "the loop came along");
-    assert_eq!(dest.checksums().unwrap(), at_pause, "destination memory equals the source's");
+    assert_eq!(
+        dest.checksums().unwrap(),
+        at_pause,
+        "destination memory equals the source's"
+    );
 
     dest.resume().unwrap();
-    wait_for("the migrated loop's iterations", Duration::from_secs(30), || iterations(&dest) >= 2);
+    wait_for(
+        "the migrated loop's iterations",
+        Duration::from_secs(30),
+        || iterations(&dest) >= 2,
+    );
     let report = dest.stop_loop().unwrap();
     assert!(report.iterations >= 2, "{report:?}");
     let hashes = dest.checksums().unwrap();
     assert_ne!(hashes, at_pause, "the destination's guest wrote on");
-    assert_eq!(random_prefix(&hashes, 0, count, seed), count, "the interrupted op finished exactly");
+    assert_eq!(
+        random_prefix(&hashes, 0, count, seed),
+        count,
+        "the interrupted op finished exactly"
+    );
     assert!(hashes[hot as usize] == touched(1) || hashes[hot as usize] == touched(2));
     let others = (0..hashes.len()).filter(|&p| p >= count as usize && p != hot as usize);
-    assert!(others.into_iter().all(|p| hashes[p] == zero_hash()), "nothing else was written");
+    assert!(
+        others.into_iter().all(|p| hashes[p] == zero_hash()),
+        "nothing else was written"
+    );
 
     // The source stayed paused and unchanged; exit ends it.
     assert_eq!(source.state().unwrap(), "paused");
@@ -254,13 +335,25 @@ fn a_paused_run_request_finishes_on_the_destination() {
     assert!(source.exit().unwrap().success());
     let answer = run.join().unwrap();
     assert_eq!(answer["ok"], false, "{answer}");
-    assert!(answer["error"].as_str().unwrap().contains("finishes on the destination"), "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("finishes on the destination"),
+        "{answer}"
+    );
 
     dest.resume().unwrap();
     if dest.info().unwrap().run_pending {
-        assert_refused(&dest, json!({"cmd": "run", "ops": [{"op": "zero", "first": 0, "count": 1}]}), "run_pending");
+        assert_refused(
+            &dest,
+            json!({"cmd": "run", "ops": [{"op": "zero", "first": 0, "count": 1}]}),
+            "run_pending",
+        );
     }
-    wait_for("the migrated run", Duration::from_secs(30), || !dest.info().unwrap().run_pending);
+    wait_for("the migrated run", Duration::from_secs(30), || {
+        !dest.info().unwrap().run_pending
+    });
     let hashes = dest.checksums().unwrap();
     assert_eq!(random_prefix(&hashes, 0, count, seed), count);
     assert!(hashes[count as usize..].iter().all(|h| *h == zero_hash()));
@@ -278,7 +371,10 @@ fn reframe(version: u32, document: &[u8]) -> String {
 }
 
 fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 #[test]
@@ -286,21 +382,37 @@ fn load_state_refuses_bad_blobs_and_other_layouts_and_keeps_serving() {
     require_kvm!("load_state_refuses_bad_blobs_and_other_layouts_and_keeps_serving");
     let dir = TempDir::new("pagefp-vmm-load");
     let source = spawn(&dir, "source", 8, |_| {});
-    source.run(&[Op::Touch { first: 5, count: 10, value: 3 }]).unwrap();
+    source
+        .run(&[Op::Touch {
+            first: 5,
+            count: 10,
+            value: 3,
+        }])
+        .unwrap();
     source.pause().unwrap();
     let state = source.save_state().unwrap();
-    assert_refused(&source, json!({"cmd": "load_state", "state": state}), "is for an incoming VM");
+    assert_refused(
+        &source,
+        json!({"cmd": "load_state", "state": state}),
+        "is for an incoming VM",
+    );
 
     // Another layout: the error names what differs.
     let bigger = spawn(&dir, "bigger", 16, |a| a.incoming = true);
     let error = refusal(&bigger, json!({"cmd": "load_state", "state": state}));
-    assert!(error.contains("RAM size") && error.contains("8 MiB") && error.contains("16 MiB"), "{error}");
+    assert!(
+        error.contains("RAM size") && error.contains("8 MiB") && error.contains("16 MiB"),
+        "{error}"
+    );
     let split = spawn(&dir, "split", 8, |a| {
         a.incoming = true;
         a.slots = 2;
     });
     let error = refusal(&split, json!({"cmd": "load_state", "state": state}));
-    assert!(error.contains("RAM slots") && !error.contains("RAM size"), "{error}");
+    assert!(
+        error.contains("RAM slots") && !error.contains("RAM size"),
+        "{error}"
+    );
     assert_eq!(split.state().unwrap(), "incoming");
     assert!(bigger.exit().unwrap().success());
     assert!(split.exit().unwrap().success());
@@ -317,16 +429,29 @@ fn load_state_refuses_bad_blobs_and_other_layouts_and_keeps_serving() {
         ("not a state".to_string(), "hex"),
         (state[..40].to_string(), "truncated"),
         (state[..state.len() - 2].to_string(), "truncated"),
-        (other_magic.iter().map(|b| format!("{b:02x}")).collect(), "not a pagefp-testvmm state"),
+        (
+            other_magic.iter().map(|b| format!("{b:02x}")).collect(),
+            "not a pagefp-testvmm state",
+        ),
         (reframe(2, document), "version 2 is not supported"),
-        (flipped.iter().map(|b| format!("{b:02x}")).collect(), "checksum"),
+        (
+            flipped.iter().map(|b| format!("{b:02x}")).collect(),
+            "checksum",
+        ),
         (reframe(1, b"{\"vmm\":\"pagefp-testvmm\"}"), "malformed"),
-        (format!("{}{:02x}", &state[..tail * 2], blob[tail] ^ 1), "checksum"),
+        (
+            format!("{}{:02x}", &state[..tail * 2], blob[tail] ^ 1),
+            "checksum",
+        ),
         // Well formed, but the memory was not copied: the code slot is empty.
         (state.clone(), "code slot"),
     ] {
         assert_refused(&dest, json!({"cmd": "load_state", "state": bad}), needle);
-        assert_eq!(dest.state().unwrap(), "incoming", "a refused state changes nothing");
+        assert_eq!(
+            dest.state().unwrap(),
+            "incoming",
+            "a refused state changes nothing"
+        );
     }
     assert_refused(&dest, json!({"cmd": "load_state"}), "state");
 
@@ -334,10 +459,22 @@ fn load_state_refuses_bad_blobs_and_other_layouts_and_keeps_serving() {
     copy_guest_memory(&source, &dest).unwrap();
     dest.load_state(&state).unwrap();
     assert_eq!(dest.checksums().unwrap(), source.checksums().unwrap());
-    assert_refused(&dest, json!({"cmd": "load_state", "state": state}), "is for an incoming VM");
+    assert_refused(
+        &dest,
+        json!({"cmd": "load_state", "state": state}),
+        "is for an incoming VM",
+    );
     dest.resume().unwrap();
-    dest.run(&[Op::Touch { first: 5, count: 1, value: 4 }]).unwrap();
-    assert_eq!(dest.checksums_range(5, 2).unwrap(), [touched(4), touched(3)]);
+    dest.run(&[Op::Touch {
+        first: 5,
+        count: 1,
+        value: 4,
+    }])
+    .unwrap();
+    assert_eq!(
+        dest.checksums_range(5, 2).unwrap(),
+        [touched(4), touched(3)]
+    );
 }
 
 #[test]
@@ -346,18 +483,33 @@ fn an_incoming_vmm_waits_for_its_state_and_exit_discards_it() {
     let dir = TempDir::new("pagefp-vmm-incoming");
     let vmm = spawn(&dir, "incoming", 4, |a| a.incoming = true);
     let info = vmm.info().unwrap();
-    assert_eq!((info.state.as_str(), info.pages, info.loop_running), ("incoming", 1024, false));
-    assert_eq!(info.memory.len(), 2, "RAM and the code slot: {:?}", info.memory);
+    assert_eq!(
+        (info.state.as_str(), info.pages, info.loop_running),
+        ("incoming", 1024, false)
+    );
+    assert_eq!(
+        info.memory.len(),
+        2,
+        "RAM and the code slot: {:?}",
+        info.memory
+    );
     assert!(info.memory.iter().all(|r| r.uaddr != 0));
     assert!(info.memory[1].read_only && !info.memory[0].read_only);
     // Everything it maps is zeroed, the code slot included.
-    let code = pagefp_tests::vmm_client::MappedRegion::of(info.pid, &info.memory[1], false).unwrap();
+    let code =
+        pagefp_tests::vmm_client::MappedRegion::of(info.pid, &info.memory[1], false).unwrap();
     assert!(code.as_slice().iter().all(|b| *b == 0));
     drop(code);
     assert!(vmm.checksums().unwrap().iter().all(|h| *h == zero_hash()));
     for (request, needle) in [
-        (json!({"cmd": "run", "ops": [{"op": "zero", "first": 0, "count": 1}]}), "load_state"),
-        (json!({"cmd": "start_loop", "ops": [{"op": "zero", "first": 0, "count": 1}]}), "load_state"),
+        (
+            json!({"cmd": "run", "ops": [{"op": "zero", "first": 0, "count": 1}]}),
+            "load_state",
+        ),
+        (
+            json!({"cmd": "start_loop", "ops": [{"op": "zero", "first": 0, "count": 1}]}),
+            "load_state",
+        ),
         (json!({"cmd": "pause"}), "load_state"),
         (json!({"cmd": "resume"}), "load_state"),
         (json!({"cmd": "save_state"}), "incoming"),
@@ -372,7 +524,13 @@ fn an_incoming_vmm_waits_for_its_state_and_exit_discards_it() {
 
     // An incoming VM takes its memory from the migration, not from an image.
     let output = Command::new(testvmm_binary())
-        .args(["--socket", dir.0.join("never.sock").to_str().unwrap(), "--incoming", "--image", "/dev/null"])
+        .args([
+            "--socket",
+            dir.0.join("never.sock").to_str().unwrap(),
+            "--incoming",
+            "--image",
+            "/dev/null",
+        ])
         .output()
         .unwrap();
     assert!(!output.status.success());

@@ -33,7 +33,8 @@ struct Args {
     /// Number of equal RAM slots.
     #[arg(long, default_value_t = 1)]
     slots: u32,
-    /// Wait for a migration: zeroed RAM, registered with KVM by `load_state`.
+    /// Wait for a migration: zeroed guest memory (RAM slots and code slot)
+    /// that KVM sees only once `load_state` registers it; `resume` runs it.
     #[arg(long, conflicts_with = "image")]
     incoming: bool,
 }

@@ -148,7 +148,10 @@ struct Ctl {
 impl Ctl {
     /// The vCPU thread may run a step now (ignoring `not_before`).
     fn runnable(&self) -> bool {
-        self.phase == Phase::Running && self.holds == 0 && self.work.is_some() && self.failed.is_none()
+        self.phase == Phase::Running
+            && self.holds == 0
+            && self.work.is_some()
+            && self.failed.is_none()
     }
 }
 
@@ -497,7 +500,9 @@ impl Shared {
             }
             Request::Harvest { list } => {
                 if self.ctl().phase == Phase::Incoming {
-                    bail!("the incoming VM has no memory registered with KVM yet: send load_state first");
+                    bail!(
+                        "the incoming VM has no memory registered with KVM yet: send load_state first"
+                    );
                 }
                 let harvested = self.lock_vm().harvest()?;
                 let mut answer = json!({"ok": true, "harvested": harvested.pages.len(),
@@ -525,7 +530,9 @@ impl Shared {
                 if reply.is_some() {
                     drop(reply);
                     let deadline = Instant::now() + EXIT_ANSWER_WAIT;
-                    while self.unanswered_runs.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+                    while self.unanswered_runs.load(Ordering::SeqCst) > 0
+                        && Instant::now() < deadline
+                    {
                         std::thread::sleep(Duration::from_millis(5));
                     }
                 }
@@ -548,7 +555,9 @@ impl Shared {
             Request::Resume {} => {
                 let mut ctl = self.ctl();
                 match ctl.phase {
-                    Phase::Incoming => bail!("the incoming VM has no state yet: send load_state first"),
+                    Phase::Incoming => {
+                        bail!("the incoming VM has no state yet: send load_state first")
+                    }
                     Phase::Running => {}
                     Phase::Paused => {
                         ctl.phase = Phase::Running;
@@ -634,7 +643,9 @@ impl Shared {
                 bail!("a loop is running; send stop_loop first (or pause)");
             }
             if ctl.run_pending {
-                bail!("a migrated run is still finishing (info shows run_pending): try again once it is false");
+                bail!(
+                    "a migrated run is still finishing (info shows run_pending): try again once it is false"
+                );
             }
         }
         Ok(Some(serial))
@@ -680,7 +691,9 @@ fn can_start(ctl: &Ctl) -> anyhow::Result<()> {
         bail!("a loop is running; send stop_loop first");
     }
     if ctl.run_pending {
-        bail!("a migrated run is still finishing (info shows run_pending): try again once it is false");
+        bail!(
+            "a migrated run is still finishing (info shows run_pending): try again once it is false"
+        );
     }
     Ok(())
 }

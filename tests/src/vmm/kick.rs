@@ -10,7 +10,7 @@ use std::{
     os::fd::BorrowedFd,
     ptr::NonNull,
     sync::{
-        Mutex, Once,
+        Mutex, OnceLock,
         atomic::{AtomicU8, Ordering},
     },
 };
@@ -29,25 +29,27 @@ extern "C" fn ignore_kick(_: libc::c_int) {}
 /// Installs the (empty) handler once: a handled signal interrupts KVM_RUN,
 /// where the default action would end the process.
 fn install_handler() -> anyhow::Result<()> {
-    static INSTALL: Once = Once::new();
-    static mut RESULT: libc::c_int = 0;
-    INSTALL.call_once(|| {
-        // SAFETY: a zeroed sigaction is valid; the handler is an empty
-        // extern "C" function, async-signal-safe. SA_RESTART restarts other
-        // syscalls the signal may hit; KVM_RUN returns EINTR regardless.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = ignore_kick as *const () as libc::sighandler_t;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            RESULT = libc::sigaction(kick_signal(), &action, std::ptr::null_mut());
-        }
-    });
-    // SAFETY: written once inside call_once, which happens-before this read.
-    if unsafe { RESULT } != 0 {
-        return Err(std::io::Error::last_os_error()).context("installing the vCPU kick signal handler");
-    }
-    Ok(())
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            // SAFETY: a zeroed sigaction is valid; the handler is an empty
+            // extern "C" function, async-signal-safe. SA_RESTART restarts
+            // other syscalls the signal may hit; KVM_RUN returns EINTR anyway.
+            let ret = unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = ignore_kick as *const () as libc::sighandler_t;
+                action.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut action.sa_mask);
+                libc::sigaction(kick_signal(), &action, std::ptr::null_mut())
+            };
+            if ret == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error().to_string())
+            }
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!("installing the vCPU kick signal handler: {e}"))
 }
 
 /// Kicks one vCPU out of KVM_RUN; shared by the control threads.
@@ -116,7 +118,8 @@ impl Kicker {
     /// returned guard is dropped.
     pub fn bind(&self) -> Bound<'_> {
         // SAFETY: pthread_self has no preconditions.
-        *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(unsafe { libc::pthread_self() });
+        *self.thread.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(unsafe { libc::pthread_self() });
         Bound(self)
     }
 

@@ -2,12 +2,7 @@
 //! migration does with a VMM's sealed memfds (read the source's, write the
 //! destination's). Root only, as `/proc/PID/map_files` is.
 
-use std::{
-    fs::OpenOptions,
-    num::NonZeroUsize,
-    os::fd::AsFd,
-    ptr::NonNull,
-};
+use std::{fs::OpenOptions, num::NonZeroUsize, os::fd::AsFd, ptr::NonNull};
 
 use anyhow::{Context as _, bail};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
@@ -116,8 +111,10 @@ pub fn shared_file_mapping(maps: &str, uaddr: u64, size: u64) -> Option<(u64, u6
         let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
         let start = u64::from_str_radix(start, 16).ok()?;
         let end = u64::from_str_radix(end, 16).ok()?;
-        (start <= uaddr && uaddr.checked_add(size)? <= end && perms.as_bytes().get(3) == Some(&b's'))
-            .then_some((start, end, offset))
+        (start <= uaddr
+            && uaddr.checked_add(size)? <= end
+            && perms.as_bytes().get(3) == Some(&b's'))
+        .then_some((start, end, offset))
     })
 }
 
@@ -143,7 +140,10 @@ pub fn copy_regions(
     }
     let mut copied = 0;
     for region in source {
-        let target = dest.iter().find(|d| d.slot == region.slot).expect("same slots");
+        let target = dest
+            .iter()
+            .find(|d| d.slot == region.slot)
+            .expect("same slots");
         let from = MappedRegion::of(source_pid, region, false)?;
         let mut to = MappedRegion::of(dest_pid, target, true)?;
         to.as_mut_slice()?.copy_from_slice(from.as_slice());
@@ -165,7 +165,15 @@ mod tests {
             shared_file_mapping(maps, 0x7f00_0010_2000, 0x1000),
             Some((0x7f00_0010_0000, 0x7f00_0050_0000, 0x1000))
         );
-        assert_eq!(shared_file_mapping(maps, 0x7f00_0000_0000, 0x1000), None, "private");
-        assert_eq!(shared_file_mapping(maps, 0x7f00_004f_f000, 0x2000), None, "runs past the end");
+        assert_eq!(
+            shared_file_mapping(maps, 0x7f00_0000_0000, 0x1000),
+            None,
+            "private"
+        );
+        assert_eq!(
+            shared_file_mapping(maps, 0x7f00_004f_f000, 0x2000),
+            None,
+            "runs past the end"
+        );
     }
 }

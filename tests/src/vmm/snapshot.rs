@@ -90,7 +90,8 @@ pub struct VcpuState {
     pub xcrs: Option<Vec<Xcr>>,
 }
 
-/// Defines a struct of named u64 fields mirroring a KVM struct.
+/// Defines a struct of named u64 fields mirroring a KVM struct that has
+/// exactly these fields.
 macro_rules! mirror_u64 {
     ($(#[$meta:meta])* $name:ident, $kvm:ty, [$($field:ident),* $(,)?]) => {
         $(#[$meta])*
@@ -108,7 +109,7 @@ macro_rules! mirror_u64 {
 
         impl From<&$name> for $kvm {
             fn from(m: &$name) -> Self {
-                Self { $($field: m.$field,)* ..Default::default() }
+                Self { $($field: m.$field),* }
             }
         }
     };
@@ -357,7 +358,11 @@ fn xcrs_from(k: &kvm_xcrs) -> Vec<Xcr> {
 fn xcrs_to(list: &[Xcr]) -> anyhow::Result<kvm_xcrs> {
     let mut k = kvm_xcrs::default();
     if list.len() > k.xcrs.len() {
-        bail!("{} XCRs in the state; KVM takes at most {}", list.len(), k.xcrs.len());
+        bail!(
+            "{} XCRs in the state; KVM takes at most {}",
+            list.len(),
+            k.xcrs.len()
+        );
     }
     k.nr_xcrs = list.len() as u32;
     for (slot, x) in k.xcrs.iter_mut().zip(list) {
@@ -413,10 +418,17 @@ pub fn encode(document: &Document) -> anyhow::Result<String> {
 pub fn decode(text: &str) -> anyhow::Result<Document> {
     let blob = from_hex(text).context("the state is not the hex text save_state answers")?;
     if blob.len() < HEADER + CHECKSUM {
-        bail!("the state is truncated ({} bytes; a state has at least {})", blob.len(), HEADER + CHECKSUM);
+        bail!(
+            "the state is truncated ({} bytes; a state has at least {})",
+            blob.len(),
+            HEADER + CHECKSUM
+        );
     }
     if &blob[..8] != MAGIC {
-        bail!("the state is not a pagefp-testvmm state (its magic is not {:?})", String::from_utf8_lossy(MAGIC));
+        bail!(
+            "the state is not a pagefp-testvmm state (its magic is not {:?})",
+            String::from_utf8_lossy(MAGIC)
+        );
     }
     let version = u32::from_le_bytes(blob[8..12].try_into().unwrap());
     if version != VERSION {
@@ -445,7 +457,12 @@ fn describe(regions: &[LayoutRegion]) -> String {
         ram.len()
     );
     for r in regions.iter().filter(|r| r.read_only) {
-        text += &format!(", read-only slot {} of {} KiB at {:#x}", r.slot, r.size >> 10, r.gpa);
+        text += &format!(
+            ", read-only slot {} of {} KiB at {:#x}",
+            r.slot,
+            r.size >> 10,
+            r.gpa
+        );
     }
     text
 }
@@ -525,19 +542,28 @@ impl TestVm {
     /// Nothing changes if the blob is refused.
     pub fn load_snapshot(&mut self, text: &str) -> anyhow::Result<Option<Work>> {
         if self.registered {
-            bail!("load_state is for an incoming VM (started with --incoming); this one already runs");
+            bail!(
+                "load_state is for an incoming VM (started with --incoming); this one already runs"
+            );
         }
         let document = decode(text)?;
         if document.vmm != "pagefp-testvmm" {
-            bail!("the state comes from {:?}, not pagefp-testvmm", document.vmm);
+            bail!(
+                "the state comes from {:?}, not pagefp-testvmm",
+                document.vmm
+            );
         }
         let mine = self.layout();
         if let Some(why) = layout_difference(&document.layout.regions, &mine.regions) {
             bail!(why);
         }
-        let build_code = blake3::hash(&guest_code::code_slot_image()).to_hex().to_string();
+        let build_code = blake3::hash(&guest_code::code_slot_image())
+            .to_hex()
+            .to_string();
         if document.layout.code_blake3 != build_code {
-            bail!("the source VMM runs other guest code (another pagefp build): migrate between VMMs of the same build");
+            bail!(
+                "the source VMM runs other guest code (another pagefp build): migrate between VMMs of the same build"
+            );
         }
         if mine.code_blake3 != document.layout.code_blake3 {
             bail!(
@@ -580,10 +606,15 @@ impl TestVm {
             .context("the state's workload does not fit this VMM")?;
         let cursor: &Cursor = work.cursor();
         let consistent = cursor.op <= cursor.ops.len()
-            && (cursor.chunks.is_empty() || (cursor.op < cursor.ops.len() && cursor.chunk < cursor.chunks.len()))
+            && (cursor.chunks.is_empty()
+                || (cursor.op < cursor.ops.len() && cursor.chunk < cursor.chunks.len()))
             && (!cursor.started || !cursor.chunks.is_empty());
         if !consistent {
-            bail!("the state's workload position is inconsistent (op {}, chunk {})", cursor.op, cursor.chunk);
+            bail!(
+                "the state's workload position is inconsistent (op {}, chunk {})",
+                cursor.op,
+                cursor.chunk
+            );
         }
         self.check_ops(&cursor.chunks)
             .context("the state's workload does not fit this VMM")?;
@@ -631,11 +662,18 @@ mod tests {
     fn layout_differences_name_what_differs() {
         let code = region(100, 0xE000_0000, 4, true);
         let one = [region(0, 0, 32, false), code];
-        let two = [region(0, 0, 16, false), region(1, 16 << 20, 16, false), code];
+        let two = [
+            region(0, 0, 16, false),
+            region(1, 16 << 20, 16, false),
+            code,
+        ];
         let bigger = [region(0, 0, 64, false), code];
         assert!(layout_difference(&one, &one).is_none());
         let slots = layout_difference(&two, &one).unwrap();
-        assert!(slots.contains("RAM slots: the state's VM has 2, this VMM 1"), "{slots}");
+        assert!(
+            slots.contains("RAM slots: the state's VM has 2, this VMM 1"),
+            "{slots}"
+        );
         assert!(!slots.contains("RAM size"), "{slots}");
         let size = layout_difference(&bigger, &one).unwrap();
         assert!(size.contains("64 MiB, this VMM 32 MiB"), "{size}");
@@ -653,7 +691,10 @@ mod tests {
             ..Default::default()
         };
         let back = kvm_regs::from(&Regs::from(&regs));
-        assert_eq!((back.rax, back.rip, back.rflags, back.r15), (1, 0xE000_0080, 2, u64::MAX));
+        assert_eq!(
+            (back.rax, back.rip, back.rflags, back.r15),
+            (1, 0xE000_0080, 2, u64::MAX)
+        );
         let mut sregs = kvm_sregs::default();
         sregs.cs.selector = 8;
         sregs.cs.type_ = 0xB;
@@ -662,15 +703,25 @@ mod tests {
         sregs.interrupt_bitmap[3] = 9;
         let back = kvm_sregs::from(&Sregs::from(&sregs));
         assert_eq!(Sregs::from(&back), Sregs::from(&sregs));
-        let mut fpu = kvm_fpu::default();
-        fpu.fcw = 0x37F;
+        let mut fpu = kvm_fpu {
+            fcw: 0x37F,
+            mxcsr: 0x1F80,
+            ..Default::default()
+        };
         fpu.xmm[15][3] = 0xAB;
-        fpu.mxcsr = 0x1F80;
         let back = kvm_fpu::try_from(&Fpu::from(&fpu)).unwrap();
-        assert_eq!((back.fcw, back.xmm[15][3], back.mxcsr), (0x37F, 0xAB, 0x1F80));
+        assert_eq!(
+            (back.fcw, back.xmm[15][3], back.mxcsr),
+            (0x37F, 0xAB, 0x1F80)
+        );
         let mut short = Fpu::from(&fpu);
         short.xmm.pop();
-        assert!(kvm_fpu::try_from(&short).unwrap_err().to_string().contains("15 registers"));
+        assert!(
+            kvm_fpu::try_from(&short)
+                .unwrap_err()
+                .to_string()
+                .contains("15 registers")
+        );
     }
 
     #[test]
