@@ -84,12 +84,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let result = runtime.block_on(async {
         let listener = server::bind(&config.socket)?;
+        // Bound before "ready": a taken metrics address stops the agent
+        // with an error naming --metrics-addr.
+        let metrics_listener = metrics::bind(config.metrics_addr).await?;
         let api = tokio::spawn(server::serve(
             listener,
             state.clone(),
             config.socket.clone(),
         ));
-        let metrics = tokio::spawn(metrics::serve(config.metrics_addr, state.clone()));
+        let metrics = tokio::spawn(metrics::serve(metrics_listener, state.clone()));
         println!(
             "pagefp agent ready: API on {}, metrics on http://{}/metrics",
             config.socket.display(),
@@ -99,13 +102,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => log::info!("SIGINT: stopping"),
             _ = term.recv() => log::info!("SIGTERM: stopping"),
-            ended = metrics => {
-                if let Ok(Err(err)) = ended {
-                    return Err(err);
-                }
-            }
         }
         api.abort();
+        metrics.abort();
         anyhow::Ok(())
     });
     stop.store(true, Ordering::Relaxed);

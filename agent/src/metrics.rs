@@ -466,14 +466,20 @@ async fn answer(request: Request<Incoming>, state: Arc<AppState>) -> Response<Fu
     }
 }
 
-/// Serves `/metrics` and `/` on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, state: Arc<AppState>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+/// Binds the metrics address (before the agent says it is ready).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot listen for metrics on {addr}: {e}. Pick another address with --metrics-addr (or metrics_addr in the config file)"
         )
-    })?;
-    log::info!("metrics on http://{addr}/metrics");
+    })
+}
+
+/// Serves `/metrics` and `/` on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
+    if let Ok(addr) = listener.local_addr() {
+        log::info!("metrics on http://{addr}/metrics");
+    }
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
