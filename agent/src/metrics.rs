@@ -344,6 +344,10 @@ fn host_metrics(
         "eBPF events applied, by kind: dirty pages by source (dirty_ring_push, dirty_gfn, write_fault) and VM life-cycle events",
         &["kind"],
     )?;
+    // The dirty-page sources exist from the start (at 0), used or not.
+    for kind in ["dirty_ring_push", "dirty_gfn", "write_fault"] {
+        events.with_label_values(&[kind]);
+    }
     for (kind, n) in &stats.events {
         events.with_label_values(&[kind]).inc_by(*n);
     }
@@ -532,6 +536,7 @@ mod tests {
             "pagefp_vms{dirty_log=\"ring\",tracking=\"tracked\"} 0",
             "pagefp_templates 0",
             "pagefp_hashed_pages_total 0",
+            "pagefp_ebpf_events_total{kind=\"dirty_gfn\"} 0",
             "pagefp_hasher_busy_seconds_total 0",
             "pagefp_migrations_running 0",
             "pagefp_migrations_completed_total{mode=\"templates\",role=\"source\"} 0",
