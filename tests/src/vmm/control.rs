@@ -623,8 +623,8 @@ impl Shared {
         self.changed.notify_all();
         report.recv().map_err(|_| {
             anyhow!(
-                "the VMM is exiting before this run finished (the VM was paused: if it migrated, \
-                 the run finishes on the destination)"
+                "the VMM exited before this run finished (if its VM migrated, the run finishes on \
+                 the destination)"
             )
         })?
     }
