@@ -1,0 +1,228 @@
+//! `pagefp qemu-proxy send|receive`: template deduplication for unmodified
+//! QEMU. The source QEMU migrates to the local send proxy (`migrate
+//! tcp:127.0.0.1:PORT`); the send proxy parses QEMU's stream
+//! ([`crate::qemu_stream`]), replaces every RAM page whose content the
+//! receive proxy offered as a template by a reference, and carries the rest
+//! unchanged ([`wire`]); the receive proxy rebuilds QEMU's exact stream for
+//! the destination QEMU (`-incoming tcp:...`). See `docs/qemu-proxy.md`.
+
+pub mod receive;
+pub mod send;
+pub mod templates;
+pub mod wire;
+
+use std::{
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::DEFAULT_SOCKET,
+    migrate::catalog::{self, BuildOptions, Catalog},
+    qemu_stream::{Options, Unsupported},
+};
+
+#[derive(Debug, Subcommand)]
+pub enum ProxyCommand {
+    /// Beside the source QEMU: accept its migration stream, send it deduplicated.
+    Send(SendArgs),
+    /// Beside the destination QEMU: rebuild the stream and feed QEMU's -incoming.
+    Receive(ReceiveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Where the source QEMU migrates to (`migrate tcp:THIS`).
+    #[arg(long)]
+    pub listen: String,
+    /// The receive proxy, HOST:PORT.
+    #[arg(long)]
+    pub to: String,
+    /// Do not zstd-compress what travels unchanged.
+    #[arg(long)]
+    pub no_zstd: bool,
+    /// Carry streams with features the parser does not understand (block
+    /// migration, unknown capabilities or RAM records) unchanged instead of
+    /// refusing them; they are not deduplicated from that point on.
+    #[arg(long)]
+    pub pass_through_unsupported: bool,
+    /// Give up when QEMU does not connect within this many seconds.
+    #[arg(long)]
+    pub timeout_s: Option<u64>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// Address the send proxy connects to.
+    #[arg(long)]
+    pub listen: String,
+    /// The destination QEMU's `-incoming tcp:` address.
+    #[arg(long)]
+    pub qemu: String,
+    /// A template catalog (`pagefp templates export`) to offer; repeatable.
+    #[arg(long = "templates")]
+    pub catalogs: Vec<PathBuf>,
+    /// Also every catalog installed by `pagefp templates import`.
+    #[arg(long, default_value = catalog::DEFAULT_DIR)]
+    pub catalog_dir: PathBuf,
+    /// Do not load the installed catalogs.
+    #[arg(long)]
+    pub no_installed: bool,
+    /// Also templates built from the VMs the local agent tracks.
+    #[arg(long)]
+    pub local_templates: bool,
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub agent_socket: PathBuf,
+    /// Give up when no send proxy connects within this many seconds.
+    #[arg(long)]
+    pub timeout_s: Option<u64>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What one proxied migration did (each proxy reports its side).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ProxyReport {
+    /// Bytes of QEMU's own stream.
+    pub stream_bytes: u64,
+    /// Bytes on the WAN connection, both directions.
+    pub wire_bytes: u64,
+    /// RAM `PAGE` records (send side).
+    pub pages: u64,
+    /// Pages that travelled as template references.
+    pub template_pages: u64,
+    pub zero_pages: u64,
+    /// XBZRLE and compressed pages: passed on as they are.
+    pub xbzrle_pages: u64,
+    pub compressed_pages: u64,
+    pub templates_offered: u64,
+    /// The RAM section ended normally (send side).
+    pub ram_complete: bool,
+    /// Where and why the stream was passed through without deduplication.
+    pub pass_through: Option<String>,
+    pub seconds: f64,
+}
+
+pub fn run(command: ProxyCommand) -> anyhow::Result<()> {
+    let (report, json) = match command {
+        ProxyCommand::Send(args) => {
+            let options = send::SendOptions {
+                listen: args.listen.clone(),
+                to: args.to.clone(),
+                zstd: !args.no_zstd,
+                parser: Options {
+                    unsupported: if args.pass_through_unsupported {
+                        Unsupported::PassThrough
+                    } else {
+                        Unsupported::Refuse
+                    },
+                },
+                timeout: args.timeout_s.map(Duration::from_secs),
+            };
+            (send::send(&options)?, args.json)
+        }
+        ProxyCommand::Receive(args) => {
+            let templates = load_templates(&args)?;
+            let options = receive::ReceiveOptions {
+                listen: args.listen.clone(),
+                qemu: args.qemu.clone(),
+                timeout: args.timeout_s.map(Duration::from_secs),
+            };
+            (receive::receive(&options, &templates)?, args.json)
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "proxied {} bytes of QEMU stream as {} bytes ({:.1}%): {} pages, {} as templates, {} zero{}",
+            report.stream_bytes,
+            report.wire_bytes,
+            100.0 * report.wire_bytes as f64 / report.stream_bytes.max(1) as f64,
+            report.pages,
+            report.template_pages,
+            report.zero_pages,
+            report
+                .pass_through
+                .as_ref()
+                .map(|p| format!("; passed through {p}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// The templates the receive proxy offers: catalog files, installed
+/// catalogs, the local agent's VMs. Every page is hashed again here.
+pub fn load_templates(args: &ReceiveArgs) -> anyhow::Result<templates::PageSet> {
+    let mut set = templates::PageSet::default();
+    let mut paths = args.catalogs.clone();
+    if !args.no_installed {
+        paths.extend(catalog::installed(&args.catalog_dir)?);
+    }
+    for path in &paths {
+        let catalog = Catalog::load(path)?;
+        let added = set.add_catalog(&catalog);
+        log::info!(
+            "{}: {} templates ({added} new)",
+            path.display(),
+            catalog.len()
+        );
+    }
+    if args.local_templates {
+        let catalog = catalog::build_from_agent(&args.agent_socket, &BuildOptions::default())
+            .context("building templates from the local agent's VMs")?;
+        let added = set.add_catalog(&catalog);
+        log::info!("local VMs: {} templates ({added} new)", catalog.len());
+    }
+    Ok(set)
+}
+
+fn accept(listener: &TcpListener, timeout: Option<Duration>) -> anyhow::Result<TcpStream> {
+    let Some(timeout) = timeout else {
+        return Ok(listener.accept()?.0);
+    };
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                bail!("no connection within {} s", timeout.as_secs())
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn connect_retrying(addr: &str, what: &str) -> anyhow::Result<TcpStream> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(stream) => return Ok(stream),
+            Err(e) if Instant::now() < deadline => {
+                log::debug!("{what} at {addr} not ready: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => bail!("cannot reach {what} at {addr}: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

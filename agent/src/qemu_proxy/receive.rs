@@ -1,0 +1,210 @@
+//! The receive proxy: chunks in, QEMU's exact stream out to the
+//! destination QEMU's `-incoming tcp:`.
+
+use std::{
+    collections::VecDeque,
+    io::{BufReader, BufWriter, Write as _},
+    net::{Shutdown, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{
+    ProxyReport, accept, connect_retrying,
+    templates::TemplatePages,
+    wire::{self, FrameReader, FrameWriter, Kind},
+};
+
+/// Stream bytes kept from the destination QEMU until the sender's digest of
+/// the whole stream matched: they hold `QEMU_VM_EOF` (after the device
+/// state, before the VM description), without which QEMU never starts the
+/// VM, so a stream that fails the check is never run.
+const HOLD_BACK: usize = 4 << 20;
+
+pub struct ReceiveOptions {
+    pub listen: String,
+    /// The destination QEMU's `-incoming tcp:` address.
+    pub qemu: String,
+    pub timeout: Option<Duration>,
+}
+
+/// The destination QEMU, connected when the first stream bytes arrive (a
+/// refused migration never touches it).
+struct Destination<'a> {
+    addr: &'a str,
+    conn: Option<(TcpStream, BufWriter<TcpStream>)>,
+    held: VecDeque<Vec<u8>>,
+    held_bytes: usize,
+    written: u64,
+}
+
+impl Destination<'_> {
+    fn push(&mut self, bytes: Vec<u8>) -> anyhow::Result<()> {
+        self.held_bytes += bytes.len();
+        self.held.push_back(bytes);
+        while self
+            .held
+            .front()
+            .is_some_and(|f| self.held_bytes - f.len() >= HOLD_BACK)
+        {
+            let front = self.held.pop_front().unwrap();
+            self.held_bytes -= front.len();
+            self.write(&front)?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        if self.conn.is_none() {
+            let stream = connect_retrying(
+                self.addr,
+                "the destination QEMU (started with -incoming tcp:...?)",
+            )?;
+            stream.set_nodelay(true)?;
+            log::info!("feeding the destination QEMU at {}", self.addr);
+            self.conn = Some((
+                stream.try_clone()?,
+                BufWriter::with_capacity(1 << 20, stream),
+            ));
+        }
+        let (_, writer) = self.conn.as_mut().unwrap();
+        writer.write_all(bytes).context(
+            "writing to the destination QEMU (did it fail to load the stream? see its log)",
+        )?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Everything held back, then end of stream.
+    fn finish(&mut self) -> anyhow::Result<()> {
+        while let Some(bytes) = self.held.pop_front() {
+            self.write(&bytes)?;
+        }
+        self.held_bytes = 0;
+        if let Some((stream, writer)) = self.conn.as_mut() {
+            writer.flush().context("writing to the destination QEMU")?;
+            let _ = stream.shutdown(Shutdown::Write);
+        }
+        Ok(())
+    }
+}
+
+/// Waits for one proxied migration and feeds it to the destination QEMU.
+pub fn receive(
+    options: &ReceiveOptions,
+    templates: &dyn TemplatePages,
+) -> anyhow::Result<ProxyReport> {
+    let listener = TcpListener::bind(&options.listen)
+        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    log::info!(
+        "waiting for a proxied QEMU migration on {} ({} templates)",
+        options.listen,
+        templates.hashes().len()
+    );
+    let stream = accept(&listener, options.timeout).context("waiting for the send proxy")?;
+    drop(listener);
+    stream.set_nodelay(true)?;
+    let started = Instant::now();
+    let mut reader = FrameReader::new(BufReader::with_capacity(1 << 20, stream.try_clone()?));
+    let mut writer = FrameWriter::new(BufWriter::new(stream));
+    let mut destination = Destination {
+        addr: &options.qemu,
+        conn: None,
+        held: VecDeque::new(),
+        held_bytes: 0,
+        written: 0,
+    };
+    let result = relay(&mut reader, &mut writer, &mut destination, templates);
+    match result {
+        Ok(mut report) => {
+            report.wire_bytes = reader.bytes + writer.bytes;
+            report.seconds = started.elapsed().as_secs_f64();
+            Ok(report)
+        }
+        Err(err) => {
+            let _ = writer.json(
+                Kind::Abort,
+                &wire::Abort {
+                    reason: format!("{err:#}"),
+                },
+            );
+            let _ = writer.flush();
+            if destination.conn.is_none() {
+                Err(err.context(
+                    "the destination QEMU was not contacted and still waits for a migration",
+                ))
+            } else {
+                Err(err.context(
+                    "the destination QEMU got an incomplete stream and will fail the migration",
+                ))
+            }
+        }
+    }
+}
+
+fn relay(
+    reader: &mut FrameReader<BufReader<TcpStream>>,
+    writer: &mut FrameWriter<BufWriter<TcpStream>>,
+    destination: &mut Destination,
+    templates: &dyn TemplatePages,
+) -> anyhow::Result<ProxyReport> {
+    reader.preamble()?;
+    let hello: wire::Hello = reader.expect(Kind::Hello)?.json()?;
+    log::info!("send proxy {} connected", hello.sender);
+    writer.preamble()?;
+    let hashes = templates.hashes();
+    for batch in hashes.chunks(wire::OFFER_PER_FRAME) {
+        writer.frame(Kind::Offer, batch.as_flattened())?;
+    }
+    writer.json(
+        Kind::OfferEnd,
+        &wire::OfferEnd {
+            templates: hashes.len() as u64,
+        },
+    )?;
+    writer.flush()?;
+    let mut digest = blake3::Hasher::new();
+    let mut report = ProxyReport {
+        templates_offered: hashes.len() as u64,
+        ..ProxyReport::default()
+    };
+    loop {
+        let frame = reader.frame()?;
+        match frame.kind {
+            Kind::Chunk => {
+                let mut templates_used = 0;
+                let bytes = wire::decode_chunk(&frame, |index| {
+                    templates_used += 1;
+                    templates.page(index)
+                })?;
+                report.template_pages += templates_used;
+                digest.update(&bytes);
+                report.stream_bytes += bytes.len() as u64;
+                destination.push(bytes)?;
+            }
+            Kind::End => {
+                let end: wire::End = frame.json()?;
+                let rebuilt = digest.finalize().to_hex().to_string();
+                if end.stream_bytes != report.stream_bytes || end.blake3 != rebuilt {
+                    bail!(
+                        "the rebuilt QEMU stream differs from the source's ({} of {} bytes, blake3 {rebuilt} vs {}); its end was held back",
+                        report.stream_bytes,
+                        end.stream_bytes,
+                        end.blake3
+                    );
+                }
+                destination.finish()?;
+                writer.json(
+                    Kind::Done,
+                    &wire::Done {
+                        stream_bytes: destination.written,
+                    },
+                )?;
+                writer.flush()?;
+                return Ok(report);
+            }
+            other => bail!(frame.malformed(format!("expected a chunk or the end, got {other:?}"))),
+        }
+    }
+}

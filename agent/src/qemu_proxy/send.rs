@@ -1,0 +1,312 @@
+//! The send proxy: QEMU's stream in, deduplicated chunks out.
+
+use std::{
+    io::{BufReader, BufWriter, Read as _},
+    net::{TcpListener, TcpStream},
+    os::fd::AsFd as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use super::{
+    ProxyReport, accept, connect_retrying,
+    templates::{Offered, TemplateLookup},
+    wire::{self, ChunkBuilder, FrameReader, FrameWriter, Kind},
+};
+use crate::qemu_stream::{self, ADVICE_MULTIFD, Options, Page, Preamble, Sink, SinkError};
+
+/// Ops bytes per chunk before it is sent.
+const CHUNK_OPS: usize = 1 << 20;
+/// QEMU stream bytes per chunk before it is sent (template pages count 4 KiB).
+const CHUNK_STREAM: usize = 8 << 20;
+/// How often extra connections to the listener are looked for.
+const EXTRA_CHECK: Duration = Duration::from_millis(100);
+
+pub struct SendOptions {
+    pub listen: String,
+    pub to: String,
+    pub zstd: bool,
+    pub parser: Options,
+    /// Give up if QEMU does not connect within this time.
+    pub timeout: Option<Duration>,
+}
+
+type Wan = FrameWriter<BufWriter<TcpStream>>;
+
+struct SendSink<'a> {
+    wan: &'a mut Wan,
+    lookup: &'a dyn TemplateLookup,
+    zstd: bool,
+    chunk: ChunkBuilder,
+    /// The preamble was accepted: chunks may go out.
+    started: bool,
+    digest: blake3::Hasher,
+    template_pages: u64,
+    /// The QEMU connection, polled to flush before waiting on it.
+    qemu: &'a TcpStream,
+    listener: &'a TcpListener,
+    last_extra_check: Instant,
+}
+
+impl SendSink<'_> {
+    fn send_chunk(&mut self) -> Result<(), SinkError> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let payload = self.chunk.finish(self.zstd)?;
+        self.wan
+            .frame(Kind::Chunk, &payload)
+            .context("sending to the receive proxy")?;
+        Ok(())
+    }
+
+    fn maybe_send(&mut self) -> Result<(), SinkError> {
+        if self.started
+            && (self.chunk.ops_len() >= CHUNK_OPS || self.chunk.stream_bytes >= CHUNK_STREAM)
+        {
+            self.send_chunk()?;
+        }
+        Ok(())
+    }
+
+    /// A second connection to the listener means multifd (or something
+    /// else the proxies cannot carry).
+    fn check_extra_connections(&mut self) -> Result<(), SinkError> {
+        self.last_extra_check = Instant::now();
+        if let Some(what) = extra_connection(self.listener)? {
+            return Err(format!(
+                "refusing this migration: {what} connected to the send proxy besides QEMU's migration stream. {ADVICE_MULTIFD}"
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+impl Sink for SendSink<'_> {
+    fn bytes(&mut self, bytes: &[u8]) -> Result<(), SinkError> {
+        self.digest.update(bytes);
+        self.chunk.raw(bytes);
+        self.maybe_send()
+    }
+
+    fn page(&mut self, page: Page<'_>) -> Result<(), SinkError> {
+        self.digest.update(page.data);
+        let template = if self.lookup.is_empty() {
+            None
+        } else {
+            self.lookup.template(blake3::hash(page.data).as_bytes())
+        };
+        match template {
+            Some(index) => {
+                self.chunk.template(index);
+                self.template_pages += 1;
+            }
+            None => self.chunk.raw(page.data),
+        }
+        self.maybe_send()
+    }
+
+    fn preamble(&mut self, preamble: &Preamble) -> Result<(), SinkError> {
+        self.check_extra_connections()?;
+        log::info!(
+            "QEMU stream accepted: machine {}, RAM blocks {:?}{}",
+            preamble.machine.as_deref().unwrap_or("?"),
+            preamble
+                .blocks
+                .iter()
+                .map(|b| format!("{} ({} MiB)", b.name, b.length >> 20))
+                .collect::<Vec<_>>(),
+            preamble
+                .pass_through
+                .as_ref()
+                .map(|p| format!("; passed through without deduplication: {}", p.reason))
+                .unwrap_or_default()
+        );
+        self.started = true;
+        self.send_chunk()?;
+        self.wan.flush()?;
+        Ok(())
+    }
+
+    fn idle(&mut self) -> Result<(), SinkError> {
+        if self.started && self.last_extra_check.elapsed() >= EXTRA_CHECK {
+            self.check_extra_connections()?;
+        }
+        if self.started && !self.chunk.is_empty() && !readable(self.qemu)? {
+            self.send_chunk()?;
+            self.wan.flush().context("sending to the receive proxy")?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `stream` has data (or EOF) to read right now.
+fn readable(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    let n = poll(&mut fds, PollTimeout::ZERO).map_err(std::io::Error::from)?;
+    Ok(n > 0)
+}
+
+/// A pending extra connection on the (non-blocking) listener, described.
+fn extra_connection(listener: &TcpListener) -> std::io::Result<Option<String>> {
+    match listener.accept() {
+        Ok((mut stream, peer)) => {
+            stream.set_nonblocking(false)?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut magic = [0u8; 4];
+            let multifd = stream.read_exact(&mut magic).is_ok()
+                && u32::from_be_bytes(magic) == qemu_stream::format::MULTIFD_MAGIC;
+            Ok(Some(if multifd {
+                format!("a multifd channel from {peer}")
+            } else {
+                format!("a second connection from {peer} (multifd channels?)")
+            }))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs one proxied migration from the source QEMU to the receive proxy.
+pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
+    let listener = TcpListener::bind(&options.listen)
+        .with_context(|| format!("cannot listen on {} for the source QEMU", options.listen))?;
+    log::info!(
+        "waiting for QEMU's migration on {0} (QMP: migrate tcp:{0})",
+        options.listen
+    );
+    let qemu = accept(&listener, options.timeout).context("waiting for the source QEMU")?;
+    listener.set_nonblocking(true)?;
+    let started = Instant::now();
+    let wan = connect_retrying(&options.to, "the receive proxy")?;
+    wan.set_nodelay(true)?;
+    let mut reader = FrameReader::new(BufReader::new(wan.try_clone()?));
+    let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 20, wan));
+    let handshake = (|| -> anyhow::Result<Offered> {
+        writer.preamble()?;
+        writer.json(
+            Kind::Hello,
+            &wire::Hello {
+                sender: format!("pagefp-{}", std::process::id()),
+                zstd: options.zstd,
+            },
+        )?;
+        writer.flush()?;
+        reader.preamble()?;
+        let mut hashes = Vec::new();
+        loop {
+            let frame = reader.frame()?;
+            match frame.kind {
+                Kind::Offer => {
+                    if frame.payload.len() % 32 != 0
+                        || frame.payload.len() > 32 * wire::OFFER_PER_FRAME
+                    {
+                        return Err(frame
+                            .malformed("offer is not a list of 32-byte hashes")
+                            .into());
+                    }
+                    hashes.extend(
+                        frame
+                            .payload
+                            .chunks_exact(32)
+                            .map(|c| <[u8; 32]>::try_from(c).unwrap()),
+                    );
+                }
+                Kind::OfferEnd => {
+                    let end: wire::OfferEnd = frame.json()?;
+                    if end.templates != hashes.len() as u64 {
+                        return Err(frame
+                            .malformed(format!(
+                                "{} templates announced, {} offered",
+                                end.templates,
+                                hashes.len()
+                            ))
+                            .into());
+                    }
+                    return Ok(Offered::new(&hashes));
+                }
+                other => {
+                    return Err(frame
+                        .malformed(format!("expected the template offer, got {other:?}"))
+                        .into());
+                }
+            }
+        }
+    })();
+    let offered = handshake.context("talking to the receive proxy")?;
+    log::info!("the receive proxy offers {} templates", offered.len());
+    let mut sink = SendSink {
+        wan: &mut writer,
+        lookup: &offered,
+        zstd: options.zstd,
+        chunk: ChunkBuilder::default(),
+        started: false,
+        digest: blake3::Hasher::new(),
+        template_pages: 0,
+        qemu: &qemu,
+        listener: &listener,
+        last_extra_check: Instant::now(),
+    };
+    // The parser buffers its input itself.
+    let parsed = qemu_stream::parse(&qemu, &mut sink, &options.parser);
+    let summary = match parsed {
+        Ok(summary) => summary,
+        Err(err) => {
+            let reason = format!("{err}");
+            drop(sink);
+            // Best effort: tell the receiver why, so it leaves the
+            // destination QEMU alone (or closes it) with the same message.
+            let _ = writer.json(Kind::Abort, &wire::Abort { reason });
+            let _ = writer.flush();
+            if let qemu_stream::StreamError::Sink(_) = err {
+                // A WAN failure: the receiver may have said why.
+                if let Err(wire::WireError::Aborted(why)) = reader.frame() {
+                    bail!("the receive proxy aborted: {why}");
+                }
+            }
+            return Err(err.into());
+        }
+    };
+    sink.check_extra_connections()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    sink.send_chunk().map_err(|e| anyhow::anyhow!(e))?;
+    let digest = sink.digest.finalize();
+    let template_pages = sink.template_pages;
+    writer.json(
+        Kind::End,
+        &wire::End {
+            stream_bytes: summary.stream_bytes,
+            blake3: digest.to_hex().to_string(),
+        },
+    )?;
+    writer.flush().context("sending to the receive proxy")?;
+    let done: wire::Done = reader
+        .expect(Kind::Done)
+        .context("waiting for the receive proxy to deliver the stream")?
+        .json()?;
+    if done.stream_bytes != summary.stream_bytes {
+        bail!(
+            "the receive proxy delivered {} bytes of {}",
+            done.stream_bytes,
+            summary.stream_bytes
+        );
+    }
+    Ok(ProxyReport {
+        stream_bytes: summary.stream_bytes,
+        wire_bytes: writer.bytes + reader.bytes,
+        pages: summary.pages,
+        template_pages,
+        zero_pages: summary.zero_pages,
+        xbzrle_pages: summary.xbzrle_pages,
+        compressed_pages: summary.compressed_pages,
+        templates_offered: offered.len() as u64,
+        ram_complete: summary.ram_complete,
+        pass_through: summary
+            .pass_through
+            .map(|p| format!("from byte {}: {}", p.offset, p.reason)),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,391 @@
+//! The proxy pair over loopback, with synthetic QEMU streams and a fake
+//! destination that records what it gets.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use super::{
+    ProxyReport,
+    receive::{ReceiveOptions, receive},
+    send::{SendOptions, send},
+    templates::PageSet,
+    wire::{self, ChunkBuilder, Frame, FrameReader, FrameWriter, Kind},
+};
+use crate::qemu_stream::{
+    Options, Unsupported,
+    format::{PAGE_SIZE, section},
+    synth::{Built, Record, StreamSpec, build, page_content},
+};
+
+fn free_addr() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+struct Outcome {
+    sent: anyhow::Result<ProxyReport>,
+    received: anyhow::Result<ProxyReport>,
+    /// What the destination got, if anything connected to it.
+    destination: Option<Vec<u8>>,
+}
+
+/// Runs the pair: `qemu` writes the source stream to the send proxy.
+fn run_pair(
+    templates: PageSet,
+    zstd: bool,
+    unsupported: Unsupported,
+    qemu: impl FnOnce(&str) + Send + 'static,
+) -> Outcome {
+    let wan = free_addr();
+    let local = free_addr();
+    let dest = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dest_addr = dest.local_addr().unwrap().to_string();
+    dest.set_nonblocking(true).unwrap();
+    let proxies_done = Arc::new(AtomicBool::new(false));
+    let done = proxies_done.clone();
+    let destination = thread::spawn(move || {
+        loop {
+            // Read before accepting: a connection made before the proxies
+            // ended is still found.
+            let finished = done.load(Ordering::SeqCst);
+            match dest.accept() {
+                Ok((mut stream, _)) => {
+                    stream.set_nonblocking(false).unwrap();
+                    let mut got = Vec::new();
+                    let _ = stream.read_to_end(&mut got);
+                    return Some(got);
+                }
+                Err(_) if !finished => thread::sleep(Duration::from_millis(10)),
+                Err(_) => return None,
+            }
+        }
+    });
+    let receiver = {
+        let options = ReceiveOptions {
+            listen: wan.clone(),
+            qemu: dest_addr,
+            timeout: Some(Duration::from_secs(20)),
+        };
+        thread::spawn(move || receive(&options, &templates))
+    };
+    thread::sleep(Duration::from_millis(100));
+    let sender = {
+        let options = SendOptions {
+            listen: local.clone(),
+            to: wan,
+            zstd,
+            parser: Options { unsupported },
+            timeout: Some(Duration::from_secs(20)),
+        };
+        thread::spawn(move || send(&options))
+    };
+    thread::sleep(Duration::from_millis(100));
+    qemu(&local);
+    let sent = sender.join().unwrap();
+    let received = receiver.join().unwrap();
+    proxies_done.store(true, Ordering::SeqCst);
+    Outcome {
+        sent,
+        received,
+        destination: destination.join().unwrap(),
+    }
+}
+
+/// A fake source QEMU writing `bytes`.
+fn feed(bytes: Vec<u8>) -> impl FnOnce(&str) + Send + 'static {
+    move |local: &str| {
+        let mut qemu = TcpStream::connect(local).unwrap();
+        // A write error means the proxy refused: what some tests expect.
+        for piece in bytes.chunks(100_000) {
+            if qemu.write_all(piece).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn spec(pages: u64) -> StreamSpec {
+    let records = (0..pages)
+        .map(|i| Record::Page {
+            block: 0,
+            page: i,
+            seed: 1 + i % 10,
+        })
+        .chain((pages..pages + 50).map(|i| Record::Zero { block: 0, page: i }))
+        .collect();
+    StreamSpec {
+        blocks: vec![("pc.ram".into(), 4096)],
+        chunks: vec![
+            records,
+            vec![Record::Page {
+                block: 0,
+                page: 7,
+                seed: 99,
+            }],
+        ],
+        ..StreamSpec::default()
+    }
+}
+
+#[test]
+fn without_templates_the_stream_arrives_unchanged_at_about_its_size() {
+    let built = build(&spec(300));
+    let outcome = run_pair(
+        PageSet::default(),
+        false,
+        Unsupported::Refuse,
+        feed(built.bytes.clone()),
+    );
+    let sent = outcome.sent.unwrap();
+    let received = outcome.received.unwrap();
+    assert!(outcome.destination.unwrap() == built.bytes);
+    assert_eq!(sent.stream_bytes, built.bytes.len() as u64);
+    assert_eq!(received.stream_bytes, sent.stream_bytes);
+    assert_eq!(
+        (sent.pages, sent.template_pages, sent.zero_pages),
+        (301, 0, 50)
+    );
+    assert!(sent.ram_complete);
+    let overhead = sent.wire_bytes - sent.stream_bytes;
+    assert!(overhead < 300, "framing overhead {overhead} bytes");
+    assert_eq!(sent.wire_bytes, received.wire_bytes);
+}
+
+#[test]
+fn template_pages_travel_as_references_and_come_back_exact() {
+    let built = build(&spec(300));
+    // Seeds 1..=5 of the 10 the pages cycle through, and an unrelated page.
+    let templates = || {
+        let mut set = PageSet::default();
+        for seed in [1, 2, 3, 4, 5, 1234] {
+            set.add(&page_content(seed));
+        }
+        set
+    };
+    for zstd in [false, true] {
+        let outcome = run_pair(
+            templates(),
+            zstd,
+            Unsupported::Refuse,
+            feed(built.bytes.clone()),
+        );
+        let sent = outcome.sent.unwrap();
+        let received = outcome.received.unwrap();
+        assert!(outcome.destination.unwrap() == built.bytes, "zstd {zstd}");
+        assert_eq!(sent.template_pages, 150);
+        assert_eq!(received.template_pages, 150);
+        assert_eq!(sent.templates_offered, 6);
+        assert!(
+            sent.wire_bytes < built.bytes.len() as u64 * 6 / 10,
+            "zstd {zstd}: {} of {}",
+            sent.wire_bytes,
+            built.bytes.len()
+        );
+    }
+}
+
+fn return_path_stream() -> Vec<u8> {
+    let built = build(&spec(10));
+    let mut bytes = built.bytes[..26].to_vec();
+    bytes.extend_from_slice(&[section::COMMAND, 0, 1, 0, 0]);
+    bytes.extend_from_slice(&built.bytes[26..]);
+    bytes
+}
+
+#[test]
+fn a_refused_stream_never_reaches_the_destination() {
+    let outcome = run_pair(
+        PageSet::default(),
+        true,
+        Unsupported::Refuse,
+        feed(return_path_stream()),
+    );
+    let sent = format!("{:#}", outcome.sent.unwrap_err());
+    assert!(
+        sent.contains("return path") && sent.contains("nothing was sent"),
+        "{sent}"
+    );
+    let received = format!("{:#}", outcome.received.unwrap_err());
+    assert!(received.contains("return path"), "{received}");
+    assert!(received.contains("not contacted"), "{received}");
+    assert!(
+        outcome.destination.is_none(),
+        "the destination QEMU was contacted"
+    );
+}
+
+#[test]
+fn a_multifd_channel_is_refused_before_anything_is_sent() {
+    let built = build(&spec(10));
+    // Up to (not including) the first PART's type byte.
+    let preamble_end = built
+        .bytes
+        .windows(5)
+        .position(|w| w == [section::PART, 0, 0, 0, 2])
+        .unwrap();
+    let bytes = built.bytes.clone();
+    let outcome = run_pair(
+        PageSet::default(),
+        true,
+        Unsupported::Refuse,
+        move |local| {
+            let mut qemu = TcpStream::connect(local).unwrap();
+            qemu.write_all(&bytes[..preamble_end]).unwrap();
+            let mut channel = TcpStream::connect(local).unwrap();
+            channel.write_all(&0x1122_3344u32.to_be_bytes()).unwrap();
+            thread::sleep(Duration::from_millis(300));
+            let _ = qemu.write_all(&bytes[preamble_end..]);
+            thread::sleep(Duration::from_millis(300));
+        },
+    );
+    let sent = format!("{:#}", outcome.sent.unwrap_err());
+    assert!(
+        sent.contains("multifd channel") && sent.contains("switch the multifd capability off"),
+        "{sent}"
+    );
+    assert!(format!("{:#}", outcome.received.unwrap_err()).contains("not contacted"));
+    assert!(outcome.destination.is_none());
+}
+
+#[test]
+fn unsupported_features_can_be_passed_through() {
+    // Block migration's START before RAM's.
+    let built = build(&spec(10));
+    let mut bytes = built.bytes[..26].to_vec();
+    bytes.extend_from_slice(&[section::START, 0, 0, 0, 9, 5]);
+    bytes.extend_from_slice(b"block");
+    bytes.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1, 0xaa, 0xbb]);
+    bytes.extend_from_slice(&built.bytes[26..]);
+    let mut templates = PageSet::default();
+    templates.add(&page_content(1));
+    let outcome = run_pair(
+        templates,
+        true,
+        Unsupported::PassThrough,
+        feed(bytes.clone()),
+    );
+    let sent = outcome.sent.unwrap();
+    assert!(outcome.destination.unwrap() == bytes);
+    assert_eq!(
+        sent.template_pages, 0,
+        "nothing is deduplicated after what is not understood"
+    );
+    assert!(sent.pass_through.unwrap().contains("\"block\""));
+    outcome.received.unwrap();
+}
+
+#[test]
+fn a_stream_cut_short_fails_both_ends_and_qemu_never_sees_its_end() {
+    let built: Built = build(&spec(100));
+    let cut = built.pages[50].stream_offset as usize + 100;
+    let outcome = run_pair(
+        PageSet::default(),
+        true,
+        Unsupported::Refuse,
+        feed(built.bytes[..cut].to_vec()),
+    );
+    let sent = format!("{:#}", outcome.sent.unwrap_err());
+    assert!(
+        sent.contains(&format!("ends at byte {cut}")) && sent.contains("RAM page"),
+        "{sent}"
+    );
+    let received = format!("{:#}", outcome.received.unwrap_err());
+    assert!(received.contains("ends at byte"), "{received}");
+    // Less than the hold-back: nothing reached the destination.
+    assert!(outcome.destination.is_none());
+}
+
+#[test]
+fn not_a_qemu_stream_is_refused() {
+    let outcome = run_pair(
+        PageSet::default(),
+        true,
+        Unsupported::Refuse,
+        feed(b"GET / HTTP/1.1\r\n\r\n".to_vec()),
+    );
+    let sent = format!("{:#}", outcome.sent.unwrap_err());
+    assert!(sent.contains("not a QEMU migration stream"), "{sent}");
+    assert!(outcome.received.is_err());
+    assert!(outcome.destination.is_none());
+}
+
+// The wire format alone.
+
+fn frame_of(kind: Kind, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut writer = FrameWriter::new(&mut out);
+    writer.frame(kind, payload).unwrap();
+    assert_eq!(writer.bytes, 9 + payload.len() as u64);
+    out
+}
+
+fn read_frame(bytes: &[u8]) -> Result<Frame, wire::WireError> {
+    FrameReader::new(bytes).frame()
+}
+
+#[test]
+fn frames_are_checked() {
+    let bytes = frame_of(Kind::Done, br#"{"stream_bytes":5}"#);
+    assert_eq!(read_frame(&bytes).unwrap().kind, Kind::Done);
+    for i in 0..bytes.len() {
+        let mut damaged = bytes.clone();
+        damaged[i] ^= 0x10;
+        assert!(read_frame(&damaged).is_err(), "flip at {i} went unnoticed");
+    }
+    assert!(read_frame(&bytes[..bytes.len() - 1]).is_err());
+    let abort = frame_of(Kind::Abort, br#"{"reason":"no"}"#);
+    assert!(matches!(read_frame(&abort), Err(wire::WireError::Aborted(r)) if r == "no"));
+}
+
+#[test]
+fn chunks_decode_to_exactly_their_bytes() {
+    let template = page_content(7);
+    let page = |i: u32| (i == 0).then_some(&*template);
+    for zstd in [false, true] {
+        let mut chunk = ChunkBuilder::default();
+        chunk.raw(b"header");
+        chunk.template(0);
+        chunk.raw(b"more");
+        chunk.raw(b"!");
+        let payload = chunk.finish(zstd).unwrap();
+        let frame = Frame {
+            kind: Kind::Chunk,
+            payload,
+            number: 0,
+        };
+        let out = wire::decode_chunk(&frame, page).unwrap();
+        let mut expected = b"header".to_vec();
+        expected.extend_from_slice(&template[..]);
+        expected.extend_from_slice(b"more!");
+        assert_eq!(out, expected);
+    }
+    let bad = |payload: Vec<u8>| {
+        let frame = Frame {
+            kind: Kind::Chunk,
+            payload,
+            number: 3,
+        };
+        wire::decode_chunk(&frame, page).unwrap_err().to_string()
+    };
+    let mut chunk = ChunkBuilder::default();
+    chunk.template(1);
+    assert!(bad(chunk.finish(false).unwrap()).contains("template 1 was not offered"));
+    assert!(bad(vec![0, 6, 0, 0, 0, 1, 9, 0, 0, 0, 0]).contains("cut short"));
+    assert!(bad(vec![0, 5, 0, 0, 0, 7, 0, 0, 0, 0]).contains("unknown op"));
+    assert!(bad(vec![0, 0, 0, 0, 1]).contains("at most"));
+    assert!(bad(vec![1, 4, 0, 0, 0, 1, 2, 3, 4]).contains("decompress"));
+    // Too many template pages for one chunk.
+    let mut chunk = ChunkBuilder::default();
+    for _ in 0..=wire::MAX_CHUNK_STREAM / PAGE_SIZE {
+        chunk.template(0);
+    }
+    assert!(bad(chunk.finish(true).unwrap()).contains("stands for more than"));
+}
