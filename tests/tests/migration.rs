@@ -293,7 +293,11 @@ fn hello_stream(regions: Vec<Region>, tail: impl FnOnce(&mut FrameWriter<Vec<u8>
 }
 
 fn regions_of(mem_mib: u32) -> Vec<Region> {
-    vec![Region { slot: 0, gpa: 0, size: u64::from(mem_mib) << 20, read_only: false }]
+    vec![
+        Region { slot: 0, gpa: 0, size: u64::from(mem_mib) << 20, read_only: false },
+        // The test VMM's read-only code slot is guest memory too.
+        Region { slot: 100, gpa: 0xE000_0000, size: 4 << 20, read_only: true },
+    ]
 }
 
 #[test]
