@@ -57,17 +57,6 @@ pub enum Kind {
     Abort = 10,
     /// R→S, JSON [`RoundEnd`] echoed: every byte of the round arrived.
     RoundAck = 11,
-    /// QEMU proxy, S→R: JSON `{id}` (instead of Hello).
-    QemuHello = 12,
-    /// QEMU proxy, S→R: bytes of QEMU's stream, unchanged.
-    QemuBytes = 13,
-    /// QEMU proxy, S→R: bytes of QEMU's stream, then `u32` template index:
-    /// the 4 KiB page that follows them in QEMU's stream.
-    QemuTemplate = 14,
-    /// QEMU proxy, S→R: JSON end of stream (length and blake3 of QEMU's stream).
-    QemuEnd = 15,
-    /// QEMU proxy, R→S: JSON, the destination QEMU got the whole stream.
-    QemuDone = 16,
 }
 
 impl Kind {
@@ -84,11 +73,6 @@ impl Kind {
             9 => Kind::Resumed,
             10 => Kind::Abort,
             11 => Kind::RoundAck,
-            12 => Kind::QemuHello,
-            13 => Kind::QemuBytes,
-            14 => Kind::QemuTemplate,
-            15 => Kind::QemuEnd,
-            16 => Kind::QemuDone,
             _ => return None,
         })
     }
