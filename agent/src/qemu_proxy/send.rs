@@ -3,7 +3,12 @@
 use std::{
     io::{BufReader, BufWriter, Read as _},
     net::{TcpListener, TcpStream},
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
     time::{Duration, Instant},
 };
 
@@ -21,8 +26,6 @@ use crate::qemu_stream::{self, ADVICE_MULTIFD, Options, Page, Preamble, Sink, Si
 const CHUNK_OPS: usize = 1 << 20;
 /// QEMU stream bytes per chunk before it is sent (template pages count 4 KiB).
 const CHUNK_STREAM: usize = 8 << 20;
-/// How often extra connections to the listener are looked for.
-const EXTRA_CHECK: Duration = Duration::from_millis(100);
 
 pub struct SendOptions {
     pub listen: String,
@@ -46,8 +49,7 @@ struct SendSink<'a> {
     template_pages: u64,
     /// The QEMU connection, polled to flush before waiting on it.
     qemu: &'a TcpStream,
-    listener: &'a TcpListener,
-    last_extra_check: Instant,
+    extra: &'a ExtraConnections,
 }
 
 impl SendSink<'_> {
@@ -67,19 +69,6 @@ impl SendSink<'_> {
             && (self.chunk.ops_len() >= CHUNK_OPS || self.chunk.stream_bytes >= CHUNK_STREAM)
         {
             self.send_chunk()?;
-        }
-        Ok(())
-    }
-
-    /// A second connection to the listener means multifd (or something
-    /// else the proxies cannot carry).
-    fn check_extra_connections(&mut self) -> Result<(), SinkError> {
-        self.last_extra_check = Instant::now();
-        if let Some(what) = extra_connection(self.listener)? {
-            return Err(format!(
-                "refusing this migration: {what} connected to the send proxy besides QEMU's migration stream. {ADVICE_MULTIFD}"
-            )
-            .into());
         }
         Ok(())
     }
@@ -110,14 +99,14 @@ impl Sink for SendSink<'_> {
     }
 
     fn preamble(&mut self, preamble: &Preamble) -> Result<(), SinkError> {
-        self.check_extra_connections()?;
+        self.extra.check()?;
         log::info!(
             "QEMU stream accepted: machine {}, RAM blocks {:?}{}",
             preamble.machine.as_deref().unwrap_or("?"),
             preamble
                 .blocks
                 .iter()
-                .map(|b| format!("{} ({} MiB)", b.name, b.length >> 20))
+                .map(|b| format!("{} ({} KiB)", b.name, b.length >> 10))
                 .collect::<Vec<_>>(),
             preamble
                 .pass_through
@@ -132,9 +121,7 @@ impl Sink for SendSink<'_> {
     }
 
     fn idle(&mut self) -> Result<(), SinkError> {
-        if self.started && self.last_extra_check.elapsed() >= EXTRA_CHECK {
-            self.check_extra_connections()?;
-        }
+        self.extra.check()?;
         if self.started && !self.chunk.is_empty() && !readable(self.qemu)? {
             self.send_chunk()?;
             self.wan.flush().context("sending to the receive proxy")?;
@@ -143,31 +130,100 @@ impl Sink for SendSink<'_> {
     }
 }
 
+/// Connections to the send proxy's address besides QEMU's main one:
+/// QEMU's multifd channels (7.2 sends no trace of multifd in the main
+/// stream, and its pages go over those channels). A thread accepts and
+/// resets them at once, so QEMU's writes on them fail; the proxy refuses the
+/// migration as soon as it learns of one, and at the latest before the
+/// stream's end would reach the destination.
+struct ExtraConnections {
+    seen: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ExtraConnections {
+    fn watch(listener: TcpListener) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, peer)) => {
+                            let what = describe_extra(stream, peer);
+                            log::warn!("{what} connected to the send proxy");
+                            seen.lock().unwrap().push(what);
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            seen,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn check(&self) -> Result<(), SinkError> {
+        match self.seen.lock().unwrap().first() {
+            None => Ok(()),
+            Some(what) => Err(format!(
+                "refusing this migration: {what} connected to the send proxy besides QEMU's migration stream. {ADVICE_MULTIFD}"
+            )
+            .into()),
+        }
+    }
+}
+
+impl Drop for ExtraConnections {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Names an extra connection (by its first bytes) and resets it.
+fn describe_extra(mut stream: TcpStream, peer: std::net::SocketAddr) -> String {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut magic = [0u8; 4];
+    let multifd = stream.read_exact(&mut magic).is_ok()
+        && u32::from_be_bytes(magic) == qemu_stream::format::MULTIFD_MAGIC;
+    // SO_LINGER 0: close with a reset, so QEMU's next write fails.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket this function owns, with a pointer to
+    // a live `linger` and its exact size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    if multifd {
+        format!("a multifd channel from {peer}")
+    } else {
+        format!("a second connection from {peer} (a multifd channel?)")
+    }
+}
+
 /// Whether `stream` has data (or EOF) to read right now.
 fn readable(stream: &TcpStream) -> std::io::Result<bool> {
     let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
     let n = poll(&mut fds, PollTimeout::ZERO).map_err(std::io::Error::from)?;
     Ok(n > 0)
-}
-
-/// A pending extra connection on the (non-blocking) listener, described.
-fn extra_connection(listener: &TcpListener) -> std::io::Result<Option<String>> {
-    match listener.accept() {
-        Ok((mut stream, peer)) => {
-            stream.set_nonblocking(false)?;
-            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-            let mut magic = [0u8; 4];
-            let multifd = stream.read_exact(&mut magic).is_ok()
-                && u32::from_be_bytes(magic) == qemu_stream::format::MULTIFD_MAGIC;
-            Ok(Some(if multifd {
-                format!("a multifd channel from {peer}")
-            } else {
-                format!("a second connection from {peer} (multifd channels?)")
-            }))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-        Err(e) => Err(e),
-    }
 }
 
 /// Runs one proxied migration from the source QEMU to the receive proxy.
@@ -179,7 +235,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
         options.listen
     );
     let qemu = accept(&listener, options.timeout).context("waiting for the source QEMU")?;
-    listener.set_nonblocking(true)?;
+    let extra = ExtraConnections::watch(listener)?;
     let started = Instant::now();
     let wan = connect_retrying(&options.to, "the receive proxy")?;
     wan.set_nodelay(true)?;
@@ -247,32 +303,47 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
         digest: blake3::Hasher::new(),
         template_pages: 0,
         qemu: &qemu,
-        listener: &listener,
-        last_extra_check: Instant::now(),
+        extra: &extra,
     };
     // The parser buffers its input itself.
     let parsed = qemu_stream::parse(&qemu, &mut sink, &options.parser);
     let summary = match parsed {
         Ok(summary) => summary,
         Err(err) => {
-            let reason = format!("{err}");
             drop(sink);
+            let err = match err {
+                qemu_stream::StreamError::Truncated { .. } => anyhow::Error::new(err)
+                    .context("QEMU ended its stream early; `query-migrate` on the source says why"),
+                err => err.into(),
+            };
+            let reason = format!("{err:#}");
             // Best effort: tell the receiver why, so it leaves the
             // destination QEMU alone (or closes it) with the same message.
             let _ = writer.json(Kind::Abort, &wire::Abort { reason });
             let _ = writer.flush();
-            if let qemu_stream::StreamError::Sink(_) = err {
+            if let Some(qemu_stream::StreamError::Sink(_)) = err.downcast_ref() {
                 // A WAN failure: the receiver may have said why.
                 if let Err(wire::WireError::Aborted(why)) = reader.frame() {
                     bail!("the receive proxy aborted: {why}");
                 }
             }
-            return Err(err.into());
+            return Err(err);
         }
     };
-    sink.check_extra_connections()
-        .map_err(|e| anyhow::anyhow!(e))?;
     sink.send_chunk().map_err(|e| anyhow::anyhow!(e))?;
+    // The last check, before the receiver may let QEMU see the stream's
+    // end: multifd channels connect during setup, long before this.
+    if let Err(err) = extra.check() {
+        let reason = err.to_string();
+        let _ = writer.json(
+            Kind::Abort,
+            &wire::Abort {
+                reason: reason.clone(),
+            },
+        );
+        let _ = writer.flush();
+        bail!(reason);
+    }
     let digest = sink.digest.finalize();
     let template_pages = sink.template_pages;
     writer.json(

@@ -222,10 +222,11 @@ fn a_refused_stream_never_reaches_the_destination() {
     );
 }
 
+/// QEMU 7.2 with multifd: its channels connect to the same address during
+/// setup and carry the pages; the main stream alone looks complete.
 #[test]
-fn a_multifd_channel_is_refused_before_anything_is_sent() {
+fn multifd_channels_are_refused_before_anything_is_sent() {
     let built = build(&spec(10));
-    // Up to (not including) the first PART's type byte.
     let preamble_end = built
         .bytes
         .windows(5)
@@ -243,16 +244,44 @@ fn a_multifd_channel_is_refused_before_anything_is_sent() {
             channel.write_all(&0x1122_3344u32.to_be_bytes()).unwrap();
             thread::sleep(Duration::from_millis(300));
             let _ = qemu.write_all(&bytes[preamble_end..]);
-            thread::sleep(Duration::from_millis(300));
         },
     );
     let sent = format!("{:#}", outcome.sent.unwrap_err());
     assert!(
-        sent.contains("multifd channel") && sent.contains("switch the multifd capability off"),
+        sent.contains("a multifd channel from")
+            && sent.contains("switch the multifd capability off"),
         "{sent}"
     );
     assert!(format!("{:#}", outcome.received.unwrap_err()).contains("not contacted"));
     assert!(outcome.destination.is_none());
+}
+
+/// A channel that connects late (after the preamble): the stream's end is
+/// never released to the destination.
+#[test]
+fn a_late_extra_connection_keeps_the_stream_end_from_the_destination() {
+    let built = build(&spec(10));
+    let bytes = built.bytes.clone();
+    let outcome = run_pair(
+        PageSet::default(),
+        true,
+        Unsupported::Refuse,
+        move |local| {
+            let mut qemu = TcpStream::connect(local).unwrap();
+            qemu.write_all(&bytes[..bytes.len() - 100]).unwrap();
+            thread::sleep(Duration::from_millis(200));
+            let _channel = TcpStream::connect(local).unwrap();
+            thread::sleep(Duration::from_millis(200));
+            let _ = qemu.write_all(&bytes[bytes.len() - 100..]);
+        },
+    );
+    let sent = format!("{:#}", outcome.sent.unwrap_err());
+    assert!(sent.contains("a second connection from"), "{sent}");
+    assert!(outcome.received.is_err());
+    assert!(
+        outcome.destination.is_none(),
+        "the held-back end was released"
+    );
 }
 
 #[test]

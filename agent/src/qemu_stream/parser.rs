@@ -129,6 +129,7 @@ pub fn parse<R: Read, S: Sink + ?Sized>(
         place: Place::TopLevel,
         mark: 0,
         last_block: None,
+        command: None,
         ignore_shared: false,
         preamble_done: false,
         summary: Summary::default(),
@@ -170,6 +171,8 @@ struct Parser<'s, R, S: ?Sized> {
     mark: u64,
     /// The block of the previous page record (for `CONTINUE`).
     last_block: Option<String>,
+    /// The most telling command of the preamble (offset, number).
+    command: Option<(u64, u16)>,
     ignore_shared: bool,
     preamble_done: bool,
     summary: Summary,
@@ -189,16 +192,23 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
         // iterative handler, possibly after commands.
         while kind == section::START || kind == section::COMMAND {
             self.mark = self.input.offset() - 1;
-            let flow = if kind == section::COMMAND {
-                self.command()?
-            } else {
-                self.start_section()?
-            };
-            if let Flow::PassRest(reason) = flow {
+            if kind == section::COMMAND {
+                self.command()?;
+                self.place = Place::TopLevel;
+                kind = self.u8("the next section")?;
+                continue;
+            }
+            if self.command.is_some() {
+                return Err(self.refuse_command());
+            }
+            if let Flow::PassRest(reason) = self.start_section()? {
                 return self.pass_rest(reason);
             }
             self.place = Place::TopLevel;
             kind = self.u8("the next section")?;
+        }
+        if self.command.is_some() {
+            return Err(self.refuse_command());
         }
         if self.summary.preamble.ram_section.is_none() {
             self.mark = self.input.offset() - 1;
@@ -358,22 +368,51 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
 
     /// `qemu_savevm_command_send`: be16 command, be16 length, data. Every
     /// command in QEMU 7.2 belongs to a feature the proxies cannot carry.
-    fn command(&mut self) -> Result<Flow, StreamError> {
+    fn command(&mut self) -> Result<(), StreamError> {
         self.place = Place::Command;
         let cmd = self.be16("a command number")?;
-        let _len = self.be16("a command's length")?;
+        let len = self.be16("a command's length")?;
+        // Keep reading commands (their data is framed) to name the most
+        // telling feature: postcopy sends OPEN_RETURN_PATH, PING, then
+        // POSTCOPY_ADVISE.
+        let rank = |cmd: u16| match cmd {
+            3..=7 | 9 | 10 => 3,
+            8 => 2,
+            1 | 2 => 1,
+            _ => 0,
+        };
+        if self.command.is_none_or(|(_, seen)| rank(cmd) > rank(seen)) {
+            self.command = Some((self.mark, cmd));
+        }
+        // PACKAGED's payload follows beyond its length: stop here.
+        if cmd != 7 {
+            self.forward(usize::from(len), "a command's data")?;
+        }
+        if cmd == 7 || rank(cmd) == 0 {
+            return Err(self.refuse_command());
+        }
+        Ok(())
+    }
+
+    /// The error for the commands seen: every command in QEMU 7.2 belongs to
+    /// a feature the proxies cannot carry.
+    fn refuse_command(&self) -> StreamError {
+        let (offset, cmd) = self.command.expect("a command was read");
         let (feature, advice) = match cmd {
             1 | 2 => ("the return path", ADVICE_RETURN_PATH),
             3..=7 | 9 | 10 => ("postcopy", ADVICE_POSTCOPY),
             8 => ("COLO", ADVICE_COLO),
             _ => ("an unknown command", ADVICE_RETURN_PATH),
         };
-        Err(StreamError::Unsupported {
-            offset: self.mark,
+        StreamError::Unsupported {
+            offset,
             place: Place::TopLevel,
-            feature: format!("{feature} (command {cmd}, {})", format::command::name(cmd)),
+            feature: format!(
+                "{feature} (command {cmd}, {})",
+                format::command::name(cmd)
+            ),
             advice,
-        })
+        }
     }
 
     /// A START section of the setup phase (`save_section_header`): be32

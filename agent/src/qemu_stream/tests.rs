@@ -276,6 +276,22 @@ fn commands_are_refused_before_anything_is_sent() {
 }
 
 #[test]
+fn postcopy_is_named_after_its_return_path() {
+    // What QEMU 7.2 sends with postcopy-ram: OPEN_RETURN_PATH, PING 1,
+    // POSTCOPY_ADVISE (two be64 page sizes).
+    let mut commands = vec![section::COMMAND, 0, 1, 0, 0];
+    commands.extend_from_slice(&[section::COMMAND, 0, 2, 0, 4, 0, 0, 0, 1]);
+    commands.extend_from_slice(&[section::COMMAND, 0, 3, 0, 16]);
+    commands.extend_from_slice(&[0; 16]);
+    let message = run(&with_config_then(&commands)).1.unwrap_err().to_string();
+    assert!(message.contains("postcopy (command 3, POSTCOPY_ADVISE) at byte 40"), "{message}");
+    let mut packaged = vec![section::COMMAND, 0, 7, 0, 4, 0, 0, 0, 9];
+    packaged.extend_from_slice(&[0; 9]);
+    let message = run(&with_config_then(&packaged)).1.unwrap_err().to_string();
+    assert!(message.contains("PACKAGED"), "{message}");
+}
+
+#[test]
 fn other_iterative_sections_are_refused_or_passed_through() {
     // Block migration's START before RAM's.
     let mut block = vec![section::START];

@@ -1,0 +1,230 @@
+//! Real QEMU migration streams for the `qemu-proxy` tests: BIOS-only QEMU
+//! guests (no kernel: `-nodefaults`, SeaBIOS finds nothing to boot and
+//! idles, which already makes a complete migration stream), capturing
+//! their streams, template catalogs built from a stream's pages, and the
+//! proxy pair as processes.
+//!
+//! Included by `tests/tests/qemu_proxy.rs` with `#[path]`.
+
+#![allow(dead_code)]
+
+use std::{
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use agent::{
+    migrate::catalog::Catalog,
+    qemu_proxy::ProxyReport,
+    qemu_stream::{self, Options, Page, Sink, SinkError},
+};
+use anyhow::{Context as _, bail};
+use pagefp_tests::{
+    agent_process::{agent_binary, free_port},
+    qemu::Qmp,
+};
+use serde_json::{Value, json};
+
+/// A QEMU without a kernel, killed on drop.
+pub struct BiosGuest {
+    child: Child,
+    pub qmp: Qmp,
+    pub name: String,
+}
+
+impl BiosGuest {
+    /// Starts QEMU TCG with `mem_mib` of RAM and `extra` arguments; files in `dir`.
+    pub fn start(dir: &Path, name: &str, mem_mib: u32, extra: &[String]) -> anyhow::Result<Self> {
+        let qmp_path = dir.join(format!("{name}.qmp"));
+        let _ = std::fs::remove_file(&qmp_path);
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot"])
+            .args(["-m", &mem_mib.to_string()])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting qemu-system-x86_64")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let qmp = loop {
+            if let Ok(stream) = UnixStream::connect(&qmp_path) {
+                break Qmp::new(stream)?;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("QEMU {name} exited during start: {status}");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("QEMU {name} did not open its QMP socket");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(Self {
+            child,
+            qmp,
+            name: name.into(),
+        })
+    }
+
+    /// A destination waiting on `-incoming tcp:127.0.0.1:PORT`.
+    pub fn incoming(dir: &Path, name: &str, mem_mib: u32, port: u16) -> anyhow::Result<Self> {
+        Self::start(dir, name, mem_mib, &["-incoming".into(), format!("tcp:127.0.0.1:{port}")])
+    }
+
+    pub fn capabilities(&mut self, capabilities: &[(&str, bool)]) -> anyhow::Result<()> {
+        let list: Vec<Value> = capabilities
+            .iter()
+            .map(|(name, state)| json!({"capability": name, "state": state}))
+            .collect();
+        self.qmp
+            .execute("migrate-set-capabilities", Some(json!({ "capabilities": list })))
+            .map(drop)
+    }
+
+    /// Starts a migration to `uri` and waits for its end; `query-migrate`'s
+    /// last answer (also when it failed).
+    pub fn migrate(&mut self, uri: &str, timeout: Duration) -> anyhow::Result<Value> {
+        self.qmp.migrate(uri)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.qmp.execute("query-migrate", None)?;
+            if matches!(info["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
+                return Ok(info);
+            }
+            if Instant::now() > deadline {
+                bail!("migration not done after {} s: {info}", timeout.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The whole migration stream, through `exec:cat`.
+    pub fn capture(&mut self, path: &Path) -> anyhow::Result<(Vec<u8>, Value)> {
+        let info = self.migrate(&format!("exec:cat > {}", path.display()), Duration::from_secs(120))?;
+        if info["status"] != "completed" {
+            bail!("capturing the stream: {info}");
+        }
+        Ok((std::fs::read(path)?, info))
+    }
+
+    pub fn status(&mut self) -> anyhow::Result<String> {
+        self.qmp.status()
+    }
+
+    /// Waits for the VM to run (a destination after its migration).
+    pub fn wait_running(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status()?;
+            if status == "running" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} is {status}, not running", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for BiosGuest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The distinct non-zero pages of a stream, as a template catalog.
+pub fn catalog_from_stream(stream: &[u8]) -> anyhow::Result<Catalog> {
+    struct Pages(Catalog, std::collections::HashSet<[u8; 32]>);
+    impl Sink for Pages {
+        fn bytes(&mut self, _: &[u8]) -> Result<(), SinkError> {
+            Ok(())
+        }
+        fn page(&mut self, page: Page<'_>) -> Result<(), SinkError> {
+            let hash = *blake3::hash(page.data).as_bytes();
+            if page.data.iter().any(|b| *b != 0) && self.1.insert(hash) {
+                self.0.hashes.push(hash);
+                self.0.pages.extend_from_slice(page.data);
+            }
+            Ok(())
+        }
+    }
+    let mut pages = Pages(Catalog::default(), Default::default());
+    qemu_stream::parse(stream, &mut pages, &Options::default())?;
+    Ok(pages.0)
+}
+
+/// The two proxies as `pagefp qemu-proxy` processes.
+pub struct Proxies {
+    send: Child,
+    receive: Child,
+    /// Where the source QEMU migrates to.
+    pub uri: String,
+}
+
+pub struct ProxyOutcome {
+    pub send: Result<ProxyReport, String>,
+    pub receive: Result<ProxyReport, String>,
+}
+
+impl Proxies {
+    /// Starts the receive proxy (feeding `127.0.0.1:dest_port`, offering
+    /// `catalogs`) and the send proxy; `send_args` are extra flags.
+    pub fn start(dest_port: u16, catalogs: &[PathBuf], send_args: &[&str]) -> anyhow::Result<Self> {
+        let wan = format!("127.0.0.1:{}", free_port());
+        let local = format!("127.0.0.1:{}", free_port());
+        let mut receive = Command::new(agent_binary());
+        receive
+            .args(["qemu-proxy", "receive", "--json", "--no-installed", "--timeout-s", "120"])
+            .args(["--listen", &wan, "--qemu", &format!("127.0.0.1:{dest_port}")]);
+        for catalog in catalogs {
+            receive.arg("--templates").arg(catalog);
+        }
+        let receive = receive
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting pagefp qemu-proxy receive")?;
+        let send = Command::new(agent_binary())
+            .args(["qemu-proxy", "send", "--json", "--timeout-s", "120", "--listen", &local, "--to", &wan])
+            .args(send_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting pagefp qemu-proxy send")?;
+        // Wait until the send proxy listens (a probe connection would be
+        // taken for QEMU's, so probe by binding); it retries the WAN itself.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpListener::bind(&local).is_ok() {
+            if Instant::now() > deadline {
+                bail!("the send proxy does not listen on {local}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self {
+            send,
+            receive,
+            uri: format!("tcp:{local}"),
+        })
+    }
+
+    pub fn wait(self) -> anyhow::Result<ProxyOutcome> {
+        fn report(output: Output) -> Result<ProxyReport, String> {
+            if output.status.success() {
+                serde_json::from_slice(&output.stdout).map_err(|e| format!("bad report: {e}"))
+            } else {
+                Err(String::from_utf8_lossy(&output.stderr).into_owned())
+            }
+        }
+        Ok(ProxyOutcome {
+            send: report(self.send.wait_with_output()?),
+            receive: report(self.receive.wait_with_output()?),
+        })
+    }
+}
