@@ -242,7 +242,7 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
                         id,
                         name: format::RAM_SECTION.into(),
                     };
-                    if let Flow::PassRest(reason) = self.ram_records()? {
+                    if let Flow::PassRest(reason) = self.ram_records(false)? {
                         return self.pass_rest(reason);
                     }
                     if let Flow::PassRest(reason) = self.footer(id)? {
@@ -407,10 +407,7 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
         StreamError::Unsupported {
             offset,
             place: Place::TopLevel,
-            feature: format!(
-                "{feature} (command {cmd}, {})",
-                format::command::name(cmd)
-            ),
+            feature: format!("{feature} (command {cmd}, {})", format::command::name(cmd)),
             advice,
         }
     }
@@ -450,7 +447,7 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
             );
         }
         self.summary.preamble.ram_section = Some(id);
-        if let Flow::PassRest(reason) = self.ram_records()? {
+        if let Flow::PassRest(reason) = self.ram_records(true)? {
             return Ok(Flow::PassRest(reason));
         }
         self.footer(id)
@@ -475,13 +472,26 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
     }
 
     /// RAM records up to and including `EOS` (`ram_load_precopy`).
-    fn ram_records(&mut self) -> Result<Flow, StreamError> {
+    fn ram_records(&mut self, setup: bool) -> Result<Flow, StreamError> {
         loop {
             self.mark = self.input.offset();
             let header = self.be64("a RAM record header (be64 offset | flags)")?;
             let flags = header & ram::FLAGS_MASK;
             let addr = header & !ram::FLAGS_MASK;
-            let flow = match flags & !ram::CONTINUE {
+            let kind = flags & !ram::CONTINUE;
+            if setup && kind != ram::MEM_SIZE && kind != ram::EOS {
+                // ram_save_setup writes the block list and EOS only; pages
+                // before the preamble is accepted would break the promise
+                // that nothing goes out before it.
+                return self.unsupported(
+                    format!(
+                        "a RAM record with flags {flags:#x} ({}) in the setup section",
+                        flag_names(flags)
+                    ),
+                    ADVICE_RAM,
+                );
+            }
+            let flow = match kind {
                 ram::EOS => {
                     self.summary.ram_chunks += 1;
                     return Ok(Flow::Continue);

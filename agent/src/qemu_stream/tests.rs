@@ -284,7 +284,10 @@ fn postcopy_is_named_after_its_return_path() {
     commands.extend_from_slice(&[section::COMMAND, 0, 3, 0, 16]);
     commands.extend_from_slice(&[0; 16]);
     let message = run(&with_config_then(&commands)).1.unwrap_err().to_string();
-    assert!(message.contains("postcopy (command 3, POSTCOPY_ADVISE) at byte 40"), "{message}");
+    assert!(
+        message.contains("postcopy (command 3, POSTCOPY_ADVISE) at byte 40"),
+        "{message}"
+    );
     let mut packaged = vec![section::COMMAND, 0, 7, 0, 4, 0, 0, 0, 9];
     packaged.extend_from_slice(&[0; 9]);
     let message = run(&with_config_then(&packaged)).1.unwrap_err().to_string();
@@ -372,6 +375,33 @@ fn unknown_ram_records_after_the_preamble_pass_the_rest_through() {
             pass.reason
         );
     }
+}
+
+/// Found by the fuzz target: a page in the setup section would reach the
+/// sink before the preamble was accepted.
+#[test]
+fn pages_in_the_setup_section_are_not_understood() {
+    let built = build(&StreamSpec::default());
+    // The setup section's EOS: right before its footer.
+    let eos = built
+        .bytes
+        .windows(13)
+        .position(|w| w == [0, 0, 0, 0, 0, 0, 0, 0x10, section::FOOTER, 0, 0, 0, 2])
+        .unwrap();
+    let mut bytes = built.bytes[..eos].to_vec();
+    bytes.extend_from_slice(&(ram::PAGE).to_be_bytes());
+    bytes.extend_from_slice(b"\x06pc.ram");
+    bytes.extend_from_slice(&[5; PAGE_SIZE]);
+    bytes.extend_from_slice(&built.bytes[eos..]);
+    let message = run(&bytes).1.unwrap_err().to_string();
+    assert!(
+        message.contains("in the setup section") && message.contains("nothing was sent"),
+        "{message}"
+    );
+    let (sink, result) = run_with(&bytes, pass_options(), vec![usize::MAX]);
+    assert!(result.unwrap().pass_through.is_some());
+    assert_eq!(sink.out, bytes);
+    assert!(sink.pages.is_empty());
 }
 
 #[test]
@@ -605,4 +635,75 @@ fn page_contents_are_distinct_and_zero_is_zero() {
     assert!(page_content(0).iter().all(|b| *b == 0));
     assert_ne!(page_content(1), page_content(2));
     assert_eq!(page_content(5), page_content(5));
+}
+
+/// Writes the fuzz target's seeds (`agent/fuzz/seeds/qemu_stream/`): a
+/// mode byte (options, read size), then a stream. Run with `--ignored`.
+#[test]
+#[ignore = "writes files: run to refresh the fuzz seeds"]
+fn write_fuzz_seeds() {
+    let dir = format!("{}/fuzz/seeds/qemu_stream", env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let small = StreamSpec {
+        blocks: vec![("pc.ram".into(), 16), ("pc.bios".into(), 4)],
+        chunks: vec![
+            vec![
+                Record::Page {
+                    block: 0,
+                    page: 1,
+                    seed: 1,
+                },
+                Record::Zero { block: 0, page: 2 },
+                Record::Xbzrle {
+                    block: 1,
+                    page: 0,
+                    data: vec![1, 2, 3],
+                },
+            ],
+            vec![Record::Compressed {
+                block: 0,
+                page: 3,
+                data: vec![7; 9],
+            }],
+        ],
+        ..StreamSpec::default()
+    };
+    let seeds = [
+        ("synthetic", 0u8, build(&small).bytes),
+        (
+            "synthetic-shared-nofooter",
+            13,
+            build(&StreamSpec {
+                ignore_shared: true,
+                uuid: Some([1; 16]),
+                footers: false,
+                ..small.clone()
+            })
+            .bytes,
+        ),
+        (
+            "no-configuration",
+            1,
+            build(&StreamSpec {
+                configuration: false,
+                ..small
+            })
+            .bytes,
+        ),
+        (
+            "qemu-bios-start",
+            0,
+            fixture("bios16.qemu.zst")[..12_000].to_vec(),
+        ),
+        (
+            "qemu-shared-start",
+            7,
+            fixture("shared16.qemu.zst")[..12_000].to_vec(),
+        ),
+    ];
+    for (name, mode, bytes) in seeds {
+        let mut seed = vec![mode];
+        seed.extend_from_slice(&bytes);
+        std::fs::write(format!("{dir}/{name}"), seed).unwrap();
+    }
 }
