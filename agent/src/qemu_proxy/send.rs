@@ -137,6 +137,7 @@ impl Sink for SendSink<'_> {
 /// migration as soon as it learns of one, and at the latest before the
 /// stream's end would reach the destination.
 struct ExtraConnections {
+    listener: Arc<TcpListener>,
     seen: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
@@ -145,24 +146,21 @@ struct ExtraConnections {
 impl ExtraConnections {
     fn watch(listener: TcpListener) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
+        let listener = Arc::new(listener);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (seen, stop) = (seen.clone(), stop.clone());
+            let (listener, seen, stop) = (listener.clone(), seen.clone(), stop.clone());
             thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((stream, peer)) => {
-                            let what = describe_extra(stream, peer);
-                            log::warn!("{what} connected to the send proxy");
-                            seen.lock().unwrap().push(what);
-                        }
-                        Err(_) => thread::sleep(Duration::from_millis(2)),
+                    if !accept_extra(&listener, &seen) {
+                        thread::sleep(Duration::from_millis(2));
                     }
                 }
             })
         };
         Ok(Self {
+            listener,
             seen,
             stop,
             thread: Some(thread),
@@ -170,6 +168,8 @@ impl ExtraConnections {
     }
 
     fn check(&self) -> Result<(), SinkError> {
+        // Also whatever waits in the backlog right now.
+        while accept_extra(&self.listener, &self.seen) {}
         match self.seen.lock().unwrap().first() {
             None => Ok(()),
             Some(what) => Err(format!(
@@ -189,13 +189,31 @@ impl Drop for ExtraConnections {
     }
 }
 
-/// Names an extra connection (by its first bytes) and resets it.
-fn describe_extra(mut stream: TcpStream, peer: std::net::SocketAddr) -> String {
+/// Takes one pending extra connection, if any: records it at once, names
+/// it by its first bytes, and resets it. Whether there was one.
+fn accept_extra(listener: &TcpListener, seen: &Mutex<Vec<String>>) -> bool {
+    let Ok((mut stream, peer)) = listener.accept() else {
+        return false;
+    };
+    let index = {
+        let mut seen = seen.lock().unwrap();
+        seen.push(format!(
+            "a second connection from {peer} (a multifd channel?)"
+        ));
+        seen.len() - 1
+    };
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
     let mut magic = [0u8; 4];
-    let multifd = stream.read_exact(&mut magic).is_ok()
-        && u32::from_be_bytes(magic) == qemu_stream::format::MULTIFD_MAGIC;
+    if stream.read_exact(&mut magic).is_ok()
+        && u32::from_be_bytes(magic) == qemu_stream::format::MULTIFD_MAGIC
+    {
+        seen.lock().unwrap()[index] = format!("a multifd channel from {peer}");
+    }
+    log::warn!(
+        "{} connected to the send proxy",
+        seen.lock().unwrap()[index]
+    );
     // SO_LINGER 0: close with a reset, so QEMU's next write fails.
     let linger = libc::linger {
         l_onoff: 1,
@@ -212,11 +230,7 @@ fn describe_extra(mut stream: TcpStream, peer: std::net::SocketAddr) -> String {
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         );
     }
-    if multifd {
-        format!("a multifd channel from {peer}")
-    } else {
-        format!("a second connection from {peer} (a multifd channel?)")
-    }
+    true
 }
 
 /// Whether `stream` has data (or EOF) to read right now.
