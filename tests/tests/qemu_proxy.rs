@@ -129,8 +129,14 @@ fn features_the_proxies_cannot_carry_are_refused_and_the_destination_waits() {
     let mut source = BiosGuest::start(&dir.0, "src", 64, &[]).unwrap();
     for (capability, expected) in [
         ("multifd", "a multifd channel from"),
-        ("return-path", "refusing this migration (nothing was sent): the return path"),
-        ("postcopy-ram", "refusing this migration (nothing was sent): postcopy (command 3"),
+        (
+            "return-path",
+            "refusing this migration (nothing was sent): the return path",
+        ),
+        (
+            "postcopy-ram",
+            "refusing this migration (nothing was sent): postcopy (command 3",
+        ),
     ] {
         source.capabilities(&[(capability, true)]).unwrap();
         let proxies = Proxies::start(port, &[], &[]).unwrap();
@@ -145,7 +151,10 @@ fn features_the_proxies_cannot_carry_are_refused_and_the_destination_waits() {
         let sent = outcome.send.unwrap_err();
         assert!(sent.contains(expected), "{capability}: {sent}");
         let received = outcome.receive.unwrap_err();
-        assert!(received.contains("not contacted"), "{capability}: {received}");
+        assert!(
+            received.contains("not contacted"),
+            "{capability}: {received}"
+        );
         assert_eq!(dest.status().unwrap(), "inmigrate", "{capability}");
         source.capabilities(&[(capability, false)]).unwrap();
     }
@@ -228,7 +237,10 @@ fn a_linux_guest_migrates_with_templates_from_other_guests() {
     spec.extra = vec!["-incoming".into(), format!("tcp:127.0.0.1:{port}")];
     let mut dest = QemuGuest::boot(&spec, &dir.0, "dst", None).unwrap();
     source
-        .wait_serial(&format!("pagefp-ready {}", guest.workload), Duration::from_secs(180))
+        .wait_serial(
+            &format!("pagefp-ready {}", guest.workload),
+            Duration::from_secs(180),
+        )
         .unwrap();
     source
         .qmp
@@ -247,13 +259,20 @@ fn a_linux_guest_migrates_with_templates_from_other_guests() {
     println!("{sent:?}\nQEMU: {}", info["ram"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while dest.qmp.status().unwrap() != "running" {
-        assert!(std::time::Instant::now() < deadline, "the destination does not run");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destination does not run"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    dest.wait_serial("pagefp-heartbeat", Duration::from_secs(30)).unwrap();
+    dest.wait_serial("pagefp-heartbeat", Duration::from_secs(30))
+        .unwrap();
     let first = dest.heartbeat().unwrap_or(0);
     std::thread::sleep(Duration::from_secs(3));
-    assert!(dest.heartbeat().unwrap_or(0) > first, "the guest runs on at the destination");
+    assert!(
+        dest.heartbeat().unwrap_or(0) > first,
+        "the guest runs on at the destination"
+    );
     assert!(sent.template_pages > 5_000, "{sent:?}");
     assert!(
         sent.wire_bytes * 2 < sent.stream_bytes,

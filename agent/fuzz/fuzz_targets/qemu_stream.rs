@@ -32,7 +32,11 @@ impl Sink for Check {
 
     fn page(&mut self, page: Page<'_>) -> Result<(), SinkError> {
         assert!(self.preamble, "a page before the preamble");
-        assert_eq!(page.stream_offset, self.out.len() as u64, "page out of place");
+        assert_eq!(
+            page.stream_offset,
+            self.out.len() as u64,
+            "page out of place"
+        );
         self.out.extend_from_slice(page.data);
         Ok(())
     }

@@ -40,7 +40,14 @@ impl BiosGuest {
         let qmp_path = dir.join(format!("{name}.qmp"));
         let _ = std::fs::remove_file(&qmp_path);
         let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot"])
+            .args([
+                "-accel",
+                "tcg",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
             .args(["-m", &mem_mib.to_string()])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
@@ -73,7 +80,12 @@ impl BiosGuest {
 
     /// A destination waiting on `-incoming tcp:127.0.0.1:PORT`.
     pub fn incoming(dir: &Path, name: &str, mem_mib: u32, port: u16) -> anyhow::Result<Self> {
-        Self::start(dir, name, mem_mib, &["-incoming".into(), format!("tcp:127.0.0.1:{port}")])
+        Self::start(
+            dir,
+            name,
+            mem_mib,
+            &["-incoming".into(), format!("tcp:127.0.0.1:{port}")],
+        )
     }
 
     pub fn capabilities(&mut self, capabilities: &[(&str, bool)]) -> anyhow::Result<()> {
@@ -82,7 +94,10 @@ impl BiosGuest {
             .map(|(name, state)| json!({"capability": name, "state": state}))
             .collect();
         self.qmp
-            .execute("migrate-set-capabilities", Some(json!({ "capabilities": list })))
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": list })),
+            )
             .map(drop)
     }
 
@@ -93,7 +108,10 @@ impl BiosGuest {
         let deadline = Instant::now() + timeout;
         loop {
             let info = self.qmp.execute("query-migrate", None)?;
-            if matches!(info["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
+            if matches!(
+                info["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            ) {
                 return Ok(info);
             }
             if Instant::now() > deadline {
@@ -105,7 +123,10 @@ impl BiosGuest {
 
     /// The whole migration stream, through `exec:cat`.
     pub fn capture(&mut self, path: &Path) -> anyhow::Result<(Vec<u8>, Value)> {
-        let info = self.migrate(&format!("exec:cat > {}", path.display()), Duration::from_secs(120))?;
+        let info = self.migrate(
+            &format!("exec:cat > {}", path.display()),
+            Duration::from_secs(120),
+        )?;
         if info["status"] != "completed" {
             bail!("capturing the stream: {info}");
         }
@@ -181,8 +202,20 @@ impl Proxies {
         let local = format!("127.0.0.1:{}", free_port());
         let mut receive = Command::new(agent_binary());
         receive
-            .args(["qemu-proxy", "receive", "--json", "--no-installed", "--timeout-s", "120"])
-            .args(["--listen", &wan, "--qemu", &format!("127.0.0.1:{dest_port}")]);
+            .args([
+                "qemu-proxy",
+                "receive",
+                "--json",
+                "--no-installed",
+                "--timeout-s",
+                "120",
+            ])
+            .args([
+                "--listen",
+                &wan,
+                "--qemu",
+                &format!("127.0.0.1:{dest_port}"),
+            ]);
         for catalog in catalogs {
             receive.arg("--templates").arg(catalog);
         }
@@ -192,7 +225,17 @@ impl Proxies {
             .spawn()
             .context("starting pagefp qemu-proxy receive")?;
         let send = Command::new(agent_binary())
-            .args(["qemu-proxy", "send", "--json", "--timeout-s", "120", "--listen", &local, "--to", &wan])
+            .args([
+                "qemu-proxy",
+                "send",
+                "--json",
+                "--timeout-s",
+                "120",
+                "--listen",
+                &local,
+                "--to",
+                &wan,
+            ])
             .args(send_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
