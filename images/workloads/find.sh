@@ -1,6 +1,7 @@
-# Walk the root file system and checksum every file, repeatedly.
+# Walk the root file system (busybox, perl, python and their libraries)
+# and checksum every file, over and over.
 while true; do
-    find / -xdev -type f 2>/dev/null | head -n 2000 | xargs md5sum > /tmp/md5.txt 2>/dev/null
-    sort -k2 /tmp/md5.txt | md5sum > /tmp/md5.sum
+    find / -xdev -type f | sort | xargs md5sum > /tmp/md5.txt
+    md5sum /tmp/md5.txt > /tmp/md5.sum
     sleep 1
 done

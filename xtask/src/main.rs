@@ -5,6 +5,7 @@
 
 mod cargo_build;
 mod exec;
+mod images;
 mod run_bin;
 mod setup;
 mod test;
@@ -37,7 +38,7 @@ enum Verb {
         #[arg(long)]
         release: bool,
     },
-    /// Set up, build, then run every test on one test thread.
+    /// Set up, build, build the guest images, then run every test on one test thread.
     ///
     /// Arguments after `--` go to `cargo test`, and after a second `--` to the
     /// test binaries, e.g. `cargo xtask test -- -p agent -- --nocapture`.
@@ -46,16 +47,20 @@ enum Verb {
         args: Vec<String>,
     },
     /// Set up, build, then build the Linux guest images (cached; `-- --force` rebuilds).
+    ///
+    /// `target/pagefp-images/`: Debian's kernel and a busybox/perl/python
+    /// initramfs booted under QEMU TCG, one workload per guest, RAM dumped
+    /// through QMP. Options after `--`: `--force`, `--run-seconds N`, `--jobs N`.
     Images {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build, then run the demo (`pagefp-demo`) with the given arguments.
+    /// Set up, build, build the guest images, then run the demo (`pagefp-demo`) with the given arguments.
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build, then run the benchmarks (`pagefp-bench`) with the given arguments.
+    /// Set up, build, build the guest images, then run the benchmarks (`pagefp-bench`) with the given arguments.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -69,9 +74,10 @@ fn main() -> ExitCode {
         Verb::Setup => setup::run(&ws),
         Verb::Build { release } => cargo_build::run(&ws, release),
         Verb::Test { args } => test::run(&ws, &args),
-        Verb::Images { args } => run_bin::run(&ws, run_bin::IMAGES, &args),
-        Verb::Demo { args } => run_bin::run(&ws, run_bin::DEMO, &args),
-        Verb::Bench { args } => run_bin::run(&ws, run_bin::BENCH, &args),
+        Verb::Images { args } => images::run(&ws, &args),
+        // The guest images first (cached), with their progress shown.
+        Verb::Demo { args } => images::run(&ws, &[]).and_then(|()| run_bin::run(&ws, run_bin::DEMO, &args)),
+        Verb::Bench { args } => images::run(&ws, &[]).and_then(|()| run_bin::run(&ws, run_bin::BENCH, &args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use crate::{
     cargo_build,
     exec::{self, Fix},
-    setup,
+    images, setup,
     workspace::{self, Workspace},
 };
 
@@ -29,6 +29,8 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
     let mut selection = default_selection(cargo_args);
     selection.extend(build_args(cargo_args));
     cargo_build::build(ws, &selection)?;
+    // The tests load the Linux guest images: build them (cached) before.
+    images::before_tests(ws, cargo_args)?;
 
     let mut cmd = ws.cargo("test");
     cmd.arg("--no-fail-fast")
