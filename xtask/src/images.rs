@@ -79,7 +79,11 @@ mod tests {
         assert!(tests_selected(&[]));
         assert!(tests_selected(&strings(&["--workspace", "--release"])));
         assert!(tests_selected(&strings(&["-p", "pagefp-tests"])));
-        assert!(tests_selected(&strings(&["-p", "agent", "--package=pagefp-tests"])));
+        assert!(tests_selected(&strings(&[
+            "-p",
+            "agent",
+            "--package=pagefp-tests"
+        ])));
         assert!(!tests_selected(&strings(&["-p", "agent"])));
         assert!(!tests_selected(&strings(&["-pagent"])));
     }

@@ -76,8 +76,12 @@ fn main() -> ExitCode {
         Verb::Test { args } => test::run(&ws, &args),
         Verb::Images { args } => images::run(&ws, &args),
         // The guest images first (cached), with their progress shown.
-        Verb::Demo { args } => images::run(&ws, &[]).and_then(|()| run_bin::run(&ws, run_bin::DEMO, &args)),
-        Verb::Bench { args } => images::run(&ws, &[]).and_then(|()| run_bin::run(&ws, run_bin::BENCH, &args)),
+        Verb::Demo { args } => {
+            images::run(&ws, &[]).and_then(|()| run_bin::run(&ws, run_bin::DEMO, &args))
+        }
+        Verb::Bench { args } => {
+            images::run(&ws, &[]).and_then(|()| run_bin::run(&ws, run_bin::BENCH, &args))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,10 @@ use clap::Parser;
 use pagefp_tests::guest_images::{self, Options};
 
 #[derive(Debug, Parser)]
-#[command(name = "pagefp-images", about = "Build the Linux guest memory images (cached in target/pagefp-images)")]
+#[command(
+    name = "pagefp-images",
+    about = "Build the Linux guest memory images (cached in target/pagefp-images)"
+)]
 struct Args {
     /// Rebuild every image even if its inputs did not change.
     #[arg(long)]
@@ -31,7 +34,9 @@ fn main() -> anyhow::Result<()> {
         ..defaults
     };
     let images = guest_images::ensure_with(&options)?;
-    let dir = images.first().and_then(|image| image.ram_path.parent().map(ToOwned::to_owned));
+    let dir = images
+        .first()
+        .and_then(|image| image.ram_path.parent().map(ToOwned::to_owned));
     println!(
         "{} images in {} (manifest.json lists their inputs)",
         images.len(),

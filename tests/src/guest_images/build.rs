@@ -34,10 +34,17 @@ pub struct BuildRecord {
 
 /// Builds `images` (`jobs` at a time), printing one line per guest;
 /// their records, in order, or every failure.
-pub fn build_all(images: &[&GuestImage], logs: &Path, run_seconds: u64, jobs: usize) -> anyhow::Result<Vec<BuildRecord>> {
+pub fn build_all(
+    images: &[&GuestImage],
+    logs: &Path,
+    run_seconds: u64,
+    jobs: usize,
+) -> anyhow::Result<Vec<BuildRecord>> {
     let total = images.len();
-    let queue: Mutex<VecDeque<(usize, &GuestImage)>> = Mutex::new(images.iter().copied().enumerate().collect());
-    let results: Mutex<Vec<Option<anyhow::Result<BuildRecord>>>> = Mutex::new((0..total).map(|_| None).collect());
+    let queue: Mutex<VecDeque<(usize, &GuestImage)>> =
+        Mutex::new(images.iter().copied().enumerate().collect());
+    let results: Mutex<Vec<Option<anyhow::Result<BuildRecord>>>> =
+        Mutex::new((0..total).map(|_| None).collect());
     std::thread::scope(|scope| {
         for _ in 0..jobs.clamp(1, total.max(1)) {
             scope.spawn(|| {
@@ -89,7 +96,9 @@ pub fn build_one(image: &GuestImage, logs: &Path, run_seconds: u64) -> anyhow::R
     let ready_seconds = started.elapsed().as_secs_f64();
     let run_until = Instant::now() + Duration::from_secs(run_seconds);
     while Instant::now() < run_until {
-        std::thread::sleep(Duration::from_millis(250).min(run_until.saturating_duration_since(Instant::now())));
+        std::thread::sleep(
+            Duration::from_millis(250).min(run_until.saturating_duration_since(Instant::now())),
+        );
         let console = guest.serial();
         if let Some(at) = console.find(WORKLOAD_EXIT) {
             bail!(
@@ -99,14 +108,22 @@ pub fn build_one(image: &GuestImage, logs: &Path, run_seconds: u64) -> anyhow::R
             );
         }
         if let Some(status) = guest.exited() {
-            bail!("QEMU exited ({status}) while the workload ran; console: {}", guest.serial_path.display());
+            bail!(
+                "QEMU exited ({status}) while the workload ran; console: {}",
+                guest.serial_path.display()
+            );
         }
     }
     guest.qmp.stop()?;
     let heartbeat = guest
         .heartbeat()
         .filter(|beat| *beat > 0)
-        .with_context(|| format!("no heartbeat on the console {}", guest.serial_path.display()))?;
+        .with_context(|| {
+            format!(
+                "no heartbeat on the console {}",
+                guest.serial_path.display()
+            )
+        })?;
     let tmp = image.ram_path.with_extension("ram.tmp");
     guest
         .qmp
@@ -117,7 +134,11 @@ pub fn build_one(image: &GuestImage, logs: &Path, run_seconds: u64) -> anyhow::R
         .with_context(|| format!("QEMU wrote no {}", tmp.display()))?
         .len();
     if size != u64::from(image.mem_mib) << 20 {
-        bail!("{} holds {size} bytes, not {} MiB", tmp.display(), image.mem_mib);
+        bail!(
+            "{} holds {size} bytes, not {} MiB",
+            tmp.display(),
+            image.mem_mib
+        );
     }
     std::fs::rename(&tmp, &image.ram_path)?;
     Ok(BuildRecord {

@@ -35,9 +35,15 @@ pub struct Initramfs {
 }
 
 fn run(command: &mut Command, what: &str) -> anyhow::Result<String> {
-    let output = command.output().with_context(|| format!("could not run {what}"))?;
+    let output = command
+        .output()
+        .with_context(|| format!("could not run {what}"))?;
     if !output.status.success() {
-        bail!("{what} failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "{what} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
@@ -79,9 +85,13 @@ pub fn kernel(inputs: &Path) -> anyhow::Result<Kernel> {
                 .map(|package| package.trim().to_owned())
         });
     let have = find_in(inputs, "linux-image-", ".deb");
-    let have_name = have
-        .as_ref()
-        .and_then(|path| path.file_name()?.to_str()?.split('_').next().map(str::to_owned));
+    let have_name = have.as_ref().and_then(|path| {
+        path.file_name()?
+            .to_str()?
+            .split('_')
+            .next()
+            .map(str::to_owned)
+    });
     let package = match (&current, have) {
         (Some(current), Some(have)) if have_name.as_deref() == Some(current.as_str()) => have,
         (Some(current), have) => {
@@ -98,8 +108,12 @@ pub fn kernel(inputs: &Path) -> anyhow::Result<Kernel> {
                         let _ = std::fs::remove_file(old);
                     }
                     let _ = std::fs::remove_dir_all(inputs.join("kernel"));
-                    find_in(inputs, &format!("{current}_"), ".deb")
-                        .with_context(|| format!("`apt-get download {current}` left no .deb in {}", inputs.display()))?
+                    find_in(inputs, &format!("{current}_"), ".deb").with_context(|| {
+                        format!(
+                            "`apt-get download {current}` left no .deb in {}",
+                            inputs.display()
+                        )
+                    })?
                 }
                 (Err(err), Some(old)) => {
                     println!("warning: keeping {} ({err:#})", old.display());
@@ -177,7 +191,9 @@ impl Rootfs {
         let path = path.trim_start_matches('/').to_owned();
         let mut parent = Path::new(&path).parent();
         while let Some(dir) = parent.filter(|dir| !dir.as_os_str().is_empty()) {
-            self.nodes.entry(dir.to_string_lossy().into_owned()).or_insert(Node::Dir);
+            self.nodes
+                .entry(dir.to_string_lossy().into_owned())
+                .or_insert(Node::Dir);
             parent = dir.parent();
         }
         self.nodes.insert(path, node);
@@ -185,7 +201,8 @@ impl Rootfs {
 
     /// The host file `source` (symlinks followed) at `path`, mode kept.
     fn add_host_file(&mut self, path: &str, source: &Path) -> anyhow::Result<()> {
-        let real = std::fs::canonicalize(source).with_context(|| format!("{} is missing", source.display()))?;
+        let real = std::fs::canonicalize(source)
+            .with_context(|| format!("{} is missing", source.display()))?;
         let mode = std::fs::metadata(&real)?.permissions().mode() & 0o7777;
         self.add(path, Node::File(real, mode));
         Ok(())
@@ -195,7 +212,10 @@ impl Rootfs {
     /// (at the paths `ldd` names, so the guest's loader finds them).
     fn add_elf_with_libraries(&mut self, path: &str, source: &Path) -> anyhow::Result<()> {
         self.add_host_file(path, source)?;
-        let output = Command::new("ldd").arg(source).output().context("running ldd")?;
+        let output = Command::new("ldd")
+            .arg(source)
+            .output()
+            .context("running ldd")?;
         // A static executable: ldd says so and fails.
         for line in String::from_utf8_lossy(&output.stdout).lines() {
             let library = match line.split_once("=>") {
@@ -204,7 +224,11 @@ impl Rootfs {
             };
             if let Some(library) = library.filter(|library| library.starts_with('/')) {
                 if line.contains("not found") {
-                    bail!("{}: a library is missing on this host: {}", source.display(), line.trim());
+                    bail!(
+                        "{}: a library is missing on this host: {}",
+                        source.display(),
+                        line.trim()
+                    );
                 }
                 self.add_host_file(library, Path::new(library))?;
             }
@@ -213,7 +237,12 @@ impl Rootfs {
     }
 
     /// The directory tree `source` at `path`, leaving out names in `skip`.
-    fn add_tree(&mut self, path: &str, source: &Path, skip: &dyn Fn(&str) -> bool) -> anyhow::Result<()> {
+    fn add_tree(
+        &mut self,
+        path: &str,
+        source: &Path,
+        skip: &dyn Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
         let mut entries: Vec<_> = std::fs::read_dir(source)
             .with_context(|| format!("reading {}", source.display()))?
             .collect::<Result<_, _>>()?;
@@ -242,7 +271,12 @@ impl Rootfs {
     /// owner 0, so the same inputs give the same bytes.
     fn cpio(&self) -> anyhow::Result<Vec<u8>> {
         let mut out = Vec::new();
-        let entry = |out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]| {
+        let entry = |out: &mut Vec<u8>,
+                     ino: u32,
+                     name: &str,
+                     mode: u32,
+                     rdev: (u32, u32),
+                     data: &[u8]| {
             let header = format!(
                 "070701{ino:08X}{mode:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}",
                 0,
@@ -268,12 +302,17 @@ impl Rootfs {
             match node {
                 Node::Dir => entry(&mut out, ino, name, 0o040755, (0, 0), &[]),
                 Node::File(source, mode) => {
-                    let data = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
+                    let data = std::fs::read(source)
+                        .with_context(|| format!("reading {}", source.display()))?;
                     entry(&mut out, ino, name, 0o100000 | mode, (0, 0), &data);
                 }
                 Node::Data(data, mode) => entry(&mut out, ino, name, 0o100000 | mode, (0, 0), data),
-                Node::Symlink(target) => entry(&mut out, ino, name, 0o120777, (0, 0), target.as_bytes()),
-                Node::CharDevice(major, minor) => entry(&mut out, ino, name, 0o020600, (*major, *minor), &[]),
+                Node::Symlink(target) => {
+                    entry(&mut out, ino, name, 0o120777, (0, 0), target.as_bytes())
+                }
+                Node::CharDevice(major, minor) => {
+                    entry(&mut out, ino, name, 0o020600, (*major, *minor), &[])
+                }
             }
         }
         entry(&mut out, 0, "TRAILER!!!", 0, (0, 0), &[]);
@@ -350,38 +389,62 @@ fn add_python(rootfs: &mut Rootfs) -> anyhow::Result<()> {
 /// `/workloads`, static busybox, and perl and python3 with their libraries.
 pub fn initramfs(inputs: &Path, images: &Path) -> anyhow::Result<Initramfs> {
     let mut rootfs = Rootfs::default();
-    for dir in ["dev", "proc", "sys", "tmp", "run", "root", "etc", "bin", "sbin", "usr/bin", "usr/sbin"] {
+    for dir in [
+        "dev", "proc", "sys", "tmp", "run", "root", "etc", "bin", "sbin", "usr/bin", "usr/sbin",
+    ] {
         rootfs.add(dir, Node::Dir);
     }
     rootfs.add("dev/console", Node::CharDevice(5, 1));
-    rootfs.add("etc/hostname", Node::Data(b"pagefp-guest\n".to_vec(), 0o644));
-    rootfs.add("etc/passwd", Node::Data(b"root:x:0:0:root:/root:/bin/sh\n".to_vec(), 0o644));
+    rootfs.add(
+        "etc/hostname",
+        Node::Data(b"pagefp-guest\n".to_vec(), 0o644),
+    );
+    rootfs.add(
+        "etc/passwd",
+        Node::Data(b"root:x:0:0:root:/root:/bin/sh\n".to_vec(), 0o644),
+    );
     rootfs.add("etc/group", Node::Data(b"root:x:0:\n".to_vec(), 0o644));
-    let busybox = which::which("busybox")
-        .context("busybox is missing on this host: run `cargo xtask setup` (installs busybox-static)")?;
+    let busybox = which::which("busybox").context(
+        "busybox is missing on this host: run `cargo xtask setup` (installs busybox-static)",
+    )?;
     rootfs.add_elf_with_libraries("/bin/busybox", &busybox)?;
-    let perl = which::which("perl").context("perl is missing on this host: `apt-get install perl-base`")?;
+    let perl = which::which("perl")
+        .context("perl is missing on this host: `apt-get install perl-base`")?;
     rootfs.add_elf_with_libraries("/usr/bin/perl", &perl)?;
     // perl's core modules (Debian's perl-base: strict, warnings, ...).
     let strict = run(
         Command::new(&perl).args(["-Mstrict", "-e", "print $INC{'strict.pm'}"]),
         "asking perl where its modules are",
     )?;
-    let modules = Path::new(strict.trim()).parent().context("perl named no module directory")?;
+    let modules = Path::new(strict.trim())
+        .parent()
+        .context("perl named no module directory")?;
     rootfs.add_tree(&modules.to_string_lossy(), modules, &|_| false)?;
     add_python(&mut rootfs)?;
 
     // The project's own scripts: their digest is recorded on its own.
     let mut scripts = Rootfs::default();
-    scripts.add("/init", Node::File(std::fs::canonicalize(images.join("init"))?, 0o755));
-    scripts.add_tree("/workloads", &images.join("workloads"), &|name| name.starts_with('.'))?;
+    scripts.add(
+        "/init",
+        Node::File(std::fs::canonicalize(images.join("init"))?, 0o755),
+    );
+    scripts.add_tree("/workloads", &images.join("workloads"), &|name| {
+        name.starts_with('.')
+    })?;
     let workloads: Vec<String> = scripts
         .nodes
         .keys()
-        .filter_map(|path| path.strip_prefix("workloads/")?.strip_suffix(".sh").map(str::to_owned))
+        .filter_map(|path| {
+            path.strip_prefix("workloads/")?
+                .strip_suffix(".sh")
+                .map(str::to_owned)
+        })
         .collect();
     if workloads.is_empty() {
-        bail!("no workloads: {} holds no NAME.sh", images.join("workloads").display());
+        bail!(
+            "no workloads: {} holds no NAME.sh",
+            images.join("workloads").display()
+        );
     }
     let scripts_blake3 = blake3::hash(&scripts.cpio()?).to_hex().to_string();
     rootfs.nodes.append(&mut scripts.nodes);
@@ -394,7 +457,8 @@ pub fn initramfs(inputs: &Path, images: &Path) -> anyhow::Result<Initramfs> {
     if current.as_deref() != Some(archive_blake3.as_str()) || !path.exists() {
         let started = std::time::Instant::now();
         let tmp = path.with_extension("gz.tmp");
-        let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut gzip = Command::new("gzip")
             .args(["-n", "-6", "-c"])
             .stdin(Stdio::piped())
@@ -445,6 +509,10 @@ mod tests {
         assert!(text.find("a/b\0").unwrap() < text.find("a/b/c\0").unwrap());
         assert_eq!(archive.len() % 4, 0);
         assert!(text.starts_with("070701"));
-        assert_eq!(archive, rootfs.cpio().unwrap(), "the same tree gives the same bytes");
+        assert_eq!(
+            archive,
+            rootfs.cpio().unwrap(),
+            "the same tree gives the same bytes"
+        );
     }
 }

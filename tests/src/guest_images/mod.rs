@@ -124,7 +124,11 @@ impl Default for Options {
     /// The defaults, with `PAGEFP_IMAGES_RUN_SECONDS` and `PAGEFP_IMAGES_JOBS`
     /// applied (so the tests, the demo and `cargo xtask images` agree).
     fn default() -> Self {
-        let env = |name: &str| std::env::var(name).ok().and_then(|value| value.parse::<u64>().ok());
+        let env = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|value| value.parse::<u64>().ok())
+        };
         Self {
             force: false,
             run_seconds: env("PAGEFP_IMAGES_RUN_SECONDS").unwrap_or(RUN_SECONDS),
@@ -177,7 +181,8 @@ pub fn ensure_with(options: &Options) -> anyhow::Result<Vec<GuestImage>> {
 
     let qemu_version = inputs::qemu_version()?;
     let kernel = inputs::kernel(&inputs_dir).context("preparing the guest kernel")?;
-    let initramfs = inputs::initramfs(&inputs_dir, &sources_dir()).context("building the guests' initramfs")?;
+    let initramfs =
+        inputs::initramfs(&inputs_dir, &sources_dir()).context("building the guests' initramfs")?;
 
     let manifest_path = dir.join("manifest.json");
     let old: Manifest = std::fs::read(&manifest_path)
@@ -215,7 +220,8 @@ pub fn ensure_with(options: &Options) -> anyhow::Result<Vec<GuestImage>> {
         let fresh = !options.force
             && previous.is_some_and(|image| {
                 image.digest == digest
-                    && std::fs::metadata(&ram_path).is_ok_and(|meta| meta.len() == u64::from(options.mem_mib) << 20)
+                    && std::fs::metadata(&ram_path)
+                        .is_ok_and(|meta| meta.len() == u64::from(options.mem_mib) << 20)
             });
         if !fresh {
             stale.push(images.len());
@@ -230,7 +236,9 @@ pub fn ensure_with(options: &Options) -> anyhow::Result<Vec<GuestImage>> {
             append,
             digest,
             inputs: inputs.clone(),
-            build: previous.map(|image| image.build.clone()).unwrap_or_default(),
+            build: previous
+                .map(|image| image.build.clone())
+                .unwrap_or_default(),
             pages: previous.map(|image| image.pages).unwrap_or_default(),
         });
     }
@@ -259,14 +267,23 @@ pub fn ensure_with(options: &Options) -> anyhow::Result<Vec<GuestImage>> {
         set_distinct_pages: old.set_distinct_pages,
         images,
     };
-    let figures_stale = manifest.images.len() != old.images.len() || manifest.images.iter().any(|image| image.pages.pages == 0);
+    let figures_stale = manifest.images.len() != old.images.len()
+        || manifest.images.iter().any(|image| image.pages.pages == 0);
     if !stale.is_empty() || figures_stale {
-        let paths: Vec<&Path> = manifest.images.iter().map(|image| image.ram_path.as_path()).collect();
+        let paths: Vec<&Path> = manifest
+            .images
+            .iter()
+            .map(|image| image.ram_path.as_path())
+            .collect();
         let (figures, distinct) = stats::page_stats(&paths)?;
         for (image, pages) in manifest.images.iter_mut().zip(figures) {
             image.pages = pages;
         }
-        manifest.set_nonzero_pages = manifest.images.iter().map(|image| image.pages.nonzero).sum();
+        manifest.set_nonzero_pages = manifest
+            .images
+            .iter()
+            .map(|image| image.pages.nonzero)
+            .sum();
         manifest.set_distinct_pages = distinct;
     }
     remove_leftovers(&dir, &manifest.images)?;
@@ -285,8 +302,12 @@ fn lock(path: &Path) -> anyhow::Result<Flock<File>> {
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(lock),
         Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
-            println!("waiting for another build of the guest images ({} is locked)", path.display());
-            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| anyhow::anyhow!("locking {}: {errno}", path.display()))
+            println!(
+                "waiting for another build of the guest images ({} is locked)",
+                path.display()
+            );
+            Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, errno)| anyhow::anyhow!("locking {}: {errno}", path.display()))
         }
         Err((_, errno)) => Err(anyhow::anyhow!("locking {}: {errno}", path.display())),
     }
@@ -296,8 +317,13 @@ fn lock(path: &Path) -> anyhow::Result<Flock<File>> {
 fn remove_leftovers(dir: &Path, images: &[GuestImage]) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let ours = name.starts_with("linux-") && (name.ends_with(".ram") || name.ends_with(".ram.tmp"));
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let ours =
+            name.starts_with("linux-") && (name.ends_with(".ram") || name.ends_with(".ram.tmp"));
         if ours && !images.iter().any(|image| image.ram_path == path) {
             std::fs::remove_file(&path)?;
         }
@@ -319,7 +345,13 @@ pub fn summary(images: &[GuestImage], set_distinct_pages: u64) -> String {
         let _ = writeln!(
             out,
             "{:<16} {:<9} {:>4} {:>9} {:>9} {:>9} {:>9}",
-            image.name, image.workload, image.mem_mib, pages.nonzero, pages.distinct, pages.shared, pages.own
+            image.name,
+            image.workload,
+            image.mem_mib,
+            pages.nonzero,
+            pages.distinct,
+            pages.shared,
+            pages.own
         );
     }
     let nonzero: u64 = images.iter().map(|image| image.pages.nonzero).sum();

@@ -24,7 +24,8 @@ pub struct PageStats {
 
 /// blake3 of every page of the file at `path`.
 pub fn page_hashes(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hashes = Vec::new();
     let mut buffer = vec![0u8; 256 * PAGE];
     loop {
@@ -36,7 +37,11 @@ pub fn page_hashes(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
             }
             filled += read;
         }
-        hashes.extend(buffer[..filled].chunks(PAGE).map(|page| *blake3::hash(page).as_bytes()));
+        hashes.extend(
+            buffer[..filled]
+                .chunks(PAGE)
+                .map(|page| *blake3::hash(page).as_bytes()),
+        );
         if filled < buffer.len() {
             return Ok(hashes);
         }

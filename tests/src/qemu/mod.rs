@@ -91,10 +91,17 @@ impl GuestSpec {
     /// Every QEMU argument, the console going to `serial` and QMP listening
     /// on `qmp` (both paths).
     pub fn args(&self, serial: &Path, qmp: &Path) -> Vec<String> {
-        let mut args: Vec<String> = ["-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot"]
-            .into_iter()
-            .map(Into::into)
-            .collect();
+        let mut args: Vec<String> = [
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]
+        .into_iter()
+        .map(Into::into)
+        .collect();
         args.extend([
             "-m".into(),
             self.mem_mib.to_string(),
@@ -129,13 +136,19 @@ impl QemuGuest {
     /// Boots `spec`, with files in `dir` named after `name` (`NAME.serial`,
     /// `NAME.qmp`, `NAME.stderr`); `wrap` runs QEMU through another command
     /// (e.g. `ip netns exec NS`). Returns once QMP answers.
-    pub fn boot(spec: &GuestSpec, dir: &Path, name: &str, wrap: Option<Command>) -> anyhow::Result<Self> {
+    pub fn boot(
+        spec: &GuestSpec,
+        dir: &Path,
+        name: &str,
+        wrap: Option<Command>,
+    ) -> anyhow::Result<Self> {
         let qmp_path = dir.join(format!("{name}.qmp"));
         let serial_path = dir.join(format!("{name}.serial"));
         let stderr_path = dir.join(format!("{name}.stderr"));
         let _ = std::fs::remove_file(&qmp_path);
         let _ = std::fs::remove_file(&serial_path);
-        let stderr = File::create(&stderr_path).with_context(|| format!("creating {}", stderr_path.display()))?;
+        let stderr = File::create(&stderr_path)
+            .with_context(|| format!("creating {}", stderr_path.display()))?;
         let mut command = match wrap {
             Some(mut wrap) => {
                 wrap.arg(QEMU);
@@ -170,7 +183,10 @@ impl QemuGuest {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("QEMU {name} did not open its QMP socket {} within 30 s", qmp_path.display());
+                bail!(
+                    "QEMU {name} did not open its QMP socket {} within 30 s",
+                    qmp_path.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -214,7 +230,9 @@ impl QemuGuest {
                     "QEMU {} exited ({status}) before its guest printed {pattern:?}; console ends with {:?}; stderr: {}",
                     self.name,
                     tail(&serial, 8),
-                    std::fs::read_to_string(&self.stderr_path).unwrap_or_default().trim()
+                    std::fs::read_to_string(&self.stderr_path)
+                        .unwrap_or_default()
+                        .trim()
                 );
             }
             if Instant::now() > deadline {
@@ -250,7 +268,10 @@ impl QemuGuest {
                 return Ok(beat);
             }
             if let Some(status) = self.exited() {
-                bail!("QEMU {} exited ({status}) waiting for a heartbeat above {after}", self.name);
+                bail!(
+                    "QEMU {} exited ({status}) waiting for a heartbeat above {after}",
+                    self.name
+                );
             }
             if Instant::now() > deadline {
                 bail!(
@@ -264,7 +285,6 @@ impl QemuGuest {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-
 
     /// Asks QEMU to quit and waits for it (killed after 5 s).
     pub fn quit(mut self) -> anyhow::Result<()> {

@@ -142,7 +142,8 @@ impl Qmp {
             match UnixStream::connect(path) {
                 Ok(stream) => return Self::new(stream),
                 Err(err) if Instant::now() > deadline => {
-                    return Err(err).with_context(|| format!("connecting to QMP at {}", path.display()));
+                    return Err(err)
+                        .with_context(|| format!("connecting to QMP at {}", path.display()));
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
@@ -154,12 +155,21 @@ impl Qmp {
         match self.reader.read_line(&mut line) {
             Ok(0) => bail!("QEMU closed its QMP socket (did it exit?)"),
             Ok(_) => {}
-            Err(err) if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                bail!("QEMU did not answer on QMP within {} s", COMMAND_TIMEOUT.as_secs())
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                bail!(
+                    "QEMU did not answer on QMP within {} s",
+                    COMMAND_TIMEOUT.as_secs()
+                )
             }
             Err(err) => return Err(err).context("reading from QMP"),
         }
-        serde_json::from_str(&line).with_context(|| format!("QMP sent something that is not JSON: {line:?}"))
+        serde_json::from_str(&line)
+            .with_context(|| format!("QMP sent something that is not JSON: {line:?}"))
     }
 
     /// Runs `command` with `arguments` (a JSON object); its `return` value.
@@ -168,9 +178,12 @@ impl Qmp {
         if let Some(arguments) = arguments {
             request["arguments"] = arguments;
         }
-        writeln!(self.writer, "{request}").with_context(|| format!("sending `{command}` over QMP"))?;
+        writeln!(self.writer, "{request}")
+            .with_context(|| format!("sending `{command}` over QMP"))?;
         loop {
-            let mut answer = self.read().with_context(|| format!("waiting for QEMU's answer to `{command}`"))?;
+            let mut answer = self
+                .read()
+                .with_context(|| format!("waiting for QEMU's answer to `{command}`"))?;
             if let Some(value) = answer.get_mut("return") {
                 return Ok(value.take());
             }
@@ -189,7 +202,8 @@ impl Qmp {
     /// Sends `command` without waiting for the answer (for `quit`, whose
     /// answer may be lost as QEMU exits).
     pub fn send(&mut self, command: &str) -> anyhow::Result<()> {
-        writeln!(self.writer, "{}", json!({ "execute": command })).with_context(|| format!("sending `{command}` over QMP"))
+        writeln!(self.writer, "{}", json!({ "execute": command }))
+            .with_context(|| format!("sending `{command}` over QMP"))
     }
 
     /// `query-status`.
@@ -220,39 +234,53 @@ impl Qmp {
     /// resolves relative paths against its own working directory).
     pub fn pmemsave(&mut self, path: &Path, size: u64) -> anyhow::Result<()> {
         let filename = std::path::absolute(path)?;
-        self.execute("pmemsave", Some(json!({ "val": 0, "size": size, "filename": filename })))
-            .map(drop)
+        self.execute(
+            "pmemsave",
+            Some(json!({ "val": 0, "size": size, "filename": filename })),
+        )
+        .map(drop)
     }
 
     /// Starts an outgoing migration to `uri` (`tcp:HOST:PORT`, `unix:PATH`, `exec:CMD`).
     pub fn migrate(&mut self, uri: &str) -> anyhow::Result<()> {
-        self.execute("migrate", Some(json!({ "uri": uri }))).map(drop)
+        self.execute("migrate", Some(json!({ "uri": uri })))
+            .map(drop)
     }
 
     /// Starts listening for an incoming migration (QEMU started with `-incoming defer`).
     pub fn migrate_incoming(&mut self, uri: &str) -> anyhow::Result<()> {
-        self.execute("migrate-incoming", Some(json!({ "uri": uri }))).map(drop)
+        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .map(drop)
     }
 
     /// `migrate-set-parameters`, e.g. `json!({"max-bandwidth": 125_000_000, "downtime-limit": 300})`
     /// (`max-bandwidth` in bytes per second; QEMU's default is 32 MiB/s).
     pub fn migrate_set_parameters(&mut self, parameters: Value) -> anyhow::Result<()> {
-        self.execute("migrate-set-parameters", Some(parameters)).map(drop)
+        self.execute("migrate-set-parameters", Some(parameters))
+            .map(drop)
     }
 
     /// `migrate-set-capabilities`, e.g. `&[("xbzrle", true)]`.
-    pub fn migrate_set_capabilities(&mut self, capabilities: &[(&str, bool)]) -> anyhow::Result<()> {
+    pub fn migrate_set_capabilities(
+        &mut self,
+        capabilities: &[(&str, bool)],
+    ) -> anyhow::Result<()> {
         let list: Vec<Value> = capabilities
             .iter()
             .map(|(capability, state)| json!({ "capability": capability, "state": state }))
             .collect();
-        self.execute("migrate-set-capabilities", Some(json!({ "capabilities": list })))
-            .map(drop)
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": list })),
+        )
+        .map(drop)
     }
 
     /// `query-migrate`.
     pub fn query_migrate(&mut self) -> anyhow::Result<MigrationInfo> {
-        Ok(MigrationInfo::from_value(self.execute("query-migrate", None)?))
+        Ok(MigrationInfo::from_value(
+            self.execute("query-migrate", None)?,
+        ))
     }
 
     /// Polls `query-migrate` until the migration completes (its last answer),
@@ -264,12 +292,21 @@ impl Qmp {
             match info.status.as_str() {
                 "completed" => return Ok(info),
                 "failed" | "cancelled" => {
-                    bail!("QEMU migration {}: {}", info.status, info.error.as_deref().unwrap_or("no reason given"))
+                    bail!(
+                        "QEMU migration {}: {}",
+                        info.status,
+                        info.error.as_deref().unwrap_or("no reason given")
+                    )
                 }
                 _ => {}
             }
             if Instant::now() > deadline {
-                bail!("QEMU migration still {} after {} s: {}", info.status, timeout.as_secs(), info.raw);
+                bail!(
+                    "QEMU migration still {} after {} s: {}",
+                    info.status,
+                    timeout.as_secs(),
+                    info.raw
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -292,7 +329,10 @@ mod tests {
         assert!(info.completed());
         assert_eq!(info.total_time_ms, Some(4321));
         let ram = info.ram.unwrap();
-        assert_eq!((ram.normal, ram.duplicate, ram.dirty_sync_count), (21416, 114174, 3));
+        assert_eq!(
+            (ram.normal, ram.duplicate, ram.dirty_sync_count),
+            (21416, 114174, 3)
+        );
         assert_eq!(info["ram"]["transferred"], 93000000);
         assert_eq!(info["status"], "completed");
         assert!(info["missing"].is_null());
@@ -306,12 +346,20 @@ mod tests {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let server = std::thread::spawn(move || {
             let mut lines = BufReader::new(theirs.try_clone().unwrap()).lines();
-            writeln!(theirs, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            writeln!(
+                theirs,
+                r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#
+            )
+            .unwrap();
             assert!(lines.next().unwrap().unwrap().contains("qmp_capabilities"));
             writeln!(theirs, r#"{{"return": {{}}}}"#).unwrap();
             assert!(lines.next().unwrap().unwrap().contains("query-status"));
             writeln!(theirs, r#"{{"event": "STOP", "timestamp": {{}}}}"#).unwrap();
-            writeln!(theirs, r#"{{"return": {{"status": "paused", "running": false}}}}"#).unwrap();
+            writeln!(
+                theirs,
+                r#"{{"return": {{"status": "paused", "running": false}}}}"#
+            )
+            .unwrap();
             assert!(lines.next().unwrap().unwrap().contains("bogus"));
             writeln!(theirs, r#"{{"error": {{"class": "CommandNotFound", "desc": "The command bogus has not been found"}}}}"#).unwrap();
         });
