@@ -234,7 +234,10 @@ fn the_toolkit_boots_an_image_guest() {
     };
     let image = idle(&images);
     let dir = TempDir::new("pagefp-image-boot");
-    let mut guest = QemuGuest::boot(&image.spec(), &dir.0, "guest", None).unwrap();
+    // RAM in a shared file, as the migration proxies read it.
+    let memory = dir.0.join("guest.mem");
+    let spec = image.spec().shared_memory(&memory);
+    let mut guest = QemuGuest::boot(&spec, &dir.0, "guest", None).unwrap();
     guest
         .wait_ready(&image.workload, Duration::from_secs(120))
         .unwrap();
@@ -259,6 +262,12 @@ fn the_toolkit_boots_an_image_guest() {
         .qmp
         .pmemsave(&dump, u64::from(image.mem_mib) << 20)
         .unwrap();
+    let shared = std::fs::read(&memory).unwrap();
+    assert!(
+        shared == std::fs::read(&dump).unwrap(),
+        "the shared memory file is the guest's RAM"
+    );
+    drop(shared);
     guest.qmp.cont().unwrap();
     guest
         .wait_heartbeat(stopped_at + 1, Duration::from_secs(30))
