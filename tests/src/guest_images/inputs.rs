@@ -259,7 +259,14 @@ impl Rootfs {
                 self.add_tree(&inner, &entry.path(), skip)?;
             } else if kind.is_symlink() {
                 let target = std::fs::read_link(entry.path())?;
-                self.add(&inner, Node::Symlink(target.to_string_lossy().into_owned()));
+                if target.is_absolute() {
+                    // Out of the tree (e.g. into /etc): the file itself, if any.
+                    if entry.path().is_file() {
+                        self.add_host_file(&inner, &entry.path())?;
+                    }
+                } else {
+                    self.add(&inner, Node::Symlink(target.to_string_lossy().into_owned()));
+                }
             } else if kind.is_file() {
                 self.add_host_file(&inner, &entry.path())?;
             }
