@@ -637,13 +637,14 @@ fn page_contents_are_distinct_and_zero_is_zero() {
     assert_eq!(page_content(5), page_content(5));
 }
 
-/// Writes the fuzz target's seeds (`agent/fuzz/seeds/qemu_stream/`): a
-/// mode byte (options, read size), then a stream. Run with `--ignored`.
+/// The fuzz target's seeds (`agent/fuzz/seeds/qemu_stream/`: a mode byte
+/// for options and read size, then a stream) are the ones built here from
+/// the parser's stream builder and fixtures. `PAGEFP_WRITE_FUZZ_SEEDS=1`
+/// rewrites them after the builder or the fixtures changed.
 #[test]
-#[ignore = "writes files: run to refresh the fuzz seeds"]
-fn write_fuzz_seeds() {
+fn fuzz_seeds_are_current() {
     let dir = format!("{}/fuzz/seeds/qemu_stream", env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let write = std::env::var("PAGEFP_WRITE_FUZZ_SEEDS").is_ok_and(|v| v == "1");
     let small = StreamSpec {
         blocks: vec![("pc.ram".into(), 16), ("pc.bios".into(), 4)],
         chunks: vec![
@@ -704,6 +705,16 @@ fn write_fuzz_seeds() {
     for (name, mode, bytes) in seeds {
         let mut seed = vec![mode];
         seed.extend_from_slice(&bytes);
-        std::fs::write(format!("{dir}/{name}"), seed).unwrap();
+        let path = format!("{dir}/{name}");
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, seed).unwrap();
+        } else {
+            let committed = std::fs::read(&path).unwrap_or_default();
+            assert!(
+                committed == seed,
+                "{path} is out of date: run `PAGEFP_WRITE_FUZZ_SEEDS=1 cargo test -p agent fuzz_seeds_are_current`"
+            );
+        }
     }
 }
