@@ -13,6 +13,7 @@ pub mod memory;
 pub mod metrics;
 pub mod migrate;
 pub mod migration_book;
+pub mod net;
 pub mod qemu_proxy;
 pub mod qemu_stream;
 pub mod registry;

@@ -546,19 +546,13 @@ mod tests {
 
     fn report(id: &str, phase: Phase, template_pages: u64, elapsed: f64) -> MigrationReport {
         MigrationReport {
-            id: id.into(),
-            role: Role::Source,
-            mode: Mode::Templates,
-            vm_pid: 7,
             vm_name: "vmm".into(),
-            peer: "dest:7000".into(),
             phase,
             round: 1,
             started_unix_ms: 1,
             elapsed_seconds: elapsed,
             mem_bytes: 1 << 20,
             remaining_bytes: 1000,
-            dirty_pages_per_second: 0.0,
             wire_bytes: 100,
             negotiation_bytes: 10,
             pages: ByEncoding {
@@ -572,10 +566,13 @@ mod tests {
             templates_agreed: 5,
             downtime_ms: Some(120.0),
             verified: phase == Phase::Completed,
-            error: None,
-            catalog_bytes: 0,
-            final_pages: 0,
-            downtime_parts_ms: Vec::new(),
+            ..MigrationReport::new(
+                id.into(),
+                Role::Source,
+                Mode::Templates,
+                7,
+                "dest:7000".into(),
+            )
         }
     }
 

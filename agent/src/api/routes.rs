@@ -536,33 +536,16 @@ mod tests {
 
     #[test]
     fn migration_reports_are_checked_and_listed() {
-        use crate::migrate::report::{ByEncoding, Mode, Phase, Role};
+        use crate::migrate::report::{Mode, Phase, Role};
         let state = state();
         let report = |mode: Mode, phase: Phase| MigrationReport {
-            id: "m-1".into(),
-            role: Role::Destination,
-            mode,
-            vm_pid: 9,
-            vm_name: "vmm".into(),
-            peer: "peer".into(),
             phase,
             round: 1,
             started_unix_ms: 5,
             elapsed_seconds: 1.0,
             mem_bytes: 4096,
-            remaining_bytes: 0,
-            dirty_pages_per_second: 0.0,
             wire_bytes: 1,
-            negotiation_bytes: 0,
-            pages: ByEncoding::default(),
-            bytes: ByEncoding::default(),
-            templates_agreed: 0,
-            downtime_ms: None,
-            verified: false,
-            error: None,
-            catalog_bytes: 0,
-            final_pages: 0,
-            downtime_parts_ms: Vec::new(),
+            ..MigrationReport::new("m-1".into(), Role::Destination, mode, 9, "peer".into())
         };
         let post = |body: &[u8]| {
             handle_with_body(

@@ -39,6 +39,73 @@ const HEADER_LEN: usize = 48;
 /// receive` loads from.
 pub const DEFAULT_DIR: &str = "/var/lib/pagefp/catalogs";
 
+/// Where a destination's templates come from: the `--templates`,
+/// `--catalog-dir`, `--no-installed`, `--local-templates` and
+/// `--agent-socket` flags of `pagefp migrate receive` and `pagefp
+/// qemu-proxy receive`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct TemplateSources {
+    /// A template catalog (`pagefp templates export`) to offer; repeatable.
+    #[arg(long = "templates")]
+    pub catalogs: Vec<PathBuf>,
+    /// Also every catalog installed here by `pagefp templates import`.
+    #[arg(long, default_value = DEFAULT_DIR)]
+    pub catalog_dir: PathBuf,
+    /// Do not load the installed catalogs.
+    #[arg(long)]
+    pub no_installed: bool,
+    /// Also templates built from the VMs the local agent tracks.
+    #[arg(long)]
+    pub local_templates: bool,
+    /// The local agent's API socket.
+    #[arg(long, default_value = crate::config::DEFAULT_SOCKET)]
+    pub agent_socket: PathBuf,
+}
+
+/// Catalogs loaded from [`TemplateSources`].
+pub struct LoadedCatalogs {
+    /// (where from, catalog), in load order.
+    pub catalogs: Vec<(String, Catalog)>,
+    /// Bytes of the catalog files read (moved to this host ahead of time).
+    pub file_bytes: u64,
+}
+
+impl TemplateSources {
+    /// Only the named files: no installed catalogs, no local VMs.
+    pub fn files(catalogs: Vec<PathBuf>) -> Self {
+        Self {
+            catalogs,
+            catalog_dir: PathBuf::from(DEFAULT_DIR),
+            no_installed: true,
+            local_templates: false,
+            agent_socket: PathBuf::from(crate::config::DEFAULT_SOCKET),
+        }
+    }
+
+    /// Loads (and checks) every catalog these sources name.
+    pub fn load(&self) -> anyhow::Result<LoadedCatalogs> {
+        let mut paths = self.catalogs.clone();
+        if !self.no_installed {
+            paths.extend(installed(&self.catalog_dir)?);
+        }
+        let mut loaded = LoadedCatalogs {
+            catalogs: Vec::new(),
+            file_bytes: 0,
+        };
+        for path in paths {
+            let catalog = Catalog::load(&path)?;
+            loaded.file_bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
+            loaded.catalogs.push((path.display().to_string(), catalog));
+        }
+        if self.local_templates {
+            let catalog = build_from_agent(&self.agent_socket, &BuildOptions::default())
+                .context("building templates from the local agent's VMs")?;
+            loaded.catalogs.push(("local VMs".into(), catalog));
+        }
+        Ok(loaded)
+    }
+}
+
 /// Templates and their pages.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Catalog {

@@ -67,21 +67,8 @@ pub struct ReceiveArgs {
     /// The incoming VMM's control socket (`pagefp-testvmm --incoming`).
     #[arg(long)]
     pub vmm_socket: PathBuf,
-    /// A template catalog to offer (repeatable).
-    #[arg(long = "templates")]
-    pub catalogs: Vec<PathBuf>,
-    /// Also offer every catalog installed by `pagefp templates import`.
-    #[arg(long, default_value = catalog::DEFAULT_DIR)]
-    pub catalog_dir: PathBuf,
-    /// Do not load the installed catalogs.
-    #[arg(long)]
-    pub no_installed: bool,
-    /// Also offer templates built from the VMs the local agent tracks.
-    #[arg(long)]
-    pub local_templates: bool,
-    /// The local agent's API socket.
-    #[arg(long, default_value = DEFAULT_SOCKET)]
-    pub agent_socket: PathBuf,
+    #[command(flatten)]
+    pub templates: catalog::TemplateSources,
     /// Leave the migrated VM paused instead of resuming it.
     #[arg(long)]
     pub no_resume: bool,
@@ -191,10 +178,7 @@ pub fn run_migrate(command: MigrateCommand, show_progress: bool) -> anyhow::Resu
             let options = ReceiveOptions {
                 listen: args.listen,
                 vmm_socket: args.vmm_socket,
-                catalogs: args.catalogs,
-                catalog_dir: (!args.no_installed).then_some(args.catalog_dir),
-                local_templates: args.local_templates.then(BuildOptions::default),
-                agent_socket: args.agent_socket,
+                templates: args.templates,
                 resume: !args.no_resume,
                 progress: show_progress,
                 accept_timeout: args.timeout_s.map(Duration::from_secs),

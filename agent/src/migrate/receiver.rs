@@ -11,36 +11,32 @@ use std::{
     io::{BufReader, BufWriter, Write},
     net::{TcpListener, TcpStream},
     path::PathBuf,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 
 use super::{
-    catalog::{self, BuildOptions, Catalog, TemplateStore},
+    catalog::{TemplateSources, TemplateStore},
     digest::digests_from_hashes,
     guest_memory::{DestMemory, Layout},
     progress::Progress,
-    report::{ByEncoding, MigrationReport, Mode, Phase, Role},
+    report::{MigrationReport, Mode, Phase, Role},
     vmm::VmmControl,
     wire::{
         self, FLAG_ZSTD, FrameReader, FrameWriter, Hello, Kind, PAGE, PageRecord, Ready, Resumed,
         RoundEnd, WireError,
     },
 };
-use crate::{content::zero_page_hash, registry::vm::process_name};
+use crate::content::zero_page_hash;
 
 #[derive(Clone, Debug)]
 pub struct ReceiveOptions {
     pub listen: String,
     pub vmm_socket: PathBuf,
-    /// Catalog files to offer templates from.
-    pub catalogs: Vec<PathBuf>,
-    /// Also every catalog installed here (`pagefp templates import`).
-    pub catalog_dir: Option<PathBuf>,
-    /// Also a catalog built from the VMs the local agent tracks.
-    pub local_templates: Option<BuildOptions>,
-    pub agent_socket: PathBuf,
+    /// Where the offered templates come from (its agent socket is also
+    /// where progress is reported).
+    pub templates: TemplateSources,
     /// Resume the VM when the source says go (tests may leave it paused).
     pub resume: bool,
     pub progress: bool,
@@ -58,31 +54,15 @@ pub struct LoadedTemplates {
 /// Loads every template source named in `options`.
 pub fn load_templates(options: &ReceiveOptions) -> anyhow::Result<LoadedTemplates> {
     let started = Instant::now();
+    let loaded = options.templates.load()?;
     let mut store = TemplateStore::default();
-    let mut bytes = 0;
-    let mut paths = options.catalogs.clone();
-    if let Some(dir) = &options.catalog_dir {
-        paths.extend(catalog::installed(dir)?);
-    }
-    for path in &paths {
-        let catalog = Catalog::load(path)?;
-        bytes += std::fs::metadata(path).map_or(0, |m| m.len());
-        let added = store.add(&catalog);
-        log::info!(
-            "{}: {} templates ({added} new)",
-            path.display(),
-            catalog.len()
-        );
-    }
-    if let Some(build) = &options.local_templates {
-        let catalog = catalog::build_from_agent(&options.agent_socket, build)
-            .context("building templates from the local agent's VMs")?;
-        let added = store.add(&catalog);
-        log::info!("local VMs: {} templates ({added} new)", catalog.len());
+    for (source, catalog) in &loaded.catalogs {
+        let added = store.add(catalog);
+        log::info!("{source}: {} templates ({added} new)", catalog.len());
     }
     Ok(LoadedTemplates {
         store,
-        bytes,
+        bytes: loaded.file_bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -109,7 +89,8 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         templates.seconds,
         templates.bytes
     );
-    let stream = accept(&listener, options.accept_timeout)?;
+    let stream = crate::net::accept_within(&listener, options.accept_timeout)
+        .context("waiting for the source (pagefp migrate send)")?;
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "?".into(), |a| a.to_string());
@@ -121,35 +102,21 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         writer: FrameWriter::new(BufWriter::new(write_half)),
         templates: &templates.store,
         report: MigrationReport {
-            id: String::new(),
-            role: Role::Destination,
-            mode: Mode::Baseline,
-            vm_pid: info.pid,
-            vm_name: process_name(info.pid),
-            peer,
             phase: Phase::Negotiating,
-            round: 0,
-            started_unix_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis() as u64,
-            elapsed_seconds: 0.0,
-            mem_bytes: 0,
-            remaining_bytes: 0,
-            dirty_pages_per_second: 0.0,
-            wire_bytes: 0,
-            negotiation_bytes: 0,
-            pages: ByEncoding::default(),
-            bytes: ByEncoding::default(),
-            templates_agreed: 0,
-            downtime_ms: None,
-            verified: false,
-            error: None,
             catalog_bytes: templates.bytes,
-            final_pages: 0,
-            downtime_parts_ms: Vec::new(),
+            // Until the source's hello names the migration.
+            ..MigrationReport::new(
+                format!("incoming-{}-{}", info.pid, std::process::id()),
+                Role::Destination,
+                Mode::Baseline,
+                info.pid,
+                peer,
+            )
         },
-        progress: Progress::new(options.progress, Some(options.agent_socket.clone())),
+        progress: Progress::new(
+            options.progress,
+            Some(options.templates.agent_socket.clone()),
+        ),
         started: Instant::now(),
         memory: None,
         hashes: Vec::new(),
@@ -183,29 +150,6 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
                     "migration failed, and discarding the incoming VM failed too ({exit_err:#}); stop that VMM by hand"
                 ))),
             }
-        }
-    }
-}
-
-fn accept(listener: &TcpListener, timeout: Option<Duration>) -> anyhow::Result<TcpStream> {
-    let Some(timeout) = timeout else {
-        return Ok(listener.accept()?.0);
-    };
-    listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                stream.set_nonblocking(false)?;
-                return Ok(stream);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    bail!("no migration arrived within {} s", timeout.as_secs());
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -169,3 +169,38 @@ pub struct MigrationReport {
     #[serde(default)]
     pub downtime_parts_ms: Vec<(String, f64)>,
 }
+
+impl MigrationReport {
+    /// A migration at its start: nothing sent, nothing known of the memory.
+    pub fn new(id: String, role: Role, mode: Mode, vm_pid: u32, peer: String) -> Self {
+        Self {
+            id,
+            role,
+            mode,
+            vm_pid,
+            vm_name: crate::registry::vm::process_name(vm_pid),
+            peer,
+            phase: Phase::Connecting,
+            round: 0,
+            started_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64,
+            elapsed_seconds: 0.0,
+            mem_bytes: 0,
+            remaining_bytes: 0,
+            dirty_pages_per_second: 0.0,
+            wire_bytes: 0,
+            negotiation_bytes: 0,
+            pages: ByEncoding::default(),
+            bytes: ByEncoding::default(),
+            templates_agreed: 0,
+            downtime_ms: None,
+            verified: false,
+            error: None,
+            catalog_bytes: 0,
+            final_pages: 0,
+            downtime_parts_ms: Vec::new(),
+        }
+    }
+}

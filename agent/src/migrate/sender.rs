@@ -33,7 +33,7 @@ use super::{
     guest_memory::{Layout, SourceMemory},
     pacing::Paced,
     progress::Progress,
-    report::{ByEncoding, MigrationReport, Mode, Phase, Role},
+    report::{MigrationReport, Mode, Phase, Role},
     vmm::VmmControl,
     wire::{
         self, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PAGE, PagesBuilder,
@@ -45,7 +45,6 @@ use crate::{
     client,
     content::zero_page_hash,
     memory::is_zero_page,
-    registry::vm::process_name,
 };
 
 /// Full pages per message (256 KiB of page data).
@@ -174,33 +173,15 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
             .as_millis()
     );
     let mut report = MigrationReport {
-        id: id.clone(),
-        role: Role::Source,
-        mode: options.mode,
-        vm_pid: options.pid,
-        vm_name: process_name(options.pid),
-        peer: options.to.clone(),
-        phase: Phase::Connecting,
-        round: 0,
-        started_unix_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64,
-        elapsed_seconds: 0.0,
         mem_bytes: layout.bytes(),
         remaining_bytes: layout.bytes(),
-        dirty_pages_per_second: 0.0,
-        wire_bytes: 0,
-        negotiation_bytes: 0,
-        pages: ByEncoding::default(),
-        bytes: ByEncoding::default(),
-        templates_agreed: 0,
-        downtime_ms: None,
-        verified: false,
-        error: None,
-        catalog_bytes: 0,
-        final_pages: 0,
-        downtime_parts_ms: Vec::new(),
+        ..MigrationReport::new(
+            id.clone(),
+            Role::Source,
+            options.mode,
+            options.pid,
+            options.to.clone(),
+        )
     };
     let mut progress = Progress::new(options.progress, Some(options.agent_socket.clone()));
     progress.update(&report);

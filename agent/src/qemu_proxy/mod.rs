@@ -12,18 +12,16 @@ pub mod templates;
 pub mod wire;
 
 use std::{
-    net::{TcpListener, TcpStream},
-    path::PathBuf,
+    net::TcpStream,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::DEFAULT_SOCKET,
-    migrate::catalog::{self, BuildOptions, Catalog},
+    migrate::catalog,
     qemu_stream::{Options, Unsupported},
 };
 
@@ -67,20 +65,8 @@ pub struct ReceiveArgs {
     /// The destination QEMU's `-incoming tcp:` address.
     #[arg(long)]
     pub qemu: String,
-    /// A template catalog (`pagefp templates export`) to offer; repeatable.
-    #[arg(long = "templates")]
-    pub catalogs: Vec<PathBuf>,
-    /// Also every catalog installed by `pagefp templates import`.
-    #[arg(long, default_value = catalog::DEFAULT_DIR)]
-    pub catalog_dir: PathBuf,
-    /// Do not load the installed catalogs.
-    #[arg(long)]
-    pub no_installed: bool,
-    /// Also templates built from the VMs the local agent tracks.
-    #[arg(long)]
-    pub local_templates: bool,
-    #[arg(long, default_value = DEFAULT_SOCKET)]
-    pub agent_socket: PathBuf,
+    #[command(flatten)]
+    pub templates: catalog::TemplateSources,
     /// Give up when no send proxy connects within this many seconds.
     #[arg(long)]
     pub timeout_s: Option<u64>,
@@ -165,49 +151,11 @@ pub fn run(command: ProxyCommand) -> anyhow::Result<()> {
 /// catalogs, the local agent's VMs. Every page is hashed again here.
 pub fn load_templates(args: &ReceiveArgs) -> anyhow::Result<templates::PageSet> {
     let mut set = templates::PageSet::default();
-    let mut paths = args.catalogs.clone();
-    if !args.no_installed {
-        paths.extend(catalog::installed(&args.catalog_dir)?);
-    }
-    for path in &paths {
-        let catalog = Catalog::load(path)?;
+    for (source, catalog) in args.templates.load()?.catalogs {
         let added = set.add_catalog(&catalog);
-        log::info!(
-            "{}: {} templates ({added} new)",
-            path.display(),
-            catalog.len()
-        );
-    }
-    if args.local_templates {
-        let catalog = catalog::build_from_agent(&args.agent_socket, &BuildOptions::default())
-            .context("building templates from the local agent's VMs")?;
-        let added = set.add_catalog(&catalog);
-        log::info!("local VMs: {} templates ({added} new)", catalog.len());
+        log::info!("{source}: {} templates ({added} new)", catalog.len());
     }
     Ok(set)
-}
-
-fn accept(listener: &TcpListener, timeout: Option<Duration>) -> anyhow::Result<TcpStream> {
-    let Some(timeout) = timeout else {
-        return Ok(listener.accept()?.0);
-    };
-    listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                stream.set_nonblocking(false)?;
-                return Ok(stream);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                bail!("no connection within {} s", timeout.as_secs())
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 fn connect_retrying(addr: &str, what: &str) -> anyhow::Result<TcpStream> {

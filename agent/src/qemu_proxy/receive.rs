@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    ProxyReport, accept, connect_retrying,
+    ProxyReport, connect_retrying,
     templates::TemplatePages,
     wire::{self, FrameReader, FrameWriter, Kind},
 };
@@ -102,7 +102,8 @@ pub fn receive(
         options.listen,
         templates.hashes().len()
     );
-    let stream = accept(&listener, options.timeout).context("waiting for the send proxy")?;
+    let stream = crate::net::accept_within(&listener, options.timeout)
+        .context("waiting for the send proxy")?;
     drop(listener);
     stream.set_nodelay(true)?;
     let started = Instant::now();

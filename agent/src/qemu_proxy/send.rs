@@ -16,7 +16,7 @@ use anyhow::{Context as _, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::{
-    ProxyReport, accept, connect_retrying,
+    ProxyReport, connect_retrying,
     templates::{Offered, TemplateLookup},
     wire::{self, ChunkBuilder, FrameReader, FrameWriter, Kind},
 };
@@ -248,7 +248,8 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
         "waiting for QEMU's migration on {0} (QMP: migrate tcp:{0})",
         options.listen
     );
-    let qemu = accept(&listener, options.timeout).context("waiting for the source QEMU")?;
+    let qemu = crate::net::accept_within(&listener, options.timeout)
+        .context("waiting for the source QEMU")?;
     let extra = ExtraConnections::watch(listener)?;
     let started = Instant::now();
     let wan = connect_retrying(&options.to, "the receive proxy")?;
