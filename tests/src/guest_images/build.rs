@@ -128,7 +128,12 @@ pub fn build_one(image: &GuestImage, logs: &Path, run_seconds: u64) -> anyhow::R
     guest
         .qmp
         .pmemsave(&tmp, u64::from(image.mem_mib) << 20)
-        .context("dumping the guest's RAM")?;
+        .with_context(|| {
+            let free = super::free_bytes(tmp.parent().unwrap_or(Path::new(".")))
+                .map(|bytes| format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30)))
+                .unwrap_or_else(|err| format!("unknown ({err:#})"));
+            format!("dumping the guest's RAM into {} ({free} free there)", tmp.display())
+        })?;
     guest.quit()?;
     let size = std::fs::metadata(&tmp)
         .with_context(|| format!("QEMU wrote no {}", tmp.display()))?

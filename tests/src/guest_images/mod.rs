@@ -254,6 +254,7 @@ pub fn ensure_with(options: &Options) -> anyhow::Result<Vec<GuestImage>> {
             options.jobs
         );
         let todo: Vec<&GuestImage> = stale.iter().map(|index| &images[*index]).collect();
+        check_free_space(&dir, todo.len() as u64 * (u64::from(options.mem_mib) << 20))?;
         let records = build::build_all(&todo, &logs, options.run_seconds, options.jobs)?;
         for (index, record) in stale.iter().zip(records) {
             images[*index].build = record;
@@ -294,6 +295,35 @@ pub fn ensure_with(options: &Options) -> anyhow::Result<Vec<GuestImage>> {
         print!("{}", summary(&manifest.images, manifest.set_distinct_pages));
     }
     Ok(manifest.images)
+}
+
+/// Room the build needs beside the RAM dumps: consoles, the dump being
+/// renamed, and what the tests write next to them.
+const FREE_SPACE_MARGIN: u64 = 1 << 30;
+
+/// Bytes free for an unprivileged writer on the file system holding `dir`.
+pub fn free_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let stat = nix::sys::statvfs::statvfs(dir)
+        .with_context(|| format!("reading the free space of {}", dir.display()))?;
+    Ok(u64::from(stat.blocks_available()) * u64::from(stat.fragment_size()))
+}
+
+/// Refuses to start a build that cannot fit: QEMU's `pmemsave` on a full
+/// disk only says "An IO error has occurred".
+fn check_free_space(dir: &Path, dumps: u64) -> anyhow::Result<()> {
+    let free = free_bytes(dir)?;
+    let needed = dumps + FREE_SPACE_MARGIN;
+    if free < needed {
+        anyhow::bail!(
+            "the guest images need {:.1} GiB free in {} and only {:.1} GiB are: free some space \
+             (old clones' target/ directories are the usual culprits) or point \
+             CARGO_TARGET_DIR at a larger file system",
+            needed as f64 / f64::from(1u32 << 30),
+            dir.display(),
+            free as f64 / f64::from(1u32 << 30)
+        );
+    }
+    Ok(())
 }
 
 /// Holds `path` locked (exclusive) until dropped; says so when it waits.
