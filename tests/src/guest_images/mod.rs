@@ -305,7 +305,7 @@ const FREE_SPACE_MARGIN: u64 = 1 << 30;
 pub fn free_bytes(dir: &Path) -> anyhow::Result<u64> {
     let stat = nix::sys::statvfs::statvfs(dir)
         .with_context(|| format!("reading the free space of {}", dir.display()))?;
-    Ok(u64::from(stat.blocks_available()) * u64::from(stat.fragment_size()))
+    Ok(stat.blocks_available() * stat.fragment_size())
 }
 
 /// Refuses to start a build that cannot fit: QEMU's `pmemsave` on a full
