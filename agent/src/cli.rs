@@ -65,6 +65,10 @@ pub struct AgentArgs {
     /// Always copy guest memory (never map memfds).
     #[arg(long)]
     pub no_zero_copy: bool,
+    /// Seconds between scans for QEMU guests without KVM on shared memory
+    /// backends (0 = never).
+    #[arg(long)]
+    pub qemu_scan_secs: Option<u64>,
 }
 
 impl AgentArgs {
@@ -98,6 +102,9 @@ impl AgentArgs {
         }
         if self.no_zero_copy {
             config.zero_copy = false;
+        }
+        if let Some(v) = self.qemu_scan_secs {
+            config.qemu_scan_secs = v;
         }
         config.validate()?;
         Ok(config)

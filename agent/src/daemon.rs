@@ -49,6 +49,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         TrackerConfig {
             rescan_pages_per_sec: config.rescan_pages_per_sec,
             rehash_delay: std::time::Duration::from_millis(config.rehash_delay_ms),
+            qemu_scan: (config.qemu_scan_secs > 0)
+                .then(|| std::time::Duration::from_secs(config.qemu_scan_secs)),
         },
         stop.clone(),
     );

@@ -45,6 +45,7 @@ fn dirty_log_name(mode: DirtyMode) -> &'static str {
         DirtyMode::Unknown => "unknown",
         DirtyMode::Ring => "ring",
         DirtyMode::Bitmap { .. } => "bitmap",
+        DirtyMode::None => "none",
     }
 }
 
@@ -242,6 +243,7 @@ fn vm_metrics(
                 manual_protect: false,
             },
             DirtyMode::Unknown,
+            DirtyMode::None,
         ] {
             vms.with_label_values(&[tracking_name(tracking), dirty_log_name(dirty_log)])
                 .set(0);
@@ -302,6 +304,7 @@ fn vm_metrics(
         let discovery = match vm.discovery {
             Discovery::AtCreation => "at_creation",
             Discovery::Adopted => "adopted",
+            Discovery::SharedMemory => "shared_memory",
         };
         info.with_label_values(&[&label, &vm.comm, tracking, dirty_log, discovery])
             .set(1);

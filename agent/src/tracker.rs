@@ -33,6 +33,9 @@ pub struct TrackerConfig {
     /// How long a re-protected page must stay unwritten before it is
     /// rehashed: pages the guest keeps writing are not hashed over and over.
     pub rehash_delay: Duration,
+    /// How often to look for QEMU guests without KVM on shared memory
+    /// ([`crate::qemu_guests`]); never if `None`.
+    pub qemu_scan: Option<Duration>,
 }
 
 /// Counters exported as metrics.
@@ -116,7 +119,16 @@ impl Tracker {
             std::collections::VecDeque::new();
         let mut last_rescan = Instant::now();
         let mut last_reap = Instant::now();
+        let mut last_qemu_scan: Option<Instant> = None;
         while !self.stop.load(Ordering::Relaxed) {
+            let shared_ram = self.config.qemu_scan.and_then(|every| {
+                if last_qemu_scan.is_some_and(|at| at.elapsed() < every) {
+                    return None;
+                }
+                last_qemu_scan = Some(Instant::now());
+                // Read /proc outside the registry lock.
+                Some(crate::qemu_guests::find())
+            });
             self.wait(Duration::from_millis(10));
             if let Some(logger) = &mut self.probes.logger {
                 logger.flush();
@@ -130,6 +142,21 @@ impl Tracker {
                 let mut registry = registry_handle.lock().unwrap();
                 for event in &batch {
                     registry.apply(event);
+                }
+                if let Some(guests) = &shared_ram {
+                    for guest in guests {
+                        if registry.vm(guest.pid).is_none() {
+                            log::info!(
+                                "QEMU guest pid {} without KVM: {} MiB of shared RAM adopted, rescanned (unverified)",
+                                guest.pid,
+                                guest.regions.iter().map(|r| r.size).sum::<u64>() >> 20
+                            );
+                        }
+                        registry.adopt_shared_ram(guest);
+                        let _ = self.probes.vm_pids.insert(guest.pid, 1, 0);
+                    }
+                    let found: Vec<u32> = guests.iter().map(|guest| guest.pid).collect();
+                    registry.drop_shared_ram_except(&found);
                 }
                 self.check_losses(&mut registry);
                 if last_reap.elapsed() >= Duration::from_secs(1) {

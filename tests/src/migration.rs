@@ -65,10 +65,20 @@ pub struct RunningReceiver {
 
 /// Starts `pagefp migrate receive`; returns once it listens. `wrap` runs it
 /// through another command (e.g. `ip netns exec NS`).
-pub fn start_receiver(spec: &ReceiveSpec, wrap: Option<Command>) -> anyhow::Result<RunningReceiver> {
+pub fn start_receiver(
+    spec: &ReceiveSpec,
+    wrap: Option<Command>,
+) -> anyhow::Result<RunningReceiver> {
     let mut command = wrapped(wrap);
     command
-        .args(["migrate", "receive", "--listen", &spec.listen, "--json", "--no-installed"])
+        .args([
+            "migrate",
+            "receive",
+            "--listen",
+            &spec.listen,
+            "--json",
+            "--no-installed",
+        ])
         .arg("--vmm-socket")
         .arg(&spec.vmm_socket)
         .args(["--timeout-s", &spec.timeout_s.max(1).to_string()]);
@@ -259,8 +269,12 @@ impl CuttingRelay {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let listen = listener.local_addr()?.to_string();
         let thread = std::thread::spawn(move || {
-            let Ok((source, _)) = listener.accept() else { return };
-            let Ok(dest) = TcpStream::connect(&target) else { return };
+            let Ok((source, _)) = listener.accept() else {
+                return;
+            };
+            let Ok(dest) = TcpStream::connect(&target) else {
+                return;
+            };
             fn close(a: &TcpStream, b: &TcpStream) {
                 let _ = a.shutdown(Shutdown::Both);
                 let _ = b.shutdown(Shutdown::Both);

@@ -60,8 +60,24 @@ impl ShapedLink {
         let (a, b) = ("pfveth-a", "pfveth-b");
         ip(&["netns", "add", &self.source_ns])?;
         ip(&["netns", "add", &self.dest_ns])?;
-        ip(&["-n", &self.source_ns, "link", "add", a, "type", "veth", "peer", "name", b, "netns", &self.dest_ns])?;
-        for (ns, dev, addr) in [(&self.source_ns, a, &self.source_ip), (&self.dest_ns, b, &self.dest_ip)] {
+        ip(&[
+            "-n",
+            &self.source_ns,
+            "link",
+            "add",
+            a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b,
+            "netns",
+            &self.dest_ns,
+        ])?;
+        for (ns, dev, addr) in [
+            (&self.source_ns, a, &self.source_ip),
+            (&self.dest_ns, b, &self.dest_ip),
+        ] {
             ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
@@ -72,8 +88,22 @@ impl ShapedLink {
             run(
                 "ip",
                 &[
-                    "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
-                    &format!("{}mbit", self.mbit), "burst", &burst.to_string(), "latency", "50ms",
+                    "netns",
+                    "exec",
+                    ns,
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "root",
+                    "tbf",
+                    "rate",
+                    &format!("{}mbit", self.mbit),
+                    "burst",
+                    &burst.to_string(),
+                    "latency",
+                    "50ms",
                 ],
             )?;
         }

@@ -80,15 +80,39 @@ fn migrate_once(
 ) -> anyhow::Result<(u64, f64, String, bool, Option<serde_json::Value>)> {
     let tag = if proxy.is_some() { "proxied" } else { "direct" };
     let qemu_port = free_port();
-    let mut source = QemuGuest::boot(&image.spec(), &dir.0, &format!("{tag}-src-{}", image.name), ends.source())?;
+    let mut source = QemuGuest::boot(
+        &image.spec(),
+        &dir.0,
+        &format!("{tag}-src-{}", image.name),
+        ends.source(),
+    )?;
     let mut spec = image.spec();
-    spec.extra = vec!["-incoming".into(), format!("tcp:{}:{qemu_port}", if proxy.is_some() { "127.0.0.1".into() } else { ends.dest_ip() })];
-    let mut dest = QemuGuest::boot(&spec, &dir.0, &format!("{tag}-dst-{}", image.name), ends.dest())?;
-    source.wait_serial(&format!("pagefp-ready {}", image.workload), Duration::from_secs(180))?;
+    spec.extra = vec![
+        "-incoming".into(),
+        format!(
+            "tcp:{}:{qemu_port}",
+            if proxy.is_some() {
+                "127.0.0.1".into()
+            } else {
+                ends.dest_ip()
+            }
+        ),
+    ];
+    let mut dest = QemuGuest::boot(
+        &spec,
+        &dir.0,
+        &format!("{tag}-dst-{}", image.name),
+        ends.dest(),
+    )?;
+    source.wait_serial(
+        &format!("pagefp-ready {}", image.workload),
+        Duration::from_secs(180),
+    )?;
     std::thread::sleep(Duration::from_secs(run_seconds));
-    source
-        .qmp
-        .execute("migrate-set-parameters", Some(json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})))?;
+    source.qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
+    )?;
     let mut proxies = None;
     let uri = match proxy {
         None => format!("tcp:{}:{qemu_port}", ends.dest_ip()),
@@ -96,7 +120,16 @@ fn migrate_once(
             let wan = format!("{}:{}", ends.dest_ip(), free_port());
             let local = format!("127.0.0.1:{}", free_port());
             let receive = wrapped(ends.dest(), agent_binary())
-                .args(["qemu-proxy", "receive", "--json", "--no-installed", "--timeout-s", "120", "--listen", &wan])
+                .args([
+                    "qemu-proxy",
+                    "receive",
+                    "--json",
+                    "--no-installed",
+                    "--timeout-s",
+                    "120",
+                    "--listen",
+                    &wan,
+                ])
                 .args(["--qemu", &format!("127.0.0.1:{qemu_port}")])
                 .arg("--templates")
                 .arg(catalog)
@@ -106,7 +139,15 @@ fn migrate_once(
                 .context("starting pagefp qemu-proxy receive")?;
             std::thread::sleep(Duration::from_millis(800));
             let send = wrapped(ends.source(), agent_binary())
-                .args(["qemu-proxy", "send", "--json", "--listen", &local, "--to", &wan])
+                .args([
+                    "qemu-proxy",
+                    "send",
+                    "--json",
+                    "--listen",
+                    &local,
+                    "--to",
+                    &wan,
+                ])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -131,7 +172,8 @@ fn migrate_once(
                 String::from_utf8_lossy(&received.stderr)
             );
         }
-        proxy_report = Some(serde_json::from_slice(&sent.stdout).context("the send proxy's report")?);
+        proxy_report =
+            Some(serde_json::from_slice(&sent.stdout).context("the send proxy's report")?);
     }
     let info = info?;
     let status = info["status"].as_str().unwrap_or("?").to_string();
@@ -141,24 +183,33 @@ fn migrate_once(
         std::thread::sleep(Duration::from_millis(100));
     }
     let resumed = dest.qmp.status()? == "running" && {
-        dest.wait_serial("pagefp-heartbeat", Duration::from_secs(30)).is_ok() && {
-            let first = dest.heartbeat().unwrap_or(0);
-            std::thread::sleep(Duration::from_secs(3));
-            dest.heartbeat().unwrap_or(0) > first
-        }
+        dest.wait_serial("pagefp-heartbeat", Duration::from_secs(30))
+            .is_ok()
+            && {
+                let first = dest.heartbeat().unwrap_or(0);
+                std::thread::sleep(Duration::from_secs(3));
+                dest.heartbeat().unwrap_or(0) > first
+            }
     };
     let wire = info["ram"]["transferred"].as_u64().unwrap_or(0);
     Ok((wire, seconds, status, resumed, proxy_report))
 }
 
 /// The same guest migrated directly, then through the proxies, on `ends`.
-pub fn compare(image: &GuestImage, catalog: &std::path::Path, ends: &Ends, run_seconds: u64) -> anyhow::Result<ProxyRun> {
+pub fn compare(
+    image: &GuestImage,
+    catalog: &std::path::Path,
+    ends: &Ends,
+    run_seconds: u64,
+) -> anyhow::Result<ProxyRun> {
     let dir = TempDir::new("pagefp-qemu-proxy");
-    let (direct_bytes, direct_seconds, direct_status, _, _) = migrate_once(image, ends, &dir, run_seconds, None)?;
+    let (direct_bytes, direct_seconds, direct_status, _, _) =
+        migrate_once(image, ends, &dir, run_seconds, None)?;
     if direct_status != "completed" {
         bail!("the direct QEMU migration ended {direct_status}");
     }
-    let (_, proxied_seconds, status, resumed, report) = migrate_once(image, ends, &dir, run_seconds, Some(catalog))?;
+    let (_, proxied_seconds, status, resumed, report) =
+        migrate_once(image, ends, &dir, run_seconds, Some(catalog))?;
     let report = report.context("no proxy report")?;
     let number = |key: &str| report[key].as_u64().unwrap_or(0);
     Ok(ProxyRun {

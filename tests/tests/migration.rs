@@ -44,21 +44,33 @@ fn setup(test: &str) -> Option<Setup> {
 fn image(dir: &TempDir, vm: usize) -> PathBuf {
     let path = dir.0.join(format!("fleet-{vm}.img"));
     if !path.exists() {
-        std::fs::write(&path, fleet_image(vm, PAGES as usize, FleetLayout::default())).unwrap();
+        std::fs::write(
+            &path,
+            fleet_image(vm, PAGES as usize, FleetLayout::default()),
+        )
+        .unwrap();
     }
     path
 }
 
 fn source_vm(setup: &Setup, vm: usize) -> VmmProcess {
-    let mut args = VmmArgs::new(setup.dir.0.join(format!("src-{vm}-{}.sock", free_port())), MEM_MIB);
+    let mut args = VmmArgs::new(
+        setup.dir.0.join(format!("src-{vm}-{}.sock", free_port())),
+        MEM_MIB,
+    );
     args.image = Some(image(&setup.dir, vm));
     let process = VmmProcess::spawn(&testvmm_binary(), &args).expect("starting the source VMM");
-    setup.agent.wait_all_clean(process.pid(), Duration::from_secs(120));
+    setup
+        .agent
+        .wait_all_clean(process.pid(), Duration::from_secs(120));
     process
 }
 
 fn incoming_vm(setup: &Setup) -> VmmProcess {
-    let mut args = VmmArgs::new(setup.dir.0.join(format!("dst-{}.sock", free_port())), MEM_MIB);
+    let mut args = VmmArgs::new(
+        setup.dir.0.join(format!("dst-{}.sock", free_port())),
+        MEM_MIB,
+    );
     args.incoming = true;
     VmmProcess::spawn(&testvmm_binary(), &args).expect("starting the incoming VMM")
 }
@@ -76,7 +88,11 @@ fn catalog_of(setup: &Setup, vms: &[usize]) -> PathBuf {
         .args(["--vms", &pids.join(",")])
         .output()
         .unwrap();
-    assert!(output.status.success(), "export failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "export failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     for vm in running {
         vm.exit().unwrap();
     }
@@ -97,7 +113,12 @@ fn send_spec(setup: &Setup, source: &VmmProcess, to: String, mode: Mode) -> Send
     }
 }
 
-fn receive_spec(setup: &Setup, dest: &VmmProcess, listen: String, catalogs: Vec<PathBuf>) -> ReceiveSpec {
+fn receive_spec(
+    setup: &Setup,
+    dest: &VmmProcess,
+    listen: String,
+    catalogs: Vec<PathBuf>,
+) -> ReceiveSpec {
     ReceiveSpec {
         listen,
         vmm_socket: dest.socket().to_path_buf(),
@@ -126,17 +147,35 @@ fn migrate_checked(
 ) -> (agent::migrate::report::MigrationReport, VmmProcess) {
     let dest = incoming_vm(setup);
     let listen = format!("127.0.0.1:{}", free_port());
-    let receiver = migration::start_receiver(&receive_spec(setup, &dest, listen.clone(), catalogs), None).unwrap();
+    let receiver =
+        migration::start_receiver(&receive_spec(setup, &dest, listen.clone(), catalogs), None)
+            .unwrap();
     let sent = migration::send(&send_spec(setup, source, listen, mode), None).unwrap();
     let received = receiver.finish(Duration::from_secs(60));
     assert!(sent.success, "sender failed:\n{}", sent.stderr);
     assert!(received.success, "receiver failed:\n{}", received.stderr);
     let report = sent.report().clone();
-    assert!(report.verified && received.report().verified, "not verified: {report:?}");
-    assert_eq!(state_of(source), "paused", "--keep-source leaves the source paused");
-    assert_eq!(state_of(&dest), "paused", "--no-resume leaves the destination paused");
+    assert!(
+        report.verified && received.report().verified,
+        "not verified: {report:?}"
+    );
+    assert_eq!(
+        state_of(source),
+        "paused",
+        "--keep-source leaves the source paused"
+    );
+    assert_eq!(
+        state_of(&dest),
+        "paused",
+        "--no-resume leaves the destination paused"
+    );
     let diff = differing(&source.checksums().unwrap(), &dest.checksums().unwrap());
-    assert!(diff.is_empty(), "{} pages differ, first {:?}", diff.len(), &diff[..diff.len().min(8)]);
+    assert!(
+        diff.is_empty(),
+        "{} pages differ, first {:?}",
+        diff.len(),
+        &diff[..diff.len().min(8)]
+    );
     (report, dest)
 }
 
@@ -146,26 +185,47 @@ fn migrate_checked(
 /// whole-page random writes cost 1026 eBPF events a page, so they are few.)
 fn hot_loop(first: u32, count: u32, seed: u32) -> Vec<Op> {
     vec![
-        Op::Touch { first, count, value: seed },
-        Op::Stride { first, count: count / 2, step: 2, value: seed ^ 0xFFFF },
-        Op::Random { first: first + count, count: 2, seed },
+        Op::Touch {
+            first,
+            count,
+            value: seed,
+        },
+        Op::Stride {
+            first,
+            count: count / 2,
+            step: 2,
+            value: seed ^ 0xFFFF,
+        },
+        Op::Random {
+            first: first + count,
+            count: 2,
+            seed,
+        },
     ]
 }
 
 fn start_hot_loop(vmm: &VmmProcess, first: u32, count: u32, seed: u32) {
-    vmm.start_loop_every(&hot_loop(first, count, seed), 2).unwrap();
+    vmm.start_loop_every(&hot_loop(first, count, seed), 2)
+        .unwrap();
 }
 
 /// Resumes `vmm` (if paused) and checks its loop goes on.
 fn assert_keeps_writing(vmm: &VmmProcess, what: &str) {
-    let iterations = |v: &VmmProcess| v.request(&serde_json::json!({"cmd": "info"})).unwrap()["loop_iterations"].as_u64().unwrap();
+    let iterations = |v: &VmmProcess| {
+        v.request(&serde_json::json!({"cmd": "info"})).unwrap()["loop_iterations"]
+            .as_u64()
+            .unwrap()
+    };
     if state_of(vmm) == "paused" {
         vmm.resume().unwrap();
     }
     let before = iterations(vmm);
     std::thread::sleep(Duration::from_millis(500));
     let after = iterations(vmm);
-    assert!(after > before, "{what} keeps running its workload ({before} -> {after} iterations)");
+    assert!(
+        after > before,
+        "{what} keeps running its workload ({before} -> {after} iterations)"
+    );
 }
 
 /// Page indexes where two checksum lists differ (the lists are not printed: too long).
@@ -176,7 +236,9 @@ fn differing(a: &[String], b: &[String]) -> Vec<usize> {
 
 #[test]
 fn every_mode_migrates_a_running_guest_byte_identical() {
-    let Some(setup) = setup("every_mode_migrates_a_running_guest_byte_identical") else { return };
+    let Some(setup) = setup("every_mode_migrates_a_running_guest_byte_identical") else {
+        return;
+    };
     let catalog = catalog_of(&setup, &[2, 4]);
     let mut bytes = Vec::new();
     for mode in [Mode::Baseline, Mode::Templates, Mode::TemplatesZstd] {
@@ -185,13 +247,22 @@ fn every_mode_migrates_a_running_guest_byte_identical() {
         let (report, dest) = migrate_checked(&setup, &source, mode, vec![catalog.clone()]);
         println!(
             "{mode}: {} bytes, {} rounds, pages zero {} template {} full {} zstd {}, downtime {:?} ms",
-            report.wire_bytes, report.round, report.pages.zero, report.pages.template, report.pages.full, report.pages.zstd, report.downtime_ms
+            report.wire_bytes,
+            report.round,
+            report.pages.zero,
+            report.pages.template,
+            report.pages.full,
+            report.pages.zstd,
+            report.downtime_ms
         );
         assert!(report.round >= 2, "a pre-copy round and the final round");
         match mode {
             Mode::Baseline => assert_eq!(report.pages.template + report.pages.zstd, 0),
             Mode::Templates => {
-                assert!(report.pages.template > 0, "the shared OS pages travel as templates");
+                assert!(
+                    report.pages.template > 0,
+                    "the shared OS pages travel as templates"
+                );
                 assert_eq!(report.pages.zstd, 0);
             }
             Mode::TemplatesZstd => assert!(report.pages.zstd > 0 && report.pages.template > 0),
@@ -210,7 +281,9 @@ fn every_mode_migrates_a_running_guest_byte_identical() {
 
 #[test]
 fn the_source_exits_only_after_success() {
-    let Some(setup) = setup("the_source_exits_only_after_success") else { return };
+    let Some(setup) = setup("the_source_exits_only_after_success") else {
+        return;
+    };
     let mut source = source_vm(&setup, 1);
     start_hot_loop(&source, 100, 64, 3);
     let dest = incoming_vm(&setup);
@@ -223,7 +296,9 @@ fn the_source_exits_only_after_success() {
     let sent = migration::send(&send, None).unwrap();
     assert!(sent.success, "{}", sent.stderr);
     assert!(receiver.finish(Duration::from_secs(30)).success);
-    let status = source.wait_exit(Duration::from_secs(10)).expect("the source VMM exits after success");
+    let status = source
+        .wait_exit(Duration::from_secs(10))
+        .expect("the source VMM exits after success");
     assert!(status.success());
     assert_eq!(state_of(&dest), "running");
 }
@@ -232,18 +307,50 @@ fn the_source_exits_only_after_success() {
 /// ends byte-identical (checked by the test, not only by pagefp).
 #[test]
 fn concurrent_random_writes_end_byte_identical() {
-    let Some(setup) = setup("concurrent_random_writes_end_byte_identical") else { return };
+    let Some(setup) = setup("concurrent_random_writes_end_byte_identical") else {
+        return;
+    };
     // Whole-page ops (random, copy, zero) stay small: see hot_loop.
-    let op = (0u32..5, 0..PAGES - 600, 1u32..400, any::<u32>()).prop_map(|(kind, first, count, x)| match kind {
-        0 => Op::Random { first, count: count % 8 + 1, seed: x },
-        1 => Op::Copy { src: first + 20, first, count: count % 16 + 1 },
-        2 => Op::Zero { first, count: count % 16 + 1 },
-        3 => Op::Touch { first, count, value: x },
-        _ => Op::Stride { first, count: count.min(150), step: 3, value: x },
-    });
+    let op =
+        (0u32..5, 0..PAGES - 600, 1u32..400, any::<u32>()).prop_map(|(kind, first, count, x)| {
+            match kind {
+                0 => Op::Random {
+                    first,
+                    count: count % 8 + 1,
+                    seed: x,
+                },
+                1 => Op::Copy {
+                    src: first + 20,
+                    first,
+                    count: count % 16 + 1,
+                },
+                2 => Op::Zero {
+                    first,
+                    count: count % 16 + 1,
+                },
+                3 => Op::Touch {
+                    first,
+                    count,
+                    value: x,
+                },
+                _ => Op::Stride {
+                    first,
+                    count: count.min(150),
+                    step: 3,
+                    value: x,
+                },
+            }
+        });
     let workload = proptest::collection::vec(op, 1..4);
-    let modes = prop_oneof![Just(Mode::Baseline), Just(Mode::Templates), Just(Mode::TemplatesZstd)];
-    let mut runner = TestRunner::new(ProptestConfig { cases: 4, ..ProptestConfig::default() });
+    let modes = prop_oneof![
+        Just(Mode::Baseline),
+        Just(Mode::Templates),
+        Just(Mode::TemplatesZstd)
+    ];
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 4,
+        ..ProptestConfig::default()
+    });
     let catalog = catalog_of(&setup, &[3]);
     runner
         .run(&(workload, modes), |(ops, mode)| {
@@ -261,15 +368,24 @@ fn expect_refused(setup: &Setup, bytes: Vec<u8>, expected: &str) {
     let dest = incoming_vm(setup);
     let mut dest = dest;
     let listen = format!("127.0.0.1:{}", free_port());
-    let receiver = migration::start_receiver(&receive_spec(setup, &dest, listen.clone(), vec![]), None).unwrap();
+    let receiver =
+        migration::start_receiver(&receive_spec(setup, &dest, listen.clone(), vec![]), None)
+            .unwrap();
     let mut stream = TcpStream::connect(&listen).unwrap();
     let _ = stream.write_all(&bytes);
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let outcome = receiver.finish(Duration::from_secs(30));
     assert!(!outcome.success, "a malformed stream was accepted");
-    assert!(outcome.stderr.contains(expected), "expected {expected:?} in:\n{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains(expected),
+        "expected {expected:?} in:\n{}",
+        outcome.stderr
+    );
     assert!(outcome.stderr.contains("discarded"), "{}", outcome.stderr);
-    assert!(dest.wait_exit(Duration::from_secs(10)).is_some(), "the incoming VMM is discarded");
+    assert!(
+        dest.wait_exit(Duration::from_secs(10)).is_some(),
+        "the incoming VMM is discarded"
+    );
 }
 
 fn hello_stream(regions: Vec<Region>, tail: impl FnOnce(&mut FrameWriter<Vec<u8>>)) -> Vec<u8> {
@@ -294,20 +410,40 @@ fn hello_stream(regions: Vec<Region>, tail: impl FnOnce(&mut FrameWriter<Vec<u8>
 
 fn regions_of(mem_mib: u32) -> Vec<Region> {
     vec![
-        Region { slot: 0, gpa: 0, size: u64::from(mem_mib) << 20, read_only: false },
+        Region {
+            slot: 0,
+            gpa: 0,
+            size: u64::from(mem_mib) << 20,
+            read_only: false,
+        },
         // The test VMM's read-only code slot is guest memory too.
-        Region { slot: 100, gpa: 0xE000_0000, size: 4 << 20, read_only: true },
+        Region {
+            slot: 100,
+            gpa: 0xE000_0000,
+            size: 4 << 20,
+            read_only: true,
+        },
     ]
 }
 
 #[test]
 fn malformed_or_incompatible_streams_are_refused() {
-    let Some(setup) = setup("malformed_or_incompatible_streams_are_refused") else { return };
-    expect_refused(&setup, b"GET / HTTP/1.1\r\n\r\n".to_vec(), "not a pagefp migration stream");
+    let Some(setup) = setup("malformed_or_incompatible_streams_are_refused") else {
+        return;
+    };
+    expect_refused(
+        &setup,
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        "not a pagefp migration stream",
+    );
     let mut future = PREAMBLE_MAGIC.to_vec();
     future.extend_from_slice(&9u32.to_le_bytes());
     expect_refused(&setup, future, "version 9 is not supported");
-    expect_refused(&setup, hello_stream(regions_of(MEM_MIB * 2), |_| {}), "memory layouts differ");
+    expect_refused(
+        &setup,
+        hello_stream(regions_of(MEM_MIB * 2), |_| {}),
+        "memory layouts differ",
+    );
     // A page record with a corrupted byte: the checksum catches it.
     let mut corrupt = hello_stream(regions_of(MEM_MIB), |w| {
         let mut page = vec![0u8; 4101];
@@ -335,7 +471,8 @@ fn malformed_or_incompatible_streams_are_refused() {
     expect_refused(&setup, template, "was not offered");
     // Truncated in the middle of a message.
     let mut truncated = hello_stream(regions_of(MEM_MIB), |w| {
-        w.frame(Kind::Pages, 0, &[1, 0, 0, 0, 0, 1, 0, 0, 0]).unwrap();
+        w.frame(Kind::Pages, 0, &[1, 0, 0, 0, 0, 1, 0, 0, 0])
+            .unwrap();
     });
     truncated.truncate(truncated.len() - 3);
     expect_refused(&setup, truncated, "connection failed");
@@ -348,39 +485,81 @@ fn lose_connection(setup: &Setup, direction: Direction, cut: Cut, phase: &str) {
     start_hot_loop(&source, 200, 64, 5);
     let mut dest = incoming_vm(setup);
     let listen = format!("127.0.0.1:{}", free_port());
-    let receiver = migration::start_receiver(&receive_spec(setup, &dest, listen.clone(), vec![]), None).unwrap();
+    let receiver =
+        migration::start_receiver(&receive_spec(setup, &dest, listen.clone(), vec![]), None)
+            .unwrap();
     let relay = CuttingRelay::start(listen, direction, cut).unwrap();
-    let sent = migration::send(&send_spec(setup, &source, relay.listen.clone(), Mode::Templates), None).unwrap();
+    let sent = migration::send(
+        &send_spec(setup, &source, relay.listen.clone(), Mode::Templates),
+        None,
+    )
+    .unwrap();
     let received = receiver.finish(Duration::from_secs(30));
     relay.join();
-    assert!(!sent.success, "{phase}: the sender reported success over a cut connection");
+    assert!(
+        !sent.success,
+        "{phase}: the sender reported success over a cut connection"
+    );
     assert!(!received.success, "{phase}: the receiver reported success");
     if matches!(cut, Cut::BeforeKind(Kind::Go)) {
         // The source sent "go" and cannot know it was lost: it must not run
         // (the destination might), so it stays paused for the operator.
-        assert!(sent.stderr.contains("stays paused"), "{phase}:\n{}", sent.stderr);
+        assert!(
+            sent.stderr.contains("stays paused"),
+            "{phase}:\n{}",
+            sent.stderr
+        );
         assert_eq!(state_of(&source), "paused", "{phase}");
         source.resume().unwrap();
     } else {
-        assert!(sent.stderr.contains("the source VM keeps running"), "{phase}:\n{}", sent.stderr);
+        assert!(
+            sent.stderr.contains("the source VM keeps running"),
+            "{phase}:\n{}",
+            sent.stderr
+        );
         assert_eq!(state_of(&source), "running", "{phase}: the source runs on");
     }
     assert_keeps_writing(&source, phase);
-    assert!(dest.wait_exit(Duration::from_secs(10)).is_some(), "{phase}: the destination is discarded");
+    assert!(
+        dest.wait_exit(Duration::from_secs(10)).is_some(),
+        "{phase}: the destination is discarded"
+    );
     source.exit().unwrap();
 }
 
 #[test]
 fn a_lost_connection_at_any_phase_leaves_the_source_running() {
-    let Some(setup) = setup("a_lost_connection_at_any_phase_leaves_the_source_running") else { return };
+    let Some(setup) = setup("a_lost_connection_at_any_phase_leaves_the_source_running") else {
+        return;
+    };
     use Direction::*;
     lose_connection(&setup, SourceToDest, Cut::AfterBytes(5), "preamble");
     lose_connection(&setup, SourceToDest, Cut::AfterBytes(40), "hello");
     lose_connection(&setup, DestToSource, Cut::AfterBytes(6), "offer");
-    lose_connection(&setup, SourceToDest, Cut::AfterBytes(3 << 20), "first round");
-    lose_connection(&setup, DestToSource, Cut::BeforeKind(Kind::RoundAck), "round acknowledgement");
-    lose_connection(&setup, SourceToDest, Cut::BeforeKind(Kind::State), "final round");
-    lose_connection(&setup, SourceToDest, Cut::BeforeKind(Kind::Verify), "digest");
+    lose_connection(
+        &setup,
+        SourceToDest,
+        Cut::AfterBytes(3 << 20),
+        "first round",
+    );
+    lose_connection(
+        &setup,
+        DestToSource,
+        Cut::BeforeKind(Kind::RoundAck),
+        "round acknowledgement",
+    );
+    lose_connection(
+        &setup,
+        SourceToDest,
+        Cut::BeforeKind(Kind::State),
+        "final round",
+    );
+    lose_connection(
+        &setup,
+        SourceToDest,
+        Cut::BeforeKind(Kind::Verify),
+        "digest",
+    );
     // The destination verified and loaded the state; its "ready" is lost.
     lose_connection(&setup, DestToSource, Cut::BeforeKind(Kind::Ready), "ready");
     // "go" is lost: the destination never resumes; the source stays paused
@@ -390,7 +569,11 @@ fn a_lost_connection_at_any_phase_leaves_the_source_running() {
 
 #[test]
 fn losing_the_final_acknowledgement_leaves_the_source_paused_never_running_twice() {
-    let Some(setup) = setup("losing_the_final_acknowledgement_leaves_the_source_paused_never_running_twice") else { return };
+    let Some(setup) =
+        setup("losing_the_final_acknowledgement_leaves_the_source_paused_never_running_twice")
+    else {
+        return;
+    };
     let source = source_vm(&setup, 0);
     start_hot_loop(&source, 200, 64, 5);
     let dest = incoming_vm(&setup);
@@ -400,13 +583,22 @@ fn losing_the_final_acknowledgement_leaves_the_source_paused_never_running_twice
     let receiver = migration::start_receiver(&spec, None).unwrap();
     // "go" reaches the destination, which resumes; its "resumed" is lost,
     // so the source cannot know.
-    let relay = CuttingRelay::start(listen, Direction::DestToSource, Cut::BeforeKind(Kind::Resumed)).unwrap();
+    let relay = CuttingRelay::start(
+        listen,
+        Direction::DestToSource,
+        Cut::BeforeKind(Kind::Resumed),
+    )
+    .unwrap();
     let mut send = send_spec(&setup, &source, relay.listen.clone(), Mode::Templates);
     send.keep_source = false;
     let sent = migration::send(&send, None).unwrap();
     let received = receiver.finish(Duration::from_secs(30));
     relay.join();
-    assert!(received.success, "the destination resumed:\n{}", received.stderr);
+    assert!(
+        received.success,
+        "the destination resumed:\n{}",
+        received.stderr
+    );
     assert!(!sent.success);
     assert!(sent.stderr.contains("stays paused"), "{}", sent.stderr);
     assert_eq!(state_of(&source), "paused", "never running on both hosts");
@@ -418,7 +610,9 @@ fn losing_the_final_acknowledgement_leaves_the_source_paused_never_running_twice
 
 #[test]
 fn catalogs_export_import_and_serve_templates() {
-    let Some(setup) = setup("catalogs_export_import_and_serve_templates") else { return };
+    let Some(setup) = setup("catalogs_export_import_and_serve_templates") else {
+        return;
+    };
     let catalog = catalog_of(&setup, &[2, 4]);
     let install = setup.dir.0.join("installed");
     let output = std::process::Command::new(agent_binary())
@@ -428,7 +622,11 @@ fn catalogs_export_import_and_serve_templates() {
         .arg(&install)
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(std::fs::read_dir(&install).unwrap().count(), 1);
     // A corrupted catalog is refused with a clear message.
     let mut bytes = std::fs::read(&catalog).unwrap();
@@ -451,18 +649,31 @@ fn catalogs_export_import_and_serve_templates() {
 /// exported from two other guests of the same OS.
 #[test]
 fn a_linux_guest_migrates_with_templates_from_other_guests() {
-    let Some(setup) = setup("a_linux_guest_migrates_with_templates_from_other_guests") else { return };
+    let Some(setup) = setup("a_linux_guest_migrates_with_templates_from_other_guests") else {
+        return;
+    };
     if which::which("qemu-system-x86_64").is_err() {
-        assert!(!privileged::required(), "QEMU is missing: run `cargo xtask setup`");
+        assert!(
+            !privileged::required(),
+            "QEMU is missing: run `cargo xtask setup`"
+        );
         return;
     }
     let images = pagefp_tests::guest_images::ensure_images().expect("building the guest images");
     let image = |w: &str| images.iter().find(|i| i.workload == w).unwrap();
     let start = |image: &pagefp_tests::guest_images::GuestImage| {
-        let mut args = VmmArgs::new(setup.dir.0.join(format!("{}-{}.sock", image.name, free_port())), image.mem_mib);
+        let mut args = VmmArgs::new(
+            setup
+                .dir
+                .0
+                .join(format!("{}-{}.sock", image.name, free_port())),
+            image.mem_mib,
+        );
         args.image = Some(image.ram_path.clone());
         let vmm = VmmProcess::spawn(&testvmm_binary(), &args).unwrap();
-        setup.agent.wait_all_clean(vmm.pid(), Duration::from_secs(300));
+        setup
+            .agent
+            .wait_all_clean(vmm.pid(), Duration::from_secs(300));
         vmm
     };
     let others = [start(image("idle")), start(image("find"))];
@@ -476,18 +687,29 @@ fn a_linux_guest_migrates_with_templates_from_other_guests() {
         .args(["--vms", &pids.join(",")])
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     for vm in others {
         vm.exit().unwrap();
     }
     let httpd = image("httpd");
     let source = start(httpd);
     start_hot_loop(&source, 30_000, 64, 9);
-    let mut args = VmmArgs::new(setup.dir.0.join(format!("dst-{}.sock", free_port())), httpd.mem_mib);
+    let mut args = VmmArgs::new(
+        setup.dir.0.join(format!("dst-{}.sock", free_port())),
+        httpd.mem_mib,
+    );
     args.incoming = true;
     let dest = VmmProcess::spawn(&testvmm_binary(), &args).unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
-    let receiver = migration::start_receiver(&receive_spec(&setup, &dest, listen.clone(), vec![catalog]), None).unwrap();
+    let receiver = migration::start_receiver(
+        &receive_spec(&setup, &dest, listen.clone(), vec![catalog]),
+        None,
+    )
+    .unwrap();
     let sent = migration::send(&send_spec(&setup, &source, listen, Mode::Templates), None).unwrap();
     let received = receiver.finish(Duration::from_secs(120));
     assert!(sent.success, "{}", sent.stderr);
@@ -498,7 +720,10 @@ fn a_linux_guest_migrates_with_templates_from_other_guests() {
         httpd.name, report.wire_bytes, report.pages.zero, report.pages.template, report.pages.full
     );
     assert!(report.verified);
-    assert!(report.pages.template > 5_000, "the shared OS pages travel as templates");
+    assert!(
+        report.pages.template > 5_000,
+        "the shared OS pages travel as templates"
+    );
     let diff = differing(&source.checksums().unwrap(), &dest.checksums().unwrap());
     assert!(diff.is_empty(), "{} pages differ", diff.len());
     assert_keeps_writing(&dest, "the migrated Linux guest's workload");

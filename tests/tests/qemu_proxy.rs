@@ -9,9 +9,10 @@ mod qemu_streams;
 
 use std::{collections::HashSet, time::Duration};
 
+use agent::api::wire::state;
 use agent::migrate::catalog::Catalog;
 use pagefp_tests::{
-    agent_process::{TempDir, free_port},
+    agent_process::{AgentOptions, AgentProcess, TempDir, free_port, page_hash},
     guest_images, privileged,
     qemu::QemuGuest,
 };
@@ -277,6 +278,161 @@ fn a_linux_guest_migrates_with_templates_from_other_guests() {
     assert!(
         sent.wire_bytes * 2 < sent.stream_bytes,
         "{} wire bytes for a {}-byte stream",
+        sent.wire_bytes,
+        sent.stream_bytes
+    );
+}
+
+/// A directory under /dev/shm for guest RAM files, removed when dropped.
+struct ShmDir(std::path::PathBuf);
+
+impl ShmDir {
+    fn new(name: &str) -> Self {
+        let dir = std::path::PathBuf::from(format!("/dev/shm/{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for ShmDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The destination's own QEMU guests give the templates (issue 4, item 3):
+/// two guests of the same OS run under TCG with their RAM in shared memory
+/// files; the agent finds them without eBPF (no KVM), rescans them and
+/// serves their hashes as unverified, never clean; the receive proxy builds
+/// its templates from them (`--local-templates`, no catalog file). A third
+/// guest of that OS, with private RAM, migrates through the proxies.
+#[test]
+fn qemu_guests_on_shared_memory_give_the_destination_its_templates() {
+    let test = "qemu_guests_on_shared_memory_give_the_destination_its_templates";
+    if !qemu_available(test) || !privileged::check(test) {
+        return;
+    }
+    let images = guest_images::ensure_images().expect("building the guest images");
+    let image = |w: &str| images.iter().find(|i| i.workload == w).unwrap();
+    let dir = TempDir::new("pagefp-qemu-shm");
+    let shm = ShmDir::new("pagefp-qemu-shm");
+    let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
+    let mut holders = Vec::new();
+    for workload in ["idle", "find"] {
+        let spec = image(workload)
+            .spec()
+            .shared_memory(&shm.0.join(format!("{workload}.ram")));
+        let guest = QemuGuest::boot(&spec, &dir.0, workload, None).unwrap();
+        holders.push(guest);
+    }
+    for (guest, workload) in holders.iter().zip(["idle", "find"]) {
+        guest
+            .wait_ready(workload, Duration::from_secs(180))
+            .unwrap();
+        let view = agent.wait_vm(
+            guest.pid(),
+            Duration::from_secs(120),
+            "every page hashed",
+            |v| v["pages"].as_u64() == Some(65_536) && v["unknown"] == 0,
+        );
+        assert_eq!(view["discovery"], "shared_memory", "{view:#}");
+        assert_eq!(view["dirty_mode"], "none", "{view:#}");
+        assert_eq!(view["tracking"], "untracked", "{view:#}");
+        assert_eq!(
+            view["clean"], 0,
+            "nothing reports this guest's writes: {view:#}"
+        );
+    }
+
+    // Served hashes are the RAM's: once the guest is stopped, a rescan pass
+    // makes the list equal to the blake3 of every page of its file; no page
+    // is ever served as clean.
+    let stopped = &mut holders[0];
+    stopped.qmp.stop().unwrap();
+    let ram = std::fs::read(shm.0.join("idle.ram")).unwrap();
+    let expected: Vec<[u8; 32]> = ram.chunks_exact(4096).map(page_hash).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let records = agent.hashes(stopped.pid());
+        assert_eq!(records.len(), expected.len());
+        assert!(
+            records.iter().all(|r| r.state == state::UNVERIFIED),
+            "a page of a guest nobody tracks was served in another state"
+        );
+        let stale = records
+            .iter()
+            .filter(|r| r.hash != expected[(r.gpa >> 12) as usize])
+            .count();
+        if stale == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{stale} pages still differ from the stopped guest's RAM after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stopped.qmp.execute("cont", None).unwrap();
+
+    // The guest to migrate: private RAM, so the agent does not see it.
+    let guest = image("httpd");
+    let port = free_port();
+    let mut source = QemuGuest::boot(&guest.spec(), &dir.0, "src", None).unwrap();
+    let mut dest = QemuGuest::boot(
+        &guest.spec().incoming(&format!("tcp:127.0.0.1:{port}")),
+        &dir.0,
+        "dst",
+        None,
+    )
+    .unwrap();
+    source
+        .wait_ready(&guest.workload, Duration::from_secs(180))
+        .unwrap();
+    assert!(
+        agent.vm(source.pid()).is_none(),
+        "private RAM is not adopted"
+    );
+    source
+        .qmp
+        .execute(
+            "migrate-set-parameters",
+            Some(serde_json::json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
+        )
+        .unwrap();
+    let socket = agent.socket.display().to_string();
+    let proxies = Proxies::start_with(
+        port,
+        &[],
+        &[],
+        &["--local-templates", "--agent-socket", &socket],
+    )
+    .unwrap();
+    source.qmp.migrate(&proxies.uri).unwrap();
+    let info = source.qmp.wait_migration(MIGRATION);
+    let outcome = proxies.wait().unwrap();
+    let info = info.unwrap();
+    let sent = outcome.send.unwrap();
+    let received = outcome.receive.unwrap();
+    println!("{sent:?}\n{received:?}\nQEMU: {}", info["ram"]);
+    assert_eq!(info["status"], "completed", "{info:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while dest.qmp.status().unwrap() != "running" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destination does not run"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let first = dest.wait_heartbeat(0, Duration::from_secs(30)).unwrap();
+    dest.wait_heartbeat(first, Duration::from_secs(30))
+        .expect("the guest's counter goes on at the destination");
+    assert!(sent.template_pages > 5_000, "{sent:?}");
+    assert_eq!(received.template_pages, sent.template_pages);
+    // QEMU's stream is what a direct migration would put on the link.
+    assert!(
+        sent.wire_bytes * 2 < sent.stream_bytes,
+        "{} WAN bytes through the proxies for a {}-byte direct stream",
         sent.wire_bytes,
         sent.stream_bytes
     );

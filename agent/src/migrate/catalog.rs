@@ -279,7 +279,7 @@ struct Candidate {
     at: (u32, u64),
 }
 
-/// Builds a catalog from what the agent at `socket` knows: counts clean
+/// Builds a catalog from what the agent at `socket` knows: counts clean and unverified
 /// pages over the chosen VMs, ranks contents by pages, reads each chosen
 /// content from one VM and keeps it only if it still matches its hash.
 pub fn build_from_agent(socket: &Path, options: &BuildOptions) -> anyhow::Result<Catalog> {
@@ -305,9 +305,12 @@ pub fn build_from_agent(socket: &Path, options: &BuildOptions) -> anyhow::Result
             Err(e) => return Err(e.into()),
         };
         let (_, records) = parse_hash_list(&bytes).map_err(anyhow::Error::msg)?;
+        // Unverified hashes (VMs whose writes nobody reports, such as QEMU
+        // guests without KVM) count too: every chosen page is read and hashed
+        // again below, and only a page that still matches becomes a template.
         for record in records
             .iter()
-            .filter(|r| r.state == state::CLEAN && r.hash != zero)
+            .filter(|r| (r.state == state::CLEAN || r.state == state::UNVERIFIED) && r.hash != zero)
         {
             let Some(slot) = vm
                 .slots

@@ -164,6 +164,68 @@ impl Registry {
         });
     }
 
+    /// A QEMU guest without KVM whose RAM is shared memory: listed with one
+    /// unlogged slot per RAM mapping, so its pages are rescanned and served
+    /// unverified. A VM the eBPF tracking knows is left alone; one whose
+    /// mappings changed gets new slots (and loses its hashes).
+    pub fn adopt_shared_ram(&mut self, guest: &crate::qemu_guests::SharedRamGuest) {
+        let mut regions = guest.regions.clone();
+        regions.sort_by(|a, b| (&a.path, a.offset).cmp(&(&b.path, b.offset)));
+        if let Some(known) = self.vms.get(&guest.pid) {
+            let same =
+                known.discovery == Discovery::SharedMemory
+                    && known.slots.len() == regions.len()
+                    && known.slots.values().zip(&regions).all(|(slot, region)| {
+                        slot.uaddr == region.uaddr && slot.size == region.size
+                    });
+            if known.discovery != Discovery::SharedMemory || same {
+                return;
+            }
+            self.remove_vm(guest.pid);
+        }
+        let mut vm = Vm::new(guest.pid, Discovery::SharedMemory, SyncState::Synced);
+        vm.note = Some(
+            "QEMU without KVM, RAM in shared memory: no write reports, pages rescanned (unverified)"
+                .into(),
+        );
+        // Guest-physical addresses are not known from outside QEMU: a slot's
+        // `gpa` is its place in the guest's RAM mappings laid end to end.
+        let mut gpa = 0;
+        for (id, region) in regions.iter().enumerate() {
+            self.next_epoch += 1;
+            vm.slots.insert(
+                id as u32,
+                Slot {
+                    id: id as u32,
+                    gpa,
+                    size: region.size,
+                    uaddr: region.uaddr,
+                    flags: 0,
+                    epoch: self.next_epoch,
+                    pages: vec![PageEntry::default(); (region.size >> crate::PAGE_SHIFT) as usize],
+                    pending_bitmap: Vec::new(),
+                    rescan_cursor: 0,
+                },
+            );
+            gpa += region.size;
+        }
+        self.vms.insert(guest.pid, vm);
+    }
+
+    /// Shared-memory guests no longer found by the last scan (QEMU exited,
+    /// or started using KVM): forgotten.
+    pub fn drop_shared_ram_except(&mut self, found: &[u32]) {
+        let gone: Vec<u32> = self
+            .vms
+            .values()
+            .filter(|vm| vm.discovery == Discovery::SharedMemory && !found.contains(&vm.pid))
+            .map(|vm| vm.pid)
+            .collect();
+        for pid in gone {
+            self.remove_vm(pid);
+        }
+    }
+
     /// How the pages of `slot` are kept.
     pub fn tracking(&self, vm: &Vm, slot: &Slot) -> Tracking {
         slot_tracking(self.fentry_active, vm, slot)
@@ -786,6 +848,7 @@ fn slot_tracking(fentry_active: bool, vm: &Vm, slot: &Slot) -> Tracking {
         DirtyMode::Ring => true,
         DirtyMode::Bitmap { manual_protect } => fentry_active && !manual_protect,
         DirtyMode::Unknown => return Tracking::Syncing,
+        DirtyMode::None => return Tracking::Untracked,
     };
     match (reported, &vm.sync) {
         (false, _) => Tracking::Untracked,

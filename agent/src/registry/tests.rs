@@ -307,3 +307,98 @@ fn removed_vms_are_reported_once_for_their_mappings_to_go() {
     assert_eq!(registry.take_removed(), vec![4242]);
     assert!(registry.take_removed().is_empty());
 }
+
+fn shared_guest(regions: &[(u64, u64, &str)]) -> crate::qemu_guests::SharedRamGuest {
+    crate::qemu_guests::SharedRamGuest {
+        pid: PID,
+        regions: regions
+            .iter()
+            .map(|(uaddr, pages, path)| crate::qemu_guests::RamRegion {
+                uaddr: *uaddr,
+                size: pages * 4096,
+                offset: 0,
+                path: (*path).into(),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn a_qemu_guest_on_shared_memory_is_rescanned_as_unverified() {
+    let mut reg = Registry::new(false);
+    reg.adopt_shared_ram(&shared_guest(&[
+        (0x9000_0000, 2, "/dev/shm/b"),
+        (0x7000_0000, 4, "/dev/shm/a"),
+    ]));
+    let vm = reg.vm(PID).unwrap();
+    assert_eq!(vm.discovery, Discovery::SharedMemory);
+    assert_eq!(vm.dirty_mode, DirtyMode::None);
+    // Laid end to end in the order of their files.
+    let layout: Vec<(u64, u64, u64)> = vm
+        .slots
+        .values()
+        .map(|s| (s.gpa, s.size, s.uaddr))
+        .collect();
+    assert_eq!(
+        layout,
+        vec![
+            (0, 4 * 4096, 0x7000_0000),
+            (4 * 4096, 2 * 4096, 0x9000_0000)
+        ]
+    );
+    for slot in vm.slots.values() {
+        assert_eq!(reg.tracking(vm, slot), Tracking::Untracked);
+    }
+    assert!(
+        reg.take_jobs().is_empty(),
+        "no write reports, no tracked jobs"
+    );
+    for job in reg.rescan_jobs(100) {
+        assert_eq!(job.purpose, Purpose::Rescan);
+        let plan = reg.plan(&job).unwrap();
+        let hashes: Vec<_> = plan.pages.iter().map(|_| Some([9; 32])).collect();
+        reg.commit(&job, &plan, &hashes);
+    }
+    assert_eq!(state(&reg, 3), PageState::Unverified);
+    assert_eq!(reg.contents.len(), 1);
+
+    // Found again unchanged: the hashes stay.
+    reg.adopt_shared_ram(&shared_guest(&[
+        (0x7000_0000, 4, "/dev/shm/a"),
+        (0x9000_0000, 2, "/dev/shm/b"),
+    ]));
+    assert_eq!(state(&reg, 3), PageState::Unverified);
+    // A mapping moved: new slots, nothing kept.
+    reg.adopt_shared_ram(&shared_guest(&[(0x7100_0000, 4, "/dev/shm/a")]));
+    assert_eq!(state(&reg, 3), PageState::Unknown);
+    assert!(reg.contents.is_empty());
+    assert_eq!(
+        reg.take_removed(),
+        vec![PID],
+        "the old mappings are dropped"
+    );
+
+    // Gone from the scan: forgotten.
+    reg.drop_shared_ram_except(&[]);
+    assert!(reg.vm(PID).is_none());
+}
+
+#[test]
+fn a_vm_known_through_kvm_is_never_taken_for_a_shared_memory_guest() {
+    let mut reg = ring_vm(4);
+    reg.adopt_shared_ram(&shared_guest(&[(0x7100_0000, 4, "/dev/shm/a")]));
+    let vm = reg.vm(PID).unwrap();
+    assert_eq!(vm.discovery, Discovery::AtCreation);
+    assert_eq!(vm.slots[&0].uaddr, 0x7000_0000);
+    reg.drop_shared_ram_except(&[]);
+    assert!(reg.vm(PID).is_some());
+    // A shared-memory guest that turns out to use KVM becomes a KVM VM.
+    let mut reg = Registry::new(false);
+    reg.adopt_shared_ram(&shared_guest(&[(0x7100_0000, 4, "/dev/shm/a")]));
+    reg.apply(&Event {
+        fd: 5,
+        ..ev(kind::VM_CREATED)
+    });
+    assert_eq!(reg.vm(PID).unwrap().discovery, Discovery::AtCreation);
+    assert!(reg.vm(PID).unwrap().slots.is_empty());
+}

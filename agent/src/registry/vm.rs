@@ -18,6 +18,9 @@ pub enum DirtyMode {
     /// KVM's dirty bitmap (`KVM_GET_DIRTY_LOG`), optionally with manual
     /// re-protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`).
     Bitmap { manual_protect: bool },
+    /// No KVM at all: a QEMU guest under TCG whose RAM is shared memory
+    /// (see [`crate::qemu_guests`]); nothing reports its writes.
+    None,
 }
 
 /// How the agent came to know the VM.
@@ -28,6 +31,9 @@ pub enum Discovery {
     AtCreation,
     /// Running before the agent started.
     Adopted,
+    /// A QEMU process without KVM whose RAM is a shared memory backend,
+    /// found by scanning processes (see [`crate::qemu_guests`]).
+    SharedMemory,
 }
 
 /// Whether every write since some point is known to have been reported.
@@ -152,6 +158,7 @@ impl Vm {
                     manual_protect: false,
                 },
                 Discovery::Adopted => DirtyMode::Unknown,
+                Discovery::SharedMemory => DirtyMode::None,
             },
             slots: BTreeMap::new(),
             rings: HashMap::new(),

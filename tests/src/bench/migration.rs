@@ -24,9 +24,9 @@ use crate::{
     agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary},
     fleet::{Vm, VmOptions},
     guest_images::{GuestImage, RUN_SECONDS},
-    qemu::QemuGuest,
     migration::{self, ReceiveSpec, SendSpec},
     netns::ShapedLink,
+    qemu::QemuGuest,
     vmm_client::{VmmArgs, VmmProcess, testvmm_binary},
 };
 
@@ -99,7 +99,9 @@ pub struct MigrationReport {
 /// Runs every (image, link, mode) migration.
 pub fn run(images: &[GuestImage], settings: &Settings) -> anyhow::Result<MigrationReport> {
     if images.len() < 2 {
-        bail!("the experiment needs at least 2 guest images (one migrates, the others give templates)");
+        bail!(
+            "the experiment needs at least 2 guest images (one migrates, the others give templates)"
+        );
     }
     let dir = TempDir::new("pagefp-migration-bench");
     // A larger event buffer than the default: under this host's instruction
@@ -122,7 +124,15 @@ pub fn run(images: &[GuestImage], settings: &Settings) -> anyhow::Result<Migrati
                 let result = if mode == "qemu" {
                     qemu_run(&link, image, &dir)
                 } else {
-                    pagefp_run(&agent, &link, image, catalog, mode.parse().map_err(anyhow::Error::msg)?, &dir, settings)
+                    pagefp_run(
+                        &agent,
+                        &link,
+                        image,
+                        catalog,
+                        mode.parse().map_err(anyhow::Error::msg)?,
+                        &dir,
+                        settings,
+                    )
                 };
                 let run = result.unwrap_or_else(|err| failed_run(image, mode, mbit, &err));
                 println!(
@@ -134,8 +144,15 @@ pub fn run(images: &[GuestImage], settings: &Settings) -> anyhow::Result<Migrati
                     run.total_seconds,
                     run.downtime_ms,
                     run.rounds,
-                    if run.verified { "verified" } else { "NOT VERIFIED" },
-                    run.error.as_deref().map(|e| format!(" error: {e}")).unwrap_or_default(),
+                    if run.verified {
+                        "verified"
+                    } else {
+                        "NOT VERIFIED"
+                    },
+                    run.error
+                        .as_deref()
+                        .map(|e| format!(" error: {e}"))
+                        .unwrap_or_default(),
                     started.elapsed().as_secs_f64()
                 );
                 runs.push(run);
@@ -261,7 +278,11 @@ fn pagefp_run(
         &ReceiveSpec {
             listen: format!("{}:{port}", link.dest_ip),
             vmm_socket: dest.socket().to_path_buf(),
-            catalogs: if mode.uses_templates() { vec![catalog.to_path_buf()] } else { vec![] },
+            catalogs: if mode.uses_templates() {
+                vec![catalog.to_path_buf()]
+            } else {
+                vec![]
+            },
             agent_socket: Some(agent.socket.clone()),
             timeout_s: 120,
             ..ReceiveSpec::default()
@@ -315,7 +336,10 @@ fn pagefp_run(
 }
 
 fn last_line(text: &str) -> &str {
-    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
 }
 
 /// The same guest (kernel, initramfs, workload) booted in QEMU TCG at both
@@ -324,22 +348,50 @@ fn last_line(text: &str) -> &str {
 /// so both memories can be dumped and compared before it runs on.
 fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Result<Run> {
     let port = 7100 + (link.mbit % 1000) as u16;
-    let source = QemuGuest::boot(&image.spec(), &dir.0, &format!("qemu-src-{}", image.name), Some(link.in_source()))?;
+    let source = QemuGuest::boot(
+        &image.spec(),
+        &dir.0,
+        &format!("qemu-src-{}", image.name),
+        Some(link.in_source()),
+    )?;
     let mut dest_spec = image.spec();
-    dest_spec.extra = vec!["-S".into(), "-incoming".into(), format!("tcp:{}:{port}", link.dest_ip)];
-    let mut dest = QemuGuest::boot(&dest_spec, &dir.0, &format!("qemu-dst-{}", image.name), Some(link.in_dest()))?;
+    dest_spec.extra = vec![
+        "-S".into(),
+        "-incoming".into(),
+        format!("tcp:{}:{port}", link.dest_ip),
+    ];
+    let mut dest = QemuGuest::boot(
+        &dest_spec,
+        &dir.0,
+        &format!("qemu-dst-{}", image.name),
+        Some(link.in_dest()),
+    )?;
     let mut source = source;
-    source.wait_serial(&format!("pagefp-ready {}", image.workload), Duration::from_secs(180))?;
+    source.wait_serial(
+        &format!("pagefp-ready {}", image.workload),
+        Duration::from_secs(180),
+    )?;
     std::thread::sleep(Duration::from_secs(RUN_SECONDS));
     // No QEMU-side cap (its default is 32 MiB/s): the link is the limit.
-    source.qmp.execute("migrate-set-parameters", Some(json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})))?;
-    source.qmp.migrate(&format!("tcp:{}:{port}", link.dest_ip))?;
+    source.qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
+    )?;
+    source
+        .qmp
+        .migrate(&format!("tcp:{}:{port}", link.dest_ip))?;
     let info = source.qmp.wait_migration(Duration::from_secs(600))?;
     // Both paused now: compare their memories.
     let (a, b) = (dir.0.join("qemu-src.ram"), dir.0.join("qemu-dst.ram"));
     let size = u64::from(image.mem_mib) << 20;
-    source.qmp.execute("pmemsave", Some(json!({"val": 0, "size": size, "filename": a})))?;
-    dest.qmp.execute("pmemsave", Some(json!({"val": 0, "size": size, "filename": b})))?;
+    source.qmp.execute(
+        "pmemsave",
+        Some(json!({"val": 0, "size": size, "filename": a})),
+    )?;
+    dest.qmp.execute(
+        "pmemsave",
+        Some(json!({"val": 0, "size": size, "filename": b})),
+    )?;
     let (source_ram, dest_ram) = (std::fs::read(&a)?, std::fs::read(&b)?);
     let differing: Vec<usize> = source_ram
         .chunks(4096)
@@ -400,7 +452,10 @@ fn summarise(runs: &[Run], links: &[u32]) -> Vec<serde_json::Value> {
                     .filter(|r| r.link_mbit == mbit && r.mode == reference && r.error.is_none())
                 {
                     if let Some(run) = runs.iter().find(|r| {
-                        r.link_mbit == mbit && r.mode == mode && r.vm == base.vm && r.error.is_none()
+                        r.link_mbit == mbit
+                            && r.mode == mode
+                            && r.vm == base.vm
+                            && r.error.is_none()
                     }) {
                         bytes.push(run.wire_bytes as f64 / base.wire_bytes as f64);
                         times.push(run.total_seconds / base.total_seconds);
@@ -409,7 +464,8 @@ fn summarise(runs: &[Run], links: &[u32]) -> Vec<serde_json::Value> {
                 if bytes.is_empty() {
                     continue;
                 }
-                let (bytes_ratio, time_ratio) = (super::median(&mut bytes), super::median(&mut times));
+                let (bytes_ratio, time_ratio) =
+                    (super::median(&mut bytes), super::median(&mut times));
                 let targets = (mode == "templates" && reference == "baseline").then(|| {
                     json!({"wire_bytes_ratio_max": 0.62, "wire_bytes_ratio_goal": 0.4,
                            "total_time_ratio_max": 0.73, "total_time_ratio_goal": 0.5,
@@ -437,7 +493,17 @@ pub fn print_table(report: &MigrationReport) {
     println!();
     println!(
         "{:<16} {:<15} {:>6} {:>13} {:>9} {:>10} {:>6} {:>8} {:>8} {:>8} {:>8}",
-        "vm", "mode", "Mbit/s", "wire_bytes", "total_s", "downtime", "rounds", "zero", "template", "full", "verified"
+        "vm",
+        "mode",
+        "Mbit/s",
+        "wire_bytes",
+        "total_s",
+        "downtime",
+        "rounds",
+        "zero",
+        "template",
+        "full",
+        "verified"
     );
     for r in &report.runs {
         println!(
@@ -452,10 +518,20 @@ pub fn print_table(report: &MigrationReport) {
             r.pages_zero,
             r.pages_template,
             r.pages_full,
-            if r.error.is_some() { "FAILED" } else if r.verified { "yes" } else { "NO" }
+            if r.error.is_some() {
+                "FAILED"
+            } else if r.verified {
+                "yes"
+            } else {
+                "NO"
+            }
         );
     }
-    for r in report.runs.iter().filter(|r| r.note.is_some() || r.error.is_some()) {
+    for r in report
+        .runs
+        .iter()
+        .filter(|r| r.note.is_some() || r.error.is_some())
+    {
         println!(
             "  {} {} {} Mbit/s: {}",
             r.vm,
@@ -474,7 +550,11 @@ pub fn print_table(report: &MigrationReport) {
             s["wire_bytes_ratio_median"].as_f64().unwrap_or(f64::NAN),
             s["total_time_ratio_median"].as_f64().unwrap_or(f64::NAN),
             s["vms"],
-            if s["targets"].is_null() { "" } else { "  [targets: bytes <= 0.62 (goal 0.4), time <= 0.73 (goal 0.5)]" }
+            if s["targets"].is_null() {
+                ""
+            } else {
+                "  [targets: bytes <= 0.62 (goal 0.4), time <= 0.73 (goal 0.5)]"
+            }
         );
     }
 }
@@ -484,7 +564,8 @@ pub fn write(report: &MigrationReport, path: &Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(path, serde_json::to_vec_pretty(report)?).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(path, serde_json::to_vec_pretty(report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     println!("migration report written to {}", path.display());
     Ok(())
 }

@@ -61,7 +61,11 @@ fn main() -> anyhow::Result<()> {
         }
         println!(
             "== migration: {} guests x {:?} Mbit/s x {:?}",
-            if settings.migrate.is_empty() { images.len() } else { settings.migrate.len() },
+            if settings.migrate.is_empty() {
+                images.len()
+            } else {
+                settings.migrate.len()
+            },
             settings.links_mbit,
             settings.modes
         );
@@ -100,16 +104,34 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
         qemu_proxy_run::{Ends, compare},
     };
     let images = pagefp_tests::guest_images::ensure_images()?;
-    let migrate: Vec<&str> = if args.quick { vec!["linux-httpd"] } else { vec!["linux-httpd", "linux-compress", "linux-perl"] };
+    let migrate: Vec<&str> = if args.quick {
+        vec!["linux-httpd"]
+    } else {
+        vec!["linux-httpd", "linux-compress", "linux-perl"]
+    };
     println!("== QEMU through the proxies vs direct: {migrate:?} at 100 Mbit/s");
     let dir = TempDir::new("pagefp-proxy-bench");
     let agent = AgentProcess::start(&AgentOptions::default())?;
-    let catalogs = bench::migration::build_catalogs(&agent, &dir, &images, &bench::migration::Settings::default())?;
+    let catalogs = bench::migration::build_catalogs(
+        &agent,
+        &dir,
+        &images,
+        &bench::migration::Settings::default(),
+    )?;
     drop(agent);
     let link = ShapedLink::new("qp", 30, 100)?;
     let mut runs = Vec::new();
-    for (image, catalog) in images.iter().zip(&catalogs).filter(|(i, _)| migrate.contains(&i.name.as_str())) {
-        let run = compare(image, catalog, &Ends { link: Some(&link) }, pagefp_tests::guest_images::RUN_SECONDS)?;
+    for (image, catalog) in images
+        .iter()
+        .zip(&catalogs)
+        .filter(|(i, _)| migrate.contains(&i.name.as_str()))
+    {
+        let run = compare(
+            image,
+            catalog,
+            &Ends { link: Some(&link) },
+            pagefp_tests::guest_images::RUN_SECONDS,
+        )?;
         println!(
             "{:<16} direct {:>11} B {:>6.2} s | proxied {:>11} B {:>6.2} s | x{:.3} bytes | {} {}",
             run.vm,
@@ -119,14 +141,22 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
             run.proxied_seconds,
             run.proxied_wire_bytes as f64 / run.direct_wire_bytes.max(1) as f64,
             run.qemu_status,
-            if run.guest_resumed { "resumed" } else { "NOT RESUMED" }
+            if run.guest_resumed {
+                "resumed"
+            } else {
+                "NOT RESUMED"
+            }
         );
         runs.push(run);
     }
     let path = target_dir().join("pagefp-bench").join("qemu-proxy.json");
     std::fs::create_dir_all(path.parent().unwrap())?;
-    std::fs::write(&path, serde_json::to_vec_pretty(&serde_json::json!({"machine": bench::machine(), "target_bytes_ratio_max": 0.5, "runs": runs}))?)?;
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(
+            &serde_json::json!({"machine": bench::machine(), "target_bytes_ratio_max": 0.5, "runs": runs}),
+        )?,
+    )?;
     println!("qemu-proxy report written to {}", path.display());
     Ok(())
 }
-

@@ -23,7 +23,11 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     mem_mib: usize,
     /// Real Linux guests to migrate (image names, comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "linux-httpd,linux-compress")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "linux-httpd,linux-compress"
+    )]
     migrate: Vec<String>,
     /// Link speed of the migration part, Mbit/s.
     #[arg(long, default_value_t = 100)]
@@ -155,8 +159,13 @@ fn main() -> anyhow::Result<()> {
 /// Real Linux guests migrated over a shaped link, pagefp's modes side by side
 /// with QEMU's own migration of the same guest.
 fn migration_part(args: &Args) -> anyhow::Result<()> {
-    println!("\n== live migration of real Linux guests over a {} Mbit/s link", args.link_mbit);
-    println!("   guest images: Debian kernel + busybox/perl initramfs under QEMU TCG, one workload each (cargo xtask images)");
+    println!(
+        "\n== live migration of real Linux guests over a {} Mbit/s link",
+        args.link_mbit
+    );
+    println!(
+        "   guest images: Debian kernel + busybox/perl initramfs under QEMU TCG, one workload each (cargo xtask images)"
+    );
     let images = pagefp_tests::guest_images::ensure_images()?;
     let settings = bench::migration::Settings {
         links_mbit: vec![args.link_mbit],
@@ -169,8 +178,12 @@ fn migration_part(args: &Args) -> anyhow::Result<()> {
     );
     let report = bench::migration::run(&images, &settings)?;
     bench::migration::print_table(&report);
-    let path = agent_process::target_dir().join("pagefp-bench").join("migration-demo.json");
+    let path = agent_process::target_dir()
+        .join("pagefp-bench")
+        .join("migration-demo.json");
     bench::migration::write(&report, &path)?;
-    println!("   the full experiment (every image, 100 Mbit/s and 1 Gbit/s): cargo xtask bench -- --only migration");
+    println!(
+        "   the full experiment (every image, 100 Mbit/s and 1 Gbit/s): cargo xtask bench -- --only migration"
+    );
     Ok(())
 }

@@ -132,7 +132,10 @@ pub fn build_one(image: &GuestImage, logs: &Path, run_seconds: u64) -> anyhow::R
             let free = super::free_bytes(tmp.parent().unwrap_or(Path::new(".")))
                 .map(|bytes| format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30)))
                 .unwrap_or_else(|err| format!("unknown ({err:#})"));
-            format!("dumping the guest's RAM into {} ({free} free there)", tmp.display())
+            format!(
+                "dumping the guest's RAM into {} ({free} free there)",
+                tmp.display()
+            )
         })?;
     guest.quit()?;
     let size = std::fs::metadata(&tmp)

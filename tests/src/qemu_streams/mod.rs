@@ -198,6 +198,16 @@ impl Proxies {
     /// Starts the receive proxy (feeding `127.0.0.1:dest_port`, offering
     /// `catalogs`) and the send proxy; `send_args` are extra flags.
     pub fn start(dest_port: u16, catalogs: &[PathBuf], send_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(dest_port, catalogs, send_args, &[])
+    }
+
+    /// As [`Proxies::start`], with extra flags for the receive proxy too.
+    pub fn start_with(
+        dest_port: u16,
+        catalogs: &[PathBuf],
+        send_args: &[&str],
+        receive_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let wan = format!("127.0.0.1:{}", free_port());
         let local = format!("127.0.0.1:{}", free_port());
         let mut receive = Command::new(agent_binary());
@@ -219,6 +229,7 @@ impl Proxies {
         for catalog in catalogs {
             receive.arg("--templates").arg(catalog);
         }
+        receive.args(receive_args);
         let receive = receive
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
