@@ -1,8 +1,9 @@
 //! Unmodified QEMU 7.2 (TCG) migrating through `pagefp qemu-proxy send` →
 //! loopback → `pagefp qemu-proxy receive` → QEMU `-incoming`: BIOS-only
-//! guests (every test), a real Linux guest with templates from other
-//! guests' memory (when the guest images are built). Needs
-//! `qemu-system-x86_64` (not root); skipped without it, except in CI.
+//! guests (every test), real Linux guests with templates from other
+//! guests' memory (when the guest images are built), and QEMU guests on
+//! shared memory backends adopted by the agent. Needs `qemu-system-x86_64`
+//! (and root for the agent's tests); skipped without them, except in CI.
 
 #[path = "../src/qemu_streams/mod.rs"]
 mod qemu_streams;
@@ -436,6 +437,78 @@ fn qemu_guests_on_shared_memory_give_the_destination_its_templates() {
         sent.wire_bytes,
         sent.stream_bytes
     );
+}
+
+/// QEMU's memfd backend (shared, sealed: hashed in place): the agent adopts
+/// the guest, serves the hashes of what is in its RAM (read here through
+/// /proc/PID/mem while the guest is stopped), and forgets it when QEMU exits.
+#[test]
+fn a_qemu_guest_on_a_memfd_backend_is_adopted_and_forgotten_when_it_exits() {
+    let test = "a_qemu_guest_on_a_memfd_backend_is_adopted_and_forgotten_when_it_exits";
+    if !qemu_available(test) || !privileged::check(test) {
+        return;
+    }
+    let dir = TempDir::new("pagefp-qemu-memfd");
+    let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
+    let mut guest = BiosGuest::start(
+        &dir.0,
+        "memfd",
+        64,
+        &[
+            "-object".into(),
+            "memory-backend-memfd,id=ram,size=64M".into(),
+            "-machine".into(),
+            "memory-backend=ram".into(),
+        ],
+    )
+    .unwrap();
+    let pid = guest.pid();
+    std::thread::sleep(Duration::from_millis(500));
+    guest.qmp.stop().unwrap();
+    let view = agent.wait_vm(pid, Duration::from_secs(60), "every page hashed", |v| {
+        v["pages"].as_u64() == Some(16_384) && v["unknown"] == 0
+    });
+    assert_eq!(view["discovery"], "shared_memory", "{view:#}");
+    let slots = view["slots"].as_array().unwrap();
+    assert_eq!(slots.len(), 1, "{view:#}");
+    let uaddr = slots[0]["uaddr"].as_u64().unwrap();
+    let mut ram = vec![0u8; 64 << 20];
+    {
+        use std::os::unix::fs::FileExt as _;
+        let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+        mem.read_exact_at(&mut ram, uaddr).unwrap();
+    }
+    let expected: Vec<[u8; 32]> = ram.chunks_exact(4096).map(page_hash).collect();
+    assert!(
+        expected.iter().any(|h| *h != page_hash(&[0; 4096])),
+        "the BIOS wrote nothing?"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let records = agent.hashes(pid);
+        assert!(records.iter().all(|r| r.state == state::UNVERIFIED));
+        let stale = records
+            .iter()
+            .filter(|r| r.hash != expected[(r.gpa >> 12) as usize])
+            .count();
+        if stale == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{stale} pages differ from the guest's RAM"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    drop(guest);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while agent.vm(pid).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent still lists QEMU {pid} 10 s after it exited"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Something that is not QEMU connecting to the send proxy.

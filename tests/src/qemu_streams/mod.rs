@@ -78,6 +78,10 @@ impl BiosGuest {
         })
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A destination waiting on `-incoming tcp:127.0.0.1:PORT`.
     pub fn incoming(dir: &Path, name: &str, mem_mib: u32, port: u16) -> anyhow::Result<Self> {
         Self::start(
