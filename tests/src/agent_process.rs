@@ -93,8 +93,12 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(prefix: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), unique()));
+        Self::new_in(&std::env::temp_dir(), prefix)
+    }
+
+    /// In `parent` (e.g. `/dev/shm` for guest RAM files).
+    pub fn new_in(parent: &Path, prefix: &str) -> Self {
+        let dir = parent.join(format!("{prefix}-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&dir).expect("creating a temporary directory");
         Self(dir)
     }

@@ -17,10 +17,43 @@ use crate::{
     qemu::QemuGuest,
 };
 
+/// Where the receive proxy takes its templates from.
+#[derive(Clone, Debug)]
+pub enum Templates {
+    /// A catalog file (`pagefp templates export`), moved ahead of time.
+    Catalog(std::path::PathBuf),
+    /// The destination's own VMs, through its agent at this socket
+    /// (`--local-templates`).
+    Agent(std::path::PathBuf),
+}
+
+impl Templates {
+    fn args(&self) -> Vec<std::ffi::OsString> {
+        match self {
+            Self::Catalog(path) => vec!["--templates".into(), path.into()],
+            Self::Agent(socket) => vec![
+                "--local-templates".into(),
+                "--agent-socket".into(),
+                socket.into(),
+            ],
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Catalog(_) => "catalog",
+            Self::Agent(_) => "agent",
+        }
+    }
+}
+
 /// One guest migrated directly and through the proxies.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProxyRun {
     pub vm: String,
+    /// `catalog` (a file exported from other guests' memory) or `agent`
+    /// (the destination agent's own VMs).
+    pub templates: String,
     pub link_mbit: u32,
     pub direct_wire_bytes: u64,
     pub proxied_wire_bytes: u64,
@@ -70,13 +103,13 @@ fn wrapped(wrap: Option<Command>, program: impl AsRef<std::ffi::OsStr>) -> Comma
 }
 
 /// Boots the guest at both ends, waits `run_seconds` of workload, and
-/// migrates it (through the proxies if `catalog` is given).
+/// migrates it (through the proxies if `proxy` is given).
 fn migrate_once(
     image: &GuestImage,
     ends: &Ends,
     dir: &TempDir,
     run_seconds: u64,
-    proxy: Option<&std::path::Path>,
+    proxy: Option<&Templates>,
 ) -> anyhow::Result<(u64, f64, String, bool, Option<serde_json::Value>)> {
     let tag = if proxy.is_some() { "proxied" } else { "direct" };
     let qemu_port = free_port();
@@ -116,7 +149,7 @@ fn migrate_once(
     let mut proxies = None;
     let uri = match proxy {
         None => format!("tcp:{}:{qemu_port}", ends.dest_ip()),
-        Some(catalog) => {
+        Some(templates) => {
             let wan = format!("{}:{}", ends.dest_ip(), free_port());
             let local = format!("127.0.0.1:{}", free_port());
             let receive = wrapped(ends.dest(), agent_binary())
@@ -131,8 +164,7 @@ fn migrate_once(
                     &wan,
                 ])
                 .args(["--qemu", &format!("127.0.0.1:{qemu_port}")])
-                .arg("--templates")
-                .arg(catalog)
+                .args(templates.args())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -198,7 +230,7 @@ fn migrate_once(
 /// The same guest migrated directly, then through the proxies, on `ends`.
 pub fn compare(
     image: &GuestImage,
-    catalog: &std::path::Path,
+    templates: &Templates,
     ends: &Ends,
     run_seconds: u64,
 ) -> anyhow::Result<ProxyRun> {
@@ -209,11 +241,12 @@ pub fn compare(
         bail!("the direct QEMU migration ended {direct_status}");
     }
     let (_, proxied_seconds, status, resumed, report) =
-        migrate_once(image, ends, &dir, run_seconds, Some(catalog))?;
+        migrate_once(image, ends, &dir, run_seconds, Some(templates))?;
     let report = report.context("no proxy report")?;
     let number = |key: &str| report[key].as_u64().unwrap_or(0);
     Ok(ProxyRun {
         vm: image.name.clone(),
+        templates: templates.name().into(),
         link_mbit: ends.mbit(),
         direct_wire_bytes: direct_bytes,
         proxied_wire_bytes: number("wire_bytes"),

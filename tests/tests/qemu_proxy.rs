@@ -8,7 +8,7 @@
 #[path = "../src/qemu_streams/mod.rs"]
 mod qemu_streams;
 
-use std::{collections::HashSet, time::Duration};
+use std::{collections::HashSet, path::Path, time::Duration};
 
 use agent::api::wire::state;
 use agent::migrate::catalog::Catalog;
@@ -284,24 +284,6 @@ fn a_linux_guest_migrates_with_templates_from_other_guests() {
     );
 }
 
-/// A directory under /dev/shm for guest RAM files, removed when dropped.
-struct ShmDir(std::path::PathBuf);
-
-impl ShmDir {
-    fn new(name: &str) -> Self {
-        let dir = std::path::PathBuf::from(format!("/dev/shm/{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for ShmDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The destination's own QEMU guests give the templates (issue 4, item 3):
 /// two guests of the same OS run under TCG with their RAM in shared memory
 /// files; the agent finds them without eBPF (no KVM), rescans them and
@@ -317,7 +299,7 @@ fn qemu_guests_on_shared_memory_give_the_destination_its_templates() {
     let images = guest_images::ensure_images().expect("building the guest images");
     let image = |w: &str| images.iter().find(|i| i.workload == w).unwrap();
     let dir = TempDir::new("pagefp-qemu-shm");
-    let shm = ShmDir::new("pagefp-qemu-shm");
+    let shm = TempDir::new_in(Path::new("/dev/shm"), "pagefp-qemu-shm");
     let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
     let mut holders = Vec::new();
     for workload in ["idle", "find"] {

@@ -98,10 +98,11 @@ fn main() -> anyhow::Result<()> {
 /// Unmodified QEMU migrated directly and through `pagefp qemu-proxy`, side by
 /// side over the same shaped link; target/pagefp-bench/qemu-proxy.json.
 fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
+    use anyhow::Context as _;
     use pagefp_tests::{
         agent_process::{AgentOptions, AgentProcess, TempDir},
         netns::ShapedLink,
-        qemu_proxy_run::{Ends, compare},
+        qemu_proxy_run::{Ends, Templates, compare},
     };
     let images = pagefp_tests::guest_images::ensure_images()?;
     let migrate: Vec<&str> = if args.quick {
@@ -128,25 +129,62 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
     {
         let run = compare(
             image,
-            catalog,
+            &Templates::Catalog(catalog.clone()),
             &Ends { link: Some(&link) },
             pagefp_tests::guest_images::RUN_SECONDS,
         )?;
-        println!(
-            "{:<16} direct {:>11} B {:>6.2} s | proxied {:>11} B {:>6.2} s | x{:.3} bytes | {} {}",
-            run.vm,
-            run.direct_wire_bytes,
-            run.direct_seconds,
-            run.proxied_wire_bytes,
-            run.proxied_seconds,
-            run.proxied_wire_bytes as f64 / run.direct_wire_bytes.max(1) as f64,
-            run.qemu_status,
-            if run.guest_resumed {
-                "resumed"
-            } else {
-                "NOT RESUMED"
+        print_proxy_run(&run);
+        runs.push(run);
+    }
+    // The product path: the destination agent adopts two QEMU guests of the
+    // same OS running there on shared memory, and the receive proxy takes
+    // its templates from them.
+    {
+        let agent = AgentProcess::start(&AgentOptions::default())?;
+        let shm = TempDir::new_in(std::path::Path::new("/dev/shm"), "pagefp-proxy-bench");
+        let mut holders = Vec::new();
+        for workload in ["idle", "find"] {
+            let image = images
+                .iter()
+                .find(|i| i.workload == workload)
+                .context("no such guest image")?;
+            let spec = image
+                .spec()
+                .shared_memory(&shm.0.join(format!("{workload}.ram")));
+            let guest = pagefp_tests::qemu::QemuGuest::boot(
+                &spec,
+                &dir.0,
+                &format!("holder-{workload}"),
+                Some(link.in_dest()),
+            )?;
+            guest.wait_ready(workload, std::time::Duration::from_secs(180))?;
+            holders.push(guest);
+        }
+        for guest in &holders {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while agent
+                .vm(guest.pid())
+                .is_none_or(|v| v["pages"].as_u64() == Some(0) || v["unknown"] != 0)
+            {
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "the agent did not hash QEMU {} within 120 s",
+                    guest.pid()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(200));
             }
-        );
+        }
+        let image = images
+            .iter()
+            .find(|i| i.name == "linux-httpd")
+            .context("no linux-httpd image")?;
+        let run = compare(
+            image,
+            &Templates::Agent(agent.socket.clone()),
+            &Ends { link: Some(&link) },
+            pagefp_tests::guest_images::RUN_SECONDS,
+        )?;
+        print_proxy_run(&run);
         runs.push(run);
     }
     let path = target_dir().join("pagefp-bench").join("qemu-proxy.json");
@@ -159,4 +197,23 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
     )?;
     println!("qemu-proxy report written to {}", path.display());
     Ok(())
+}
+
+fn print_proxy_run(run: &pagefp_tests::qemu_proxy_run::ProxyRun) {
+    println!(
+        "{:<16} {:<8} direct {:>11} B {:>6.2} s | proxied {:>11} B {:>6.2} s | x{:.3} bytes | {} {}",
+        run.vm,
+        run.templates,
+        run.direct_wire_bytes,
+        run.direct_seconds,
+        run.proxied_wire_bytes,
+        run.proxied_seconds,
+        run.proxied_wire_bytes as f64 / run.direct_wire_bytes.max(1) as f64,
+        run.qemu_status,
+        if run.guest_resumed {
+            "resumed"
+        } else {
+            "NOT RESUMED"
+        }
+    );
 }
