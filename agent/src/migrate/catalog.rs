@@ -253,7 +253,7 @@ impl Default for BuildOptions {
             vms: Vec::new(),
             exclude: Vec::new(),
             min_vms: 2,
-            budget_bytes: 64 << 20,
+            budget_bytes: 256 << 20,
         }
     }
 }

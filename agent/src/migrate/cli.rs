@@ -102,8 +102,8 @@ pub struct ExportArgs {
     /// A content must be held by at least this many of the VMs.
     #[arg(long, default_value_t = 2)]
     pub min_vms: u32,
-    /// Template budget in MiB.
-    #[arg(long, default_value_t = 64)]
+    /// Template budget in MiB (the agent's `template_budget_bytes` default).
+    #[arg(long, default_value_t = 256)]
     pub budget_mib: u64,
 }
 

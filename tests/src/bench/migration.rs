@@ -82,7 +82,7 @@ impl Default for Settings {
             hot_pages: 256,
             hot_interval_ms: 50,
             downtime_ms: 300,
-            template_budget_mib: 64,
+            template_budget_mib: 256,
             migrate: Vec::new(),
         }
     }
