@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod migration_book;
 pub mod net;
+pub mod processes;
 pub mod qemu_guests;
 pub mod qemu_proxy;
 pub mod qemu_stream;

@@ -49,14 +49,7 @@ pub enum SharedBackend {
 /// Every QEMU process on the host that does not use KVM and keeps its RAM in
 /// shared memory.
 pub fn find() -> Vec<SharedRamGuest> {
-    let Ok(proc) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut guests: Vec<SharedRamGuest> = proc
-        .filter_map(Result::ok)
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(inspect)
-        .collect();
+    let mut guests: Vec<SharedRamGuest> = crate::processes::pids().filter_map(inspect).collect();
     guests.sort_unstable_by_key(|guest| guest.pid);
     guests
 }
@@ -74,22 +67,12 @@ pub fn inspect(pid: u32) -> Option<SharedRamGuest> {
         return None;
     }
     let backends = shared_backends(&args);
-    if backends.is_empty() || holds_kvm_vm(pid) {
+    if backends.is_empty() || crate::processes::holds_kvm_vm(pid) {
         return None;
     }
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     let regions = ram_regions(&maps, &backends);
     (!regions.is_empty()).then_some(SharedRamGuest { pid, regions })
-}
-
-/// Whether `pid` holds a KVM VM file descriptor (then eBPF tracks it).
-pub fn holds_kvm_vm(pid: u32) -> bool {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
-        fds.filter_map(Result::ok).any(|fd| {
-            std::fs::read_link(fd.path())
-                .is_ok_and(|target| target.as_os_str() == "anon_inode:kvm-vm")
-        })
-    })
 }
 
 /// The shared memory backends among QEMU's arguments.

@@ -277,20 +277,8 @@ pub fn monotonic_ns() -> u64 {
 
 /// Pids of processes that hold a KVM VM fd now.
 pub fn find_running_vms() -> Vec<u32> {
-    let Ok(proc) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut pids: Vec<u32> = proc
-        .filter_map(Result::ok)
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
-                fds.filter_map(Result::ok).any(|fd| {
-                    std::fs::read_link(fd.path())
-                        .is_ok_and(|target| target.as_os_str() == "anon_inode:kvm-vm")
-                })
-            })
-        })
+    let mut pids: Vec<u32> = crate::processes::pids()
+        .filter(|pid| crate::processes::holds_kvm_vm(*pid))
         .collect();
     pids.sort_unstable();
     pids

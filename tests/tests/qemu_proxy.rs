@@ -11,7 +11,7 @@ mod qemu_streams;
 use std::{collections::HashSet, path::Path, time::Duration};
 
 use agent::api::wire::state;
-use agent::migrate::catalog::Catalog;
+use agent::{migrate::catalog::Catalog, qemu_proxy::ProxyReport};
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, free_port, page_hash},
     guest_images, privileged,
@@ -220,6 +220,68 @@ fn common_pages(images: &[&guest_images::GuestImage]) -> Catalog {
     catalog
 }
 
+/// Boots `guest` at both ends (private RAM), migrates it through the
+/// proxies (receive proxy offering `catalogs` and `receive_args`), and checks
+/// what every Linux migration must give: QEMU's `completed`, the guest's
+/// counter going on at the destination, over 5,000 pages sent as template
+/// references, and less than half of QEMU's own stream (what a direct
+/// migration puts on the link) on the WAN.
+fn migrate_a_linux_guest(
+    guest: &guest_images::GuestImage,
+    dir: &TempDir,
+    catalogs: &[std::path::PathBuf],
+    receive_args: &[&str],
+) -> ProxyReport {
+    let port = free_port();
+    let mut source = QemuGuest::boot(&guest.spec(), &dir.0, "src", None).unwrap();
+    let mut dest = QemuGuest::boot(
+        &guest.spec().incoming(&format!("tcp:127.0.0.1:{port}")),
+        &dir.0,
+        "dst",
+        None,
+    )
+    .unwrap();
+    source
+        .wait_ready(&guest.workload, Duration::from_secs(180))
+        .unwrap();
+    source
+        .qmp
+        .execute(
+            "migrate-set-parameters",
+            Some(serde_json::json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
+        )
+        .unwrap();
+    let proxies = Proxies::start_with(port, catalogs, &[], receive_args).unwrap();
+    source.qmp.migrate(&proxies.uri).unwrap();
+    let info = source.qmp.wait_migration(MIGRATION);
+    let outcome = proxies.wait().unwrap();
+    let info = info.unwrap();
+    let sent = outcome.send.unwrap();
+    let received = outcome.receive.unwrap();
+    println!("{sent:?}\n{received:?}\nQEMU: {}", info["ram"]);
+    assert_eq!(info["status"], "completed", "{info:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while dest.qmp.status().unwrap() != "running" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destination does not run"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let first = dest.wait_heartbeat(0, Duration::from_secs(30)).unwrap();
+    dest.wait_heartbeat(first, Duration::from_secs(30))
+        .expect("the guest's counter goes on at the destination");
+    assert!(sent.template_pages > 5_000, "{sent:?}");
+    assert_eq!(received.template_pages, sent.template_pages);
+    assert!(
+        sent.wire_bytes * 2 < sent.stream_bytes,
+        "{} WAN bytes through the proxies for a {}-byte direct stream",
+        sent.wire_bytes,
+        sent.stream_bytes
+    );
+    sent
+}
+
 #[test]
 fn a_linux_guest_migrates_with_templates_from_other_guests() {
     if !qemu_available("a_linux_guest_migrates_with_templates_from_other_guests") {
@@ -232,56 +294,7 @@ fn a_linux_guest_migrates_with_templates_from_other_guests() {
     assert!(catalog.len() > 5_000, "{} common pages", catalog.len());
     let catalog_path = dir.0.join("os.pftc");
     catalog.save(&catalog_path).unwrap();
-    let guest = image("httpd");
-    let port = free_port();
-    let mut source = QemuGuest::boot(&guest.spec(), &dir.0, "src", None).unwrap();
-    let mut spec = guest.spec();
-    spec.extra = vec!["-incoming".into(), format!("tcp:127.0.0.1:{port}")];
-    let mut dest = QemuGuest::boot(&spec, &dir.0, "dst", None).unwrap();
-    source
-        .wait_serial(
-            &format!("pagefp-ready {}", guest.workload),
-            Duration::from_secs(180),
-        )
-        .unwrap();
-    source
-        .qmp
-        .execute(
-            "migrate-set-parameters",
-            Some(serde_json::json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
-        )
-        .unwrap();
-    let proxies = Proxies::start(port, &[catalog_path], &[]).unwrap();
-    source.qmp.migrate(&proxies.uri).unwrap();
-    let info = source.qmp.wait_migration(MIGRATION);
-    let outcome = proxies.wait().unwrap();
-    let info = info.unwrap();
-    let sent = outcome.send.unwrap();
-    outcome.receive.unwrap();
-    println!("{sent:?}\nQEMU: {}", info["ram"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while dest.qmp.status().unwrap() != "running" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the destination does not run"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    dest.wait_serial("pagefp-heartbeat", Duration::from_secs(30))
-        .unwrap();
-    let first = dest.heartbeat().unwrap_or(0);
-    std::thread::sleep(Duration::from_secs(3));
-    assert!(
-        dest.heartbeat().unwrap_or(0) > first,
-        "the guest runs on at the destination"
-    );
-    assert!(sent.template_pages > 5_000, "{sent:?}");
-    assert!(
-        sent.wire_bytes * 2 < sent.stream_bytes,
-        "{} wire bytes for a {}-byte stream",
-        sent.wire_bytes,
-        sent.stream_bytes
-    );
+    migrate_a_linux_guest(image("httpd"), &dir, &[catalog_path], &[]);
 }
 
 /// The destination's own QEMU guests give the templates (issue 4, item 3):
@@ -359,66 +372,14 @@ fn qemu_guests_on_shared_memory_give_the_destination_its_templates() {
     stopped.qmp.execute("cont", None).unwrap();
 
     // The guest to migrate: private RAM, so the agent does not see it.
-    let guest = image("httpd");
-    let port = free_port();
-    let mut source = QemuGuest::boot(&guest.spec(), &dir.0, "src", None).unwrap();
-    let mut dest = QemuGuest::boot(
-        &guest.spec().incoming(&format!("tcp:127.0.0.1:{port}")),
-        &dir.0,
-        "dst",
-        None,
-    )
-    .unwrap();
-    source
-        .wait_ready(&guest.workload, Duration::from_secs(180))
-        .unwrap();
-    assert!(
-        agent.vm(source.pid()).is_none(),
-        "private RAM is not adopted"
-    );
-    source
-        .qmp
-        .execute(
-            "migrate-set-parameters",
-            Some(serde_json::json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
-        )
-        .unwrap();
     let socket = agent.socket.display().to_string();
-    let proxies = Proxies::start_with(
-        port,
-        &[],
+    migrate_a_linux_guest(
+        image("httpd"),
+        &dir,
         &[],
         &["--local-templates", "--agent-socket", &socket],
-    )
-    .unwrap();
-    source.qmp.migrate(&proxies.uri).unwrap();
-    let info = source.qmp.wait_migration(MIGRATION);
-    let outcome = proxies.wait().unwrap();
-    let info = info.unwrap();
-    let sent = outcome.send.unwrap();
-    let received = outcome.receive.unwrap();
-    println!("{sent:?}\n{received:?}\nQEMU: {}", info["ram"]);
-    assert_eq!(info["status"], "completed", "{info:?}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while dest.qmp.status().unwrap() != "running" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the destination does not run"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let first = dest.wait_heartbeat(0, Duration::from_secs(30)).unwrap();
-    dest.wait_heartbeat(first, Duration::from_secs(30))
-        .expect("the guest's counter goes on at the destination");
-    assert!(sent.template_pages > 5_000, "{sent:?}");
-    assert_eq!(received.template_pages, sent.template_pages);
-    // QEMU's stream is what a direct migration would put on the link.
-    assert!(
-        sent.wire_bytes * 2 < sent.stream_bytes,
-        "{} WAN bytes through the proxies for a {}-byte direct stream",
-        sent.wire_bytes,
-        sent.stream_bytes
     );
+    assert!(holders.iter().all(|guest| guest.exited().is_none()));
 }
 
 /// QEMU's memfd backend (shared, sealed: hashed in place): the agent adopts
