@@ -381,6 +381,25 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
         .qmp
         .migrate(&format!("tcp:{}:{port}", link.dest_ip))?;
     let info = source.qmp.wait_migration(Duration::from_secs(600))?;
+    // The source says `completed` once it has sent everything; without a
+    // return path it does not wait for the destination to load it. Until the
+    // destination leaves `inmigrate`, its memory is still being written.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = dest.qmp.status()?;
+        if status != "inmigrate" {
+            anyhow::ensure!(
+                status == "paused",
+                "the QEMU destination ended its incoming migration in state {status}"
+            );
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the QEMU destination was still loading the migration 120 s after the source completed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // Both paused now: compare their memories.
     let (a, b) = (dir.0.join("qemu-src.ram"), dir.0.join("qemu-dst.ram"));
     let size = u64::from(image.mem_mib) << 20;

@@ -22,6 +22,15 @@ struct Args {
     /// Where to write the JSON report.
     #[arg(long)]
     output: Option<std::path::PathBuf>,
+    /// Migration part: only these modes (baseline, templates, templates+zstd, qemu).
+    #[arg(long, value_delimiter = ',')]
+    modes: Vec<String>,
+    /// Migration part: only these links, in Mbit/s.
+    #[arg(long, value_delimiter = ',')]
+    links: Vec<u32>,
+    /// Migration part: only these guests (e.g. linux-httpd); the others still give templates.
+    #[arg(long, value_delimiter = ',')]
+    vms: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +67,29 @@ fn main() -> anyhow::Result<()> {
         if args.quick {
             settings.links_mbit = vec![100];
             settings.migrate = images.iter().take(3).map(|i| i.name.clone()).collect();
+        }
+        if !args.modes.is_empty() {
+            settings.modes = args.modes.clone();
+        }
+        if !args.links.is_empty() {
+            settings.links_mbit = args.links.clone();
+        }
+        if !args.vms.is_empty() {
+            if let Some(unknown) = args
+                .vms
+                .iter()
+                .find(|vm| !images.iter().any(|i| &i.name == *vm))
+            {
+                anyhow::bail!(
+                    "no guest image named {unknown}: the images are {}",
+                    images
+                        .iter()
+                        .map(|i| i.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            settings.migrate = args.vms.clone();
         }
         println!(
             "== migration: {} guests x {:?} Mbit/s x {:?}",
