@@ -209,6 +209,15 @@ fn migrate_once(
     }
     let info = info?;
     let status = info["status"].as_str().unwrap_or("?").to_string();
+    std::thread::sleep(Duration::from_millis(200));
+    if let Some(exit) = dest.exited() {
+        bail!(
+            "the destination QEMU ({tag}) exited ({exit}) after the source reported {status}: {}",
+            std::fs::read_to_string(&dest.stderr_path)
+                .unwrap_or_default()
+                .trim()
+        );
+    }
     // The guest runs on at the destination: its heartbeat counter goes on.
     let deadline = Instant::now() + Duration::from_secs(60);
     while dest.qmp.status()? != "running" && Instant::now() < deadline {

@@ -28,7 +28,7 @@ struct Args {
     /// Migration part: only these links, in Mbit/s.
     #[arg(long, value_delimiter = ',')]
     links: Vec<u32>,
-    /// Migration part: only these guests (e.g. linux-httpd); the others still give templates.
+    /// Migration and qemu-proxy parts: only these guests (e.g. linux-httpd); the others still give templates.
     #[arg(long, value_delimiter = ',')]
     vms: Vec<String>,
 }
@@ -137,7 +137,9 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
         qemu_proxy_run::{Ends, Templates, compare},
     };
     let images = pagefp_tests::guest_images::ensure_images()?;
-    let migrate: Vec<&str> = if args.quick {
+    let migrate: Vec<&str> = if !args.vms.is_empty() {
+        args.vms.iter().map(String::as_str).collect()
+    } else if args.quick {
         vec!["linux-httpd"]
     } else {
         vec!["linux-httpd", "linux-compress", "linux-perl"]
@@ -154,19 +156,28 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
     drop(agent);
     let link = ShapedLink::new("qp", 30, 100)?;
     let mut runs = Vec::new();
+    let mut failures = Vec::new();
     for (image, catalog) in images
         .iter()
         .zip(&catalogs)
         .filter(|(i, _)| migrate.contains(&i.name.as_str()))
     {
-        let run = compare(
+        match compare(
             image,
             &Templates::Catalog(catalog.clone()),
             &Ends { link: Some(&link) },
             pagefp_tests::guest_images::RUN_SECONDS,
-        )?;
-        print_proxy_run(&run);
-        runs.push(run);
+        ) {
+            Ok(run) => {
+                print_proxy_run(&run);
+                runs.push(run);
+            }
+            // Recorded, and the others still run; the benchmark fails at the end.
+            Err(err) => {
+                println!("{:<16} catalog  FAILED: {err:#}", image.name);
+                failures.push(serde_json::json!({"vm": image.name, "templates": "catalog", "error": format!("{err:#}")}));
+            }
+        }
     }
     // The product path: the destination agent adopts two QEMU guests of the
     // same OS running there on shared memory, and the receive proxy takes
@@ -210,24 +221,37 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
             .iter()
             .find(|i| i.name == "linux-httpd")
             .context("no linux-httpd image")?;
-        let run = compare(
+        match compare(
             image,
             &Templates::Agent(agent.socket.clone()),
             &Ends { link: Some(&link) },
             pagefp_tests::guest_images::RUN_SECONDS,
-        )?;
-        print_proxy_run(&run);
-        runs.push(run);
+        ) {
+            Ok(run) => {
+                print_proxy_run(&run);
+                runs.push(run);
+            }
+            Err(err) => {
+                println!("{:<16} agent    FAILED: {err:#}", image.name);
+                failures.push(serde_json::json!({"vm": image.name, "templates": "agent", "error": format!("{err:#}")}));
+            }
+        }
     }
     let path = target_dir().join("pagefp-bench").join("qemu-proxy.json");
     std::fs::create_dir_all(path.parent().unwrap())?;
     std::fs::write(
         &path,
         serde_json::to_vec_pretty(
-            &serde_json::json!({"machine": bench::machine(), "target_bytes_ratio_max": 0.5, "runs": runs}),
+            &serde_json::json!({"machine": bench::machine(), "target_bytes_ratio_max": 0.5, "runs": runs, "failures": failures}),
         )?,
     )?;
     println!("qemu-proxy report written to {}", path.display());
+    anyhow::ensure!(
+        failures.is_empty(),
+        "{} QEMU proxy run(s) failed (listed above and under `failures` in {})",
+        failures.len(),
+        path.display()
+    );
     Ok(())
 }
 
