@@ -422,7 +422,7 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
     let verified = differing.is_empty();
     let note = (!verified).then(|| {
         format!(
-            "after QEMU reported completed, {} page(s) of the paused destination differ from the paused source (first: {:?})",
+            "after QEMU reported completed and the destination finished loading, {} page(s) of the paused destination differ from the paused source (first: {:?})",
             differing.len(),
             &differing[..differing.len().min(5)]
         )
