@@ -2,16 +2,19 @@
 //! for the tests and the benchmark (`target/pagefp-bench/qemu-proxy.json`).
 
 use std::{
-    process::{Command, Stdio},
+    path::Path,
+    process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
+
+use agent::qemu_proxy::ProxyReport;
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 use serde_json::json;
 
 use crate::{
-    agent_process::{TempDir, agent_binary, free_port},
+    agent_process::{AgentProcess, TempDir, agent_binary, free_port},
     guest_images::GuestImage,
     netns::ShapedLink,
     qemu::QemuGuest,
@@ -28,7 +31,7 @@ pub enum Templates {
 }
 
 impl Templates {
-    fn args(&self) -> Vec<std::ffi::OsString> {
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
         match self {
             Self::Catalog(path) => vec!["--templates".into(), path.into()],
             Self::Agent(socket) => vec![
@@ -39,7 +42,7 @@ impl Templates {
         }
     }
 
-    fn name(&self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Self::Catalog(_) => "catalog",
             Self::Agent(_) => "agent",
@@ -72,6 +75,11 @@ pub struct ProxyRun {
 /// link, or loopback.
 pub struct Ends<'a> {
     pub link: Option<&'a ShapedLink>,
+}
+
+impl Ends<'static> {
+    /// Everything in this network namespace, on loopback.
+    pub const LOOPBACK: Self = Ends { link: None };
 }
 
 impl Ends<'_> {
@@ -110,7 +118,7 @@ fn migrate_once(
     dir: &TempDir,
     run_seconds: u64,
     proxy: Option<&Templates>,
-) -> anyhow::Result<(u64, f64, String, bool, Option<serde_json::Value>)> {
+) -> anyhow::Result<(u64, f64, String, bool, Option<ProxyReport>)> {
     let tag = if proxy.is_some() { "proxied" } else { "direct" };
     let qemu_port = free_port();
     let mut source = QemuGuest::boot(
@@ -146,66 +154,28 @@ fn migrate_once(
         "migrate-set-parameters",
         Some(json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
     )?;
-    let mut proxies = None;
-    let uri = match proxy {
+    let proxies = proxy
+        .map(|templates| Proxies::start(ends, qemu_port, std::slice::from_ref(templates), &[]))
+        .transpose()?;
+    let uri = match &proxies {
         None => format!("tcp:{}:{qemu_port}", ends.dest_ip()),
-        Some(templates) => {
-            let wan = format!("{}:{}", ends.dest_ip(), free_port());
-            let local = format!("127.0.0.1:{}", free_port());
-            let receive = wrapped(ends.dest(), agent_binary())
-                .args([
-                    "qemu-proxy",
-                    "receive",
-                    "--json",
-                    "--no-installed",
-                    "--timeout-s",
-                    "120",
-                    "--listen",
-                    &wan,
-                ])
-                .args(["--qemu", &format!("127.0.0.1:{qemu_port}")])
-                .args(templates.args())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("starting pagefp qemu-proxy receive")?;
-            std::thread::sleep(Duration::from_millis(800));
-            let send = wrapped(ends.source(), agent_binary())
-                .args([
-                    "qemu-proxy",
-                    "send",
-                    "--json",
-                    "--listen",
-                    &local,
-                    "--to",
-                    &wan,
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("starting pagefp qemu-proxy send")?;
-            std::thread::sleep(Duration::from_millis(500));
-            proxies = Some((send, receive));
-            format!("tcp:{local}")
-        }
+        Some(proxies) => proxies.uri.clone(),
     };
     let started = Instant::now();
     source.qmp.migrate(&uri)?;
     let info = source.qmp.wait_migration(Duration::from_secs(900));
     let seconds = started.elapsed().as_secs_f64();
     let mut proxy_report = None;
-    if let Some((send, receive)) = proxies {
-        let sent = send.wait_with_output()?;
-        let received = receive.wait_with_output()?;
-        if !sent.status.success() || !received.status.success() {
-            bail!(
+    if let Some(proxies) = proxies {
+        let outcome = proxies.wait()?;
+        match (outcome.send, outcome.receive) {
+            (Ok(sent), Ok(_)) => proxy_report = Some(sent),
+            (send, receive) => bail!(
                 "the proxies failed:\nsend: {}\nreceive: {}",
-                String::from_utf8_lossy(&sent.stderr),
-                String::from_utf8_lossy(&received.stderr)
-            );
+                send.err().unwrap_or_default(),
+                receive.err().unwrap_or_default()
+            ),
         }
-        proxy_report =
-            Some(serde_json::from_slice(&sent.stdout).context("the send proxy's report")?);
     }
     let info = info?;
     let status = info["status"].as_str().unwrap_or("?").to_string();
@@ -252,20 +222,180 @@ pub fn compare(
     let (_, proxied_seconds, status, resumed, report) =
         migrate_once(image, ends, &dir, run_seconds, Some(templates))?;
     let report = report.context("no proxy report")?;
-    let number = |key: &str| report[key].as_u64().unwrap_or(0);
     Ok(ProxyRun {
         vm: image.name.clone(),
         templates: templates.name().into(),
         link_mbit: ends.mbit(),
         direct_wire_bytes: direct_bytes,
-        proxied_wire_bytes: number("wire_bytes"),
+        proxied_wire_bytes: report.wire_bytes,
         direct_seconds,
         proxied_seconds,
         qemu_status: status,
         guest_resumed: resumed,
-        stream_bytes: number("stream_bytes"),
-        pages: number("pages"),
-        template_pages: number("template_pages"),
-        templates_offered: number("templates_offered"),
+        stream_bytes: report.stream_bytes,
+        pages: report.pages,
+        template_pages: report.template_pages,
+        templates_offered: report.templates_offered,
     })
+}
+
+/// The two proxies as `pagefp qemu-proxy` processes: the receive proxy at
+/// the destination end, feeding QEMU's `-incoming` on `127.0.0.1:dest_port`
+/// there and offering `templates`; the send proxy at the source end, where
+/// QEMU migrates to [`Proxies::uri`].
+pub struct Proxies {
+    send: Child,
+    receive: Child,
+    pub uri: String,
+}
+
+/// How each proxy ended: its report, or what it printed on failure.
+pub struct ProxyOutcome {
+    pub send: Result<ProxyReport, String>,
+    pub receive: Result<ProxyReport, String>,
+}
+
+impl Proxies {
+    /// Starts both and returns once the send proxy listens; `send_args` are
+    /// extra flags of the send proxy.
+    pub fn start(
+        ends: &Ends,
+        dest_port: u16,
+        templates: &[Templates],
+        send_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let wan = format!("{}:{}", ends.dest_ip(), free_port());
+        let local_port = free_port();
+        let local = format!("127.0.0.1:{local_port}");
+        let receive = wrapped(ends.dest(), agent_binary())
+            .args([
+                "qemu-proxy",
+                "receive",
+                "--json",
+                "--no-installed",
+                "--timeout-s",
+                "120",
+                "--listen",
+                &wan,
+                "--qemu",
+                &format!("127.0.0.1:{dest_port}"),
+            ])
+            .args(templates.iter().flat_map(Templates::args))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting pagefp qemu-proxy receive")?;
+        let mut send = wrapped(ends.source(), agent_binary())
+            .args([
+                "qemu-proxy",
+                "send",
+                "--json",
+                "--timeout-s",
+                "120",
+                "--listen",
+                &local,
+                "--to",
+                &wan,
+            ])
+            .args(send_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting pagefp qemu-proxy send")?;
+        // A probe connection would be taken for QEMU's: watch the socket
+        // table of the send proxy's network namespace instead. It retries
+        // the WAN connection itself.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !listens(send.id(), local_port) {
+            if let Some(status) = send.try_wait()? {
+                bail!("the send proxy exited before it listened ({status})");
+            }
+            if Instant::now() > deadline {
+                bail!("the send proxy does not listen on {local}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self {
+            send,
+            receive,
+            uri: format!("tcp:{local}"),
+        })
+    }
+
+    /// Waits for both to end.
+    pub fn wait(self) -> anyhow::Result<ProxyOutcome> {
+        fn report(output: Output) -> Result<ProxyReport, String> {
+            if output.status.success() {
+                serde_json::from_slice(&output.stdout).map_err(|e| format!("bad report: {e}"))
+            } else {
+                Err(String::from_utf8_lossy(&output.stderr).into_owned())
+            }
+        }
+        Ok(ProxyOutcome {
+            send: report(self.send.wait_with_output()?),
+            receive: report(self.receive.wait_with_output()?),
+        })
+    }
+}
+
+/// Whether a socket listens on 127.0.0.1:`port` in the network namespace
+/// of process `pid` (its `/proc/PID/net/tcp`).
+fn listens(pid: u32, port: u16) -> bool {
+    const LISTEN: &str = "0A";
+    let wanted = format!("0100007F:{port:04X}");
+    std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).is_ok_and(|table| {
+        table.lines().skip(1).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1) == Some(&wanted.as_str()) && fields.get(3) == Some(&LISTEN)
+        })
+    })
+}
+
+/// Boots the images of `workloads` under QEMU TCG at the destination end
+/// with their RAM in shared memory files in `shm` (consoles in `dir`),
+/// waits for their workloads, then for `agent` to have hashed each of
+/// their pages once: the destination's own guests, as `--local-templates`
+/// sees them. The agent finds them by its process scan, not through KVM.
+pub fn boot_shared_memory_guests(
+    agent: &AgentProcess,
+    images: &[GuestImage],
+    workloads: &[&str],
+    ends: &Ends,
+    dir: &Path,
+    shm: &Path,
+) -> anyhow::Result<Vec<QemuGuest>> {
+    let mut guests = Vec::new();
+    for workload in workloads {
+        let image = images
+            .iter()
+            .find(|i| i.workload == *workload)
+            .with_context(|| format!("no guest image runs the {workload} workload"))?;
+        let spec = image
+            .spec()
+            .shared_memory(&shm.join(format!("{workload}.ram")));
+        guests.push(QemuGuest::boot(
+            &spec,
+            dir,
+            &format!("shared-{workload}"),
+            ends.dest(),
+        )?);
+    }
+    for (guest, workload) in guests.iter().zip(workloads) {
+        guest.wait_ready(workload, Duration::from_secs(180))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while agent
+            .vm(guest.pid())
+            .is_none_or(|v| v["pages"].as_u64() == Some(0) || v["unknown"] != 0)
+        {
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not hash every page of QEMU {} ({workload}) within 120 s: {:?}",
+                    guest.pid(),
+                    agent.vm(guest.pid())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(guests)
 }

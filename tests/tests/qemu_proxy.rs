@@ -16,8 +16,9 @@ use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, free_port, page_hash},
     guest_images, privileged,
     qemu::QemuGuest,
+    qemu_proxy_run::{Ends, Proxies, Templates, boot_shared_memory_guests},
 };
-use qemu_streams::{BiosGuest, Proxies, catalog_from_stream};
+use qemu_streams::{BiosGuest, catalog_from_stream};
 
 const MIGRATION: Duration = Duration::from_secs(300);
 
@@ -46,7 +47,7 @@ fn a_bios_guest_migrates_through_the_proxies_at_its_own_size() {
     let mut dest = BiosGuest::incoming(&dir.0, "dst", 64, port).unwrap();
     let mut source = BiosGuest::start(&dir.0, "src", 64, &[]).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let proxies = Proxies::start(port, &[], &["--no-zstd"]).unwrap();
+    let proxies = Proxies::start(&Ends::LOOPBACK, port, &[], &["--no-zstd"]).unwrap();
     let info = source.migrate(&proxies.uri, MIGRATION).unwrap();
     let outcome = proxies.wait().unwrap();
     assert_eq!(info["status"], "completed", "{info}");
@@ -92,7 +93,13 @@ fn templates_from_another_guest_cut_the_wire_bytes() {
         let mut source = BiosGuest::start(&dir.0, "src", 64, &[]).unwrap();
         std::thread::sleep(Duration::from_millis(500));
         let flags: &[&str] = if zstd { &[] } else { &["--no-zstd"] };
-        let proxies = Proxies::start(port, std::slice::from_ref(&catalog_path), flags).unwrap();
+        let proxies = Proxies::start(
+            &Ends::LOOPBACK,
+            port,
+            &[Templates::Catalog(catalog_path.clone())],
+            flags,
+        )
+        .unwrap();
         let info = source.migrate(&proxies.uri, MIGRATION).unwrap();
         let outcome = proxies.wait().unwrap();
         assert_eq!(info["status"], "completed", "{info}");
@@ -141,7 +148,7 @@ fn features_the_proxies_cannot_carry_are_refused_and_the_destination_waits() {
         ),
     ] {
         source.capabilities(&[(capability, true)]).unwrap();
-        let proxies = Proxies::start(port, &[], &[]).unwrap();
+        let proxies = Proxies::start(&Ends::LOOPBACK, port, &[], &[]).unwrap();
         let info = source.migrate(&proxies.uri, MIGRATION).unwrap();
         let outcome = proxies.wait().unwrap();
         // A stream this small fits in the sockets' buffers: QEMU may have
@@ -181,7 +188,7 @@ fn compressed_pages_pass_through_unchanged() {
     let mut source = BiosGuest::start(&dir.0, "src", 64, &[]).unwrap();
     source.capabilities(&[("compress", true)]).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let proxies = Proxies::start(port, &[], &[]).unwrap();
+    let proxies = Proxies::start(&Ends::LOOPBACK, port, &[], &[]).unwrap();
     let info = source.migrate(&proxies.uri, MIGRATION).unwrap();
     let outcome = proxies.wait().unwrap();
     assert_eq!(info["status"], "completed", "{info}");
@@ -221,7 +228,7 @@ fn common_pages(images: &[&guest_images::GuestImage]) -> Catalog {
 }
 
 /// Boots `guest` at both ends (private RAM), migrates it through the
-/// proxies (receive proxy offering `catalogs` and `receive_args`), and checks
+/// proxies (the receive proxy offering `templates`), and checks
 /// what every Linux migration must give: QEMU's `completed`, the guest's
 /// counter going on at the destination, over 5,000 pages sent as template
 /// references, and less than half of QEMU's own stream (what a direct
@@ -229,8 +236,7 @@ fn common_pages(images: &[&guest_images::GuestImage]) -> Catalog {
 fn migrate_a_linux_guest(
     guest: &guest_images::GuestImage,
     dir: &TempDir,
-    catalogs: &[std::path::PathBuf],
-    receive_args: &[&str],
+    templates: &[Templates],
 ) -> ProxyReport {
     let port = free_port();
     let mut source = QemuGuest::boot(&guest.spec(), &dir.0, "src", None).unwrap();
@@ -251,7 +257,7 @@ fn migrate_a_linux_guest(
             Some(serde_json::json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
         )
         .unwrap();
-    let proxies = Proxies::start_with(port, catalogs, &[], receive_args).unwrap();
+    let proxies = Proxies::start(&Ends::LOOPBACK, port, templates, &[]).unwrap();
     source.qmp.migrate(&proxies.uri).unwrap();
     let info = source.qmp.wait_migration(MIGRATION);
     let outcome = proxies.wait().unwrap();
@@ -294,7 +300,7 @@ fn a_linux_guest_migrates_with_templates_from_other_guests() {
     assert!(catalog.len() > 5_000, "{} common pages", catalog.len());
     let catalog_path = dir.0.join("os.pftc");
     catalog.save(&catalog_path).unwrap();
-    migrate_a_linux_guest(image("httpd"), &dir, &[catalog_path], &[]);
+    migrate_a_linux_guest(image("httpd"), &dir, &[Templates::Catalog(catalog_path)]);
 }
 
 /// The destination's own QEMU guests give the templates (issue 4, item 3):
@@ -314,24 +320,19 @@ fn qemu_guests_on_shared_memory_give_the_destination_its_templates() {
     let dir = TempDir::new("pagefp-qemu-shm");
     let shm = TempDir::new_in(Path::new("/dev/shm"), "pagefp-qemu-shm");
     let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
-    let mut holders = Vec::new();
-    for workload in ["idle", "find"] {
-        let spec = image(workload)
-            .spec()
-            .shared_memory(&shm.0.join(format!("{workload}.ram")));
-        let guest = QemuGuest::boot(&spec, &dir.0, workload, None).unwrap();
-        holders.push(guest);
-    }
-    for (guest, workload) in holders.iter().zip(["idle", "find"]) {
-        guest
-            .wait_ready(workload, Duration::from_secs(180))
-            .unwrap();
-        let view = agent.wait_vm(
-            guest.pid(),
-            Duration::from_secs(120),
-            "every page hashed",
-            |v| v["pages"].as_u64() == Some(65_536) && v["unknown"] == 0,
-        );
+    let mut holders = boot_shared_memory_guests(
+        &agent,
+        &images,
+        &["idle", "find"],
+        &Ends::LOOPBACK,
+        &dir.0,
+        &shm.0,
+    )
+    .unwrap();
+    for guest in &holders {
+        let view = agent.vm(guest.pid()).unwrap();
+        assert_eq!(view["pages"], 65_536, "{view:#}");
+        assert_eq!(view["unknown"], 0, "{view:#}");
         assert_eq!(view["discovery"], "shared_memory", "{view:#}");
         assert_eq!(view["dirty_mode"], "none", "{view:#}");
         assert_eq!(view["tracking"], "untracked", "{view:#}");
@@ -372,12 +373,10 @@ fn qemu_guests_on_shared_memory_give_the_destination_its_templates() {
     stopped.qmp.execute("cont", None).unwrap();
 
     // The guest to migrate: private RAM, so the agent does not see it.
-    let socket = agent.socket.display().to_string();
     migrate_a_linux_guest(
         image("httpd"),
         &dir,
-        &[],
-        &["--local-templates", "--agent-socket", &socket],
+        &[Templates::Agent(agent.socket.clone())],
     );
     assert!(holders.iter().all(|guest| guest.exited().is_none()));
 }
@@ -458,7 +457,7 @@ fn a_qemu_guest_on_a_memfd_backend_is_adopted_and_forgotten_when_it_exits() {
 #[test]
 fn a_stream_that_is_not_qemus_is_refused() {
     let port = free_port();
-    let proxies = Proxies::start(port, &[], &[]).unwrap();
+    let proxies = Proxies::start(&Ends::LOOPBACK, port, &[], &[]).unwrap();
     let addr = proxies.uri.strip_prefix("tcp:").unwrap().to_string();
     {
         use std::io::Write as _;

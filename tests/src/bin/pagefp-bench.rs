@@ -134,7 +134,7 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
     use pagefp_tests::{
         agent_process::{AgentOptions, AgentProcess, TempDir},
         netns::ShapedLink,
-        qemu_proxy_run::{Ends, Templates, compare},
+        qemu_proxy_run::{Ends, Templates, boot_shared_memory_guests, compare},
     };
     let images = pagefp_tests::guest_images::ensure_images()?;
     let migrate: Vec<&str> = if !args.vms.is_empty() {
@@ -155,29 +155,37 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
     )?;
     drop(agent);
     let link = ShapedLink::new("qp", 30, 100)?;
+    let ends = Ends { link: Some(&link) };
     let mut runs = Vec::new();
     let mut failures = Vec::new();
-    for (image, catalog) in images
-        .iter()
-        .zip(&catalogs)
-        .filter(|(i, _)| migrate.contains(&i.name.as_str()))
-    {
-        match compare(
+    // A failed run is recorded and the others still run; the benchmark
+    // fails at the end.
+    let mut measure =
+        |image: &pagefp_tests::guest_images::GuestImage, templates: Templates| match compare(
             image,
-            &Templates::Catalog(catalog.clone()),
-            &Ends { link: Some(&link) },
+            &templates,
+            &ends,
             pagefp_tests::guest_images::RUN_SECONDS,
         ) {
             Ok(run) => {
                 print_proxy_run(&run);
                 runs.push(run);
             }
-            // Recorded, and the others still run; the benchmark fails at the end.
             Err(err) => {
-                println!("{:<16} catalog  FAILED: {err:#}", image.name);
-                failures.push(serde_json::json!({"vm": image.name, "templates": "catalog", "error": format!("{err:#}")}));
+                println!("{:<16} {:<8} FAILED: {err:#}", image.name, templates.name());
+                failures.push(serde_json::json!({
+                    "vm": image.name,
+                    "templates": templates.name(),
+                    "error": format!("{err:#}"),
+                }));
             }
-        }
+        };
+    for (image, catalog) in images
+        .iter()
+        .zip(&catalogs)
+        .filter(|(i, _)| migrate.contains(&i.name.as_str()))
+    {
+        measure(image, Templates::Catalog(catalog.clone()));
     }
     // The product path: the destination agent adopts two QEMU guests of the
     // same OS running there on shared memory, and the receive proxy takes
@@ -185,57 +193,13 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
     {
         let agent = AgentProcess::start(&AgentOptions::default())?;
         let shm = TempDir::new_in(std::path::Path::new("/dev/shm"), "pagefp-proxy-bench");
-        let mut holders = Vec::new();
-        for workload in ["idle", "find"] {
-            let image = images
-                .iter()
-                .find(|i| i.workload == workload)
-                .context("no such guest image")?;
-            let spec = image
-                .spec()
-                .shared_memory(&shm.0.join(format!("{workload}.ram")));
-            let guest = pagefp_tests::qemu::QemuGuest::boot(
-                &spec,
-                &dir.0,
-                &format!("holder-{workload}"),
-                Some(link.in_dest()),
-            )?;
-            guest.wait_ready(workload, std::time::Duration::from_secs(180))?;
-            holders.push(guest);
-        }
-        for guest in &holders {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-            while agent
-                .vm(guest.pid())
-                .is_none_or(|v| v["pages"].as_u64() == Some(0) || v["unknown"] != 0)
-            {
-                anyhow::ensure!(
-                    std::time::Instant::now() < deadline,
-                    "the agent did not hash QEMU {} within 120 s",
-                    guest.pid()
-                );
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-        }
+        let _holders =
+            boot_shared_memory_guests(&agent, &images, &["idle", "find"], &ends, &dir.0, &shm.0)?;
         let image = images
             .iter()
             .find(|i| i.name == "linux-httpd")
             .context("no linux-httpd image")?;
-        match compare(
-            image,
-            &Templates::Agent(agent.socket.clone()),
-            &Ends { link: Some(&link) },
-            pagefp_tests::guest_images::RUN_SECONDS,
-        ) {
-            Ok(run) => {
-                print_proxy_run(&run);
-                runs.push(run);
-            }
-            Err(err) => {
-                println!("{:<16} agent    FAILED: {err:#}", image.name);
-                failures.push(serde_json::json!({"vm": image.name, "templates": "agent", "error": format!("{err:#}")}));
-            }
-        }
+        measure(image, Templates::Agent(agent.socket.clone()));
     }
     let path = target_dir().join("pagefp-bench").join("qemu-proxy.json");
     std::fs::create_dir_all(path.parent().unwrap())?;

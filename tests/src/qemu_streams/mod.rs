@@ -1,8 +1,7 @@
 //! Real QEMU migration streams for the `qemu-proxy` tests: BIOS-only QEMU
 //! guests (no kernel: `-nodefaults`, SeaBIOS finds nothing to boot and
 //! idles, which already makes a complete migration stream), capturing
-//! their streams, template catalogs built from a stream's pages, and the
-//! proxy pair as processes.
+//! their streams, and template catalogs built from a stream's pages.
 //!
 //! Included by `tests/tests/qemu_proxy.rs` with `#[path]`.
 
@@ -10,21 +9,17 @@
 
 use std::{
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    path::Path,
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use agent::{
     migrate::catalog::Catalog,
-    qemu_proxy::ProxyReport,
     qemu_stream::{self, Options, Page, Sink, SinkError},
 };
 use anyhow::{Context as _, bail};
-use pagefp_tests::{
-    agent_process::{agent_binary, free_port},
-    qemu::Qmp,
-};
+use pagefp_tests::qemu::Qmp;
 use serde_json::{Value, json};
 
 /// A QEMU without a kernel, killed on drop.
@@ -183,106 +178,4 @@ pub fn catalog_from_stream(stream: &[u8]) -> anyhow::Result<Catalog> {
     let mut pages = Pages(Catalog::default(), Default::default());
     qemu_stream::parse(stream, &mut pages, &Options::default())?;
     Ok(pages.0)
-}
-
-/// The two proxies as `pagefp qemu-proxy` processes.
-pub struct Proxies {
-    send: Child,
-    receive: Child,
-    /// Where the source QEMU migrates to.
-    pub uri: String,
-}
-
-pub struct ProxyOutcome {
-    pub send: Result<ProxyReport, String>,
-    pub receive: Result<ProxyReport, String>,
-}
-
-impl Proxies {
-    /// Starts the receive proxy (feeding `127.0.0.1:dest_port`, offering
-    /// `catalogs`) and the send proxy; `send_args` are extra flags.
-    pub fn start(dest_port: u16, catalogs: &[PathBuf], send_args: &[&str]) -> anyhow::Result<Self> {
-        Self::start_with(dest_port, catalogs, send_args, &[])
-    }
-
-    /// As [`Proxies::start`], with extra flags for the receive proxy too.
-    pub fn start_with(
-        dest_port: u16,
-        catalogs: &[PathBuf],
-        send_args: &[&str],
-        receive_args: &[&str],
-    ) -> anyhow::Result<Self> {
-        let wan = format!("127.0.0.1:{}", free_port());
-        let local = format!("127.0.0.1:{}", free_port());
-        let mut receive = Command::new(agent_binary());
-        receive
-            .args([
-                "qemu-proxy",
-                "receive",
-                "--json",
-                "--no-installed",
-                "--timeout-s",
-                "120",
-            ])
-            .args([
-                "--listen",
-                &wan,
-                "--qemu",
-                &format!("127.0.0.1:{dest_port}"),
-            ]);
-        for catalog in catalogs {
-            receive.arg("--templates").arg(catalog);
-        }
-        receive.args(receive_args);
-        let receive = receive
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting pagefp qemu-proxy receive")?;
-        let send = Command::new(agent_binary())
-            .args([
-                "qemu-proxy",
-                "send",
-                "--json",
-                "--timeout-s",
-                "120",
-                "--listen",
-                &local,
-                "--to",
-                &wan,
-            ])
-            .args(send_args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting pagefp qemu-proxy send")?;
-        // Wait until the send proxy listens (a probe connection would be
-        // taken for QEMU's, so probe by binding); it retries the WAN itself.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpListener::bind(&local).is_ok() {
-            if Instant::now() > deadline {
-                bail!("the send proxy does not listen on {local}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Self {
-            send,
-            receive,
-            uri: format!("tcp:{local}"),
-        })
-    }
-
-    pub fn wait(self) -> anyhow::Result<ProxyOutcome> {
-        fn report(output: Output) -> Result<ProxyReport, String> {
-            if output.status.success() {
-                serde_json::from_slice(&output.stdout).map_err(|e| format!("bad report: {e}"))
-            } else {
-                Err(String::from_utf8_lossy(&output.stderr).into_owned())
-            }
-        }
-        Ok(ProxyOutcome {
-            send: report(self.send.wait_with_output()?),
-            receive: report(self.receive.wait_with_output()?),
-        })
-    }
 }
