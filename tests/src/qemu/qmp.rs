@@ -242,9 +242,31 @@ impl Qmp {
     }
 
     /// Starts an outgoing migration to `uri` (`tcp:HOST:PORT`, `unix:PATH`, `exec:CMD`).
+    ///
+    /// QEMU reports a migration `failed` before it has cleaned the attempt
+    /// up (its connections, multifd channels among them); a `migrate` in
+    /// between is refused with "duplicate yank instance" or "There's a
+    /// migration process in progress". Those are retried for up to 10 s.
     pub fn migrate(&mut self, uri: &str) -> anyhow::Result<()> {
-        self.execute("migrate", Some(json!({ "uri": uri })))
-            .map(drop)
+        const CLEANING_UP: [&str; 2] = [
+            "duplicate yank instance",
+            "There's a migration process in progress",
+        ];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.execute("migrate", Some(json!({ "uri": uri }))) {
+                Ok(_) => return Ok(()),
+                Err(err)
+                    if CLEANING_UP
+                        .iter()
+                        .any(|message| format!("{err:#}").contains(message))
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     /// Starts listening for an incoming migration (QEMU started with `-incoming defer`).
