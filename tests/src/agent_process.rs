@@ -214,6 +214,34 @@ impl AgentProcess {
         parse_hash_list(&body).unwrap().1
     }
 
+    /// `pagefp templates export` from this agent: the contents VMs `vms`
+    /// hold, as a catalog file `out`; `extra` flags (`--min-vms 1`, ...).
+    /// Returns the command's summary line.
+    pub fn export_templates(
+        &self,
+        out: &Path,
+        vms: &[u32],
+        extra: &[&str],
+    ) -> anyhow::Result<String> {
+        let vms: Vec<String> = vms.iter().map(u32::to_string).collect();
+        let output = Command::new(agent_binary())
+            .args(["templates", "--socket"])
+            .arg(&self.socket)
+            .args(["export", "--out"])
+            .arg(out)
+            .args(["--vms", &vms.join(",")])
+            .args(extra)
+            .output()
+            .context("running pagefp templates export")?;
+        if !output.status.success() {
+            bail!(
+                "pagefp templates export failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
     pub fn templates(&self) -> Value {
         self.get_json("/v1/templates")
     }

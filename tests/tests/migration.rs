@@ -78,21 +78,12 @@ fn incoming_vm(setup: &Setup) -> VmmProcess {
 /// A catalog of the templates of fleet VM `vm` (started, exported, stopped).
 fn catalog_of(setup: &Setup, vms: &[usize]) -> PathBuf {
     let running: Vec<VmmProcess> = vms.iter().map(|&vm| source_vm(setup, vm)).collect();
-    let pids: Vec<String> = running.iter().map(|v| v.pid().to_string()).collect();
-    let path = setup.dir.0.join(format!("catalog-{}.pftc", pids.join("-")));
-    let output = std::process::Command::new(agent_binary())
-        .args(["templates", "--socket"])
-        .arg(&setup.agent.socket)
-        .args(["export", "--min-vms", "1", "--out"])
-        .arg(&path)
-        .args(["--vms", &pids.join(",")])
-        .output()
+    let pids: Vec<u32> = running.iter().map(VmmProcess::pid).collect();
+    let path = setup.dir.0.join(format!("catalog-{pids:?}.pftc"));
+    setup
+        .agent
+        .export_templates(&path, &pids, &["--min-vms", "1"])
         .unwrap();
-    assert!(
-        output.status.success(),
-        "export failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     for vm in running {
         vm.exit().unwrap();
     }
@@ -677,21 +668,9 @@ fn a_linux_guest_migrates_with_templates_from_other_guests() {
         vmm
     };
     let others = [start(image("idle")), start(image("find"))];
-    let pids: Vec<String> = others.iter().map(|v| v.pid().to_string()).collect();
+    let pids: Vec<u32> = others.iter().map(VmmProcess::pid).collect();
     let catalog = setup.dir.0.join("linux.pftc");
-    let output = std::process::Command::new(agent_binary())
-        .args(["templates", "--socket"])
-        .arg(&setup.agent.socket)
-        .args(["export", "--out"])
-        .arg(&catalog)
-        .args(["--vms", &pids.join(",")])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    setup.agent.export_templates(&catalog, &pids, &[]).unwrap();
     for vm in others {
         vm.exit().unwrap();
     }

@@ -21,7 +21,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::{
-    agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary},
+    agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions},
     guest_images::{GuestImage, RUN_SECONDS},
     migration::{self, ReceiveSpec, SendSpec},
@@ -206,32 +206,16 @@ pub fn build_catalogs(
     }
     let mut paths = Vec::new();
     for (i, image) in images.iter().enumerate() {
-        let others: Vec<String> = vms
+        let others: Vec<u32> = vms
             .iter()
             .enumerate()
             .filter(|(j, _)| *j != i)
-            .map(|(_, vm)| vm.pid().to_string())
+            .map(|(_, vm)| vm.pid())
             .collect();
         let path = dir.0.join(format!("{}.pftc", image.name));
-        let output = std::process::Command::new(agent_binary())
-            .args(["templates", "--socket"])
-            .arg(&agent.socket)
-            .args(["export", "--out"])
-            .arg(&path)
-            .args(["--vms", &others.join(",")])
-            .args(["--budget-mib", &settings.template_budget_mib.to_string()])
-            .output()?;
-        if !output.status.success() {
-            bail!(
-                "pagefp templates export failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        println!(
-            "   {}: {}",
-            image.name,
-            String::from_utf8_lossy(&output.stdout).trim()
-        );
+        let budget = settings.template_budget_mib.to_string();
+        let summary = agent.export_templates(&path, &others, &["--budget-mib", &budget])?;
+        println!("   {}: {summary}", image.name);
         paths.push(path);
     }
     for vm in vms {
