@@ -515,24 +515,11 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use super::*;
-    use crate::{ebpf::Sources, templates::SelectionPolicy};
 
     #[test]
     fn an_agent_without_vms_exposes_its_metrics() {
-        let state = AppState::new(
-            Arc::new(Mutex::new(Registry::new(false))),
-            None,
-            None,
-            Sources::default(),
-            Arc::default(),
-            SelectionPolicy {
-                min_vms: 2,
-                budget_bytes: 1 << 20,
-            },
-        );
+        let state = AppState::empty();
         let text = render(&state).unwrap();
         for line in [
             "# TYPE pagefp_build_info gauge",

@@ -63,6 +63,22 @@ impl AppState {
         }
     }
 
+    /// An agent with no VM, no hash pool and no eBPF: for unit tests.
+    #[cfg(test)]
+    pub fn empty() -> Self {
+        Self::new(
+            Arc::new(Mutex::new(Registry::new(false))),
+            None,
+            None,
+            Sources::default(),
+            Arc::default(),
+            SelectionPolicy {
+                min_vms: 2,
+                budget_bytes: 1 << 20,
+            },
+        )
+    }
+
     /// The template catalog, selected again when contents changed.
     pub fn catalog(&self, registry: &Registry) -> Arc<Catalog> {
         let mut cached = self.catalog.lock().unwrap();
@@ -444,17 +460,7 @@ mod tests {
     use super::*;
 
     fn state() -> AppState {
-        AppState::new(
-            Arc::new(Mutex::new(Registry::new(false))),
-            None,
-            None,
-            Sources::default(),
-            Arc::default(),
-            SelectionPolicy {
-                min_vms: 2,
-                budget_bytes: 1 << 20,
-            },
-        )
+        AppState::empty()
     }
 
     fn body(response: ApiResponse) -> String {
