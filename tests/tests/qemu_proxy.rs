@@ -34,6 +34,30 @@ fn qemu_available(test: &str) -> bool {
     false
 }
 
+/// A 64 MiB BIOS guest migrated through the proxies (the receive proxy
+/// offering `templates`, the send proxy given `send_flags`): QEMU reports
+/// `completed` and the destination runs. QEMU's `query-migrate` and both
+/// proxies' reports.
+fn migrate_a_bios_guest(
+    dir: &TempDir,
+    templates: &[Templates],
+    send_flags: &[&str],
+) -> (serde_json::Value, ProxyReport, ProxyReport) {
+    let port = free_port();
+    let mut dest = BiosGuest::incoming(&dir.0, "dst", 64, port).unwrap();
+    let mut source = BiosGuest::start(&dir.0, "src", 64, &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let proxies = Proxies::start(&Ends::LOOPBACK, port, templates, send_flags).unwrap();
+    let info = source.migrate(&proxies.uri, MIGRATION).unwrap();
+    let outcome = proxies.wait().unwrap();
+    assert_eq!(info["status"], "completed", "{info}");
+    let sent = outcome.send.unwrap();
+    let received = outcome.receive.unwrap();
+    dest.wait_running(Duration::from_secs(30)).unwrap();
+    println!("{sent:?}\nQEMU: {}", info["ram"]);
+    (info, sent, received)
+}
+
 /// No templates (the identity set): the destination gets QEMU's stream
 /// byte for byte; the WAN carries the stream plus framing; the parser's
 /// page counts are QEMU's own.
@@ -43,18 +67,7 @@ fn a_bios_guest_migrates_through_the_proxies_at_its_own_size() {
         return;
     }
     let dir = TempDir::new("pagefp-qemu-proxy");
-    let port = free_port();
-    let mut dest = BiosGuest::incoming(&dir.0, "dst", 64, port).unwrap();
-    let mut source = BiosGuest::start(&dir.0, "src", 64, &[]).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let proxies = Proxies::start(&Ends::LOOPBACK, port, &[], &["--no-zstd"]).unwrap();
-    let info = source.migrate(&proxies.uri, MIGRATION).unwrap();
-    let outcome = proxies.wait().unwrap();
-    assert_eq!(info["status"], "completed", "{info}");
-    let sent = outcome.send.unwrap();
-    let received = outcome.receive.unwrap();
-    dest.wait_running(Duration::from_secs(30)).unwrap();
-    println!("{sent:?}\nQEMU: {}", info["ram"]);
+    let (info, sent, received) = migrate_a_bios_guest(&dir, &[], &["--no-zstd"]);
     assert_eq!(received.stream_bytes, sent.stream_bytes);
     assert_eq!(sent.pages, info["ram"]["normal"].as_u64().unwrap());
     assert_eq!(sent.zero_pages, info["ram"]["duplicate"].as_u64().unwrap());
@@ -88,25 +101,10 @@ fn templates_from_another_guest_cut_the_wire_bytes() {
         path
     };
     for zstd in [false, true] {
-        let port = free_port();
-        let mut dest = BiosGuest::incoming(&dir.0, "dst", 64, port).unwrap();
-        let mut source = BiosGuest::start(&dir.0, "src", 64, &[]).unwrap();
-        std::thread::sleep(Duration::from_millis(500));
         let flags: &[&str] = if zstd { &[] } else { &["--no-zstd"] };
-        let proxies = Proxies::start(
-            &Ends::LOOPBACK,
-            port,
-            &[Templates::Catalog(catalog_path.clone())],
-            flags,
-        )
-        .unwrap();
-        let info = source.migrate(&proxies.uri, MIGRATION).unwrap();
-        let outcome = proxies.wait().unwrap();
-        assert_eq!(info["status"], "completed", "{info}");
-        let sent = outcome.send.unwrap();
-        let received = outcome.receive.unwrap();
-        dest.wait_running(Duration::from_secs(30)).unwrap();
-        println!("zstd {zstd}: {sent:?}");
+        let (_, sent, received) =
+            migrate_a_bios_guest(&dir, &[Templates::Catalog(catalog_path.clone())], flags);
+        println!("zstd {zstd}");
         assert_eq!(received.stream_bytes, sent.stream_bytes);
         assert_eq!(received.template_pages, sent.template_pages);
         assert!(
