@@ -66,9 +66,19 @@ pub fn inspect(pid: u32) -> Option<SharedRamGuest> {
     if !program.starts_with("qemu-system") && !program.starts_with("qemu-kvm") {
         return None;
     }
-    let backends = shared_backends(&args);
+    let mut backends = shared_backends(&args);
     if backends.is_empty() || crate::processes::holds_kvm_vm(pid) {
         return None;
+    }
+    // The memory map names files by absolute path; QEMU takes a mem-path
+    // relative to its working directory.
+    for backend in &mut backends {
+        if let SharedBackend::File { mem_path } = backend
+            && Path::new(mem_path).is_relative()
+            && let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd"))
+        {
+            *mem_path = cwd.join(&*mem_path).display().to_string();
+        }
     }
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     let regions = ram_regions(&maps, &backends);

@@ -451,6 +451,58 @@ fn a_qemu_guest_on_a_memfd_backend_is_adopted_and_forgotten_when_it_exits() {
     }
 }
 
+/// `mem-path` relative to QEMU's working directory: the memory map names
+/// the file by its absolute path, and the scan still finds it.
+#[test]
+fn a_shared_backend_with_a_relative_path_is_found() {
+    if !qemu_available("a_shared_backend_with_a_relative_path_is_found") {
+        return;
+    }
+    let dir = TempDir::new_in(Path::new("/dev/shm"), "pagefp-relative");
+    let mut qemu = std::process::Command::new("qemu-system-x86_64")
+        .current_dir(&dir.0)
+        .args([
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-m",
+            "32",
+        ])
+        .args([
+            "-object",
+            "memory-backend-file,id=ram,size=32M,mem-path=guest.ram,share=on",
+            "-machine",
+            "memory-backend=ram",
+        ])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let found = loop {
+        if let Some(found) = agent::qemu_guests::inspect(qemu.id()) {
+            break found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "QEMU {} with mem-path=guest.ram in {} was not found",
+            qemu.id(),
+            dir.0.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    assert_eq!(found.regions.len(), 1, "{found:?}");
+    assert_eq!(found.regions[0].size, 32 << 20);
+    assert_eq!(
+        Path::new(&found.regions[0].path),
+        dir.0.join("guest.ram"),
+        "{found:?}"
+    );
+}
+
 /// Something that is not QEMU connecting to the send proxy.
 #[test]
 fn a_stream_that_is_not_qemus_is_refused() {
