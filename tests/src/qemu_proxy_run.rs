@@ -110,6 +110,19 @@ fn wrapped(wrap: Option<Command>, program: impl AsRef<std::ffi::OsStr>) -> Comma
     }
 }
 
+/// One QEMU migration, as [`migrate_once`] saw it.
+struct Migrated {
+    /// QEMU's `ram.transferred`.
+    wire_bytes: u64,
+    seconds: f64,
+    /// QEMU's final status (`completed`, `failed`, ...).
+    status: String,
+    /// The guest's heartbeat went on at the destination.
+    resumed: bool,
+    /// The send proxy's report, through the proxies.
+    proxy: Option<ProxyReport>,
+}
+
 /// Boots the guest at both ends, waits `run_seconds` of workload, and
 /// migrates it (through the proxies if `proxy` is given).
 fn migrate_once(
@@ -118,7 +131,7 @@ fn migrate_once(
     dir: &TempDir,
     run_seconds: u64,
     proxy: Option<&Templates>,
-) -> anyhow::Result<(u64, f64, String, bool, Option<ProxyReport>)> {
+) -> anyhow::Result<Migrated> {
     let tag = if proxy.is_some() { "proxied" } else { "direct" };
     let qemu_port = free_port();
     let mut source = QemuGuest::boot(
@@ -127,20 +140,16 @@ fn migrate_once(
         &format!("{tag}-src-{}", image.name),
         ends.source(),
     )?;
-    let mut spec = image.spec();
-    spec.extra = vec![
-        "-incoming".into(),
-        format!(
-            "tcp:{}:{qemu_port}",
-            if proxy.is_some() {
-                "127.0.0.1".into()
-            } else {
-                ends.dest_ip()
-            }
-        ),
-    ];
+    // Through the proxies, the receive proxy feeds QEMU on loopback.
+    let incoming_ip = if proxy.is_some() {
+        "127.0.0.1".into()
+    } else {
+        ends.dest_ip()
+    };
     let mut dest = QemuGuest::boot(
-        &spec,
+        &image
+            .spec()
+            .incoming(&format!("tcp:{incoming_ip}:{qemu_port}")),
         &dir.0,
         &format!("{tag}-dst-{}", image.name),
         ends.dest(),
@@ -202,8 +211,13 @@ fn migrate_once(
                 dest.heartbeat().unwrap_or(0) > first
             }
     };
-    let wire = info["ram"]["transferred"].as_u64().unwrap_or(0);
-    Ok((wire, seconds, status, resumed, proxy_report))
+    Ok(Migrated {
+        wire_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+        seconds,
+        status,
+        resumed,
+        proxy: proxy_report,
+    })
 }
 
 /// The same guest migrated directly, then through the proxies, on `ends`.
@@ -214,24 +228,22 @@ pub fn compare(
     run_seconds: u64,
 ) -> anyhow::Result<ProxyRun> {
     let dir = TempDir::new("pagefp-qemu-proxy");
-    let (direct_bytes, direct_seconds, direct_status, _, _) =
-        migrate_once(image, ends, &dir, run_seconds, None)?;
-    if direct_status != "completed" {
-        bail!("the direct QEMU migration ended {direct_status}");
+    let direct = migrate_once(image, ends, &dir, run_seconds, None)?;
+    if direct.status != "completed" {
+        bail!("the direct QEMU migration ended {}", direct.status);
     }
-    let (_, proxied_seconds, status, resumed, report) =
-        migrate_once(image, ends, &dir, run_seconds, Some(templates))?;
-    let report = report.context("no proxy report")?;
+    let proxied = migrate_once(image, ends, &dir, run_seconds, Some(templates))?;
+    let report = proxied.proxy.context("no proxy report")?;
     Ok(ProxyRun {
         vm: image.name.clone(),
         templates: templates.name().into(),
         link_mbit: ends.mbit(),
-        direct_wire_bytes: direct_bytes,
+        direct_wire_bytes: direct.wire_bytes,
         proxied_wire_bytes: report.wire_bytes,
-        direct_seconds,
-        proxied_seconds,
-        qemu_status: status,
-        guest_resumed: resumed,
+        direct_seconds: direct.seconds,
+        proxied_seconds: proxied.seconds,
+        qemu_status: proxied.status,
+        guest_resumed: proxied.resumed,
         stream_bytes: report.stream_bytes,
         pages: report.pages,
         template_pages: report.template_pages,
