@@ -193,20 +193,15 @@ impl Registry {
         let mut gpa = 0;
         for (id, region) in regions.iter().enumerate() {
             self.next_epoch += 1;
-            vm.slots.insert(
+            let slot = Slot::new(
                 id as u32,
-                Slot {
-                    id: id as u32,
-                    gpa,
-                    size: region.size,
-                    uaddr: region.uaddr,
-                    flags: 0,
-                    epoch: self.next_epoch,
-                    pages: vec![PageEntry::default(); (region.size >> crate::PAGE_SHIFT) as usize],
-                    pending_bitmap: Vec::new(),
-                    rescan_cursor: 0,
-                },
+                gpa,
+                region.size,
+                region.uaddr,
+                0,
+                self.next_epoch,
             );
+            vm.slots.insert(slot.id, slot);
             gpa += region.size;
         }
         self.vms.insert(guest.pid, vm);
@@ -404,17 +399,7 @@ impl Registry {
             if event.size == 0 {
                 return;
             }
-            let mut slot = Slot {
-                id,
-                gpa: event.addr,
-                size: event.size,
-                uaddr: event.uaddr,
-                flags: event.flags,
-                epoch,
-                pages: vec![PageEntry::default(); (event.size >> crate::PAGE_SHIFT) as usize],
-                pending_bitmap: Vec::new(),
-                rescan_cursor: 0,
-            };
+            let mut slot = Slot::new(id, event.addr, event.size, event.uaddr, event.flags, epoch);
             // Writes reported before the slot was known (an adopted VM).
             for ring in vm.rings.values_mut() {
                 for pending in ring.pending.iter_mut().filter(|p| p.slot == id) {

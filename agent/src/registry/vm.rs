@@ -72,6 +72,21 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// A slot whose pages are all unknown.
+    pub fn new(id: u32, gpa: u64, size: u64, uaddr: u64, flags: u32, epoch: u64) -> Self {
+        Self {
+            id,
+            gpa,
+            size,
+            uaddr,
+            flags,
+            epoch,
+            pages: vec![PageEntry::default(); (size >> PAGE_SHIFT) as usize],
+            pending_bitmap: Vec::new(),
+            rescan_cursor: 0,
+        }
+    }
+
     pub fn logged(&self) -> bool {
         self.flags & agent_common::ioctl::KVM_MEM_LOG_DIRTY_PAGES != 0
     }
