@@ -124,7 +124,10 @@ fn templates_from_another_guest_cut_the_wire_bytes() {
 
 /// multifd, the return path and postcopy cannot go through the proxies:
 /// each is refused before a byte reaches the destination, which is still
-/// waiting afterwards and takes a direct migration.
+/// waiting afterwards and takes a direct migration. Each attempt has its
+/// own source: after a refused multifd migration QEMU 7.2 sometimes never
+/// unregisters the attempt (its yank instance stays), and that source can
+/// not migrate again (see docs/qemu-proxy.md).
 #[test]
 fn features_the_proxies_cannot_carry_are_refused_and_the_destination_waits() {
     if !qemu_available("features_the_proxies_cannot_carry_are_refused_and_the_destination_waits") {
@@ -133,7 +136,6 @@ fn features_the_proxies_cannot_carry_are_refused_and_the_destination_waits() {
     let dir = TempDir::new("pagefp-qemu-proxy");
     let port = free_port();
     let mut dest = BiosGuest::incoming(&dir.0, "dst", 64, port).unwrap();
-    let mut source = BiosGuest::start(&dir.0, "src", 64, &[]).unwrap();
     for (capability, expected) in [
         ("multifd", "a multifd channel from"),
         (
@@ -145,6 +147,7 @@ fn features_the_proxies_cannot_carry_are_refused_and_the_destination_waits() {
             "refusing this migration (nothing was sent): postcopy (command 3",
         ),
     ] {
+        let mut source = BiosGuest::start(&dir.0, &format!("src-{capability}"), 64, &[]).unwrap();
         source.capabilities(&[(capability, true)]).unwrap();
         let proxies = Proxies::start(&Ends::LOOPBACK, port, &[], &[]).unwrap();
         let info = source.migrate(&proxies.uri, MIGRATION).unwrap();
@@ -152,9 +155,6 @@ fn features_the_proxies_cannot_carry_are_refused_and_the_destination_waits() {
         // A stream this small fits in the sockets' buffers: QEMU may have
         // written all of it (and call it completed) before the refusal.
         println!("{capability}: QEMU says {}", info["status"]);
-        if source.status().unwrap() == "postmigrate" {
-            source.qmp.execute("cont", None).unwrap();
-        }
         let sent = outcome.send.unwrap_err();
         assert!(sent.contains(expected), "{capability}: {sent}");
         let received = outcome.receive.unwrap_err();
@@ -163,8 +163,8 @@ fn features_the_proxies_cannot_carry_are_refused_and_the_destination_waits() {
             "{capability}: {received}"
         );
         assert_eq!(dest.status().unwrap(), "inmigrate", "{capability}");
-        source.capabilities(&[(capability, false)]).unwrap();
     }
+    let mut source = BiosGuest::start(&dir.0, "src-direct", 64, &[]).unwrap();
     let info = source
         .migrate(&format!("tcp:127.0.0.1:{port}"), MIGRATION)
         .unwrap();

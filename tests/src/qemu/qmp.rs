@@ -126,7 +126,14 @@ impl Qmp {
             reader: BufReader::new(stream.try_clone()?),
             writer: stream,
         };
-        let greeting = qmp.read().context("reading the QMP greeting")?;
+        // Under load QEMU has been seen to send an event (RESUME) ahead of
+        // the greeting on a fresh connection: events are skipped.
+        let greeting = loop {
+            let message = qmp.read().context("reading the QMP greeting")?;
+            if message.get("event").is_none() {
+                break message;
+            }
+        };
         if greeting.get("QMP").is_none() {
             bail!("not a QMP greeting: {greeting}");
         }
@@ -244,29 +251,27 @@ impl Qmp {
     /// Starts an outgoing migration to `uri` (`tcp:HOST:PORT`, `unix:PATH`, `exec:CMD`).
     ///
     /// QEMU reports a migration `failed` before it has cleaned the attempt
-    /// up (its connections, multifd channels among them); a `migrate` in
-    /// between is refused with "duplicate yank instance" or "There's a
-    /// migration process in progress". Those are retried for up to 10 s.
+    /// up: until it unregisters the attempt's yank instance, a new `migrate`
+    /// is refused with "duplicate yank instance", and QEMU 7.2 then stays
+    /// in `setup` for good. So this first waits (up to 30 s) until no
+    /// migration yank instance is left.
     pub fn migrate(&mut self, uri: &str) -> anyhow::Result<()> {
-        const CLEANING_UP: [&str; 2] = [
-            "duplicate yank instance",
-            "There's a migration process in progress",
-        ];
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match self.execute("migrate", Some(json!({ "uri": uri }))) {
-                Ok(_) => return Ok(()),
-                Err(err)
-                    if CLEANING_UP
-                        .iter()
-                        .any(|message| format!("{err:#}").contains(message))
-                        && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(err) => return Err(err),
+            let instances = self.execute("query-yank", None)?;
+            let busy = instances
+                .as_array()
+                .is_some_and(|list| list.iter().any(|i| i["type"] == "migration"));
+            if !busy {
+                break;
             }
+            if Instant::now() > deadline {
+                bail!("QEMU has not finished cleaning up its previous migration after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
+        self.execute("migrate", Some(json!({ "uri": uri })))
+            .map(drop)
     }
 
     /// Starts listening for an incoming migration (QEMU started with `-incoming defer`).
