@@ -12,7 +12,7 @@ use std::{
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::report::{MigrationReport, Phase};
+use crate::api::report::{MigrationReport, Phase};
 
 /// Reports sent to the agent at most this often (besides phase changes).
 const REPORT_EVERY: Duration = Duration::from_secs(1);

@@ -22,7 +22,7 @@ use prometheus::{
 };
 
 use crate::{
-    api::routes::AppState,
+    daemon::state::AppState,
     content::zero_page_hash,
     migrate::wire::{FULL_LEN, TEMPLATE_LEN},
     registry::{DirtyMode, Discovery, PageState, Registry, Tracking, Vm},
@@ -31,14 +31,6 @@ use crate::{
 
 /// Content type of the text exposition format.
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-fn tracking_name(tracking: Tracking) -> &'static str {
-    match tracking {
-        Tracking::Tracked => "tracked",
-        Tracking::Syncing => "syncing",
-        Tracking::Untracked => "untracked",
-    }
-}
 
 fn dirty_log_name(mode: DirtyMode) -> &'static str {
     match mode {
@@ -148,8 +140,8 @@ pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
         .set(1);
     agent_metrics(&scrape, state)?;
     {
+        let catalog = state.catalog();
         let registry = state.registry.lock().unwrap();
-        let catalog = state.catalog(&registry);
         vm_metrics(&scrape, &registry, &catalog)?;
         host_metrics(&scrape, &registry, &catalog)?;
     }
@@ -245,7 +237,7 @@ fn vm_metrics(
             DirtyMode::Unknown,
             DirtyMode::None,
         ] {
-            vms.with_label_values(&[tracking_name(tracking), dirty_log_name(dirty_log)])
+            vms.with_label_values(&[Tracking::name(tracking), dirty_log_name(dirty_log)])
                 .set(0);
         }
     }
@@ -298,7 +290,7 @@ fn vm_metrics(
     for vm in registry.vms() {
         let figures = vm_figures(registry, vm, catalog);
         let label = vm.pid.to_string();
-        let tracking = tracking_name(figures.tracking);
+        let tracking = Tracking::name(figures.tracking);
         let dirty_log = dirty_log_name(vm.dirty_mode);
         vms.with_label_values(&[tracking, dirty_log]).inc();
         let discovery = match vm.discovery {

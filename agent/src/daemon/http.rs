@@ -12,10 +12,13 @@ use hyper::{Request, body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 
-use super::routes::{ApiResponse, AppState, MAX_BODY, error, handle_with_body};
+use super::{
+    routes::{ApiResponse, MAX_BODY, error, handle_with_body},
+    state::AppState,
+};
 
 /// Binds the socket (replacing a stale one), mode 0600.
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+pub fn bind_api(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -37,7 +40,7 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// Serves until the task is dropped.
-pub async fn serve(listener: UnixListener, state: Arc<AppState>, path: PathBuf) {
+pub async fn serve_api(listener: UnixListener, state: Arc<AppState>, path: PathBuf) {
     log::info!("API listening on {}", path.display());
     loop {
         let (stream, _) = match listener.accept().await {
