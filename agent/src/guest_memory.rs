@@ -225,7 +225,107 @@ pub fn read_copied(pid: u32, uaddr: u64, pages: &[u32], buf: &mut [u8]) -> Vec<b
 
 #[cfg(test)]
 mod tests {
+    use std::{ffi::CString, os::fd::OwnedFd};
+
+    use nix::{
+        sys::memfd::{MFdFlags, memfd_create},
+        unistd::ftruncate,
+    };
+
     use super::*;
+
+    /// What a VMM does: guest RAM in a memfd (sealed or not), mapped shared.
+    struct VmmRam {
+        _fd: OwnedFd,
+        ptr: NonNull<u8>,
+        len: usize,
+    }
+
+    impl VmmRam {
+        fn new(pages: usize, sealed: bool) -> Self {
+            let len = pages * PAGE_SIZE;
+            let name = CString::new("pagefp-test-ram").unwrap();
+            let fd = memfd_create(name.as_c_str(), MFdFlags::MFD_ALLOW_SEALING).unwrap();
+            ftruncate(&fd, len as i64).unwrap();
+            if sealed {
+                fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK)).unwrap();
+            }
+            // SAFETY: a fresh shared mapping of a file of exactly `len` bytes.
+            let ptr = unsafe {
+                mmap(
+                    None,
+                    NonZeroUsize::new(len).unwrap(),
+                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                    MapFlags::MAP_SHARED,
+                    fd.as_fd(),
+                    0,
+                )
+            }
+            .unwrap();
+            Self {
+                _fd: fd,
+                ptr: ptr.cast(),
+                len,
+            }
+        }
+
+        fn bytes(&mut self) -> &mut [u8] {
+            // SAFETY: the mapping made in `new`, alive as long as `self`.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        }
+
+        fn uaddr(&self) -> u64 {
+            self.ptr.as_ptr() as u64
+        }
+    }
+
+    impl Drop for VmmRam {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `new`, unmapped once.
+            let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+        }
+    }
+
+    #[test]
+    fn guest_ram_in_a_memfd_is_mapped_read_only_and_read_write() {
+        let pid = std::process::id();
+        let mut ram = VmmRam::new(4, true);
+        ram.bytes()[PAGE_SIZE..2 * PAGE_SIZE].fill(7);
+        // A slot that starts one page into the mapping.
+        let uaddr = ram.uaddr() + PAGE_SIZE as u64;
+        let size = 3 * PAGE_SIZE as u64;
+        let view = GuestMapping::open_sealed(pid, uaddr, size)
+            .unwrap()
+            .expect("a sealed memfd is mapped");
+        assert!(view.page(0).unwrap().iter().all(|b| *b == 7));
+        assert!(view.page(1).unwrap().iter().all(|b| *b == 0));
+        assert!(view.page(3).is_none(), "outside the slot");
+        let mut ro = GuestMapping::open_sealed(pid, uaddr, size).unwrap().unwrap();
+        assert!(ro.page_mut(0).is_none(), "a read-only view is not writable");
+
+        let mut dest = GuestMapping::open_writable(pid, uaddr, size).unwrap();
+        dest.page_mut(2).unwrap().fill(9);
+        assert!(ram.bytes()[3 * PAGE_SIZE..].iter().all(|b| *b == 9));
+        assert!(view.page(2).unwrap().iter().all(|b| *b == 9), "the same file");
+    }
+
+    #[test]
+    fn unsealed_or_anonymous_memory_is_not_mapped() {
+        let pid = std::process::id();
+        let ram = VmmRam::new(2, false);
+        let size = 2 * PAGE_SIZE as u64;
+        assert!(GuestMapping::open_sealed(pid, ram.uaddr(), size).unwrap().is_none());
+        let anonymous = vec![1u8; 4 * PAGE_SIZE];
+        let at = (anonymous.as_ptr() as u64).next_multiple_of(PAGE_SIZE as u64);
+        assert!(GuestMapping::open_sealed(pid, at, PAGE_SIZE as u64).unwrap().is_none());
+        let err = GuestMapping::open_writable(pid, at, PAGE_SIZE as u64).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("must keep guest memory in a memfd"),
+            "{err:#}"
+        );
+        // A range that runs past the mapping is not covered by it.
+        assert!(GuestMapping::open_sealed(pid, ram.uaddr(), 3 * size).unwrap().is_none());
+    }
 
     #[test]
     fn reads_own_memory_copied_and_reports_bad_pages() {

@@ -5,17 +5,14 @@
 //! or of a running migration end with it. Every metric is described in
 //! `docs/metrics.md`.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
     header,
-    server::conn::http1,
-    service::service_fn,
 };
-use hyper_util::rt::TokioIo;
 use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry,
     TextEncoder, core::Collector,
@@ -435,7 +432,7 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
         .expect("a valid response")
 }
 
-async fn answer(request: Request<Incoming>, state: Arc<AppState>) -> Response<Full<Bytes>> {
+pub async fn answer(request: Request<Incoming>, state: Arc<AppState>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET: try /metrics\n");
     }
@@ -462,46 +459,6 @@ async fn answer(request: Request<Incoming>, state: Arc<AppState>) -> Response<Fu
             .body(Full::new(Bytes::from(landing_page())))
             .expect("a valid response"),
         _ => text(StatusCode::NOT_FOUND, "not found: try /metrics\n"),
-    }
-}
-
-/// Binds the metrics address (before the agent says it is ready).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen for metrics on {addr}: {e}. Pick another address with --metrics-addr (or metrics_addr in the config file)"
-        )
-    })
-}
-
-/// Serves `/metrics` and `/` on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
-    if let Ok(addr) = listener.local_addr() {
-        log::info!("metrics on http://{addr}/metrics");
-    }
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(err) => {
-                // Out of file descriptors, usually: wait instead of spinning.
-                log::warn!("metrics: accept failed: {err}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request: Request<Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(request, state).await) }
-            });
-            if let Err(err) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                log::debug!("metrics connection ended: {err}");
-            }
-        });
     }
 }
 

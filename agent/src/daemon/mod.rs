@@ -96,13 +96,19 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let listener = http::bind_api(&config.socket)?;
         // Bound before "ready": a taken metrics address stops the agent
         // with an error naming --metrics-addr.
-        let metrics_listener = metrics::bind(config.metrics_addr).await?;
+        let metrics_listener = http::bind_metrics(config.metrics_addr).await?;
+        let shutdown = http::Shutdown::default();
         let api = tokio::spawn(http::serve_api(
             listener,
             state.clone(),
             config.socket.clone(),
+            shutdown.clone(),
         ));
-        let metrics = tokio::spawn(metrics::serve(metrics_listener, state.clone()));
+        let metrics = tokio::spawn(http::serve_metrics(
+            metrics_listener,
+            state.clone(),
+            shutdown.clone(),
+        ));
         println!(
             "pagefp agent ready: API on {}, metrics on http://{}/metrics",
             config.socket.display(),
@@ -113,8 +119,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => log::info!("SIGINT: stopping"),
             _ = term.recv() => log::info!("SIGTERM: stopping"),
         }
-        api.abort();
-        metrics.abort();
+        // Stop accepting; requests in flight finish (a bounded wait).
+        shutdown.signal();
+        let _ = tokio::join!(api, metrics);
         anyhow::Ok(())
     });
     stop.store(true, Ordering::Relaxed);
