@@ -528,6 +528,94 @@ mod tests {
         })
     }
 
+    /// Three shared-memory VMs (pids 1, 2, 3) of four pages each, hashed:
+    /// page contents by letter.
+    fn three_vms() -> AppState {
+        use crate::registry::{RamRegion, SharedRamGuest};
+        let state = AppState::empty();
+        let contents: [(u32, [u8; 4]); 3] = [(1, *b"AABC"), (2, *b"ABDE"), (3, *b"CCCD")];
+        let mut registry = state.registry.lock().unwrap();
+        for (pid, _) in contents {
+            registry.adopt_shared_ram(&SharedRamGuest {
+                pid,
+                regions: vec![RamRegion {
+                    uaddr: u64::from(pid) << 32,
+                    size: 4 * PAGE_SIZE as u64,
+                    offset: 0,
+                    path: format!("/dev/shm/vm{pid}"),
+                }],
+            });
+        }
+        for job in registry.rescan_jobs(1000) {
+            let plan = registry.plan(&job).unwrap();
+            let letters = contents.iter().find(|(pid, _)| *pid == job.pid).unwrap().1;
+            let hashes: Vec<_> = plan
+                .pages
+                .iter()
+                .map(|(page, _)| Some([letters[*page as usize]; 32]))
+                .collect();
+            registry.commit(&job, &plan, &hashes);
+        }
+        drop(registry);
+        state
+    }
+
+    fn catalog(state: &AppState, query: &str) -> CatalogView {
+        let response = handle(state, &hyper::Method::GET, "/v1/templates", Some(query));
+        assert_eq!(response.status(), StatusCode::OK);
+        serde_json::from_str(&body(response)).unwrap()
+    }
+
+    fn hashes(view: &CatalogView) -> Vec<u8> {
+        view.templates.iter().map(|t| t.hash[0]).collect()
+    }
+
+    #[test]
+    fn templates_are_selected_among_the_vms_asked_for_with_where_they_live() {
+        let state = three_vms();
+        let host = catalog(&state, "");
+        assert_eq!(hashes(&host), b"CABD".to_vec());
+        assert_eq!(host.vms, vec![1, 2, 3]);
+        assert_eq!(host.pages_covered, 4 + 3 + 2 + 2);
+        assert!(host.templates.iter().all(|t| t.at.is_none()));
+
+        let two = catalog(&state, "vms=1,2&locations=1");
+        assert_eq!(hashes(&two), b"AB".to_vec());
+        assert_eq!(two.templates[0].pages, 3);
+        assert_eq!(
+            two.templates[0].at,
+            Some(PageLocation {
+                pid: 1,
+                uaddr: 1 << 32
+            })
+        );
+        assert_eq!(
+            two.templates[1].at,
+            Some(PageLocation {
+                pid: 1,
+                uaddr: (1 << 32) + 2 * PAGE_SIZE as u64
+            })
+        );
+        assert_eq!(catalog(&state, "exclude=3").templates, {
+            let mut plain = two.templates.clone();
+            plain.iter_mut().for_each(|t| t.at = None);
+            plain
+        });
+
+        let one_vm = catalog(&state, "vms=3&min_vms=1&budget_bytes=4096&locations=1");
+        assert_eq!(hashes(&one_vm), b"C".to_vec());
+        assert_eq!(one_vm.selected, 1);
+        assert_eq!(one_vm.eligible, 2);
+        assert_eq!(one_vm.templates[0].at.unwrap().pid, 3);
+
+        let limited = catalog(&state, "limit=1");
+        assert_eq!((limited.selected, limited.templates.len()), (4, 1));
+
+        let unknown = handle(&state, &hyper::Method::GET, "/v1/templates", Some("vms=1,9"));
+        assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+        assert!(body(unknown).contains("pid 9"));
+    }
+
     #[test]
     fn malformed_requests_get_4xx_with_a_message() {
         let state = state();
@@ -570,6 +658,24 @@ mod tests {
                 get.clone(),
                 "/v1/templates",
                 Some("colour=red"),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                get.clone(),
+                "/v1/templates",
+                Some("vms=1,x"),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                get.clone(),
+                "/v1/templates",
+                Some("min_vms=two"),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                get.clone(),
+                "/v1/templates",
+                Some("locations=maybe"),
                 StatusCode::BAD_REQUEST,
             ),
         ];
