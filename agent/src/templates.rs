@@ -31,7 +31,7 @@ pub struct Template {
 
 /// The selected templates, in rank order (index = rank).
 #[derive(Clone, Debug, Default)]
-pub struct Catalog {
+pub struct Selection {
     /// The content-table epoch the selection was made at.
     pub epoch: u64,
     pub policy: SelectionPolicy,
@@ -82,20 +82,20 @@ impl Eligible {
         }
     }
 
-    /// The selection: see [`Catalog::rank`].
-    pub fn rank(self) -> Catalog {
-        Catalog::rank(self.epoch, self.candidates.into_iter(), self.policy)
+    /// The selection: see [`Selection::rank`].
+    pub fn rank(self) -> Selection {
+        Selection::rank(self.epoch, self.candidates.into_iter(), self.policy)
     }
 }
 
-impl Catalog {
+impl Selection {
     /// The templates of every VM of the host (the content table's counts).
     pub fn select(contents: &ContentTable, policy: SelectionPolicy) -> Self {
         Eligible::host(contents, policy).rank()
     }
 
     /// The templates of some VMs only (`counts`: each chosen VM's content
-    /// counts), ranked exactly as [`Catalog::select`] ranks the host's.
+    /// counts), ranked exactly as [`Selection::select`] ranks the host's.
     pub fn select_among<'a>(
         contents: &ContentTable,
         counts: impl IntoIterator<Item = &'a VmContentCounts>,
@@ -206,7 +206,7 @@ mod tests {
         for _ in 0..9 {
             table.add_page(&mut vms[2], &[3; 32]); // one VM only
         }
-        let catalog = Catalog::select(
+        let catalog = Selection::select(
             &table,
             SelectionPolicy {
                 min_vms: 2,
@@ -218,7 +218,7 @@ mod tests {
         assert_eq!(catalog.templates[0].pages, 6);
         assert_eq!(catalog.pages_covered, 9);
         assert_eq!(catalog.covered_pages(&vms[0]), 6);
-        let small = Catalog::select(
+        let small = Selection::select(
             &table,
             SelectionPolicy {
                 min_vms: 2,
@@ -230,7 +230,7 @@ mod tests {
 
         // Among VMs 1 and 2 only: [2] is held by VM 1 alone there; [3] by
         // VM 2 alone; [1] by both.
-        let among = Catalog::select_among(
+        let among = Selection::select_among(
             &table,
             [&vms[1], &vms[2]],
             SelectionPolicy {
@@ -241,7 +241,7 @@ mod tests {
         let hashes: Vec<PageHash> = among.templates.iter().map(|t| t.hash).collect();
         assert_eq!(hashes, vec![[1; 32]]);
         assert_eq!(among.templates[0].pages, 2);
-        let among = Catalog::select_among(
+        let among = Selection::select_among(
             &table,
             [&vms[1], &vms[2]],
             SelectionPolicy {
@@ -252,7 +252,7 @@ mod tests {
         let hashes: Vec<PageHash> = among.templates.iter().map(|t| t.hash).collect();
         assert_eq!(hashes, vec![[3; 32], [1; 32], [2; 32]]);
         // Over every VM, the two selections agree.
-        let all = Catalog::select_among(
+        let all = Selection::select_among(
             &table,
             &vms,
             SelectionPolicy {

@@ -23,7 +23,7 @@ use crate::{
     content::zero_page_hash,
     migrate::wire::{FULL_LEN, TEMPLATE_LEN},
     registry::{DirtyMode, Discovery, PageState, Registry, Tracking, Vm},
-    templates::Catalog,
+    templates::Selection,
 };
 
 /// Content type of the text exposition format.
@@ -90,7 +90,7 @@ struct VmFigures {
 
 const PAGE_STATES: [&str; 5] = ["unknown", "dirty", "clean", "unverified", "zero"];
 
-fn vm_figures(registry: &Registry, vm: &Vm, catalog: &Catalog) -> VmFigures {
+fn vm_figures(registry: &Registry, vm: &Vm, catalog: &Selection) -> VmFigures {
     let zero = registry.contents.lookup(&zero_page_hash());
     let mut pages = [0u64; 5];
     let mut tracking: Option<Tracking> = None;
@@ -137,7 +137,7 @@ pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
         .set(1);
     agent_metrics(&scrape, state)?;
     {
-        let catalog = state.catalog();
+        let catalog = state.template_selection();
         let registry = state.registry.lock().unwrap();
         vm_metrics(&scrape, &registry, &catalog)?;
         host_metrics(&scrape, &registry, &catalog)?;
@@ -218,7 +218,7 @@ fn agent_metrics(scrape: &Scrape, state: &AppState) -> Result<(), prometheus::Er
 fn vm_metrics(
     scrape: &Scrape,
     registry: &Registry,
-    catalog: &Catalog,
+    catalog: &Selection,
 ) -> Result<(), prometheus::Error> {
     let vms = scrape.gauges(
         "pagefp_vms",
@@ -328,7 +328,7 @@ fn vm_metrics(
 fn host_metrics(
     scrape: &Scrape,
     registry: &Registry,
-    catalog: &Catalog,
+    catalog: &Selection,
 ) -> Result<(), prometheus::Error> {
     let stats = &registry.stats;
     let events = scrape.counters(

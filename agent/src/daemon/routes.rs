@@ -21,7 +21,7 @@ use crate::{
     content::zero_page_hash,
     page::{PAGE_SIZE, hex},
     registry::{PageState, RegistryStats},
-    templates::{Catalog, SelectionPolicy},
+    templates::{Selection, SelectionPolicy},
     tracking::{ebpf::Sources, tracker::monotonic_ns},
 };
 
@@ -71,12 +71,12 @@ enum Format {
 struct Query {
     format: Option<Format>,
     limit: Option<usize>,
-    selection: Selection,
+    selection: TemplateQuery,
 }
 
 /// Which VMs `GET /v1/templates` selects among, and how.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Selection {
+struct TemplateQuery {
     /// `vms=PID,PID`: only these VMs.
     vms: Option<Vec<u32>>,
     /// `exclude=PID,PID`: never these.
@@ -88,7 +88,7 @@ struct Selection {
     locations: bool,
 }
 
-impl Selection {
+impl TemplateQuery {
     /// Whether the answer differs from the host's cached catalog.
     fn is_custom(&self) -> bool {
         self.vms.is_some()
@@ -295,7 +295,7 @@ struct StatusView {
 }
 
 fn status(state: &AppState) -> ApiResponse {
-    let catalog = state.catalog();
+    let catalog = state.template_selection();
     let registry = state.registry.lock().unwrap();
     json(&StatusView {
         version: env!("CARGO_PKG_VERSION"),
@@ -320,7 +320,7 @@ fn status(state: &AppState) -> ApiResponse {
 }
 
 fn vms(state: &AppState) -> ApiResponse {
-    let catalog = state.catalog();
+    let catalog = state.template_selection();
     let registry = state.registry.lock().unwrap();
     let views: Vec<VmView> = registry
         .vms()
@@ -330,7 +330,7 @@ fn vms(state: &AppState) -> ApiResponse {
 }
 
 fn one_vm(state: &AppState, pid: u32) -> ApiResponse {
-    let catalog = state.catalog();
+    let catalog = state.template_selection();
     let registry = state.registry.lock().unwrap();
     match registry.vm(pid) {
         Some(vm) => json(&vm_view(&registry, vm, &catalog)),
@@ -425,7 +425,7 @@ fn hashes(state: &AppState, pid: u32, format: Format) -> ApiResponse {
 /// policy, as `pagefp templates export` and the receivers ask for it.
 fn templates(
     state: &AppState,
-    selection: &Selection,
+    selection: &TemplateQuery,
     format: Format,
     limit: Option<usize>,
 ) -> ApiResponse {
@@ -433,7 +433,7 @@ fn templates(
         min_vms: selection.min_vms.unwrap_or(state.policy.min_vms),
         budget_bytes: selection.budget_bytes.unwrap_or(state.policy.budget_bytes),
     };
-    let host_catalog = (!selection.is_custom()).then(|| state.catalog());
+    let host_catalog = (!selection.is_custom()).then(|| state.template_selection());
     let registry = state.registry.lock().unwrap();
     let counted: Vec<u32> = registry
         .vms()
@@ -451,7 +451,7 @@ fn templates(
     }
     let catalog = match host_catalog {
         Some(catalog) => catalog,
-        None => Arc::new(Catalog::select_among(
+        None => Arc::new(Selection::select_among(
             &registry.contents,
             counted.iter().filter_map(|pid| registry.vm(*pid)).map(|vm| &vm.counts),
             policy,

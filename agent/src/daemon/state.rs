@@ -10,7 +10,7 @@ use std::{
 use crate::{
     hasher::HashPool,
     registry::Registry,
-    templates::{Catalog, Eligible, SelectionPolicy},
+    templates::{Selection, Eligible, SelectionPolicy},
     tracking::{
         ebpf::Sources,
         tracker::{SyncHandle, TrackerStats},
@@ -28,7 +28,7 @@ pub struct AppState {
     pub policy: SelectionPolicy,
     pub started: Instant,
     pub migrations: Mutex<MigrationBook>,
-    catalog: Mutex<Option<Arc<Catalog>>>,
+    selection: Mutex<Option<Arc<Selection>>>,
 }
 
 impl AppState {
@@ -49,7 +49,7 @@ impl AppState {
             policy,
             started: Instant::now(),
             migrations: Mutex::new(MigrationBook::new()),
-            catalog: Mutex::new(None),
+            selection: Mutex::new(None),
         }
     }
 
@@ -72,11 +72,11 @@ impl AppState {
     /// The host's template catalog, selected again when contents changed.
     /// Takes the registry lock only to collect the eligible contents: call
     /// it before locking the registry (the lock is not reentrant).
-    pub fn catalog(&self) -> Arc<Catalog> {
+    pub fn template_selection(&self) -> Arc<Selection> {
         let eligible = {
             let registry = self.registry.lock().unwrap();
             let epoch = registry.contents.epoch();
-            if let Some(catalog) = &*self.catalog.lock().unwrap()
+            if let Some(catalog) = &*self.selection.lock().unwrap()
                 && catalog.epoch == epoch
             {
                 return catalog.clone();
@@ -84,7 +84,7 @@ impl AppState {
             Eligible::host(&registry.contents, self.policy)
         };
         let catalog = Arc::new(eligible.rank());
-        let mut cached = self.catalog.lock().unwrap();
+        let mut cached = self.selection.lock().unwrap();
         // A slower selection of an older epoch must not replace a newer one.
         if cached.as_ref().is_none_or(|c| c.epoch <= catalog.epoch) {
             *cached = Some(catalog.clone());

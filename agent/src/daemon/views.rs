@@ -4,10 +4,10 @@ use crate::{
     api::views::{SlotView, VmView},
     content::zero_page_hash,
     registry::{PageState, Registry, SyncState, Tracking, Vm},
-    templates::Catalog,
+    templates::Selection,
 };
 
-pub fn vm_view(registry: &Registry, vm: &Vm, catalog: &Catalog) -> VmView {
+pub fn vm_view(registry: &Registry, vm: &Vm, catalog: &Selection) -> VmView {
     let states = vm.state_counts();
     let get = |state| states.get(&state).copied().unwrap_or(0);
     let pages = vm.page_count() as u64;
