@@ -21,6 +21,7 @@ pub mod qemu_stream;
 pub mod registry;
 pub mod templates;
 pub mod tracker;
+pub mod transport;
 
 /// Guest page size.
 pub const PAGE_SIZE: usize = 4096;

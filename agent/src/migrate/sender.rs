@@ -28,7 +28,6 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    catalog::template_id,
     digest::{CHUNK_PAGES, chunk_digests},
     guest_memory::{Layout, SourceMemory},
     pacing::Paced,
@@ -37,13 +36,13 @@ use super::{
     vmm::VmmControl,
     wire::{
         self, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PAGE, PagesBuilder,
-        Ready, Region, Resumed, RoundEnd, TEMPLATE_LEN, TemplateId, ZERO_RUN_LEN,
+        Ready, Region, Resumed, RoundEnd, TEMPLATE_LEN, ZERO_RUN_LEN,
     },
 };
 use crate::{
     api::wire::{parse_hash_list, state},
     client,
-    content::zero_page_hash,
+    content::{TemplateId, zero_page_hash},
     memory::is_zero_page,
 };
 
@@ -236,12 +235,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
             Ok(sender.report)
         }
         Err(Failure::BeforeGo(err)) => {
-            let _ = sender.writer.json(
-                Kind::Abort,
-                &wire::Abort {
-                    reason: format!("{err:#}"),
-                },
-            );
+            let _ = sender.writer.abort(&format!("{err:#}"));
             let _ = sender.writer.flush();
             let resumed = if paused { vmm.resume() } else { Ok(()) };
             sender.report.phase = Phase::Failed;
@@ -306,7 +300,7 @@ impl Sender<'_> {
             .map_err(Failure::BeforeGo)?;
         let resumed: Resumed = self
             .reader
-            .expect(Kind::Resumed, "resumed")
+            .expect(Kind::Resumed)
             .and_then(|f| f.json())
             .context("waiting for the destination to resume")
             .map_err(Failure::AfterGo)?;
@@ -349,7 +343,7 @@ impl Sender<'_> {
         self.writer.preamble()?;
         self.writer.json(Kind::Hello, &hello)?;
         self.writer.flush()?;
-        let frame = self.reader.expect(Kind::Offer, "template offer")?;
+        let frame = self.reader.expect(Kind::Offer)?;
         let ids = wire::decode_offer(&frame)?;
         if self.options.mode.uses_templates() {
             self.offer = ids
@@ -482,10 +476,7 @@ impl Sender<'_> {
             // Wait until the round arrived: data still queued in socket
             // buffers would otherwise be sent during the downtime, and the
             // bandwidth would be overestimated.
-            let ack: RoundEnd = self
-                .reader
-                .expect(Kind::RoundAck, "round acknowledgement")?
-                .json()?;
+            let ack: RoundEnd = self.reader.expect(Kind::RoundAck)?.json()?;
             if ack.round != round.round {
                 bail!(
                     "the destination acknowledged round {} instead of {}",
@@ -562,7 +553,7 @@ impl Sender<'_> {
         self.writer
             .frame(Kind::Verify, 0, &wire::encode_digest(CHUNK_PAGES, &digests))?;
         self.writer.flush()?;
-        let ready: Ready = self.reader.expect(Kind::Ready, "ready")?.json()?;
+        let ready: Ready = self.reader.expect(Kind::Ready)?.json()?;
         part(&mut self.report, "destination_check");
         self.sync_bytes();
         if !ready.verified {
@@ -595,7 +586,7 @@ impl Sender<'_> {
                     self.zero(page)?;
                     continue;
                 }
-                if use_templates && let Some(&index) = self.offer.get(&template_id(&hash)) {
+                if use_templates && let Some(&index) = self.offer.get(&hash) {
                     self.template(page, index, hash)?;
                     continue;
                 }
@@ -607,10 +598,7 @@ impl Sender<'_> {
                 self.zero(page)
             } else {
                 let hash = *blake3::hash(&buf).as_bytes();
-                match use_templates
-                    .then(|| self.offer.get(&template_id(&hash)))
-                    .flatten()
-                {
+                match use_templates.then(|| self.offer.get(&hash)).flatten() {
                     Some(&index) => self.template(page, index, hash),
                     None => self.full_page(page, &buf, hash),
                 }
