@@ -422,6 +422,16 @@ fn preambles_of_both_versions_are_told_apart() {
         err.contains("version 1 is not supported") && err.contains("upgrade both ends"),
         "{err}"
     );
+    // What a version 1 receive proxy answers to this side's preamble.
+    let mut refusal = vec![7u8];
+    let reason = br#"{"reason":"not a pagefp QEMU proxy on the other end"}"#;
+    refusal.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+    refusal.extend_from_slice(reason);
+    let err = FrameReader::new(&refusal[..])
+        .preamble()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("version 1 is not supported"), "{err}");
     // The native migration protocol is not this one.
     let mut native = Vec::new();
     crate::migrate::wire::FrameWriter::new(&mut native)

@@ -58,9 +58,14 @@ impl Protocol for QemuProxy {
     const MAX_PAYLOAD: usize = MAX_PAYLOAD;
     type Kind = Kind;
 
-    /// Version 1 opened with a 4-byte `b"PFQP"` and its version.
+    /// Version 1 opened with a 4-byte `b"PFQP"` and its version; a version
+    /// 1 receive proxy that refused this side's preamble answers instead
+    /// with its Abort (kind 7, u32 length, `{"reason":...}`).
     fn former_version(found: &[u8; PREAMBLE_LEN]) -> Option<u32> {
-        (found[..4] == *b"PFQP").then(|| u32::from_le_bytes(found[4..8].try_into().unwrap()))
+        if found[..4] == *b"PFQP" {
+            return Some(u32::from_le_bytes(found[4..8].try_into().unwrap()));
+        }
+        (found[0] == 7 && found[5..] == *br#"{"reaso"#).then_some(1)
     }
 }
 

@@ -6,7 +6,7 @@ use std::io;
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     #[error(
-        "the {protocol} peer closed the connection while this side was reading {what} (stream offset {offset}); its log says why"
+        "the {protocol} connection failed: the peer closed it while this side was reading {what} (stream offset {offset}); the peer's log says why"
     )]
     Closed {
         protocol: &'static str,
