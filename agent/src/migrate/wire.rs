@@ -10,7 +10,6 @@ use std::io::Read as _;
 use serde::{Deserialize, Serialize};
 
 use super::report::Mode;
-pub use crate::transport::Abort;
 use crate::{
     content::{TEMPLATE_ID_LEN, TemplateId},
     transport::{self, Protocol, WireError},

@@ -78,7 +78,7 @@ pub enum WireError {
         what: String,
     },
     #[error(
-        "expected a {expected} message, got {got} at stream offset {offset}: the {protocol} peer is out of step (another pagefp release?)"
+        "expected {expected}, got {got} at stream offset {offset}: the {protocol} peer is out of step (another pagefp release?)"
     )]
     Unexpected {
         protocol: &'static str,
