@@ -11,6 +11,13 @@ use hashbrown::{HashMap, HashTable};
 /// A blake3 hash of one 4 KiB page.
 pub type PageHash = [u8; 32];
 
+/// A template's id in both WAN protocols (native migration and the QEMU
+/// proxies): the full blake3 hash of its page. All 32 bytes, so that
+/// site-wide catalogs of millions of templates stay far from collisions.
+pub type TemplateId = PageHash;
+/// Bytes of a [`TemplateId`] on the wire.
+pub const TEMPLATE_ID_LEN: usize = std::mem::size_of::<TemplateId>();
+
 /// The id of a content in a [`ContentTable`].
 pub type ContentId = u32;
 

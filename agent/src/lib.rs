@@ -29,6 +29,7 @@ pub mod templates;
 
 pub mod api;
 pub mod net;
+pub mod transport;
 
 pub mod daemon;
 pub mod migrate;

@@ -330,7 +330,7 @@ impl CuttingRelay {
             match direction {
                 Direction::SourceToDest => {
                     let other = std::thread::spawn(move || plain(d1, s1));
-                    watched(source, dest, agent::migrate::wire::PREAMBLE_LEN);
+                    watched(source, dest, agent::transport::PREAMBLE_LEN);
                     let _ = other.join();
                 }
                 Direction::DestToSource => {

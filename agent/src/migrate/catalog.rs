@@ -22,9 +22,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::wire::{PAGE, TEMPLATE_ID_LEN, TemplateId};
+use super::wire::PAGE;
 use crate::{
     api::{client, views::CatalogView},
+    content::TemplateId,
     guest_memory::read_copied,
 };
 
@@ -302,8 +303,8 @@ pub fn build_from_agent(socket: &Path, options: &BuildOptions) -> anyhow::Result
 /// The templates a receiver can offer, from every source, without repeats.
 #[derive(Default)]
 pub struct TemplateStore {
+    /// In offer order; a template's id is its page's blake3 hash.
     pub ids: Vec<TemplateId>,
-    hashes: Vec<[u8; 32]>,
     pages: Vec<u8>,
     seen: HashSet<TemplateId>,
 }
@@ -312,10 +313,8 @@ impl TemplateStore {
     pub fn add(&mut self, catalog: &Catalog) -> usize {
         let before = self.ids.len();
         for (i, hash) in catalog.hashes.iter().enumerate() {
-            let id = template_id(hash);
-            if self.seen.insert(id) {
-                self.ids.push(id);
-                self.hashes.push(*hash);
+            if self.seen.insert(*hash) {
+                self.ids.push(*hash);
                 self.pages.extend_from_slice(catalog.page(i));
             }
         }
@@ -335,14 +334,9 @@ impl TemplateStore {
         self.pages.get(start..start + PAGE)
     }
 
-    pub fn hash(&self, index: u32) -> Option<&[u8; 32]> {
-        self.hashes.get(index as usize)
+    pub fn hash(&self, index: u32) -> Option<&TemplateId> {
+        self.ids.get(index as usize)
     }
-}
-
-/// A template's id on the wire: the first bytes of its blake3 hash.
-pub fn template_id(hash: &[u8; 32]) -> TemplateId {
-    hash[..TEMPLATE_ID_LEN].try_into().unwrap()
 }
 
 /// The catalog files installed in `dir` (missing dir: none).

@@ -23,13 +23,14 @@ use super::{
     progress::Progress,
     vmm::VmmControl,
     wire::{
-        self, FLAG_ZSTD, FrameReader, FrameWriter, Hello, Kind, PAGE, PageRecord, Ready, Resumed,
-        RoundEnd, WireError,
+        self, FLAG_ZSTD, FrameReader, FrameWriter, Hello, Kind, MAX_OFFER, PAGE, PageRecord, Ready,
+        Resumed, RoundEnd,
     },
 };
 use crate::{
     api::report::{MigrationReport, Mode, Phase, Role},
     content::zero_page_hash,
+    transport::{Protocol as _, WireError},
 };
 
 #[derive(Clone, Debug)]
@@ -132,12 +133,7 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
             Ok(receiver.report)
         }
         Err(err) => {
-            let _ = receiver.writer.json(
-                Kind::Abort,
-                &wire::Abort {
-                    reason: format!("{err:#}"),
-                },
-            );
+            let _ = receiver.writer.abort(&format!("{err:#}"));
             let _ = receiver.writer.flush();
             receiver.report.phase = Phase::Failed;
             receiver.report.error = Some(format!("{err:#}"));
@@ -182,7 +178,7 @@ impl Receiver<'_> {
         regions: &[super::vmm::VmmRegion],
     ) -> anyhow::Result<()> {
         self.reader.preamble()?;
-        let hello: Hello = self.reader.expect(Kind::Hello, "hello")?.json()?;
+        let hello: Hello = self.reader.expect(Kind::Hello)?.json()?;
         self.report.id = hello.id.clone();
         self.report.mode = hello.mode;
         self.report.mem_bytes = hello.total_pages() * PAGE as u64;
@@ -211,13 +207,21 @@ impl Receiver<'_> {
             .collect();
         self.hashes = vec![zero_page_hash(); layout.pages() as usize];
         self.memory = Some(DestMemory::open(self.report.vm_pid, layout, &uaddrs)?);
-        let offer = if hello.mode.uses_templates() {
-            self.templates.ids.clone()
+        let offer: &[_] = if hello.mode.uses_templates() {
+            let ids = &self.templates.ids;
+            if ids.len() > MAX_OFFER {
+                log::warn!(
+                    "offering the first {MAX_OFFER} of {} templates: one offer holds no more; \
+                     install fewer or smaller catalogs",
+                    ids.len()
+                );
+            }
+            &ids[..ids.len().min(MAX_OFFER)]
         } else {
-            Vec::new()
+            &[]
         };
         self.writer
-            .frame(Kind::Offer, 0, &wire::encode_offer(&offer))?;
+            .frame(Kind::Offer, 0, &wire::encode_offer(offer))?;
         self.writer.flush()?;
         self.report.templates_agreed = offer.len() as u64;
         self.report.negotiation_bytes = self.reader.bytes + self.writer.bytes;
@@ -267,8 +271,10 @@ impl Receiver<'_> {
                 }
                 other => {
                     return Err(WireError::Unexpected {
-                        expected: "pages, round end, state, verify or go",
-                        got: other,
+                        protocol: wire::Migration::NAME,
+                        expected: "Pages, RoundEnd, State, Verify or Go".into(),
+                        got: format!("{other:?}"),
+                        offset: frame.offset,
                     }
                     .into());
                 }
@@ -279,7 +285,7 @@ impl Receiver<'_> {
     }
 
     fn apply_pages(&mut self, frame: &wire::Frame) -> anyhow::Result<()> {
-        let body = frame.body()?;
+        let body = wire::body(frame)?;
         let memory = self.memory.as_mut().expect("memory mapped after hello");
         let total = memory.layout.pages();
         for record in wire::parse_pages(&body) {

@@ -28,7 +28,6 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    catalog::template_id,
     digest::{CHUNK_PAGES, chunk_digests},
     vm_memory::{Layout, SourceMemory},
     pacing::Paced,
@@ -36,7 +35,7 @@ use super::{
     vmm::VmmControl,
     wire::{
         self, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PAGE, PagesBuilder,
-        Ready, Region, Resumed, RoundEnd, TEMPLATE_LEN, TemplateId, ZERO_RUN_LEN,
+        Ready, Region, Resumed, RoundEnd, TEMPLATE_LEN, ZERO_RUN_LEN,
     },
 };
 use crate::{
@@ -45,7 +44,7 @@ use crate::{
         report::{MigrationReport, Mode, Phase, Role},
         wire::{parse_hash_list, state},
     },
-    content::zero_page_hash,
+    content::{TemplateId, zero_page_hash},
     page::is_zero_page,
 };
 
@@ -238,12 +237,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
             Ok(sender.report)
         }
         Err(Failure::BeforeGo(err)) => {
-            let _ = sender.writer.json(
-                Kind::Abort,
-                &wire::Abort {
-                    reason: format!("{err:#}"),
-                },
-            );
+            let _ = sender.writer.abort(&format!("{err:#}"));
             let _ = sender.writer.flush();
             let resumed = if paused { vmm.resume() } else { Ok(()) };
             sender.report.phase = Phase::Failed;
@@ -308,7 +302,7 @@ impl Sender<'_> {
             .map_err(Failure::BeforeGo)?;
         let resumed: Resumed = self
             .reader
-            .expect(Kind::Resumed, "resumed")
+            .expect(Kind::Resumed)
             .and_then(|f| f.json())
             .context("waiting for the destination to resume")
             .map_err(Failure::AfterGo)?;
@@ -351,7 +345,7 @@ impl Sender<'_> {
         self.writer.preamble()?;
         self.writer.json(Kind::Hello, &hello)?;
         self.writer.flush()?;
-        let frame = self.reader.expect(Kind::Offer, "template offer")?;
+        let frame = self.reader.expect(Kind::Offer)?;
         let ids = wire::decode_offer(&frame)?;
         if self.options.mode.uses_templates() {
             self.offer = ids
@@ -484,10 +478,7 @@ impl Sender<'_> {
             // Wait until the round arrived: data still queued in socket
             // buffers would otherwise be sent during the downtime, and the
             // bandwidth would be overestimated.
-            let ack: RoundEnd = self
-                .reader
-                .expect(Kind::RoundAck, "round acknowledgement")?
-                .json()?;
+            let ack: RoundEnd = self.reader.expect(Kind::RoundAck)?.json()?;
             if ack.round != round.round {
                 bail!(
                     "the destination acknowledged round {} instead of {}",
@@ -564,7 +555,7 @@ impl Sender<'_> {
         self.writer
             .frame(Kind::Verify, 0, &wire::encode_digest(CHUNK_PAGES, &digests))?;
         self.writer.flush()?;
-        let ready: Ready = self.reader.expect(Kind::Ready, "ready")?.json()?;
+        let ready: Ready = self.reader.expect(Kind::Ready)?.json()?;
         part(&mut self.report, "destination_check");
         self.sync_bytes();
         if !ready.verified {
@@ -597,7 +588,7 @@ impl Sender<'_> {
                     self.zero(page)?;
                     continue;
                 }
-                if use_templates && let Some(&index) = self.offer.get(&template_id(&hash)) {
+                if use_templates && let Some(&index) = self.offer.get(&hash) {
                     self.template(page, index, hash)?;
                     continue;
                 }
@@ -609,10 +600,7 @@ impl Sender<'_> {
                 self.zero(page)
             } else {
                 let hash = *blake3::hash(&buf).as_bytes();
-                match use_templates
-                    .then(|| self.offer.get(&template_id(&hash)))
-                    .flatten()
-                {
+                match use_templates.then(|| self.offer.get(&hash)).flatten() {
                     Some(&index) => self.template(page, index, hash),
                     None => self.full_page(page, &buf, hash),
                 }

@@ -1,37 +1,51 @@
-//! The migration wire format, version 1 (see `docs/migration-protocol.md`).
+//! The migration protocol, version 2 (see `docs/migration-protocol.md`):
+//! its messages, on the framing of [`crate::transport`].
 //!
-//! A stream is a preamble, then frames:
-//!
-//! ```text
-//! preamble: b"PAGEFPMG", u32 LE version
-//! frame:    u8 kind, u8 flags, u16 LE reserved (0), u32 LE payload length,
-//!           payload, u32 LE CRC-32 (IEEE) of the 8 header bytes + payload
-//! ```
-//!
-//! Control messages carry JSON; pages, offers and digests are binary.
+//! The source opens with the preamble (`b"PAGEFPMG"`, version); then both
+//! sides send frames. Control messages carry JSON; pages, offers and
+//! digests are binary.
 
-use std::io::{self, Read, Write};
+use std::io::Read as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::report::Mode;
+use crate::{
+    api::report::Mode,
+    content::{TEMPLATE_ID_LEN, TemplateId},
+    transport::{self, Protocol, WireError},
+};
 
 pub const PREAMBLE_MAGIC: [u8; 8] = *b"PAGEFPMG";
-pub const VERSION: u32 = 1;
-pub const PREAMBLE_LEN: usize = 12;
-pub const FRAME_HEADER_LEN: usize = 8;
-pub const FRAME_TRAILER_LEN: usize = 4;
+/// Version 2: the shared transport framing (Abort is kind 0xFF) and
+/// 32-byte template ids.
+pub const VERSION: u32 = 2;
 /// Largest payload accepted (a batch of pages, a state blob, an offer).
 pub const MAX_PAYLOAD: usize = 32 << 20;
 pub const PAGE: usize = crate::page::PAGE_SIZE;
-/// Length of a template id: a prefix of the page's blake3 hash.
-pub const TEMPLATE_ID_LEN: usize = 16;
-pub type TemplateId = [u8; TEMPLATE_ID_LEN];
+/// Most templates one offer can hold.
+pub const MAX_OFFER: usize = (MAX_PAYLOAD - 4) / TEMPLATE_ID_LEN;
 
 /// Frame flag: the payload is one zstd frame.
 pub const FLAG_ZSTD: u8 = 1;
 
-/// Message kinds.
+/// The native migration protocol.
+pub struct Migration;
+
+impl Protocol for Migration {
+    const NAME: &'static str = "migration";
+    const PEER: &'static str = "`pagefp migrate send` or `pagefp migrate receive`";
+    const MAGIC: [u8; 8] = PREAMBLE_MAGIC;
+    const VERSION: u32 = VERSION;
+    const MAX_PAYLOAD: usize = MAX_PAYLOAD;
+    const FLAGS: u8 = FLAG_ZSTD;
+    type Kind = Kind;
+}
+
+pub type Frame = transport::Frame<Kind>;
+pub type FrameReader<R> = transport::FrameReader<Migration, R>;
+pub type FrameWriter<W> = transport::FrameWriter<Migration, W>;
+
+/// Message kinds (Abort is the transport's, [`transport::ABORT`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
@@ -53,15 +67,22 @@ pub enum Kind {
     Go = 8,
     /// R→S, JSON [`Resumed`].
     Resumed = 9,
-    /// Either way, JSON [`Abort`].
-    Abort = 10,
+    // 10 was Abort in version 1.
     /// R→S, JSON [`RoundEnd`] echoed: every byte of the round arrived.
     RoundAck = 11,
 }
 
-impl Kind {
-    fn from_u8(value: u8) -> Option<Self> {
-        Some(match value {
+impl From<Kind> for u8 {
+    fn from(kind: Kind) -> u8 {
+        kind as u8
+    }
+}
+
+impl TryFrom<u8> for Kind {
+    type Error = u8;
+
+    fn try_from(value: u8) -> Result<Self, u8> {
+        Ok(match value {
             1 => Kind::Hello,
             2 => Kind::Offer,
             3 => Kind::Pages,
@@ -71,235 +92,29 @@ impl Kind {
             7 => Kind::Ready,
             8 => Kind::Go,
             9 => Kind::Resumed,
-            10 => Kind::Abort,
             11 => Kind::RoundAck,
-            _ => return None,
+            other => return Err(other),
         })
     }
 }
 
-/// Why a stream was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum WireError {
-    #[error("the connection failed: {0}")]
-    Io(#[from] io::Error),
-    #[error(
-        "not a pagefp migration stream (the first bytes are {0:02x?}); is the sender `pagefp migrate send`?"
-    )]
-    NotAMigrationStream([u8; 8]),
-    #[error(
-        "migration stream version {0} is not supported: this pagefp speaks version {VERSION}; run the same pagefp release on both hosts"
-    )]
-    Version(u32),
-    #[error(
-        "unknown message kind {0} at stream offset {1}: the stream is corrupt or from a newer pagefp"
-    )]
-    UnknownKind(u8, u64),
-    #[error(
-        "message at stream offset {offset} announces {len} bytes, more than the {MAX_PAYLOAD} allowed"
-    )]
-    TooLarge { offset: u64, len: usize },
-    #[error("message at stream offset {0} has non-zero reserved bits or unknown flags")]
-    Reserved(u64),
-    #[error(
-        "checksum mismatch in the {kind:?} message at stream offset {offset}: the data was corrupted in transit"
-    )]
-    Checksum { kind: Kind, offset: u64 },
-    #[error("malformed {kind:?} message at stream offset {offset}: {what}")]
-    Malformed {
-        kind: Kind,
-        offset: u64,
-        what: String,
-    },
-    #[error("expected a {expected} message, got {got:?}")]
-    Unexpected { expected: &'static str, got: Kind },
-    #[error("the peer aborted the migration: {0}")]
-    PeerAborted(String),
-}
-
-/// One decoded frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame {
-    pub kind: Kind,
-    pub flags: u8,
-    pub payload: Vec<u8>,
-    /// Stream offset of the frame header.
-    pub offset: u64,
-    /// Bytes the frame took on the wire.
-    pub wire_len: usize,
-}
-
-impl Frame {
-    pub fn malformed(&self, what: impl Into<String>) -> WireError {
-        WireError::Malformed {
-            kind: self.kind,
-            offset: self.offset,
-            what: what.into(),
-        }
+/// A Pages frame's payload, decompressed if it was sent compressed (at
+/// most [`MAX_PAYLOAD`] bytes either way).
+pub fn body(frame: &Frame) -> Result<std::borrow::Cow<'_, [u8]>, WireError> {
+    if frame.flags & FLAG_ZSTD == 0 {
+        return Ok(std::borrow::Cow::Borrowed(&frame.payload));
     }
-
-    /// The payload, decompressed if it was sent compressed.
-    pub fn body(&self) -> Result<std::borrow::Cow<'_, [u8]>, WireError> {
-        if self.flags & FLAG_ZSTD == 0 {
-            return Ok(std::borrow::Cow::Borrowed(&self.payload));
-        }
-        let mut out = Vec::new();
-        let decoder = zstd::stream::read::Decoder::new(&self.payload[..])
-            .map_err(|e| self.malformed(format!("zstd: {e}")))?;
-        decoder
-            .take(MAX_PAYLOAD as u64 + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| self.malformed(format!("zstd: {e}")))?;
-        if out.len() > MAX_PAYLOAD {
-            return Err(self.malformed("decompresses to more than the maximum message size"));
-        }
-        Ok(std::borrow::Cow::Owned(out))
+    let mut out = Vec::new();
+    let decoder = zstd::stream::read::Decoder::new(&frame.payload[..])
+        .map_err(|e| frame.malformed(format!("zstd: {e}")))?;
+    decoder
+        .take(MAX_PAYLOAD as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| frame.malformed(format!("zstd: {e}")))?;
+    if out.len() > MAX_PAYLOAD {
+        return Err(frame.malformed("decompresses to more than the maximum message size"));
     }
-
-    pub fn json<T: for<'de> Deserialize<'de>>(&self) -> Result<T, WireError> {
-        serde_json::from_slice(&self.payload).map_err(|e| self.malformed(e.to_string()))
-    }
-}
-
-/// Writes frames, counting bytes.
-pub struct FrameWriter<W: Write> {
-    inner: W,
-    pub bytes: u64,
-}
-
-impl<W: Write> FrameWriter<W> {
-    pub fn new(inner: W) -> Self {
-        Self { inner, bytes: 0 }
-    }
-
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.inner
-    }
-
-    pub fn preamble(&mut self) -> io::Result<()> {
-        let mut bytes = [0u8; PREAMBLE_LEN];
-        bytes[..8].copy_from_slice(&PREAMBLE_MAGIC);
-        bytes[8..].copy_from_slice(&VERSION.to_le_bytes());
-        self.inner.write_all(&bytes)?;
-        self.bytes += PREAMBLE_LEN as u64;
-        Ok(())
-    }
-
-    /// Writes one frame; returns its size on the wire.
-    pub fn frame(&mut self, kind: Kind, flags: u8, payload: &[u8]) -> io::Result<usize> {
-        assert!(payload.len() <= MAX_PAYLOAD, "frame payload over the limit");
-        let mut header = [0u8; FRAME_HEADER_LEN];
-        header[0] = kind as u8;
-        header[1] = flags;
-        header[4..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&header);
-        crc.update(payload);
-        self.inner.write_all(&header)?;
-        self.inner.write_all(payload)?;
-        self.inner.write_all(&crc.finalize().to_le_bytes())?;
-        let len = FRAME_HEADER_LEN + payload.len() + FRAME_TRAILER_LEN;
-        self.bytes += len as u64;
-        Ok(len)
-    }
-
-    pub fn json<T: Serialize>(&mut self, kind: Kind, value: &T) -> io::Result<usize> {
-        let payload = serde_json::to_vec(value).map_err(io::Error::other)?;
-        self.frame(kind, 0, &payload)
-    }
-
-    pub fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// Reads and checks frames, counting bytes.
-pub struct FrameReader<R: Read> {
-    inner: R,
-    pub bytes: u64,
-}
-
-impl<R: Read> FrameReader<R> {
-    pub fn new(inner: R) -> Self {
-        Self { inner, bytes: 0 }
-    }
-
-    pub fn get_ref(&self) -> &R {
-        &self.inner
-    }
-
-    pub fn preamble(&mut self) -> Result<(), WireError> {
-        let mut bytes = [0u8; PREAMBLE_LEN];
-        self.inner.read_exact(&mut bytes)?;
-        self.bytes += PREAMBLE_LEN as u64;
-        let magic: [u8; 8] = bytes[..8].try_into().unwrap();
-        if magic != PREAMBLE_MAGIC {
-            return Err(WireError::NotAMigrationStream(magic));
-        }
-        let version = u32::from_le_bytes(bytes[8..].try_into().unwrap());
-        if version != VERSION {
-            return Err(WireError::Version(version));
-        }
-        Ok(())
-    }
-
-    /// The next frame, checked; an `Abort` from the peer becomes an error.
-    pub fn frame(&mut self) -> Result<Frame, WireError> {
-        let frame = self.raw_frame()?;
-        if frame.kind == Kind::Abort {
-            let abort: Abort = frame.json().unwrap_or(Abort {
-                reason: String::from_utf8_lossy(&frame.payload).into_owned(),
-            });
-            return Err(WireError::PeerAborted(abort.reason));
-        }
-        Ok(frame)
-    }
-
-    fn raw_frame(&mut self) -> Result<Frame, WireError> {
-        let offset = self.bytes;
-        let mut header = [0u8; FRAME_HEADER_LEN];
-        self.inner.read_exact(&mut header)?;
-        let kind = Kind::from_u8(header[0]).ok_or(WireError::UnknownKind(header[0], offset))?;
-        let flags = header[1];
-        if header[2] != 0 || header[3] != 0 || flags & !FLAG_ZSTD != 0 {
-            return Err(WireError::Reserved(offset));
-        }
-        let len = u32::from_le_bytes(header[4..].try_into().unwrap()) as usize;
-        if len > MAX_PAYLOAD {
-            return Err(WireError::TooLarge { offset, len });
-        }
-        let mut payload = vec![0u8; len];
-        self.inner.read_exact(&mut payload)?;
-        let mut trailer = [0u8; FRAME_TRAILER_LEN];
-        self.inner.read_exact(&mut trailer)?;
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&header);
-        crc.update(&payload);
-        if crc.finalize() != u32::from_le_bytes(trailer) {
-            return Err(WireError::Checksum { kind, offset });
-        }
-        let wire_len = FRAME_HEADER_LEN + len + FRAME_TRAILER_LEN;
-        self.bytes += wire_len as u64;
-        Ok(Frame {
-            kind,
-            flags,
-            payload,
-            offset,
-            wire_len,
-        })
-    }
-
-    /// The next frame, which must be of `kind`.
-    pub fn expect(&mut self, kind: Kind, name: &'static str) -> Result<Frame, WireError> {
-        let frame = self.frame()?;
-        if frame.kind != kind {
-            return Err(WireError::Unexpected {
-                expected: name,
-                got: frame.kind,
-            });
-        }
-        Ok(frame)
-    }
+    Ok(std::borrow::Cow::Owned(out))
 }
 
 /// One guest memory region, in guest physical address order.
@@ -354,11 +169,6 @@ pub struct Ready {
 pub struct Resumed {
     /// The destination VMM's pid.
     pub pid: u32,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Abort {
-    pub reason: String,
 }
 
 /// Page record kinds inside a [`Kind::Pages`] message.
@@ -556,7 +366,7 @@ mod tests {
         builder.template(11, 42);
         builder.full(12, &page);
         let frame = round_trip(Kind::Pages, 0, &builder.buf);
-        let records: Vec<_> = parse_pages(&frame.body().unwrap())
+        let records: Vec<_> = parse_pages(&body(&frame).unwrap())
             .map(Result::unwrap)
             .map(|r| match r {
                 PageRecord::Full { page, data } => (page, data.to_vec()),
@@ -571,12 +381,12 @@ mod tests {
         // zstd-compressed payloads decode to the same records.
         let compressed = zstd::bulk::compress(&builder.buf, 3).unwrap();
         let frame = round_trip(Kind::Pages, FLAG_ZSTD, &compressed);
-        assert_eq!(frame.body().unwrap().as_ref(), &builder.buf[..]);
+        assert_eq!(body(&frame).unwrap().as_ref(), &builder.buf[..]);
     }
 
     #[test]
     fn offers_and_digests_round_trip() {
-        let ids = vec![[1u8; 16], [2u8; 16]];
+        let ids: Vec<TemplateId> = vec![[1u8; 32], [2u8; 32]];
         let frame = round_trip(Kind::Offer, 0, &encode_offer(&ids));
         assert_eq!(decode_offer(&frame).unwrap(), ids);
         let digests = vec![[9u8; 32]; 3];
@@ -589,29 +399,59 @@ mod tests {
         let mut reader = FrameReader::new(&b"GET / HTTP/1.1\r\n"[..]);
         let err = reader.preamble().unwrap_err().to_string();
         assert!(err.contains("not a pagefp migration stream"), "{err}");
-        let mut bytes = PREAMBLE_MAGIC.to_vec();
-        bytes.extend_from_slice(&2u32.to_le_bytes());
-        let err = FrameReader::new(&bytes[..])
-            .preamble()
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("version 2 is not supported"), "{err}");
+        for other in [1u32, VERSION + 1] {
+            let mut bytes = PREAMBLE_MAGIC.to_vec();
+            bytes.extend_from_slice(&other.to_le_bytes());
+            let err = FrameReader::new(&bytes[..])
+                .preamble()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("version {other} is not supported")),
+                "{err}"
+            );
+            assert!(err.contains("upgrade both ends"), "{err}");
+        }
+    }
+
+    #[test]
+    fn kinds_round_trip_and_leave_abort_to_the_transport() {
+        let mut known = 0;
+        for value in 0..=u8::MAX {
+            if let Ok(kind) = Kind::try_from(value) {
+                assert_eq!(u8::from(kind), value);
+                known += 1;
+            }
+        }
+        assert_eq!(known, 10);
+        assert!(Kind::try_from(transport::ABORT).is_err());
+        assert!(Kind::try_from(10).is_err(), "version 1's Abort is retired");
+    }
+
+    #[test]
+    fn an_oversized_state_is_an_error_not_a_panic() {
+        let mut writer = FrameWriter::new(Vec::new());
+        let err = writer
+            .frame(Kind::State, 0, &vec![0u8; MAX_PAYLOAD + 1])
+            .unwrap_err();
+        assert!(matches!(err, WireError::PayloadTooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_largest_offer_fits_one_frame() {
+        let ids = vec![[7u8; 32]; MAX_OFFER];
+        let frame = round_trip(Kind::Offer, 0, &encode_offer(&ids));
+        assert_eq!(decode_offer(&frame).unwrap().len(), MAX_OFFER);
     }
 
     #[test]
     fn an_aborting_peer_is_an_error_with_its_reason() {
         let mut writer = FrameWriter::new(Vec::new());
-        writer
-            .json(
-                Kind::Abort,
-                &Abort {
-                    reason: "disk full".into(),
-                },
-            )
-            .unwrap();
+        writer.abort("disk full").unwrap();
         let bytes = writer.get_mut().clone();
         let err = FrameReader::new(&bytes[..]).frame().unwrap_err();
         assert!(err.to_string().contains("disk full"));
+        assert!(err.to_string().contains("migration peer aborted"), "{err}");
     }
 
     proptest! {

@@ -124,12 +124,7 @@ pub fn receive(
             Ok(report)
         }
         Err(err) => {
-            let _ = writer.json(
-                Kind::Abort,
-                &wire::Abort {
-                    reason: format!("{err:#}"),
-                },
-            );
+            let _ = writer.abort(&format!("{err:#}"));
             let _ = writer.flush();
             if destination.conn.is_none() {
                 Err(err.context(
@@ -156,7 +151,7 @@ fn relay(
     writer.preamble()?;
     let hashes = templates.hashes();
     for batch in hashes.chunks(wire::OFFER_PER_FRAME) {
-        writer.frame(Kind::Offer, batch.as_flattened())?;
+        writer.frame(Kind::Offer, 0, &wire::encode_offer(batch))?;
     }
     writer.json(
         Kind::OfferEnd,

@@ -20,7 +20,10 @@ use super::{
     templates::{Offered, TemplateLookup},
     wire::{self, ChunkBuilder, FrameReader, FrameWriter, Kind},
 };
-use crate::qemu_stream::{self, ADVICE_MULTIFD, Options, Page, Preamble, Sink, SinkError};
+use crate::{
+    qemu_stream::{self, ADVICE_MULTIFD, Options, Page, Preamble, Sink, SinkError},
+    transport::WireError,
+};
 
 /// Ops bytes per chunk before it is sent.
 const CHUNK_OPS: usize = 1 << 20;
@@ -59,7 +62,7 @@ impl SendSink<'_> {
         }
         let payload = self.chunk.finish(self.zstd)?;
         self.wan
-            .frame(Kind::Chunk, &payload)
+            .frame(Kind::Chunk, 0, &payload)
             .context("sending to the receive proxy")?;
         Ok(())
     }
@@ -271,21 +274,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
         loop {
             let frame = reader.frame()?;
             match frame.kind {
-                Kind::Offer => {
-                    if frame.payload.len() % 32 != 0
-                        || frame.payload.len() > 32 * wire::OFFER_PER_FRAME
-                    {
-                        return Err(frame
-                            .malformed("offer is not a list of 32-byte hashes")
-                            .into());
-                    }
-                    hashes.extend(
-                        frame
-                            .payload
-                            .chunks_exact(32)
-                            .map(|c| <[u8; 32]>::try_from(c).unwrap()),
-                    );
-                }
+                Kind::Offer => hashes.extend(wire::decode_offer(&frame)?),
                 Kind::OfferEnd => {
                     let end: wire::OfferEnd = frame.json()?;
                     if end.templates != hashes.len() as u64 {
@@ -334,11 +323,11 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
             let reason = format!("{err:#}");
             // Best effort: tell the receiver why, so it leaves the
             // destination QEMU alone (or closes it) with the same message.
-            let _ = writer.json(Kind::Abort, &wire::Abort { reason });
+            let _ = writer.abort(&reason);
             let _ = writer.flush();
             if let Some(qemu_stream::StreamError::Sink(_)) = err.downcast_ref() {
                 // A WAN failure: the receiver may have said why.
-                if let Err(wire::WireError::Aborted(why)) = reader.frame() {
+                if let Err(WireError::PeerAborted { reason: why, .. }) = reader.frame() {
                     bail!("the receive proxy aborted: {why}");
                 }
             }
@@ -350,12 +339,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
     // end: multifd channels connect during setup, long before this.
     if let Err(err) = extra.check() {
         let reason = err.to_string();
-        let _ = writer.json(
-            Kind::Abort,
-            &wire::Abort {
-                reason: reason.clone(),
-            },
-        );
+        let _ = writer.abort(&reason);
         let _ = writer.flush();
         bail!(reason);
     }

@@ -9,11 +9,11 @@
 
 use std::collections::HashMap;
 
-use crate::{migrate::catalog::Catalog, qemu_stream::format::PAGE_SIZE};
+use crate::{content::TemplateId, migrate::catalog::Catalog, qemu_stream::format::PAGE_SIZE};
 
 /// Sender side: the template index of a page content, by its blake3.
 pub trait TemplateLookup {
-    fn template(&self, hash: &[u8; 32]) -> Option<u32>;
+    fn template(&self, hash: &TemplateId) -> Option<u32>;
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -22,17 +22,17 @@ pub trait TemplateLookup {
 
 /// Receiver side: the pages behind the indices it offers.
 pub trait TemplatePages {
-    /// blake3 of every template, in index order.
-    fn hashes(&self) -> &[[u8; 32]];
+    /// Every template's id (the blake3 of its page), in index order.
+    fn hashes(&self) -> &[TemplateId];
     fn page(&self, index: u32) -> Option<&[u8; PAGE_SIZE]>;
 }
 
 /// What the receiver offered, as the sender looks it up.
 #[derive(Default)]
-pub struct Offered(HashMap<[u8; 32], u32>);
+pub struct Offered(HashMap<TemplateId, u32>);
 
 impl Offered {
-    pub fn new(hashes: &[[u8; 32]]) -> Self {
+    pub fn new(hashes: &[TemplateId]) -> Self {
         let mut map = HashMap::with_capacity(hashes.len());
         for (i, hash) in hashes.iter().enumerate() {
             map.entry(*hash).or_insert(i as u32);
@@ -42,7 +42,7 @@ impl Offered {
 }
 
 impl TemplateLookup for Offered {
-    fn template(&self, hash: &[u8; 32]) -> Option<u32> {
+    fn template(&self, hash: &TemplateId) -> Option<u32> {
         self.0.get(hash).copied()
     }
 
@@ -93,7 +93,7 @@ impl PageSet {
 }
 
 impl TemplatePages for PageSet {
-    fn hashes(&self) -> &[[u8; 32]] {
+    fn hashes(&self) -> &[TemplateId] {
         &self.hashes
     }
 
@@ -103,7 +103,7 @@ impl TemplatePages for PageSet {
 }
 
 impl TemplateLookup for PageSet {
-    fn template(&self, hash: &[u8; 32]) -> Option<u32> {
+    fn template(&self, hash: &TemplateId) -> Option<u32> {
         self.index.get(hash).copied()
     }
 

@@ -1,13 +1,14 @@
-//! The proxies' WAN protocol (version 1), kept apart from `migrate::wire`
-//! so the page encoding can change without touching QEMU stream parsing.
+//! The proxies' WAN protocol (version 2): its messages, on the framing of
+//! [`crate::transport`]. Kept apart from `migrate::wire` so the page
+//! encoding can change without touching QEMU stream parsing.
 //!
 //! ```text
-//! each side first: b"PFQP", u32 LE version
-//! frame: u8 kind, u32 LE payload length (<= 8 MiB), payload,
-//!        u32 LE CRC-32 of kind, length and payload
+//! each side first: b"PAGEFPQP", u32 LE version
+//! frames: the transport's (payload <= 8 MiB, no flags defined)
 //! S→R Hello     JSON {sender, zstd}
-//! R→S Offer     n × 32-byte blake3 hashes (template index = position
-//!               across all Offer frames), at most 65,536 per frame
+//! R→S Offer     n × 32-byte template ids (blake3 of the page; template
+//!               index = position across all Offer frames), at most
+//!               65,536 per frame
 //! R→S OfferEnd  JSON {templates}
 //! S→R Chunk     u8 encoding (0 plain, 1 zstd), u32 LE decoded length
 //!               (<= 4 MiB), body; decoded: ops
@@ -17,27 +18,62 @@
 //!               (at most 16 MiB of QEMU stream per chunk)
 //! S→R End       JSON {stream_bytes, blake3} of QEMU's whole stream
 //! R→S Done      JSON {stream_bytes}: the destination QEMU has it all
-//! either Abort  JSON {reason}
+//! either Abort  the transport's (kind 0xFF, JSON {reason})
 //! ```
 
-use std::io::{self, Read, Write};
+use std::io;
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize};
 
-pub const MAGIC: [u8; 4] = *b"PFQP";
-pub const VERSION: u32 = 1;
+use crate::{
+    content::{TEMPLATE_ID_LEN, TemplateId},
+    transport::{self, PREAMBLE_LEN, Protocol, WireError},
+};
+
+pub const MAGIC: [u8; 8] = *b"PAGEFPQP";
+/// Version 2: the shared transport framing (an 8-byte header with flags,
+/// Abort as kind 0xFF, an 8-byte magic).
+pub const VERSION: u32 = 2;
 pub const MAX_PAYLOAD: usize = 8 << 20;
 /// Largest decoded chunk (its ops).
 pub const MAX_DECODED: usize = 4 << 20;
 /// Most QEMU stream bytes one chunk may stand for.
 pub const MAX_CHUNK_STREAM: usize = 16 << 20;
 pub const OFFER_PER_FRAME: usize = 65_536;
+const _: () = assert!(OFFER_PER_FRAME * TEMPLATE_ID_LEN <= MAX_PAYLOAD);
 
 pub const OP_RAW: u8 = 0x01;
 pub const OP_TEMPLATE: u8 = 0x02;
 pub const ENCODING_PLAIN: u8 = 0;
 pub const ENCODING_ZSTD: u8 = 1;
 
+/// The QEMU proxies' protocol.
+pub struct QemuProxy;
+
+impl Protocol for QemuProxy {
+    const NAME: &'static str = "QEMU proxy";
+    const PEER: &'static str = "`pagefp qemu-proxy send` or `pagefp qemu-proxy receive`";
+    const MAGIC: [u8; 8] = MAGIC;
+    const VERSION: u32 = VERSION;
+    const MAX_PAYLOAD: usize = MAX_PAYLOAD;
+    type Kind = Kind;
+
+    /// Version 1 opened with a 4-byte `b"PFQP"` and its version; a version
+    /// 1 receive proxy that refused this side's preamble answers instead
+    /// with its Abort (kind 7, u32 length, `{"reason":...}`).
+    fn former_version(found: &[u8; PREAMBLE_LEN]) -> Option<u32> {
+        if found[..4] == *b"PFQP" {
+            return Some(u32::from_le_bytes(found[4..8].try_into().unwrap()));
+        }
+        (found[0] == 7 && found[5..] == *br#"{"reaso"#).then_some(1)
+    }
+}
+
+pub type Frame = transport::Frame<Kind>;
+pub type FrameReader<R> = transport::FrameReader<QemuProxy, R>;
+pub type FrameWriter<W> = transport::FrameWriter<QemuProxy, W>;
+
+/// Message kinds (Abort is the transport's, [`transport::ABORT`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
@@ -47,198 +83,50 @@ pub enum Kind {
     Chunk = 4,
     End = 5,
     Done = 6,
-    Abort = 7,
 }
 
-impl Kind {
-    fn from_u8(v: u8) -> Option<Kind> {
-        Some(match v {
+impl From<Kind> for u8 {
+    fn from(kind: Kind) -> u8 {
+        kind as u8
+    }
+}
+
+impl TryFrom<u8> for Kind {
+    type Error = u8;
+
+    fn try_from(v: u8) -> Result<Self, u8> {
+        Ok(match v {
             1 => Kind::Hello,
             2 => Kind::Offer,
             3 => Kind::OfferEnd,
             4 => Kind::Chunk,
             5 => Kind::End,
             6 => Kind::Done,
-            7 => Kind::Abort,
-            _ => return None,
+            other => return Err(other),
         })
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum WireError {
-    #[error("the peer closed the connection {while_}")]
-    Closed { while_: &'static str },
-    #[error("connection error {while_}: {source}")]
-    Io {
-        while_: &'static str,
-        #[source]
-        source: io::Error,
-    },
-    #[error("not a pagefp QEMU proxy on the other end (preamble {0:02x?})")]
-    Preamble([u8; 8]),
-    #[error("the peer speaks QEMU proxy protocol version {0}, this one {VERSION}")]
-    Version(u32),
-    #[error("frame {number}: {what}")]
-    Malformed { number: u64, what: String },
-    #[error("the other proxy aborted: {0}")]
-    Aborted(String),
+/// One Offer frame's payload: the ids, one after another.
+pub fn encode_offer(ids: &[TemplateId]) -> Vec<u8> {
+    ids.as_flattened().to_vec()
 }
 
-pub struct Frame {
-    pub kind: Kind,
-    pub payload: Vec<u8>,
-    /// Frames read before this one on the connection.
-    pub number: u64,
-}
-
-impl Frame {
-    pub fn malformed(&self, what: impl Into<String>) -> WireError {
-        WireError::Malformed {
-            number: self.number,
-            what: what.into(),
-        }
+/// The ids of one Offer frame.
+pub fn decode_offer(frame: &Frame) -> Result<Vec<TemplateId>, WireError> {
+    let payload = &frame.payload;
+    if !payload.len().is_multiple_of(TEMPLATE_ID_LEN)
+        || payload.len() > TEMPLATE_ID_LEN * OFFER_PER_FRAME
+    {
+        return Err(frame.malformed(format!(
+            "offer of {} bytes is not a list of at most {OFFER_PER_FRAME} {TEMPLATE_ID_LEN}-byte template ids",
+            payload.len()
+        )));
     }
-
-    pub fn json<T: DeserializeOwned>(&self) -> Result<T, WireError> {
-        serde_json::from_slice(&self.payload)
-            .map_err(|e| self.malformed(format!("{:?} message: {e}", self.kind)))
-    }
-}
-
-pub struct FrameWriter<W> {
-    inner: W,
-    /// Bytes written, preamble included.
-    pub bytes: u64,
-}
-
-impl<W: Write> FrameWriter<W> {
-    pub fn new(inner: W) -> Self {
-        Self { inner, bytes: 0 }
-    }
-
-    pub fn preamble(&mut self) -> io::Result<()> {
-        self.inner.write_all(&MAGIC)?;
-        self.inner.write_all(&VERSION.to_le_bytes())?;
-        self.bytes += 8;
-        Ok(())
-    }
-
-    pub fn frame(&mut self, kind: Kind, payload: &[u8]) -> io::Result<()> {
-        assert!(payload.len() <= MAX_PAYLOAD, "frame payload too large");
-        let mut header = [0u8; 5];
-        header[0] = kind as u8;
-        header[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&header);
-        crc.update(payload);
-        self.inner.write_all(&header)?;
-        self.inner.write_all(payload)?;
-        self.inner.write_all(&crc.finalize().to_le_bytes())?;
-        self.bytes += 9 + payload.len() as u64;
-        Ok(())
-    }
-
-    pub fn json<T: Serialize>(&mut self, kind: Kind, value: &T) -> io::Result<()> {
-        let payload = serde_json::to_vec(value).map_err(io::Error::other)?;
-        self.frame(kind, &payload)
-    }
-
-    pub fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-pub struct FrameReader<R> {
-    inner: R,
-    pub bytes: u64,
-    frames: u64,
-}
-
-impl<R: Read> FrameReader<R> {
-    pub fn new(inner: R) -> Self {
-        Self {
-            inner,
-            bytes: 0,
-            frames: 0,
-        }
-    }
-
-    pub fn get_ref(&self) -> &R {
-        &self.inner
-    }
-
-    fn read_exact(&mut self, buf: &mut [u8], while_: &'static str) -> Result<(), WireError> {
-        self.inner.read_exact(buf).map_err(|source| {
-            if source.kind() == io::ErrorKind::UnexpectedEof {
-                WireError::Closed { while_ }
-            } else {
-                WireError::Io { while_, source }
-            }
-        })?;
-        self.bytes += buf.len() as u64;
-        Ok(())
-    }
-
-    pub fn preamble(&mut self) -> Result<(), WireError> {
-        let mut bytes = [0u8; 8];
-        self.read_exact(&mut bytes, "reading the proxy preamble")?;
-        if bytes[..4] != MAGIC {
-            return Err(WireError::Preamble(bytes));
-        }
-        let version = u32::from_le_bytes(bytes[4..].try_into().unwrap());
-        if version != VERSION {
-            return Err(WireError::Version(version));
-        }
-        Ok(())
-    }
-
-    /// The next frame, its CRC checked. An `Abort` becomes an error.
-    pub fn frame(&mut self) -> Result<Frame, WireError> {
-        let number = self.frames;
-        let mut header = [0u8; 5];
-        self.read_exact(&mut header, "reading a frame")?;
-        let malformed = |what: String| WireError::Malformed { number, what };
-        let kind = Kind::from_u8(header[0])
-            .ok_or_else(|| malformed(format!("unknown frame kind {}", header[0])))?;
-        let len = u32::from_le_bytes(header[1..].try_into().unwrap()) as usize;
-        if len > MAX_PAYLOAD {
-            return Err(malformed(format!(
-                "{len}-byte payload (at most {MAX_PAYLOAD})"
-            )));
-        }
-        let mut payload = vec![0u8; len];
-        self.read_exact(&mut payload, "reading a frame")?;
-        let mut crc = [0u8; 4];
-        self.read_exact(&mut crc, "reading a frame")?;
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&header);
-        hasher.update(&payload);
-        if hasher.finalize() != u32::from_le_bytes(crc) {
-            return Err(malformed(format!(
-                "{kind:?} frame fails its CRC: the connection corrupted it"
-            )));
-        }
-        self.frames += 1;
-        let frame = Frame {
-            kind,
-            payload,
-            number,
-        };
-        if kind == Kind::Abort {
-            let abort: Abort = frame.json()?;
-            return Err(WireError::Aborted(abort.reason));
-        }
-        Ok(frame)
-    }
-
-    pub fn expect(&mut self, kind: Kind) -> Result<Frame, WireError> {
-        let frame = self.frame()?;
-        if frame.kind != kind {
-            return Err(frame.malformed(format!("expected {kind:?}, got {:?}", frame.kind)));
-        }
-        Ok(frame)
-    }
+    Ok(payload
+        .chunks_exact(TEMPLATE_ID_LEN)
+        .map(|c| c.try_into().expect("chunks of the id length"))
+        .collect())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -261,11 +149,6 @@ pub struct End {
 #[derive(Serialize, Deserialize)]
 pub struct Done {
     pub stream_bytes: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-pub struct Abort {
-    pub reason: String,
 }
 
 /// Builds chunk ops: runs of raw stream bytes and template references.
