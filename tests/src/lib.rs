@@ -1,5 +1,6 @@
-//! pagefp's integration-test support, and the small VMM the tests, the demo
-//! and the benchmarks run (`pagefp-testvmm`).
+//! pagefp's integration-test support. The small VMM the tests, the demo and
+//! the benchmarks run is its own crate (`tests/testvmm`, `pagefp-testvmm`),
+//! re-exported here as [`vmm`]; [`vmm_client`] drives its processes.
 
 pub mod agent_process;
 pub mod bench;
@@ -12,5 +13,6 @@ pub mod privileged;
 pub mod prometheus;
 pub mod qemu;
 pub mod qemu_proxy_run;
-pub mod vmm;
+pub mod qemu_streams;
+pub use pagefp_testvmm as vmm;
 pub mod vmm_client;

@@ -34,7 +34,7 @@ use super::{
     pacing::Paced,
     progress::Progress,
     report::{MigrationReport, Mode, Phase, Role},
-    vmm::VmmControl,
+    vmm::{self, VmmControl},
     wire::{
         self, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PAGE, PagesBuilder,
         Ready, Region, Resumed, RoundEnd, TEMPLATE_LEN, TemplateId, ZERO_RUN_LEN,
@@ -123,7 +123,7 @@ struct Sender<'a> {
 /// Runs one migration; the final report on success.
 pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
     let started = Instant::now();
-    let mut vmm = VmmControl::connect(&options.vmm_socket)?;
+    let mut vmm = vmm::connect(&options.vmm_socket)?;
     let info = vmm.info()?;
     if info.pid != options.pid {
         bail!(
@@ -222,7 +222,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
         round_estimate: (0, 0),
     };
     let mut paused = false;
-    let outcome = sender.run(&mut vmm, &mut paused);
+    let outcome = sender.run(vmm.as_mut(), &mut paused);
     sender.report.elapsed_seconds = sender.started.elapsed().as_secs_f64();
     match outcome {
         Ok(()) => {
@@ -296,7 +296,7 @@ fn connect(to: &str) -> anyhow::Result<TcpStream> {
 }
 
 impl Sender<'_> {
-    fn run(&mut self, vmm: &mut VmmControl, paused: &mut bool) -> Result<(), Failure> {
+    fn run(&mut self, vmm: &mut dyn VmmControl, paused: &mut bool) -> Result<(), Failure> {
         self.precopy(vmm, paused).map_err(Failure::BeforeGo)?;
         // Go: from here the destination owns the VM.
         self.writer
@@ -420,7 +420,7 @@ impl Sender<'_> {
         }
     }
 
-    fn precopy(&mut self, vmm: &mut VmmControl, paused: &mut bool) -> anyhow::Result<()> {
+    fn precopy(&mut self, vmm: &mut dyn VmmControl, paused: &mut bool) -> anyhow::Result<()> {
         self.negotiate()?;
         self.report.phase = Phase::Precopy;
         let target = Duration::from_millis(self.options.downtime_ms).as_secs_f64();
