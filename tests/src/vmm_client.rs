@@ -220,9 +220,7 @@ impl VmmProcess {
         let request = request.into();
         let line = serde_json::to_string(&request)?;
         let answer = self.exchange(&line)?;
-        match Reply::<T>::parse(&answer)
-            .with_context(|| format!("unexpected answer to {line}"))?
-        {
+        match Reply::<T>::parse(&answer).with_context(|| format!("unexpected answer to {line}"))? {
             Reply::Ok(answer) => Ok(answer),
             Reply::Refused(error) => Err(Refused {
                 request: line,

@@ -10,12 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::qemu::Qmp;
 use agent::{
     migrate::catalog::Catalog,
     qemu_stream::{self, Options, Page, Sink, SinkError},
 };
 use anyhow::{Context as _, bail};
-use crate::qemu::Qmp;
 use serde_json::{Value, json};
 
 /// A QEMU without a kernel, killed on drop.

@@ -659,7 +659,9 @@ impl Shared {
 /// Refuses to start new work unless the VM runs and is idle.
 fn can_start(ctl: &Ctl) -> anyhow::Result<()> {
     match ctl.phase {
-        VmState::Incoming => bail!("the incoming VM has no state yet: send load_state, then resume"),
+        VmState::Incoming => {
+            bail!("the incoming VM has no state yet: send load_state, then resume")
+        }
         VmState::Paused => bail!("the VM is paused: send resume first"),
         VmState::Running => {}
     }

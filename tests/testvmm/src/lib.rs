@@ -782,7 +782,9 @@ mod tests {
 
     #[test]
     fn a_vm_in_process_runs_ops_and_harvests_each_page_once() {
-        if !pagefp_tests::privileged::check_kvm("a_vm_in_process_runs_ops_and_harvests_each_page_once") {
+        if !pagefp_tests::privileged::check_kvm(
+            "a_vm_in_process_runs_ops_and_harvests_each_page_once",
+        ) {
             return;
         }
         let mut vm = TestVm::new(VmConfig {

@@ -169,7 +169,10 @@ mod tests {
                        "ops": [{"op": "touch", "first": 1, "count": 2, "value": 3}]}),
             ),
             (TestRequest::StopLoop {}, json!({"cmd": "stop_loop"})),
-            (TestRequest::Harvest { list: false }, json!({"cmd": "harvest"})),
+            (
+                TestRequest::Harvest { list: false },
+                json!({"cmd": "harvest"}),
+            ),
             (
                 TestRequest::Harvest { list: true },
                 json!({"cmd": "harvest", "list": true}),

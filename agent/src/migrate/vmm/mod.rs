@@ -21,8 +21,8 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use serde::de::DeserializeOwned;
 
-pub use self::protocol::{MemoryRegion, VmInfo, VmState};
 use self::protocol::{Ack, LineRead, Paused, Reply, SavedState, VmRequest};
+pub use self::protocol::{MemoryRegion, VmInfo, VmState};
 
 /// Longest wait for one answer of the VMM (a pause waits for the vCPUs to
 /// leave KVM_RUN; loading a state registers all guest memory with KVM).

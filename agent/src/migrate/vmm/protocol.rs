@@ -122,8 +122,14 @@ pub enum VmRequest {
 
 impl VmRequest {
     /// Every `cmd` of [`VmRequest`].
-    pub const COMMANDS: &'static [&'static str] =
-        &["info", "pause", "resume", "save_state", "load_state", "exit"];
+    pub const COMMANDS: &'static [&'static str] = &[
+        "info",
+        "pause",
+        "resume",
+        "save_state",
+        "load_state",
+        "exit",
+    ];
 
     /// The request's `cmd`.
     pub fn name(&self) -> &'static str {
@@ -279,7 +285,10 @@ pub enum LineRead {
 /// Reads one line into `line` (cleared first), at most [`MAX_LINE_BYTES`].
 pub fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<LineRead> {
     line.clear();
-    let n = reader.by_ref().take(MAX_LINE_BYTES).read_until(b'\n', line)?;
+    let n = reader
+        .by_ref()
+        .take(MAX_LINE_BYTES)
+        .read_until(b'\n', line)?;
     Ok(if n == 0 {
         LineRead::Closed
     } else if !line.ends_with(b"\n") && line.len() as u64 >= MAX_LINE_BYTES {
@@ -344,7 +353,10 @@ mod tests {
     #[test]
     fn bad_requests_say_what_is_wrong() {
         for (bad, needle) in [
-            (json!({"cmd": "fly"}), "unknown variant `fly`, expected one of info"),
+            (
+                json!({"cmd": "fly"}),
+                "unknown variant `fly`, expected one of info",
+            ),
             (json!({"cmd": "fly"}), "spin"),
             (json!({"nocmd": 1}), "missing field `cmd`"),
             (json!("not an object"), "invalid type"),
@@ -362,14 +374,13 @@ mod tests {
 
     #[test]
     fn answers_carry_ok_and_refusals_their_reason() {
-        let saved = Reply::Ok(SavedState { state: "00ff".into() });
+        let saved = Reply::Ok(SavedState {
+            state: "00ff".into(),
+        });
         let wire = saved.to_value().unwrap();
         assert_eq!(wire, json!({"ok": true, "state": "00ff"}));
         assert_eq!(Reply::<SavedState>::from_value(wire).unwrap(), saved);
-        assert_eq!(
-            Reply::Ok(Ack {}).to_value().unwrap(),
-            json!({"ok": true})
-        );
+        assert_eq!(Reply::Ok(Ack {}).to_value().unwrap(), json!({"ok": true}));
         let refused = Reply::<Ack>::Refused("send pause first".into());
         let wire = refused.to_value().unwrap();
         assert_eq!(wire, json!({"ok": false, "error": "send pause first"}));
