@@ -17,7 +17,7 @@ pub type ContentId = u32;
 /// blake3 of 4096 zero bytes.
 pub fn zero_page_hash() -> PageHash {
     static ZERO: std::sync::OnceLock<PageHash> = std::sync::OnceLock::new();
-    *ZERO.get_or_init(|| *blake3::hash(&[0u8; crate::PAGE_SIZE]).as_bytes())
+    *ZERO.get_or_init(|| *blake3::hash(&[0u8; crate::page::PAGE_SIZE]).as_bytes())
 }
 
 /// What is known about one content.

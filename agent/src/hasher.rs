@@ -17,9 +17,9 @@ use std::{
 use crossbeam::channel::{Receiver, Sender, unbounded};
 
 use crate::{
-    PAGE_SIZE,
     content::{PageHash, zero_page_hash},
-    memory::{MappedSlot, is_zero_page, read_copied},
+    guest_memory::{GuestMapping, read_copied},
+    page::{PAGE_SIZE, is_zero_page},
     registry::{HashJob, JobPages, ReadPlan, Registry},
 };
 
@@ -69,7 +69,7 @@ impl HashStats {
 }
 
 /// Mapped slots, keyed by (pid, uaddr, epoch); `None` means "not mappable".
-type MappedCache = RwLock<HashMap<(u32, u64, u64), Option<Arc<MappedSlot>>>>;
+type MappedCache = RwLock<HashMap<(u32, u64, u64), Option<Arc<GuestMapping>>>>;
 
 pub struct HashPool {
     tx: Option<Sender<HashJob>>,
@@ -193,7 +193,7 @@ impl Worker {
         }
     }
 
-    fn mapping(&self, job: &HashJob, plan: &ReadPlan) -> Option<Arc<MappedSlot>> {
+    fn mapping(&self, job: &HashJob, plan: &ReadPlan) -> Option<Arc<GuestMapping>> {
         if !self.zero_copy {
             return None;
         }
@@ -208,7 +208,7 @@ impl Worker {
                 .and_then(|vm| vm.slots.get(&job.slot))
                 .map(|slot| slot.size)
         }?;
-        let mapped = MappedSlot::open(plan.pid, plan.uaddr, size)
+        let mapped = GuestMapping::open_sealed(plan.pid, plan.uaddr, size)
             .ok()
             .flatten()
             .map(Arc::new);

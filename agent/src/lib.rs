@@ -1,28 +1,38 @@
 //! pagefp: page fingerprints of KVM guests, kept current by eBPF, for
 //! template-based live migration.
+//!
+//! The modules are layers, listed here from the bottom up; data flows up,
+//! and a module imports only modules listed before it (the outer ring may
+//! import any inner layer; see `docs/architecture.md`):
+//!
+//! - foundation: [`page`], [`procfs`], [`guest_memory`], [`config`];
+//! - the core, where hashes are kept: [`tracking`] (eBPF, the tracker,
+//!   discovery of VMs) feeds [`registry`] (the pure state machine), whose
+//!   hash jobs [`hasher`] runs; [`content`] counts contents and
+//!   [`templates`] selects them;
+//! - the contract: [`api`] (what the daemon answers and the one client) and
+//!   [`transport`] (the one WAN framing);
+//! - the outer ring: [`daemon`] (state, HTTP server, routes, metrics), the
+//!   migration tools [`migrate`] and [`qemu_proxy`] (with its stream parser
+//!   [`qemu_stream`]), and the command line [`cli`].
+
+pub mod page;
+pub mod procfs;
+pub mod guest_memory;
+pub mod config;
+
+pub mod tracking;
+pub mod registry;
+pub mod hasher;
+pub mod content;
+pub mod templates;
 
 pub mod api;
-pub mod cli;
-pub mod client;
-pub mod config;
-pub mod content;
-pub mod daemon;
-pub mod ebpf;
-pub mod hasher;
-pub mod memory;
-pub mod metrics;
-pub mod migrate;
-pub mod migration_book;
 pub mod net;
-pub mod processes;
-pub mod qemu_guests;
+
+pub mod daemon;
+pub mod migrate;
 pub mod qemu_proxy;
 pub mod qemu_stream;
-pub mod registry;
-pub mod templates;
-pub mod tracker;
+pub mod cli;
 
-/// Guest page size.
-pub const PAGE_SIZE: usize = 4096;
-/// log2 of [`PAGE_SIZE`].
-pub const PAGE_SHIFT: u32 = 12;

@@ -3,8 +3,12 @@
 use std::{io::IsTerminal as _, process::ExitCode};
 
 use agent::{
+    api::{
+        client,
+        views::{CatalogView, VmView},
+    },
     cli::{Cli, Command},
-    client, daemon,
+    daemon,
 };
 use clap::Parser as _;
 
@@ -38,13 +42,13 @@ fn status(args: &agent::cli::ClientArgs) -> anyhow::Result<()> {
         println!("{}", String::from_utf8_lossy(&body));
         return Ok(());
     }
-    let vms: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
+    let vms: Vec<VmView> = serde_json::from_slice(&body)
+        .map_err(|e| anyhow::anyhow!("the agent's VM list is not what this pagefp reads ({e}): are the agent and this command the same version?"))?;
     println!(
         "{:>8} {:<16} {:>10} {:>8} {:>9} {:>10} {:>10} {:<10} {:<10}",
         "PID", "NAME", "PAGES", "HASHED%", "DIRTY/S", "TEMPLATE%", "ZERO", "TRACKING", "MODE"
     );
-    for vm in &vms {
-        let view: VmViewLite = serde_json::from_value(vm.clone())?;
+    for view in &vms {
         println!(
             "{:>8} {:<16} {:>10} {:>8.1} {:>9.0} {:>10.1} {:>10} {:<10} {:<10}",
             view.pid,
@@ -54,18 +58,8 @@ fn status(args: &agent::cli::ClientArgs) -> anyhow::Result<()> {
             view.stats.dirty_per_sec,
             view.template_coverage_pct,
             view.zero_pages,
-            view.tracking,
-            match &view.dirty_mode {
-                serde_json::Value::String(mode) => mode.clone(),
-                serde_json::Value::Object(map) if map.contains_key("bitmap") => {
-                    if map["bitmap"]["manual_protect"] == true {
-                        "bitmap-mp".into()
-                    } else {
-                        "bitmap".into()
-                    }
-                }
-                other => other.to_string(),
-            },
+            view.tracking.name(),
+            view.dirty_mode.name(),
         );
         if let Some(note) = &view.note {
             println!("{:>8} note: {note}", "");
@@ -77,26 +71,6 @@ fn status(args: &agent::cli::ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The fields of `agent::api::views::VmView` the table shows.
-#[derive(serde::Deserialize)]
-struct VmViewLite {
-    pid: u32,
-    comm: String,
-    pages: u64,
-    hashed_pct: f64,
-    template_coverage_pct: f64,
-    zero_pages: u64,
-    tracking: String,
-    dirty_mode: serde_json::Value,
-    note: Option<String>,
-    stats: StatsLite,
-}
-
-#[derive(serde::Deserialize)]
-struct StatsLite {
-    dirty_per_sec: f64,
-}
-
 fn templates(args: &agent::cli::TemplatesArgs) -> anyhow::Result<()> {
     let body = client::get_blocking(
         &args.client.socket,
@@ -106,25 +80,25 @@ fn templates(args: &agent::cli::TemplatesArgs) -> anyhow::Result<()> {
         println!("{}", String::from_utf8_lossy(&body));
         return Ok(());
     }
-    let catalog: serde_json::Value = serde_json::from_slice(&body)?;
+    let catalog: CatalogView = serde_json::from_slice(&body)
+        .map_err(|e| anyhow::anyhow!("the agent's template list is not what this pagefp reads ({e}): are the agent and this command the same version?"))?;
     println!(
         "{} templates ({} MiB) selected of {} contents held by at least {} VMs; they cover {} guest pages. Top {}:",
-        catalog["selected"],
-        (catalog["selected"].as_u64().unwrap_or(0) * 4096) >> 20,
-        catalog["eligible"],
-        catalog["min_vms"],
-        catalog["pages_covered"],
-        catalog["templates"].as_array().map_or(0, Vec::len),
+        catalog.selected,
+        (catalog.selected as u64 * agent::page::PAGE_SIZE as u64) >> 20,
+        catalog.eligible,
+        catalog.min_vms,
+        catalog.pages_covered,
+        catalog.templates.len(),
     );
     println!("{:>6} {:>8} {:>5}  HASH", "INDEX", "PAGES", "VMS");
-    for t in catalog["templates"].as_array().into_iter().flatten() {
-        let number = |key: &str| t[key].as_u64().unwrap_or(0);
+    for t in &catalog.templates {
         println!(
             "{:>6} {:>8} {:>5}  {}",
-            number("index"),
-            number("pages"),
-            number("vms"),
-            t["hash"].as_str().unwrap_or("")
+            t.index,
+            t.pages,
+            t.vms,
+            agent::page::hex(&t.hash)
         );
     }
     Ok(())

@@ -7,9 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent::{
-    api::wire::{PageRecord, parse_hash_list},
+use agent::api::{
     client,
+    wire::{PageRecord, parse_hash_list},
 };
 use anyhow::{Context as _, bail};
 use serde_json::Value;

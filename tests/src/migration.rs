@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent::migrate::report::{MigrationReport, Mode};
+use agent::api::report::{MigrationReport, Mode};
 use anyhow::{Context as _, bail};
 
 use crate::agent_process::agent_binary;
@@ -232,7 +232,7 @@ fn last_json(stdout: &str) -> Option<MigrationReport> {
 pub fn file_page_hashes(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
     let bytes = std::fs::read(path)?;
     Ok(bytes
-        .chunks(agent::PAGE_SIZE)
+        .chunks(agent::page::PAGE_SIZE)
         .map(|page| *blake3::hash(page).as_bytes())
         .collect())
 }

@@ -81,7 +81,7 @@ fn malformed_requests_and_unknown_vms_get_4xx_with_a_message() {
         ("/v1/nothing", 404),
     ] {
         match agent.get(path) {
-            Err(agent::client::ClientError::Status {
+            Err(agent::api::client::ClientError::Status {
                 status: got,
                 message,
             }) => {

@@ -8,8 +8,10 @@ use std::{
 };
 
 use agent::{
-    client::{self, ClientError},
-    migrate::report::{ByEncoding, MigrationReport, Mode, Phase, Role},
+    api::{
+        client::{self, ClientError},
+        report::{ByEncoding, MigrationReport, Mode, Phase, Role},
+    },
 };
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},

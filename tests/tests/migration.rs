@@ -5,9 +5,9 @@
 
 use std::{io::Write, net::TcpStream, path::PathBuf, time::Duration};
 
-use agent::migrate::{
-    report::Mode,
-    wire::{FrameWriter, Hello, Kind, PREAMBLE_MAGIC, Region},
+use agent::{
+    api::report::Mode,
+    migrate::wire::{FrameWriter, Hello, Kind, PREAMBLE_MAGIC, Region},
 };
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary, free_port},
@@ -135,7 +135,7 @@ fn migrate_checked(
     source: &VmmProcess,
     mode: Mode,
     catalogs: Vec<PathBuf>,
-) -> (agent::migrate::report::MigrationReport, VmmProcess) {
+) -> (agent::api::report::MigrationReport, VmmProcess) {
     let dest = incoming_vm(setup);
     let listen = format!("127.0.0.1:{}", free_port());
     let receiver =

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent::migrate::report::Mode;
+use agent::api::report::Mode;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary, free_port},
     images::{FleetLayout, fleet_image},

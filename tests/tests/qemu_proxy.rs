@@ -478,7 +478,7 @@ fn a_shared_backend_with_a_relative_path_is_found() {
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let found = loop {
-        if let Some(found) = agent::qemu_guests::inspect(qemu.id()) {
+        if let Some(found) = agent::tracking::qemu_guests::inspect(qemu.id()) {
             break found;
         }
         assert!(

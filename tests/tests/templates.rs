@@ -58,7 +58,7 @@ fn four_vms_counts_and_catalog_equal_the_ground_truth() {
         .collect();
     let expected: Vec<(String, u64, u64)> = expected
         .iter()
-        .map(|(hash, pages, vms)| (agent::api::hex(hash), u64::from(*pages), u64::from(*vms)))
+        .map(|(hash, pages, vms)| (agent::page::hex(hash), u64::from(*pages), u64::from(*vms)))
         .collect();
     assert_eq!(served.len(), expected.len());
     assert_eq!(served, expected);
@@ -72,7 +72,7 @@ fn four_vms_counts_and_catalog_equal_the_ground_truth() {
         let expected_pages = memories[i]
             .chunks_exact(4096)
             .filter(|page| {
-                let hash = agent::api::hex(blake3::hash(page).as_bytes());
+                let hash = agent::page::hex(blake3::hash(page).as_bytes());
                 served.iter().any(|(h, _, _)| *h == hash)
             })
             .count();

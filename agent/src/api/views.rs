@@ -1,14 +1,11 @@
-//! What the API shows of the registry (JSON views).
+//! What the API shows of the registry (JSON views), as the daemon writes
+//! them (`crate::daemon::views`) and clients read them.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::{
-    content::zero_page_hash,
-    registry::{DirtyMode, Discovery, PageState, Registry, SyncState, Tracking, Vm, vm::VmStats},
-    templates::Catalog,
-};
+use crate::registry::{DirtyMode, Discovery, Tracking, vm::VmStats};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SlotView {
     pub slot: u32,
     pub gpa: u64,
@@ -18,7 +15,7 @@ pub struct SlotView {
     pub tracking: Tracking,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmView {
     pub pid: u32,
     pub comm: String,
@@ -41,60 +38,40 @@ pub struct VmView {
     pub slots: Vec<SlotView>,
 }
 
-pub fn vm_view(registry: &Registry, vm: &Vm, catalog: &Catalog) -> VmView {
-    let states = vm.state_counts();
-    let get = |state| states.get(&state).copied().unwrap_or(0);
-    let pages = vm.page_count() as u64;
-    let clean = get(PageState::Clean);
-    let unverified = get(PageState::Unverified);
-    let zero_pages = registry
-        .contents
-        .lookup(&zero_page_hash())
-        .and_then(|id| vm.counts.iter().find(|(c, _)| *c == id))
-        .map_or(0, |(_, n)| u64::from(n));
-    let template_pages = catalog.covered_pages(&vm.counts);
-    let slots: Vec<SlotView> = vm
-        .slots
-        .values()
-        .map(|slot| SlotView {
-            slot: slot.id,
-            gpa: slot.gpa,
-            size: slot.size,
-            uaddr: slot.uaddr,
-            flags: slot.flags,
-            tracking: registry.tracking(vm, slot),
-        })
-        .collect();
-    let tracking = slots.iter().map(|s| s.tracking).max_by_key(|t| match t {
-        Tracking::Tracked => 0,
-        Tracking::Syncing => 1,
-        Tracking::Untracked => 2,
-    });
-    let pct = |n: u64| {
-        if pages == 0 {
-            0.0
-        } else {
-            100.0 * n as f64 / pages as f64
-        }
-    };
-    VmView {
-        pid: vm.pid,
-        comm: vm.comm.clone(),
-        discovery: vm.discovery,
-        dirty_mode: vm.dirty_mode,
-        tracking: tracking.unwrap_or(Tracking::Untracked),
-        synced: vm.sync == SyncState::Synced,
-        note: vm.note.clone(),
-        pages,
-        unknown: get(PageState::Unknown),
-        clean,
-        dirty: get(PageState::Dirty) + get(PageState::Queued),
-        unverified,
-        zero_pages,
-        hashed_pct: pct(clean + unverified),
-        template_pages,
-        template_coverage_pct: pct(template_pages),
-        stats: vm.stats,
-        slots,
-    }
+/// One template of [`CatalogView`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateView {
+    /// Rank (0: saves the most pages).
+    pub index: u32,
+    #[serde(with = "crate::page::hex32")]
+    pub hash: [u8; 32],
+    /// Pages holding this content, over the VMs the selection counted.
+    pub pages: u32,
+    pub vms: u32,
+    /// Where one copy lives (`?locations=1`): read it there, check its hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<PageLocation>,
+}
+
+/// A guest page in a VMM process's address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageLocation {
+    pub pid: u32,
+    pub uaddr: u64,
+}
+
+/// `GET /v1/templates`: the selected templates, in rank order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogView {
+    pub min_vms: u32,
+    pub budget_bytes: u64,
+    /// The VMs counted (`?vms=` less `?exclude=`; every VM if `?vms=` is absent).
+    pub vms: Vec<u32>,
+    /// Templates selected (`templates` may be cut short by `?limit=`).
+    pub selected: usize,
+    /// Pages covered by the templates, over the VMs counted.
+    pub pages_covered: u64,
+    /// Distinct contents that were eligible (held by enough VMs).
+    pub eligible: u64,
+    pub templates: Vec<TemplateView>,
 }

@@ -15,20 +15,17 @@
 //! ```
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     io::{Read, Write},
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, bail};
-use serde::Deserialize;
 
 use super::wire::{PAGE, TEMPLATE_ID_LEN, TemplateId};
 use crate::{
-    api::wire::{parse_hash_list, state},
-    client,
-    content::zero_page_hash,
-    memory::read_copied,
+    api::{client, views::CatalogView},
+    guest_memory::read_copied,
 };
 
 pub const MAGIC: [u8; 4] = *b"PFTC";
@@ -258,100 +255,44 @@ impl Default for BuildOptions {
     }
 }
 
-#[derive(Deserialize)]
-struct SlotJson {
-    gpa: u64,
-    size: u64,
-    uaddr: u64,
-}
-
-#[derive(Deserialize)]
-struct VmJson {
-    pid: u32,
-    slots: Vec<SlotJson>,
-}
-
-struct Candidate {
-    pages: u32,
-    vms: u32,
-    last_vm: u32,
-    /// Where one copy lives: (pid, uaddr of the page).
-    at: (u32, u64),
-}
-
-/// Builds a catalog from what the agent at `socket` knows: counts clean and unverified
-/// pages over the chosen VMs, ranks contents by pages, reads each chosen
-/// content from one VM and keeps it only if it still matches its hash.
+/// Builds a catalog from what the agent at `socket` knows: the agent's own
+/// template selection (`GET /v1/templates`) among the chosen VMs, with where
+/// one copy of each template lives; each page is read there and kept only
+/// if it still matches its hash (a guest may have written it since).
+/// Unverified hashes (VMs whose writes nobody reports, such as QEMU guests
+/// without KVM) count too, for that reason.
 pub fn build_from_agent(socket: &Path, options: &BuildOptions) -> anyhow::Result<Catalog> {
-    let vms: Vec<VmJson> = serde_json::from_slice(&client::get_blocking(socket, "/v1/vms")?)
-        .context("the agent's VM list is not what this pagefp expects")?;
-    for pid in &options.vms {
-        if !vms.iter().any(|vm| vm.pid == *pid) {
-            bail!("the agent does not track a VM with pid {pid} (see `pagefp status`)");
-        }
+    let pids = |pids: &[u32]| {
+        pids.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut query = format!(
+        "/v1/templates?format=json&locations=1&min_vms={}&budget_bytes={}",
+        options.min_vms, options.budget_bytes
+    );
+    if !options.vms.is_empty() {
+        query.push_str(&format!("&vms={}", pids(&options.vms)));
     }
-    let chosen: Vec<&VmJson> = vms
-        .iter()
-        .filter(|vm| options.vms.is_empty() || options.vms.contains(&vm.pid))
-        .filter(|vm| !options.exclude.contains(&vm.pid))
-        .collect();
-    let zero = zero_page_hash();
-    let mut candidates: HashMap<[u8; 32], Candidate> = HashMap::new();
-    for vm in &chosen {
-        let bytes = match client::get_blocking(socket, &format!("/v1/vms/{}/hashes", vm.pid)) {
-            Ok(bytes) => bytes,
-            // The VM left meanwhile.
-            Err(client::ClientError::Status { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let (_, records) = parse_hash_list(&bytes).map_err(anyhow::Error::msg)?;
-        // Unverified hashes (VMs whose writes nobody reports, such as QEMU
-        // guests without KVM) count too: every chosen page is read and hashed
-        // again below, and only a page that still matches becomes a template.
-        for record in records
-            .iter()
-            .filter(|r| (r.state == state::CLEAN || r.state == state::UNVERIFIED) && r.hash != zero)
-        {
-            let Some(slot) = vm
-                .slots
-                .iter()
-                .find(|s| s.gpa <= record.gpa && record.gpa < s.gpa + s.size)
-            else {
-                continue;
-            };
-            let entry = candidates.entry(record.hash).or_insert(Candidate {
-                pages: 0,
-                vms: 0,
-                last_vm: 0,
-                at: (vm.pid, slot.uaddr + (record.gpa - slot.gpa)),
-            });
-            entry.pages += 1;
-            if entry.last_vm != vm.pid {
-                entry.last_vm = vm.pid;
-                entry.vms += 1;
-            }
-        }
+    if !options.exclude.is_empty() {
+        query.push_str(&format!("&exclude={}", pids(&options.exclude)));
     }
-    let mut ranked: Vec<([u8; 32], Candidate)> = candidates
-        .into_iter()
-        .filter(|(_, c)| c.vms >= options.min_vms)
-        .collect();
-    ranked.sort_unstable_by(|a, b| {
-        b.1.pages
-            .cmp(&a.1.pages)
-            .then(b.1.vms.cmp(&a.1.vms))
-            .then(a.0.cmp(&b.0))
-    });
-    ranked.truncate((options.budget_bytes / PAGE as u64) as usize);
+    let selection: CatalogView = serde_json::from_slice(
+        &client::get_blocking(socket, &query).context("asking the agent for its templates")?,
+    )
+    .context("the agent's template list is not what this pagefp expects: are both the same version?")?;
     let mut catalog = Catalog::default();
     let mut buf = vec![0u8; PAGE];
-    for (hash, candidate) in ranked {
-        let (pid, uaddr) = candidate.at;
-        if !read_copied(pid, uaddr, &[0], &mut buf)[0] {
+    for template in selection.templates {
+        let Some(at) = template.at else {
+            continue;
+        };
+        if !read_copied(at.pid, at.uaddr, &[0], &mut buf)[0] {
             continue;
         }
-        if *blake3::hash(&buf).as_bytes() == hash {
-            catalog.hashes.push(hash);
+        if *blake3::hash(&buf).as_bytes() == template.hash {
+            catalog.hashes.push(template.hash);
             catalog.pages.extend_from_slice(&buf);
         }
     }

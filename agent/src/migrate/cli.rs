@@ -8,10 +8,9 @@ use clap::{Args, Subcommand};
 use super::{
     catalog::{self, BuildOptions},
     receiver::{self, ReceiveOptions},
-    report::Mode,
     sender::{self, SendOptions},
 };
-use crate::config::DEFAULT_SOCKET;
+use crate::{api::report::Mode, config::DEFAULT_SOCKET};
 
 #[derive(Debug, Subcommand)]
 pub enum MigrateCommand {

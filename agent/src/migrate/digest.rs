@@ -3,7 +3,7 @@
 //! blake3 hashes of its pages. Both ends compute it independently of any
 //! tracking, so a page the tracking missed shows up as a mismatch.
 
-use crate::{content::zero_page_hash, memory::is_zero_page};
+use crate::{content::zero_page_hash, page::is_zero_page};
 
 use super::wire::PAGE;
 

@@ -4,11 +4,10 @@
 pub mod catalog;
 pub mod cli;
 pub mod digest;
-pub mod guest_memory;
 pub mod pacing;
 pub mod progress;
 pub mod receiver;
-pub mod report;
 pub mod sender;
+pub mod vm_memory;
 pub mod vmm;
 pub mod wire;

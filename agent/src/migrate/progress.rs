@@ -4,25 +4,27 @@
 //! is away).
 
 use std::{
-    io::{Read, Write},
-    os::unix::net::UnixStream,
     path::PathBuf,
+    sync::{Arc, Condvar, Mutex},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::report::{MigrationReport, Phase};
+use crate::api::{
+    client,
+    report::{MigrationReport, Phase},
+};
 
 /// Reports sent to the agent at most this often (besides phase changes).
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Progress {
     bar: Option<ProgressBar>,
-    agent: Option<PathBuf>,
+    agent: Option<AgentReporter>,
     last_post: Option<Instant>,
     last_phase: Option<Phase>,
-    agent_warned: bool,
 }
 
 impl Progress {
@@ -40,10 +42,9 @@ impl Progress {
         });
         Self {
             bar,
-            agent,
+            agent: agent.and_then(AgentReporter::start),
             last_post: None,
             last_phase: None,
-            agent_warned: false,
         }
     }
 
@@ -78,7 +79,9 @@ impl Progress {
         if phase_changed || due || report.phase.finished() {
             self.last_phase = Some(report.phase);
             self.last_post = Some(Instant::now());
-            self.post(report);
+            if let Some(agent) = &self.agent {
+                agent.post(report);
+            }
         }
     }
 
@@ -93,21 +96,6 @@ impl Progress {
             None => log::info!("{line}"),
         }
     }
-
-    fn post(&mut self, report: &MigrationReport) {
-        let Some(socket) = &self.agent else { return };
-        if let Err(err) = post_report(socket, report)
-            && !self.agent_warned
-        {
-            {
-                log::warn!(
-                    "cannot report migration progress to the agent at {} ({err}); its metrics will miss this migration",
-                    socket.display()
-                );
-                self.agent_warned = true;
-            }
-        }
-    }
 }
 
 fn eta(report: &MigrationReport) -> String {
@@ -118,31 +106,183 @@ fn eta(report: &MigrationReport) -> String {
     format!("{:.1}s", report.remaining_bytes as f64 / rate)
 }
 
-/// One `POST /v1/migrations` over the agent's Unix socket.
-fn post_report(socket: &PathBuf, report: &MigrationReport) -> std::io::Result<()> {
-    let body = serde_json::to_vec(report).map_err(std::io::Error::other)?;
-    let mut stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        stream,
-        "POST /v1/migrations HTTP/1.1\r\nHost: pagefp\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )?;
-    stream.write_all(&body)?;
-    let mut answer = Vec::new();
-    stream.take(64 << 10).read_to_end(&mut answer)?;
-    let status = answer
-        .split(|b| *b == b' ')
-        .nth(1)
-        .and_then(|s| std::str::from_utf8(s).ok())
-        .and_then(|s| s.parse::<u16>().ok())
-        .unwrap_or(0);
-    if !(200..300).contains(&status) {
-        return Err(std::io::Error::other(format!(
-            "the agent answered {}",
-            String::from_utf8_lossy(answer.split(|b| *b == b'\r').next().unwrap_or_default())
-        )));
+/// Posts reports to the agent from a thread of its own, so that a migration
+/// never waits for the agent (not even during stop-and-copy): a newer
+/// report replaces one not sent yet, and the last one is delivered when the
+/// migration's [`Progress`] is dropped (each post gives up after
+/// [`client::POST_TIMEOUT`]).
+struct AgentReporter {
+    shared: Arc<(Mutex<Outbox>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Outbox {
+    /// The newest report not sent yet, as JSON.
+    next: Option<Vec<u8>>,
+    closed: bool,
+}
+
+impl AgentReporter {
+    fn start(socket: PathBuf) -> Option<Self> {
+        let shared = Arc::new((Mutex::new(Outbox::default()), Condvar::new()));
+        let thread = std::thread::Builder::new()
+            .name("pagefp-report".into())
+            .spawn({
+                let shared = shared.clone();
+                move || deliver(&socket, &shared)
+            })
+            .map_err(|e| log::warn!("cannot start the thread that reports to the agent: {e}"))
+            .ok()?;
+        Some(Self {
+            shared,
+            thread: Some(thread),
+        })
     }
-    Ok(())
+
+    fn post(&self, report: &MigrationReport) {
+        match serde_json::to_vec(report) {
+            Ok(body) => {
+                self.shared.0.lock().unwrap().next = Some(body);
+                self.shared.1.notify_one();
+            }
+            Err(e) => log::warn!("cannot encode the migration report: {e}"),
+        }
+    }
+}
+
+impl Drop for AgentReporter {
+    fn drop(&mut self) {
+        self.shared.0.lock().unwrap().closed = true;
+        self.shared.1.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The reporter thread: sends the newest report until closed and empty.
+fn deliver(socket: &std::path::Path, shared: &(Mutex<Outbox>, Condvar)) {
+    let mut warned = false;
+    loop {
+        let body = {
+            let mut outbox = shared
+                .1
+                .wait_while(shared.0.lock().unwrap(), |o| o.next.is_none() && !o.closed)
+                .unwrap();
+            match outbox.next.take() {
+                Some(body) => body,
+                None => return,
+            }
+        };
+        if let Err(err) = client::post_json_blocking(socket, "/v1/migrations", &body)
+            && !warned
+        {
+            log::warn!(
+                "cannot report migration progress to the agent at {} ({err}); its metrics will miss this migration",
+                socket.display()
+            );
+            warned = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{BufRead, BufReader, Read, Write},
+        os::unix::net::UnixListener,
+    };
+
+    use super::*;
+    use crate::api::report::{Mode, Role};
+
+    fn report(phase: Phase, round: u32) -> MigrationReport {
+        MigrationReport {
+            phase,
+            round,
+            ..MigrationReport::new("m".into(), Role::Source, Mode::Templates, 1, "peer".into())
+        }
+    }
+
+    /// A fake agent: answers every request 200 after `delay`, and hands the
+    /// bodies it got to the test.
+    fn fake_agent(delay: Duration) -> (PathBuf, std::sync::mpsc::Receiver<MigrationReport>) {
+        let dir = std::env::temp_dir().join(format!(
+            "pagefp-progress-{}-{}",
+            std::process::id(),
+            delay.as_millis()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream);
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = value.trim().parse().unwrap();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    std::thread::sleep(delay);
+                    let _ = tx.send(serde_json::from_slice(&body).unwrap());
+                    let _ = reader.get_mut().write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                    );
+                });
+            }
+        });
+        (path, rx)
+    }
+
+    #[test]
+    fn the_last_report_reaches_the_agent_when_the_migration_ends() {
+        let (socket, reports) = fake_agent(Duration::ZERO);
+        let mut progress = Progress::new(false, Some(socket));
+        progress.update(&report(Phase::Precopy, 1));
+        progress.update(&report(Phase::StopAndCopy, 2));
+        progress.update(&report(Phase::Completed, 2));
+        drop(progress);
+        let got: Vec<MigrationReport> = reports.try_iter().collect();
+        assert_eq!(got.last().map(|r| r.phase), Some(Phase::Completed), "{got:?}");
+    }
+
+    #[test]
+    fn a_slow_agent_never_holds_up_the_migration() {
+        let (socket, reports) = fake_agent(Duration::from_secs(3));
+        let mut progress = Progress::new(false, Some(socket));
+        let started = Instant::now();
+        for round in 1..=3 {
+            progress.update(&report(Phase::Precopy, round));
+            progress.update(&report(Phase::StopAndCopy, round));
+            // Time for the reporter to start a post that the agent sits on.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // At least one post of 3 s, had the migration made them itself.
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "updates waited for the agent: {:?}",
+            started.elapsed()
+        );
+        progress.update(&report(Phase::Completed, 3));
+        drop(progress);
+        let got: Vec<MigrationReport> = reports.try_iter().collect();
+        assert_eq!(got.last().map(|r| r.phase), Some(Phase::Completed), "{got:?}");
+        assert!(got.len() < 7, "intermediate reports are replaced: {}", got.len());
+    }
 }

@@ -19,16 +19,18 @@ use anyhow::{Context as _, bail};
 use super::{
     catalog::{TemplateSources, TemplateStore},
     digest::digests_from_hashes,
-    guest_memory::{DestMemory, Layout},
+    vm_memory::{DestMemory, Layout},
     progress::Progress,
-    report::{MigrationReport, Mode, Phase, Role},
     vmm::{self, MemoryRegion, VmmControl},
     wire::{
         self, FLAG_ZSTD, FrameReader, FrameWriter, Hello, Kind, PAGE, PageRecord, Ready, Resumed,
         RoundEnd, WireError,
     },
 };
-use crate::content::zero_page_hash;
+use crate::{
+    api::report::{MigrationReport, Mode, Phase, Role},
+    content::zero_page_hash,
+};
 
 #[derive(Clone, Debug)]
 pub struct ReceiveOptions {

@@ -30,10 +30,9 @@ use anyhow::{Context as _, bail};
 use super::{
     catalog::template_id,
     digest::{CHUNK_PAGES, chunk_digests},
-    guest_memory::{Layout, SourceMemory},
+    vm_memory::{Layout, SourceMemory},
     pacing::Paced,
     progress::Progress,
-    report::{MigrationReport, Mode, Phase, Role},
     vmm::{self, VmmControl},
     wire::{
         self, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PAGE, PagesBuilder,
@@ -41,10 +40,13 @@ use super::{
     },
 };
 use crate::{
-    api::wire::{parse_hash_list, state},
-    client,
+    api::{
+        client,
+        report::{MigrationReport, Mode, Phase, Role},
+        wire::{parse_hash_list, state},
+    },
     content::zero_page_hash,
-    memory::is_zero_page,
+    page::is_zero_page,
 };
 
 /// Full pages per message (256 KiB of page data).

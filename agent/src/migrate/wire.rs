@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use super::report::Mode;
+use crate::api::report::Mode;
 
 pub const PREAMBLE_MAGIC: [u8; 8] = *b"PAGEFPMG";
 pub const VERSION: u32 = 1;
@@ -23,7 +23,7 @@ pub const FRAME_HEADER_LEN: usize = 8;
 pub const FRAME_TRAILER_LEN: usize = 4;
 /// Largest payload accepted (a batch of pages, a state blob, an offer).
 pub const MAX_PAYLOAD: usize = 32 << 20;
-pub const PAGE: usize = crate::PAGE_SIZE;
+pub const PAGE: usize = crate::page::PAGE_SIZE;
 /// Length of a template id: a prefix of the page's blake3 hash.
 pub const TEMPLATE_ID_LEN: usize = 16;
 pub type TemplateId = [u8; TEMPLATE_ID_LEN];

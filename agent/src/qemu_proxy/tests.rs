@@ -99,10 +99,25 @@ fn run_pair(
     }
 }
 
+/// A connection to the send proxy, which binds in its own thread: retried
+/// until it listens.
+fn connect(local: &str) -> TcpStream {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match TcpStream::connect(local) {
+            Ok(stream) => return stream,
+            Err(_) if std::time::Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("the send proxy never listened on {local}: {e}"),
+        }
+    }
+}
+
 /// A fake source QEMU writing `bytes`.
 fn feed(bytes: Vec<u8>) -> impl FnOnce(&str) + Send + 'static {
     move |local: &str| {
-        let mut qemu = TcpStream::connect(local).unwrap();
+        let mut qemu = connect(local);
         // A write error means the proxy refused: what some tests expect.
         for piece in bytes.chunks(100_000) {
             if qemu.write_all(piece).is_err() {
@@ -238,9 +253,9 @@ fn multifd_channels_are_refused_before_anything_is_sent() {
         true,
         Unsupported::Refuse,
         move |local| {
-            let mut qemu = TcpStream::connect(local).unwrap();
+            let mut qemu = connect(local);
             qemu.write_all(&bytes[..preamble_end]).unwrap();
-            let mut channel = TcpStream::connect(local).unwrap();
+            let mut channel = connect(local);
             channel.write_all(&0x1122_3344u32.to_be_bytes()).unwrap();
             thread::sleep(Duration::from_millis(300));
             let _ = qemu.write_all(&bytes[preamble_end..]);
@@ -267,10 +282,10 @@ fn a_late_extra_connection_keeps_the_stream_end_from_the_destination() {
         true,
         Unsupported::Refuse,
         move |local| {
-            let mut qemu = TcpStream::connect(local).unwrap();
+            let mut qemu = connect(local);
             qemu.write_all(&bytes[..bytes.len() - 100]).unwrap();
             thread::sleep(Duration::from_millis(200));
-            let _channel = TcpStream::connect(local).unwrap();
+            let _channel = connect(local);
             thread::sleep(Duration::from_millis(200));
             let _ = qemu.write_all(&bytes[bytes.len() - 100..]);
         },

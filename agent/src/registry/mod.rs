@@ -21,6 +21,26 @@ use vm::{PendingEntry, Slot};
 
 use crate::content::{ContentTable, PageHash};
 
+/// One shared mapping holding guest RAM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RamRegion {
+    /// Where QEMU maps it.
+    pub uaddr: u64,
+    pub size: u64,
+    /// Offset of the mapping in the backend file.
+    pub offset: u64,
+    /// The backend file as the memory map names it.
+    pub path: String,
+}
+
+/// A QEMU process without KVM whose RAM is shared memory (found by
+/// `crate::tracking::qemu_guests`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedRamGuest {
+    pub pid: u32,
+    pub regions: Vec<RamRegion>,
+}
+
 /// Which pages a hash job covers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobPages {
@@ -63,7 +83,7 @@ pub struct ReadPlan {
 }
 
 /// How a slot's pages are kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Tracking {
     /// Every write is reported: hashes are clean.
@@ -72,6 +92,17 @@ pub enum Tracking {
     Syncing,
     /// No usable write reports: rescanned at a bounded rate, unverified.
     Untracked,
+}
+
+impl Tracking {
+    /// The name the API, `pagefp status` and the metrics use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tracking::Tracked => "tracked",
+            Tracking::Syncing => "syncing",
+            Tracking::Untracked => "untracked",
+        }
+    }
 }
 
 /// Agent-wide event statistics.
@@ -168,7 +199,7 @@ impl Registry {
     /// unlogged slot per RAM mapping, so its pages are rescanned and served
     /// unverified. A VM the eBPF tracking knows is left alone; one whose
     /// mappings changed gets new slots (and loses its hashes).
-    pub fn adopt_shared_ram(&mut self, guest: &crate::qemu_guests::SharedRamGuest) {
+    pub fn adopt_shared_ram(&mut self, guest: &SharedRamGuest) {
         let mut regions = guest.regions.clone();
         regions.sort_by(|a, b| (&a.path, a.offset).cmp(&(&b.path, b.offset)));
         if let Some(known) = self.vms.get(&guest.pid) {
@@ -301,6 +332,40 @@ impl Registry {
         }
     }
 
+    /// Where one hashed copy of each content of `ids` lives among the VMs
+    /// `pids`: content id -> (pid, userspace address of the page). One pass
+    /// over those VMs' pages.
+    pub fn locate_contents(
+        &self,
+        pids: &[u32],
+        ids: impl IntoIterator<Item = crate::content::ContentId>,
+    ) -> HashMap<crate::content::ContentId, (u32, u64)> {
+        let mut wanted: std::collections::HashSet<_> = ids.into_iter().collect();
+        let mut found = HashMap::with_capacity(wanted.len());
+        for vm in pids.iter().filter_map(|pid| self.vms.get(pid)) {
+            for slot in vm.slots.values() {
+                for (index, page) in slot.pages.iter().enumerate() {
+                    if page.content != pages::NO_CONTENT && wanted.remove(&page.content) {
+                        let uaddr = slot.uaddr + (index * crate::page::PAGE_SIZE) as u64;
+                        found.insert(page.content, (vm.pid, uaddr));
+                        if wanted.is_empty() {
+                            return found;
+                        }
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// Gives the VMs that have no name yet the one `name_of` finds (the
+    /// registry does no I/O: the tracker passes a `/proc` reader).
+    pub fn name_new_vms(&mut self, name_of: impl Fn(u32) -> String) {
+        for vm in self.vms.values_mut().filter(|vm| vm.comm.is_empty()) {
+            vm.comm = name_of(vm.pid);
+        }
+    }
+
     /// VMs removed since the last call (their memory mappings, held
     /// elsewhere, must be dropped too, or their RAM is never freed).
     pub fn take_removed(&mut self) -> Vec<u32> {
@@ -316,14 +381,10 @@ impl Registry {
         }
     }
 
-    /// Pids of VMs whose process no longer exists (a missed exit event).
-    pub fn reap_gone(&mut self) -> Vec<u32> {
-        let gone: Vec<u32> = self
-            .vms
-            .keys()
-            .copied()
-            .filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
-            .collect();
+    /// Removes the VMs whose process no longer exists (a missed exit
+    /// event), as `alive` tells; returns their pids.
+    pub fn reap_gone(&mut self, alive: impl Fn(u32) -> bool) -> Vec<u32> {
+        let gone: Vec<u32> = self.vms.keys().copied().filter(|pid| !alive(*pid)).collect();
         for pid in &gone {
             self.remove_vm(*pid);
         }
@@ -646,7 +707,7 @@ impl Registry {
             return;
         }
         vm.stats.dirty_events += 1;
-        let Some((slot_id, page_index)) = vm.locate_gpa(event.addr << crate::PAGE_SHIFT) else {
+        let Some((slot_id, page_index)) = vm.locate_gpa(event.addr << crate::page::PAGE_SHIFT) else {
             return;
         };
         let slot = vm.slots.get_mut(&slot_id).unwrap();

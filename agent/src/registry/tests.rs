@@ -308,12 +308,12 @@ fn removed_vms_are_reported_once_for_their_mappings_to_go() {
     assert!(registry.take_removed().is_empty());
 }
 
-fn shared_guest(regions: &[(u64, u64, &str)]) -> crate::qemu_guests::SharedRamGuest {
-    crate::qemu_guests::SharedRamGuest {
+fn shared_guest(regions: &[(u64, u64, &str)]) -> super::SharedRamGuest {
+    super::SharedRamGuest {
         pid: PID,
         regions: regions
             .iter()
-            .map(|(uaddr, pages, path)| crate::qemu_guests::RamRegion {
+            .map(|(uaddr, pages, path)| super::RamRegion {
                 uaddr: *uaddr,
                 size: pages * 4096,
                 offset: 0,

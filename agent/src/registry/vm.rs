@@ -2,13 +2,13 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::pages::{PageEntry, PageState};
-use crate::{PAGE_SHIFT, content::VmContentCounts};
+use crate::{content::VmContentCounts, page::PAGE_SHIFT};
 
 /// How the VM reports page writes to KVM's dirty log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DirtyMode {
     /// Not known yet (a VM adopted after it started).
@@ -19,12 +19,29 @@ pub enum DirtyMode {
     /// re-protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`).
     Bitmap { manual_protect: bool },
     /// No KVM at all: a QEMU guest under TCG whose RAM is shared memory
-    /// (see [`crate::qemu_guests`]); nothing reports its writes.
+    /// (see [`crate::tracking::qemu_guests`]); nothing reports its writes.
     None,
 }
 
+impl DirtyMode {
+    /// The name `pagefp status` shows (`bitmap-mp`: manual re-protection).
+    pub fn name(self) -> &'static str {
+        match self {
+            DirtyMode::Unknown => "unknown",
+            DirtyMode::Ring => "ring",
+            DirtyMode::Bitmap {
+                manual_protect: false,
+            } => "bitmap",
+            DirtyMode::Bitmap {
+                manual_protect: true,
+            } => "bitmap-mp",
+            DirtyMode::None => "none",
+        }
+    }
+}
+
 /// How the agent came to know the VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Discovery {
     /// Seen from `KVM_CREATE_VM` on: nothing was missed.
@@ -32,7 +49,7 @@ pub enum Discovery {
     /// Running before the agent started.
     Adopted,
     /// A QEMU process without KVM whose RAM is a shared memory backend,
-    /// found by scanning processes (see [`crate::qemu_guests`]).
+    /// found by scanning processes (see [`crate::tracking::qemu_guests`]).
     SharedMemory,
 }
 
@@ -125,7 +142,7 @@ pub struct Ring {
 }
 
 /// Per-VM statistics.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct VmStats {
     pub dirty_events: u64,
     pub pages_hashed: u64,
@@ -146,6 +163,8 @@ pub type ResetBatch = (u64, HashMap<u32, (u32, u32)>);
 #[derive(Debug)]
 pub struct Vm {
     pub pid: u32,
+    /// The VMM's process name, filled in by the tracker
+    /// ([`super::Registry::name_new_vms`]); empty until then.
     pub comm: String,
     pub vm_fd: Option<u32>,
     pub discovery: Discovery,
@@ -165,7 +184,7 @@ impl Vm {
     pub fn new(pid: u32, discovery: Discovery, sync: SyncState) -> Self {
         Self {
             pid,
-            comm: process_name(pid),
+            comm: String::new(),
             vm_fd: None,
             discovery,
             dirty_mode: match discovery {
@@ -205,11 +224,4 @@ impl Vm {
         }
         counts
     }
-}
-
-/// `/proc/PID/comm`, or "?" if the process is gone.
-pub fn process_name(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into())
 }

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent::migrate::report::Mode;
+use agent::api::report::Mode;
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 use serde_json::json;

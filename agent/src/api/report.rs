@@ -178,7 +178,7 @@ impl MigrationReport {
             role,
             mode,
             vm_pid,
-            vm_name: crate::registry::vm::process_name(vm_pid),
+            vm_name: crate::procfs::process_name(vm_pid),
             peer,
             phase: Phase::Connecting,
             round: 0,

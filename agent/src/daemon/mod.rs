@@ -8,15 +8,23 @@ use std::sync::{
 
 use anyhow::Context as _;
 
+pub mod http;
+pub mod metrics;
+pub mod migration_book;
+pub mod routes;
+pub mod state;
+pub mod views;
+
+use self::state::AppState;
 use crate::{
-    api::{routes::AppState, server},
     config::Config,
-    ebpf::Probes,
     hasher::HashPool,
-    metrics,
     registry::Registry,
     templates::SelectionPolicy,
-    tracker::{Tracker, TrackerConfig, find_running_vms},
+    tracking::{
+        ebpf::Probes,
+        tracker::{Tracker, TrackerConfig, find_running_vms},
+    },
 };
 
 /// Fails with one line naming what is missing when the agent cannot work.
@@ -85,16 +93,22 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let result = runtime.block_on(async {
-        let listener = server::bind(&config.socket)?;
+        let listener = http::bind_api(&config.socket)?;
         // Bound before "ready": a taken metrics address stops the agent
         // with an error naming --metrics-addr.
-        let metrics_listener = metrics::bind(config.metrics_addr).await?;
-        let api = tokio::spawn(server::serve(
+        let metrics_listener = http::bind_metrics(config.metrics_addr).await?;
+        let shutdown = http::Shutdown::default();
+        let api = tokio::spawn(http::serve_api(
             listener,
             state.clone(),
             config.socket.clone(),
+            shutdown.clone(),
         ));
-        let metrics = tokio::spawn(metrics::serve(metrics_listener, state.clone()));
+        let metrics = tokio::spawn(http::serve_metrics(
+            metrics_listener,
+            state.clone(),
+            shutdown.clone(),
+        ));
         println!(
             "pagefp agent ready: API on {}, metrics on http://{}/metrics",
             config.socket.display(),
@@ -105,8 +119,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => log::info!("SIGINT: stopping"),
             _ = term.recv() => log::info!("SIGTERM: stopping"),
         }
-        api.abort();
-        metrics.abort();
+        // Stop accepting; requests in flight finish (a bounded wait).
+        shutdown.signal();
+        let _ = tokio::join!(api, metrics);
         anyhow::Ok(())
     });
     stop.store(true, Ordering::Relaxed);

@@ -19,8 +19,8 @@ use agent_common::{Event, LossRecord};
 use crossbeam::channel::{Receiver, Sender};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
+use super::ebpf::Probes;
 use crate::{
-    ebpf::Probes,
     hasher::HashPool,
     registry::{HashJob, JobPages, Purpose, Registry},
 };
@@ -34,7 +34,7 @@ pub struct TrackerConfig {
     /// rehashed: pages the guest keeps writing are not hashed over and over.
     pub rehash_delay: Duration,
     /// How often to look for QEMU guests without KVM on shared memory
-    /// ([`crate::qemu_guests`]); never if `None`.
+    /// ([`crate::tracking::qemu_guests`]); never if `None`.
     pub qemu_scan: Option<Duration>,
 }
 
@@ -111,6 +111,7 @@ impl Tracker {
             registry.adopt(*pid, now);
             let _ = self.probes.vm_pids.insert(pid, 1, 0);
         }
+        registry.name_new_vms(crate::procfs::process_name);
     }
 
     pub fn run(mut self) {
@@ -127,7 +128,7 @@ impl Tracker {
                 }
                 last_qemu_scan = Some(Instant::now());
                 // Read /proc outside the registry lock.
-                Some(crate::qemu_guests::find())
+                Some(crate::tracking::qemu_guests::find())
             });
             self.wait(Duration::from_millis(10));
             if let Some(logger) = &mut self.probes.logger {
@@ -159,13 +160,14 @@ impl Tracker {
                     registry.drop_shared_ram_except(&found);
                 }
                 self.check_losses(&mut registry);
+                registry.name_new_vms(crate::procfs::process_name);
                 if last_reap.elapsed() >= Duration::from_secs(1) {
                     if self.pool.pending() == 0 {
                         release_free_memory();
                     }
                     registry.sample_rates(last_reap.elapsed().as_secs_f64());
                     last_reap = Instant::now();
-                    registry.reap_gone();
+                    registry.reap_gone(crate::procfs::exists);
                 }
                 // VMs gone (exit event or reaped): drop their mappings, or
                 // their RAM stays allocated for as long as the agent runs.
@@ -277,8 +279,8 @@ pub fn monotonic_ns() -> u64 {
 
 /// Pids of processes that hold a KVM VM fd now.
 pub fn find_running_vms() -> Vec<u32> {
-    let mut pids: Vec<u32> = crate::processes::pids()
-        .filter(|pid| crate::processes::holds_kvm_vm(*pid))
+    let mut pids: Vec<u32> = crate::procfs::pids()
+        .filter(|pid| crate::procfs::holds_kvm_vm(*pid))
         .collect();
     pids.sort_unstable();
     pids

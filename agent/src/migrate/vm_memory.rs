@@ -6,13 +6,10 @@
 //! a shared read-write mapping of the incoming VMM's memfd, opened via
 //! `/proc/PID/map_files` (root only, like the agent).
 
-use std::{fs::OpenOptions, io, num::NonZeroUsize, os::fd::AsFd, ptr::NonNull};
-
 use anyhow::{Context as _, bail};
-use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
 use super::wire::{PAGE, Region};
-use crate::memory::{MappedSlot, read_copied};
+use crate::guest_memory::{GuestMapping, read_copied};
 
 /// Where each region's pages start in the global page index.
 #[derive(Clone, Debug)]
@@ -86,7 +83,7 @@ impl Layout {
 }
 
 enum SourceRegion {
-    Mapped(MappedSlot),
+    Mapped(GuestMapping),
     Copied { pid: u32, uaddr: u64 },
 }
 
@@ -101,7 +98,7 @@ impl SourceMemory {
     pub fn open(pid: u32, layout: Layout, uaddrs: &[u64]) -> anyhow::Result<Self> {
         let mut regions = Vec::with_capacity(layout.regions.len());
         for (region, uaddr) in layout.regions.iter().zip(uaddrs) {
-            let mapped = MappedSlot::open(pid, *uaddr, region.size).with_context(|| {
+            let mapped = GuestMapping::open_sealed(pid, *uaddr, region.size).with_context(|| {
                 format!(
                     "reading the memory map of VMM pid {pid} (is it still running? are you root?)"
                 )
@@ -134,130 +131,46 @@ impl SourceMemory {
     }
 }
 
-/// One writable region of the destination VMM.
-struct WritableRegion {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Drop for WritableRegion {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len describe a mapping made in `DestMemory::open`, unmapped once.
-        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 /// The destination VMM's memory, mapped read-write.
 pub struct DestMemory {
     pub layout: Layout,
-    regions: Vec<WritableRegion>,
+    regions: Vec<GuestMapping>,
 }
-
-// SAFETY: the mappings are owned by this struct; the receiver writes through
-// `&mut self` and the digest threads only read through `&self`.
-unsafe impl Send for DestMemory {}
-// SAFETY: as above; shared access is read-only.
-unsafe impl Sync for DestMemory {}
 
 impl DestMemory {
     /// Maps `[uaddr, uaddr+size)` of every region of VMM `pid` read-write.
     pub fn open(pid: u32, layout: Layout, uaddrs: &[u64]) -> anyhow::Result<Self> {
-        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| {
-            format!("reading /proc/{pid}/maps: is the destination VMM running?")
-        })?;
-        let mut regions = Vec::new();
-        for (region, &uaddr) in layout.regions.iter().zip(uaddrs) {
-            let (start, end, offset) =
-                file_mapping(&maps, uaddr, region.size).with_context(|| {
-                    format!(
-                        "slot {} of VMM pid {pid} at {uaddr:#x} is not a shared file mapping; \
-                     the destination VMM must keep guest memory in a memfd",
-                        region.slot
-                    )
-                })?;
-            let path = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .with_context(|| format!("opening {path} read-write (run as root)"))?;
-            let len = NonZeroUsize::new(region.size as usize).context("empty region")?;
-            // SAFETY: a fresh shared mapping of a file we hold open, inside
-            // the range the VMM maps; the VMM seals its memfds against shrinking.
-            let ptr = unsafe {
-                mmap(
-                    None,
-                    len,
-                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                    MapFlags::MAP_SHARED,
-                    file.as_fd(),
-                    (offset + (uaddr - start)) as i64,
-                )
-            }
-            .map_err(io::Error::from)
-            .with_context(|| format!("mapping {path}"))?;
-            regions.push(WritableRegion {
-                ptr: ptr.cast(),
-                len: region.size as usize,
-            });
-        }
+        let regions = layout
+            .regions
+            .iter()
+            .zip(uaddrs)
+            .map(|(region, &uaddr)| {
+                GuestMapping::open_writable(pid, uaddr, region.size)
+                    .with_context(|| format!("slot {} of the destination VM", region.slot))
+            })
+            .collect::<anyhow::Result<_>>()?;
         Ok(Self { layout, regions })
     }
 
-    fn slice(&self, page: u32) -> Option<NonNull<u8>> {
+    pub fn page(&self, page: u32) -> Option<&[u8]> {
         let (region, index) = self.layout.locate(page)?;
-        let r = &self.regions[region];
-        let start = index as usize * PAGE;
-        (start + PAGE <= r.len).then(|| {
-            // SAFETY: in bounds of the mapping, checked above.
-            unsafe { r.ptr.add(start) }
-        })
+        self.regions[region].page(index)
     }
 
-    pub fn page(&self, page: u32) -> Option<&[u8]> {
-        // SAFETY: a page inside a live mapping; only this process writes it,
-        // through `&mut self`.
-        self.slice(page)
-            .map(|p| unsafe { std::slice::from_raw_parts(p.as_ptr(), PAGE) })
+    fn page_mut(&mut self, page: u32) -> Option<&mut [u8]> {
+        let (region, index) = self.layout.locate(page)?;
+        self.regions[region].page_mut(index)
     }
 
     pub fn write(&mut self, page: u32, data: &[u8]) -> bool {
-        match self.slice(page) {
-            Some(p) => {
-                // SAFETY: a page inside a live writable mapping; `&mut self`
-                // makes this the only access from this process.
-                unsafe { std::slice::from_raw_parts_mut(p.as_ptr(), PAGE) }.copy_from_slice(data);
-                true
-            }
-            None => false,
-        }
+        self.page_mut(page)
+            .map(|bytes| bytes.copy_from_slice(data))
+            .is_some()
     }
 
     pub fn zero(&mut self, page: u32) -> bool {
-        match self.slice(page) {
-            Some(p) => {
-                // SAFETY: as in `write`.
-                unsafe { std::slice::from_raw_parts_mut(p.as_ptr(), PAGE) }.fill(0);
-                true
-            }
-            None => false,
-        }
+        self.page_mut(page).map(|bytes| bytes.fill(0)).is_some()
     }
-}
-
-/// (start, end, file offset) of the shared file mapping covering the range.
-fn file_mapping(maps: &str, uaddr: u64, size: u64) -> Option<(u64, u64, u64)> {
-    maps.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let range = fields.next()?;
-        let perms = fields.next()?;
-        let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-        let (start, end) = range.split_once('-')?;
-        let start = u64::from_str_radix(start, 16).ok()?;
-        let end = u64::from_str_radix(end, 16).ok()?;
-        (start <= uaddr && uaddr + size <= end && perms.as_bytes().get(3) == Some(&b's'))
-            .then_some((start, end, offset))
-    })
 }
 
 #[cfg(test)]

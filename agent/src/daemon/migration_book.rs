@@ -17,7 +17,7 @@ use prometheus::{
     core::Collector,
 };
 
-use crate::migrate::report::{ByEncoding, MigrationReport, Mode, Phase, Role};
+use crate::api::report::{ByEncoding, MigrationReport, Mode, Phase, Role};
 
 /// Finished migrations kept for `GET /v1/migrations`.
 pub const HISTORY: usize = 100;

@@ -16,24 +16,11 @@
 
 use std::path::Path;
 
-/// One shared mapping holding guest RAM.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RamRegion {
-    /// Where QEMU maps it.
-    pub uaddr: u64,
-    pub size: u64,
-    /// Offset of the mapping in the backend file.
-    pub offset: u64,
-    /// The backend file as the memory map names it.
-    pub path: String,
-}
-
-/// A QEMU process without KVM whose RAM is shared memory.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SharedRamGuest {
-    pub pid: u32,
-    pub regions: Vec<RamRegion>,
-}
+use crate::{
+    page::PAGE_SIZE,
+    procfs::{self, Mapping},
+    registry::{RamRegion, SharedRamGuest},
+};
 
 /// A memory backend object on QEMU's command line that another process can
 /// read: where its memory lives.
@@ -49,7 +36,7 @@ pub enum SharedBackend {
 /// Every QEMU process on the host that does not use KVM and keeps its RAM in
 /// shared memory.
 pub fn find() -> Vec<SharedRamGuest> {
-    let mut guests: Vec<SharedRamGuest> = crate::processes::pids().filter_map(inspect).collect();
+    let mut guests: Vec<SharedRamGuest> = procfs::pids().filter_map(inspect).collect();
     guests.sort_unstable_by_key(|guest| guest.pid);
     guests
 }
@@ -67,7 +54,7 @@ pub fn inspect(pid: u32) -> Option<SharedRamGuest> {
         return None;
     }
     let mut backends = shared_backends(&args);
-    if backends.is_empty() || crate::processes::holds_kvm_vm(pid) {
+    if backends.is_empty() || procfs::holds_kvm_vm(pid) {
         return None;
     }
     // The memory map names files by absolute path; QEMU takes a mem-path
@@ -80,8 +67,7 @@ pub fn inspect(pid: u32) -> Option<SharedRamGuest> {
             *mem_path = cwd.join(&*mem_path).display().to_string();
         }
     }
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    let regions = ram_regions(&maps, &backends);
+    let regions = ram_regions(&procfs::maps(pid).ok()?, &backends);
     (!regions.is_empty()).then_some(SharedRamGuest { pid, regions })
 }
 
@@ -165,38 +151,19 @@ fn split_options(value: &str) -> Vec<String> {
     fields
 }
 
-/// The shared mappings in `maps` (the text of `/proc/PID/maps`) that hold
-/// the memory of `backends`.
-pub fn ram_regions(maps: &str, backends: &[SharedBackend]) -> Vec<RamRegion> {
-    maps.lines()
-        .filter_map(|line| {
-            let mut fields = line.split_ascii_whitespace();
-            let range = fields.next()?;
-            let perms = fields.next()?;
-            let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-            let _device = fields.next()?;
-            let _inode = fields.next()?;
-            // The path is the rest of the line and may hold spaces.
-            let path = line.splitn(6, |c: char| c.is_ascii_whitespace()).nth(5)?;
-            let path = path.trim_start();
-            let path = path.strip_suffix(" (deleted)").unwrap_or(path);
-            if perms.as_bytes().get(3) != Some(&b's') || path.is_empty() {
-                return None;
-            }
-            if !backends.iter().any(|backend| holds(backend, path)) {
-                return None;
-            }
-            let (start, end) = range.split_once('-')?;
-            let start = u64::from_str_radix(start, 16).ok()?;
-            let end = u64::from_str_radix(end, 16).ok()?;
-            Some(RamRegion {
-                uaddr: start,
-                size: end.checked_sub(start)?,
-                offset,
-                path: path.to_owned(),
-            })
+/// The shared mappings in `maps` (of `/proc/PID/maps`) that hold the memory
+/// of `backends`.
+pub fn ram_regions(maps: &[Mapping], backends: &[SharedBackend]) -> Vec<RamRegion> {
+    maps.iter()
+        .filter(|m| m.shared && !m.path.is_empty())
+        .filter(|m| backends.iter().any(|backend| holds(backend, &m.path)))
+        .filter(|m| m.size() > 0 && m.size().is_multiple_of(PAGE_SIZE as u64))
+        .map(|m| RamRegion {
+            uaddr: m.start,
+            size: m.size(),
+            offset: m.offset,
+            path: m.path.clone(),
         })
-        .filter(|region| region.size > 0 && region.size % crate::PAGE_SIZE as u64 == 0)
         .collect()
 }
 
@@ -270,7 +237,7 @@ mod tests {
 7f4000000000-7f4000001000 rw-s 00000000 00:1a 98 /dev/shm/guest ram2
 ";
         let regions = ram_regions(
-            maps,
+            &procfs::parse_maps(maps),
             &[
                 SharedBackend::File {
                     mem_path: "/dev/shm/guest ram".into(),

@@ -5,40 +5,29 @@
 //! or of a running migration end with it. Every metric is described in
 //! `docs/metrics.md`.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
     header,
-    server::conn::http1,
-    service::service_fn,
 };
-use hyper_util::rt::TokioIo;
 use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry,
     TextEncoder, core::Collector,
 };
 
 use crate::{
-    api::routes::AppState,
+    daemon::state::AppState,
     content::zero_page_hash,
     migrate::wire::{FULL_LEN, TEMPLATE_LEN},
     registry::{DirtyMode, Discovery, PageState, Registry, Tracking, Vm},
-    templates::Catalog,
+    templates::Selection,
 };
 
 /// Content type of the text exposition format.
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-fn tracking_name(tracking: Tracking) -> &'static str {
-    match tracking {
-        Tracking::Tracked => "tracked",
-        Tracking::Syncing => "syncing",
-        Tracking::Untracked => "untracked",
-    }
-}
 
 fn dirty_log_name(mode: DirtyMode) -> &'static str {
     match mode {
@@ -101,7 +90,7 @@ struct VmFigures {
 
 const PAGE_STATES: [&str; 5] = ["unknown", "dirty", "clean", "unverified", "zero"];
 
-fn vm_figures(registry: &Registry, vm: &Vm, catalog: &Catalog) -> VmFigures {
+fn vm_figures(registry: &Registry, vm: &Vm, catalog: &Selection) -> VmFigures {
     let zero = registry.contents.lookup(&zero_page_hash());
     let mut pages = [0u64; 5];
     let mut tracking: Option<Tracking> = None;
@@ -148,8 +137,8 @@ pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
         .set(1);
     agent_metrics(&scrape, state)?;
     {
+        let catalog = state.template_selection();
         let registry = state.registry.lock().unwrap();
-        let catalog = state.catalog(&registry);
         vm_metrics(&scrape, &registry, &catalog)?;
         host_metrics(&scrape, &registry, &catalog)?;
     }
@@ -229,7 +218,7 @@ fn agent_metrics(scrape: &Scrape, state: &AppState) -> Result<(), prometheus::Er
 fn vm_metrics(
     scrape: &Scrape,
     registry: &Registry,
-    catalog: &Catalog,
+    catalog: &Selection,
 ) -> Result<(), prometheus::Error> {
     let vms = scrape.gauges(
         "pagefp_vms",
@@ -245,7 +234,7 @@ fn vm_metrics(
             DirtyMode::Unknown,
             DirtyMode::None,
         ] {
-            vms.with_label_values(&[tracking_name(tracking), dirty_log_name(dirty_log)])
+            vms.with_label_values(&[Tracking::name(tracking), dirty_log_name(dirty_log)])
                 .set(0);
         }
     }
@@ -298,7 +287,7 @@ fn vm_metrics(
     for vm in registry.vms() {
         let figures = vm_figures(registry, vm, catalog);
         let label = vm.pid.to_string();
-        let tracking = tracking_name(figures.tracking);
+        let tracking = Tracking::name(figures.tracking);
         let dirty_log = dirty_log_name(vm.dirty_mode);
         vms.with_label_values(&[tracking, dirty_log]).inc();
         let discovery = match vm.discovery {
@@ -339,7 +328,7 @@ fn vm_metrics(
 fn host_metrics(
     scrape: &Scrape,
     registry: &Registry,
-    catalog: &Catalog,
+    catalog: &Selection,
 ) -> Result<(), prometheus::Error> {
     let stats = &registry.stats;
     let events = scrape.counters(
@@ -443,7 +432,7 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
         .expect("a valid response")
 }
 
-async fn answer(request: Request<Incoming>, state: Arc<AppState>) -> Response<Full<Bytes>> {
+pub async fn answer(request: Request<Incoming>, state: Arc<AppState>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET: try /metrics\n");
     }
@@ -470,46 +459,6 @@ async fn answer(request: Request<Incoming>, state: Arc<AppState>) -> Response<Fu
             .body(Full::new(Bytes::from(landing_page())))
             .expect("a valid response"),
         _ => text(StatusCode::NOT_FOUND, "not found: try /metrics\n"),
-    }
-}
-
-/// Binds the metrics address (before the agent says it is ready).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen for metrics on {addr}: {e}. Pick another address with --metrics-addr (or metrics_addr in the config file)"
-        )
-    })
-}
-
-/// Serves `/metrics` and `/` on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) {
-    if let Ok(addr) = listener.local_addr() {
-        log::info!("metrics on http://{addr}/metrics");
-    }
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(err) => {
-                // Out of file descriptors, usually: wait instead of spinning.
-                log::warn!("metrics: accept failed: {err}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request: Request<Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(request, state).await) }
-            });
-            if let Err(err) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                log::debug!("metrics connection ended: {err}");
-            }
-        });
     }
 }
 

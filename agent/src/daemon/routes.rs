@@ -1,97 +1,31 @@
 //! Request routing: plain functions from a request line to a response, so
 //! they are tested without a socket.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Instant,
-};
+use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::{Response, StatusCode, body::Bytes, header};
 use serde::Serialize;
 
 use super::{
-    views::{VmView, vm_view},
-    wire::{HASH_LIST_MAGIC, HASH_LIST_VERSION, HashListHeader, PageRecord, state},
+    migration_book::{Refused, Reporter},
+    state::AppState,
+    views::vm_view,
 };
 use crate::{
-    PAGE_SIZE,
+    api::{
+        report::MigrationReport,
+        views::{CatalogView, PageLocation, TemplateView, VmView},
+        wire::{HASH_LIST_MAGIC, HASH_LIST_VERSION, HashListHeader, PageRecord, state},
+    },
     content::zero_page_hash,
-    ebpf::Sources,
-    hasher::HashPool,
-    migrate::report::MigrationReport,
-    migration_book::{MigrationBook, Refused, Reporter},
-    registry::{PageState, Registry, RegistryStats},
-    templates::{Catalog, SelectionPolicy},
-    tracker::{SyncHandle, TrackerStats, monotonic_ns},
+    page::{PAGE_SIZE, hex},
+    registry::{PageState, RegistryStats},
+    templates::{Selection, SelectionPolicy},
+    tracking::{ebpf::Sources, tracker::monotonic_ns},
 };
 
 pub type ApiResponse = Response<Full<Bytes>>;
-
-/// Everything the API reads.
-pub struct AppState {
-    pub registry: Arc<Mutex<Registry>>,
-    pub pool: Option<Arc<HashPool>>,
-    pub sync: Option<SyncHandle>,
-    pub sources: Sources,
-    pub tracker: Arc<TrackerStats>,
-    pub policy: SelectionPolicy,
-    pub started: Instant,
-    pub migrations: Mutex<MigrationBook>,
-    catalog: Mutex<Option<Arc<Catalog>>>,
-}
-
-impl AppState {
-    pub fn new(
-        registry: Arc<Mutex<Registry>>,
-        pool: Option<Arc<HashPool>>,
-        sync: Option<SyncHandle>,
-        sources: Sources,
-        tracker: Arc<TrackerStats>,
-        policy: SelectionPolicy,
-    ) -> Self {
-        Self {
-            registry,
-            pool,
-            sync,
-            sources,
-            tracker,
-            policy,
-            started: Instant::now(),
-            migrations: Mutex::new(MigrationBook::new()),
-            catalog: Mutex::new(None),
-        }
-    }
-
-    /// An agent with no VM, no hash pool and no eBPF: for unit tests.
-    #[cfg(test)]
-    pub fn empty() -> Self {
-        Self::new(
-            Arc::new(Mutex::new(Registry::new(false))),
-            None,
-            None,
-            Sources::default(),
-            Arc::default(),
-            SelectionPolicy {
-                min_vms: 2,
-                budget_bytes: 1 << 20,
-            },
-        )
-    }
-
-    /// The template catalog, selected again when contents changed.
-    pub fn catalog(&self, registry: &Registry) -> Arc<Catalog> {
-        let mut cached = self.catalog.lock().unwrap();
-        match &*cached {
-            Some(catalog) if catalog.epoch == registry.contents.epoch() => catalog.clone(),
-            _ => {
-                let catalog = Arc::new(Catalog::select(&registry.contents, self.policy));
-                *cached = Some(catalog.clone());
-                catalog
-            }
-        }
-    }
-}
 
 #[derive(Serialize)]
 struct ErrorBody<'a> {
@@ -133,16 +67,60 @@ enum Format {
     Binary,
 }
 
+#[derive(Default)]
 struct Query {
     format: Option<Format>,
     limit: Option<usize>,
+    selection: TemplateQuery,
+}
+
+/// Which VMs `GET /v1/templates` selects among, and how.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct TemplateQuery {
+    /// `vms=PID,PID`: only these VMs.
+    vms: Option<Vec<u32>>,
+    /// `exclude=PID,PID`: never these.
+    exclude: Vec<u32>,
+    /// `min_vms=N`, `budget_bytes=N`: instead of the agent's policy.
+    min_vms: Option<u32>,
+    budget_bytes: Option<u64>,
+    /// `locations=1`: where one copy of each template lives.
+    locations: bool,
+}
+
+impl TemplateQuery {
+    /// Whether the answer differs from the host's cached catalog.
+    fn is_custom(&self) -> bool {
+        self.vms.is_some()
+            || !self.exclude.is_empty()
+            || self.min_vms.is_some()
+            || self.budget_bytes.is_some()
+    }
+}
+
+/// Most pids a `vms=` or `exclude=` list may name.
+const MAX_PIDS: usize = 4096;
+
+fn parse_number<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{key} must be a whole number, not `{value}`"))
+}
+
+fn parse_pids(key: &str, value: &str) -> Result<Vec<u32>, String> {
+    let pids: Vec<u32> = value
+        .split(',')
+        .filter(|pid| !pid.is_empty())
+        .map(|pid| parse_number(key, pid))
+        .collect::<Result<_, _>>()?;
+    if pids.len() > MAX_PIDS {
+        return Err(format!("{key} names more than {MAX_PIDS} VMs"));
+    }
+    Ok(pids)
 }
 
 fn parse_query(query: Option<&str>) -> Result<Query, String> {
-    let mut parsed = Query {
-        format: None,
-        limit: None,
-    };
+    let mut parsed = Query::default();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
@@ -157,16 +135,21 @@ fn parse_query(query: Option<&str>) -> Result<Query, String> {
                     }
                 })
             }
-            "limit" => {
-                parsed.limit = Some(
-                    value
-                        .parse()
-                        .map_err(|_| format!("limit must be a whole number, not `{value}`"))?,
-                )
+            "limit" => parsed.limit = Some(parse_number(key, value)?),
+            "vms" => parsed.selection.vms = Some(parse_pids(key, value)?),
+            "exclude" => parsed.selection.exclude = parse_pids(key, value)?,
+            "min_vms" => parsed.selection.min_vms = Some(parse_number(key, value)?),
+            "budget_bytes" => parsed.selection.budget_bytes = Some(parse_number(key, value)?),
+            "locations" => {
+                parsed.selection.locations = match value {
+                    "1" | "true" | "" => true,
+                    "0" | "false" => false,
+                    other => return Err(format!("locations is 1 or 0, not `{other}`")),
+                }
             }
             other => {
                 return Err(format!(
-                    "unknown query parameter `{other}` (known: format, limit)"
+                    "unknown query parameter `{other}` (known: format, limit; for /v1/templates also vms, exclude, min_vms, budget_bytes, locations)"
                 ));
             }
         }
@@ -222,7 +205,12 @@ pub fn handle_with_body(
             Ok(pid) => hashes(state, pid, query.format.unwrap_or(Format::Binary)),
             Err(response) => response,
         },
-        ["v1", "templates"] => templates(state, query.format.unwrap_or(Format::Json), query.limit),
+        ["v1", "templates"] => templates(
+            state,
+            &query.selection,
+            query.format.unwrap_or(Format::Json),
+            query.limit,
+        ),
         ["v1", "migrations"] => {
             let mut book = state.migrations.lock().unwrap();
             book.sweep();
@@ -307,8 +295,8 @@ struct StatusView {
 }
 
 fn status(state: &AppState) -> ApiResponse {
+    let catalog = state.template_selection();
     let registry = state.registry.lock().unwrap();
-    let catalog = state.catalog(&registry);
     json(&StatusView {
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs_f64(),
@@ -332,8 +320,8 @@ fn status(state: &AppState) -> ApiResponse {
 }
 
 fn vms(state: &AppState) -> ApiResponse {
+    let catalog = state.template_selection();
     let registry = state.registry.lock().unwrap();
-    let catalog = state.catalog(&registry);
     let views: Vec<VmView> = registry
         .vms()
         .map(|vm| vm_view(&registry, vm, &catalog))
@@ -342,8 +330,8 @@ fn vms(state: &AppState) -> ApiResponse {
 }
 
 fn one_vm(state: &AppState, pid: u32) -> ApiResponse {
+    let catalog = state.template_selection();
     let registry = state.registry.lock().unwrap();
-    let catalog = state.catalog(&registry);
     match registry.vm(pid) {
         Some(vm) => json(&vm_view(&registry, vm, &catalog)),
         None => unknown_vm(pid),
@@ -408,7 +396,7 @@ fn hashes(state: &AppState, pid: u32, format: Format) -> ApiResponse {
                     },
                     zero: r.zero == 1,
                     hash: matches!(r.state, state::CLEAN | state::UNVERIFIED)
-                        .then(|| super::hex(&r.hash)),
+                        .then(|| hex(&r.hash)),
                 })
                 .collect();
             json(&pages)
@@ -432,19 +420,76 @@ fn hashes(state: &AppState, pid: u32, format: Format) -> ApiResponse {
     }
 }
 
-fn templates(state: &AppState, format: Format, limit: Option<usize>) -> ApiResponse {
+/// `GET /v1/templates`: the host's catalog (cached per content epoch), or
+/// the same selection among some VMs (`vms=`, `exclude=`) or under another
+/// policy, as `pagefp templates export` and the receivers ask for it.
+fn templates(
+    state: &AppState,
+    selection: &TemplateQuery,
+    format: Format,
+    limit: Option<usize>,
+) -> ApiResponse {
+    let policy = SelectionPolicy {
+        min_vms: selection.min_vms.unwrap_or(state.policy.min_vms),
+        budget_bytes: selection.budget_bytes.unwrap_or(state.policy.budget_bytes),
+    };
+    let host_catalog = (!selection.is_custom()).then(|| state.template_selection());
     let registry = state.registry.lock().unwrap();
-    let mut catalog = (*state.catalog(&registry)).clone();
-    drop(registry);
-    if let Some(limit) = limit {
-        catalog.templates.truncate(limit);
+    let counted: Vec<u32> = registry
+        .vms()
+        .map(|vm| vm.pid)
+        .filter(|pid| selection.vms.as_ref().is_none_or(|vms| vms.contains(pid)))
+        .filter(|pid| !selection.exclude.contains(pid))
+        .collect();
+    if let Some(missing) = selection
+        .vms
+        .iter()
+        .flatten()
+        .find(|pid| registry.vm(**pid).is_none())
+    {
+        return unknown_vm(*missing);
     }
+    let catalog = match host_catalog {
+        Some(catalog) => catalog,
+        None => Arc::new(Selection::select_among(
+            &registry.contents,
+            counted.iter().filter_map(|pid| registry.vm(*pid)).map(|vm| &vm.counts),
+            policy,
+        )),
+    };
+    let shown = limit.map_or(catalog.templates.len(), |limit| limit.min(catalog.templates.len()));
+    let templates = &catalog.templates[..shown];
+    let locations = if selection.locations {
+        registry.locate_contents(&counted, templates.iter().map(|t| t.id))
+    } else {
+        Default::default()
+    };
+    drop(registry);
     match format {
-        Format::Json => json(&catalog),
+        Format::Json => json(&CatalogView {
+            min_vms: catalog.policy.min_vms,
+            budget_bytes: catalog.policy.budget_bytes,
+            vms: counted,
+            selected: catalog.templates.len(),
+            pages_covered: catalog.pages_covered,
+            eligible: catalog.eligible,
+            templates: templates
+                .iter()
+                .map(|t| TemplateView {
+                    index: t.index,
+                    hash: t.hash,
+                    pages: t.pages,
+                    vms: t.vms,
+                    at: locations
+                        .get(&t.id)
+                        .map(|&(pid, uaddr)| PageLocation { pid, uaddr }),
+                })
+                .collect(),
+        }),
         Format::Binary => {
             // Records: index u32 LE, then the 32-byte hash.
-            let mut body = Vec::with_capacity(catalog.templates.len() * 36);
-            for template in &catalog.templates {
+            let mut body = Vec::with_capacity(templates.len() * 36);
+            for template in templates {
                 body.extend_from_slice(&template.index.to_le_bytes());
                 body.extend_from_slice(&template.hash);
             }
@@ -481,6 +526,94 @@ mod tests {
                 .to_bytes()
                 .to_vec()
         })
+    }
+
+    /// Three shared-memory VMs (pids 1, 2, 3) of four pages each, hashed:
+    /// page contents by letter.
+    fn three_vms() -> AppState {
+        use crate::registry::{RamRegion, SharedRamGuest};
+        let state = AppState::empty();
+        let contents: [(u32, [u8; 4]); 3] = [(1, *b"AABC"), (2, *b"ABDE"), (3, *b"CCCD")];
+        let mut registry = state.registry.lock().unwrap();
+        for (pid, _) in contents {
+            registry.adopt_shared_ram(&SharedRamGuest {
+                pid,
+                regions: vec![RamRegion {
+                    uaddr: u64::from(pid) << 32,
+                    size: 4 * PAGE_SIZE as u64,
+                    offset: 0,
+                    path: format!("/dev/shm/vm{pid}"),
+                }],
+            });
+        }
+        for job in registry.rescan_jobs(1000) {
+            let plan = registry.plan(&job).unwrap();
+            let letters = contents.iter().find(|(pid, _)| *pid == job.pid).unwrap().1;
+            let hashes: Vec<_> = plan
+                .pages
+                .iter()
+                .map(|(page, _)| Some([letters[*page as usize]; 32]))
+                .collect();
+            registry.commit(&job, &plan, &hashes);
+        }
+        drop(registry);
+        state
+    }
+
+    fn catalog(state: &AppState, query: &str) -> CatalogView {
+        let response = handle(state, &hyper::Method::GET, "/v1/templates", Some(query));
+        assert_eq!(response.status(), StatusCode::OK);
+        serde_json::from_str(&body(response)).unwrap()
+    }
+
+    fn hashes(view: &CatalogView) -> Vec<u8> {
+        view.templates.iter().map(|t| t.hash[0]).collect()
+    }
+
+    #[test]
+    fn templates_are_selected_among_the_vms_asked_for_with_where_they_live() {
+        let state = three_vms();
+        let host = catalog(&state, "");
+        assert_eq!(hashes(&host), b"CABD".to_vec());
+        assert_eq!(host.vms, vec![1, 2, 3]);
+        assert_eq!(host.pages_covered, 4 + 3 + 2 + 2);
+        assert!(host.templates.iter().all(|t| t.at.is_none()));
+
+        let two = catalog(&state, "vms=1,2&locations=1");
+        assert_eq!(hashes(&two), b"AB".to_vec());
+        assert_eq!(two.templates[0].pages, 3);
+        assert_eq!(
+            two.templates[0].at,
+            Some(PageLocation {
+                pid: 1,
+                uaddr: 1 << 32
+            })
+        );
+        assert_eq!(
+            two.templates[1].at,
+            Some(PageLocation {
+                pid: 1,
+                uaddr: (1 << 32) + 2 * PAGE_SIZE as u64
+            })
+        );
+        assert_eq!(catalog(&state, "exclude=3").templates, {
+            let mut plain = two.templates.clone();
+            plain.iter_mut().for_each(|t| t.at = None);
+            plain
+        });
+
+        let one_vm = catalog(&state, "vms=3&min_vms=1&budget_bytes=4096&locations=1");
+        assert_eq!(hashes(&one_vm), b"C".to_vec());
+        assert_eq!(one_vm.selected, 1);
+        assert_eq!(one_vm.eligible, 2);
+        assert_eq!(one_vm.templates[0].at.unwrap().pid, 3);
+
+        let limited = catalog(&state, "limit=1");
+        assert_eq!((limited.selected, limited.templates.len()), (4, 1));
+
+        let unknown = handle(&state, &hyper::Method::GET, "/v1/templates", Some("vms=1,9"));
+        assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+        assert!(body(unknown).contains("pid 9"));
     }
 
     #[test]
@@ -527,6 +660,24 @@ mod tests {
                 Some("colour=red"),
                 StatusCode::BAD_REQUEST,
             ),
+            (
+                get.clone(),
+                "/v1/templates",
+                Some("vms=1,x"),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                get.clone(),
+                "/v1/templates",
+                Some("min_vms=two"),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                get.clone(),
+                "/v1/templates",
+                Some("locations=maybe"),
+                StatusCode::BAD_REQUEST,
+            ),
         ];
         for (method, path, query, expected) in cases {
             let response = handle(&state, &method, path, query);
@@ -542,7 +693,7 @@ mod tests {
 
     #[test]
     fn migration_reports_are_checked_and_listed() {
-        use crate::migrate::report::{Mode, Phase, Role};
+        use crate::api::report::{Mode, Phase, Role};
         let state = state();
         let report = |mode: Mode, phase: Phase| MigrationReport {
             phase,

@@ -1,0 +1,350 @@
+//! Guest memory of a VMM process, read (and written) from outside it.
+//!
+//! Two ways, chosen per slot:
+//! - **mapped** ([`GuestMapping`]): when the slot lives in a sealed memfd
+//!   (QEMU's `memory-backend-memfd`, pagefp's test VMM), the same file is
+//!   mapped through `/proc/PID/map_files` and read in place, without a copy
+//!   (read-write, for the destination of a migration).
+//! - **copied**: `process_vm_readv`, for anonymous memory. A VMM that exits
+//!   mid-read makes the read fail (ESRCH/EFAULT), never the agent.
+
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    num::NonZeroUsize,
+    os::fd::AsFd,
+    ptr::NonNull,
+};
+
+use nix::{
+    fcntl::{FcntlArg, SealFlag, fcntl},
+    sys::{
+        mman::{MapFlags, ProtFlags, mmap, munmap},
+        uio::{RemoteIoVec, process_vm_readv},
+    },
+    unistd::Pid,
+};
+
+use crate::{page::PAGE_SIZE, procfs};
+
+/// A view of guest memory `[uaddr, uaddr+size)` of a VMM process, mapped
+/// from the very file the VMM maps it from (through `/proc/PID/map_files`):
+/// read-only for the agent's hashing and a migration's source, read-write
+/// for a migration's destination.
+#[derive(Debug)]
+pub struct GuestMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    writable: bool,
+}
+
+// SAFETY: the mapping is memory owned by this struct; shared access only
+// reads (writes need `&mut self`), so sharing the pointer between threads is
+// sound.
+unsafe impl Send for GuestMapping {}
+// SAFETY: as above.
+unsafe impl Sync for GuestMapping {}
+
+impl GuestMapping {
+    /// Maps `[uaddr, uaddr+size)` of process `pid` read-only if it is backed
+    /// by a sealed shared file; `Ok(None)` if it is not (use [`read_copied`]).
+    /// Only sealed files (`F_SEAL_SHRINK`) are mapped: the VMM cannot
+    /// truncate them under the agent (which would raise SIGBUS).
+    pub fn open_sealed(pid: u32, uaddr: u64, size: u64) -> io::Result<Option<Self>> {
+        let Some(mapping) = shared_file_mapping(pid, uaddr, size)? else {
+            return Ok(None);
+        };
+        let Ok(file) = File::open(mapping.map_file(pid)) else {
+            return Ok(None);
+        };
+        let seals = match fcntl(file.as_fd(), FcntlArg::F_GET_SEALS) {
+            Ok(bits) => SealFlag::from_bits_truncate(bits),
+            Err(_) => return Ok(None),
+        };
+        if !seals.contains(SealFlag::F_SEAL_SHRINK) {
+            return Ok(None);
+        }
+        let offset = mapping.offset + (uaddr - mapping.start);
+        if offset + size > file.metadata()?.len() {
+            return Ok(None);
+        }
+        // Fault the whole slot in at once: far cheaper than a fault per page
+        // during the first pass.
+        Self::map(&file, offset, size, false, MapFlags::MAP_POPULATE).map(Some)
+    }
+
+    /// Maps `[uaddr, uaddr+size)` of process `pid` read-write: the memory of
+    /// an incoming VM that a migration fills. The range must be a shared
+    /// file mapping of the VMM (a memfd or a file backend).
+    pub fn open_writable(pid: u32, uaddr: u64, size: u64) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let mapping = shared_file_mapping(pid, uaddr, size)
+            .with_context(|| format!("reading /proc/{pid}/maps: is the VMM running?"))?
+            .with_context(|| {
+                format!(
+                    "guest memory of VMM pid {pid} at {uaddr:#x} is not a shared file mapping; \
+                     the destination VMM must keep guest memory in a memfd"
+                )
+            })?;
+        let path = mapping.map_file(pid);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {path} read-write (run as root)"))?;
+        let offset = mapping.offset + (uaddr - mapping.start);
+        Self::map(&file, offset, size, true, MapFlags::empty())
+            .with_context(|| format!("mapping {path}"))
+    }
+
+    fn map(file: &File, offset: u64, size: u64, writable: bool, extra: MapFlags) -> io::Result<Self> {
+        let len = NonZeroUsize::new(size as usize)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty guest region"))?;
+        let prot = if writable {
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
+        } else {
+            ProtFlags::PROT_READ
+        };
+        // SAFETY: a fresh shared mapping of a file we hold open, at a range
+        // the VMM itself maps; VMMs seal their memfds against shrinking (and
+        // `open_sealed` checks the seal).
+        let ptr = unsafe {
+            mmap(
+                None,
+                len,
+                prot,
+                MapFlags::MAP_SHARED | extra,
+                file.as_fd(),
+                offset as i64,
+            )
+        }
+        .map_err(io::Error::from)?;
+        Ok(Self {
+            ptr: ptr.cast(),
+            len: size as usize,
+            writable,
+        })
+    }
+
+    fn page_ptr(&self, page: u32) -> Option<NonNull<u8>> {
+        let start = page as usize * PAGE_SIZE;
+        (start + PAGE_SIZE <= self.len).then(|| {
+            // SAFETY: in bounds of the mapping, checked above.
+            unsafe { self.ptr.add(start) }
+        })
+    }
+
+    /// The bytes of page `page` of the region.
+    pub fn page(&self, page: u32) -> Option<&[u8]> {
+        // SAFETY: in bounds of a live mapping; a running guest may change the
+        // bytes concurrently, which is fine for u8 reads (the registry's
+        // generations discard hashes of pages written meanwhile).
+        self.page_ptr(page)
+            .map(|p| unsafe { std::slice::from_raw_parts(p.as_ptr(), PAGE_SIZE) })
+    }
+
+    /// The bytes of page `page`, writable; `None` outside the region or if
+    /// it was mapped read-only.
+    pub fn page_mut(&mut self, page: u32) -> Option<&mut [u8]> {
+        if !self.writable {
+            return None;
+        }
+        // SAFETY: in bounds of a live writable mapping; `&mut self` makes
+        // this the only access from this process.
+        self.page_ptr(page)
+            .map(|p| unsafe { std::slice::from_raw_parts_mut(p.as_ptr(), PAGE_SIZE) })
+    }
+}
+
+impl Drop for GuestMapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len describe the mapping made in `map`, unmapped once.
+        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// The shared file mapping of `pid` that covers `[uaddr, uaddr+size)`, if
+/// the mapping covering it is one.
+fn shared_file_mapping(pid: u32, uaddr: u64, size: u64) -> io::Result<Option<procfs::Mapping>> {
+    Ok(procfs::maps(pid)?
+        .into_iter()
+        .find(|m| m.covers(uaddr, size))
+        .filter(procfs::Mapping::is_shared_file))
+}
+
+/// Reads pages of process `pid` at `uaddr + page * PAGE_SIZE` into `buf`
+/// (`pages.len() * PAGE_SIZE` bytes). Returns, per page, whether it was read.
+pub fn read_copied(pid: u32, uaddr: u64, pages: &[u32], buf: &mut [u8]) -> Vec<bool> {
+    let mut ok = vec![false; pages.len()];
+    let mut i = 0;
+    while i < pages.len() {
+        // One contiguous run per call, up to 256 pages.
+        let mut run = 1;
+        while i + run < pages.len() && run < 256 && pages[i + run] == pages[i] + run as u32 {
+            run += 1;
+        }
+        let remote = [RemoteIoVec {
+            base: (uaddr + u64::from(pages[i]) * PAGE_SIZE as u64) as usize,
+            len: run * PAGE_SIZE,
+        }];
+        let local = &mut buf[i * PAGE_SIZE..(i + run) * PAGE_SIZE];
+        let read = process_vm_readv(
+            Pid::from_raw(pid as i32),
+            &mut [io::IoSliceMut::new(local)],
+            &remote,
+        )
+        .unwrap_or(0);
+        let whole = read / PAGE_SIZE;
+        ok[i..i + whole].fill(true);
+        if whole < run && whole > 0 {
+            // Partial: retry the rest page by page on the next turns.
+            i += whole;
+            continue;
+        }
+        if whole == 0 && run > 1 {
+            // Try the first page alone, so one bad page does not sink a run.
+            let single = [RemoteIoVec {
+                base: remote[0].base,
+                len: PAGE_SIZE,
+            }];
+            let local = &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            let read = process_vm_readv(
+                Pid::from_raw(pid as i32),
+                &mut [io::IoSliceMut::new(local)],
+                &single,
+            )
+            .unwrap_or(0);
+            ok[i] = read == PAGE_SIZE;
+            i += 1;
+            continue;
+        }
+        i += run;
+    }
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{ffi::CString, os::fd::OwnedFd};
+
+    use nix::{
+        sys::memfd::{MFdFlags, memfd_create},
+        unistd::ftruncate,
+    };
+
+    use super::*;
+
+    /// What a VMM does: guest RAM in a memfd (sealed or not), mapped shared.
+    struct VmmRam {
+        _fd: OwnedFd,
+        ptr: NonNull<u8>,
+        len: usize,
+    }
+
+    impl VmmRam {
+        fn new(pages: usize, sealed: bool) -> Self {
+            let len = pages * PAGE_SIZE;
+            let name = CString::new("pagefp-test-ram").unwrap();
+            let fd = memfd_create(name.as_c_str(), MFdFlags::MFD_ALLOW_SEALING).unwrap();
+            ftruncate(&fd, len as i64).unwrap();
+            if sealed {
+                fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK)).unwrap();
+            }
+            // SAFETY: a fresh shared mapping of a file of exactly `len` bytes.
+            let ptr = unsafe {
+                mmap(
+                    None,
+                    NonZeroUsize::new(len).unwrap(),
+                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                    MapFlags::MAP_SHARED,
+                    fd.as_fd(),
+                    0,
+                )
+            }
+            .unwrap();
+            Self {
+                _fd: fd,
+                ptr: ptr.cast(),
+                len,
+            }
+        }
+
+        fn bytes(&mut self) -> &mut [u8] {
+            // SAFETY: the mapping made in `new`, alive as long as `self`.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        }
+
+        fn uaddr(&self) -> u64 {
+            self.ptr.as_ptr() as u64
+        }
+    }
+
+    impl Drop for VmmRam {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `new`, unmapped once.
+            let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+        }
+    }
+
+    #[test]
+    fn guest_ram_in_a_memfd_is_mapped_read_only_and_read_write() {
+        let pid = std::process::id();
+        let mut ram = VmmRam::new(4, true);
+        ram.bytes()[PAGE_SIZE..2 * PAGE_SIZE].fill(7);
+        // A slot that starts one page into the mapping.
+        let uaddr = ram.uaddr() + PAGE_SIZE as u64;
+        let size = 3 * PAGE_SIZE as u64;
+        let view = GuestMapping::open_sealed(pid, uaddr, size)
+            .unwrap()
+            .expect("a sealed memfd is mapped");
+        assert!(view.page(0).unwrap().iter().all(|b| *b == 7));
+        assert!(view.page(1).unwrap().iter().all(|b| *b == 0));
+        assert!(view.page(3).is_none(), "outside the slot");
+        let mut ro = GuestMapping::open_sealed(pid, uaddr, size).unwrap().unwrap();
+        assert!(ro.page_mut(0).is_none(), "a read-only view is not writable");
+
+        let mut dest = GuestMapping::open_writable(pid, uaddr, size).unwrap();
+        dest.page_mut(2).unwrap().fill(9);
+        assert!(ram.bytes()[3 * PAGE_SIZE..].iter().all(|b| *b == 9));
+        assert!(view.page(2).unwrap().iter().all(|b| *b == 9), "the same file");
+    }
+
+    #[test]
+    fn unsealed_or_anonymous_memory_is_not_mapped() {
+        let pid = std::process::id();
+        let ram = VmmRam::new(2, false);
+        let size = 2 * PAGE_SIZE as u64;
+        assert!(GuestMapping::open_sealed(pid, ram.uaddr(), size).unwrap().is_none());
+        let anonymous = vec![1u8; 4 * PAGE_SIZE];
+        let at = (anonymous.as_ptr() as u64).next_multiple_of(PAGE_SIZE as u64);
+        assert!(GuestMapping::open_sealed(pid, at, PAGE_SIZE as u64).unwrap().is_none());
+        let err = GuestMapping::open_writable(pid, at, PAGE_SIZE as u64).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("must keep guest memory in a memfd"),
+            "{err:#}"
+        );
+        // A range that runs past the mapping is not covered by it.
+        assert!(GuestMapping::open_sealed(pid, ram.uaddr(), 3 * size).unwrap().is_none());
+    }
+
+    #[test]
+    fn reads_own_memory_copied_and_reports_bad_pages() {
+        let data: Vec<u8> = (0..4 * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE) as u8 + 1)
+            .collect();
+        let mut buf = vec![0u8; 3 * PAGE_SIZE];
+        let pid = std::process::id();
+        let ok = read_copied(pid, data.as_ptr() as u64, &[0, 1, 3], &mut buf);
+        assert_eq!(ok, vec![true, true, true]);
+        assert!(buf[..PAGE_SIZE].iter().all(|b| *b == 1));
+        assert!(buf[2 * PAGE_SIZE..].iter().all(|b| *b == 4));
+        // An address nothing is mapped at.
+        let ok = read_copied(
+            pid,
+            8 * PAGE_SIZE as u64,
+            &[0, 1],
+            &mut buf[..2 * PAGE_SIZE],
+        );
+        assert_eq!(ok, vec![false, false]);
+    }
+}
