@@ -15,12 +15,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 /// The workspace's target directory (tests run from target/{debug,release}/deps).
-pub fn target_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target")
-}
+pub use pagefp_images::target_dir;
 
 fn profile() -> &'static str {
     if cfg!(debug_assertions) {

@@ -1,16 +1,23 @@
-//! pagefp's integration-test support, and the small VMM the tests, the demo
-//! and the benchmarks run (`pagefp-testvmm`).
+//! pagefp's integration-test support: the helpers the integration tests in
+//! `tests/tests` (and the benchmarks and demo in `tests/bench`) share.
+//!
+//! The other crates under `tests/` each have their own binary:
+//! `tests/testvmm` (`pagefp-testvmm`, the small VMM the tests run;
+//! re-exported here as [`vmm`], driven by [`vmm_client`]), `tests/images`
+//! (`pagefp-images`, the Linux guest-image builder and the QEMU driver;
+//! re-exported as [`guest_images`] and [`qemu`]) and `tests/bench`
+//! (`pagefp-bench` and `pagefp-demo`).
+
+pub use pagefp_images::{self as guest_images, qemu};
+pub use pagefp_testvmm as vmm;
 
 pub mod agent_process;
-pub mod bench;
 pub mod fleet;
-pub mod guest_images;
 pub mod images;
 pub mod migration;
 pub mod netns;
 pub mod privileged;
 pub mod prometheus;
-pub mod qemu;
 pub mod qemu_proxy_run;
-pub mod vmm;
+pub mod qemu_streams;
 pub mod vmm_client;

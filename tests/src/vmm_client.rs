@@ -2,12 +2,14 @@
 //!
 //! [`VmmProcess`] starts the binary, waits for its control socket and kills
 //! and reaps it when dropped; its typed methods cover every control command
-//! (see [`crate::vmm::control`] for the protocol). [`copy_guest_memory`]
+//! with the messages of [`crate::vmm::protocol`] (see [`crate::vmm::control`]
+//! for the protocol); [`VmmProcess::request`] sends raw JSON, for tests of
+//! what the VMM refuses. [`copy_guest_memory`]
 //! copies one VMM's guest memory into another (an incoming one) through
 //! `/proc/PID/map_files`, as a migration does.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufReader, Write},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -16,10 +18,18 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
-pub use crate::vmm::{MemoryRegion, RunReport, SlotInfo, map_files::MappedRegion, workload::Op};
+use crate::vmm::protocol::{
+    Ack, Checksums, LineRead, Paused, Reply, Request, SavedState, TestRequest, VmRequest,
+};
+pub use crate::vmm::{
+    DirtyMode, Harvest, MemoryRegion, RunReport, SlotInfo,
+    map_files::MappedRegion,
+    protocol::{HarvestReport, LoopReport, TestVmInfo as VmmInfo, VmState},
+    workload::Op,
+};
 
 /// How long one request may take before the client gives up.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -66,59 +76,13 @@ pub struct Refused {
     pub error: String,
 }
 
-/// Answer to `info`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct VmmInfo {
-    pub pid: u32,
-    pub mem_bytes: u64,
-    pub pages: u32,
-    pub dirty: String,
-    pub ring_entries: u32,
-    pub harvest: String,
-    pub slots: Vec<SlotInfo>,
-    pub loop_running: bool,
-    /// `running`, `paused` or `incoming`.
-    pub state: String,
-    /// Every region of guest memory (RAM slots, then the read-only code
-    /// slot), as a migration copies them.
-    pub memory: Vec<MemoryRegion>,
-    /// Iterations of the current loop (a migrated loop's included).
-    pub loop_iterations: u64,
-    /// A `run` request's ops are not done yet (on a destination: a migrated
-    /// run still finishing).
-    pub run_pending: bool,
-    /// Why the loop stopped, if it failed.
-    #[serde(default)]
-    pub loop_error: Option<String>,
-}
-
-/// Answer to `stop_loop`.
-#[derive(Clone, Copy, Debug, Deserialize)]
-pub struct LoopReport {
-    pub iterations: u64,
-    pub pages_written: u64,
-    pub seconds: f64,
-}
-
-/// Answer to `harvest`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct HarvestReport {
-    /// Distinct pages written since the previous harvest.
-    pub harvested: u64,
-    /// Dirty-ring entries behind them (the emulator pushes one per write).
-    pub entries: u64,
-    /// The pages themselves, when asked for with [`VmmProcess::harvest_list`].
-    #[serde(default)]
-    pub pages: Option<Vec<u64>>,
-}
-
 /// Copies all of `source`'s guest memory (every region of `info.memory`,
 /// the read-only code slot included) into `dest`, through
 /// `/proc/PID/map_files`: what a migration does with an incoming VMM before
 /// `load_state`. `source` should be paused. Returns the bytes copied.
 pub fn copy_guest_memory(source: &VmmProcess, dest: &VmmProcess) -> anyhow::Result<u64> {
     let (from, to) = (source.info()?, dest.info()?);
-    crate::vmm::map_files::copy_regions(from.pid, &from.memory, to.pid, &to.memory)
+    crate::vmm::map_files::copy_regions(from.vm.pid, &from.vm.memory, to.vm.pid, &to.vm.memory)
 }
 
 /// The VMM binary: `PAGEFP_TESTVMM`, or next to the running executable
@@ -134,7 +98,7 @@ pub fn testvmm_binary() -> PathBuf {
             return candidate;
         }
     }
-    crate::agent_process::build_binary("pagefp-tests", "pagefp-testvmm")
+    crate::agent_process::build_binary("pagefp-testvmm", "pagefp-testvmm")
 }
 
 /// A running VMM, stopped (SIGTERM, then SIGKILL) and reaped on drop.
@@ -178,7 +142,7 @@ impl VmmProcess {
             .stderr(Stdio::inherit());
         let mut child = command.spawn().with_context(|| {
             format!(
-                "spawning {} (build it with `cargo build -p pagefp-tests`, or set PAGEFP_TESTVMM)",
+                "spawning {} (build it with `cargo build -p pagefp-testvmm`, or set PAGEFP_TESTVMM)",
                 binary.display()
             )
         })?;
@@ -216,139 +180,158 @@ impl VmmProcess {
         &self.socket
     }
 
-    /// Sends one request and reads its answer, whatever its `"ok"`.
-    pub fn request(&self, request: &Value) -> anyhow::Result<Value> {
+    /// Sends one line (a request, or anything a test wants refused) and
+    /// reads the answer line.
+    fn exchange(&self, line: &str) -> anyhow::Result<Vec<u8>> {
         let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        writeln!(stream.get_mut(), "{request}").context("writing to the VMM")?;
-        let mut line = String::new();
-        stream
-            .read_line(&mut line)
-            .context("reading the VMM's answer (did it die or hang?)")?;
-        if line.is_empty() {
-            bail!("the VMM closed its control socket");
+        writeln!(stream.get_mut(), "{line}").context("writing to the VMM")?;
+        let mut answer = Vec::new();
+        match crate::vmm::protocol::read_line(&mut *stream, &mut answer)
+            .context("reading the VMM's answer (did it die or hang?)")?
+        {
+            LineRead::Line => Ok(answer),
+            LineRead::Closed => bail!("the VMM closed its control socket"),
+            LineRead::TooLong => bail!("the VMM's answer has no end of line"),
         }
-        serde_json::from_str(&line).context("the VMM answered with bad JSON")
     }
 
-    /// Sends `request`; an `"ok": false` answer becomes a [`Refused`] error.
+    /// Sends one raw request and reads its answer, whatever its `"ok"`.
+    pub fn request(&self, request: &Value) -> anyhow::Result<Value> {
+        let answer = self.exchange(&request.to_string())?;
+        serde_json::from_slice(&answer).context("the VMM answered with bad JSON")
+    }
+
+    /// Sends a raw `request`; an `"ok": false` answer becomes a [`Refused`] error.
     pub fn call(&self, request: &Value) -> anyhow::Result<Value> {
         let answer = self.request(request)?;
-        if answer["ok"] != true {
-            return Err(Refused {
+        match Reply::<Value>::from_value(answer)? {
+            Reply::Ok(answer) => Ok(answer),
+            Reply::Refused(error) => Err(Refused {
                 request: request.to_string(),
-                error: answer["error"]
-                    .as_str()
-                    .unwrap_or("no error text")
-                    .to_owned(),
+                error,
             }
-            .into());
+            .into()),
         }
-        Ok(answer)
     }
 
-    fn call_as<T: for<'de> Deserialize<'de>>(&self, request: Value) -> anyhow::Result<T> {
-        let answer = self.call(&request)?;
-        serde_json::from_value(answer).with_context(|| format!("unexpected answer to {request}"))
+    /// Sends a typed request and reads its typed answer; a refusal becomes
+    /// a [`Refused`] error.
+    fn send<T: DeserializeOwned>(&self, request: impl Into<Request>) -> anyhow::Result<T> {
+        let request = request.into();
+        let line = serde_json::to_string(&request)?;
+        let answer = self.exchange(&line)?;
+        match Reply::<T>::parse(&answer).with_context(|| format!("unexpected answer to {line}"))? {
+            Reply::Ok(answer) => Ok(answer),
+            Reply::Refused(error) => Err(Refused {
+                request: line,
+                error,
+            }
+            .into()),
+        }
     }
 
     pub fn info(&self) -> anyhow::Result<VmmInfo> {
-        self.call_as(json!({"cmd": "info"}))
+        self.send(VmRequest::Info {})
     }
 
     /// Runs `ops` once, in order (and harvests afterwards in auto mode).
     pub fn run(&self, ops: &[Op]) -> anyhow::Result<RunReport> {
-        self.call_as(json!({"cmd": "run", "ops": ops}))
+        self.send(TestRequest::Run { ops: ops.to_vec() })
     }
 
     /// Runs `ops` over and over, iterations at least `interval_ms` apart.
     pub fn start_loop_every(&self, ops: &[Op], interval_ms: u64) -> anyhow::Result<()> {
-        self.call(&json!({"cmd": "start_loop", "ops": ops, "interval_ms": interval_ms}))
-            .map(drop)
+        self.send::<Ack>(TestRequest::StartLoop {
+            ops: ops.to_vec(),
+            interval_ms,
+        })
+        .map(drop)
     }
 
     /// Runs `ops` over and over in the background until [`Self::stop_loop`].
     pub fn start_loop(&self, ops: &[Op]) -> anyhow::Result<()> {
-        self.call(&json!({"cmd": "start_loop", "ops": ops}))
-            .map(drop)
+        self.start_loop_every(ops, 0)
     }
 
     pub fn stop_loop(&self) -> anyhow::Result<LoopReport> {
-        self.call_as(json!({"cmd": "stop_loop"}))
+        self.send(TestRequest::StopLoop {})
     }
 
     /// Harvests the dirty log now (and re-protects the pages).
     pub fn harvest(&self) -> anyhow::Result<HarvestReport> {
-        self.call_as(json!({"cmd": "harvest"}))
+        self.send(TestRequest::Harvest { list: false })
     }
 
     /// As [`Self::harvest`], with the list of pages.
     pub fn harvest_list(&self) -> anyhow::Result<HarvestReport> {
-        self.call_as(json!({"cmd": "harvest", "list": true}))
+        self.send(TestRequest::Harvest { list: true })
     }
 
     /// Registers every memory slot again, unchanged.
     pub fn reregister(&self) -> anyhow::Result<()> {
-        self.call(&json!({"cmd": "reregister"})).map(drop)
+        self.send::<Ack>(TestRequest::Reregister {}).map(drop)
     }
 
     /// Stops the vCPU, even in the middle of an op; returns once it is out
     /// of KVM_RUN. Idempotent.
     pub fn pause(&self) -> anyhow::Result<()> {
-        self.call(&json!({"cmd": "pause"})).map(drop)
+        let answer: Paused = self.send(VmRequest::Pause {})?;
+        if !answer.paused {
+            bail!("the VMM answered pause with paused: false");
+        }
+        Ok(())
     }
 
     /// Lets the vCPU go on exactly where it stopped. Idempotent.
     pub fn resume(&self) -> anyhow::Result<()> {
-        self.call(&json!({"cmd": "resume"})).map(drop)
+        self.send::<Ack>(VmRequest::Resume {}).map(drop)
     }
 
     /// The paused VM's state blob, hex (see `vmm::snapshot`).
     pub fn save_state(&self) -> anyhow::Result<String> {
-        let answer = self.call(&json!({"cmd": "save_state"}))?;
-        Ok(answer["state"]
-            .as_str()
-            .context("no state in the answer")?
-            .to_string())
+        Ok(self.send::<SavedState>(VmRequest::SaveState {})?.state)
     }
 
     /// Loads a state into an incoming VMM (whose memory was copied before);
     /// it stays paused.
     pub fn load_state(&self, state: &str) -> anyhow::Result<()> {
-        self.call(&json!({"cmd": "load_state", "state": state}))
-            .map(drop)
+        self.send::<Ack>(VmRequest::LoadState {
+            state: state.to_owned(),
+        })
+        .map(drop)
     }
 
     /// `running`, `paused` or `incoming`.
-    pub fn state(&self) -> anyhow::Result<String> {
-        Ok(self.info()?.state)
+    pub fn state(&self) -> anyhow::Result<VmState> {
+        Ok(self.info()?.vm.state)
     }
 
     /// Every region of guest memory (`info.memory`).
     pub fn memory(&self) -> anyhow::Result<Vec<MemoryRegion>> {
-        Ok(self.info()?.memory)
+        Ok(self.info()?.vm.memory)
     }
 
     /// blake3 (lowercase hex) of every RAM page.
     pub fn checksums(&self) -> anyhow::Result<Vec<String>> {
-        self.checksums_answer(json!({"cmd": "checksums"}))
+        let answer: Checksums = self.send(TestRequest::Checksums {
+            first: None,
+            count: None,
+        })?;
+        Ok(answer.hashes)
     }
 
     /// blake3 (lowercase hex) of pages `first..first+count`.
     pub fn checksums_range(&self, first: u32, count: u32) -> anyhow::Result<Vec<String>> {
-        self.checksums_answer(json!({"cmd": "checksums", "first": first, "count": count}))
-    }
-
-    fn checksums_answer(&self, request: Value) -> anyhow::Result<Vec<String>> {
-        #[derive(Deserialize)]
-        struct Hashes {
-            hashes: Vec<String>,
-        }
-        Ok(self.call_as::<Hashes>(request)?.hashes)
+        let answer: Checksums = self.send(TestRequest::Checksums {
+            first: Some(first),
+            count: Some(count),
+        })?;
+        Ok(answer.hashes)
     }
 
     /// Asks the VMM to exit and waits up to 10 s for it.
     pub fn exit(mut self) -> anyhow::Result<std::process::ExitStatus> {
-        self.call(&json!({"cmd": "exit"}))?;
+        self.send::<Ack>(VmRequest::Exit {})?;
         self.wait_exit(Duration::from_secs(10))
             .context("the VMM answered `exit` but did not exit within 10 s")
     }

@@ -5,9 +5,6 @@
 //! shared memory backends adopted by the agent. Needs `qemu-system-x86_64`
 //! (and root for the agent's tests); skipped without them, except in CI.
 
-#[path = "../src/qemu_streams/mod.rs"]
-mod qemu_streams;
-
 use std::{collections::HashSet, path::Path, time::Duration};
 
 use agent::api::wire::state;
@@ -17,8 +14,8 @@ use pagefp_tests::{
     guest_images, privileged,
     qemu::QemuGuest,
     qemu_proxy_run::{Ends, Proxies, Templates, boot_shared_memory_guests},
+    qemu_streams::{BiosGuest, catalog_from_stream},
 };
-use qemu_streams::{BiosGuest, catalog_from_stream};
 
 const MIGRATION: Duration = Duration::from_secs(300);
 

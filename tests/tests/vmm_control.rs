@@ -12,7 +12,7 @@ use std::{
 use pagefp_tests::{
     agent_process::TempDir,
     require_kvm,
-    vmm_client::{Op, Refused, VmmArgs, VmmProcess, testvmm_binary},
+    vmm_client::{DirtyMode, Harvest, Op, Refused, VmmArgs, VmmProcess, testvmm_binary},
 };
 use serde_json::{Value, json};
 
@@ -148,15 +148,11 @@ fn info_describes_the_vm_and_its_sealed_memfd() {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "control socket mode");
     let info = vmm.info().unwrap();
-    assert_eq!(info.pid, vmm.pid());
+    assert_eq!(info.vm.pid, vmm.pid());
     assert_eq!((info.mem_bytes, info.pages), (4 << 20, 1024));
     assert_eq!(
-        (
-            info.dirty.as_str(),
-            info.harvest.as_str(),
-            info.ring_entries
-        ),
-        ("ring", "auto", 4096)
+        (info.dirty, info.harvest, info.ring_entries),
+        (DirtyMode::Ring, Harvest::Auto, 4096)
     );
     assert!(!info.loop_running);
     assert_eq!(info.slots.len(), 2);

@@ -4,7 +4,7 @@
 use pagefp_tests::{
     agent_process::TempDir,
     require_kvm,
-    vmm_client::{Op, Refused, VmmArgs, VmmProcess, testvmm_binary},
+    vmm_client::{DirtyMode, Harvest, Op, Refused, VmmArgs, VmmProcess, testvmm_binary},
 };
 
 fn spawn(dir: &TempDir, name: &str, edit: impl FnOnce(&mut VmmArgs)) -> VmmProcess {
@@ -119,7 +119,7 @@ fn manual_ring_harvest_reports_pages_only_when_asked() {
     require_kvm!("manual_ring_harvest_reports_pages_only_when_asked");
     let dir = TempDir::new("pagefp-vmm-manual");
     let vmm = spawn(&dir, "m", |a| a.harvest = "manual".into());
-    assert_eq!(vmm.info().unwrap().harvest, "manual");
+    assert_eq!(vmm.info().unwrap().harvest, Harvest::Manual);
     let first = vmm.run(&[touch(10, 4, 1)]).unwrap();
     assert_eq!(first.harvested, 0, "manual: runs do not harvest");
     // Written again before re-protection.
@@ -148,7 +148,7 @@ fn bitmap_mode_reports_the_same_pages() {
         a.slots = 4;
     });
     let info = auto.info().unwrap();
-    assert_eq!((info.dirty.as_str(), info.slots.len()), ("bitmap", 4));
+    assert_eq!((info.dirty, info.slots.len()), (DirtyMode::Bitmap, 4));
     // 8 MiB in 4 slots of 512 pages: 500..520 straddles slots 0 and 1.
     let report = auto
         .run(&[
@@ -214,7 +214,7 @@ fn no_dirty_logging_still_runs_ops() {
     let dir = TempDir::new("pagefp-vmm-none");
     let vmm = spawn(&dir, "none", |a| a.dirty = "none".into());
     let info = vmm.info().unwrap();
-    assert_eq!(info.dirty, "none");
+    assert_eq!(info.dirty, DirtyMode::None);
     assert!(
         info.slots.iter().all(|s| s.flags == 0),
         "no KVM_MEM_LOG_DIRTY_PAGES"

@@ -113,7 +113,7 @@ fn pause_stops_the_vcpu_in_the_middle_of_an_op_and_resume_goes_on() {
     vmm.pause().unwrap();
     let first_pause = started.elapsed();
     let info = vmm.info().unwrap();
-    assert_eq!(info.state, "paused");
+    assert_eq!(info.vm.state, "paused");
     assert!(info.loop_running, "a paused loop is suspended, not stopped");
     assert_eq!(info.loop_iterations, 0);
     // Stopped inside the first chunk: a prefix of the op's pages is written,
@@ -201,8 +201,9 @@ fn a_running_loop_migrates_through_map_files_and_goes_on() {
     let dir = TempDir::new("pagefp-vmm-migrate");
     let source = spawn(&dir, "source", 16, |a| a.slots = 2);
     let info = source.info().unwrap();
-    assert_eq!(info.state, "running");
+    assert_eq!(info.vm.state, "running");
     let regions: Vec<_> = info
+        .vm
         .memory
         .iter()
         .map(|r| (r.slot, r.gpa, r.size, r.read_only))
@@ -249,7 +250,7 @@ fn a_running_loop_migrates_through_map_files_and_goes_on() {
 
     let dest = incoming_like(&dir, "dest", &source, 2);
     let incoming = dest.info().unwrap();
-    assert_eq!(incoming.state, "incoming");
+    assert_eq!(incoming.vm.state, "incoming");
     assert!(!incoming.loop_running);
     assert!(
         dest.checksums().unwrap().iter().all(|h| *h == zero_hash()),
@@ -259,7 +260,7 @@ fn a_running_loop_migrates_through_map_files_and_goes_on() {
     assert_eq!(copied, (16 << 20) + CODE_SLOT_SIZE as u64);
     dest.load_state(&state).unwrap();
     let loaded = dest.info().unwrap();
-    assert_eq!(loaded.state, "paused", "load_state leaves the VM paused");
+    assert_eq!(loaded.vm.state, "paused", "load_state leaves the VM paused");
     assert!(loaded.loop_running, "the loop came along");
     assert_eq!(
         dest.checksums().unwrap(),
@@ -484,20 +485,20 @@ fn an_incoming_vmm_waits_for_its_state_and_exit_discards_it() {
     let vmm = spawn(&dir, "incoming", 4, |a| a.incoming = true);
     let info = vmm.info().unwrap();
     assert_eq!(
-        (info.state.as_str(), info.pages, info.loop_running),
+        (info.vm.state.as_str(), info.pages, info.loop_running),
         ("incoming", 1024, false)
     );
     assert_eq!(
-        info.memory.len(),
+        info.vm.memory.len(),
         2,
         "RAM and the code slot: {:?}",
-        info.memory
+        info.vm.memory
     );
-    assert!(info.memory.iter().all(|r| r.uaddr != 0));
-    assert!(info.memory[1].read_only && !info.memory[0].read_only);
+    assert!(info.vm.memory.iter().all(|r| r.uaddr != 0));
+    assert!(info.vm.memory[1].read_only && !info.vm.memory[0].read_only);
     // Everything it maps is zeroed, the code slot included.
     let code =
-        pagefp_tests::vmm_client::MappedRegion::of(info.pid, &info.memory[1], false).unwrap();
+        pagefp_tests::vmm_client::MappedRegion::of(info.vm.pid, &info.vm.memory[1], false).unwrap();
     assert!(code.as_slice().iter().all(|b| *b == 0));
     drop(code);
     assert!(vmm.checksums().unwrap().iter().all(|h| *h == zero_hash()));

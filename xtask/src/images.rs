@@ -11,7 +11,8 @@ use crate::{
     workspace::Workspace,
 };
 
-const PACKAGE: &str = "pagefp-tests";
+/// The package whose integration tests load the images.
+const TESTS_PACKAGE: &str = "pagefp-tests";
 
 /// The verb: `args` go to `pagefp-images` (`--force`, `--run-seconds N`, `--jobs N`).
 pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
@@ -26,8 +27,13 @@ pub fn before_tests(ws: &Workspace, cargo_args: &[String]) -> Result<()> {
         return Ok(());
     }
     let mut cmd = ws.cargo("run");
-    cmd.args(profile_args(cargo_args))
-        .args(["--quiet", "-p", PACKAGE, "--bin", run_bin::IMAGES]);
+    cmd.args(profile_args(cargo_args)).args([
+        "--quiet",
+        "-p",
+        run_bin::IMAGES_PACKAGE,
+        "--bin",
+        run_bin::IMAGES,
+    ]);
     exec::run(&mut cmd).context(Fix(
         "the Linux guest images could not be built (see above): `cargo xtask setup` installs QEMU, busybox and cpio; \
          `cargo xtask images -- --force` rebuilds the images from scratch"
@@ -48,7 +54,7 @@ fn tests_selected(cargo_args: &[String]) -> bool {
             picked.push(name.to_owned());
         }
     }
-    picked.is_empty() || picked.iter().any(|name| name == PACKAGE)
+    picked.is_empty() || picked.iter().any(|name| name == TESTS_PACKAGE)
 }
 
 /// `--release` / `--profile NAME` from the user's `cargo test` arguments.

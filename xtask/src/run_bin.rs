@@ -1,5 +1,6 @@
 //! `cargo xtask demo` and `cargo xtask bench`: setup, release build, then one
-//! binary of the `pagefp-tests` package with the user's arguments.
+//! binary of the `pagefp-bench` package (`cargo xtask images`: of
+//! `pagefp-images`) with the user's arguments.
 
 use anyhow::{Context as _, Result, anyhow};
 use serde_json::Value;
@@ -11,11 +12,21 @@ use crate::{
     workspace::{self, Workspace},
 };
 
-/// The package holding the demo and benchmark binaries.
-const PACKAGE: &str = "pagefp-tests";
 pub const DEMO: &str = "pagefp-demo";
 pub const BENCH: &str = "pagefp-bench";
 pub const IMAGES: &str = "pagefp-images";
+/// The package of the demo and benchmark binaries (`tests/bench`).
+pub const BENCH_PACKAGE: &str = "pagefp-bench";
+/// The package of the guest-image builder (`tests/images`).
+pub const IMAGES_PACKAGE: &str = "pagefp-images";
+
+/// The package that holds `bin`.
+pub fn package(bin: &str) -> &'static str {
+    match bin {
+        IMAGES => IMAGES_PACKAGE,
+        _ => BENCH_PACKAGE,
+    }
+}
 
 pub fn run(ws: &Workspace, bin: &str, args: &[String]) -> Result<()> {
     // Fail before the slow steps if there is nothing to run.
@@ -27,7 +38,15 @@ pub fn run(ws: &Workspace, bin: &str, args: &[String]) -> Result<()> {
     cargo_build::build(ws, &build_args)?;
     exec::run(
         ws.cargo("run")
-            .args(["--release", "--quiet", "-p", PACKAGE, "--bin", bin, "--"])
+            .args([
+                "--release",
+                "--quiet",
+                "-p",
+                package(bin),
+                "--bin",
+                bin,
+                "--",
+            ])
             .args(args),
     )
     .context(Fix(format!(
@@ -45,6 +64,7 @@ fn verb(bin: &str) -> &'static str {
 }
 
 fn ensure_bin_exists(ws: &Workspace, bin: &str) -> Result<()> {
+    let package_name = package(bin);
     let metadata = exec::output(
         ws.cargo("metadata")
             .args(["--no-deps", "--format-version", "1"]),
@@ -54,8 +74,8 @@ fn ensure_bin_exists(ws: &Workspace, bin: &str) -> Result<()> {
         .as_array()
         .into_iter()
         .flatten()
-        .find(|package| package["name"] == PACKAGE)
-        .with_context(|| format!("package {PACKAGE} is not in the workspace"))?;
+        .find(|package| package["name"] == package_name)
+        .with_context(|| format!("package {package_name} is not in the workspace"))?;
     let has_bin = package["targets"]
         .as_array()
         .into_iter()
@@ -68,11 +88,23 @@ fn ensure_bin_exists(ws: &Workspace, bin: &str) -> Result<()> {
         });
     if !has_bin {
         return Err(anyhow!(
-            "package {PACKAGE} has no binary target `{bin}` yet"
+            "package {package_name} has no binary target `{bin}` yet"
         ))
         .context(Fix(format!(
-            "add `[[bin]] name = \"{bin}\"` to tests/Cargo.toml (tests/src/bin/{bin}.rs)"
+            "add a binary target `{bin}` to the package {package_name} (its Cargo.toml is under tests/)"
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_binary_is_run_from_its_package() {
+        assert_eq!(package(DEMO), BENCH_PACKAGE);
+        assert_eq!(package(BENCH), BENCH_PACKAGE);
+        assert_eq!(package(IMAGES), IMAGES_PACKAGE);
+    }
 }

@@ -21,7 +21,7 @@ use super::{
     digest::digests_from_hashes,
     vm_memory::{DestMemory, Layout},
     progress::Progress,
-    vmm::VmmControl,
+    vmm::{self, MemoryRegion, VmmControl},
     wire::{
         self, FLAG_ZSTD, FrameReader, FrameWriter, Hello, Kind, MAX_OFFER, PAGE, PageRecord, Ready,
         Resumed, RoundEnd,
@@ -73,7 +73,7 @@ pub fn load_templates(options: &ReceiveOptions) -> anyhow::Result<LoadedTemplate
 /// Receives one migration; the final report on success.
 pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
     let templates = load_templates(options)?;
-    let mut vmm = VmmControl::connect(&options.vmm_socket)?;
+    let mut vmm = vmm::connect(&options.vmm_socket)?;
     let info = vmm.info()?;
     if info.state != "incoming" {
         bail!(
@@ -125,7 +125,7 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         hashes: Vec::new(),
         state: None,
     };
-    match receiver.run(&mut vmm, options, &info.memory) {
+    match receiver.run(vmm.as_mut(), options, &info.memory) {
         Ok(()) => {
             receiver.report.phase = Phase::Completed;
             receiver.sync();
@@ -173,9 +173,9 @@ impl Receiver<'_> {
 
     fn run(
         &mut self,
-        vmm: &mut VmmControl,
+        vmm: &mut dyn VmmControl,
         options: &ReceiveOptions,
-        regions: &[super::vmm::VmmRegion],
+        regions: &[MemoryRegion],
     ) -> anyhow::Result<()> {
         self.reader.preamble()?;
         let hello: Hello = self.reader.expect(Kind::Hello)?.json()?;
@@ -343,7 +343,7 @@ impl Receiver<'_> {
         &mut self,
         frame: &wire::Frame,
         chunk_pages: u32,
-        vmm: &mut VmmControl,
+        vmm: &mut dyn VmmControl,
     ) -> anyhow::Result<()> {
         let (frame_chunk, expected) = wire::decode_digest(frame)?;
         if frame_chunk != chunk_pages || frame_chunk == 0 {

@@ -32,7 +32,7 @@ use super::{
     vm_memory::{Layout, SourceMemory},
     pacing::Paced,
     progress::Progress,
-    vmm::VmmControl,
+    vmm::{self, VmmControl},
     wire::{
         self, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PAGE, PagesBuilder,
         Ready, Region, Resumed, RoundEnd, TEMPLATE_LEN, ZERO_RUN_LEN,
@@ -124,7 +124,7 @@ struct Sender<'a> {
 /// Runs one migration; the final report on success.
 pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
     let started = Instant::now();
-    let mut vmm = VmmControl::connect(&options.vmm_socket)?;
+    let mut vmm = vmm::connect(&options.vmm_socket)?;
     let info = vmm.info()?;
     if info.pid != options.pid {
         bail!(
@@ -223,7 +223,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
         round_estimate: (0, 0),
     };
     let mut paused = false;
-    let outcome = sender.run(&mut vmm, &mut paused);
+    let outcome = sender.run(vmm.as_mut(), &mut paused);
     sender.report.elapsed_seconds = sender.started.elapsed().as_secs_f64();
     match outcome {
         Ok(()) => {
@@ -292,7 +292,7 @@ fn connect(to: &str) -> anyhow::Result<TcpStream> {
 }
 
 impl Sender<'_> {
-    fn run(&mut self, vmm: &mut VmmControl, paused: &mut bool) -> Result<(), Failure> {
+    fn run(&mut self, vmm: &mut dyn VmmControl, paused: &mut bool) -> Result<(), Failure> {
         self.precopy(vmm, paused).map_err(Failure::BeforeGo)?;
         // Go: from here the destination owns the VM.
         self.writer
@@ -416,7 +416,7 @@ impl Sender<'_> {
         }
     }
 
-    fn precopy(&mut self, vmm: &mut VmmControl, paused: &mut bool) -> anyhow::Result<()> {
+    fn precopy(&mut self, vmm: &mut dyn VmmControl, paused: &mut bool) -> anyhow::Result<()> {
         self.negotiate()?;
         self.report.phase = Phase::Precopy;
         let target = Duration::from_millis(self.options.downtime_ms).as_secs_f64();

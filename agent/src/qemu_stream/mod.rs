@@ -56,6 +56,10 @@ mod error;
 pub mod format;
 mod input;
 mod parser;
+/// Test-only: builds synthetic QEMU streams for the agent's unit tests (and,
+/// with the `test-support` feature, for other crates' tests); not in the
+/// shipped binary.
+#[cfg(any(test, feature = "test-support"))]
 pub mod synth;
 
 pub use error::{Place, StreamError};

@@ -2,10 +2,6 @@
 //! guests (no kernel: `-nodefaults`, SeaBIOS finds nothing to boot and
 //! idles, which already makes a complete migration stream), capturing
 //! their streams, and template catalogs built from a stream's pages.
-//!
-//! Included by `tests/tests/qemu_proxy.rs` with `#[path]`.
-
-#![allow(dead_code)]
 
 use std::{
     os::unix::net::UnixStream,
@@ -14,12 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::qemu::Qmp;
 use agent::{
     migrate::catalog::Catalog,
     qemu_stream::{self, Options, Page, Sink, SinkError},
 };
 use anyhow::{Context as _, bail};
-use pagefp_tests::qemu::Qmp;
 use serde_json::{Value, json};
 
 /// A QEMU without a kernel, killed on drop.

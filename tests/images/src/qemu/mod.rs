@@ -2,7 +2,7 @@
 //! benchmark and the QEMU migration proxy.
 //!
 //! - [`GuestSpec`]: what to boot (kernel, initramfs, command line, memory)
-//!   plus extra QEMU arguments; [`crate::guest_images::GuestImage::spec`]
+//!   plus extra QEMU arguments; [`crate::GuestImage::spec`]
 //!   gives the spec of a built image, so the very guest that was dumped can
 //!   be booted again.
 //! - [`QemuGuest::boot`]: starts `qemu-system-x86_64 -accel tcg` with its
@@ -14,7 +14,7 @@
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
 //! use std::time::Duration;
-//! use pagefp_tests::{guest_images, qemu::QemuGuest};
+//! use pagefp_images::{self as guest_images, qemu::QemuGuest};
 //! let image = &guest_images::ensure_images()?[0];
 //! let dir = std::env::temp_dir();
 //! let dest = QemuGuest::boot(&image.spec().incoming("tcp:127.0.0.1:7001"), &dir, "dest", None)?;

@@ -2,10 +2,8 @@
 //! report, printed and written to target/pagefp-bench/report.json.
 
 use clap::Parser;
-use pagefp_tests::{
-    agent_process::target_dir,
-    bench::{self, Report},
-};
+use pagefp_bench::{self as bench, Report};
+use pagefp_tests::agent_process::target_dir;
 
 #[derive(Debug, Parser)]
 #[command(

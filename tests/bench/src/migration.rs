@@ -20,7 +20,7 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::{
+use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions},
     guest_images::{GuestImage, RUN_SECONDS},

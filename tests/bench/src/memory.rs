@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::Figure;
-use crate::{
+use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions},
     images::{FleetLayout, write_fleet},

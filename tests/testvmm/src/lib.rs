@@ -3,11 +3,13 @@
 //! What QEMU does on a KVM host, reduced to what pagefp's tests, demo and
 //! benchmarks need: guest RAM in a sealed memfd, loaded from an image before
 //! KVM sees it; dirty logging by ring (default), bitmap or not at all; a
-//! guest that writes pages as told; a control socket (see [`control`]); and
-//! live migration: the vCPU can be kicked out of KVM_RUN in the middle of an
-//! op ([`kick`]), its state saved and loaded into an incoming VMM
-//! ([`snapshot`]) whose memory a receiver writes through
-//! `/proc/PID/map_files` ([`map_files`]).
+//! guest that writes pages as told; a control socket (see [`control`]) that
+//! speaks the product's control protocol (`agent::migrate::vmm::protocol`,
+//! what `pagefp migrate` uses) plus this VMM's workload commands
+//! ([`protocol`]); and live migration: the vCPU can be kicked out of
+//! KVM_RUN in the middle of an op ([`kick`]), its state saved and loaded
+//! into an incoming VMM ([`snapshot`]) whose memory a receiver writes
+//! through `/proc/PID/map_files` ([`map_files`]).
 
 pub mod control;
 pub mod dirty_pages;
@@ -16,6 +18,7 @@ pub mod guest_code;
 pub mod kick;
 pub mod map_files;
 pub mod memory;
+pub mod protocol;
 pub mod signals;
 pub mod snapshot;
 pub mod workload;
@@ -51,7 +54,7 @@ const KVM_CAP_DIRTY_LOG_RING: u32 = 192;
 const KVM_CAP_DIRTY_LOG_RING_ACQ_REL: u32 = 223;
 const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum DirtyMode {
     Ring,
@@ -59,7 +62,7 @@ pub enum DirtyMode {
     None,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Harvest {
     Auto,
@@ -128,14 +131,7 @@ pub struct SlotInfo {
 
 /// One region of guest memory as `info` reports it: where the guest sees it
 /// and where this VMM maps it (`uaddr`, inside a sealed memfd mapping).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct MemoryRegion {
-    pub slot: u32,
-    pub gpa: u64,
-    pub size: u64,
-    pub uaddr: u64,
-    pub read_only: bool,
-}
+pub use agent::migrate::vmm::protocol::MemoryRegion;
 
 /// Largest RAM: everything below the code slot.
 pub const MAX_MEM_BYTES: usize = CODE_GPA as usize;
@@ -786,7 +782,9 @@ mod tests {
 
     #[test]
     fn a_vm_in_process_runs_ops_and_harvests_each_page_once() {
-        if !crate::privileged::check_kvm("a_vm_in_process_runs_ops_and_harvests_each_page_once") {
+        if !pagefp_tests::privileged::check_kvm(
+            "a_vm_in_process_runs_ops_and_harvests_each_page_once",
+        ) {
             return;
         }
         let mut vm = TestVm::new(VmConfig {

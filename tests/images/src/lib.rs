@@ -16,7 +16,7 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! for image in pagefp_tests::guest_images::ensure_images()? {
+//! for image in pagefp_images::ensure_images()? {
 //!     println!("{} ({}): {}", image.name, image.workload, image.ram_path.display());
 //! }
 //! # Ok(()) }
@@ -24,6 +24,7 @@
 
 pub mod build;
 pub mod inputs;
+pub mod qemu;
 pub mod stats;
 
 use std::{
@@ -38,7 +39,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 pub use self::{build::BuildRecord, stats::PageStats};
-use crate::{agent_process::target_dir, qemu::GuestSpec};
+use crate::qemu::GuestSpec;
 
 /// Guest RAM of every image.
 pub const MEM_MIB: u32 = 256;
@@ -149,6 +150,15 @@ struct Manifest {
     images: Vec<GuestImage>,
 }
 
+/// The workspace's target directory (`CARGO_TARGET_DIR`, else `target/`
+/// next to the workspace's `Cargo.toml`).
+pub fn target_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target")
+}
+
 /// `target/pagefp-images`.
 pub fn images_dir() -> PathBuf {
     target_dir().join("pagefp-images")
@@ -157,8 +167,9 @@ pub fn images_dir() -> PathBuf {
 /// `images/` in the workspace: init, workload scripts, README.
 pub fn sources_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
+        .ancestors()
+        .nth(2)
+        .expect("tests/images/ has a grandparent: the workspace")
         .join("images")
 }
 

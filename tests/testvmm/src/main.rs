@@ -1,10 +1,10 @@
 //! `pagefp-testvmm`: the small VMM of pagefp's tests, demo and benchmarks.
-//! See `pagefp_tests::vmm` for what it does and its control protocol.
+//! See the `pagefp_testvmm` library for what it does and its control protocol.
 
 use std::path::PathBuf;
 
 use clap::Parser;
-use pagefp_tests::vmm::{DirtyMode, Harvest, TestVm, VmConfig, control::Server};
+use pagefp_testvmm::{DirtyMode, Harvest, TestVm, VmConfig, control::Server};
 
 #[derive(Debug, Parser)]
 #[command(

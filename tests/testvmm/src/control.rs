@@ -3,6 +3,11 @@
 //! thread each). One vCPU thread runs the guest: a `run` request's ops or a
 //! loop, one chunk at a time.
 //!
+//! The messages are typed in [`crate::protocol`]: the migration commands
+//! (`info`, `pause`, `resume`, `save_state`, `load_state`, `exit`) are the
+//! product's `agent::migrate::vmm::protocol::VmRequest`, the others this
+//! VMM's [`crate::protocol::TestRequest`].
+//!
 //! | request | answer (besides `"ok": true`) |
 //! |---|---|
 //! | `{"cmd":"info"}` | pid, mem_bytes, pages, dirty, ring_entries, harvest, slots, memory, state, loop_running, loop_iterations, run_pending |
@@ -46,7 +51,7 @@
 //! gets `{"ok":false,"error":"..."}` and the VMM keeps serving.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufReader, Write},
     os::unix::{
         fs::PermissionsExt,
         net::{UnixListener, UnixStream},
@@ -61,70 +66,25 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
-use super::{Cursor, LoopState, RunReport, TestVm, Work, kick::Kicker, signals, workload::Op};
-
-/// Longest request line accepted.
-const MAX_REQUEST_BYTES: u64 = 16 << 20;
+use super::{
+    Cursor, LoopState, RunReport, TestVm, Work,
+    kick::Kicker,
+    protocol::{
+        self as wire, Ack, Checksums, HarvestReport, LineRead, LoopReport, MAX_LINE_BYTES, Paused,
+        Reply, Request, SavedState, TestRequest, TestVmInfo, VmInfo, VmRequest, VmState,
+    },
+    signals,
+    workload::Op,
+};
 /// How long `exit` waits for a `run` request it cut short to be answered.
 const EXIT_ANSWER_WAIT: Duration = Duration::from_secs(2);
 
-// Commands without arguments are empty struct variants: serde ignores
-// unknown fields next to the tag of a unit variant, even with deny_unknown_fields.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-enum Request {
-    Info {},
-    Run {
-        ops: Vec<Op>,
-    },
-    StartLoop {
-        ops: Vec<Op>,
-        #[serde(default)]
-        interval_ms: u64,
-    },
-    StopLoop {},
-    Harvest {
-        #[serde(default)]
-        list: bool,
-    },
-    Reregister {},
-    Checksums {
-        first: Option<u32>,
-        count: Option<u32>,
-    },
-    Exit {},
-    Pause {},
-    Resume {},
-    SaveState {},
-    LoadState {
-        state: String,
-    },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Started with --incoming, no state loaded yet.
-    Incoming,
-    Paused,
-    Running,
-}
-
-impl Phase {
-    fn name(self) -> &'static str {
-        match self {
-            Phase::Incoming => "incoming",
-            Phase::Paused => "paused",
-            Phase::Running => "running",
-        }
-    }
-}
-
 /// What the vCPU thread and the control threads share, under one lock.
 struct Ctl {
-    phase: Phase,
+    phase: VmState,
     /// Requests that keep the vCPU from starting another step (stop_loop).
     holds: u32,
     /// The vCPU thread is in a step; `work` is out meanwhile.
@@ -148,7 +108,7 @@ struct Ctl {
 impl Ctl {
     /// The vCPU thread may run a step now (ignoring `not_before`).
     fn runnable(&self) -> bool {
-        self.phase == Phase::Running
+        self.phase == VmState::Running
             && self.holds == 0
             && self.work.is_some()
             && self.failed.is_none()
@@ -169,8 +129,8 @@ struct Shared {
     requests: Mutex<()>,
     /// `run` requests not answered yet (`exit` lets them answer first).
     unanswered_runs: AtomicUsize,
-    /// The `info` answer without the changing fields.
-    info: Value,
+    /// The `info` answer; its changing fields are set when it is sent.
+    info: TestVmInfo,
     socket: PathBuf,
 }
 
@@ -181,21 +141,27 @@ pub struct Server {
 impl Server {
     pub fn new(vm: TestVm, socket: &Path) -> Self {
         let phase = if vm.registered {
-            Phase::Running
+            VmState::Running
         } else {
-            Phase::Incoming
+            VmState::Incoming
         };
-        let info = json!({
-            "ok": true,
-            "memory": vm.memory(),
-            "pid": std::process::id(),
-            "mem_bytes": vm.config.mem_bytes,
-            "pages": vm.pages(),
-            "dirty": vm.config.dirty,
-            "ring_entries": vm.config.ring_entries,
-            "harvest": vm.config.harvest,
-            "slots": vm.slots,
-        });
+        let info = TestVmInfo {
+            vm: VmInfo {
+                pid: std::process::id(),
+                state: phase,
+                memory: vm.memory(),
+            },
+            mem_bytes: vm.config.mem_bytes as u64,
+            pages: vm.pages(),
+            dirty: vm.config.dirty,
+            ring_entries: vm.config.ring_entries,
+            harvest: vm.config.harvest,
+            slots: vm.slots.clone(),
+            loop_running: false,
+            loop_iterations: 0,
+            run_pending: false,
+            loop_error: None,
+        };
         let now = Instant::now();
         Self {
             shared: Arc::new(Shared {
@@ -282,39 +248,36 @@ impl Shared {
         let mut reader = BufReader::new(stream);
         let mut line = Vec::new();
         loop {
-            line.clear();
-            match reader
-                .by_ref()
-                .take(MAX_REQUEST_BYTES)
-                .read_until(b'\n', &mut line)
-            {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if !line.ends_with(b"\n") && line.len() as u64 >= MAX_REQUEST_BYTES {
-                let answer = json!({"ok": false, "error": format!(
-                    "request longer than {MAX_REQUEST_BYTES} bytes: send one JSON object per line")});
-                let _ = writeln!(writer, "{answer}");
-                return;
+            match wire::read_line(&mut reader, &mut line) {
+                Ok(LineRead::Line) => {}
+                Ok(LineRead::Closed) | Err(_) => return,
+                Ok(LineRead::TooLong) => {
+                    let answer = wire::refusal(&format!(
+                        "request longer than {MAX_LINE_BYTES} bytes: send one JSON object per line"
+                    ));
+                    let _ = writeln!(writer, "{answer}");
+                    return;
+                }
             }
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let (answer, exit, run) = match serde_json::from_slice::<Request>(&line) {
+            let (answer, exit, run) = match Request::parse(&line) {
                 Ok(request) => {
-                    let exit = matches!(request, Request::Exit {});
-                    let run = matches!(request, Request::Run { .. });
+                    let exit = matches!(request, Request::Vm(VmRequest::Exit {}));
+                    let run = matches!(request, Request::Ext(TestRequest::Run { .. }));
                     if run {
                         self.unanswered_runs.fetch_add(1, Ordering::SeqCst);
                     }
                     let answer = self
                         .answer(request)
-                        .unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")}));
+                        .unwrap_or_else(|e| wire::refusal(&format!("{e:#}")));
                     (answer, exit, run)
                 }
                 Err(e) => (
-                    json!({"ok": false, "error": format!(
-                        "bad request: {e} (send one JSON object per line, e.g. {{\"cmd\":\"info\"}})")}),
+                    wire::refusal(&format!(
+                        "bad request: {e} (send one JSON object per line, e.g. {{\"cmd\":\"info\"}})"
+                    )),
                     false,
                     false,
                 ),
@@ -451,27 +414,114 @@ impl Shared {
         }
     }
 
+    /// The answer to `request` as a JSON object (a refusal is the error).
     fn answer(self: &Arc<Self>, request: Request) -> anyhow::Result<Value> {
-        Ok(match request {
-            Request::Info {} => {
+        match request {
+            Request::Vm(request) => self.answer_vm(request),
+            Request::Ext(request) => self.answer_test(request),
+        }
+    }
+
+    /// The migration commands (the product's protocol).
+    fn answer_vm(self: &Arc<Self>, request: VmRequest) -> anyhow::Result<Value> {
+        match request {
+            VmRequest::Info {} => {
                 let ctl = self.ctl();
                 let mut info = self.info.clone();
-                info["state"] = ctl.phase.name().into();
-                info["loop_running"] = ctl.loop_running.into();
-                info["loop_iterations"] = ctl.loop_iterations.into();
-                info["run_pending"] = ctl.run_pending.into();
-                if let Some(err) = &ctl.failed {
-                    info["loop_error"] = err.as_str().into();
+                info.vm.state = ctl.phase;
+                info.loop_running = ctl.loop_running;
+                info.loop_iterations = ctl.loop_iterations;
+                info.run_pending = ctl.run_pending;
+                info.loop_error = ctl.failed.clone();
+                drop(ctl);
+                ok(&info)
+            }
+            VmRequest::Exit {} => {
+                // A run request still waiting (paused, its VM migrated or
+                // discarded) is answered with an error before the process ends.
+                let reply = self.ctl().reply.take();
+                if reply.is_some() {
+                    drop(reply);
+                    let deadline = Instant::now() + EXIT_ANSWER_WAIT;
+                    while self.unanswered_runs.load(Ordering::SeqCst) > 0
+                        && Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
                 }
-                info
+                ok(&Ack {})
             }
-            Request::Run { ops } => {
-                let report = self.run(ops)?;
-                json!({"ok": true, "pages_written": report.pages_written,
-                       "harvested": report.harvested, "entries": report.entries,
-                       "ring_full_exits": report.ring_full_exits, "seconds": report.seconds})
+            VmRequest::Pause {} => {
+                let mut ctl = self.ctl();
+                match ctl.phase {
+                    VmState::Incoming => bail!(
+                        "the incoming VM has no state loaded, nothing runs: send load_state (it stays paused)"
+                    ),
+                    VmState::Paused => {}
+                    VmState::Running => {
+                        ctl.phase = VmState::Paused;
+                        drop(self.quiesce(ctl, true));
+                    }
+                }
+                ok(&Paused { paused: true })
             }
-            Request::StartLoop { ops, interval_ms } => {
+            VmRequest::Resume {} => {
+                let mut ctl = self.ctl();
+                match ctl.phase {
+                    VmState::Incoming => {
+                        bail!("the incoming VM has no state yet: send load_state first")
+                    }
+                    VmState::Running => {}
+                    VmState::Paused => {
+                        ctl.phase = VmState::Running;
+                        drop(ctl);
+                        self.changed.notify_all();
+                    }
+                }
+                ok(&Ack {})
+            }
+            VmRequest::SaveState {} => {
+                let ctl = self.ctl();
+                if ctl.phase != VmState::Paused {
+                    bail!(
+                        "save_state needs a paused VM (send pause first); this one is {}",
+                        ctl.phase
+                    );
+                }
+                let ctl = self.quiesce(ctl, true);
+                let state = self.lock_idle_vm().save_snapshot(ctl.work.as_ref())?;
+                ok(&SavedState { state })
+            }
+            VmRequest::LoadState { state } => {
+                let mut ctl = self.ctl();
+                if ctl.phase != VmState::Incoming {
+                    bail!(
+                        "load_state is for an incoming VM (pagefp-testvmm --incoming); this one is {}",
+                        ctl.phase
+                    );
+                }
+                let work = self.lock_idle_vm().load_snapshot(&state)?;
+                let now = Instant::now();
+                ctl.phase = VmState::Paused;
+                ctl.loop_running = matches!(work, Some(Work::Loop(_)));
+                ctl.loop_iterations = match &work {
+                    Some(Work::Loop(state)) => state.iterations,
+                    _ => 0,
+                };
+                ctl.run_pending = matches!(work, Some(Work::Run(_)));
+                ctl.loop_started = now;
+                ctl.iteration_started = now;
+                ctl.work = work;
+                ok(&Ack {})
+            }
+        }
+    }
+
+    /// The test VMM's workload commands.
+    fn answer_test(self: &Arc<Self>, request: TestRequest) -> anyhow::Result<Value> {
+        match request {
+            TestRequest::Run { ops } => ok(&self.run(ops)?),
+            TestRequest::StartLoop { ops, interval_ms } => {
                 let _serial = self.requests.lock().unwrap_or_else(|e| e.into_inner());
                 can_start(&self.ctl())?;
                 if ops.is_empty() {
@@ -491,117 +541,43 @@ impl Shared {
                 ctl.not_before = None;
                 drop(ctl);
                 self.changed.notify_all();
-                json!({"ok": true})
+                ok(&Ack {})
             }
-            Request::StopLoop {} => {
+            TestRequest::StopLoop {} => {
                 let (state, seconds) = self.stop_loop()?;
-                json!({"ok": true, "iterations": state.iterations,
-                       "pages_written": state.total_pages_written(), "seconds": seconds})
+                ok(&LoopReport {
+                    iterations: state.iterations,
+                    pages_written: state.total_pages_written(),
+                    seconds,
+                })
             }
-            Request::Harvest { list } => {
-                if self.ctl().phase == Phase::Incoming {
+            TestRequest::Harvest { list } => {
+                if self.ctl().phase == VmState::Incoming {
                     bail!(
                         "the incoming VM has no memory registered with KVM yet: send load_state first"
                     );
                 }
                 let harvested = self.lock_vm().harvest()?;
-                let mut answer = json!({"ok": true, "harvested": harvested.pages.len(),
-                                        "entries": harvested.entries});
-                if list {
-                    answer["pages"] = json!(harvested.pages);
-                }
-                answer
+                ok(&HarvestReport {
+                    harvested: harvested.pages.len() as u64,
+                    entries: harvested.entries,
+                    pages: list.then_some(harvested.pages),
+                })
             }
-            Request::Reregister {} => {
+            TestRequest::Reregister {} => {
                 self.lock_vm().register_slots()?;
-                json!({"ok": true})
+                ok(&Ack {})
             }
-            Request::Checksums { first, count } => {
+            TestRequest::Checksums { first, count } => {
                 let _serial = self.quiet_vm()?;
                 let vm = self.lock_vm();
                 let first = first.unwrap_or(0);
                 let count = count.unwrap_or(vm.pages().saturating_sub(first));
-                json!({"ok": true, "hashes": vm.checksums(first, count)?})
+                ok(&Checksums {
+                    hashes: vm.checksums(first, count)?,
+                })
             }
-            Request::Exit {} => {
-                // A run request still waiting (paused, its VM migrated or
-                // discarded) is answered with an error before the process ends.
-                let reply = self.ctl().reply.take();
-                if reply.is_some() {
-                    drop(reply);
-                    let deadline = Instant::now() + EXIT_ANSWER_WAIT;
-                    while self.unanswered_runs.load(Ordering::SeqCst) > 0
-                        && Instant::now() < deadline
-                    {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                }
-                json!({"ok": true})
-            }
-            Request::Pause {} => {
-                let mut ctl = self.ctl();
-                match ctl.phase {
-                    Phase::Incoming => bail!(
-                        "the incoming VM has no state loaded, nothing runs: send load_state (it stays paused)"
-                    ),
-                    Phase::Paused => {}
-                    Phase::Running => {
-                        ctl.phase = Phase::Paused;
-                        drop(self.quiesce(ctl, true));
-                    }
-                }
-                json!({"ok": true, "paused": true})
-            }
-            Request::Resume {} => {
-                let mut ctl = self.ctl();
-                match ctl.phase {
-                    Phase::Incoming => {
-                        bail!("the incoming VM has no state yet: send load_state first")
-                    }
-                    Phase::Running => {}
-                    Phase::Paused => {
-                        ctl.phase = Phase::Running;
-                        drop(ctl);
-                        self.changed.notify_all();
-                    }
-                }
-                json!({"ok": true})
-            }
-            Request::SaveState {} => {
-                let ctl = self.ctl();
-                if ctl.phase != Phase::Paused {
-                    bail!(
-                        "save_state needs a paused VM (send pause first); this one is {}",
-                        ctl.phase.name()
-                    );
-                }
-                let ctl = self.quiesce(ctl, true);
-                let state = self.lock_idle_vm().save_snapshot(ctl.work.as_ref())?;
-                json!({"ok": true, "state": state})
-            }
-            Request::LoadState { state } => {
-                let mut ctl = self.ctl();
-                if ctl.phase != Phase::Incoming {
-                    bail!(
-                        "load_state is for an incoming VM (pagefp-testvmm --incoming); this one is {}",
-                        ctl.phase.name()
-                    );
-                }
-                let work = self.lock_idle_vm().load_snapshot(&state)?;
-                let now = Instant::now();
-                ctl.phase = Phase::Paused;
-                ctl.loop_running = matches!(work, Some(Work::Loop(_)));
-                ctl.loop_iterations = match &work {
-                    Some(Work::Loop(state)) => state.iterations,
-                    _ => 0,
-                };
-                ctl.run_pending = matches!(work, Some(Work::Run(_)));
-                ctl.loop_started = now;
-                ctl.iteration_started = now;
-                ctl.work = work;
-                json!({"ok": true})
-            }
-        })
+        }
     }
 
     /// A `run` request: queues the ops for the vCPU thread and waits for
@@ -633,12 +609,12 @@ impl Shared {
     /// paused (or incoming); while running, waits for a `run` in progress and
     /// refuses if a loop runs. The guard keeps new runs out.
     fn quiet_vm(&self) -> anyhow::Result<Option<MutexGuard<'_, ()>>> {
-        if self.ctl().phase != Phase::Running {
+        if self.ctl().phase != VmState::Running {
             return Ok(None);
         }
         let serial = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         let ctl = self.ctl();
-        if ctl.phase == Phase::Running {
+        if ctl.phase == VmState::Running {
             if ctl.loop_running {
                 bail!("a loop is running; send stop_loop first (or pause)");
             }
@@ -683,9 +659,11 @@ impl Shared {
 /// Refuses to start new work unless the VM runs and is idle.
 fn can_start(ctl: &Ctl) -> anyhow::Result<()> {
     match ctl.phase {
-        Phase::Incoming => bail!("the incoming VM has no state yet: send load_state, then resume"),
-        Phase::Paused => bail!("the VM is paused: send resume first"),
-        Phase::Running => {}
+        VmState::Incoming => {
+            bail!("the incoming VM has no state yet: send load_state, then resume")
+        }
+        VmState::Paused => bail!("the VM is paused: send resume first"),
+        VmState::Running => {}
     }
     if ctl.loop_running {
         bail!("a loop is running; send stop_loop first");
@@ -696,4 +674,11 @@ fn can_start(ctl: &Ctl) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `answer` with `"ok": true`, as the JSON object the connection writes.
+fn ok<T: Serialize>(answer: &T) -> anyhow::Result<Value> {
+    Reply::Ok(answer)
+        .to_value()
+        .context("encoding the answer (a bug in the test VMM)")
 }

@@ -5,9 +5,9 @@
 use std::{process::Command, time::Duration};
 
 use clap::Parser;
+use pagefp_bench as bench;
 use pagefp_tests::{
     agent_process::{self, AgentOptions, AgentProcess, TempDir, agent_binary},
-    bench,
     fleet::{Vm, VmOptions, assert_served_hashes_match},
     images::{FleetLayout, write_fleet},
 };

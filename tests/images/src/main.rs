@@ -3,7 +3,7 @@
 //! what they hold.
 
 use clap::Parser;
-use pagefp_tests::guest_images::{self, Options};
+use pagefp_images::{self as guest_images, Options};
 
 #[derive(Debug, Parser)]
 #[command(
