@@ -402,3 +402,72 @@ fn a_vm_known_through_kvm_is_never_taken_for_a_shared_memory_guest() {
     assert_eq!(reg.vm(PID).unwrap().discovery, Discovery::AtCreation);
     assert!(reg.vm(PID).unwrap().slots.is_empty());
 }
+
+/// `KVM_GET_DIRTY_LOG` of `slot` as `agent-ebpf/src/ioctl.rs` reports it: the
+/// `PendingIoctl` filled at `sys_enter_ioctl` (at `enter_ns`), copied into the
+/// event at `sys_exit_ioctl` (at `exit_ns`).
+fn dirty_log_get_as_ebpf(slot: u32, enter_ns: u64, exit_ns: u64) -> Event {
+    let _ = enter_ns; // sys_enter_ioctl records no time
+    let pending = agent_common::PendingIoctl {
+        cmd: ioctl::KVM_GET_DIRTY_LOG,
+        fd: 5,
+        slot,
+        ..Default::default()
+    };
+    Event {
+        kind: kind::DIRTY_LOG_GET,
+        pid: PID,
+        ktime_ns: exit_ns,
+        fd: pending.fd,
+        slot: pending.slot,
+        flags: pending.flags,
+        addr: pending.addr,
+        size: pending.size,
+        uaddr: pending.uaddr,
+        ..Event::default()
+    }
+}
+
+#[test]
+fn bitmap_writes_before_a_get_dirty_log_are_requeued_and_writes_during_it_stay_dirty() {
+    let mut reg = Registry::new(true);
+    reg.apply(&Event {
+        fd: 5,
+        ..ev(kind::VM_CREATED)
+    });
+    reg.apply(&Event {
+        slot: 0,
+        flags: ioctl::KVM_MEM_LOG_DIRTY_PAGES,
+        addr: 0,
+        size: 8 * 4096,
+        uaddr: 0x7000_0000,
+        ..ev(kind::SLOT_SET)
+    });
+    run_jobs(&mut reg, |_| 1);
+    assert!((0..8).all(|p| state(&reg, p) == PageState::Clean));
+    let gfn = |page: u64, ktime_ns: u64| Event {
+        addr: page,
+        ktime_ns,
+        ..ev(kind::DIRTY_GFN)
+    };
+    reg.apply(&gfn(2, 100));
+    reg.apply(&gfn(3, 150));
+    // The VMM's GET begins at 200; the guest writes page 5 while it runs.
+    reg.apply(&gfn(5, 250));
+    reg.apply(&dirty_log_get_as_ebpf(0, 200, 300));
+    assert_eq!(state(&reg, 2), PageState::Queued, "written before the GET");
+    assert_eq!(state(&reg, 3), PageState::Queued, "written before the GET");
+    assert_eq!(state(&reg, 5), PageState::Dirty, "written during the GET");
+    run_jobs(&mut reg, |p| 10 + p as u8);
+    assert_eq!(state(&reg, 2), PageState::Clean);
+    assert_eq!(state(&reg, 3), PageState::Clean);
+    assert_eq!(state(&reg, 5), PageState::Dirty);
+    assert!(reg.contents.lookup(&[12; 32]).is_some());
+    assert!(reg.contents.lookup(&[15; 32]).is_none());
+    // The next GET, begun after the write, covers page 5.
+    reg.apply(&dirty_log_get_as_ebpf(0, 400, 410));
+    assert_eq!(state(&reg, 5), PageState::Queued);
+    run_jobs(&mut reg, |p| 10 + p as u8);
+    assert_eq!(state(&reg, 5), PageState::Clean);
+    assert!(reg.contents.lookup(&[15; 32]).is_some());
+}
