@@ -8,6 +8,13 @@
 //! have been missed (lost events, a VM that ran before the agent) makes the
 //! VM unsynced: its pages stay unknown until every dirty ring has been reset
 //! past what it held at that moment.
+//!
+//! Kernel events arrive as `agent_common::Event` records and are decoded into
+//! `agent_common::KernelEvent` here, at the door ([`Registry::apply`]); one
+//! that does not decode is counted and ignored. Nothing below reads a raw
+//! event field. In bitmap mode a write reported by `mark_page_dirty_in_slot`
+//! is hashed after the first `KVM_GET_DIRTY_LOG` of its slot that *entered*
+//! the kernel after the write (the event carries that entry time).
 
 pub mod pages;
 pub mod vm;
