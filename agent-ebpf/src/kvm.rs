@@ -2,8 +2,8 @@
 
 use agent_common::Event;
 use aya_ebpf::{
-    macros::{fentry, tracepoint},
-    programs::{FEntryContext, TracePointContext},
+    macros::{fexit, tracepoint},
+    programs::{FExitContext, TracePointContext},
 };
 
 use crate::emit::{current_pid, emit, emit_quiet, now_ns, offsets};
@@ -110,9 +110,18 @@ fn try_write_fault(ctx: &TracePointContext) -> Result<(), i64> {
 }
 
 /// `mark_page_dirty_in_slot(kvm, memslot, gfn)`: every page KVM marks dirty, in
-/// bitmap and ring mode alike. Loaded only where the kernel allows fentry.
-#[fentry(function = "mark_page_dirty_in_slot")]
-pub fn pagefp_mark_page_dirty(ctx: FEntryContext) -> u32 {
+/// bitmap and ring mode alike. Loaded only where the kernel allows BPF
+/// trampolines (fentry/fexit).
+///
+/// At exit, not entry: the event's time must come after the bit is set in the
+/// slot's dirty bitmap. User space hashes the page after the first
+/// `KVM_GET_DIRTY_LOG` that entered the kernel after that time, which then
+/// surely harvested the bit and write-protected the page. A time taken at
+/// entry could precede a GET that ran while this vCPU was preempted before
+/// `set_bit`: that GET would neither harvest nor protect the page, and a hash
+/// read after it could go stale unreported.
+#[fexit(function = "mark_page_dirty_in_slot")]
+pub fn pagefp_mark_page_dirty(ctx: FExitContext) -> u32 {
     if offsets().is_none() {
         return 0;
     }

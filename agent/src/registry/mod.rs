@@ -12,9 +12,10 @@
 //! Kernel events arrive as `agent_common::Event` records and are decoded into
 //! `agent_common::KernelEvent` here, at the door ([`Registry::apply`]); one
 //! that does not decode is counted and ignored. Nothing below reads a raw
-//! event field. In bitmap mode a write reported by `mark_page_dirty_in_slot`
-//! is hashed after the first `KVM_GET_DIRTY_LOG` of its slot that *entered*
-//! the kernel after the write (the event carries that entry time).
+//! event field. In bitmap mode a write reported at the exit of
+//! `mark_page_dirty_in_slot` (its bit is set by then) is hashed after the
+//! first `KVM_GET_DIRTY_LOG` of its slot that *entered* the kernel after the
+//! report (the event carries that entry time).
 
 pub mod pages;
 pub mod vm;
@@ -102,7 +103,8 @@ pub struct RegistryStats {
 pub struct Registry {
     vms: BTreeMap<u32, Vm>,
     pub contents: ContentTable,
-    /// fentry on `mark_page_dirty_in_slot` is attached: bitmap-mode VMs
+    /// The trampoline program (fexit) on `mark_page_dirty_in_slot` is
+    /// attached: bitmap-mode VMs
     /// report their writes too.
     pub fentry_active: bool,
     next_epoch: u64,
