@@ -29,6 +29,15 @@ fn main() -> anyhow::Result<()> {
             "bpf-linker not found in {tools} or PATH: run `cargo xtask setup` first"
         ));
     }
+    // aya-build watches the eBPF package only; the programs also compile
+    // agent-common (the event layout), so a change there must rebuild them.
+    let common = packages
+        .iter()
+        .find(|p| p.name.as_str() == "agent-common")
+        .ok_or_else(|| anyhow!("agent-common package not found in the workspace"))?;
+    if let Some(dir) = common.manifest_path.parent() {
+        println!("cargo:rerun-if-changed={dir}");
+    }
     let ebpf = packages
         .into_iter()
         .find(|p| p.name.as_str() == "agent-ebpf")

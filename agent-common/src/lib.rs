@@ -2,7 +2,19 @@
 //!
 //! Every type is `#[repr(C)]` with explicit padding so that the kernel side and
 //! user space agree on the layout byte for byte.
+//!
+//! Kernel events ([`event`]) are built by the eBPF programs only through
+//! [`Event`]'s constructors and read by user space only by decoding them into
+//! a [`KernelEvent`]; their fields are private, so what each word of an event
+//! means is written once. An ioctl followed from entry to exit is a
+//! [`PendingIoctl`] ([`pending`]), which makes its event at exit.
 #![no_std]
+
+pub mod event;
+pub mod pending;
+
+pub use event::{DecodeError, Event, EventKind, KernelEvent, SlotRegion};
+pub use pending::PendingIoctl;
 
 /// KVM ioctl numbers the eBPF programs watch (from `linux/kvm.h`, x86_64).
 pub mod ioctl {
@@ -29,68 +41,6 @@ pub mod ioctl {
     pub const KVM_MEM_LOG_DIRTY_PAGES: u32 = 1;
     /// Memory-slot flag: the guest cannot write the slot.
     pub const KVM_MEM_READONLY: u32 = 2;
-}
-
-/// What an [`Event`] reports. Stored as `u32` in the event.
-pub mod kind {
-    /// `KVM_CREATE_VM` returned `fd` in process `pid`.
-    pub const VM_CREATED: u32 = 1;
-    /// A memory slot was set: `slot`, `flags`, `addr` = guest physical address,
-    /// `size` = bytes (0 deletes the slot), `uaddr` = userspace address.
-    pub const SLOT_SET: u32 = 2;
-    /// `KVM_ENABLE_CAP` succeeded: `slot` = capability, `addr` = args\[0\].
-    pub const CAP_ENABLED: u32 = 3;
-    /// `kvm:kvm_dirty_ring_push`: `ring` = vCPU ring, `seq` = entry index,
-    /// `slot` = as_id<<16 | slot id, `addr` = page offset inside the slot.
-    pub const DIRTY_RING_PUSH: u32 = 4;
-    /// `kvm:kvm_dirty_ring_reset`: `ring`, `seq` = reset index (entries below
-    /// it are write-protected again), `addr` = dirty index at that moment.
-    pub const DIRTY_RING_RESET: u32 = 5;
-    /// `KVM_RESET_DIRTY_RINGS` started on VM fd `fd`.
-    pub const RESET_RINGS_BEGIN: u32 = 6;
-    /// `KVM_RESET_DIRTY_RINGS` returned: every ring's reset event came before.
-    pub const RESET_RINGS_END: u32 = 7;
-    /// `KVM_GET_DIRTY_LOG` returned 0 for `slot`: re-protection point of the
-    /// bitmap (unless manual protection is enabled).
-    pub const DIRTY_LOG_GET: u32 = 8;
-    /// `KVM_CLEAR_DIRTY_LOG` returned 0 for `slot`, pages `addr`..`addr+size`.
-    pub const DIRTY_LOG_CLEAR: u32 = 9;
-    /// `mark_page_dirty_in_slot` (fentry): `addr` = guest frame number.
-    pub const DIRTY_GFN: u32 = 10;
-    /// A write fault on `addr` = guest physical address (`kvm:kvm_page_fault`).
-    pub const WRITE_FAULT: u32 = 11;
-    /// The process `pid` exited (its last thread).
-    pub const PROCESS_EXIT: u32 = 12;
-}
-
-/// One event from the kernel, delivered through the ring buffer.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Event {
-    /// One of [`kind`].
-    pub kind: u32,
-    /// Process id (thread group id) of the VMM.
-    pub pid: u32,
-    /// The VM file descriptor, where known.
-    pub fd: u32,
-    /// Memory slot (as_id << 16 | slot id) or capability number.
-    pub slot: u32,
-    /// Slot flags.
-    pub flags: u32,
-    /// Dirty-ring index (the vCPU's ring).
-    pub ring: u32,
-    /// Ring entry index or reset index.
-    pub seq: u32,
-    /// Explicit padding; always 0.
-    pub _pad: u32,
-    /// Guest physical address, page offset, frame number or page index.
-    pub addr: u64,
-    /// Size in bytes or pages.
-    pub size: u64,
-    /// Userspace address of a slot.
-    pub uaddr: u64,
-    /// `bpf_ktime_get_ns()` when the event was made.
-    pub ktime_ns: u64,
 }
 
 /// Per-process count of events that could not be delivered (ring buffer full).
@@ -127,19 +77,6 @@ pub struct TraceOffsets {
     pub ready: u32,
 }
 
-/// An ioctl seen at `sys_enter_ioctl`, kept per thread until `sys_exit_ioctl`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PendingIoctl {
-    pub cmd: u32,
-    pub fd: u32,
-    pub slot: u32,
-    pub flags: u32,
-    pub addr: u64,
-    pub size: u64,
-    pub uaddr: u64,
-}
-
 #[cfg(feature = "user")]
 mod user {
     use super::{Event, LossRecord, PendingIoctl, TraceOffsets};
@@ -166,32 +103,46 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Event>(), 8 * 4 + 4 * 8);
+        // kind, pid, ktime_ns, 4 × u32, 3 × u64.
+        assert_eq!(size_of::<Event>(), 4 + 4 + 8 + 4 * 4 + 3 * 8);
+        assert_eq!(size_of::<EventKind>(), 4);
+        assert_eq!(size_of::<SlotRegion>(), 2 * 4 + 3 * 8);
         assert_eq!(size_of::<LossRecord>(), 16);
         assert_eq!(size_of::<TraceOffsets>(), 16 * 4);
-        assert_eq!(size_of::<PendingIoctl>(), 4 * 4 + 3 * 8);
+        // kind, fd, 2 × u32, enter_ns, 3 × u64.
+        assert_eq!(size_of::<PendingIoctl>(), 4 * 4 + 4 * 8);
     }
 
     #[cfg(feature = "user")]
     #[test]
     fn event_round_trips_through_bytes() {
-        let event = Event {
-            kind: kind::DIRTY_RING_PUSH,
-            pid: 42,
-            fd: 7,
-            slot: (1 << 16) | 3,
-            flags: 1,
-            ring: 2,
-            seq: 0xffff_fffe,
-            _pad: 0,
-            addr: 0x1234,
-            size: 4096,
-            uaddr: 0x7f00_0000_0000,
-            ktime_ns: 99,
-        };
+        let event = Event::slot_set(
+            42,
+            99,
+            7,
+            SlotRegion {
+                slot: (1 << 16) | 3,
+                flags: 1,
+                gpa: 0x1234_0000,
+                size: 4096,
+                uaddr: 0x7f00_0000_0000,
+            },
+        );
         let bytes = bytemuck::bytes_of(&event);
+        assert_eq!(bytes.len(), size_of::<Event>());
         let back: Event = bytemuck::pod_read_unaligned(bytes);
         assert_eq!(back, event);
+        assert_eq!(KernelEvent::try_from(&back), KernelEvent::try_from(&event));
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn the_wire_header_is_kind_pid_time() {
+        let event = Event::dirty_gfn(0x0102_0304, 0x1122_3344_5566_7788, 9);
+        let bytes = bytemuck::bytes_of(&event);
+        assert_eq!(bytes[0..4], EventKind::DIRTY_GFN.raw().to_ne_bytes());
+        assert_eq!(bytes[4..8], 0x0102_0304u32.to_ne_bytes());
+        assert_eq!(bytes[8..16], 0x1122_3344_5566_7788u64.to_ne_bytes());
     }
 
     #[test]

@@ -1,4 +1,7 @@
 //! Maps shared by every program, and event delivery with loss accounting.
+//!
+//! Events are built with `agent_common::Event`'s constructors (one per kind),
+//! never field by field: their layout and meaning live in `agent-common`.
 
 use agent_common::{Event, LossRecord, PendingIoctl, TraceOffsets};
 use aya_ebpf::{
@@ -49,31 +52,15 @@ pub fn current_pid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
-/// An event of `kind` for the current process, timestamped now.
+/// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC, the clock of every event.
 #[inline(always)]
-pub fn new_event(kind: u32) -> Event {
-    Event {
-        kind,
-        pid: current_pid(),
-        // SAFETY: bpf_ktime_get_ns has no preconditions.
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
-        ..Event::default()
-    }
+pub fn now_ns() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// `BPF_RB_NO_WAKEUP`: do not wake the reader for this record.
 const NO_WAKEUP: u64 = 1;
-
-/// An event of `kind` without a timestamp (for the stream of dirty-page
-/// events, whose order the ring entry indexes already give).
-#[inline(always)]
-pub fn new_event_untimed(kind: u32) -> Event {
-    Event {
-        kind,
-        pid: current_pid(),
-        ..Event::default()
-    }
-}
 
 /// Sends `event`, or records its loss under its pid. The reader is woken for
 /// rare events only; for the stream of dirty-page events it polls on its own
@@ -97,13 +84,12 @@ fn emit_with(event: &Event, flags: u64) {
         entry.submit(flags);
         return;
     }
-    let ktime_ns = if event.ktime_ns != 0 {
-        event.ktime_ns
+    let ktime_ns = if event.ktime_ns() != 0 {
+        event.ktime_ns()
     } else {
-        // SAFETY: bpf_ktime_get_ns has no preconditions.
-        unsafe { bpf_ktime_get_ns() }
+        now_ns()
     };
-    record_loss(event.pid, ktime_ns);
+    record_loss(event.pid(), ktime_ns);
 }
 
 #[inline(always)]

@@ -3,9 +3,12 @@
 //! `sys_enter_ioctl` copies the arguments (the user pointer is valid then) into
 //! `PENDING`; `sys_exit_ioctl` reports them only if the ioctl succeeded.
 //! `KVM_RESET_DIRTY_RINGS` is reported at both ends, because the per-ring
-//! `kvm_dirty_ring_reset` events fire in between.
+//! `kvm_dirty_ring_reset` events fire in between. The entry time is kept too:
+//! the dirty-log ioctls report it, since writes reported before it are the
+//! ones a `KVM_GET_DIRTY_LOG` harvested. Which event an ioctl makes at exit is
+//! decided by `agent_common::PendingIoctl::completed`, shared with the tests.
 
-use agent_common::{PendingIoctl, ioctl, kind};
+use agent_common::{Event, EventKind, PendingIoctl, SlotRegion, ioctl};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::tracepoint,
@@ -13,7 +16,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 
-use crate::emit::{PENDING, VM_PIDS, current_pid, emit, new_event, offsets};
+use crate::emit::{PENDING, VM_PIDS, current_pid, emit, now_ns, offsets};
 
 /// The first 32 bytes of `kvm_userspace_memory_region` and `..._region2`.
 #[repr(C)]
@@ -61,46 +64,51 @@ fn try_ioctl_enter(ctx: &TracePointContext) -> Result<(), i64> {
     let fd = unsafe { ctx.read_at::<u64>(offsets.ioctl_enter_fd as usize) }? as u32;
     // SAFETY: as above.
     let arg = unsafe { ctx.read_at::<u64>(offsets.ioctl_enter_arg as usize) }?;
-    let mut pending = PendingIoctl {
-        cmd,
-        fd,
-        ..PendingIoctl::default()
-    };
-    match cmd {
+    let enter_ns = now_ns();
+    let pending = match cmd {
+        ioctl::KVM_CREATE_VM => PendingIoctl::create_vm(fd, enter_ns),
         ioctl::KVM_SET_USER_MEMORY_REGION | ioctl::KVM_SET_USER_MEMORY_REGION2 => {
             // SAFETY: bpf_probe_read_user checks the user address itself.
             let region = unsafe { bpf_probe_read_user(arg as *const MemoryRegion) }?;
-            pending.slot = region.slot;
-            pending.flags = region.flags;
-            pending.addr = region.guest_phys_addr;
-            pending.size = region.memory_size;
-            pending.uaddr = region.userspace_addr;
+            PendingIoctl::set_memory_region(
+                fd,
+                enter_ns,
+                SlotRegion {
+                    slot: region.slot,
+                    flags: region.flags,
+                    gpa: region.guest_phys_addr,
+                    size: region.memory_size,
+                    uaddr: region.userspace_addr,
+                },
+            )
         }
         ioctl::KVM_ENABLE_CAP => {
             // SAFETY: as above.
             let cap = unsafe { bpf_probe_read_user(arg as *const EnableCap) }?;
-            pending.slot = cap.cap;
-            pending.flags = cap.flags;
-            pending.addr = cap.arg0;
+            PendingIoctl::enable_cap(fd, enter_ns, cap.cap, cap.flags, cap.arg0)
         }
         ioctl::KVM_GET_DIRTY_LOG => {
             // SAFETY: as above.
-            pending.slot = unsafe { bpf_probe_read_user(arg as *const u32) }?;
+            let slot = unsafe { bpf_probe_read_user(arg as *const u32) }?;
+            PendingIoctl::get_dirty_log(fd, enter_ns, slot)
         }
         ioctl::KVM_CLEAR_DIRTY_LOG => {
             // SAFETY: as above.
             let clear = unsafe { bpf_probe_read_user(arg as *const ClearDirtyLog) }?;
-            pending.slot = clear.slot;
-            pending.addr = clear.first_page;
-            pending.size = u64::from(clear.num_pages);
+            PendingIoctl::clear_dirty_log(
+                fd,
+                enter_ns,
+                clear.slot,
+                clear.first_page,
+                clear.num_pages,
+            )
         }
         ioctl::KVM_RESET_DIRTY_RINGS => {
-            let mut event = new_event(kind::RESET_RINGS_BEGIN);
-            event.fd = fd;
-            emit(&event);
+            emit(&Event::reset_rings_begin(current_pid(), enter_ns, fd));
+            PendingIoctl::reset_dirty_rings(fd, enter_ns)
         }
-        _ => {}
-    }
+        _ => return Ok(()),
+    };
     if PENDING
         .insert(bpf_get_current_pid_tgid(), pending, 0)
         .is_err()
@@ -113,9 +121,7 @@ fn try_ioctl_enter(ctx: &TracePointContext) -> Result<(), i64> {
             cmd,
             current_pid()
         );
-        let mut lost = new_event(kind::SLOT_SET);
-        lost.fd = fd;
-        crate::emit::record_loss(lost.pid, lost.ktime_ns);
+        crate::emit::record_loss(current_pid(), enter_ns);
     }
     Ok(())
 }
@@ -134,33 +140,12 @@ fn try_ioctl_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let offsets = offsets().ok_or(0)?;
     // SAFETY: offset from this tracepoint's format file.
     let ret = unsafe { ctx.read_at::<i64>(offsets.ioctl_exit_ret as usize) }?;
-    let event_kind = match pending.cmd {
-        ioctl::KVM_CREATE_VM => kind::VM_CREATED,
-        ioctl::KVM_SET_USER_MEMORY_REGION | ioctl::KVM_SET_USER_MEMORY_REGION2 => kind::SLOT_SET,
-        ioctl::KVM_ENABLE_CAP => kind::CAP_ENABLED,
-        ioctl::KVM_GET_DIRTY_LOG => kind::DIRTY_LOG_GET,
-        ioctl::KVM_CLEAR_DIRTY_LOG => kind::DIRTY_LOG_CLEAR,
-        ioctl::KVM_RESET_DIRTY_RINGS => kind::RESET_RINGS_END,
-        _ => return Ok(()),
-    };
-    // A failed reset still ends the batch of per-ring events; anything else
-    // that failed changed nothing.
-    if ret < 0 && event_kind != kind::RESET_RINGS_END {
+    let pid = current_pid();
+    let Some(event) = pending.completed(pid, now_ns(), ret) else {
         return Ok(());
-    }
-    let mut event = new_event(event_kind);
-    event.fd = pending.fd;
-    event.slot = pending.slot;
-    event.flags = pending.flags;
-    event.addr = pending.addr;
-    event.size = pending.size;
-    event.uaddr = pending.uaddr;
-    if event_kind == kind::VM_CREATED {
-        event.fd = ret as u32;
-        let _ = VM_PIDS.insert(current_pid(), 1, 0);
-    }
-    if event_kind == kind::RESET_RINGS_END {
-        event.seq = ret as u32;
+    };
+    if event.kind() == EventKind::VM_CREATED {
+        let _ = VM_PIDS.insert(pid, 1, 0);
     }
     emit(&event);
     Ok(())

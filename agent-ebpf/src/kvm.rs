@@ -1,12 +1,12 @@
 //! Guest page writes and re-protection points, from KVM's own tracepoints.
 
-use agent_common::kind;
+use agent_common::Event;
 use aya_ebpf::{
-    macros::{fentry, tracepoint},
-    programs::{FEntryContext, TracePointContext},
+    macros::{fexit, tracepoint},
+    programs::{FExitContext, TracePointContext},
 };
 
-use crate::emit::{emit, emit_quiet, new_event, new_event_untimed, offsets};
+use crate::emit::{current_pid, emit, emit_quiet, now_ns, offsets};
 
 /// `kvm:kvm_dirty_ring_push`: KVM put a newly dirtied page in a vCPU's ring.
 /// Runs in the vCPU thread, so the current pid is the VMM's.
@@ -22,12 +22,14 @@ fn try_dirty_ring_push(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: the tracepoint record is at least RECORD bytes long (its last
     // field, `offset`, ends at byte 32 on every kernel with this tracepoint).
     let record: [u8; RECORD] = unsafe { ctx.read_at(0) }?;
-    let mut event = new_event_untimed(kind::DIRTY_RING_PUSH);
-    event.ring = field_u32(&record, offsets.ring_push_index);
-    // The tracepoint fires after the index moved past the new entry.
-    event.seq = field_u32(&record, offsets.ring_push_dirty_index).wrapping_sub(1);
-    event.slot = field_u32(&record, offsets.ring_push_slot);
-    event.addr = field_u64(&record, offsets.ring_push_offset);
+    let event = Event::dirty_ring_push(
+        current_pid(),
+        field_u32(&record, offsets.ring_push_index),
+        // The tracepoint fires after the index moved past the new entry.
+        field_u32(&record, offsets.ring_push_dirty_index).wrapping_sub(1),
+        field_u32(&record, offsets.ring_push_slot),
+        field_u64(&record, offsets.ring_push_offset),
+    );
     emit_quiet(&event);
     Ok(())
 }
@@ -65,14 +67,21 @@ pub fn pagefp_dirty_ring_reset(ctx: TracePointContext) -> u32 {
 
 fn try_dirty_ring_reset(ctx: &TracePointContext) -> Result<(), i64> {
     let offsets = offsets().ok_or(0)?;
-    let mut event = new_event(kind::DIRTY_RING_RESET);
     // SAFETY: offsets come from this tracepoint's format file.
-    unsafe {
-        event.ring = ctx.read_at::<u32>(offsets.ring_reset_index as usize)?;
-        event.seq = ctx.read_at::<u32>(offsets.ring_reset_reset_index as usize)?;
-        event.addr = u64::from(ctx.read_at::<u32>(offsets.ring_reset_dirty_index as usize)?);
-    }
-    emit(&event);
+    let (ring, reset_index, dirty_index) = unsafe {
+        (
+            ctx.read_at::<u32>(offsets.ring_reset_index as usize)?,
+            ctx.read_at::<u32>(offsets.ring_reset_reset_index as usize)?,
+            ctx.read_at::<u32>(offsets.ring_reset_dirty_index as usize)?,
+        )
+    };
+    emit(&Event::dirty_ring_reset(
+        current_pid(),
+        now_ns(),
+        ring,
+        reset_index,
+        dirty_index,
+    ));
     Ok(())
 }
 
@@ -94,22 +103,32 @@ fn try_write_fault(ctx: &TracePointContext) -> Result<(), i64> {
     if error_code & PFERR_WRITE_MASK == 0 {
         return Ok(());
     }
-    let mut event = new_event(kind::WRITE_FAULT);
     // SAFETY: as above.
-    event.addr = unsafe { ctx.read_at::<u64>(offsets.page_fault_address as usize) }?;
-    emit(&event);
+    let gpa = unsafe { ctx.read_at::<u64>(offsets.page_fault_address as usize) }?;
+    emit(&Event::write_fault(current_pid(), now_ns(), gpa));
     Ok(())
 }
 
 /// `mark_page_dirty_in_slot(kvm, memslot, gfn)`: every page KVM marks dirty, in
-/// bitmap and ring mode alike. Loaded only where the kernel allows fentry.
-#[fentry(function = "mark_page_dirty_in_slot")]
-pub fn pagefp_mark_page_dirty(ctx: FEntryContext) -> u32 {
+/// bitmap and ring mode alike. Loaded only where the kernel allows BPF
+/// trampolines (fentry/fexit).
+///
+/// At exit, not entry: the event's time must come after the bit is set in the
+/// slot's dirty bitmap. User space hashes the page after the first
+/// `KVM_GET_DIRTY_LOG` that entered the kernel after that time, which then
+/// surely harvested the bit and write-protected the page. A time taken at
+/// entry could precede a GET that ran while this vCPU was preempted before
+/// `set_bit`: that GET would neither harvest nor protect the page, and a hash
+/// read after it could go stale unreported.
+#[fexit(function = "mark_page_dirty_in_slot")]
+pub fn pagefp_mark_page_dirty(ctx: FExitContext) -> u32 {
     if offsets().is_none() {
         return 0;
     }
-    let mut event = new_event(kind::DIRTY_GFN);
-    event.addr = ctx.arg::<u64>(2);
-    emit(&event);
+    emit(&Event::dirty_gfn(
+        current_pid(),
+        now_ns(),
+        ctx.arg::<u64>(2),
+    ));
     0
 }

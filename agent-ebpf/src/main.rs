@@ -1,11 +1,15 @@
 //! pagefp's eBPF programs.
 //!
 //! They watch KVM from the outside, on tracepoints only (see ENVIRONMENT.md:
-//! kprobes are absent and fentry may be refused), and send [`Event`]s to user
-//! space through one ring buffer:
+//! kprobes are absent and fentry may be refused), and send events to user
+//! space through one ring buffer. Every event is made by a constructor of
+//! `agent_common::Event` (and every ioctl's by `agent_common::PendingIoctl`),
+//! the layout user space decodes; no program writes an event's fields itself.
+//! Sources:
 //! - VMs and memory slots: `syscalls:sys_enter_ioctl` / `sys_exit_ioctl`.
-//! - Guest page writes: `kvm:kvm_dirty_ring_push`, `fentry/mark_page_dirty_in_slot`
-//!   (where the kernel allows fentry) and write faults (`kvm:kvm_page_fault`).
+//! - Guest page writes: `kvm:kvm_dirty_ring_push`, `fexit/mark_page_dirty_in_slot`
+//!   (where the kernel allows BPF trampolines) and write faults
+//!   (`kvm:kvm_page_fault`).
 //! - Re-protection points: `kvm:kvm_dirty_ring_reset`, and the dirty-log ioctls.
 //! - VMM exit: `sched:sched_process_exit`.
 //!

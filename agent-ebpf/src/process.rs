@@ -1,9 +1,9 @@
 //! VMM process exit.
 
-use agent_common::kind;
+use agent_common::Event;
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 
-use crate::emit::{VM_PIDS, current_pid, emit, new_event, offsets};
+use crate::emit::{VM_PIDS, current_pid, emit, now_ns, offsets};
 
 /// `sched:sched_process_exit`: reported when the last thread of a process that
 /// holds a VM exits.
@@ -26,6 +26,6 @@ fn try_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let _ = VM_PIDS.remove(pid);
-    emit(&new_event(kind::PROCESS_EXIT));
+    emit(&Event::process_exit(pid, now_ns()));
     Ok(())
 }

@@ -8,13 +8,21 @@
 //! have been missed (lost events, a VM that ran before the agent) makes the
 //! VM unsynced: its pages stay unknown until every dirty ring has been reset
 //! past what it held at that moment.
+//!
+//! Kernel events arrive as `agent_common::Event` records and are decoded into
+//! `agent_common::KernelEvent` here, at the door ([`Registry::apply`]); one
+//! that does not decode is counted and ignored. Nothing below reads a raw
+//! event field. In bitmap mode a write reported at the exit of
+//! `mark_page_dirty_in_slot` (its bit is set by then) is hashed after the
+//! first `KVM_GET_DIRTY_LOG` of its slot that *entered* the kernel after the
+//! report (the event carries that entry time).
 
 pub mod pages;
 pub mod vm;
 
 use std::collections::{BTreeMap, HashMap};
 
-use agent_common::{Event, ioctl, kind};
+use agent_common::{Event, KernelEvent, SlotRegion, ioctl};
 pub use pages::{PageEntry, PageState};
 pub use vm::{DirtyMode, Discovery, SyncState, Vm};
 use vm::{PendingEntry, Slot};
@@ -108,7 +116,11 @@ impl Tracking {
 /// Agent-wide event statistics.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct RegistryStats {
+    /// Events applied, by [`KernelEvent::name`].
     pub events: BTreeMap<&'static str, u64>,
+    /// Events that could not be decoded (unknown kind: an eBPF object of
+    /// another version), dropped.
+    pub events_rejected: u64,
     pub events_unknown_vm: u64,
     pub losses_attributed: u64,
     pub losses_unattributed: u64,
@@ -122,7 +134,8 @@ pub struct RegistryStats {
 pub struct Registry {
     vms: BTreeMap<u32, Vm>,
     pub contents: ContentTable,
-    /// fentry on `mark_page_dirty_in_slot` is attached: bitmap-mode VMs
+    /// The trampoline program (fexit) on `mark_page_dirty_in_slot` is
+    /// attached: bitmap-mode VMs
     /// report their writes too.
     pub fentry_active: bool,
     next_epoch: u64,
@@ -134,24 +147,6 @@ pub struct Registry {
 
 fn entry_before(entry: u32, reset: u32) -> bool {
     (reset.wrapping_sub(entry) as i32) > 0
-}
-
-fn event_name(kind: u32) -> &'static str {
-    match kind {
-        kind::VM_CREATED => "vm_created",
-        kind::SLOT_SET => "slot_set",
-        kind::CAP_ENABLED => "cap_enabled",
-        kind::DIRTY_RING_PUSH => "dirty_ring_push",
-        kind::DIRTY_RING_RESET => "dirty_ring_reset",
-        kind::RESET_RINGS_BEGIN => "reset_rings_begin",
-        kind::RESET_RINGS_END => "reset_rings_end",
-        kind::DIRTY_LOG_GET => "dirty_log_get",
-        kind::DIRTY_LOG_CLEAR => "dirty_log_clear",
-        kind::DIRTY_GFN => "dirty_gfn",
-        kind::WRITE_FAULT => "write_fault",
-        kind::PROCESS_EXIT => "process_exit",
-        _ => "other",
-    }
 }
 
 impl Registry {
@@ -257,34 +252,63 @@ impl Registry {
         slot_tracking(self.fentry_active, vm, slot)
     }
 
-    /// Applies one event from the kernel.
-    pub fn apply(&mut self, event: &Event) {
-        *self.stats.events.entry(event_name(event.kind)).or_insert(0) += 1;
-        match event.kind {
-            kind::VM_CREATED => self.vm_created(event),
-            kind::PROCESS_EXIT => self.remove_vm(event.pid),
-            _ => {
-                if !self.vms.contains_key(&event.pid) {
-                    // A VM created before the agent and missed by its scan.
-                    self.stats.events_unknown_vm += 1;
-                    self.adopt(event.pid, event.ktime_ns);
+    /// Applies one event from the kernel. An event that does not decode is
+    /// counted in [`RegistryStats::events_rejected`] and changes nothing.
+    pub fn apply(&mut self, raw: &Event) {
+        match KernelEvent::try_from(raw) {
+            Ok(event) => self.apply_decoded(raw.pid(), raw.ktime_ns(), &event),
+            Err(err) => {
+                if self.stats.events_rejected == 0 {
+                    log::warn!("{err}");
                 }
-                let vm = self.vms.get_mut(&event.pid).unwrap();
-                match event.kind {
-                    kind::SLOT_SET => self.slot_set(event),
-                    kind::CAP_ENABLED => cap_enabled(vm, event),
-                    kind::DIRTY_RING_PUSH => self.ring_push(event),
-                    kind::DIRTY_RING_RESET => self.ring_reset(event),
-                    kind::RESET_RINGS_BEGIN => {
-                        vm.reset_batch = Some((event.ktime_ns, HashMap::new()))
-                    }
-                    kind::RESET_RINGS_END => self.reset_batch_end(event.pid),
-                    kind::DIRTY_LOG_GET => self.dirty_log_get(event),
-                    kind::DIRTY_GFN => self.dirty_gfn(event),
-                    kind::WRITE_FAULT => self.write_fault(event),
-                    _ => {}
-                }
+                self.stats.events_rejected += 1;
             }
+        }
+    }
+
+    /// Applies one decoded event of process `pid`, made at `ktime_ns`.
+    fn apply_decoded(&mut self, pid: u32, ktime_ns: u64, event: &KernelEvent) {
+        *self.stats.events.entry(event.name()).or_insert(0) += 1;
+        match *event {
+            KernelEvent::VmCreated { fd } => return self.vm_created(pid, fd),
+            KernelEvent::ProcessExit => return self.remove_vm(pid),
+            _ => {}
+        }
+        if !self.vms.contains_key(&pid) {
+            // A VM created before the agent and missed by its scan.
+            self.stats.events_unknown_vm += 1;
+            self.adopt(pid, ktime_ns);
+        }
+        let vm = self.vms.get_mut(&pid).unwrap();
+        match *event {
+            KernelEvent::SlotSet { region, .. } => self.slot_set(pid, region),
+            KernelEvent::CapEnabled { cap, arg0, .. } => cap_enabled(vm, cap, arg0),
+            KernelEvent::DirtyRingPush {
+                ring,
+                entry,
+                slot,
+                offset,
+            } => self.ring_push(pid, ring, entry, slot, offset),
+            KernelEvent::DirtyRingReset {
+                ring,
+                reset_index,
+                dirty_index,
+            } => self.ring_reset(pid, ring, reset_index, dirty_index),
+            KernelEvent::ResetRingsBegin { .. } => {
+                vm.reset_batch = Some((ktime_ns, HashMap::new()))
+            }
+            KernelEvent::ResetRingsEnd { .. } => self.reset_batch_end(pid),
+            KernelEvent::DirtyLogGet { slot, enter_ns, .. } => {
+                self.dirty_log_get(pid, slot, enter_ns)
+            }
+            KernelEvent::DirtyGfn { gfn } => self.dirty_gfn(pid, gfn, ktime_ns),
+            KernelEvent::WriteFault { gpa } => self.write_fault(pid, gpa),
+            // Manual re-protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) is not
+            // tracked yet: such VMs are rescanned. The event carries its
+            // entry time for when it is.
+            KernelEvent::DirtyLogClear { .. } => {}
+            // Handled above.
+            KernelEvent::VmCreated { .. } | KernelEvent::ProcessExit => {}
         }
     }
 
@@ -391,15 +415,14 @@ impl Registry {
         gone
     }
 
-    fn vm_created(&mut self, event: &Event) {
-        if let Some(old) = self.vms.get(&event.pid)
+    fn vm_created(&mut self, pid: u32, fd: u32) {
+        if let Some(old) = self.vms.get(&pid)
             && old.discovery == Discovery::AtCreation
             && !old.slots.is_empty()
         {
-            let vm = self.vms.get_mut(&event.pid).unwrap();
+            let vm = self.vms.get_mut(&pid).unwrap();
             vm.note = Some(format!(
-                "the process created another VM (fd {}): only one VM per process is tracked",
-                event.fd
+                "the process created another VM (fd {fd}): only one VM per process is tracked"
             ));
             vm.sync = SyncState::Unsynced {
                 since_ns: u64::MAX,
@@ -408,29 +431,29 @@ impl Registry {
             };
             return;
         }
-        self.remove_vm(event.pid);
-        let mut vm = Vm::new(event.pid, Discovery::AtCreation, SyncState::Synced);
-        vm.vm_fd = Some(event.fd);
-        self.vms.insert(event.pid, vm);
+        self.remove_vm(pid);
+        let mut vm = Vm::new(pid, Discovery::AtCreation, SyncState::Synced);
+        vm.vm_fd = Some(fd);
+        self.vms.insert(pid, vm);
     }
 
-    fn slot_set(&mut self, event: &Event) {
+    fn slot_set(&mut self, pid: u32, region: SlotRegion) {
         self.next_epoch += 1;
         let epoch = self.next_epoch;
-        let vm = self.vms.get_mut(&event.pid).unwrap();
+        let vm = self.vms.get_mut(&pid).unwrap();
         if vm.discovery == Discovery::Adopted {
             vm.note = None;
         }
-        let id = event.slot;
+        let id = region.slot;
         if let Some(old) = vm.slots.get_mut(&id)
-            && old.gpa == event.addr
-            && old.size == event.size
-            && old.uaddr == event.uaddr
-            && event.size != 0
+            && old.gpa == region.gpa
+            && old.size == region.size
+            && old.uaddr == region.uaddr
+            && region.size != 0
         {
             // Only the flags changed (typically dirty logging switched on or off).
             let was_logged = old.logged();
-            old.flags = event.flags;
+            old.flags = region.flags;
             if old.logged() && !was_logged {
                 // KVM write-protects every page now: what is read from here on
                 // is valid until the next report.
@@ -457,10 +480,17 @@ impl Registry {
                     }
                 }
             }
-            if event.size == 0 {
+            if region.size == 0 {
                 return;
             }
-            let mut slot = Slot::new(id, event.addr, event.size, event.uaddr, event.flags, epoch);
+            let mut slot = Slot::new(
+                id,
+                region.gpa,
+                region.size,
+                region.uaddr,
+                region.flags,
+                epoch,
+            );
             // Writes reported before the slot was known (an adopted VM).
             for ring in vm.rings.values_mut() {
                 for pending in ring.pending.iter_mut().filter(|p| p.slot == id) {
@@ -472,7 +502,7 @@ impl Registry {
             slot.pages.shrink_to_fit();
             vm.slots.insert(id, slot);
         }
-        self.queue_full_pass(event.pid, id);
+        self.queue_full_pass(pid, id);
     }
 
     /// Queues every page of a slot that wants a hash, if the slot is tracked.
@@ -496,20 +526,21 @@ impl Registry {
         });
     }
 
-    fn ring_push(&mut self, event: &Event) {
-        let vm = self.vms.get_mut(&event.pid).unwrap();
+    /// `entry` of vCPU ring `ring` reports page `offset` of `slot_id`.
+    fn ring_push(&mut self, pid: u32, ring: u32, entry: u32, slot_id: u32, offset: u64) {
+        let vm = self.vms.get_mut(&pid).unwrap();
         vm.stats.dirty_events += 1;
         if vm.dirty_mode == DirtyMode::Unknown || matches!(vm.dirty_mode, DirtyMode::Bitmap { .. })
         {
             vm.dirty_mode = DirtyMode::Ring;
         }
-        let ring = vm.rings.entry(event.ring).or_default();
-        let page_index = event.addr as u32;
-        let Some(slot) = vm.slots.get_mut(&event.slot) else {
+        let ring = vm.rings.entry(ring).or_default();
+        let page_index = offset as u32;
+        let Some(slot) = vm.slots.get_mut(&slot_id) else {
             // Unknown slot (adopted VM): remember it for when the slot appears.
             ring.pending.push_back(PendingEntry {
-                entry: event.seq,
-                slot: event.slot,
+                entry,
+                slot: slot_id,
                 page: page_index,
                 generation: u32::MAX,
             });
@@ -524,34 +555,34 @@ impl Registry {
         }
         let already_reset = ring
             .last_reset
-            .is_some_and(|reset| entry_before(event.seq, reset));
+            .is_some_and(|reset| entry_before(entry, reset));
         if already_reset {
             // The reset overtook this event on another CPU: the page is
             // write-protected again already.
             let generation = page.bump(PageState::Queued);
             let epoch = slot.epoch;
-            self.queue_pages(event.pid, event.slot, epoch, vec![(page_index, generation)]);
+            self.queue_pages(pid, slot_id, epoch, vec![(page_index, generation)]);
         } else {
             let generation = page.bump(PageState::Dirty);
             ring.pending.push_back(PendingEntry {
-                entry: event.seq,
-                slot: event.slot,
+                entry,
+                slot: slot_id,
                 page: page_index,
                 generation,
             });
         }
     }
 
-    fn ring_reset(&mut self, event: &Event) {
-        let vm = self.vms.get_mut(&event.pid).unwrap();
+    /// Entries of `ring_id` below `reset` are write-protected again.
+    fn ring_reset(&mut self, pid: u32, ring_id: u32, reset: u32, dirty_index: u32) {
+        let vm = self.vms.get_mut(&pid).unwrap();
         if vm.dirty_mode == DirtyMode::Unknown {
             vm.dirty_mode = DirtyMode::Ring;
         }
-        let reset = event.seq;
         if let Some((_, batch)) = &mut vm.reset_batch {
-            batch.insert(event.ring, (reset, event.addr as u32));
+            batch.insert(ring_id, (reset, dirty_index));
         }
-        let ring = vm.rings.entry(event.ring).or_default();
+        let ring = vm.rings.entry(ring_id).or_default();
         ring.last_reset = Some(reset);
         let mut ready: BTreeMap<u32, Vec<(u32, u32)>> = BTreeMap::new();
         while let Some(front) = ring.pending.front() {
@@ -575,7 +606,7 @@ impl Registry {
         }
         let epochs: Vec<u64> = ready.keys().map(|id| vm.slots[id].epoch).collect();
         for ((slot_id, pages), epoch) in ready.into_iter().zip(epochs) {
-            self.queue_pages(event.pid, slot_id, epoch, pages);
+            self.queue_pages(pid, slot_id, epoch, pages);
         }
     }
 
@@ -643,8 +674,10 @@ impl Registry {
         }
     }
 
-    fn dirty_log_get(&mut self, event: &Event) {
-        let vm = self.vms.get_mut(&event.pid).unwrap();
+    /// `KVM_GET_DIRTY_LOG` of `slot_id`, which entered the kernel at
+    /// `enter_ns`, succeeded.
+    fn dirty_log_get(&mut self, pid: u32, slot_id: u32, enter_ns: u64) {
+        let vm = self.vms.get_mut(&pid).unwrap();
         if vm.dirty_mode == DirtyMode::Unknown {
             vm.dirty_mode = DirtyMode::Bitmap {
                 manual_protect: false,
@@ -659,8 +692,7 @@ impl Registry {
         }
         // KVM_GET_DIRTY_LOG re-protects the slot's dirty pages. Writes reported
         // before the ioctl started are covered; writes during it may not be.
-        let enter_ns = event.size;
-        let Some(slot) = vm.slots.get_mut(&event.slot) else {
+        let Some(slot) = vm.slots.get_mut(&slot_id) else {
             return;
         };
         let mut ready = Vec::new();
@@ -685,29 +717,30 @@ impl Registry {
         {
             // Bitmap mode resyncs once every logged slot was harvested (and
             // so write-protected) after the moment something was missed.
-            harvested.insert(event.slot);
+            harvested.insert(slot_id);
             let all = vm
                 .slots
                 .values()
                 .filter(|s| s.logged())
                 .all(|s| harvested.contains(&s.id));
             if all {
-                self.resync(event.pid);
+                self.resync(pid);
             }
         }
         if !ready.is_empty() {
-            self.queue_pages(event.pid, event.slot, epoch, ready);
+            self.queue_pages(pid, slot_id, epoch, ready);
         }
     }
 
-    fn dirty_gfn(&mut self, event: &Event) {
-        let vm = self.vms.get_mut(&event.pid).unwrap();
+    /// KVM marked guest frame `gfn` dirty at `ktime_ns` (bitmap mode).
+    fn dirty_gfn(&mut self, pid: u32, gfn: u64, ktime_ns: u64) {
+        let vm = self.vms.get_mut(&pid).unwrap();
         if vm.dirty_mode == DirtyMode::Ring {
             // The ring push reports the same write, with its re-protection point.
             return;
         }
         vm.stats.dirty_events += 1;
-        let Some((slot_id, page_index)) = vm.locate_gpa(event.addr << crate::page::PAGE_SHIFT) else {
+        let Some((slot_id, page_index)) = vm.locate_gpa(gfn << crate::page::PAGE_SHIFT) else {
             return;
         };
         let slot = vm.slots.get_mut(&slot_id).unwrap();
@@ -717,13 +750,12 @@ impl Registry {
             page.content = pages::NO_CONTENT;
         }
         let generation = page.bump(PageState::Dirty);
-        slot.pending_bitmap
-            .push((page_index, generation, event.ktime_ns));
+        slot.pending_bitmap.push((page_index, generation, ktime_ns));
     }
 
-    fn write_fault(&mut self, event: &Event) {
-        let vm = self.vms.get_mut(&event.pid).unwrap();
-        let Some((slot_id, page_index)) = vm.locate_gpa(event.addr) else {
+    fn write_fault(&mut self, pid: u32, gpa: u64) {
+        let vm = self.vms.get_mut(&pid).unwrap();
+        let Some((slot_id, page_index)) = vm.locate_gpa(gpa) else {
             return;
         };
         let slot = &vm.slots[&slot_id];
@@ -731,7 +763,7 @@ impl Registry {
             // The dirty log reports this write with its re-protection point.
             return;
         }
-        let vm = self.vms.get_mut(&event.pid).unwrap();
+        let vm = self.vms.get_mut(&pid).unwrap();
         let page = &mut vm.slots.get_mut(&slot_id).unwrap().pages[page_index as usize];
         if page.content != pages::NO_CONTENT {
             self.contents.remove_page(&mut vm.counts, page.content);
@@ -903,12 +935,13 @@ fn slot_tracking(fentry_active: bool, vm: &Vm, slot: &Slot) -> Tracking {
     }
 }
 
-fn cap_enabled(vm: &mut Vm, event: &Event) {
-    match event.slot {
+/// `KVM_ENABLE_CAP` of `cap` with `args[0]` = `arg0` succeeded.
+fn cap_enabled(vm: &mut Vm, cap: u32, arg0: u64) {
+    match cap {
         ioctl::KVM_CAP_DIRTY_LOG_RING | ioctl::KVM_CAP_DIRTY_LOG_RING_ACQ_REL => {
             vm.dirty_mode = DirtyMode::Ring
         }
-        ioctl::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 if event.addr & 1 != 0 => {
+        ioctl::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 if arg0 & 1 != 0 => {
             if let DirtyMode::Bitmap { .. } | DirtyMode::Unknown = vm.dirty_mode {
                 vm.dirty_mode = DirtyMode::Bitmap {
                     manual_protect: true,

@@ -1,40 +1,67 @@
-//! State-machine tests of the registry with synthetic events. The same
-//! machine runs on real kernel events in the integration tests.
+//! State-machine tests of the registry with synthetic events, built the way
+//! the eBPF programs build them: through `agent_common`'s constructors, and
+//! for ioctls through the `PendingIoctl` kept from `sys_enter_ioctl` to
+//! `sys_exit_ioctl`. The same machine runs on real kernel events in the
+//! integration tests.
 
-use agent_common::{Event, ioctl, kind};
+use agent_common::{Event, EventKind, PendingIoctl, SlotRegion, ioctl};
 
 use super::*;
 
 const PID: u32 = 100;
+/// The VM fd.
+const FD: u32 = 5;
+/// Event time of the helpers below that take none.
+const T: u64 = 10;
 
-fn ev(kind: u32) -> Event {
-    Event {
-        kind,
-        pid: PID,
-        ktime_ns: 10,
-        ..Event::default()
-    }
+/// An ioctl as `agent-ebpf/src/ioctl.rs` reports it: entered at `enter_ns`,
+/// returned `ret` at `exit_ns`.
+fn ioctl_event(pending: PendingIoctl, exit_ns: u64, ret: i64) -> Event {
+    pending
+        .completed(PID, exit_ns, ret)
+        .expect("a successful ioctl is reported")
+}
+
+fn vm_created() -> Event {
+    ioctl_event(PendingIoctl::create_vm(3, T), T, i64::from(FD))
+}
+
+fn slot_set(slot: u32, flags: u32, gpa: u64, pages: u64, uaddr: u64) -> Event {
+    let region = SlotRegion {
+        slot,
+        flags,
+        gpa,
+        size: pages * 4096,
+        uaddr,
+    };
+    ioctl_event(PendingIoctl::set_memory_region(FD, T, region), T, 0)
+}
+
+fn cap_enabled(cap: u32, arg0: u64) -> Event {
+    ioctl_event(PendingIoctl::enable_cap(FD, T, cap, 0, arg0), T, 0)
+}
+
+/// `KVM_GET_DIRTY_LOG` of `slot`, entered at `enter_ns`, returned at `exit_ns`.
+fn dirty_log_get(slot: u32, enter_ns: u64, exit_ns: u64) -> Event {
+    ioctl_event(PendingIoctl::get_dirty_log(FD, enter_ns, slot), exit_ns, 0)
+}
+
+/// `mark_page_dirty_in_slot` of guest frame `gfn` at `ktime_ns`.
+fn dirty_gfn(gfn: u64, ktime_ns: u64) -> Event {
+    Event::dirty_gfn(PID, ktime_ns, gfn)
 }
 
 fn ring_vm(pages: u64) -> Registry {
     let mut reg = Registry::new(false);
-    reg.apply(&Event {
-        fd: 5,
-        ..ev(kind::VM_CREATED)
-    });
-    reg.apply(&Event {
-        slot: ioctl::KVM_CAP_DIRTY_LOG_RING,
-        addr: 65536,
-        ..ev(kind::CAP_ENABLED)
-    });
-    reg.apply(&Event {
-        slot: 0,
-        flags: ioctl::KVM_MEM_LOG_DIRTY_PAGES,
-        addr: 0,
-        size: pages * 4096,
-        uaddr: 0x7000_0000,
-        ..ev(kind::SLOT_SET)
-    });
+    reg.apply(&vm_created());
+    reg.apply(&cap_enabled(ioctl::KVM_CAP_DIRTY_LOG_RING, 65536));
+    reg.apply(&slot_set(
+        0,
+        ioctl::KVM_MEM_LOG_DIRTY_PAGES,
+        0,
+        pages,
+        0x7000_0000,
+    ));
     reg
 }
 
@@ -56,33 +83,18 @@ fn state(reg: &Registry, page: usize) -> PageState {
     reg.vm(PID).unwrap().slots[&0].pages[page].state()
 }
 
+/// `kvm:kvm_dirty_ring_push` of entry `entry` of ring 0: `page` of slot 0.
 fn push(entry: u32, page: u64) -> Event {
-    Event {
-        ring: 0,
-        seq: entry,
-        slot: 0,
-        addr: page,
-        ..ev(kind::DIRTY_RING_PUSH)
-    }
+    Event::dirty_ring_push(PID, 0, entry, 0, page)
 }
 
+/// `KVM_RESET_DIRTY_RINGS` at `ktime_ns`, as the eBPF programs report it: its
+/// start, ring 0's reset event, and its end.
 fn reset(reset_index: u32, dirty_index: u32, ktime_ns: u64) -> [Event; 3] {
     [
-        Event {
-            ktime_ns,
-            ..ev(kind::RESET_RINGS_BEGIN)
-        },
-        Event {
-            ring: 0,
-            seq: reset_index,
-            addr: u64::from(dirty_index),
-            ktime_ns,
-            ..ev(kind::DIRTY_RING_RESET)
-        },
-        Event {
-            ktime_ns,
-            ..ev(kind::RESET_RINGS_END)
-        },
+        Event::reset_rings_begin(PID, ktime_ns, FD),
+        Event::dirty_ring_reset(PID, ktime_ns, 0, reset_index, dirty_index),
+        ioctl_event(PendingIoctl::reset_dirty_rings(FD, ktime_ns), ktime_ns, 1),
     ]
 }
 
@@ -196,14 +208,7 @@ fn an_adopted_vm_syncs_after_its_first_complete_reset() {
     let mut reg = Registry::new(false);
     reg.adopt(PID, 5);
     reg.apply(&push(3, 1)); // before the slot is known
-    reg.apply(&Event {
-        slot: 0,
-        flags: 1,
-        size: 4 * 4096,
-        uaddr: 1,
-        ktime_ns: 10,
-        ..ev(kind::SLOT_SET)
-    });
+    reg.apply(&slot_set(0, 1, 0, 4, 1));
     assert_eq!(state(&reg, 1), PageState::Dirty);
     assert!(reg.take_jobs().is_empty());
     for e in reset(4, 4, 20) {
@@ -216,14 +221,8 @@ fn an_adopted_vm_syncs_after_its_first_complete_reset() {
 #[test]
 fn untracked_slots_are_rescanned_as_unverified() {
     let mut reg = Registry::new(false);
-    reg.apply(&ev(kind::VM_CREATED));
-    reg.apply(&Event {
-        slot: 0,
-        flags: 0,
-        size: 10 * 4096,
-        uaddr: 1,
-        ..ev(kind::SLOT_SET)
-    });
+    reg.apply(&vm_created());
+    reg.apply(&slot_set(0, 0, 0, 10, 1));
     assert!(reg.take_jobs().is_empty());
     let jobs = reg.rescan_jobs(6);
     assert_eq!(jobs[0].pages, JobPages::Range { first: 0, count: 6 });
@@ -245,7 +244,7 @@ fn process_exit_removes_the_vm_and_its_counts() {
     let mut reg = ring_vm(4);
     run_jobs(&mut reg, |p| p as u8);
     assert_eq!(reg.contents.len(), 4);
-    reg.apply(&ev(kind::PROCESS_EXIT));
+    reg.apply(&Event::process_exit(PID, T));
     assert!(reg.vm(PID).is_none());
     assert!(reg.contents.is_empty());
 }
@@ -253,14 +252,8 @@ fn process_exit_removes_the_vm_and_its_counts() {
 #[test]
 fn read_only_slots_are_tracked_without_dirty_logging() {
     let mut reg = Registry::new(false);
-    reg.apply(&ev(kind::VM_CREATED));
-    reg.apply(&Event {
-        slot: 0,
-        flags: ioctl::KVM_MEM_READONLY,
-        size: 2 * 4096,
-        uaddr: 1,
-        ..ev(kind::SLOT_SET)
-    });
+    reg.apply(&vm_created());
+    reg.apply(&slot_set(0, ioctl::KVM_MEM_READONLY, 0, 2, 1));
     run_jobs(&mut reg, |_| 5);
     assert_eq!(state(&reg, 0), PageState::Clean);
 }
@@ -268,25 +261,23 @@ fn read_only_slots_are_tracked_without_dirty_logging() {
 #[test]
 fn a_bitmap_vm_resyncs_only_after_every_logged_slot_was_harvested() {
     let mut reg = Registry::new(true);
-    reg.apply(&ev(kind::VM_CREATED));
+    reg.apply(&vm_created());
     for slot in 0..2u32 {
-        reg.apply(&Event {
+        reg.apply(&slot_set(
             slot,
-            flags: ioctl::KVM_MEM_LOG_DIRTY_PAGES,
-            addr: u64::from(slot) * 4 * 4096,
-            size: 4 * 4096,
-            uaddr: 1,
-            ..ev(kind::SLOT_SET)
-        });
+            ioctl::KVM_MEM_LOG_DIRTY_PAGES,
+            u64::from(slot) * 4 * 4096,
+            4,
+            1,
+        ));
     }
     run_jobs(&mut reg, |_| 1);
     reg.note_loss(Some(PID), 50);
-    let get = |slot: u32| Event {
-        slot,
-        size: 60,
-        ktime_ns: 61,
-        ..ev(kind::DIRTY_LOG_GET)
-    };
+    // A GET that began before the loss harvested nothing missed.
+    reg.apply(&dirty_log_get(0, 40, 55));
+    reg.apply(&dirty_log_get(1, 45, 58));
+    assert!(reg.vm(PID).unwrap().sync != SyncState::Synced);
+    let get = |slot: u32| dirty_log_get(slot, 60, 61);
     reg.apply(&get(0));
     assert!(
         reg.vm(PID).unwrap().sync != SyncState::Synced,
@@ -395,10 +386,142 @@ fn a_vm_known_through_kvm_is_never_taken_for_a_shared_memory_guest() {
     // A shared-memory guest that turns out to use KVM becomes a KVM VM.
     let mut reg = Registry::new(false);
     reg.adopt_shared_ram(&shared_guest(&[(0x7100_0000, 4, "/dev/shm/a")]));
-    reg.apply(&Event {
-        fd: 5,
-        ..ev(kind::VM_CREATED)
-    });
+    reg.apply(&vm_created());
     assert_eq!(reg.vm(PID).unwrap().discovery, Discovery::AtCreation);
     assert!(reg.vm(PID).unwrap().slots.is_empty());
+}
+
+#[test]
+fn bitmap_writes_before_a_get_dirty_log_are_requeued_and_writes_during_it_stay_dirty() {
+    // A bitmap-mode VM (no dirty ring) on a host where fentry loads.
+    let mut reg = Registry::new(true);
+    reg.apply(&vm_created());
+    reg.apply(&slot_set(
+        0,
+        ioctl::KVM_MEM_LOG_DIRTY_PAGES,
+        0,
+        8,
+        0x7000_0000,
+    ));
+    run_jobs(&mut reg, |_| 1);
+    assert!((0..8).all(|p| state(&reg, p) == PageState::Clean));
+    reg.apply(&dirty_gfn(2, 100));
+    reg.apply(&dirty_gfn(3, 150));
+    // The VMM's GET begins at 200; the guest writes page 5 while it runs.
+    reg.apply(&dirty_gfn(5, 250));
+    reg.apply(&dirty_log_get(0, 200, 300));
+    assert_eq!(state(&reg, 2), PageState::Queued, "written before the GET");
+    assert_eq!(state(&reg, 3), PageState::Queued, "written before the GET");
+    assert_eq!(state(&reg, 5), PageState::Dirty, "written during the GET");
+    run_jobs(&mut reg, |p| 10 + p as u8);
+    assert_eq!(state(&reg, 2), PageState::Clean);
+    assert_eq!(state(&reg, 3), PageState::Clean);
+    assert_eq!(state(&reg, 5), PageState::Dirty);
+    assert!(reg.contents.lookup(&[12; 32]).is_some());
+    assert!(reg.contents.lookup(&[15; 32]).is_none());
+    // The next GET, begun after the write, covers page 5.
+    reg.apply(&dirty_log_get(0, 400, 410));
+    assert_eq!(state(&reg, 5), PageState::Queued);
+    run_jobs(&mut reg, |p| 10 + p as u8);
+    assert_eq!(state(&reg, 5), PageState::Clean);
+    assert!(reg.contents.lookup(&[15; 32]).is_some());
+}
+
+#[test]
+fn every_kind_built_as_the_ebpf_programs_build_it_is_decoded_by_the_registry() {
+    let mut reg = Registry::new(false);
+    reg.apply(&vm_created());
+    assert_eq!(
+        reg.vm(PID).unwrap().vm_fd,
+        Some(FD),
+        "the fd KVM_CREATE_VM returned"
+    );
+    reg.apply(&cap_enabled(ioctl::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 1));
+    assert_eq!(
+        reg.vm(PID).unwrap().dirty_mode,
+        DirtyMode::Bitmap {
+            manual_protect: true
+        }
+    );
+    reg.apply(&cap_enabled(ioctl::KVM_CAP_DIRTY_LOG_RING, 65536));
+    assert_eq!(reg.vm(PID).unwrap().dirty_mode, DirtyMode::Ring);
+    reg.apply(&slot_set(
+        0,
+        ioctl::KVM_MEM_LOG_DIRTY_PAGES,
+        0x10_0000,
+        4,
+        0x7000_0000,
+    ));
+    reg.apply(&slot_set(1, 0, 0x20_0000, 4, 0x8000_0000));
+    {
+        let slot = &reg.vm(PID).unwrap().slots[&1];
+        assert_eq!(
+            (slot.gpa, slot.size, slot.uaddr, slot.flags),
+            (0x20_0000, 4 * 4096, 0x8000_0000, 0)
+        );
+    }
+    run_jobs(&mut reg, |_| 1);
+    for job in reg.rescan_jobs(100) {
+        let plan = reg.plan(&job).unwrap();
+        let hashes: Vec<_> = plan.pages.iter().map(|_| Some([1; 32])).collect();
+        reg.commit(&job, &plan, &hashes);
+    }
+    assert_eq!(state(&reg, 3), PageState::Clean);
+
+    // Ring 2, entry 7: page 3 of slot 0.
+    reg.apply(&Event::dirty_ring_push(PID, 2, 7, 0, 3));
+    assert_eq!(state(&reg, 3), PageState::Dirty);
+    assert_eq!(reg.vm(PID).unwrap().rings[&2].pending[0].entry, 7);
+    reg.apply(&Event::reset_rings_begin(PID, 20, FD));
+    assert_eq!(reg.vm(PID).unwrap().reset_batch.as_ref().unwrap().0, 20);
+    reg.apply(&Event::dirty_ring_reset(PID, 20, 2, 8, 8));
+    assert_eq!(state(&reg, 3), PageState::Queued, "entry 7 is below 8");
+    reg.apply(&ioctl_event(PendingIoctl::reset_dirty_rings(FD, 20), 21, 1));
+    assert!(reg.vm(PID).unwrap().reset_batch.is_none());
+
+    // A write fault on page 2 of the unlogged slot 1.
+    let page2 = |reg: &Registry| reg.vm(PID).unwrap().slots[&1].pages[2].state();
+    assert_eq!(page2(&reg), PageState::Unverified);
+    reg.apply(&Event::write_fault(PID, 30, 0x20_0000 + 2 * 4096));
+    assert_eq!(page2(&reg), PageState::Unknown);
+
+    // In ring mode the bitmap reports are redundant: decoded, counted, ignored.
+    reg.apply(&dirty_gfn(0x100, 31));
+    reg.apply(&dirty_log_get(0, 32, 33));
+    reg.apply(&ioctl_event(
+        PendingIoctl::clear_dirty_log(FD, 34, 0, 0, 4),
+        35,
+        0,
+    ));
+    assert_eq!(state(&reg, 0), PageState::Clean);
+
+    reg.apply(&Event::process_exit(PID, 40));
+    assert!(reg.vm(PID).is_none());
+
+    for kind in EventKind::ALL {
+        let name = kind.name().unwrap();
+        let expected = match kind {
+            EventKind::CAP_ENABLED | EventKind::SLOT_SET => 2,
+            _ => 1,
+        };
+        assert_eq!(reg.stats.events.get(name), Some(&expected), "{name}");
+    }
+    assert_eq!(reg.stats.events_rejected, 0);
+    assert_eq!(reg.stats.events_unknown_vm, 0);
+}
+
+#[test]
+fn an_event_of_unknown_kind_is_counted_and_changes_nothing() {
+    let mut reg = Registry::new(false);
+    let mut bytes = bytemuck::bytes_of(&Event::process_exit(PID, T)).to_vec();
+    bytes[..4].copy_from_slice(&99u32.to_ne_bytes());
+    let unknown: Event = bytemuck::pod_read_unaligned(&bytes);
+    reg.apply(&unknown);
+    reg.apply(&unknown);
+    assert_eq!(reg.stats.events_rejected, 2);
+    assert!(reg.stats.events.is_empty());
+    assert!(
+        reg.vm(PID).is_none(),
+        "no VM adopted for an event nobody can read"
+    );
 }

@@ -81,8 +81,8 @@ pub struct Slot {
     /// Changes whenever the slot is replaced, so stale hash jobs are dropped.
     pub epoch: u64,
     pub pages: Vec<PageEntry>,
-    /// Bitmap mode with fentry events: (page, generation, ktime) of writes
-    /// waiting for `KVM_GET_DIRTY_LOG`.
+    /// Bitmap mode with `mark_page_dirty_in_slot` events: (page, generation,
+    /// ktime) of writes waiting for a `KVM_GET_DIRTY_LOG` that entered later.
     pub pending_bitmap: Vec<(u32, u32, u64)>,
     /// Next page the bounded-rate rescan of an untracked slot reads.
     pub rescan_cursor: u32,

@@ -7,7 +7,7 @@ use agent_common::{Event, LossRecord, TraceOffsets};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
-    programs::{FEntry, TracePoint},
+    programs::{FExit, TracePoint},
 };
 use serde::Serialize;
 
@@ -49,9 +49,11 @@ pub enum EbpfError {
 pub struct Sources {
     /// Programs attached, by name.
     pub attached: Vec<String>,
-    /// fentry on `mark_page_dirty_in_slot` is attached (covers bitmap mode).
+    /// The BPF trampoline program on `mark_page_dirty_in_slot` (an fexit) is
+    /// attached: it covers bitmap mode. Named after fentry, the kernel
+    /// feature it needs (fentry and fexit are allowed or refused together).
     pub fentry: bool,
-    /// Why fentry is not used, when it is not.
+    /// Why it is not used, when it is not.
     pub fentry_error: Option<String>,
     /// The write-fault tracepoint is attached.
     pub write_faults: bool,
@@ -147,11 +149,11 @@ impl Probes {
                 sources.fentry = true;
                 sources
                     .attached
-                    .push("fentry/mark_page_dirty_in_slot".into());
+                    .push("fexit/mark_page_dirty_in_slot".into());
             }
             Err(err) => {
                 log::info!(
-                    "fentry/mark_page_dirty_in_slot unavailable ({err}): dirty-ring VMs are tracked through kvm:kvm_dirty_ring_push; bitmap-mode VMs are rescanned"
+                    "fexit/mark_page_dirty_in_slot unavailable ({err}): dirty-ring VMs are tracked through kvm:kvm_dirty_ring_push; bitmap-mode VMs are rescanned"
                 );
                 sources.fentry_error = Some(err);
             }
@@ -197,7 +199,7 @@ impl Probes {
 
 fn attach_fentry(ebpf: &mut Ebpf) -> Result<(), String> {
     let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
-    let program: &mut FEntry = ebpf
+    let program: &mut FExit = ebpf
         .program_mut("pagefp_mark_page_dirty")
         .ok_or("program missing")?
         .try_into()
