@@ -97,7 +97,13 @@ impl GuestMapping {
             .with_context(|| format!("mapping {path}"))
     }
 
-    fn map(file: &File, offset: u64, size: u64, writable: bool, extra: MapFlags) -> io::Result<Self> {
+    fn map(
+        file: &File,
+        offset: u64,
+        size: u64,
+        writable: bool,
+        extra: MapFlags,
+    ) -> io::Result<Self> {
         let len = NonZeroUsize::new(size as usize)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty guest region"))?;
         let prot = if writable {
@@ -300,13 +306,18 @@ mod tests {
         assert!(view.page(0).unwrap().iter().all(|b| *b == 7));
         assert!(view.page(1).unwrap().iter().all(|b| *b == 0));
         assert!(view.page(3).is_none(), "outside the slot");
-        let mut ro = GuestMapping::open_sealed(pid, uaddr, size).unwrap().unwrap();
+        let mut ro = GuestMapping::open_sealed(pid, uaddr, size)
+            .unwrap()
+            .unwrap();
         assert!(ro.page_mut(0).is_none(), "a read-only view is not writable");
 
         let mut dest = GuestMapping::open_writable(pid, uaddr, size).unwrap();
         dest.page_mut(2).unwrap().fill(9);
         assert!(ram.bytes()[3 * PAGE_SIZE..].iter().all(|b| *b == 9));
-        assert!(view.page(2).unwrap().iter().all(|b| *b == 9), "the same file");
+        assert!(
+            view.page(2).unwrap().iter().all(|b| *b == 9),
+            "the same file"
+        );
     }
 
     #[test]
@@ -314,17 +325,29 @@ mod tests {
         let pid = std::process::id();
         let ram = VmmRam::new(2, false);
         let size = 2 * PAGE_SIZE as u64;
-        assert!(GuestMapping::open_sealed(pid, ram.uaddr(), size).unwrap().is_none());
+        assert!(
+            GuestMapping::open_sealed(pid, ram.uaddr(), size)
+                .unwrap()
+                .is_none()
+        );
         let anonymous = vec![1u8; 4 * PAGE_SIZE];
         let at = (anonymous.as_ptr() as u64).next_multiple_of(PAGE_SIZE as u64);
-        assert!(GuestMapping::open_sealed(pid, at, PAGE_SIZE as u64).unwrap().is_none());
+        assert!(
+            GuestMapping::open_sealed(pid, at, PAGE_SIZE as u64)
+                .unwrap()
+                .is_none()
+        );
         let err = GuestMapping::open_writable(pid, at, PAGE_SIZE as u64).unwrap_err();
         assert!(
             format!("{err:#}").contains("must keep guest memory in a memfd"),
             "{err:#}"
         );
         // A range that runs past the mapping is not covered by it.
-        assert!(GuestMapping::open_sealed(pid, ram.uaddr(), 3 * size).unwrap().is_none());
+        assert!(
+            GuestMapping::open_sealed(pid, ram.uaddr(), 3 * size)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

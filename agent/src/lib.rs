@@ -1,9 +1,9 @@
 //! pagefp: page fingerprints of KVM guests, kept current by eBPF, for
 //! template-based live migration.
 //!
-//! The modules are layers, listed here from the bottom up; data flows up,
-//! and a module imports only modules listed before it (the outer ring may
-//! import any inner layer; see `docs/architecture.md`):
+//! The modules are layers, grouped below from the bottom up; data flows up,
+//! and a module imports only from its own group and the groups below it
+//! (see `docs/architecture.md`):
 //!
 //! - foundation: [`page`], [`procfs`], [`guest_memory`], [`config`];
 //! - the core, where hashes are kept: [`tracking`] (eBPF, the tracker,
@@ -16,24 +16,23 @@
 //!   migration tools [`migrate`] and [`qemu_proxy`] (with its stream parser
 //!   [`qemu_stream`]), and the command line [`cli`].
 
+pub mod config;
+pub mod guest_memory;
 pub mod page;
 pub mod procfs;
-pub mod guest_memory;
-pub mod config;
 
-pub mod tracking;
-pub mod registry;
-pub mod hasher;
 pub mod content;
+pub mod hasher;
+pub mod registry;
 pub mod templates;
+pub mod tracking;
 
 pub mod api;
 pub mod net;
 pub mod transport;
 
+pub mod cli;
 pub mod daemon;
 pub mod migrate;
 pub mod qemu_proxy;
 pub mod qemu_stream;
-pub mod cli;
-

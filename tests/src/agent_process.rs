@@ -12,10 +12,9 @@ use agent::api::{
     wire::{PageRecord, parse_hash_list},
 };
 use anyhow::{Context as _, bail};
-use serde_json::Value;
-
 /// The workspace's target directory (tests run from target/{debug,release}/deps).
 pub use pagefp_images::target_dir;
+use serde_json::Value;
 
 fn profile() -> &'static str {
     if cfg!(debug_assertions) {

@@ -8,7 +8,6 @@ use std::{
 };
 
 use agent::qemu_proxy::ProxyReport;
-
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 use serde_json::json;

@@ -7,11 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent::{
-    api::{
-        client::{self, ClientError},
-        report::{ByEncoding, MigrationReport, Mode, Phase, Role},
-    },
+use agent::api::{
+    client::{self, ClientError},
+    report::{ByEncoding, MigrationReport, Mode, Phase, Role},
 };
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},

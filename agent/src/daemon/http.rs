@@ -311,8 +311,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_lets_the_request_in_flight_finish_then_stops_accepting() {
         let dir = temp_dir("shutdown");
-        let (path, shutdown, server) =
-            start(&dir, Duration::from_millis(300), Limits::default());
+        let (path, shutdown, server) = start(&dir, Duration::from_millis(300), Limits::default());
         let request = tokio::spawn({
             let path = path.clone();
             async move { get(&path).await }

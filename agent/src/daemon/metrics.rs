@@ -19,8 +19,8 @@ use prometheus::{
 };
 
 use crate::{
-    daemon::state::AppState,
     content::zero_page_hash,
+    daemon::state::AppState,
     migrate::wire::{FULL_LEN, TEMPLATE_LEN},
     registry::{DirtyMode, Discovery, PageState, Registry, Tracking, Vm},
     templates::Selection,

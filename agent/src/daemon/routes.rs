@@ -395,8 +395,7 @@ fn hashes(state: &AppState, pid: u32, format: Format) -> ApiResponse {
                         _ => PageState::Unknown,
                     },
                     zero: r.zero == 1,
-                    hash: matches!(r.state, state::CLEAN | state::UNVERIFIED)
-                        .then(|| hex(&r.hash)),
+                    hash: matches!(r.state, state::CLEAN | state::UNVERIFIED).then(|| hex(&r.hash)),
                 })
                 .collect();
             json(&pages)
@@ -453,11 +452,16 @@ fn templates(
         Some(catalog) => catalog,
         None => Arc::new(Selection::select_among(
             &registry.contents,
-            counted.iter().filter_map(|pid| registry.vm(*pid)).map(|vm| &vm.counts),
+            counted
+                .iter()
+                .filter_map(|pid| registry.vm(*pid))
+                .map(|vm| &vm.counts),
             policy,
         )),
     };
-    let shown = limit.map_or(catalog.templates.len(), |limit| limit.min(catalog.templates.len()));
+    let shown = limit.map_or(catalog.templates.len(), |limit| {
+        limit.min(catalog.templates.len())
+    });
     let templates = &catalog.templates[..shown];
     let locations = if selection.locations {
         registry.locate_contents(&counted, templates.iter().map(|t| t.id))
@@ -611,7 +615,12 @@ mod tests {
         let limited = catalog(&state, "limit=1");
         assert_eq!((limited.selected, limited.templates.len()), (4, 1));
 
-        let unknown = handle(&state, &hyper::Method::GET, "/v1/templates", Some("vms=1,9"));
+        let unknown = handle(
+            &state,
+            &hyper::Method::GET,
+            "/v1/templates",
+            Some("vms=1,9"),
+        );
         assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
         assert!(body(unknown).contains("pid 9"));
     }

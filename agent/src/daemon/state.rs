@@ -7,16 +7,16 @@ use std::{
     time::Instant,
 };
 
+use super::migration_book::MigrationBook;
 use crate::{
     hasher::HashPool,
     registry::Registry,
-    templates::{Selection, Eligible, SelectionPolicy},
+    templates::{Eligible, Selection, SelectionPolicy},
     tracking::{
         ebpf::Sources,
         tracker::{SyncHandle, TrackerStats},
     },
 };
-use super::migration_book::MigrationBook;
 
 /// Everything the API reads.
 pub struct AppState {

@@ -282,7 +282,9 @@ pub fn build_from_agent(socket: &Path, options: &BuildOptions) -> anyhow::Result
     let selection: CatalogView = serde_json::from_slice(
         &client::get_blocking(socket, &query).context("asking the agent for its templates")?,
     )
-    .context("the agent's template list is not what this pagefp expects: are both the same version?")?;
+    .context(
+        "the agent's template list is not what this pagefp expects: are both the same version?",
+    )?;
     let mut catalog = Catalog::default();
     let mut buf = vec![0u8; PAGE];
     for template in selection.templates {

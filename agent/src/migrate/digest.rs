@@ -3,9 +3,8 @@
 //! blake3 hashes of its pages. Both ends compute it independently of any
 //! tracking, so a page the tracking missed shows up as a mismatch.
 
-use crate::{content::zero_page_hash, page::is_zero_page};
-
 use super::wire::PAGE;
+use crate::{content::zero_page_hash, page::is_zero_page};
 
 /// Pages per digest chunk (4 MiB).
 pub const CHUNK_PAGES: u32 = 1024;

@@ -230,7 +230,9 @@ mod tests {
                         if reader.read_line(&mut line).unwrap_or(0) == 0 {
                             return;
                         }
-                        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        if let Some(value) =
+                            line.to_ascii_lowercase().strip_prefix("content-length:")
+                        {
                             length = value.trim().parse().unwrap();
                         }
                         if line == "\r\n" {
@@ -259,7 +261,11 @@ mod tests {
         progress.update(&report(Phase::Completed, 2));
         drop(progress);
         let got: Vec<MigrationReport> = reports.try_iter().collect();
-        assert_eq!(got.last().map(|r| r.phase), Some(Phase::Completed), "{got:?}");
+        assert_eq!(
+            got.last().map(|r| r.phase),
+            Some(Phase::Completed),
+            "{got:?}"
+        );
     }
 
     #[test]
@@ -282,7 +288,15 @@ mod tests {
         progress.update(&report(Phase::Completed, 3));
         drop(progress);
         let got: Vec<MigrationReport> = reports.try_iter().collect();
-        assert_eq!(got.last().map(|r| r.phase), Some(Phase::Completed), "{got:?}");
-        assert!(got.len() < 7, "intermediate reports are replaced: {}", got.len());
+        assert_eq!(
+            got.last().map(|r| r.phase),
+            Some(Phase::Completed),
+            "{got:?}"
+        );
+        assert!(
+            got.len() < 7,
+            "intermediate reports are replaced: {}",
+            got.len()
+        );
     }
 }

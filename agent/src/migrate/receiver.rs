@@ -19,8 +19,8 @@ use anyhow::{Context as _, bail};
 use super::{
     catalog::{TemplateSources, TemplateStore},
     digest::digests_from_hashes,
-    vm_memory::{DestMemory, Layout},
     progress::Progress,
+    vm_memory::{DestMemory, Layout},
     vmm::{self, MemoryRegion, VmmControl},
     wire::{
         self, FLAG_ZSTD, FrameReader, FrameWriter, Hello, Kind, MAX_OFFER, PAGE, PageRecord, Ready,

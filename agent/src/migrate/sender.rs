@@ -29,9 +29,9 @@ use anyhow::{Context as _, bail};
 
 use super::{
     digest::{CHUNK_PAGES, chunk_digests},
-    vm_memory::{Layout, SourceMemory},
     pacing::Paced,
     progress::Progress,
+    vm_memory::{Layout, SourceMemory},
     vmm::{self, VmmControl},
     wire::{
         self, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PAGE, PagesBuilder,

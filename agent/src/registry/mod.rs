@@ -408,7 +408,12 @@ impl Registry {
     /// Removes the VMs whose process no longer exists (a missed exit
     /// event), as `alive` tells; returns their pids.
     pub fn reap_gone(&mut self, alive: impl Fn(u32) -> bool) -> Vec<u32> {
-        let gone: Vec<u32> = self.vms.keys().copied().filter(|pid| !alive(*pid)).collect();
+        let gone: Vec<u32> = self
+            .vms
+            .keys()
+            .copied()
+            .filter(|pid| !alive(*pid))
+            .collect();
         for pid in &gone {
             self.remove_vm(*pid);
         }

@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
-
-use super::{Figure, median};
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions},
     images::{FleetLayout, write_fleet},
 };
+use serde_json::{Value, json};
+
+use super::{Figure, median};
 
 /// Pages per second the guest writes running `ops` in a loop for `seconds`.
 fn guest_rate(vm: &Vm, ops: &Value, seconds: f64) -> f64 {

@@ -3,14 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
-use super::{Figure, median};
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions},
     images::{PAGE, fill_content},
 };
+use serde_json::json;
+
+use super::{Figure, median};
 
 /// blake3 per page over `memory`, one thread: pages per second.
 pub fn blake3_pages_per_sec(memory: &[u8]) -> f64 {

@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use serde_json::json;
-
-use super::Figure;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions},
     images::{FleetLayout, write_fleet},
 };
+use serde_json::json;
+
+use super::Figure;
 
 fn bytes_per_page(
     layout: FleetLayout,

@@ -17,9 +17,6 @@ use std::{
 
 use agent::api::report::Mode;
 use anyhow::{Context as _, bail};
-use serde::Serialize;
-use serde_json::json;
-
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions},
@@ -29,6 +26,8 @@ use pagefp_tests::{
     qemu::QemuGuest,
     vmm_client::{VmmArgs, VmmProcess, testvmm_binary},
 };
+use serde::Serialize;
+use serde_json::json;
 
 /// One migration of the experiment.
 #[derive(Clone, Debug, Serialize)]

@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use serde_json::json;
-
-use super::Figure;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions},
     images::{FleetLayout, write_fleet},
 };
+use serde_json::json;
+
+use super::Figure;
 
 pub fn measure(iterations: u32) -> anyhow::Result<Vec<Figure>> {
     const PAGES: u32 = 32768;

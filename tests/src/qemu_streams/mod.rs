@@ -10,13 +10,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::qemu::Qmp;
 use agent::{
     migrate::catalog::Catalog,
     qemu_stream::{self, Options, Page, Sink, SinkError},
 };
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
+
+use crate::qemu::Qmp;
 
 /// A QEMU without a kernel, killed on drop.
 pub struct BiosGuest {

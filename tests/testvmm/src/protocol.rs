@@ -5,12 +5,11 @@
 //! ([`crate::control`]) and the tests' client (`pagefp_tests::vmm_client`)
 //! use these types; the wire is documented in [`crate::control`].
 
-use serde::{Deserialize, Serialize};
-
 pub use agent::migrate::vmm::protocol::{
     Ack, Extension, LineRead, MAX_LINE_BYTES, MemoryRegion, Paused, Reply, SavedState, VmInfo,
     VmRequest, VmState, read_line, refusal,
 };
+use serde::{Deserialize, Serialize};
 
 use crate::{DirtyMode, Harvest, SlotInfo, workload::Op};
 

@@ -14,7 +14,10 @@ use std::{
     io::{self, BufRead, Read as _},
 };
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned, de::Error as _};
+use serde::{
+    Deserialize, Serialize,
+    de::{DeserializeOwned, Error as _},
+};
 use serde_json::Value;
 
 /// Longest request or answer line either side accepts.
