@@ -31,6 +31,7 @@ pub mod api;
 pub mod net;
 pub mod transport;
 
+pub mod catalog;
 pub mod cli;
 pub mod daemon;
 pub mod migrate;

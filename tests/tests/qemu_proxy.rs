@@ -7,7 +7,7 @@
 
 use std::{collections::HashSet, path::Path, time::Duration};
 
-use agent::{api::wire::state, migrate::catalog::Catalog, qemu_proxy::ProxyReport};
+use agent::{api::wire::state, catalog::Catalog, qemu_proxy::ProxyReport};
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, free_port, page_hash},
     guest_images, privileged,

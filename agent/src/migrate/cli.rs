@@ -6,11 +6,17 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 
 use super::{
-    catalog::{self, BuildOptions},
     receiver::{self, ReceiveOptions},
     sender::{self, SendOptions},
 };
-use crate::{api::report::Mode, config::DEFAULT_SOCKET};
+use crate::{
+    api::report::Mode,
+    catalog::{
+        self,
+        sources::{BuildOptions, TemplateSources, build_from_agent},
+    },
+    config::DEFAULT_SOCKET,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum MigrateCommand {
@@ -67,7 +73,7 @@ pub struct ReceiveArgs {
     #[arg(long)]
     pub vmm_socket: PathBuf,
     #[command(flatten)]
-    pub templates: catalog::TemplateSources,
+    pub templates: TemplateSources,
     /// Leave the migrated VM paused instead of resuming it.
     #[arg(long)]
     pub no_resume: bool,
@@ -213,7 +219,7 @@ pub fn run_catalog(command: CatalogCommand, agent_socket: &std::path::Path) -> a
                 min_vms: args.min_vms,
                 budget_bytes: args.budget_mib << 20,
             };
-            let catalog = catalog::build_from_agent(agent_socket, &options)?;
+            let catalog = build_from_agent(agent_socket, &options)?;
             let bytes = catalog
                 .save(&args.out)
                 .with_context(|| format!("writing {}", args.out.display()))?;

@@ -1,7 +1,6 @@
 //! Template-based live migration: `pagefp migrate send` and `receive`.
 //! The wire format is documented in `docs/migration-protocol.md`.
 
-pub mod catalog;
 pub mod cli;
 pub mod digest;
 pub mod pacing;

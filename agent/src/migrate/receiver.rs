@@ -17,7 +17,6 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    catalog::{TemplateSources, TemplateStore},
     digest::digests_from_hashes,
     progress::Progress,
     vm_memory::{DestMemory, Layout},
@@ -29,6 +28,7 @@ use super::{
 };
 use crate::{
     api::report::{MigrationReport, Mode, Phase, Role},
+    catalog::{sources::TemplateSources, store::TemplateStore},
     content::zero_page_hash,
     transport::{Protocol as _, WireError},
 };
@@ -208,7 +208,7 @@ impl Receiver<'_> {
         self.hashes = vec![zero_page_hash(); layout.pages() as usize];
         self.memory = Some(DestMemory::open(self.report.vm_pid, layout, &uaddrs)?);
         let offer: &[_] = if hello.mode.uses_templates() {
-            let ids = &self.templates.ids;
+            let ids = self.templates.ids();
             if ids.len() > MAX_OFFER {
                 log::warn!(
                     "offering the first {MAX_OFFER} of {} templates: one offer holds no more; \
@@ -306,9 +306,10 @@ impl Receiver<'_> {
                     self.report.pages.zero += u64::from(count);
                 }
                 PageRecord::Template { page, index } => {
-                    let data = self
+                    let (data, id) = self
                         .templates
                         .page(index)
+                        .zip(self.templates.ids().get(index as usize))
                         .filter(|_| self.report.mode.uses_templates())
                         .ok_or_else(|| {
                             frame.malformed(format!("template {index} was not offered"))
@@ -318,7 +319,7 @@ impl Receiver<'_> {
                             .malformed(format!("page {page} beyond {total} pages"))
                             .into());
                     }
-                    self.hashes[page as usize] = *self.templates.hash(index).expect("offered");
+                    self.hashes[page as usize] = *id;
                     self.report.pages.template += 1;
                 }
                 PageRecord::Full { page, data } => {

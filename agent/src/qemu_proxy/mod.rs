@@ -21,7 +21,7 @@ use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    migrate::catalog,
+    catalog::{sources::TemplateSources, store::TemplateStore},
     qemu_stream::{Options, Unsupported},
 };
 
@@ -66,7 +66,7 @@ pub struct ReceiveArgs {
     #[arg(long)]
     pub qemu: String,
     #[command(flatten)]
-    pub templates: catalog::TemplateSources,
+    pub templates: TemplateSources,
     /// Give up when no send proxy connects within this many seconds.
     #[arg(long)]
     pub timeout_s: Option<u64>,
@@ -149,10 +149,10 @@ pub fn run(command: ProxyCommand) -> anyhow::Result<()> {
 
 /// The templates the receive proxy offers: catalog files, installed
 /// catalogs, the local agent's VMs. Every page is hashed again here.
-pub fn load_templates(args: &ReceiveArgs) -> anyhow::Result<templates::PageSet> {
-    let mut set = templates::PageSet::default();
+pub fn load_templates(args: &ReceiveArgs) -> anyhow::Result<TemplateStore> {
+    let mut set = TemplateStore::default();
     for (source, catalog) in args.templates.load()?.catalogs {
-        let added = set.add_catalog(&catalog);
+        let added = set.add(&catalog);
         log::info!("{source}: {} templates ({added} new)", catalog.len());
     }
     Ok(set)

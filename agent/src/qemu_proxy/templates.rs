@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use crate::{content::TemplateId, migrate::catalog::Catalog, qemu_stream::format::PAGE_SIZE};
+use crate::{catalog::store::TemplateStore, content::TemplateId, page::PAGE_SIZE};
 
 /// Sender side: the template index of a page content, by its blake3.
 pub trait TemplateLookup {
@@ -51,64 +51,23 @@ impl TemplateLookup for Offered {
     }
 }
 
-/// Template pages held in memory, each checked against its hash, without
-/// repeats. The empty set is the identity: nothing is replaced.
-#[derive(Default)]
-pub struct PageSet {
-    hashes: Vec<[u8; 32]>,
-    pages: Vec<[u8; PAGE_SIZE]>,
-    index: HashMap<[u8; 32], u32>,
-}
-
-impl PageSet {
-    /// Adds a page (its hash computed here); false if it was there.
-    pub fn add(&mut self, page: &[u8; PAGE_SIZE]) -> bool {
-        let hash = *blake3::hash(page).as_bytes();
-        if self.index.contains_key(&hash) || self.hashes.len() >= u32::MAX as usize {
-            return false;
-        }
-        self.index.insert(hash, self.hashes.len() as u32);
-        self.hashes.push(hash);
-        self.pages.push(*page);
-        true
-    }
-
-    /// Adds a catalog's pages; how many were new.
-    pub fn add_catalog(&mut self, catalog: &Catalog) -> usize {
-        (0..catalog.len())
-            .filter(|&i| {
-                let page: &[u8; PAGE_SIZE] = catalog.page(i).try_into().expect("4 KiB pages");
-                self.add(page)
-            })
-            .count()
-    }
-
-    pub fn len(&self) -> usize {
-        self.hashes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.hashes.is_empty()
-    }
-}
-
-impl TemplatePages for PageSet {
+impl TemplatePages for TemplateStore {
     fn hashes(&self) -> &[TemplateId] {
-        &self.hashes
+        self.ids()
     }
 
     fn page(&self, index: u32) -> Option<&[u8; PAGE_SIZE]> {
-        self.pages.get(index as usize)
+        TemplateStore::page(self, index)
     }
 }
 
-impl TemplateLookup for PageSet {
+impl TemplateLookup for TemplateStore {
     fn template(&self, hash: &TemplateId) -> Option<u32> {
-        self.index.get(hash).copied()
+        self.index_of(hash)
     }
 
     fn len(&self) -> usize {
-        self.hashes.len()
+        TemplateStore::len(self)
     }
 }
 
@@ -118,18 +77,18 @@ mod tests {
 
     #[test]
     fn pages_are_found_by_content_and_never_twice() {
-        let mut set = PageSet::default();
+        let mut set = TemplateStore::default();
         let a = [1u8; PAGE_SIZE];
         let b = [2u8; PAGE_SIZE];
-        assert!(set.add(&a) && set.add(&b) && !set.add(&a));
-        assert_eq!(set.len(), 2);
-        let offered = Offered::new(set.hashes());
+        assert!(set.add_page(&a) && set.add_page(&b) && !set.add_page(&a));
+        assert_eq!(TemplateLookup::len(&set), 2);
+        let offered = Offered::new(set.ids());
         let index = offered.template(blake3::hash(&b).as_bytes()).unwrap();
-        assert_eq!(set.page(index).unwrap(), &b);
+        assert_eq!(TemplatePages::page(&set, index).unwrap(), &b);
         assert_eq!(
             offered.template(blake3::hash(&[3u8; PAGE_SIZE]).as_bytes()),
             None
         );
-        assert!(set.page(2).is_none());
+        assert!(TemplatePages::page(&set, 2).is_none());
     }
 }

@@ -16,10 +16,10 @@ use super::{
     ProxyReport,
     receive::{ReceiveOptions, receive},
     send::{SendOptions, send},
-    templates::PageSet,
     wire::{self, ChunkBuilder, Frame, FrameReader, FrameWriter, Kind},
 };
 use crate::{
+    catalog::store::TemplateStore,
     qemu_stream::{
         Options, Unsupported,
         format::{PAGE_SIZE, section},
@@ -42,7 +42,7 @@ struct Outcome {
 
 /// Runs the pair: `qemu` writes the source stream to the send proxy.
 fn run_pair(
-    templates: PageSet,
+    templates: TemplateStore,
     zstd: bool,
     unsupported: Unsupported,
     qemu: impl FnOnce(&str) + Send + 'static,
@@ -157,7 +157,7 @@ fn spec(pages: u64) -> StreamSpec {
 fn without_templates_the_stream_arrives_unchanged_at_about_its_size() {
     let built = build(&spec(300));
     let outcome = run_pair(
-        PageSet::default(),
+        TemplateStore::default(),
         false,
         Unsupported::Refuse,
         feed(built.bytes.clone()),
@@ -185,9 +185,9 @@ fn template_pages_travel_as_references_and_come_back_exact() {
     let built = build(&spec(300));
     // Seeds 1..=5 of the 10 the pages cycle through, and an unrelated page.
     let templates = || {
-        let mut set = PageSet::default();
+        let mut set = TemplateStore::default();
         for seed in [1, 2, 3, 4, 5, 1234] {
-            set.add(&page_content(seed));
+            set.add_page(&page_content(seed));
         }
         set
     };
@@ -224,7 +224,7 @@ fn return_path_stream() -> Vec<u8> {
 #[test]
 fn a_refused_stream_never_reaches_the_destination() {
     let outcome = run_pair(
-        PageSet::default(),
+        TemplateStore::default(),
         true,
         Unsupported::Refuse,
         feed(return_path_stream()),
@@ -255,7 +255,7 @@ fn multifd_channels_are_refused_before_anything_is_sent() {
         .unwrap();
     let bytes = built.bytes.clone();
     let outcome = run_pair(
-        PageSet::default(),
+        TemplateStore::default(),
         true,
         Unsupported::Refuse,
         move |local| {
@@ -284,7 +284,7 @@ fn a_late_extra_connection_keeps_the_stream_end_from_the_destination() {
     let built = build(&spec(10));
     let bytes = built.bytes.clone();
     let outcome = run_pair(
-        PageSet::default(),
+        TemplateStore::default(),
         true,
         Unsupported::Refuse,
         move |local| {
@@ -314,8 +314,8 @@ fn unsupported_features_can_be_passed_through() {
     bytes.extend_from_slice(b"block");
     bytes.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1, 0xaa, 0xbb]);
     bytes.extend_from_slice(&built.bytes[26..]);
-    let mut templates = PageSet::default();
-    templates.add(&page_content(1));
+    let mut templates = TemplateStore::default();
+    templates.add_page(&page_content(1));
     let outcome = run_pair(
         templates,
         true,
@@ -337,7 +337,7 @@ fn a_stream_cut_short_fails_both_ends_and_qemu_never_sees_its_end() {
     let built: Built = build(&spec(100));
     let cut = built.pages[50].stream_offset as usize + 100;
     let outcome = run_pair(
-        PageSet::default(),
+        TemplateStore::default(),
         true,
         Unsupported::Refuse,
         feed(built.bytes[..cut].to_vec()),
@@ -356,7 +356,7 @@ fn a_stream_cut_short_fails_both_ends_and_qemu_never_sees_its_end() {
 #[test]
 fn not_a_qemu_stream_is_refused() {
     let outcome = run_pair(
-        PageSet::default(),
+        TemplateStore::default(),
         true,
         Unsupported::Refuse,
         feed(b"GET / HTTP/1.1\r\n\r\n".to_vec()),

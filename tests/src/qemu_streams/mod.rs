@@ -11,7 +11,7 @@ use std::{
 };
 
 use agent::{
-    migrate::catalog::Catalog,
+    catalog::Catalog,
     qemu_stream::{self, Options, Page, Sink, SinkError},
 };
 use anyhow::{Context as _, bail};

@@ -1,0 +1,230 @@
+//! Template catalogs with their page contents: what a destination holds,
+//! for both migration tools (`pagefp migrate` and `pagefp qemu-proxy`).
+//!
+//! A catalog is built from the agent's template selection (the most common
+//! page contents across a chosen set of VMs, as in Li, Zheng and Hu), its
+//! pages read from those VMs and checked against their hashes
+//! ([`sources::build_from_agent`]). It is saved to a file (`pagefp templates
+//! export`), installed at a destination ahead of time (`pagefp templates
+//! import`), and loaded by the receivers ([`sources::TemplateSources`]) into
+//! the one [`store::TemplateStore`] they offer from.
+//!
+//! File format, version 1 (little-endian):
+//!
+//! ```text
+//! b"PFTC", u32 version, u32 page size, u32 count, [u8; 32] digest
+//! count × [u8; 32] blake3 hashes (the digest is the blake3 of these bytes)
+//! u64 length, then one zstd frame holding count × page bytes, in hash order
+//! ```
+
+pub mod sources;
+pub mod store;
+
+use std::{
+    io::{Read, Write},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::page::PAGE_SIZE;
+
+pub const MAGIC: [u8; 4] = *b"PFTC";
+pub const VERSION: u32 = 1;
+const HEADER_LEN: usize = 48;
+
+/// Default directory `templates import` installs into and `migrate
+/// receive` loads from.
+pub const DEFAULT_DIR: &str = "/var/lib/pagefp/catalogs";
+
+/// Templates and their pages.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Catalog {
+    pub hashes: Vec<[u8; 32]>,
+    /// `hashes.len()` pages.
+    pub pages: Vec<u8>,
+}
+
+impl Catalog {
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    pub fn page(&self, index: usize) -> &[u8] {
+        &self.pages[index * PAGE_SIZE..(index + 1) * PAGE_SIZE]
+    }
+
+    /// Identifies the catalog: blake3 of its hash list.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new();
+        for hash in &self.hashes {
+            hasher.update(hash);
+        }
+        *hasher.finalize().as_bytes()
+    }
+
+    pub fn to_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.len() * 32 + self.pages.len() / 2);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        out.extend_from_slice(&(self.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.digest());
+        for hash in &self.hashes {
+            out.extend_from_slice(hash);
+        }
+        let compressed = zstd::bulk::compress(&self.pages, 3).context("compressing templates")?;
+        out.extend_from_slice(&(compressed.len() as u64).to_le_bytes());
+        out.extend_from_slice(&compressed);
+        Ok(out)
+    }
+
+    /// Parses and checks a catalog: every page must match its hash.
+    pub fn from_bytes(bytes: &[u8]) -> anyhow::Result<Self> {
+        if bytes.len() < HEADER_LEN || bytes[..4] != MAGIC {
+            bail!("not a pagefp template catalog (made by `pagefp templates export`)");
+        }
+        let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        if word(4) != VERSION {
+            bail!(
+                "catalog version {} is not supported (this pagefp reads version {VERSION})",
+                word(4)
+            );
+        }
+        if word(8) as usize != PAGE_SIZE {
+            bail!(
+                "catalog of {}-byte pages; this host uses {PAGE_SIZE}",
+                word(8)
+            );
+        }
+        let count = word(12) as usize;
+        let digest: [u8; 32] = bytes[16..48].try_into().unwrap();
+        let hashes_end = HEADER_LEN
+            .checked_add(count.checked_mul(32).context("catalog count overflows")?)
+            .context("catalog count overflows")?;
+        if bytes.len() < hashes_end + 8 {
+            bail!(
+                "catalog is truncated: {count} templates announced, {} bytes present",
+                bytes.len()
+            );
+        }
+        let hashes: Vec<[u8; 32]> = bytes[HEADER_LEN..hashes_end]
+            .chunks_exact(32)
+            .map(|c| c.try_into().unwrap())
+            .collect();
+        let compressed_len =
+            u64::from_le_bytes(bytes[hashes_end..hashes_end + 8].try_into().unwrap()) as usize;
+        let body = &bytes[hashes_end + 8..];
+        if body.len() != compressed_len {
+            bail!(
+                "catalog is truncated: page data has {} of {compressed_len} bytes",
+                body.len()
+            );
+        }
+        // No allocation by the announced count: the data must prove it.
+        let mut pages = Vec::new();
+        zstd::stream::read::Decoder::new(body)
+            .context("catalog page data is not zstd")?
+            .take((count * PAGE_SIZE) as u64 + 1)
+            .read_to_end(&mut pages)
+            .context("catalog page data is corrupt")?;
+        if pages.len() != count * PAGE_SIZE {
+            bail!(
+                "catalog page data holds {} bytes for {count} pages",
+                pages.len()
+            );
+        }
+        let catalog = Self { hashes, pages };
+        if catalog.digest() != digest {
+            bail!("catalog digest mismatch: the file is corrupt");
+        }
+        for (i, hash) in catalog.hashes.iter().enumerate() {
+            if blake3::hash(catalog.page(i)).as_bytes() != hash {
+                bail!("catalog template {i} does not match its hash: the file is corrupt");
+            }
+        }
+        Ok(catalog)
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("reading catalog {}", path.display()))?;
+        Self::from_bytes(&bytes).with_context(|| format!("catalog {}", path.display()))
+    }
+
+    /// Writes atomically (temporary file, then rename).
+    pub fn save(&self, path: &Path) -> anyhow::Result<u64> {
+        let bytes = self.to_bytes()?;
+        let tmp = path.with_extension("tmp");
+        let mut file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        Ok(bytes.len() as u64)
+    }
+}
+
+/// The catalog files installed in `dir` (missing dir: none).
+pub fn installed(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pftc"))
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+/// Checks `file` and installs it into `dir` as `<digest>.pftc`.
+pub fn import(file: &Path, dir: &Path) -> anyhow::Result<(PathBuf, Catalog)> {
+    let catalog = Catalog::load(file)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name: String = catalog.digest()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let target = dir.join(format!("{name}.pftc"));
+    catalog.save(&target)?;
+    Ok((target, catalog))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn catalog(n: usize) -> Catalog {
+        let mut c = Catalog::default();
+        for i in 0..n {
+            let page: Vec<u8> = (0..PAGE_SIZE).map(|j| (i * 7 + j / 3) as u8).collect();
+            c.hashes.push(*blake3::hash(&page).as_bytes());
+            c.pages.extend_from_slice(&page);
+        }
+        c
+    }
+
+    #[test]
+    fn catalogs_round_trip_and_corruption_is_refused() {
+        let c = catalog(5);
+        let bytes = c.to_bytes().unwrap();
+        assert_eq!(Catalog::from_bytes(&bytes).unwrap(), c);
+        for at in [0, 13, 60, bytes.len() - 1] {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x40;
+            assert!(
+                Catalog::from_bytes(&bad).is_err(),
+                "corruption at {at} accepted"
+            );
+        }
+        assert!(Catalog::from_bytes(&bytes[..bytes.len() - 3]).is_err());
+    }
+}
