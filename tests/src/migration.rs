@@ -257,9 +257,9 @@ pub enum Cut {
     /// Once more than this many bytes would pass.
     AfterBytes(u64),
     /// Just before the first message of this kind would pass.
-    BeforeKind(agent::migrate::wire::Kind),
+    BeforeKind(agent::transport::migration::Kind),
     /// Just after the first message of this kind passed.
-    AfterKind(agent::migrate::wire::Kind),
+    AfterKind(agent::transport::migration::Kind),
 }
 
 impl CuttingRelay {

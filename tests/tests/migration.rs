@@ -7,7 +7,7 @@ use std::{io::Write, net::TcpStream, path::PathBuf, time::Duration};
 
 use agent::{
     api::report::Mode,
-    migrate::wire::{FrameWriter, Hello, Kind, PREAMBLE_MAGIC, Region},
+    transport::migration::{FrameWriter, Hello, Kind, PREAMBLE_MAGIC, Region},
 };
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary, free_port},

@@ -21,9 +21,9 @@ use prometheus::{
 use crate::{
     content::zero_page_hash,
     daemon::state::AppState,
-    migrate::wire::{FULL_LEN, TEMPLATE_LEN},
     registry::{DirtyMode, Discovery, PageState, Registry, Tracking, Vm},
     templates::Selection,
+    transport::migration::{FULL_LEN, TEMPLATE_LEN},
 };
 
 /// Content type of the text exposition format.

@@ -3,8 +3,10 @@
 //! blake3 hashes of its pages. Both ends compute it independently of any
 //! tracking, so a page the tracking missed shows up as a mismatch.
 
-use super::wire::PAGE;
-use crate::{content::zero_page_hash, page::is_zero_page};
+use crate::{
+    content::zero_page_hash,
+    page::{PAGE_SIZE, is_zero_page},
+};
 
 /// Pages per digest chunk (4 MiB).
 pub const CHUNK_PAGES: u32 = 1024;
@@ -26,7 +28,7 @@ where
             .step_by(per_thread as usize)
             .map(|first_chunk| {
                 scope.spawn(move || -> anyhow::Result<Vec<[u8; 32]>> {
-                    let mut buf = vec![0u8; PAGE];
+                    let mut buf = vec![0u8; PAGE_SIZE];
                     let last_chunk = (first_chunk + per_thread).min(chunks);
                     let mut out = Vec::new();
                     for chunk in first_chunk..last_chunk {
@@ -75,23 +77,23 @@ mod tests {
 
     #[test]
     fn a_changed_page_changes_only_its_chunk() {
-        let mut memory = vec![0u8; 10 * PAGE];
-        memory[3 * PAGE] = 1;
+        let mut memory = vec![0u8; 10 * PAGE_SIZE];
+        memory[3 * PAGE_SIZE] = 1;
         let read = |m: &Vec<u8>| {
             let m = m.clone();
             move |page: u32, buf: &mut [u8]| {
-                buf.copy_from_slice(&m[page as usize * PAGE..][..PAGE]);
+                buf.copy_from_slice(&m[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
                 Ok(())
             }
         };
         let before = chunk_digests(10, 4, read(&memory)).unwrap();
         assert_eq!(before.len(), 3);
         let hashes: Vec<[u8; 32]> = memory
-            .chunks(PAGE)
+            .chunks(PAGE_SIZE)
             .map(|p| *blake3::hash(p).as_bytes())
             .collect();
         assert_eq!(digests_from_hashes(&hashes, 4), before);
-        memory[9 * PAGE + 5] = 7;
+        memory[9 * PAGE_SIZE + 5] = 7;
         let after = chunk_digests(10, 4, read(&memory)).unwrap();
         assert_eq!(before[..2], after[..2]);
         assert_ne!(before[2], after[2]);

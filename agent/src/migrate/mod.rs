@@ -9,4 +9,3 @@ pub mod receiver;
 pub mod sender;
 pub mod vm_memory;
 pub mod vmm;
-pub mod wire;

@@ -21,16 +21,19 @@ use super::{
     progress::Progress,
     vm_memory::{DestMemory, Layout},
     vmm::{self, MemoryRegion, VmmControl},
-    wire::{
-        self, FLAG_ZSTD, FrameReader, FrameWriter, Hello, Kind, MAX_OFFER, PAGE, PageRecord, Ready,
-        Resumed, RoundEnd,
-    },
 };
 use crate::{
     api::report::{MigrationReport, Mode, Phase, Role},
     catalog::{sources::TemplateSources, store::TemplateStore},
     content::zero_page_hash,
-    transport::{Protocol as _, WireError},
+    page::PAGE_SIZE,
+    transport::{
+        Protocol as _, WireError,
+        migration::{
+            self as wire, FLAG_ZSTD, FrameReader, FrameWriter, Hello, Kind, MAX_OFFER, PageRecord,
+            Ready, Resumed, RoundEnd,
+        },
+    },
 };
 
 #[derive(Clone, Debug)]
@@ -181,10 +184,10 @@ impl Receiver<'_> {
         let hello: Hello = self.reader.expect(Kind::Hello)?.json()?;
         self.report.id = hello.id.clone();
         self.report.mode = hello.mode;
-        self.report.mem_bytes = hello.total_pages() * PAGE as u64;
-        if hello.page_size as usize != PAGE {
+        self.report.mem_bytes = hello.total_pages() * PAGE_SIZE as u64;
+        if hello.page_size as usize != PAGE_SIZE {
             bail!(
-                "the source uses {}-byte pages; this host uses {PAGE}",
+                "the source uses {}-byte pages; this host uses {PAGE_SIZE}",
                 hello.page_size
             );
         }

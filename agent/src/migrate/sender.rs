@@ -33,10 +33,6 @@ use super::{
     progress::Progress,
     vm_memory::{Layout, SourceMemory},
     vmm::{self, VmmControl},
-    wire::{
-        self, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PAGE, PagesBuilder,
-        Ready, Region, Resumed, RoundEnd, TEMPLATE_LEN, ZERO_RUN_LEN,
-    },
 };
 use crate::{
     api::{
@@ -45,7 +41,11 @@ use crate::{
         wire::{parse_hash_list, state},
     },
     content::{TemplateId, zero_page_hash},
-    page::is_zero_page,
+    page::{PAGE_SIZE, is_zero_page},
+    transport::migration::{
+        self as wire, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PagesBuilder,
+        Ready, Region, Resumed, RoundEnd, TEMPLATE_LEN, ZERO_RUN_LEN,
+    },
 };
 
 /// Full pages per message (256 KiB of page data).
@@ -216,7 +216,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
         full: PagesBuilder::default(),
         small: PagesBuilder::default(),
         zero_run: None,
-        buf: vec![0u8; PAGE],
+        buf: vec![0u8; PAGE_SIZE],
         zero_hash: zero_page_hash(),
         pause_started: None,
         bandwidth: options.max_bandwidth.map(|b| b as f64),
@@ -337,7 +337,7 @@ impl Sender<'_> {
         let hello = Hello {
             id: self.report.id.clone(),
             mode: self.options.mode,
-            page_size: PAGE as u32,
+            page_size: PAGE_SIZE as u32,
             regions: self.memory.layout.regions.clone(),
             source: self.report.vm_name.clone(),
             digest_chunk_pages: CHUNK_PAGES,

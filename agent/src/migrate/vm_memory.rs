@@ -8,8 +8,11 @@
 
 use anyhow::{Context as _, bail};
 
-use super::wire::{PAGE, Region};
-use crate::guest_memory::{GuestMapping, read_copied};
+use crate::{
+    guest_memory::{GuestMapping, read_copied},
+    page::PAGE_SIZE,
+    transport::migration::Region,
+};
 
 /// Where each region's pages start in the global page index.
 #[derive(Clone, Debug)]
@@ -26,8 +29,8 @@ impl Layout {
         let mut total: u64 = 0;
         for (i, r) in regions.iter().enumerate() {
             if r.size == 0
-                || !r.size.is_multiple_of(PAGE as u64)
-                || !r.gpa.is_multiple_of(PAGE as u64)
+                || !r.size.is_multiple_of(PAGE_SIZE as u64)
+                || !r.gpa.is_multiple_of(PAGE_SIZE as u64)
             {
                 bail!(
                     "region of slot {} (gpa {:#x}, {} bytes) is not whole pages",
@@ -44,7 +47,7 @@ impl Layout {
                 );
             }
             starts.push(total as u32);
-            total += r.size / PAGE as u64;
+            total += r.size / PAGE_SIZE as u64;
         }
         let total = u32::try_from(total).context("guest memory over 16 TiB")?;
         Ok(Self {
@@ -59,7 +62,7 @@ impl Layout {
     }
 
     pub fn bytes(&self) -> u64 {
-        u64::from(self.total) * PAGE as u64
+        u64::from(self.total) * PAGE_SIZE as u64
     }
 
     /// (region index, page inside it) of a global page.
@@ -78,7 +81,8 @@ impl Layout {
             .partition_point(|r| r.gpa <= gpa)
             .checked_sub(1)?;
         let r = &self.regions[region];
-        (gpa < r.gpa + r.size).then(|| self.starts[region] + ((gpa - r.gpa) / PAGE as u64) as u32)
+        (gpa < r.gpa + r.size)
+            .then(|| self.starts[region] + ((gpa - r.gpa) / PAGE_SIZE as u64) as u32)
     }
 }
 
@@ -181,7 +185,7 @@ mod tests {
         Region {
             slot,
             gpa,
-            size: pages * PAGE as u64,
+            size: pages * PAGE_SIZE as u64,
             read_only: false,
         }
     }

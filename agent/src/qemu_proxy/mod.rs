@@ -9,7 +9,6 @@
 pub mod receive;
 pub mod send;
 pub mod templates;
-pub mod wire;
 
 use std::{
     net::TcpStream,

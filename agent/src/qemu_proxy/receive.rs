@@ -10,11 +10,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{
-    ProxyReport, connect_retrying,
-    templates::TemplatePages,
-    wire::{self, FrameReader, FrameWriter, Kind},
-};
+use super::{ProxyReport, connect_retrying, templates::TemplatePages};
+use crate::transport::qemu_proxy::{self as wire, FrameReader, FrameWriter, Kind};
 
 /// Stream bytes kept from the destination QEMU until the sender's digest of
 /// the whole stream matched: they hold `QEMU_VM_EOF` (after the device

@@ -18,11 +18,13 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use super::{
     ProxyReport, connect_retrying,
     templates::{Offered, TemplateLookup},
-    wire::{self, ChunkBuilder, FrameReader, FrameWriter, Kind},
 };
 use crate::{
     qemu_stream::{self, ADVICE_MULTIFD, Options, Page, Preamble, Sink, SinkError},
-    transport::WireError,
+    transport::{
+        WireError,
+        qemu_proxy::{self as wire, ChunkBuilder, FrameReader, FrameWriter, Kind},
+    },
 };
 
 /// Ops bytes per chunk before it is sent.

@@ -16,7 +16,6 @@ use super::{
     ProxyReport,
     receive::{ReceiveOptions, receive},
     send::{SendOptions, send},
-    wire::{self, ChunkBuilder, Frame, FrameReader, FrameWriter, Kind},
 };
 use crate::{
     catalog::store::TemplateStore,
@@ -25,7 +24,10 @@ use crate::{
         format::{PAGE_SIZE, section},
         synth::{Built, Record, StreamSpec, build, page_content},
     },
-    transport::WireError,
+    transport::{
+        WireError,
+        qemu_proxy::{self as wire, ChunkBuilder, Frame, FrameReader, FrameWriter, Kind},
+    },
 };
 
 fn free_addr() -> String {
@@ -449,7 +451,7 @@ fn preambles_of_both_versions_are_told_apart() {
     assert!(err.contains("version 1 is not supported"), "{err}");
     // The native migration protocol is not this one.
     let mut native = Vec::new();
-    crate::migrate::wire::FrameWriter::new(&mut native)
+    crate::transport::migration::FrameWriter::new(&mut native)
         .preamble()
         .unwrap();
     let err = FrameReader::new(&native[..])

@@ -1,6 +1,6 @@
 //! The one framing both WAN protocols speak: native migration
-//! ([`crate::migrate::wire`]) and the QEMU proxies
-//! ([`crate::qemu_proxy::wire`]). Each protocol keeps only its messages;
+//! ([`crate::transport::migration`]) and the QEMU proxies
+//! ([`crate::transport::qemu_proxy`]). Each protocol keeps only its messages;
 //! the stream's layout, checks and error reporting live here, once.
 //!
 //! ```text
@@ -25,6 +25,8 @@
 //!   issue 11) later, without touching either protocol.
 
 mod error;
+pub mod migration;
+pub mod qemu_proxy;
 #[cfg(test)]
 mod tests;
 

@@ -1,5 +1,5 @@
 //! The proxies' WAN protocol (version 2): its messages, on the framing of
-//! [`crate::transport`]. Kept apart from `migrate::wire` so the page
+//! [`crate::transport`]. Kept apart from [`super::migration`] so the page
 //! encoding can change without touching QEMU stream parsing.
 //!
 //! ```text
@@ -179,7 +179,7 @@ impl ChunkBuilder {
         self.close_raw();
         self.ops.push(OP_TEMPLATE);
         self.ops.extend_from_slice(&index.to_le_bytes());
-        self.stream_bytes += crate::qemu_stream::format::PAGE_SIZE;
+        self.stream_bytes += crate::page::PAGE_SIZE;
     }
 
     fn close_raw(&mut self) {
@@ -223,7 +223,7 @@ impl ChunkBuilder {
 /// `page(index)` giving template pages.
 pub fn decode_chunk<'t>(
     frame: &Frame,
-    mut page: impl FnMut(u32) -> Option<&'t [u8; crate::qemu_stream::format::PAGE_SIZE]>,
+    mut page: impl FnMut(u32) -> Option<&'t [u8; crate::page::PAGE_SIZE]>,
 ) -> Result<Vec<u8>, WireError> {
     let payload = &frame.payload;
     if payload.len() < 5 {

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     api::report::Mode,
     content::{TEMPLATE_ID_LEN, TemplateId},
+    page::PAGE_SIZE,
     transport::{self, Protocol, WireError},
 };
 
@@ -21,7 +22,6 @@ pub const PREAMBLE_MAGIC: [u8; 8] = *b"PAGEFPMG";
 pub const VERSION: u32 = 2;
 /// Largest payload accepted (a batch of pages, a state blob, an offer).
 pub const MAX_PAYLOAD: usize = 32 << 20;
-pub const PAGE: usize = crate::page::PAGE_SIZE;
 /// Most templates one offer can hold.
 pub const MAX_OFFER: usize = (MAX_PAYLOAD - 4) / TEMPLATE_ID_LEN;
 
@@ -141,7 +141,7 @@ pub struct Hello {
 
 impl Hello {
     pub fn total_pages(&self) -> u64 {
-        self.regions.iter().map(|r| r.size / PAGE as u64).sum()
+        self.regions.iter().map(|r| r.size / PAGE_SIZE as u64).sum()
     }
 }
 
@@ -184,7 +184,7 @@ pub mod record {
 /// Bytes of each record on the wire (before compression).
 pub const ZERO_RUN_LEN: usize = 9;
 pub const TEMPLATE_LEN: usize = 9;
-pub const FULL_LEN: usize = 5 + PAGE;
+pub const FULL_LEN: usize = 5 + PAGE_SIZE;
 
 /// One decoded page record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,7 +217,7 @@ impl PagesBuilder {
     }
 
     pub fn full(&mut self, page: u32, data: &[u8]) {
-        assert_eq!(data.len(), PAGE);
+        assert_eq!(data.len(), PAGE_SIZE);
         self.buf.push(record::FULL);
         self.buf.extend_from_slice(&page.to_le_bytes());
         self.buf.extend_from_slice(data);
@@ -271,7 +271,7 @@ pub fn parse_pages(body: &[u8]) -> impl Iterator<Item = Result<PageRecord<'_>, S
             },
             _ => PageRecord::Full {
                 page: a,
-                data: &rest[5..5 + PAGE],
+                data: &rest[5..5 + PAGE_SIZE],
             },
         };
         rest = &rest[need..];
@@ -359,7 +359,7 @@ mod tests {
 
     #[test]
     fn every_page_encoding_round_trips() {
-        let mut page = vec![0u8; PAGE];
+        let mut page = vec![0u8; PAGE_SIZE];
         page.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
         let mut builder = PagesBuilder::default();
         builder.zero_run(3, 7);
@@ -487,7 +487,7 @@ mod tests {
         fn page_parser_survives_garbage(body in proptest::collection::vec(any::<u8>(), 0..5000)) {
             for record in parse_pages(&body) {
                 if let Ok(PageRecord::Full { data, .. }) = record {
-                    prop_assert_eq!(data.len(), PAGE);
+                    prop_assert_eq!(data.len(), PAGE_SIZE);
                 }
             }
         }
