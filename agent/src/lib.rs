@@ -37,3 +37,7 @@ pub mod daemon;
 pub mod migrate;
 pub mod qemu_proxy;
 pub mod qemu_stream;
+
+// QEMU's stream parser keeps its own page size (it is also built alone, by
+// the fuzz target): it must agree with the one the rest of pagefp uses.
+const _: () = assert!(qemu_stream::format::PAGE_SIZE == page::PAGE_SIZE);
