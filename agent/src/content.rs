@@ -21,6 +21,10 @@ pub const TEMPLATE_ID_LEN: usize = std::mem::size_of::<TemplateId>();
 /// The id of a content in a [`ContentTable`].
 pub type ContentId = u32;
 
+/// The zero page's id, in every table: it is interned first and never
+/// released, so a page's content tells at once whether it is all zero.
+pub const ZERO_CONTENT: ContentId = 0;
+
 /// blake3 of 4096 zero bytes.
 pub fn zero_page_hash() -> PageHash {
     static ZERO: std::sync::OnceLock<PageHash> = std::sync::OnceLock::new();
@@ -105,7 +109,7 @@ impl std::ops::IndexMut<usize> for Entries {
 }
 
 /// Interned page contents with their counts.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ContentTable {
     entries: Entries,
     free: Vec<ContentId>,
@@ -119,6 +123,20 @@ fn hash_key(hash: &PageHash) -> u64 {
     u64::from_le_bytes(hash[..8].try_into().unwrap())
 }
 
+impl Default for ContentTable {
+    fn default() -> Self {
+        let mut table = Self {
+            entries: Entries::default(),
+            free: Vec::new(),
+            index: HashTable::default(),
+            epoch: 0,
+        };
+        let zero = table.intern(&zero_page_hash());
+        debug_assert_eq!(zero, ZERO_CONTENT);
+        table
+    }
+}
+
 impl ContentTable {
     pub fn new() -> Self {
         Self::default()
@@ -130,7 +148,8 @@ impl ContentTable {
 
     /// Distinct contents currently held by at least one page.
     pub fn len(&self) -> usize {
-        self.entries.len() - self.free.len()
+        let unused_zero = usize::from(self.entries[ZERO_CONTENT as usize].pages == 0);
+        self.entries.len() - self.free.len() - unused_zero
     }
 
     pub fn is_empty(&self) -> bool {
@@ -240,6 +259,9 @@ impl ContentTable {
     }
 
     fn release(&mut self, id: ContentId) {
+        if id == ZERO_CONTENT {
+            return;
+        }
         let key = hash_key(&self.entries[id as usize].hash);
         if let Ok(slot) = self.index.find_entry(key, |candidate| *candidate == id) {
             slot.remove();

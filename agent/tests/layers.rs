@@ -105,7 +105,13 @@ fn modules_import_only_lower_layers() {
     let mut unranked = BTreeSet::new();
     for file in &files {
         let relative = file.strip_prefix(&src).unwrap();
-        let top = relative.components().next().unwrap().as_os_str().to_str().unwrap();
+        let top = relative
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_str()
+            .unwrap();
         let module = top.trim_end_matches(".rs");
         if module == "lib" || module == "main" {
             continue;

@@ -19,9 +19,8 @@ use prometheus::{
 };
 
 use crate::{
-    content::zero_page_hash,
     daemon::state::AppState,
-    registry::{DirtyMode, Discovery, PageState, Registry, Tracking, Vm},
+    registry::{DirtyMode, Discovery, Registry, Tracking, Vm},
     templates::Selection,
     transport::migration::{FULL_LEN, TEMPLATE_LEN},
 };
@@ -80,7 +79,8 @@ fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// One VM as the metrics show it (one pass over its pages).
+/// One VM as the metrics show it (from the page counts the registry keeps:
+/// a scrape walks no page under the registry lock).
 struct VmFigures {
     tracking: Tracking,
     /// unknown, dirty, clean, unverified, zero: a partition of its pages.
@@ -91,8 +91,14 @@ struct VmFigures {
 const PAGE_STATES: [&str; 5] = ["unknown", "dirty", "clean", "unverified", "zero"];
 
 fn vm_figures(registry: &Registry, vm: &Vm, catalog: &Selection) -> VmFigures {
-    let zero = registry.contents.lookup(&zero_page_hash());
-    let mut pages = [0u64; 5];
+    let counts = vm.page_counts();
+    let pages = [
+        counts.unknown,
+        counts.dirty,
+        counts.clean,
+        counts.unverified,
+        counts.zero_clean + counts.zero_unverified,
+    ];
     let mut tracking: Option<Tracking> = None;
     for slot in vm.slots.values() {
         let slot_tracking = registry.tracking(vm, slot);
@@ -103,16 +109,6 @@ fn vm_figures(registry: &Registry, vm: &Vm, catalog: &Selection) -> VmFigures {
         };
         if tracking.is_none_or(|t| rank(slot_tracking) > rank(t)) {
             tracking = Some(slot_tracking);
-        }
-        for page in &slot.pages {
-            let index = match page.state() {
-                PageState::Unknown => 0,
-                PageState::Dirty | PageState::Queued => 1,
-                PageState::Clean | PageState::Unverified if Some(page.content) == zero => 4,
-                PageState::Clean => 2,
-                PageState::Unverified => 3,
-            };
-            pages[index] += 1;
         }
     }
     VmFigures {

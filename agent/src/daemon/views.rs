@@ -2,22 +2,16 @@
 
 use crate::{
     api::views::{SlotView, VmView},
-    content::zero_page_hash,
-    registry::{PageState, Registry, SyncState, Tracking, Vm},
+    registry::{Registry, SyncState, Tracking, Vm},
     templates::Selection,
 };
 
 pub fn vm_view(registry: &Registry, vm: &Vm, catalog: &Selection) -> VmView {
-    let states = vm.state_counts();
-    let get = |state| states.get(&state).copied().unwrap_or(0);
+    let counts = vm.page_counts();
     let pages = vm.page_count() as u64;
-    let clean = get(PageState::Clean);
-    let unverified = get(PageState::Unverified);
-    let zero_pages = registry
-        .contents
-        .lookup(&zero_page_hash())
-        .and_then(|id| vm.counts.iter().find(|(c, _)| *c == id))
-        .map_or(0, |(_, n)| u64::from(n));
+    let clean = counts.clean + counts.zero_clean;
+    let unverified = counts.unverified + counts.zero_unverified;
+    let zero_pages = counts.zero_clean + counts.zero_unverified;
     let template_pages = catalog.covered_pages(&vm.counts);
     let slots: Vec<SlotView> = vm
         .slots
@@ -52,9 +46,9 @@ pub fn vm_view(registry: &Registry, vm: &Vm, catalog: &Selection) -> VmView {
         synced: vm.sync == SyncState::Synced,
         note: vm.note.clone(),
         pages,
-        unknown: get(PageState::Unknown),
+        unknown: counts.unknown,
         clean,
-        dirty: get(PageState::Dirty) + get(PageState::Queued),
+        dirty: counts.dirty,
         unverified,
         zero_pages,
         hashed_pct: pct(clean + unverified),

@@ -23,11 +23,11 @@ pub mod vm;
 use std::collections::{BTreeMap, HashMap};
 
 use agent_common::{Event, KernelEvent, SlotRegion, ioctl};
-pub use pages::{PageEntry, PageState};
+pub use pages::{PageCounts, PageEntry, PageState, PageTable};
 pub use vm::{DirtyMode, Discovery, SyncState, Vm};
 use vm::{PendingEntry, Slot};
 
-use crate::content::{ContentTable, PageHash};
+use crate::content::{ContentTable, PageHash, VmContentCounts};
 
 /// One shared mapping holding guest RAM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,6 +143,25 @@ pub struct Registry {
     /// VMs removed, not yet reported by [`Registry::take_removed`].
     removed: Vec<u32>,
     pub stats: RegistryStats,
+}
+
+/// Page `page` was (or may have been) written: its hash no longer counts,
+/// and it gets a new generation in `state`. Its generation, if the page
+/// exists.
+fn forget(
+    contents: &mut ContentTable,
+    counts: &mut VmContentCounts,
+    table: &mut PageTable,
+    page: u32,
+    state: PageState,
+) -> Option<u32> {
+    table.update(page, |entry| {
+        if entry.content != pages::NO_CONTENT {
+            contents.remove_page(counts, entry.content);
+            entry.content = pages::NO_CONTENT;
+        }
+        entry.bump(state)
+    })
 }
 
 fn entry_before(entry: u32, reset: u32) -> bool {
@@ -336,13 +355,19 @@ impl Registry {
             vm.note =
                 Some("events were lost: pages unknown until the dirty rings are reset".into());
             for slot in vm.slots.values_mut() {
-                for page in &mut slot.pages {
-                    if page.state() != PageState::Dirty {
-                        if page.content != pages::NO_CONTENT {
-                            self.contents.remove_page(&mut vm.counts, page.content);
-                            page.content = pages::NO_CONTENT;
-                        }
-                        page.bump(PageState::Unknown);
+                for page in 0..slot.pages.len() as u32 {
+                    if slot
+                        .pages
+                        .get(page)
+                        .is_some_and(|p| p.state() != PageState::Dirty)
+                    {
+                        forget(
+                            &mut self.contents,
+                            &mut vm.counts,
+                            &mut slot.pages,
+                            page,
+                            PageState::Unknown,
+                        );
                     }
                 }
             }
@@ -463,23 +488,27 @@ impl Registry {
                 // KVM write-protects every page now: what is read from here on
                 // is valid until the next report.
                 old.epoch = epoch;
-                for page in &mut old.pages {
-                    if page.content != pages::NO_CONTENT {
-                        self.contents.remove_page(&mut vm.counts, page.content);
-                        page.content = pages::NO_CONTENT;
-                    }
-                    page.bump(PageState::Unknown);
+                for page in 0..old.pages.len() as u32 {
+                    forget(
+                        &mut self.contents,
+                        &mut vm.counts,
+                        &mut old.pages,
+                        page,
+                        PageState::Unknown,
+                    );
                 }
             } else if !old.logged() {
-                for page in &mut old.pages {
-                    if page.state() == PageState::Clean {
-                        page.set_state(PageState::Unverified);
-                    }
+                for page in 0..old.pages.len() as u32 {
+                    old.pages.update(page, |entry| {
+                        if entry.state() == PageState::Clean {
+                            entry.set_state(PageState::Unverified);
+                        }
+                    });
                 }
             }
         } else {
             if let Some(old) = vm.slots.remove(&id) {
-                for page in old.pages {
+                for page in old.pages.iter() {
                     if page.content != pages::NO_CONTENT {
                         self.contents.remove_page(&mut vm.counts, page.content);
                     }
@@ -499,8 +528,11 @@ impl Registry {
             // Writes reported before the slot was known (an adopted VM).
             for ring in vm.rings.values_mut() {
                 for pending in ring.pending.iter_mut().filter(|p| p.slot == id) {
-                    if let Some(page) = slot.pages.get_mut(pending.page as usize) {
-                        pending.generation = page.bump(PageState::Dirty);
+                    if let Some(generation) = slot
+                        .pages
+                        .update(pending.page, |page| page.bump(PageState::Dirty))
+                    {
+                        pending.generation = generation;
                     }
                 }
             }
@@ -551,24 +583,29 @@ impl Registry {
             });
             return;
         };
-        let Some(page) = slot.pages.get_mut(page_index as usize) else {
-            return;
-        };
-        if page.content != pages::NO_CONTENT {
-            self.contents.remove_page(&mut vm.counts, page.content);
-            page.content = pages::NO_CONTENT;
-        }
         let already_reset = ring
             .last_reset
             .is_some_and(|reset| entry_before(entry, reset));
+        // The reset overtook this event on another CPU: the page is
+        // write-protected again already.
+        let state = if already_reset {
+            PageState::Queued
+        } else {
+            PageState::Dirty
+        };
+        let Some(generation) = forget(
+            &mut self.contents,
+            &mut vm.counts,
+            &mut slot.pages,
+            page_index,
+            state,
+        ) else {
+            return;
+        };
         if already_reset {
-            // The reset overtook this event on another CPU: the page is
-            // write-protected again already.
-            let generation = page.bump(PageState::Queued);
             let epoch = slot.epoch;
             self.queue_pages(pid, slot_id, epoch, vec![(page_index, generation)]);
         } else {
-            let generation = page.bump(PageState::Dirty);
             ring.pending.push_back(PendingEntry {
                 entry,
                 slot: slot_id,
@@ -598,11 +635,15 @@ impl Registry {
             let Some(slot) = vm.slots.get_mut(&pending.slot) else {
                 continue;
             };
-            let Some(page) = slot.pages.get_mut(pending.page as usize) else {
-                continue;
-            };
-            if page.generation() == pending.generation && page.state() == PageState::Dirty {
-                page.set_state(PageState::Queued);
+            let queued = slot.pages.update(pending.page, |page| {
+                let due =
+                    page.generation() == pending.generation && page.state() == PageState::Dirty;
+                if due {
+                    page.set_state(PageState::Queued);
+                }
+                due
+            });
+            if queued == Some(true) {
                 ready
                     .entry(pending.slot)
                     .or_default()
@@ -705,9 +746,14 @@ impl Registry {
             if *ktime >= enter_ns {
                 return true;
             }
-            let entry = &mut slot.pages[*page as usize];
-            if entry.generation() == *generation && entry.state() == PageState::Dirty {
-                entry.set_state(PageState::Queued);
+            let queued = slot.pages.update(*page, |entry| {
+                let due = entry.generation() == *generation && entry.state() == PageState::Dirty;
+                if due {
+                    entry.set_state(PageState::Queued);
+                }
+                due
+            });
+            if queued == Some(true) {
                 ready.push((*page, *generation));
             }
             false
@@ -749,13 +795,15 @@ impl Registry {
             return;
         };
         let slot = vm.slots.get_mut(&slot_id).unwrap();
-        let page = &mut slot.pages[page_index as usize];
-        if page.content != pages::NO_CONTENT {
-            self.contents.remove_page(&mut vm.counts, page.content);
-            page.content = pages::NO_CONTENT;
+        if let Some(generation) = forget(
+            &mut self.contents,
+            &mut vm.counts,
+            &mut slot.pages,
+            page_index,
+            PageState::Dirty,
+        ) {
+            slot.pending_bitmap.push((page_index, generation, ktime_ns));
         }
-        let generation = page.bump(PageState::Dirty);
-        slot.pending_bitmap.push((page_index, generation, ktime_ns));
     }
 
     fn write_fault(&mut self, pid: u32, gpa: u64) {
@@ -769,12 +817,14 @@ impl Registry {
             return;
         }
         let vm = self.vms.get_mut(&pid).unwrap();
-        let page = &mut vm.slots.get_mut(&slot_id).unwrap().pages[page_index as usize];
-        if page.content != pages::NO_CONTENT {
-            self.contents.remove_page(&mut vm.counts, page.content);
-            page.content = pages::NO_CONTENT;
-        }
-        page.bump(PageState::Unknown);
+        let slot = vm.slots.get_mut(&slot_id).unwrap();
+        forget(
+            &mut self.contents,
+            &mut vm.counts,
+            &mut slot.pages,
+            page_index,
+            PageState::Unknown,
+        );
     }
 
     /// Jobs for the bounded-rate rescan of untracked slots: at most
@@ -827,7 +877,7 @@ impl Registry {
             .get(&job.slot)
             .filter(|slot| slot.epoch == job.epoch)?;
         let wanted = |page: u32| {
-            let entry = slot.pages.get(page as usize)?;
+            let entry = slot.pages.get(page)?;
             match job.purpose {
                 Purpose::Track => entry
                     .state()
@@ -846,7 +896,7 @@ impl Registry {
                 .iter()
                 .filter(|(page, generation)| {
                     slot.pages
-                        .get(*page as usize)
+                        .get(*page)
                         .is_some_and(|entry| entry.generation() == *generation)
                 })
                 .filter_map(|(page, _)| wanted(*page))
@@ -885,30 +935,31 @@ impl Registry {
         let vm = self.vms.get_mut(&job.pid).unwrap();
         let slot = vm.slots.get_mut(&job.slot).unwrap();
         for ((page_index, generation), hash) in plan.pages.iter().zip(hashes) {
-            let page = &mut slot.pages[*page_index as usize];
-            let eligible = match job.purpose {
-                Purpose::Track => page.state().wants_hash(),
-                Purpose::Rescan => page.state() != PageState::Dirty,
-            };
-            if page.generation() != *generation || !eligible {
-                self.stats.hashes_dropped_stale += 1;
-                continue;
-            }
-            let Some(hash) = hash else { continue };
-            let rehash = page.state() == PageState::Queued;
-            if page.content != pages::NO_CONTENT {
-                if self.contents.get(page.content).hash == *hash {
-                    page.set_state(new_state);
-                    continue;
+            slot.pages.update(*page_index, |page| {
+                let eligible = match job.purpose {
+                    Purpose::Track => page.state().wants_hash(),
+                    Purpose::Rescan => page.state() != PageState::Dirty,
+                };
+                if page.generation() != *generation || !eligible {
+                    self.stats.hashes_dropped_stale += 1;
+                    return;
                 }
-                self.contents.remove_page(&mut vm.counts, page.content);
-            }
-            page.content = self.contents.add_page(&mut vm.counts, hash);
-            page.set_state(new_state);
-            if rehash {
-                vm.stats.pages_rehashed += 1;
-                self.stats.pages_rehashed += 1;
-            }
+                let Some(hash) = hash else { return };
+                let rehash = page.state() == PageState::Queued;
+                if page.content != pages::NO_CONTENT {
+                    if self.contents.get(page.content).hash == *hash {
+                        page.set_state(new_state);
+                        return;
+                    }
+                    self.contents.remove_page(&mut vm.counts, page.content);
+                }
+                page.content = self.contents.add_page(&mut vm.counts, hash);
+                page.set_state(new_state);
+                if rehash {
+                    vm.stats.pages_rehashed += 1;
+                    self.stats.pages_rehashed += 1;
+                }
+            });
         }
         vm.stats.pages_hashed += plan.pages.len() as u64;
         self.stats.pages_hashed += plan.pages.len() as u64;

@@ -1,6 +1,6 @@
 //! The state of every page of one memory slot.
 
-use crate::content::ContentId;
+use crate::content::{ContentId, ZERO_CONTENT};
 
 /// What the agent knows about a page's content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -80,6 +80,110 @@ impl PageEntry {
     }
 }
 
+/// What the page counts of a [`PageTable`] tell apart (the API's and the
+/// metrics' page states: dirty includes queued; hashed zero pages apart).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageCounts {
+    pub unknown: u64,
+    /// Dirty or queued for a rehash.
+    pub dirty: u64,
+    /// Clean, not the zero page.
+    pub clean: u64,
+    /// Unverified, not the zero page.
+    pub unverified: u64,
+    /// Clean or unverified zero pages.
+    pub zero_clean: u64,
+    pub zero_unverified: u64,
+}
+
+impl PageCounts {
+    fn bucket(&mut self, entry: &PageEntry) -> &mut u64 {
+        let zero = entry.content == ZERO_CONTENT;
+        match entry.state() {
+            PageState::Unknown => &mut self.unknown,
+            PageState::Dirty | PageState::Queued => &mut self.dirty,
+            PageState::Clean if zero => &mut self.zero_clean,
+            PageState::Clean => &mut self.clean,
+            PageState::Unverified if zero => &mut self.zero_unverified,
+            PageState::Unverified => &mut self.unverified,
+        }
+    }
+
+    pub fn add(&mut self, other: &PageCounts) {
+        self.unknown += other.unknown;
+        self.dirty += other.dirty;
+        self.clean += other.clean;
+        self.unverified += other.unverified;
+        self.zero_clean += other.zero_clean;
+        self.zero_unverified += other.zero_unverified;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.unknown
+            + self.dirty
+            + self.clean
+            + self.unverified
+            + self.zero_clean
+            + self.zero_unverified
+    }
+}
+
+/// The pages of one slot, with their counts by state kept as they change,
+/// so that the API and a metrics scrape never walk every page under the
+/// registry lock. Pages change only through its methods.
+#[derive(Clone, Debug)]
+pub struct PageTable {
+    entries: Vec<PageEntry>,
+    counts: PageCounts,
+}
+
+impl PageTable {
+    /// `pages` pages, all unknown.
+    pub fn new(pages: usize) -> Self {
+        Self {
+            entries: vec![PageEntry::default(); pages],
+            counts: PageCounts {
+                unknown: pages as u64,
+                ..PageCounts::default()
+            },
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn get(&self, page: u32) -> Option<&PageEntry> {
+        self.entries.get(page as usize)
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, PageEntry> {
+        self.entries.iter()
+    }
+
+    pub fn counts(&self) -> PageCounts {
+        self.counts
+    }
+
+    /// Changes page `page` with `change`, keeping the counts; `None` if
+    /// there is no such page.
+    pub fn update<T>(&mut self, page: u32, change: impl FnOnce(&mut PageEntry) -> T) -> Option<T> {
+        let entry = self.entries.get_mut(page as usize)?;
+        *self.counts.bucket(entry) -= 1;
+        let result = change(entry);
+        *self.counts.bucket(entry) += 1;
+        Some(result)
+    }
+
+    pub fn shrink_to_fit(&mut self) {
+        self.entries.shrink_to_fit();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +199,43 @@ mod tests {
             page.bump(PageState::Dirty);
         }
         assert_eq!(page.state(), PageState::Dirty);
+    }
+
+    #[test]
+    fn the_table_counts_follow_every_change() {
+        let mut table = PageTable::new(4);
+        assert_eq!(table.counts().unknown, 4);
+        table.update(0, |p| {
+            p.content = ZERO_CONTENT;
+            p.set_state(PageState::Clean)
+        });
+        table.update(1, |p| {
+            p.content = 7;
+            p.set_state(PageState::Unverified)
+        });
+        table.update(2, |p| p.bump(PageState::Queued));
+        assert_eq!(table.update(9, |p| p.bump(PageState::Dirty)), None);
+        let recount = |table: &PageTable| {
+            let mut counts = PageCounts::default();
+            for entry in table.iter() {
+                *counts.bucket(entry) += 1;
+            }
+            counts
+        };
+        assert_eq!(table.counts(), recount(&table));
+        assert_eq!(
+            (
+                table.counts().zero_clean,
+                table.counts().unverified,
+                table.counts().dirty
+            ),
+            (1, 1, 1)
+        );
+        table.update(0, |p| {
+            p.content = NO_CONTENT;
+            p.bump(PageState::Dirty)
+        });
+        assert_eq!(table.counts(), recount(&table));
+        assert_eq!(table.counts().total(), 4);
     }
 }

@@ -80,7 +80,11 @@ fn run_jobs(reg: &mut Registry, content: impl Fn(u32) -> u8) {
 }
 
 fn state(reg: &Registry, page: usize) -> PageState {
-    reg.vm(PID).unwrap().slots[&0].pages[page].state()
+    reg.vm(PID).unwrap().slots[&0]
+        .pages
+        .get(page as u32)
+        .unwrap()
+        .state()
 }
 
 /// `kvm:kvm_dirty_ring_push` of entry `entry` of ring 0: `page` of slot 0.
@@ -480,7 +484,7 @@ fn every_kind_built_as_the_ebpf_programs_build_it_is_decoded_by_the_registry() {
     assert!(reg.vm(PID).unwrap().reset_batch.is_none());
 
     // A write fault on page 2 of the unlogged slot 1.
-    let page2 = |reg: &Registry| reg.vm(PID).unwrap().slots[&1].pages[2].state();
+    let page2 = |reg: &Registry| reg.vm(PID).unwrap().slots[&1].pages.get(2).unwrap().state();
     assert_eq!(page2(&reg), PageState::Unverified);
     reg.apply(&Event::write_fault(PID, 30, 0x20_0000 + 2 * 4096));
     assert_eq!(page2(&reg), PageState::Unknown);
@@ -524,4 +528,98 @@ fn an_event_of_unknown_kind_is_counted_and_changes_nothing() {
         reg.vm(PID).is_none(),
         "no VM adopted for an event nobody can read"
     );
+}
+
+mod page_counts {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::content::zero_page_hash;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Push(u64),
+        Reset,
+        Hash(u8),
+        Loss,
+        Logging(bool),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u64..16).prop_map(Op::Push),
+            2 => Just(Op::Reset),
+            3 => (0u8..4).prop_map(Op::Hash),
+            1 => Just(Op::Loss),
+            1 => any::<bool>().prop_map(Op::Logging),
+        ]
+    }
+
+    /// The counts a walk over every page gives.
+    fn recount(reg: &Registry) -> PageCounts {
+        let mut counts = PageCounts::default();
+        let zero = reg.contents.lookup(&zero_page_hash());
+        for slot in reg.vm(PID).unwrap().slots.values() {
+            for page in slot.pages.iter() {
+                let is_zero = Some(page.content) == zero;
+                match page.state() {
+                    PageState::Unknown => counts.unknown += 1,
+                    PageState::Dirty | PageState::Queued => counts.dirty += 1,
+                    PageState::Clean if is_zero => counts.zero_clean += 1,
+                    PageState::Clean => counts.clean += 1,
+                    PageState::Unverified if is_zero => counts.zero_unverified += 1,
+                    PageState::Unverified => counts.unverified += 1,
+                }
+            }
+        }
+        counts
+    }
+
+    proptest! {
+        #[test]
+        fn counts_kept_as_pages_change_equal_a_recount(ops in prop::collection::vec(op(), 1..120)) {
+            let mut reg = ring_vm(16);
+            let (mut entry, mut now) = (0u32, T);
+            for op in ops {
+                now += 1;
+                match op {
+                    Op::Push(page) => {
+                        reg.apply(&push(entry, page));
+                        entry += 1;
+                    }
+                    Op::Reset => {
+                        for event in reset(entry, entry, now) {
+                            reg.apply(&event);
+                        }
+                    }
+                    Op::Hash(seed) => {
+                        for job in reg.take_jobs().into_iter().chain(reg.rescan_jobs(64)) {
+                            if let Some(plan) = reg.plan(&job) {
+                                let hashes: Vec<_> = plan
+                                    .pages
+                                    .iter()
+                                    .map(|(page, _)| {
+                                        let value = (*page as u8).wrapping_add(seed) % 4;
+                                        Some(if value == 0 { zero_page_hash() } else { [value; 32] })
+                                    })
+                                    .collect();
+                                reg.commit(&job, &plan, &hashes);
+                            }
+                        }
+                    }
+                    Op::Loss => reg.note_loss(Some(PID), now),
+                    Op::Logging(on) => {
+                        let flags = if on { ioctl::KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+                        reg.apply(&slot_set(0, flags, 0, 16, 0x7000_0000));
+                    }
+                }
+                let vm = reg.vm(PID).unwrap();
+                prop_assert_eq!(vm.page_counts(), recount(&reg));
+                prop_assert_eq!(vm.page_counts().total(), 16);
+                let hashed: u64 = vm.counts.iter().map(|(_, n)| u64::from(n)).sum();
+                let c = vm.page_counts();
+                prop_assert_eq!(hashed, c.clean + c.unverified + c.zero_clean + c.zero_unverified);
+            }
+        }
+    }
 }

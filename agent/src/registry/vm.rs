@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::pages::{PageEntry, PageState};
+use super::pages::{PageCounts, PageTable};
 use crate::{content::VmContentCounts, page::PAGE_SHIFT};
 
 /// How the VM reports page writes to KVM's dirty log.
@@ -80,7 +80,7 @@ pub struct Slot {
     pub flags: u32,
     /// Changes whenever the slot is replaced, so stale hash jobs are dropped.
     pub epoch: u64,
-    pub pages: Vec<PageEntry>,
+    pub pages: PageTable,
     /// Bitmap mode with `mark_page_dirty_in_slot` events: (page, generation,
     /// ktime) of writes waiting for a `KVM_GET_DIRTY_LOG` that entered later.
     pub pending_bitmap: Vec<(u32, u32, u64)>,
@@ -98,7 +98,7 @@ impl Slot {
             uaddr,
             flags,
             epoch,
-            pages: vec![PageEntry::default(); (size >> PAGE_SHIFT) as usize],
+            pages: PageTable::new((size >> PAGE_SHIFT) as usize),
             pending_bitmap: Vec::new(),
             rescan_cursor: 0,
         }
@@ -215,12 +215,11 @@ impl Vm {
         self.slots.values().map(Slot::page_count).sum()
     }
 
-    pub fn state_counts(&self) -> BTreeMap<PageState, u64> {
-        let mut counts = BTreeMap::new();
+    /// Pages by state, over every slot (kept as pages change: no page walk).
+    pub fn page_counts(&self) -> PageCounts {
+        let mut counts = PageCounts::default();
         for slot in self.slots.values() {
-            for page in &slot.pages {
-                *counts.entry(page.state()).or_insert(0) += 1;
-            }
+            counts.add(&slot.pages.counts());
         }
         counts
     }
