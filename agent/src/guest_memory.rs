@@ -140,6 +140,21 @@ impl GuestMapping {
         })
     }
 
+    /// Every byte of the region.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` readable bytes and lives as long as
+        // self; see `page` on concurrent guest writes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Every byte of the region, writable; `None` if mapped read-only.
+    pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        // SAFETY: a writable mapping of `len` bytes; `&mut self` makes this
+        // the only access from this process.
+        self.writable
+            .then(|| unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) })
+    }
+
     /// The bytes of page `page` of the region.
     pub fn page(&self, page: u32) -> Option<&[u8]> {
         // SAFETY: in bounds of a live mapping; a running guest may change the

@@ -15,7 +15,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub const PAGE: usize = 4096;
+use agent::page::PAGE_SIZE;
 
 /// The share of each kind of page, in percent of the image.
 #[derive(Clone, Copy, Debug)]
@@ -48,11 +48,11 @@ pub fn fill_content(page: &mut [u8], id: u64) {
 
 /// The bytes of image `vm` of a fleet.
 pub fn fleet_image(vm: usize, pages: usize, layout: FleetLayout) -> Vec<u8> {
-    let mut image = vec![0u8; pages * PAGE];
+    let mut image = vec![0u8; pages * PAGE_SIZE];
     let os_end = pages * layout.os_pct / 100;
     let library_end = os_end + pages * layout.library_pct / 100;
     let zero_end = library_end + pages * layout.zero_pct / 100;
-    for (index, page) in image.chunks_exact_mut(PAGE).enumerate() {
+    for (index, page) in image.chunks_exact_mut(PAGE_SIZE).enumerate() {
         let content = if index < os_end {
             // A few OS pages repeat inside the image too.
             Some(1_000_000 + (index % (os_end.max(1) * 9 / 10).max(1)) as u64)
@@ -99,7 +99,7 @@ pub fn count_contents(memories: &[&[u8]]) -> HashMap<[u8; 32], (u32, u32)> {
     let mut counts: HashMap<[u8; 32], (u32, u32)> = HashMap::new();
     for memory in memories {
         let mut in_vm: HashMap<[u8; 32], u32> = HashMap::new();
-        for page in memory.chunks_exact(PAGE) {
+        for page in memory.chunks_exact(PAGE_SIZE) {
             *in_vm.entry(*blake3::hash(page).as_bytes()).or_insert(0) += 1;
         }
         for (hash, n) in in_vm {
@@ -119,7 +119,7 @@ pub fn expected_templates(
     min_vms: u32,
     max: usize,
 ) -> Vec<([u8; 32], u32, u32)> {
-    let zero = *blake3::hash(&[0u8; PAGE]).as_bytes();
+    let zero = *blake3::hash(&[0u8; PAGE_SIZE]).as_bytes();
     let mut eligible: Vec<([u8; 32], u32, u32)> = counts
         .iter()
         .filter(|(hash, (_, vms))| *vms >= min_vms && **hash != zero)
@@ -141,7 +141,7 @@ mod tests {
             .collect();
         let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
         let counts = count_contents(&refs);
-        let zero = *blake3::hash(&[0u8; PAGE]).as_bytes();
+        let zero = *blake3::hash(&[0u8; PAGE_SIZE]).as_bytes();
         assert_eq!(counts[&zero], (160, 4));
         let shared_by_all = counts
             .iter()

@@ -21,3 +21,11 @@ pub mod prometheus;
 pub mod qemu_proxy_run;
 pub mod qemu_streams;
 pub mod vmm_client;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_image_builder_counts_the_agents_pages() {
+        assert_eq!(crate::guest_images::stats::PAGE, agent::page::PAGE_SIZE);
+    }
+}

@@ -26,7 +26,7 @@ use crate::vmm::protocol::{
 };
 pub use crate::vmm::{
     DirtyMode, Harvest, MemoryRegion, RunReport, SlotInfo,
-    map_files::MappedRegion,
+    map_files::map_region,
     protocol::{HarvestReport, LoopReport, TestVmInfo as VmmInfo, VmState},
     workload::Op,
 };

@@ -3,13 +3,12 @@
 
 use std::path::Path;
 
+use agent::page::PAGE_SIZE;
 use pagefp_tests::{
     agent_process::TempDir,
     require_kvm,
     vmm_client::{Op, VmmArgs, VmmProcess, testvmm_binary},
 };
-
-const PAGE: usize = 4096;
 
 fn hex(page: &[u8]) -> String {
     blake3::hash(page).to_hex().to_string()
@@ -24,7 +23,7 @@ fn spawn(dir: &TempDir, name: &str, edit: impl FnOnce(&mut VmmArgs)) -> VmmProce
 /// An image of `pages` distinct pages plus `tail` bytes of one more.
 fn write_image(path: &Path, pages: usize, tail: usize) -> Vec<u8> {
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let bytes: Vec<u8> = (0..pages * PAGE + tail)
+    let bytes: Vec<u8> = (0..pages * PAGE_SIZE + tail)
         .map(|_| {
             x = x
                 .wrapping_mul(6364136223846793005)
@@ -40,8 +39,8 @@ fn write_image(path: &Path, pages: usize, tail: usize) -> Vec<u8> {
 /// 64-bit xorshift (13, 7, 17) from 0x2545F4914F6CDD1D, little-endian, 2 MiB + 4 KiB.
 fn pool() -> Vec<u8> {
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut pool = Vec::with_capacity((2 << 20) + PAGE);
-    while pool.len() < (2 << 20) + PAGE {
+    let mut pool = Vec::with_capacity((2 << 20) + PAGE_SIZE);
+    while pool.len() < (2 << 20) + PAGE_SIZE {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -57,7 +56,7 @@ fn random_page(pool: &[u8], page: u32, seed: u32) -> Vec<u8> {
         .wrapping_mul(0x9E37_79B1)
         .wrapping_add(seed.wrapping_mul(0x85EB_CA77));
     let offset = (mixed & ((2 << 20) - 4)) as usize;
-    let mut bytes = pool[offset..offset + PAGE].to_vec();
+    let mut bytes = pool[offset..offset + PAGE_SIZE].to_vec();
     bytes[..4].copy_from_slice(&page.to_le_bytes());
     bytes[4..8].copy_from_slice(&seed.to_le_bytes());
     bytes
@@ -78,8 +77,8 @@ fn every_op_writes_exactly_its_pages() {
     let image = dir.0.join("image.raw");
     // 200 pages and a half, in 1 MiB (256 pages): the rest of RAM is zero.
     let bytes = write_image(&image, 200, 2000);
-    let mut expected: Vec<Vec<u8>> = vec![vec![0; PAGE]; 256];
-    for (page, chunk) in bytes.chunks(PAGE).enumerate() {
+    let mut expected: Vec<Vec<u8>> = vec![vec![0; PAGE_SIZE]; 256];
+    for (page, chunk) in bytes.chunks(PAGE_SIZE).enumerate() {
         expected[page][..chunk.len()].copy_from_slice(chunk);
     }
     let vmm = spawn(&dir, "ops", |a| a.image = Some(image.clone()));
@@ -124,8 +123,8 @@ fn every_op_writes_exactly_its_pages() {
     for page in 20..24 {
         expected[page] = expected[3].clone();
     }
-    expected[0] = vec![0; PAGE];
-    expected[1] = vec![0; PAGE];
+    expected[0] = vec![0; PAGE_SIZE];
+    expected[1] = vec![0; PAGE_SIZE];
     for page in [30, 31, 32] {
         expected[page][8..12].copy_from_slice(&0xABCDu32.to_le_bytes());
     }
@@ -138,7 +137,7 @@ fn every_op_writes_exactly_its_pages() {
     assert_memory(&vmm, &expected);
     assert_eq!(
         vmm.checksums().unwrap()[0],
-        hex(&[0; PAGE]),
+        hex(&[0; PAGE_SIZE]),
         "zero page hash"
     );
 }
@@ -186,7 +185,7 @@ fn random_pages_are_distinct_and_reproducible() {
         a.checksums_range(1000, 24)
             .unwrap()
             .iter()
-            .all(|h| *h == hex(&[0; PAGE]))
+            .all(|h| *h == hex(&[0; PAGE_SIZE]))
     );
 }
 
@@ -247,11 +246,11 @@ fn ops_cross_slot_boundaries() {
     .unwrap();
     let hashes = vmm.checksums().unwrap();
     assert!(hashes[60..70].iter().all(|h| *h == hashes[200]));
-    let mut touched = vec![0u8; PAGE];
+    let mut touched = vec![0u8; PAGE_SIZE];
     touched[8] = 1;
     assert_eq!(
         hashes[127..130],
         [hex(&touched), hex(&touched), hex(&touched)]
     );
-    assert_eq!(hashes[130], hex(&[0; PAGE]));
+    assert_eq!(hashes[130], hex(&[0; PAGE_SIZE]));
 }

@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use agent::page::PAGE_SIZE;
 use pagefp_tests::{
     agent_process::TempDir,
     require_kvm,
@@ -19,14 +20,12 @@ use pagefp_tests::{
 };
 use serde_json::{Value, json};
 
-const PAGE: usize = 4096;
-
 fn hex(page: &[u8]) -> String {
     blake3::hash(page).to_hex().to_string()
 }
 
 fn zero_hash() -> String {
-    hex(&[0; PAGE])
+    hex(&[0; PAGE_SIZE])
 }
 
 fn spawn(dir: &TempDir, name: &str, mem_mib: u32, edit: impl FnOnce(&mut VmmArgs)) -> VmmProcess {
@@ -86,7 +85,7 @@ fn random_prefix(hashes: &[String], first: u32, count: u32, seed: u32) -> u32 {
 }
 
 fn touched(value: u32) -> String {
-    let mut page = vec![0u8; PAGE];
+    let mut page = vec![0u8; PAGE_SIZE];
     page[8..12].copy_from_slice(&value.to_le_bytes());
     hex(&page)
 }
@@ -498,8 +497,8 @@ fn an_incoming_vmm_waits_for_its_state_and_exit_discards_it() {
     assert!(info.vm.memory[1].read_only && !info.vm.memory[0].read_only);
     // Everything it maps is zeroed, the code slot included.
     let code =
-        pagefp_tests::vmm_client::MappedRegion::of(info.vm.pid, &info.vm.memory[1], false).unwrap();
-    assert!(code.as_slice().iter().all(|b| *b == 0));
+        pagefp_tests::vmm_client::map_region(info.vm.pid, &info.vm.memory[1], false).unwrap();
+    assert!(code.bytes().iter().all(|b| *b == 0));
     drop(code);
     assert!(vmm.checksums().unwrap().iter().all(|h| *h == zero_hash()));
     for (request, needle) in [

@@ -3,10 +3,11 @@
 
 use std::time::{Duration, Instant};
 
+use agent::page::PAGE_SIZE;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions},
-    images::{PAGE, fill_content},
+    images::fill_content,
 };
 use serde_json::json;
 
@@ -16,11 +17,11 @@ use super::{Figure, median};
 pub fn blake3_pages_per_sec(memory: &[u8]) -> f64 {
     let started = Instant::now();
     let mut sink = 0u8;
-    for page in memory.chunks_exact(PAGE) {
+    for page in memory.chunks_exact(PAGE_SIZE) {
         sink ^= blake3::hash(page).as_bytes()[0];
     }
     std::hint::black_box(sink);
-    (memory.len() / PAGE) as f64 / started.elapsed().as_secs_f64()
+    (memory.len() / PAGE_SIZE) as f64 / started.elapsed().as_secs_f64()
 }
 
 /// One agent full pass with one hash thread: pages per busy second.
@@ -45,8 +46,8 @@ fn agent_pages_per_sec(
 pub fn measure(pages: usize, rounds: usize) -> anyhow::Result<Vec<Figure>> {
     let dir = TempDir::new("pagefp-bench-hash");
     // Distinct non-zero pages: no zero-page shortcut flatters the agent.
-    let mut memory = vec![0u8; pages * PAGE];
-    for (i, page) in memory.chunks_exact_mut(PAGE).enumerate() {
+    let mut memory = vec![0u8; pages * PAGE_SIZE];
+    for (i, page) in memory.chunks_exact_mut(PAGE_SIZE).enumerate() {
         fill_content(page, i as u64 + 1);
     }
     let image = dir.0.join("hash.img");

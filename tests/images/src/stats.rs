@@ -6,6 +6,10 @@ use std::{collections::HashMap, io::Read as _, path::Path};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
+/// The x86 guest page the dumps are counted in. The image builder stands
+/// alone (it does not build the agent and its eBPF programs), so it keeps
+/// this copy of `agent::page::PAGE_SIZE`; a unit test of `pagefp-tests`
+/// checks the two agree.
 pub const PAGE: usize = 4096;
 
 /// Page figures of one image, against the other images of its set.

@@ -30,6 +30,7 @@ use std::{
     time::Instant,
 };
 
+use agent::page::PAGE_SIZE;
 use anyhow::{Context as _, bail};
 use kvm_bindings::{
     KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, kvm_enable_cap, kvm_segment,
@@ -47,7 +48,6 @@ use self::{
     workload::Op,
 };
 
-pub const PAGE: usize = 4096;
 /// KVM slot id of the read-only code slot.
 pub const CODE_SLOT: u32 = 100;
 const KVM_CAP_DIRTY_LOG_RING: u32 = 192;
@@ -89,7 +89,7 @@ impl VmConfig {
                 self.slots
             );
         }
-        let unit = PAGE * self.slots as usize;
+        let unit = PAGE_SIZE * self.slots as usize;
         if self.mem_bytes == 0 || !self.mem_bytes.is_multiple_of(unit) {
             bail!(
                 "guest RAM ({} bytes) must be a non-zero multiple of {} pages ({} bytes) so that each of the {} slots gets whole pages",
@@ -108,7 +108,7 @@ impl VmConfig {
         }
         if self.dirty == DirtyMode::Ring {
             // KVM wants a power-of-two ring of at least one page of entries.
-            let min = (PAGE / 16) as u32;
+            let min = (PAGE_SIZE / 16) as u32;
             if !self.ring_entries.is_power_of_two() || self.ring_entries < min {
                 bail!(
                     "--ring-entries must be a power of two of at least {min} (one page of 16-byte entries), not {}",
@@ -383,7 +383,7 @@ impl TestVm {
             code,
             ring,
             unreset_entries: 0,
-            pending: DirtyPages::new((config.mem_bytes / PAGE) as u32),
+            pending: DirtyPages::new((config.mem_bytes / PAGE_SIZE) as u32),
             pending_entries: 0,
             config,
             slots,
@@ -460,7 +460,7 @@ impl TestVm {
     }
 
     pub fn pages(&self) -> u32 {
-        (self.config.mem_bytes / PAGE) as u32
+        (self.config.mem_bytes / PAGE_SIZE) as u32
     }
 
     /// Dirty-ring entries a single KVM_RUN may add to the ring's un-reset
@@ -633,7 +633,7 @@ impl TestVm {
         for (slot, offset) in entries {
             // slot = address space << 16 | slot id; only RAM slots are logged.
             if let Some(slot) = self.slots.get((slot & 0xFFFF) as usize) {
-                self.pending.insert(slot.gpa / PAGE as u64 + offset);
+                self.pending.insert(slot.gpa / PAGE_SIZE as u64 + offset);
             }
         }
         self.unreset_entries += n;
@@ -661,7 +661,8 @@ impl TestVm {
                         .vm
                         .get_dirty_log(slot.slot, slot.size as usize)
                         .context("KVM_GET_DIRTY_LOG")?;
-                    self.pending.insert_bitmap(slot.gpa / PAGE as u64, &bitmap);
+                    self.pending
+                        .insert_bitmap(slot.gpa / PAGE_SIZE as u64, &bitmap);
                 }
             }
             DirtyMode::None => {}
@@ -679,8 +680,8 @@ impl TestVm {
             .filter(|end| *end <= self.pages())
             .context("checksum range outside RAM")?;
         Ok(
-            self.ram.as_slice()[first as usize * PAGE..end as usize * PAGE]
-                .chunks_exact(PAGE)
+            self.ram.as_slice()[first as usize * PAGE_SIZE..end as usize * PAGE_SIZE]
+                .chunks_exact(PAGE_SIZE)
                 .map(|page| blake3::hash(page).to_hex().to_string())
                 .collect(),
         )
@@ -819,10 +820,13 @@ mod tests {
         );
         assert_eq!(report.entries, 56 + 16 * 1024 + 4);
         let hashes = vm.checksums(100, 56).unwrap();
-        let mut touched = vec![0u8; PAGE];
+        let mut touched = vec![0u8; PAGE_SIZE];
         touched[8..12].copy_from_slice(&7u32.to_le_bytes());
         assert_eq!(hashes[0], blake3::hash(&touched).to_hex().to_string());
-        assert_eq!(hashes[20], blake3::hash(&[0; PAGE]).to_hex().to_string());
+        assert_eq!(
+            hashes[20],
+            blake3::hash(&[0; PAGE_SIZE]).to_hex().to_string()
+        );
         assert!(
             vm.harvest().unwrap().pages.is_empty(),
             "nothing written since"
