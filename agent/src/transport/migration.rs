@@ -45,9 +45,8 @@ pub type Frame = transport::Frame<Kind>;
 pub type FrameReader<R> = transport::FrameReader<Migration, R>;
 pub type FrameWriter<W> = transport::FrameWriter<Migration, W>;
 
+crate::message_kinds! {
 /// Message kinds (Abort is the transport's, [`transport::ABORT`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
 pub enum Kind {
     /// S→R, JSON [`Hello`].
     Hello = 1,
@@ -71,31 +70,6 @@ pub enum Kind {
     /// R→S, JSON [`RoundEnd`] echoed: every byte of the round arrived.
     RoundAck = 11,
 }
-
-impl From<Kind> for u8 {
-    fn from(kind: Kind) -> u8 {
-        kind as u8
-    }
-}
-
-impl TryFrom<u8> for Kind {
-    type Error = u8;
-
-    fn try_from(value: u8) -> Result<Self, u8> {
-        Ok(match value {
-            1 => Kind::Hello,
-            2 => Kind::Offer,
-            3 => Kind::Pages,
-            4 => Kind::RoundEnd,
-            5 => Kind::State,
-            6 => Kind::Verify,
-            7 => Kind::Ready,
-            8 => Kind::Go,
-            9 => Kind::Resumed,
-            11 => Kind::RoundAck,
-            other => return Err(other),
-        })
-    }
 }
 
 /// A Pages frame's payload, decompressed if it was sent compressed (at

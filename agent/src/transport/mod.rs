@@ -77,6 +77,42 @@ pub trait Protocol {
     }
 }
 
+/// A protocol's message kinds: a `#[repr(u8)]` enum with the conversions
+/// [`Protocol::Kind`] needs (`u8::from(kind)`, `Kind::try_from(byte)`,
+/// which gives back an unknown byte as the error). Kind [`ABORT`] is the
+/// transport's and must not be listed.
+#[macro_export]
+macro_rules! message_kinds {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident {
+        $($(#[$variant_meta:meta])* $variant:ident = $value:literal,)+
+    }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(u8)]
+        $vis enum $name {
+            $($(#[$variant_meta])* $variant = $value,)+
+        }
+
+        impl From<$name> for u8 {
+            fn from(kind: $name) -> u8 {
+                kind as u8
+            }
+        }
+
+        impl TryFrom<u8> for $name {
+            type Error = u8;
+
+            fn try_from(value: u8) -> Result<Self, u8> {
+                $(const _: () = assert!($value != $crate::transport::ABORT);)+
+                match value {
+                    $($value => Ok($name::$variant),)+
+                    other => Err(other),
+                }
+            }
+        }
+    };
+}
+
 /// The payload of an [`ABORT`] frame.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Abort {

@@ -73,9 +73,8 @@ pub type Frame = transport::Frame<Kind>;
 pub type FrameReader<R> = transport::FrameReader<QemuProxy, R>;
 pub type FrameWriter<W> = transport::FrameWriter<QemuProxy, W>;
 
+crate::message_kinds! {
 /// Message kinds (Abort is the transport's, [`transport::ABORT`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
 pub enum Kind {
     Hello = 1,
     Offer = 2,
@@ -84,27 +83,6 @@ pub enum Kind {
     End = 5,
     Done = 6,
 }
-
-impl From<Kind> for u8 {
-    fn from(kind: Kind) -> u8 {
-        kind as u8
-    }
-}
-
-impl TryFrom<u8> for Kind {
-    type Error = u8;
-
-    fn try_from(v: u8) -> Result<Self, u8> {
-        Ok(match v {
-            1 => Kind::Hello,
-            2 => Kind::Offer,
-            3 => Kind::OfferEnd,
-            4 => Kind::Chunk,
-            5 => Kind::End,
-            6 => Kind::Done,
-            other => return Err(other),
-        })
-    }
 }
 
 /// One Offer frame's payload: the ids, one after another.

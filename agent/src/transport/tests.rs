@@ -8,27 +8,10 @@ use super::*;
 
 struct Test;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-enum TestKind {
-    One = 1,
-    Two = 2,
-}
-
-impl From<TestKind> for u8 {
-    fn from(kind: TestKind) -> u8 {
-        kind as u8
-    }
-}
-
-impl TryFrom<u8> for TestKind {
-    type Error = u8;
-    fn try_from(value: u8) -> Result<Self, u8> {
-        match value {
-            1 => Ok(TestKind::One),
-            2 => Ok(TestKind::Two),
-            other => Err(other),
-        }
+crate::message_kinds! {
+    enum TestKind {
+        One = 1,
+        Two = 2,
     }
 }
 
