@@ -34,7 +34,7 @@ impl EventKind {
     pub const DIRTY_LOG_GET: Self = Self(8);
     /// `KVM_CLEAR_DIRTY_LOG` succeeded.
     pub const DIRTY_LOG_CLEAR: Self = Self(9);
-    /// `mark_page_dirty_in_slot` (fentry): KVM marked a guest frame dirty.
+    /// `mark_page_dirty_in_slot` (fexit): KVM marked a guest frame dirty.
     pub const DIRTY_GFN: Self = Self(10);
     /// `kvm:kvm_page_fault` with the write bit.
     pub const WRITE_FAULT: Self = Self(11);

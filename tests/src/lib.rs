@@ -13,7 +13,7 @@ pub use pagefp_testvmm as vmm;
 
 pub mod agent_process;
 pub mod fleet;
-pub mod images;
+pub mod synthetic_images;
 pub mod migration;
 pub mod netns;
 pub mod privileged;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions, assert_served_hashes_match},
-    images::{FleetLayout, write_fleet},
+    synthetic_images::{FleetLayout, write_fleet},
     require_privileged,
 };
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{CODE_PAGES, Vm, VmOptions, assert_served_hashes_match, vm_pages},
-    images::{FleetLayout, write_fleet},
+    synthetic_images::{FleetLayout, write_fleet},
     require_privileged,
 };
 

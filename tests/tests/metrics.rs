@@ -14,7 +14,7 @@ use agent::api::{
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions},
-    images::{FleetLayout, write_fleet},
+    synthetic_images::{FleetLayout, write_fleet},
     require_privileged,
 };
 

@@ -11,7 +11,7 @@ use agent::{
 };
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary, free_port},
-    images::{FleetLayout, fleet_image},
+    synthetic_images::{FleetLayout, fleet_image},
     migration::{self, Cut, CuttingRelay, Direction, ReceiveSpec, SendSpec},
     privileged,
     vmm_client::{Op, VmmArgs, VmmProcess, testvmm_binary},

@@ -14,7 +14,7 @@ use std::{
 use agent::api::report::Mode;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary, free_port},
-    images::{FleetLayout, fleet_image},
+    synthetic_images::{FleetLayout, fleet_image},
     migration::{self, ReceiveSpec, SendSpec},
     privileged,
     prometheus::{

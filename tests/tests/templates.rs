@@ -6,7 +6,7 @@ use std::time::Duration;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions, code_slot_image},
-    images::{FleetLayout, count_contents, expected_templates, fleet_image, write_fleet},
+    synthetic_images::{FleetLayout, count_contents, expected_templates, fleet_image, write_fleet},
     require_privileged,
 };
 

@@ -7,7 +7,7 @@ use agent::page::PAGE_SIZE;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions},
-    images::fill_content,
+    synthetic_images::fill_content,
 };
 use serde_json::json;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions},
-    images::{FleetLayout, write_fleet},
+    synthetic_images::{FleetLayout, write_fleet},
 };
 use serde_json::json;
 

@@ -9,7 +9,7 @@ use pagefp_bench as bench;
 use pagefp_tests::{
     agent_process::{self, AgentOptions, AgentProcess, TempDir, agent_binary},
     fleet::{Vm, VmOptions, assert_served_hashes_match},
-    images::{FleetLayout, write_fleet},
+    synthetic_images::{FleetLayout, write_fleet},
 };
 use serde_json::json;
 

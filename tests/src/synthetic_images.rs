@@ -7,8 +7,8 @@
 //! - a zero page;
 //! - a page unique to its VM (some repeated a few times inside that VM).
 //!
-//! Real Linux guest images come with the migration work; these are exact and
-//! cheap, so tests can compute their ground truth.
+//! Real Linux guests are [`crate::guest_images`] (built by `tests/images`);
+//! these are exact and cheap, so tests can compute their ground truth.
 
 use std::{
     collections::HashMap,
