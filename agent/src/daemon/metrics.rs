@@ -358,6 +358,12 @@ fn host_metrics(
         .inc_by(stats.events_unknown_vm);
     scrape
         .counter(
+            "pagefp_ebpf_rejected_events_total",
+            "Events of a kind this agent does not know (the eBPF object and the agent are from different builds: reinstall pagefp)",
+        )?
+        .inc_by(stats.events_rejected);
+    scrape
+        .counter(
             "pagefp_hashed_pages_total",
             "Guest pages hashed (first pass, rescans and rehashes of written pages)",
         )?
@@ -473,6 +479,7 @@ mod tests {
             "pagefp_hashed_pages_total 0",
             "pagefp_ebpf_events_total{kind=\"dirty_gfn\"} 0",
             "pagefp_hasher_busy_seconds_total 0",
+            "pagefp_ebpf_rejected_events_total 0",
             "pagefp_migrations_running 0",
             "pagefp_migrations_completed_total{mode=\"templates\",role=\"source\"} 0",
         ] {
