@@ -13,13 +13,13 @@ pub use pagefp_testvmm as vmm;
 
 pub mod agent_process;
 pub mod fleet;
-pub mod synthetic_images;
 pub mod migration;
 pub mod netns;
 pub mod privileged;
 pub mod prometheus;
 pub mod qemu_proxy_run;
 pub mod qemu_streams;
+pub mod synthetic_images;
 pub mod vmm_client;
 
 #[cfg(test)]

@@ -5,8 +5,8 @@ use std::time::Duration;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions, assert_served_hashes_match},
-    synthetic_images::{FleetLayout, write_fleet},
     require_privileged,
+    synthetic_images::{FleetLayout, write_fleet},
 };
 
 const WAIT: Duration = Duration::from_secs(60);

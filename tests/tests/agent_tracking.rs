@@ -9,8 +9,8 @@ use std::time::Duration;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{CODE_PAGES, Vm, VmOptions, assert_served_hashes_match, vm_pages},
-    synthetic_images::{FleetLayout, write_fleet},
     require_privileged,
+    synthetic_images::{FleetLayout, write_fleet},
 };
 
 const WAIT: Duration = Duration::from_secs(60);

@@ -14,8 +14,8 @@ use agent::api::{
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions},
-    synthetic_images::{FleetLayout, write_fleet},
     require_privileged,
+    synthetic_images::{FleetLayout, write_fleet},
 };
 
 /// The value of the first sample whose line starts with `name_and_labels`.

@@ -11,9 +11,9 @@ use agent::{
 };
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary, free_port},
-    synthetic_images::{FleetLayout, fleet_image},
     migration::{self, Cut, CuttingRelay, Direction, ReceiveSpec, SendSpec},
     privileged,
+    synthetic_images::{FleetLayout, fleet_image},
     vmm_client::{Op, VmmArgs, VmmProcess, testvmm_binary},
 };
 use proptest::{prelude::*, test_runner::TestRunner};

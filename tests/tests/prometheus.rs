@@ -14,13 +14,13 @@ use std::{
 use agent::api::report::Mode;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary, free_port},
-    synthetic_images::{FleetLayout, fleet_image},
     migration::{self, ReceiveSpec, SendSpec},
     privileged,
     prometheus::{
         self, Dashboard, Prometheus, dashboards, expand, numbers, promtool_check_metrics,
         regex_value,
     },
+    synthetic_images::{FleetLayout, fleet_image},
     vmm_client::{Op, VmmArgs, VmmProcess, testvmm_binary},
 };
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions, code_slot_image},
-    synthetic_images::{FleetLayout, count_contents, expected_templates, fleet_image, write_fleet},
     require_privileged,
+    synthetic_images::{FleetLayout, count_contents, expected_templates, fleet_image, write_fleet},
 };
 
 #[test]

@@ -346,41 +346,75 @@ struct PageJson {
     hash: Option<String>,
 }
 
+/// Pages read per hold of the registry lock while a hash list is made: the
+/// tracker and the hash workers wait at most this long for a reader.
+const HASH_LIST_CHUNK: u32 = 16 << 10;
+
+/// The hash list of VM `pid` (`None` if it is not known), read slot by slot
+/// in chunks of [`HASH_LIST_CHUNK`] pages, each under its own short hold of
+/// the registry lock. Each record is true at the moment its chunk was read;
+/// pages of a slot replaced meanwhile are reported unknown, never clean.
+fn hash_records(state: &AppState, pid: u32) -> Option<Vec<PageRecord>> {
+    let slots: Vec<(u32, u64, u64, u32)> = {
+        let registry = state.registry.lock().unwrap();
+        let vm = registry.vm(pid)?;
+        vm.slots
+            .values()
+            .map(|slot| (slot.id, slot.epoch, slot.gpa, slot.pages.len() as u32))
+            .collect()
+    };
+    let zero = zero_page_hash();
+    let mut records = Vec::with_capacity(slots.iter().map(|s| s.3 as usize).sum());
+    for (id, epoch, gpa, pages) in slots {
+        let record = |page: u32, state: u8, hash: [u8; 32]| PageRecord {
+            gpa: gpa + u64::from(page) * PAGE_SIZE as u64,
+            hash,
+            state,
+            zero: u8::from(matches!(state, state::CLEAN | state::UNVERIFIED) && hash == zero),
+            _pad: [0; 6],
+        };
+        for first in (0..pages).step_by(HASH_LIST_CHUNK as usize) {
+            let end = first.saturating_add(HASH_LIST_CHUNK).min(pages);
+            let registry = state.registry.lock().unwrap();
+            let slot = registry
+                .vm(pid)
+                .and_then(|vm| vm.slots.get(&id))
+                .filter(|slot| slot.epoch == epoch);
+            for page in first..end {
+                let Some(entry) = slot.and_then(|slot| slot.pages.get(page)) else {
+                    // The slot (or the VM) went away meanwhile.
+                    records.push(record(page, state::UNKNOWN, [0; 32]));
+                    continue;
+                };
+                records.push(match entry.state() {
+                    PageState::Clean => record(
+                        page,
+                        state::CLEAN,
+                        registry.contents.get(entry.content).hash,
+                    ),
+                    PageState::Unverified => record(
+                        page,
+                        state::UNVERIFIED,
+                        registry.contents.get(entry.content).hash,
+                    ),
+                    PageState::Dirty | PageState::Queued => record(page, state::DIRTY, [0; 32]),
+                    PageState::Unknown => record(page, state::UNKNOWN, [0; 32]),
+                });
+            }
+        }
+    }
+    Some(records)
+}
+
 fn hashes(state: &AppState, pid: u32, format: Format) -> ApiResponse {
     // Everything the kernel reported before this request is applied first.
     if let Some(sync) = &state.sync {
         sync.sync();
     }
     let taken_ns = monotonic_ns();
-    let registry = state.registry.lock().unwrap();
-    let Some(vm) = registry.vm(pid) else {
+    let Some(mut records) = hash_records(state, pid) else {
         return unknown_vm(pid);
     };
-    let zero = zero_page_hash();
-    let mut records = Vec::with_capacity(vm.page_count());
-    for slot in vm.slots.values() {
-        for (index, page) in slot.pages.iter().enumerate() {
-            let page_state = page.state();
-            let known = matches!(page_state, PageState::Clean | PageState::Unverified);
-            let hash = if known {
-                registry.contents.get(page.content).hash
-            } else {
-                [0; 32]
-            };
-            records.push(PageRecord {
-                gpa: slot.gpa + (index * PAGE_SIZE) as u64,
-                hash,
-                state: match page_state {
-                    PageState::Clean => state::CLEAN,
-                    PageState::Unverified => state::UNVERIFIED,
-                    PageState::Dirty | PageState::Queued => state::DIRTY,
-                    PageState::Unknown => state::UNKNOWN,
-                },
-                zero: u8::from(known && hash == zero),
-                _pad: [0; 6],
-            });
-        }
-    }
     records.sort_unstable_by_key(|r| r.gpa);
     match format {
         Format::Json => {
@@ -623,6 +657,56 @@ mod tests {
         );
         assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
         assert!(body(unknown).contains("pid 9"));
+    }
+
+    #[test]
+    fn a_hash_list_read_in_chunks_is_whole_and_in_order() {
+        use crate::{
+            api::wire::parse_hash_list,
+            registry::{RamRegion, SharedRamGuest},
+        };
+        let pages = 2 * HASH_LIST_CHUNK + 100;
+        let state = AppState::empty();
+        {
+            let mut registry = state.registry.lock().unwrap();
+            registry.adopt_shared_ram(&SharedRamGuest {
+                pid: 7,
+                regions: vec![RamRegion {
+                    uaddr: 7 << 32,
+                    size: u64::from(pages) * PAGE_SIZE as u64,
+                    offset: 0,
+                    path: "/dev/shm/vm7".into(),
+                }],
+            });
+            // Every page but the last hashed, its hash naming its index.
+            for job in registry.rescan_jobs(pages - 1) {
+                let plan = registry.plan(&job).unwrap();
+                let hashes: Vec<_> = plan
+                    .pages
+                    .iter()
+                    .map(|(page, _)| {
+                        let mut hash = [0xa5; 32];
+                        hash[..4].copy_from_slice(&page.to_le_bytes());
+                        Some(hash)
+                    })
+                    .collect();
+                registry.commit(&job, &plan, &hashes);
+            }
+        }
+        let response = handle(&state, &hyper::Method::GET, "/v1/vms/7/hashes", None);
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = futures_body(response);
+        let (header, records) = parse_hash_list(&body).unwrap();
+        assert_eq!(header.count, u64::from(pages));
+        for (index, record) in records.iter().enumerate() {
+            assert_eq!(record.gpa, (index * PAGE_SIZE) as u64);
+            if index as u32 == pages - 1 {
+                assert_eq!(record.state, state::UNKNOWN);
+            } else {
+                assert_eq!(record.state, state::UNVERIFIED, "page {index}");
+                assert_eq!(record.hash[..4], (index as u32).to_le_bytes());
+            }
+        }
     }
 
     #[test]
