@@ -260,6 +260,25 @@ pub enum Cut {
     BeforeKind(agent::transport::migration::Kind),
     /// Just after the first message of this kind passed.
     AfterKind(agent::transport::migration::Kind),
+    /// Just after the first message of this kind passed, with a TCP reset
+    /// to the receiving side (its next write fails at once).
+    ResetAfterKind(agent::transport::migration::Kind),
+}
+
+/// Resets `stream` now (a TCP RST, whatever other descriptors of it are
+/// open): Linux disconnects a TCP socket that is connected to `AF_UNSPEC`.
+fn reset_now(stream: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero sockaddr is a valid AF_UNSPEC address.
+    let unspec: libc::sockaddr = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid socket descriptor and an address of the size passed.
+    unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            &raw const unspec,
+            size_of::<libc::sockaddr>() as libc::socklen_t,
+        );
+    }
 }
 
 impl CuttingRelay {
@@ -321,6 +340,10 @@ impl CuttingRelay {
                         break;
                     }
                     if matches!(cut, Cut::AfterKind(k) if k as u8 == kind) {
+                        break;
+                    }
+                    if matches!(cut, Cut::ResetAfterKind(k) if k as u8 == kind) {
+                        reset_now(&to);
                         break;
                     }
                 }

@@ -600,6 +600,50 @@ fn losing_the_final_acknowledgement_leaves_the_source_paused_never_running_twice
 }
 
 #[test]
+fn a_destination_that_got_go_keeps_the_vm_when_it_cannot_answer() {
+    let Some(setup) = setup("a_destination_that_got_go_keeps_the_vm_when_it_cannot_answer") else {
+        return;
+    };
+    let source = source_vm(&setup, 0);
+    start_hot_loop(&source, 200, 64, 5);
+    let dest = incoming_vm(&setup);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut spec = receive_spec(&setup, &dest, listen.clone(), vec![]);
+    spec.no_resume = false;
+    let receiver = migration::start_receiver(&spec, None).unwrap();
+    // "go" reaches the destination, then its connection is reset: its
+    // "resumed" cannot be written.
+    let relay = CuttingRelay::start(
+        listen,
+        Direction::SourceToDest,
+        Cut::ResetAfterKind(Kind::Go),
+    )
+    .unwrap();
+    let mut send = send_spec(&setup, &source, relay.listen.clone(), Mode::Templates);
+    send.keep_source = false;
+    let sent = migration::send(&send, None).unwrap();
+    let received = receiver.finish(Duration::from_secs(30));
+    relay.join();
+    assert!(!sent.success);
+    assert!(sent.stderr.contains("stays paused"), "{}", sent.stderr);
+    assert!(
+        !received.success,
+        "the answer was lost:\n{}",
+        received.stderr
+    );
+    assert!(
+        received.stderr.contains("owns the VM now and keeps it"),
+        "{}",
+        received.stderr
+    );
+    assert_eq!(state_of(&source), "paused", "never running on both hosts");
+    assert_eq!(state_of(&dest), "running", "never running nowhere");
+    assert_keeps_writing(&dest, "the destination");
+    source.exit().unwrap();
+    dest.exit().unwrap();
+}
+
+#[test]
 fn catalogs_export_import_and_serve_templates() {
     let Some(setup) = setup("catalogs_export_import_and_serve_templates") else {
         return;

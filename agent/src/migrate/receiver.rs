@@ -127,6 +127,7 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         memory: None,
         hashes: Vec::new(),
         state: None,
+        owned: false,
     };
     match receiver.run(vmm.as_mut(), options, &info.memory) {
         Ok(()) => {
@@ -134,6 +135,20 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
             receiver.sync();
             receiver.progress.update(&receiver.report);
             Ok(receiver.report)
+        }
+        Err(err) if receiver.owned => {
+            // The source was told to go: it waits, paused, for "resumed". The
+            // VM here is the one to keep (running, unless resuming it failed
+            // or was not asked for), so it is not discarded.
+            receiver.report.phase = Phase::Failed;
+            receiver.report.error = Some(format!("{err:#}"));
+            receiver.sync();
+            receiver.progress.update(&receiver.report);
+            Err(err.context(
+                "the source said go, so this host owns the VM now and keeps it; the source \
+                 could not be told and stays paused. Check the VM here: once it runs, stop the \
+                 source VMM (never resume both)",
+            ))
         }
         Err(err) => {
             let _ = receiver.writer.abort(&format!("{err:#}"));
@@ -166,6 +181,9 @@ struct Receiver<'a> {
     /// blake3 of what was written to each page (the memory starts zeroed).
     hashes: Vec<[u8; 32]>,
     state: Option<Vec<u8>>,
+    /// "go" arrived after the memory was verified: from then on this host
+    /// owns the VM, and nothing that fails may discard it.
+    owned: bool,
 }
 
 impl Receiver<'_> {
@@ -260,6 +278,7 @@ impl Receiver<'_> {
                     if !self.report.verified {
                         bail!("the source said go before the memory was verified");
                     }
+                    self.owned = true;
                     if options.resume {
                         vmm.resume().context("resuming the migrated VM")?;
                     }

@@ -294,12 +294,14 @@ fn connect(to: &str) -> anyhow::Result<TcpStream> {
 impl Sender<'_> {
     fn run(&mut self, vmm: &mut dyn VmmControl, paused: &mut bool) -> Result<(), Failure> {
         self.precopy(vmm, paused).map_err(Failure::BeforeGo)?;
-        // Go: from here the destination owns the VM.
+        // Go: from here the destination owns the VM, and the source never
+        // resumes on its own (a lost "go" cannot be told from a lost answer).
         self.writer
             .frame(Kind::Go, 0, &[])
             .and_then(|_| self.writer.flush())
             .context("sending go")
-            .map_err(Failure::BeforeGo)?;
+            // Part of "go" may have left: the destination may run the VM.
+            .map_err(Failure::AfterGo)?;
         let resumed: Resumed = self
             .reader
             .expect(Kind::Resumed)
