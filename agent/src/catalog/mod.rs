@@ -33,6 +33,10 @@ pub const MAGIC: [u8; 4] = *b"PFTC";
 pub const VERSION: u32 = 1;
 const HEADER_LEN: usize = 48;
 
+/// Most templates one catalog file may hold (4 GiB of pages; also the most
+/// one native migration can offer).
+pub const MAX_TEMPLATES: usize = 1 << 20;
+
 /// Default directory `templates import` installs into and `migrate
 /// receive` loads from.
 pub const DEFAULT_DIR: &str = "/var/lib/pagefp/catalogs";
@@ -102,10 +106,13 @@ impl Catalog {
             );
         }
         let count = word(12) as usize;
+        if count > MAX_TEMPLATES {
+            bail!(
+                "catalog of {count} templates; at most {MAX_TEMPLATES} are read (export smaller catalogs with `pagefp templates export --budget-mib`)"
+            );
+        }
         let digest: [u8; 32] = bytes[16..48].try_into().unwrap();
-        let hashes_end = HEADER_LEN
-            .checked_add(count.checked_mul(32).context("catalog count overflows")?)
-            .context("catalog count overflows")?;
+        let hashes_end = HEADER_LEN + count * 32;
         if bytes.len() < hashes_end + 8 {
             bail!(
                 "catalog is truncated: {count} templates announced, {} bytes present",
@@ -116,6 +123,29 @@ impl Catalog {
             .chunks_exact(32)
             .map(|c| c.try_into().unwrap())
             .collect();
+        // Everything about the hash list is checked before any page data is
+        // decompressed.
+        let catalog = Self {
+            hashes,
+            pages: Vec::new(),
+        };
+        if catalog.digest() != digest {
+            bail!("catalog digest mismatch: the file is corrupt");
+        }
+        let zero = crate::content::zero_page_hash();
+        let mut seen = std::collections::HashSet::with_capacity(count);
+        for (i, hash) in catalog.hashes.iter().enumerate() {
+            if *hash == zero {
+                bail!(
+                    "catalog template {i} is the zero page, which is never a template: the file was not made by pagefp"
+                );
+            }
+            if !seen.insert(hash) {
+                bail!(
+                    "catalog template {i} repeats an earlier one: the file was not made by pagefp"
+                );
+            }
+        }
         let compressed_len =
             u64::from_le_bytes(bytes[hashes_end..hashes_end + 8].try_into().unwrap()) as usize;
         let body = &bytes[hashes_end + 8..];
@@ -125,32 +155,43 @@ impl Catalog {
                 body.len()
             );
         }
-        // No allocation by the announced count: the data must prove it.
-        let mut pages = Vec::new();
-        zstd::stream::read::Decoder::new(body)
-            .context("catalog page data is not zstd")?
-            .take((count * PAGE_SIZE) as u64 + 1)
-            .read_to_end(&mut pages)
-            .context("catalog page data is corrupt")?;
-        if pages.len() != count * PAGE_SIZE {
-            bail!(
-                "catalog page data holds {} bytes for {count} pages",
-                pages.len()
-            );
-        }
-        let catalog = Self { hashes, pages };
-        if catalog.digest() != digest {
-            bail!("catalog digest mismatch: the file is corrupt");
-        }
-        for (i, hash) in catalog.hashes.iter().enumerate() {
-            if blake3::hash(catalog.page(i)).as_bytes() != hash {
+        // Page by page, each checked against its hash as it comes: memory
+        // grows only with pages that proved themselves.
+        let mut decoder =
+            zstd::stream::read::Decoder::new(body).context("catalog page data is not zstd")?;
+        let mut catalog = catalog;
+        let mut page = vec![0u8; PAGE_SIZE];
+        for i in 0..count {
+            decoder.read_exact(&mut page).with_context(|| {
+                format!("catalog page data ends or is corrupt at template {i} of {count}")
+            })?;
+            if blake3::hash(&page).as_bytes() != &catalog.hashes[i] {
                 bail!("catalog template {i} does not match its hash: the file is corrupt");
             }
+            catalog.pages.extend_from_slice(&page);
+        }
+        if decoder
+            .read(&mut page[..1])
+            .context("catalog page data is corrupt")?
+            != 0
+        {
+            bail!("catalog page data holds more than its {count} pages: the file is corrupt");
         }
         Ok(catalog)
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
+        // The largest file a catalog of MAX_TEMPLATES incompressible pages makes.
+        let max_len = (HEADER_LEN + MAX_TEMPLATES * (32 + PAGE_SIZE + 1) + (1 << 20)) as u64;
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("reading catalog {}", path.display()))?
+            .len();
+        if len > max_len {
+            bail!(
+                "catalog {} is {len} bytes, more than any catalog of at most {MAX_TEMPLATES} templates",
+                path.display()
+            );
+        }
         let bytes =
             std::fs::read(path).with_context(|| format!("reading catalog {}", path.display()))?;
         Self::from_bytes(&bytes).with_context(|| format!("catalog {}", path.display()))
@@ -226,5 +267,55 @@ mod tests {
             );
         }
         assert!(Catalog::from_bytes(&bytes[..bytes.len() - 3]).is_err());
+    }
+
+    /// A catalog file of `catalog`'s hashes with `pages` as its page data
+    /// and the digest fixed up: only the page checks can refuse it.
+    fn forged(catalog: &Catalog, count: u32, pages: &[u8]) -> Vec<u8> {
+        let mut bytes = catalog.to_bytes().unwrap();
+        bytes[12..16].copy_from_slice(&count.to_le_bytes());
+        let end = HEADER_LEN + catalog.len() * 32;
+        bytes.truncate(end);
+        let compressed = zstd::bulk::compress(pages, 3).unwrap();
+        bytes.extend_from_slice(&(compressed.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&compressed);
+        bytes
+    }
+
+    #[test]
+    fn hostile_catalogs_are_refused_before_their_pages_cost_memory() {
+        let good = catalog(3);
+        let message = |bytes: &[u8]| format!("{:#}", Catalog::from_bytes(bytes).unwrap_err());
+        // More templates announced than the file can hold, or than are read.
+        let mut huge = good.to_bytes().unwrap();
+        huge[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(message(&huge).contains("at most"), "{}", message(&huge));
+        huge[12..16].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(message(&huge).contains("truncated"), "{}", message(&huge));
+        // A page data bomb: far more bytes than the pages announced.
+        let bomb = forged(&good, 3, &vec![0u8; 64 << 20]);
+        assert!(bomb.len() < 64 << 10);
+        assert!(
+            message(&bomb).contains("does not match"),
+            "{}",
+            message(&bomb)
+        );
+        // The right pages, then more.
+        let mut more = good.pages.clone();
+        more.extend_from_slice(&[1u8; PAGE_SIZE]);
+        assert!(message(&forged(&good, 3, &more)).contains("more than its 3 pages"));
+        // The right pages, cut short.
+        let short = forged(&good, 3, &good.pages[..2 * PAGE_SIZE]);
+        assert!(message(&short).contains("ends or is corrupt at template 2"));
+        // Repeated and zero templates.
+        let mut twice = catalog(2);
+        twice.hashes[1] = twice.hashes[0];
+        twice.pages.copy_within(..PAGE_SIZE, PAGE_SIZE);
+        assert!(message(&twice.to_bytes().unwrap()).contains("repeats"));
+        let zero = Catalog {
+            hashes: vec![crate::content::zero_page_hash()],
+            pages: vec![0; PAGE_SIZE],
+        };
+        assert!(message(&zero.to_bytes().unwrap()).contains("zero page"));
     }
 }

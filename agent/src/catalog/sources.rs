@@ -42,6 +42,8 @@ pub struct LoadedCatalogs {
     pub catalogs: Vec<(String, Catalog)>,
     /// Bytes of the catalog files read (moved to this host ahead of time).
     pub file_bytes: u64,
+    /// Installed catalogs that did not load (each logged).
+    pub skipped: Vec<String>,
 }
 
 impl TemplateSources {
@@ -56,19 +58,36 @@ impl TemplateSources {
         }
     }
 
-    /// Loads (and checks) every catalog these sources name.
+    /// Loads (and checks) every catalog these sources name. A catalog named
+    /// on the command line must load; an installed one that does not is
+    /// skipped with a warning (its pages then travel in full), so one bad
+    /// file in the directory does not stop every migration.
     pub fn load(&self) -> anyhow::Result<LoadedCatalogs> {
-        let mut paths = self.catalogs.clone();
-        if !self.no_installed {
-            paths.extend(installed(&self.catalog_dir)?);
-        }
         let mut loaded = LoadedCatalogs {
             catalogs: Vec::new(),
             file_bytes: 0,
+            skipped: Vec::new(),
         };
-        for path in paths {
-            let catalog = Catalog::load(&path)?;
-            loaded.file_bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
+        let installed = if self.no_installed {
+            Vec::new()
+        } else {
+            installed(&self.catalog_dir)?
+        };
+        let named = self.catalogs.iter().map(|path| (path, true));
+        for (path, required) in named.chain(installed.iter().map(|path| (path, false))) {
+            let catalog = match Catalog::load(path) {
+                Ok(catalog) => catalog,
+                Err(err) if !required => {
+                    log::warn!(
+                        "skipping installed catalog {}: {err:#}; remove it or import it again",
+                        path.display()
+                    );
+                    loaded.skipped.push(path.display().to_string());
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            loaded.file_bytes += std::fs::metadata(path).map_or(0, |m| m.len());
             loaded.catalogs.push((path.display().to_string(), catalog));
         }
         if self.local_templates {
@@ -148,4 +167,36 @@ pub fn build_from_agent(socket: &Path, options: &BuildOptions) -> anyhow::Result
         }
     }
     Ok(catalog)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::tests::catalog;
+
+    #[test]
+    fn a_bad_installed_catalog_is_skipped_but_a_named_one_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("pagefp-sources-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        catalog(2).save(&dir.join("good.pftc")).unwrap();
+        std::fs::write(dir.join("bad.pftc"), b"PFTC not really").unwrap();
+        let sources = TemplateSources {
+            catalogs: Vec::new(),
+            catalog_dir: dir.clone(),
+            no_installed: false,
+            local_templates: false,
+            agent_socket: PathBuf::from("/nonexistent"),
+        };
+        let loaded = sources.load().unwrap();
+        assert_eq!(loaded.catalogs.len(), 1);
+        assert_eq!(loaded.catalogs[0].1, catalog(2));
+        assert_eq!(
+            loaded.skipped,
+            vec![dir.join("bad.pftc").display().to_string()]
+        );
+        let named = TemplateSources::files(vec![dir.join("bad.pftc")]);
+        assert!(named.load().is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
