@@ -435,6 +435,12 @@ fn malformed_or_incompatible_streams_are_refused() {
         hello_stream(regions_of(MEM_MIB * 2), |_| {}),
         "memory layouts differ",
     );
+    // Sizes whose page total overflows: refused as a layout, no panic.
+    let mut huge = regions_of(MEM_MIB);
+    for region in &mut huge {
+        region.size = u64::MAX - 4095;
+    }
+    expect_refused(&setup, hello_stream(huge, |_| {}), "memory layouts differ");
     // A page record with a corrupted byte: the checksum catches it.
     let mut corrupt = hello_stream(regions_of(MEM_MIB), |w| {
         let mut page = vec![0u8; 4101];

@@ -202,7 +202,6 @@ impl Receiver<'_> {
         let hello: Hello = self.reader.expect(Kind::Hello)?.json()?;
         self.report.id = hello.id.clone();
         self.report.mode = hello.mode;
-        self.report.mem_bytes = hello.total_pages() * PAGE_SIZE as u64;
         if hello.page_size as usize != PAGE_SIZE {
             bail!(
                 "the source uses {}-byte pages; this host uses {PAGE_SIZE}",
@@ -220,6 +219,8 @@ impl Receiver<'_> {
                  start the destination VMM with the source's memory size and slots"
             );
         }
+        // The sizes are the incoming VMM's own now: no overflow.
+        self.report.mem_bytes = hello.total_pages() * PAGE_SIZE as u64;
         let layout = Layout::new(hello.regions.clone())?;
         let uaddrs: Vec<u64> = layout
             .regions
@@ -308,7 +309,11 @@ impl Receiver<'_> {
 
     fn apply_pages(&mut self, frame: &wire::Frame) -> anyhow::Result<()> {
         let body = wire::body(frame)?;
-        let memory = self.memory.as_mut().expect("memory mapped after hello");
+        // Unmapped once verified: pages after that are a protocol violation.
+        let memory = self
+            .memory
+            .as_mut()
+            .ok_or_else(|| frame.malformed("pages after the memory was verified"))?;
         let total = memory.layout.pages();
         for record in wire::parse_pages(&body) {
             let record = record.map_err(|what| frame.malformed(what))?;

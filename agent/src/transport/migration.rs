@@ -114,8 +114,12 @@ pub struct Hello {
 }
 
 impl Hello {
+    /// Pages over every region (saturating: a hostile hello cannot
+    /// overflow it).
     pub fn total_pages(&self) -> u64 {
-        self.regions.iter().map(|r| r.size / PAGE_SIZE as u64).sum()
+        self.regions.iter().fold(0u64, |total, r| {
+            total.saturating_add(r.size / PAGE_SIZE as u64)
+        })
     }
 }
 
