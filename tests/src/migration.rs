@@ -55,6 +55,8 @@ pub struct SendSpec {
     pub downtime_ms: Option<u64>,
     pub max_rounds: Option<u32>,
     pub keep_source: bool,
+    /// `--io-timeout-s`, if not the default.
+    pub io_timeout_s: Option<u64>,
 }
 
 /// A receiver that is listening.
@@ -197,6 +199,9 @@ pub fn send(spec: &SendSpec, wrap: Option<Command>) -> anyhow::Result<Outcome> {
     }
     if spec.keep_source {
         command.arg("--keep-source");
+    }
+    if let Some(seconds) = spec.io_timeout_s {
+        command.args(["--io-timeout-s", &seconds.to_string()]);
     }
     let output = command
         .env("RUST_LOG", "info")

@@ -101,6 +101,7 @@ fn send_spec(setup: &Setup, source: &VmmProcess, to: String, mode: Mode) -> Send
         downtime_ms: None,
         max_rounds: None,
         keep_source: true,
+        io_timeout_s: None,
     }
 }
 
@@ -647,6 +648,60 @@ fn a_destination_that_got_go_keeps_the_vm_when_it_cannot_answer() {
     assert_keeps_writing(&dest, "the destination");
     source.exit().unwrap();
     dest.exit().unwrap();
+}
+
+#[test]
+fn a_destination_that_stops_reading_fails_the_migration_within_the_timeout() {
+    let Some(setup) =
+        setup("a_destination_that_stops_reading_fails_the_migration_within_the_timeout")
+    else {
+        return;
+    };
+    let source = source_vm(&setup, 0);
+    start_hot_loop(&source, 200, 64, 5);
+    // A destination that answers the hello with an empty offer, then reads
+    // nothing more (a hung receiver, or one an attacker holds).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = listener.local_addr().unwrap().to_string();
+    let stalled = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut writer = FrameWriter::new(stream.try_clone().unwrap());
+        writer
+            .frame(
+                Kind::Offer,
+                0,
+                &agent::transport::migration::encode_offer(&[]),
+            )
+            .unwrap();
+        writer.flush().unwrap();
+        std::thread::sleep(Duration::from_secs(40));
+        drop(stream);
+    });
+    let mut spec = send_spec(&setup, &source, to, Mode::Baseline);
+    spec.io_timeout_s = Some(3);
+    let started = std::time::Instant::now();
+    let sent = migration::send(&spec, None).unwrap();
+    let took = started.elapsed();
+    assert!(!sent.success, "{}", sent.stderr);
+    assert!(
+        sent.stderr.contains("the source VM keeps running"),
+        "{}",
+        sent.stderr
+    );
+    assert!(
+        sent.stderr
+            .contains("took nothing this side wrote for longer than the I/O timeout"),
+        "{}",
+        sent.stderr
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "the sender waited {took:?} for a stalled destination"
+    );
+    assert_eq!(state_of(&source), "running");
+    assert_keeps_writing(&source, "the source");
+    source.exit().unwrap();
+    drop(stalled);
 }
 
 #[test]

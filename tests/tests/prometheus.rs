@@ -197,6 +197,7 @@ fn run_migration(
         downtime_ms: None,
         max_rounds: None,
         keep_source: false,
+        io_timeout_s: None,
     };
     let sender = std::thread::spawn(move || migration::send(&spec, None));
 

@@ -59,6 +59,11 @@ pub struct SendArgs {
     /// zstd level for `templates+zstd`.
     #[arg(long, default_value_t = 3)]
     pub zstd_level: i32,
+    /// Longest wait for the destination to read what is sent or to answer,
+    /// in seconds: a destination that stalls longer fails the migration
+    /// (before "go" the source VM then resumes).
+    #[arg(long = "io-timeout-s", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub io_timeout_s: u64,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -159,6 +164,7 @@ pub fn run_migrate(command: MigrateCommand, show_progress: bool) -> anyhow::Resu
                 keep_source: args.keep_source,
                 progress: show_progress,
                 zstd_level: args.zstd_level,
+                io_timeout: Duration::from_secs(args.io_timeout_s),
             };
             let report = sender::send(&options)?;
             if args.json {

@@ -71,6 +71,8 @@ pub struct SendOptions {
     pub keep_source: bool,
     pub progress: bool,
     pub zstd_level: i32,
+    /// Longest a write may block or an answer take (`--io-timeout-s`).
+    pub io_timeout: Duration,
 }
 
 impl Default for SendOptions {
@@ -87,6 +89,7 @@ impl Default for SendOptions {
             keep_source: false,
             progress: false,
             zstd_level: 3,
+            io_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -187,7 +190,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
     let mut progress = Progress::new(options.progress, Some(options.agent_socket.clone()));
     progress.update(&report);
 
-    let connected = connect(&options.to).and_then(|stream| {
+    let connected = connect(&options.to, options.io_timeout).and_then(|stream| {
         let write_half = stream.try_clone()?;
         Ok((stream, write_half))
     });
@@ -267,7 +270,10 @@ enum Failure {
     AfterGo(anyhow::Error),
 }
 
-fn connect(to: &str) -> anyhow::Result<TcpStream> {
+/// Connects to the receiver; every later read and write on the stream
+/// fails after `io_timeout` without progress (a stalled destination never
+/// keeps the source paused for longer).
+fn connect(to: &str, io_timeout: Duration) -> anyhow::Result<TcpStream> {
     let addrs: Vec<_> = to
         .to_socket_addrs()
         .with_context(|| {
@@ -279,7 +285,8 @@ fn connect(to: &str) -> anyhow::Result<TcpStream> {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
             Ok(stream) => {
                 stream.set_nodelay(true)?;
-                stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+                stream.set_read_timeout(Some(io_timeout))?;
+                stream.set_write_timeout(Some(io_timeout))?;
                 return Ok(stream);
             }
             Err(e) => last = Some(e),

@@ -3,6 +3,35 @@
 
 use std::io;
 
+impl WireError {
+    /// The error of a failed read or write on the byte stream; a socket
+    /// timeout (`WouldBlock` or `TimedOut`) says the peer stalled.
+    pub(super) fn io(
+        protocol: &'static str,
+        doing: &'static str,
+        offset: u64,
+        error: io::Error,
+    ) -> Self {
+        match error.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => WireError::Stalled {
+                protocol,
+                stalled: if doing == "writing" {
+                    "took nothing this side wrote"
+                } else {
+                    "sent nothing"
+                },
+                offset,
+            },
+            _ => WireError::Io {
+                protocol,
+                doing,
+                offset,
+                error,
+            },
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     #[error(
@@ -21,6 +50,15 @@ pub enum WireError {
         doing: &'static str,
         offset: u64,
         error: io::Error,
+    },
+    #[error(
+        "the {protocol} peer {stalled} for longer than the I/O timeout (stream offset {offset}): it is stalled, overloaded or unreachable; the peer's log says which"
+    )]
+    Stalled {
+        protocol: &'static str,
+        /// "took nothing this side wrote" or "sent nothing".
+        stalled: &'static str,
+        offset: u64,
     },
     #[error(
         "not a pagefp {protocol} stream (the first bytes are {found:02x?}); is the other end {peer}?"

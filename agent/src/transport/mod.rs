@@ -261,23 +261,17 @@ impl<P: Protocol, W: Write> FrameWriter<P, W> {
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), WireError> {
-        self.inner.write_all(bytes).map_err(|error| WireError::Io {
-            protocol: P::NAME,
-            doing: "writing",
-            offset: self.bytes,
-            error,
-        })?;
+        self.inner
+            .write_all(bytes)
+            .map_err(|error| WireError::io(P::NAME, "writing", self.bytes, error))?;
         self.bytes += bytes.len() as u64;
         Ok(())
     }
 
     pub fn flush(&mut self) -> Result<(), WireError> {
-        self.inner.flush().map_err(|error| WireError::Io {
-            protocol: P::NAME,
-            doing: "writing",
-            offset: self.bytes,
-            error,
-        })
+        self.inner
+            .flush()
+            .map_err(|error| WireError::io(P::NAME, "writing", self.bytes, error))
     }
 }
 
@@ -429,12 +423,7 @@ impl<P: Protocol, R: Read> FrameReader<P, R> {
                     offset: self.bytes,
                 }
             } else {
-                WireError::Io {
-                    protocol: P::NAME,
-                    doing: "reading",
-                    offset: self.bytes,
-                    error,
-                }
+                WireError::io(P::NAME, "reading", self.bytes, error)
             }
         })?;
         self.bytes += buf.len() as u64;

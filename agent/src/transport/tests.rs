@@ -320,6 +320,38 @@ fn connection_errors_say_where_the_stream_stopped() {
     assert!(err.to_string().contains("reset"), "{err}");
 }
 
+#[test]
+fn a_socket_timeout_says_the_peer_stalled() {
+    struct Silent;
+    impl Read for Silent {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+    impl io::Write for Silent {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::TimedOut.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let err = FrameReader::<Test, _>::new(Silent).frame().unwrap_err();
+    assert!(matches!(err, WireError::Stalled { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("sent nothing for longer than the I/O timeout"),
+        "{err}"
+    );
+    let err = FrameWriter::<Test, _>::new(Silent)
+        .frame(TestKind::One, 0, b"x")
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("took nothing this side wrote"),
+        "{err}"
+    );
+}
+
 proptest! {
     /// Any corruption of a frame is caught: by the checksum, the header
     /// checks, or a short read; never a panic, never a frame with other

@@ -283,6 +283,7 @@ fn pagefp_run(
             downtime_ms: Some(settings.downtime_ms),
             max_rounds: None,
             keep_source: false,
+            io_timeout_s: None,
         },
         Some(link.in_source()),
     )?;
