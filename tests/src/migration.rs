@@ -180,6 +180,25 @@ impl Drop for RunningReceiver {
 
 /// Runs `pagefp migrate send` to completion.
 pub fn send(spec: &SendSpec, wrap: Option<Command>) -> anyhow::Result<Outcome> {
+    let output = send_command(spec, wrap)
+        .stdin(Stdio::null())
+        .output()
+        .context("running pagefp migrate send")?;
+    Ok(outcome(&output))
+}
+
+/// The result of a finished `pagefp migrate send` or `receive`.
+pub fn outcome(output: &std::process::Output) -> Outcome {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    Outcome {
+        success: output.status.success(),
+        report: last_json(&stdout),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// The `pagefp migrate send` command line of `spec`, logging at info.
+pub fn send_command(spec: &SendSpec, wrap: Option<Command>) -> Command {
     let mut command = wrapped(wrap);
     command
         .args(["migrate", "send", "--json", "--pid", &spec.pid.to_string()])
@@ -203,17 +222,8 @@ pub fn send(spec: &SendSpec, wrap: Option<Command>) -> anyhow::Result<Outcome> {
     if let Some(seconds) = spec.io_timeout_s {
         command.args(["--io-timeout-s", &seconds.to_string()]);
     }
-    let output = command
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .output()
-        .context("running pagefp migrate send")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    Ok(Outcome {
-        success: output.status.success(),
-        report: last_json(&stdout),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    })
+    command.env("RUST_LOG", "info");
+    command
 }
 
 fn wrapped(wrap: Option<Command>) -> Command {

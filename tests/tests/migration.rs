@@ -705,6 +705,52 @@ fn a_destination_that_stops_reading_fails_the_migration_within_the_timeout() {
 }
 
 #[test]
+fn an_interrupted_sender_resumes_the_source() {
+    let Some(setup) = setup("an_interrupted_sender_resumes_the_source") else {
+        return;
+    };
+    for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGHUP, "SIGHUP")] {
+        let source = source_vm(&setup, 0);
+        start_hot_loop(&source, 200, 64, 5);
+        let dest = incoming_vm(&setup);
+        let listen = format!("127.0.0.1:{}", free_port());
+        let receiver =
+            migration::start_receiver(&receive_spec(&setup, &dest, listen.clone(), vec![]), None)
+                .unwrap();
+        // Slow enough that the signal lands in the middle of pre-copy.
+        let mut spec = send_spec(&setup, &source, listen, Mode::Baseline);
+        spec.max_bandwidth = Some("20Mbit".into());
+        let child = migration::send_command(&spec, None)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        // SAFETY: kill(2) on the pid of a child this test spawned.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let sent = migration::outcome(&child.wait_with_output().unwrap());
+        let received = receiver.finish(Duration::from_secs(30));
+        assert!(!sent.success, "{name}: {}", sent.stderr);
+        assert!(
+            sent.stderr.contains(&format!("interrupted by {name}"))
+                && sent.stderr.contains("the source VM keeps running"),
+            "{name}: {}",
+            sent.stderr
+        );
+        assert!(!received.success, "{name}: {}", received.stderr);
+        assert_eq!(state_of(&source), "running", "{name}");
+        assert_keeps_writing(&source, name);
+        source.exit().unwrap();
+        let mut dest = dest;
+        assert!(
+            dest.wait_exit(Duration::from_secs(10)).is_some(),
+            "{name}: discarded"
+        );
+    }
+}
+
+#[test]
 fn catalogs_export_import_and_serve_templates() {
     let Some(setup) = setup("catalogs_export_import_and_serve_templates") else {
         return;

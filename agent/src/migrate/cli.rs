@@ -152,6 +152,8 @@ fn parse_bandwidth(text: &str) -> Result<u64, String> {
 pub fn run_migrate(command: MigrateCommand, show_progress: bool) -> anyhow::Result<()> {
     match command {
         MigrateCommand::Send(args) => {
+            // Before anything is paused: a Ctrl-C then never strands the VM.
+            super::interrupt::install()?;
             let options = SendOptions {
                 pid: args.pid,
                 vmm_socket: args.vmm_socket,

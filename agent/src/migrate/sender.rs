@@ -29,6 +29,7 @@ use anyhow::{Context as _, bail};
 
 use super::{
     digest::{CHUNK_PAGES, chunk_digests},
+    interrupt,
     pacing::Paced,
     progress::Progress,
     vm_memory::{Layout, SourceMemory},
@@ -301,6 +302,8 @@ fn connect(to: &str, io_timeout: Duration) -> anyhow::Result<TcpStream> {
 impl Sender<'_> {
     fn run(&mut self, vmm: &mut dyn VmmControl, paused: &mut bool) -> Result<(), Failure> {
         self.precopy(vmm, paused).map_err(Failure::BeforeGo)?;
+        // The last moment a signal can still keep the VM here.
+        interrupt::check().map_err(Failure::BeforeGo)?;
         // Go: from here the destination owns the VM, and the source never
         // resumes on its own (a lost "go" cannot be told from a lost answer).
         self.writer
@@ -434,6 +437,7 @@ impl Sender<'_> {
         let mut previous = usize::MAX;
         let mut stalled = 0;
         loop {
+            interrupt::check()?;
             let candidates = self.candidates(&states);
             // Rounds that barely shrink what is left: the guest dirties as
             // fast as the link carries.
@@ -589,6 +593,7 @@ impl Sender<'_> {
     fn send_pages(&mut self, pages: &[u32], states: &PageStates) -> anyhow::Result<()> {
         let use_templates = self.options.mode.uses_templates();
         for &page in pages {
+            interrupt::check()?;
             let p = page as usize;
             let agent_hash = (states.state[p] == state::CLEAN).then_some(states.hash[p]);
             // Clean pages the agent vouches for: zero and templates need no read.
