@@ -95,16 +95,9 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         templates.seconds,
         templates.bytes
     );
-    let stream = crate::net::accept_within(&listener, options.accept_timeout)
-        .context("waiting for the source (pagefp migrate send)")?;
-    let peer = stream
-        .peer_addr()
-        .map_or_else(|_| "?".into(), |a| a.to_string());
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-    stream.set_nodelay(true)?;
-    let write_half = stream.try_clone()?;
+    let (reader, write_half, peer) = accept_source(&listener, options.accept_timeout)?;
     let mut receiver = Receiver {
-        reader: FrameReader::new(BufReader::with_capacity(1 << 20, stream)),
+        reader,
         writer: FrameWriter::new(BufWriter::new(write_half)),
         templates: &templates.store,
         report: MigrationReport {
@@ -170,6 +163,53 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
     }
 }
 
+/// How long a new connection has to show the migration preamble before it
+/// is dropped and the receiver waits for the next one.
+const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits (within `timeout`, if any) for a connection that opens with the
+/// migration preamble; anything else (a port scanner, an HTTP request, an
+/// incompatible pagefp, a silent peer) is dropped with a warning, and the
+/// incoming VMM is not touched.
+fn accept_source(
+    listener: &TcpListener,
+    timeout: Option<Duration>,
+) -> anyhow::Result<(FrameReader<BufReader<TcpStream>>, TcpStream, String)> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if left.is_some_and(|left| left.is_zero()) {
+            bail!(
+                "no migration source connected within {} s (waiting for pagefp migrate send)",
+                timeout.unwrap_or_default().as_secs()
+            );
+        }
+        let stream = crate::net::accept_within(listener, left)
+            .context("waiting for the source (pagefp migrate send)")?;
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
+        stream.set_read_timeout(Some(PREAMBLE_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        let write_half = stream.try_clone()?;
+        let mut reader = FrameReader::new(BufReader::with_capacity(1 << 20, stream));
+        match reader.preamble() {
+            Ok(()) => {
+                reader
+                    .get_ref()
+                    .get_ref()
+                    .set_read_timeout(Some(Duration::from_secs(120)))?;
+                return Ok((reader, write_half, peer));
+            }
+            Err(err) => {
+                log::warn!("ignoring a connection from {peer}: {err}");
+                let mut writer = FrameWriter::new(write_half);
+                let _ = writer.abort(&err.to_string());
+            }
+        }
+    }
+}
+
 struct Receiver<'a> {
     reader: FrameReader<BufReader<TcpStream>>,
     writer: FrameWriter<BufWriter<TcpStream>>,
@@ -198,7 +238,6 @@ impl Receiver<'_> {
         options: &ReceiveOptions,
         regions: &[MemoryRegion],
     ) -> anyhow::Result<()> {
-        self.reader.preamble()?;
         let hello: Hello = self.reader.expect(Kind::Hello)?.json()?;
         self.report.id = hello.id.clone();
         self.report.mode = hello.mode;
