@@ -11,7 +11,7 @@ use agent::{
 };
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary, free_port},
-    migration::{self, Cut, CuttingRelay, Direction, ReceiveSpec, SendSpec},
+    migration::{self, Cut, CuttingRelay, Direction, Outcome, ReceiveSpec, SendSpec},
     privileged,
     synthetic_images::{FleetLayout, fleet_image},
     vmm_client::{Op, VmmArgs, VmmProcess, testvmm_binary},
@@ -633,6 +633,33 @@ fn a_lost_connection_at_any_phase_leaves_the_source_running() {
     lose_connection(&setup, SourceToDest, Cut::BeforeKind(Kind::Go), "go");
 }
 
+/// Migrates through a relay that cuts after "go" (`direction`, `cut`): the
+/// source cannot know the outcome. Checks that exactly one VM runs, the
+/// destination's, ends both VMMs and returns the receiver's outcome.
+fn lose_the_end_after_go(setup: &Setup, direction: Direction, cut: Cut) -> Outcome {
+    let source = source_vm(setup, 0);
+    start_hot_loop(&source, 200, 64, 5);
+    let dest = incoming_vm(setup);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut spec = receive_spec(setup, &dest, listen.clone(), vec![]);
+    spec.no_resume = false;
+    let receiver = migration::start_receiver(&spec, None).unwrap();
+    let relay = CuttingRelay::start(listen, direction, cut).unwrap();
+    let mut send = send_spec(setup, &source, relay.listen.clone(), Mode::Templates);
+    send.keep_source = false;
+    let sent = migration::send(&send, None).unwrap();
+    let received = receiver.finish(Duration::from_secs(30));
+    relay.join();
+    assert!(!sent.success);
+    assert!(sent.stderr.contains("stays paused"), "{}", sent.stderr);
+    assert_eq!(state_of(&source), "paused", "never running on both hosts");
+    assert_eq!(state_of(&dest), "running", "never running nowhere");
+    assert_keeps_writing(&dest, "the destination");
+    source.exit().unwrap();
+    dest.exit().unwrap();
+    received
+}
+
 #[test]
 fn losing_the_final_acknowledgement_leaves_the_source_paused_never_running_twice() {
     let Some(setup) =
@@ -640,38 +667,18 @@ fn losing_the_final_acknowledgement_leaves_the_source_paused_never_running_twice
     else {
         return;
     };
-    let source = source_vm(&setup, 0);
-    start_hot_loop(&source, 200, 64, 5);
-    let dest = incoming_vm(&setup);
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut spec = receive_spec(&setup, &dest, listen.clone(), vec![]);
-    spec.no_resume = false;
-    let receiver = migration::start_receiver(&spec, None).unwrap();
     // "go" reaches the destination, which resumes; its "resumed" is lost,
     // so the source cannot know.
-    let relay = CuttingRelay::start(
-        listen,
+    let received = lose_the_end_after_go(
+        &setup,
         Direction::DestToSource,
         Cut::BeforeKind(Kind::Resumed),
-    )
-    .unwrap();
-    let mut send = send_spec(&setup, &source, relay.listen.clone(), Mode::Templates);
-    send.keep_source = false;
-    let sent = migration::send(&send, None).unwrap();
-    let received = receiver.finish(Duration::from_secs(30));
-    relay.join();
+    );
     assert!(
         received.success,
         "the destination resumed:\n{}",
         received.stderr
     );
-    assert!(!sent.success);
-    assert!(sent.stderr.contains("stays paused"), "{}", sent.stderr);
-    assert_eq!(state_of(&source), "paused", "never running on both hosts");
-    assert_eq!(state_of(&dest), "running");
-    assert_keeps_writing(&dest, "the destination");
-    source.exit().unwrap();
-    dest.exit().unwrap();
 }
 
 #[test]
@@ -679,28 +686,13 @@ fn a_destination_that_got_go_keeps_the_vm_when_it_cannot_answer() {
     let Some(setup) = setup("a_destination_that_got_go_keeps_the_vm_when_it_cannot_answer") else {
         return;
     };
-    let source = source_vm(&setup, 0);
-    start_hot_loop(&source, 200, 64, 5);
-    let dest = incoming_vm(&setup);
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut spec = receive_spec(&setup, &dest, listen.clone(), vec![]);
-    spec.no_resume = false;
-    let receiver = migration::start_receiver(&spec, None).unwrap();
     // "go" reaches the destination, then its connection is reset: its
     // "resumed" cannot be written.
-    let relay = CuttingRelay::start(
-        listen,
+    let received = lose_the_end_after_go(
+        &setup,
         Direction::SourceToDest,
         Cut::ResetAfterKind(Kind::Go),
-    )
-    .unwrap();
-    let mut send = send_spec(&setup, &source, relay.listen.clone(), Mode::Templates);
-    send.keep_source = false;
-    let sent = migration::send(&send, None).unwrap();
-    let received = receiver.finish(Duration::from_secs(30));
-    relay.join();
-    assert!(!sent.success);
-    assert!(sent.stderr.contains("stays paused"), "{}", sent.stderr);
+    );
     assert!(
         !received.success,
         "the answer was lost:\n{}",
@@ -711,11 +703,6 @@ fn a_destination_that_got_go_keeps_the_vm_when_it_cannot_answer() {
         "{}",
         received.stderr
     );
-    assert_eq!(state_of(&source), "paused", "never running on both hosts");
-    assert_eq!(state_of(&dest), "running", "never running nowhere");
-    assert_keeps_writing(&dest, "the destination");
-    source.exit().unwrap();
-    dest.exit().unwrap();
 }
 
 #[test]
