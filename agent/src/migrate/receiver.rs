@@ -253,8 +253,13 @@ impl Receiver<'_> {
         mine.sort_unstable();
         theirs.sort_unstable();
         if mine != theirs {
+            // The incoming VMM's layout stays in this host's log: the
+            // reason is also sent to the peer, which is not yet trusted.
+            log::error!(
+                "memory layouts differ: the source has (gpa, bytes) {theirs:x?}, the incoming VMM {mine:x?}"
+            );
             bail!(
-                "memory layouts differ: the source has (gpa, bytes) {theirs:x?}, the incoming VMM {mine:x?}; \
+                "memory layouts differ (both are in the destination's log); \
                  start the destination VMM with the source's memory size and slots"
             );
         }
