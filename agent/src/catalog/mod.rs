@@ -27,7 +27,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::page::PAGE_SIZE;
+use crate::{
+    page::PAGE_SIZE,
+    transport::{hashes, le_u32, le_u64},
+};
 
 pub const MAGIC: [u8; 4] = *b"PFTC";
 pub const VERSION: u32 = 1;
@@ -92,7 +95,7 @@ impl Catalog {
         if bytes.len() < HEADER_LEN || bytes[..4] != MAGIC {
             bail!("not a pagefp template catalog (made by `pagefp templates export`)");
         }
-        let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        let word = |at: usize| le_u32(bytes, at).unwrap_or_default();
         if word(4) != VERSION {
             bail!(
                 "catalog version {} is not supported (this pagefp reads version {VERSION})",
@@ -111,18 +114,18 @@ impl Catalog {
                 "catalog of {count} templates; at most {MAX_TEMPLATES} are read (export smaller catalogs with `pagefp templates export --budget-mib`)"
             );
         }
-        let digest: [u8; 32] = bytes[16..48].try_into().unwrap();
         let hashes_end = HEADER_LEN + count * 32;
-        if bytes.len() < hashes_end + 8 {
-            bail!(
+        let truncated = || {
+            anyhow::anyhow!(
                 "catalog is truncated: {count} templates announced, {} bytes present",
                 bytes.len()
-            );
-        }
-        let hashes: Vec<[u8; 32]> = bytes[HEADER_LEN..hashes_end]
-            .chunks_exact(32)
-            .map(|c| c.try_into().unwrap())
-            .collect();
+            )
+        };
+        let digest = hashes(&bytes[16..HEADER_LEN]).context("catalog header")?[0];
+        let hashes = bytes
+            .get(HEADER_LEN..hashes_end)
+            .and_then(hashes)
+            .ok_or_else(truncated)?;
         // Everything about the hash list is checked before any page data is
         // decompressed.
         let catalog = Self {
@@ -146,8 +149,7 @@ impl Catalog {
                 );
             }
         }
-        let compressed_len =
-            u64::from_le_bytes(bytes[hashes_end..hashes_end + 8].try_into().unwrap()) as usize;
+        let compressed_len = le_u64(bytes, hashes_end).ok_or_else(truncated)? as usize;
         let body = &bytes[hashes_end + 8..];
         if body.len() != compressed_len {
             bail!(

@@ -237,16 +237,12 @@ pub fn parse_pages(body: &[u8]) -> impl Iterator<Item = Result<PageRecord<'_>, S
                 rest.len()
             )));
         }
-        let a = u32::from_le_bytes(rest[1..5].try_into().unwrap());
+        // Present: `need` bytes were checked above.
+        let a = transport::le_u32(rest, 1).unwrap_or_default();
+        let b = transport::le_u32(rest, 5).unwrap_or_default();
         let record = match kind {
-            record::ZERO_RUN => PageRecord::Zero {
-                first: a,
-                count: u32::from_le_bytes(rest[5..9].try_into().unwrap()),
-            },
-            record::TEMPLATE => PageRecord::Template {
-                page: a,
-                index: u32::from_le_bytes(rest[5..9].try_into().unwrap()),
-            },
+            record::ZERO_RUN => PageRecord::Zero { first: a, count: b },
+            record::TEMPLATE => PageRecord::Template { page: a, index: b },
             _ => PageRecord::Full {
                 page: a,
                 data: &rest[5..5 + PAGE_SIZE],
@@ -270,20 +266,15 @@ pub fn encode_offer(ids: &[TemplateId]) -> Vec<u8> {
 
 pub fn decode_offer(frame: &Frame) -> Result<Vec<TemplateId>, WireError> {
     let body = &frame.payload;
-    if body.len() < 4 {
-        return Err(frame.malformed("offer shorter than its count"));
-    }
-    let count = u32::from_le_bytes(body[..4].try_into().unwrap()) as usize;
-    if body.len() != 4 + count * TEMPLATE_ID_LEN {
-        return Err(frame.malformed(format!(
+    let count = transport::le_u32(body, 0)
+        .ok_or_else(|| frame.malformed("offer shorter than its count"))? as usize;
+    match transport::hashes(&body[4..]) {
+        Some(ids) if ids.len() == count => Ok(ids),
+        _ => Err(frame.malformed(format!(
             "offer of {count} templates has {} bytes",
             body.len()
-        )));
+        ))),
     }
-    Ok(body[4..]
-        .chunks_exact(TEMPLATE_ID_LEN)
-        .map(|c| c.try_into().unwrap())
-        .collect())
 }
 
 /// The final memory digest: `u32 chunk_pages, u32 count`, then `count`
@@ -300,21 +291,14 @@ pub fn encode_digest(chunk_pages: u32, digests: &[[u8; 32]]) -> Vec<u8> {
 
 pub fn decode_digest(frame: &Frame) -> Result<(u32, Vec<[u8; 32]>), WireError> {
     let body = &frame.payload;
-    if body.len() < 8 {
+    let (Some(chunk_pages), Some(count)) = (transport::le_u32(body, 0), transport::le_u32(body, 4))
+    else {
         return Err(frame.malformed("digest shorter than its header"));
+    };
+    match transport::hashes(&body[8..]) {
+        Some(digests) if digests.len() == count as usize => Ok((chunk_pages, digests)),
+        _ => Err(frame.malformed(format!("digest of {count} chunks has {} bytes", body.len()))),
     }
-    let chunk_pages = u32::from_le_bytes(body[..4].try_into().unwrap());
-    let count = u32::from_le_bytes(body[4..8].try_into().unwrap()) as usize;
-    if body.len() != 8 + count * 32 {
-        return Err(frame.malformed(format!("digest of {count} chunks has {} bytes", body.len())));
-    }
-    Ok((
-        chunk_pages,
-        body[8..]
-            .chunks_exact(32)
-            .map(|c| c.try_into().unwrap())
-            .collect(),
-    ))
 }
 
 #[cfg(test)]

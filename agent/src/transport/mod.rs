@@ -49,6 +49,24 @@ pub const FRAME_TRAILER_LEN: usize = 4;
 pub const FRAME_OVERHEAD: usize = FRAME_HEADER_LEN + FRAME_TRAILER_LEN;
 /// The message kind reserved for Abort in every protocol.
 pub const ABORT: u8 = 0xFF;
+
+/// The little-endian `u32` at `at` of `bytes`, if it is all there.
+pub fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let (word, _) = bytes.get(at..)?.split_first_chunk::<4>()?;
+    Some(u32::from_le_bytes(*word))
+}
+
+/// The little-endian `u64` at `at` of `bytes`, if it is all there.
+pub fn le_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let (word, _) = bytes.get(at..)?.split_first_chunk::<8>()?;
+    Some(u64::from_le_bytes(*word))
+}
+
+/// `bytes` as 32-byte hashes, if it is a whole number of them.
+pub fn hashes(bytes: &[u8]) -> Option<Vec<[u8; 32]>> {
+    let (hashes, rest) = bytes.as_chunks::<32>();
+    rest.is_empty().then(|| hashes.to_vec())
+}
 /// Longest abort reason sent (longer ones are cut at a character boundary).
 pub const MAX_ABORT_REASON: usize = 16 << 10;
 

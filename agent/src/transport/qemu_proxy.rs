@@ -63,7 +63,7 @@ impl Protocol for QemuProxy {
     /// with its Abort (kind 7, u32 length, `{"reason":...}`).
     fn former_version(found: &[u8; PREAMBLE_LEN]) -> Option<u32> {
         if found[..4] == *b"PFQP" {
-            return Some(u32::from_le_bytes(found[4..8].try_into().unwrap()));
+            return transport::le_u32(found, 4);
         }
         (found[0] == 7 && found[5..] == *br#"{"reaso"#).then_some(1)
     }
@@ -93,18 +93,13 @@ pub fn encode_offer(ids: &[TemplateId]) -> Vec<u8> {
 /// The ids of one Offer frame.
 pub fn decode_offer(frame: &Frame) -> Result<Vec<TemplateId>, WireError> {
     let payload = &frame.payload;
-    if !payload.len().is_multiple_of(TEMPLATE_ID_LEN)
-        || payload.len() > TEMPLATE_ID_LEN * OFFER_PER_FRAME
-    {
-        return Err(frame.malformed(format!(
+    match transport::hashes(payload) {
+        Some(ids) if ids.len() <= OFFER_PER_FRAME => Ok(ids),
+        _ => Err(frame.malformed(format!(
             "offer of {} bytes is not a list of at most {OFFER_PER_FRAME} {TEMPLATE_ID_LEN}-byte template ids",
             payload.len()
-        )));
+        ))),
     }
-    Ok(payload
-        .chunks_exact(TEMPLATE_ID_LEN)
-        .map(|c| c.try_into().expect("chunks of the id length"))
-        .collect())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -204,10 +199,9 @@ pub fn decode_chunk<'t>(
     mut page: impl FnMut(u32) -> Option<&'t [u8; crate::page::PAGE_SIZE]>,
 ) -> Result<Vec<u8>, WireError> {
     let payload = &frame.payload;
-    if payload.len() < 5 {
-        return Err(frame.malformed("chunk shorter than its header"));
-    }
-    let decoded_len = u32::from_le_bytes(payload[1..5].try_into().unwrap()) as usize;
+    let decoded_len = transport::le_u32(payload, 1)
+        .ok_or_else(|| frame.malformed("chunk shorter than its header"))?
+        as usize;
     if decoded_len > MAX_DECODED {
         return Err(frame.malformed(format!(
             "chunk of {decoded_len} bytes (at most {MAX_DECODED})"
@@ -234,10 +228,8 @@ pub fn decode_chunk<'t>(
     let mut at = 0;
     while at < ops.len() {
         let op = ops[at];
-        let arg = ops
-            .get(at + 1..at + 5)
+        let arg = transport::le_u32(ops, at + 1)
             .ok_or_else(|| frame.malformed(format!("op at {at} cut short")))?;
-        let arg = u32::from_le_bytes(arg.try_into().unwrap());
         at += 5;
         match op {
             OP_RAW => {
