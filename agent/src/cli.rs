@@ -31,6 +31,16 @@ pub enum Command {
     /// Deduplicate unmodified QEMU's migration stream through a proxy pair.
     #[command(subcommand, name = "qemu-proxy")]
     QemuProxy(crate::qemu_proxy::ProxyCommand),
+    /// TLS certificates for the WAN channels.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Make a test CA and the server and client certificates (the layout of
+    /// /etc/pki/qemu), for trials; a real site uses its own CA.
+    MakeTestPki(crate::net::pki::TestPki),
 }
 
 #[derive(Debug, Args)]

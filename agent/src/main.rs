@@ -7,7 +7,7 @@ use agent::{
         client,
         views::{CatalogView, VmView},
     },
-    cli::{Cli, Command},
+    cli::{Cli, Command, TlsCommand},
     daemon,
 };
 use clap::Parser as _;
@@ -25,6 +25,13 @@ fn main() -> ExitCode {
         Command::QemuProxy(command) => agent::qemu_proxy::run(command),
         Command::Migrate(command) => {
             agent::migrate::cli::run_migrate(command, std::io::stderr().is_terminal())
+        }
+        Command::Tls(TlsCommand::MakeTestPki(options)) => {
+            agent::net::pki::make(&options).map(|written| {
+                for path in written {
+                    println!("{}", path.display());
+                }
+            })
         }
     };
     match result {

@@ -168,6 +168,12 @@ pub struct MigrationReport {
     /// exchange (milliseconds).
     #[serde(default)]
     pub downtime_parts_ms: Vec<(String, f64)>,
+    /// The link was TLS 1.3 with both ends authenticated.
+    #[serde(default)]
+    pub tls: bool,
+    /// How the link was secured (cipher and peer certificate, or plaintext).
+    #[serde(default)]
+    pub channel: String,
 }
 
 impl MigrationReport {
@@ -201,6 +207,8 @@ impl MigrationReport {
             catalog_bytes: 0,
             final_pages: 0,
             downtime_parts_ms: Vec::new(),
+            tls: false,
+            channel: String::new(),
         }
     }
 }

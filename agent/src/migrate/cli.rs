@@ -16,6 +16,7 @@ use crate::{
         sources::{BuildOptions, TemplateSources, build_from_agent},
     },
     config::DEFAULT_SOCKET,
+    net::{Timeouts, tls},
 };
 
 #[derive(Debug, Subcommand)]
@@ -59,11 +60,10 @@ pub struct SendArgs {
     /// zstd level for `templates+zstd`.
     #[arg(long, default_value_t = 3)]
     pub zstd_level: i32,
-    /// Longest wait for the destination to read what is sent or to answer,
-    /// in seconds: a destination that stalls longer fails the migration
-    /// (before "go" the source VM then resumes).
-    #[arg(long = "io-timeout-s", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub io_timeout_s: u64,
+    #[command(flatten)]
+    pub timeouts: Timeouts,
+    #[command(flatten)]
+    pub security: tls::ConnectSecurity,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -85,6 +85,10 @@ pub struct ReceiveArgs {
     /// Give up when no migration arrives within this many seconds.
     #[arg(long)]
     pub timeout_s: Option<u64>,
+    #[command(flatten)]
+    pub timeouts: Timeouts,
+    #[command(flatten)]
+    pub security: tls::ListenSecurity,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -154,6 +158,8 @@ pub fn run_migrate(command: MigrateCommand, show_progress: bool) -> anyhow::Resu
         MigrateCommand::Send(args) => {
             // Before anything is paused: a Ctrl-C then never strands the VM.
             super::interrupt::install()?;
+            // Certificates are read before the VM is touched.
+            let security = tls::Client::from_options(&args.security)?;
             let options = SendOptions {
                 pid: args.pid,
                 vmm_socket: args.vmm_socket,
@@ -166,7 +172,9 @@ pub fn run_migrate(command: MigrateCommand, show_progress: bool) -> anyhow::Resu
                 keep_source: args.keep_source,
                 progress: show_progress,
                 zstd_level: args.zstd_level,
-                io_timeout: Duration::from_secs(args.io_timeout_s),
+                io_timeout: args.timeouts.io_timeout(),
+                deadline: args.timeouts.deadline(),
+                security,
             };
             let report = sender::send(&options)?;
             if args.json {
@@ -195,6 +203,8 @@ pub fn run_migrate(command: MigrateCommand, show_progress: bool) -> anyhow::Resu
                 resume: !args.no_resume,
                 progress: show_progress,
                 accept_timeout: args.timeout_s.map(Duration::from_secs),
+                timeouts: args.timeouts,
+                security: tls::Server::from_options(&args.security)?,
             };
             let report = receiver::receive(&options)?;
             if args.json {

@@ -9,7 +9,6 @@
 
 use std::{
     io::{BufReader, BufWriter, Write},
-    net::{TcpListener, TcpStream},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -26,9 +25,11 @@ use crate::{
     api::report::{MigrationReport, Mode, Phase, Role},
     catalog::{sources::TemplateSources, store::TemplateStore},
     content::zero_page_hash,
+    net::{ChannelReader, ChannelWriter, SecureListener, Timeouts, tls},
     page::PAGE_SIZE,
     transport::{
         Protocol as _, WireError,
+        accept::accept_peer,
         migration::{
             self as wire, FLAG_ZSTD, FrameReader, FrameWriter, Hello, Kind, MAX_OFFER, PageRecord,
             Ready, Resumed, RoundEnd,
@@ -48,6 +49,9 @@ pub struct ReceiveOptions {
     pub progress: bool,
     /// Give up if no source connects within this time.
     pub accept_timeout: Option<Duration>,
+    pub timeouts: Timeouts,
+    /// Who may send the VM.
+    pub security: tls::Server,
 }
 
 /// Loaded templates and what loading them cost.
@@ -85,8 +89,7 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
             info.state
         );
     }
-    let listener = TcpListener::bind(&options.listen)
-        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    let listener = SecureListener::bind(&options.listen, options.security.clone())?;
     log::info!(
         "waiting for a migration on {} into VMM pid {} ({} templates loaded in {:.2} s from {} bytes of catalogs)",
         listener.local_addr()?,
@@ -95,7 +98,15 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         templates.seconds,
         templates.bytes
     );
-    let (reader, write_half, peer) = accept_source(&listener, options.accept_timeout)?;
+    let opened = accept_peer(
+        &listener,
+        options.accept_timeout,
+        &options.timeouts,
+        "the migration source (pagefp migrate send)",
+        |_| Ok(()),
+    )?;
+    let (reader, write_half, peer, protection) =
+        (opened.reader, opened.writer, opened.peer, opened.protection);
     let mut receiver = Receiver {
         reader,
         writer: FrameWriter::new(BufWriter::new(write_half)),
@@ -103,6 +114,8 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         report: MigrationReport {
             phase: Phase::Negotiating,
             catalog_bytes: templates.bytes,
+            tls: protection.is_tls(),
+            channel: protection.describe(),
             // Until the source's hello names the migration.
             ..MigrationReport::new(
                 format!("incoming-{}-{}", info.pid, std::process::id()),
@@ -163,56 +176,9 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
     }
 }
 
-/// How long a new connection has to show the migration preamble before it
-/// is dropped and the receiver waits for the next one.
-const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Waits (within `timeout`, if any) for a connection that opens with the
-/// migration preamble; anything else (a port scanner, an HTTP request, an
-/// incompatible pagefp, a silent peer) is dropped with a warning, and the
-/// incoming VMM is not touched.
-fn accept_source(
-    listener: &TcpListener,
-    timeout: Option<Duration>,
-) -> anyhow::Result<(FrameReader<BufReader<TcpStream>>, TcpStream, String)> {
-    let deadline = timeout.map(|t| Instant::now() + t);
-    loop {
-        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        if left.is_some_and(|left| left.is_zero()) {
-            bail!(
-                "no migration source connected within {} s (waiting for pagefp migrate send)",
-                timeout.unwrap_or_default().as_secs()
-            );
-        }
-        let stream = crate::net::accept_within(listener, left)
-            .context("waiting for the source (pagefp migrate send)")?;
-        let peer = stream
-            .peer_addr()
-            .map_or_else(|_| "?".into(), |a| a.to_string());
-        stream.set_read_timeout(Some(PREAMBLE_TIMEOUT))?;
-        stream.set_nodelay(true)?;
-        let write_half = stream.try_clone()?;
-        let mut reader = FrameReader::new(BufReader::with_capacity(1 << 20, stream));
-        match reader.preamble() {
-            Ok(()) => {
-                reader
-                    .get_ref()
-                    .get_ref()
-                    .set_read_timeout(Some(Duration::from_secs(120)))?;
-                return Ok((reader, write_half, peer));
-            }
-            Err(err) => {
-                log::warn!("ignoring a connection from {peer}: {err}");
-                let mut writer = FrameWriter::new(write_half);
-                let _ = writer.abort(&err.to_string());
-            }
-        }
-    }
-}
-
 struct Receiver<'a> {
-    reader: FrameReader<BufReader<TcpStream>>,
-    writer: FrameWriter<BufWriter<TcpStream>>,
+    reader: FrameReader<BufReader<ChannelReader>>,
+    writer: FrameWriter<BufWriter<ChannelWriter>>,
     templates: &'a TemplateStore,
     report: MigrationReport,
     progress: Progress,

@@ -19,7 +19,6 @@
 use std::{
     collections::HashMap,
     io::{BufReader, BufWriter},
-    net::{TcpStream, ToSocketAddrs},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -42,6 +41,7 @@ use crate::{
         wire::{parse_hash_list, state},
     },
     content::{TemplateId, zero_page_hash},
+    net::{self, ChannelReader, ChannelWriter, tls},
     page::{PAGE_SIZE, is_zero_page},
     transport::migration::{
         self as wire, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PagesBuilder,
@@ -74,6 +74,10 @@ pub struct SendOptions {
     pub zstd_level: i32,
     /// Longest a write may block or an answer take (`--io-timeout-s`).
     pub io_timeout: Duration,
+    /// The whole migration ends by then (`--deadline-s`).
+    pub deadline: Duration,
+    /// How the connection to the destination is secured.
+    pub security: tls::Client,
 }
 
 impl Default for SendOptions {
@@ -91,6 +95,8 @@ impl Default for SendOptions {
             progress: false,
             zstd_level: 3,
             io_timeout: Duration::from_secs(60),
+            deadline: net::DEFAULT_DEADLINE,
+            security: tls::Client::Plaintext,
         }
     }
 }
@@ -105,8 +111,8 @@ struct PageStates {
 struct Sender<'a> {
     options: &'a SendOptions,
     memory: Arc<SourceMemory>,
-    writer: FrameWriter<BufWriter<Paced<TcpStream>>>,
-    reader: FrameReader<BufReader<TcpStream>>,
+    writer: FrameWriter<BufWriter<Paced<ChannelWriter>>>,
+    reader: FrameReader<BufReader<ChannelReader>>,
     offer: HashMap<TemplateId, u32>,
     /// blake3 of the content the destination holds, per page.
     held: Vec<Option<[u8; 32]>>,
@@ -191,12 +197,21 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
     let mut progress = Progress::new(options.progress, Some(options.agent_socket.clone()));
     progress.update(&report);
 
-    let connected = connect(&options.to, options.io_timeout).and_then(|stream| {
-        let write_half = stream.try_clone()?;
-        Ok((stream, write_half))
-    });
+    let connected = net::connect(&options.to, &options.security, Duration::ZERO)
+        .with_context(|| {
+            format!("cannot reach `pagefp migrate receive` at {}", options.to)
+        });
     let (read_half, write_half) = match connected {
-        Ok(halves) => halves,
+        Ok(channel) => {
+            report.tls = channel.protection.is_tls();
+            report.channel = channel.protection.describe();
+            log::info!("connected to {}: {}", options.to, report.channel);
+            let deadline = Some(started + options.deadline);
+            let (mut read_half, mut write_half) = channel.split(Some(options.io_timeout));
+            read_half.set_deadline(deadline);
+            write_half.set_deadline(deadline);
+            (read_half, write_half)
+        }
         Err(err) => {
             report.phase = Phase::Failed;
             report.error = Some(format!("{err:#}"));
@@ -271,33 +286,6 @@ enum Failure {
     AfterGo(anyhow::Error),
 }
 
-/// Connects to the receiver; every later read and write on the stream
-/// fails after `io_timeout` without progress (a stalled destination never
-/// keeps the source paused for longer).
-fn connect(to: &str, io_timeout: Duration) -> anyhow::Result<TcpStream> {
-    let addrs: Vec<_> = to
-        .to_socket_addrs()
-        .with_context(|| {
-            format!("cannot resolve {to:?}: give HOST:PORT of `pagefp migrate receive`")
-        })?
-        .collect();
-    let mut last = None;
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
-            Ok(stream) => {
-                stream.set_nodelay(true)?;
-                stream.set_read_timeout(Some(io_timeout))?;
-                stream.set_write_timeout(Some(io_timeout))?;
-                return Ok(stream);
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(anyhow::anyhow!(
-        "cannot connect to {to}: {}; is `pagefp migrate receive` listening there?",
-        last.map_or("no address".into(), |e| e.to_string())
-    ))
-}
 
 impl Sender<'_> {
     fn run(&mut self, vmm: &mut dyn VmmControl, paused: &mut bool) -> Result<(), Failure> {

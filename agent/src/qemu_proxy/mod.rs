@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     catalog::{sources::TemplateSources, store::TemplateStore},
+    net::{Timeouts, tls},
     qemu_stream::{Options, Unsupported},
 };
 
@@ -51,6 +52,10 @@ pub struct SendArgs {
     /// Give up when QEMU does not connect within this many seconds.
     #[arg(long)]
     pub timeout_s: Option<u64>,
+    #[command(flatten)]
+    pub timeouts: Timeouts,
+    #[command(flatten)]
+    pub security: tls::ConnectSecurity,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -69,6 +74,10 @@ pub struct ReceiveArgs {
     /// Give up when no send proxy connects within this many seconds.
     #[arg(long)]
     pub timeout_s: Option<u64>,
+    #[command(flatten)]
+    pub timeouts: Timeouts,
+    #[command(flatten)]
+    pub security: tls::ListenSecurity,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -95,6 +104,12 @@ pub struct ProxyReport {
     /// Where and why the stream was passed through without deduplication.
     pub pass_through: Option<String>,
     pub seconds: f64,
+    /// The WAN link was TLS 1.3 with both proxies authenticated.
+    #[serde(default)]
+    pub tls: bool,
+    /// How the WAN link was secured (cipher and peer certificate, or plaintext).
+    #[serde(default)]
+    pub channel: String,
 }
 
 pub fn run(command: ProxyCommand) -> anyhow::Result<()> {
@@ -112,15 +127,20 @@ pub fn run(command: ProxyCommand) -> anyhow::Result<()> {
                     },
                 },
                 timeout: args.timeout_s.map(Duration::from_secs),
+                timeouts: args.timeouts,
+                security: tls::Client::from_options(&args.security)?,
             };
             (send::send(&options)?, args.json)
         }
         ProxyCommand::Receive(args) => {
+            let security = tls::Server::from_options(&args.security)?;
             let templates = load_templates(&args)?;
             let options = receive::ReceiveOptions {
                 listen: args.listen.clone(),
                 qemu: args.qemu.clone(),
                 timeout: args.timeout_s.map(Duration::from_secs),
+                timeouts: args.timeouts,
+                security,
             };
             (receive::receive(&options, &templates)?, args.json)
         }
@@ -129,7 +149,7 @@ pub fn run(command: ProxyCommand) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "proxied {} bytes of QEMU stream as {} bytes ({:.1}%): {} pages, {} as templates, {} zero{}",
+            "proxied {} bytes of QEMU stream as {} bytes ({:.1}%): {} pages, {} as templates, {} zero{}; link: {}",
             report.stream_bytes,
             report.wire_bytes,
             100.0 * report.wire_bytes as f64 / report.stream_bytes.max(1) as f64,
@@ -140,7 +160,8 @@ pub fn run(command: ProxyCommand) -> anyhow::Result<()> {
                 .pass_through
                 .as_ref()
                 .map(|p| format!("; passed through {p}"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            report.channel
         );
     }
     Ok(())

@@ -4,14 +4,20 @@
 use std::{
     collections::VecDeque,
     io::{BufReader, BufWriter, Write as _},
-    net::{Shutdown, TcpListener, TcpStream},
+    net::{Shutdown, TcpStream},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 
 use super::{ProxyReport, connect_retrying, templates::TemplatePages};
-use crate::transport::qemu_proxy::{self as wire, FrameReader, FrameWriter, Kind};
+use crate::{
+    net::{ChannelReader, ChannelWriter, SecureListener, Timeouts, tls},
+    transport::{
+        accept::accept_peer,
+        qemu_proxy::{self as wire, FrameReader, FrameWriter, Kind},
+    },
+};
 
 /// Stream bytes kept from the destination QEMU until the sender's digest of
 /// the whole stream matched: they hold `QEMU_VM_EOF` (after the device
@@ -23,13 +29,19 @@ pub struct ReceiveOptions {
     pub listen: String,
     /// The destination QEMU's `-incoming tcp:` address.
     pub qemu: String,
+    /// Give up if no send proxy connects within this time.
     pub timeout: Option<Duration>,
+    pub timeouts: Timeouts,
+    /// Who may send the stream.
+    pub security: tls::Server,
 }
 
 /// The destination QEMU, connected when the first stream bytes arrive (a
 /// refused migration never touches it).
 struct Destination<'a> {
     addr: &'a str,
+    /// Longest wait for QEMU to take more of the stream.
+    io_timeout: Duration,
     conn: Option<(TcpStream, BufWriter<TcpStream>)>,
     held: VecDeque<Vec<u8>>,
     held_bytes: usize,
@@ -59,6 +71,7 @@ impl Destination<'_> {
                 "the destination QEMU (started with -incoming tcp:...?)",
             )?;
             stream.set_nodelay(true)?;
+            stream.set_write_timeout(Some(self.io_timeout))?;
             log::info!("feeding the destination QEMU at {}", self.addr);
             self.conn = Some((
                 stream.try_clone()?,
@@ -92,22 +105,33 @@ pub fn receive(
     options: &ReceiveOptions,
     templates: &dyn TemplatePages,
 ) -> anyhow::Result<ProxyReport> {
-    let listener = TcpListener::bind(&options.listen)
-        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    let listener = SecureListener::bind(&options.listen, options.security.clone())?;
     log::info!(
         "waiting for a proxied QEMU migration on {} ({} templates)",
-        options.listen,
+        listener.local_addr()?,
         templates.hashes().len()
     );
-    let stream = crate::net::accept_within(&listener, options.timeout)
-        .context("waiting for the send proxy")?;
+    let opened = accept_peer(
+        &listener,
+        options.timeout,
+        &options.timeouts,
+        "the send proxy (pagefp qemu-proxy send)",
+        |reader: &mut FrameReader<_>| reader.expect(Kind::Hello)?.json::<wire::Hello>(),
+    )
+    .context("waiting for the send proxy")?;
     drop(listener);
-    stream.set_nodelay(true)?;
+    log::info!(
+        "send proxy {} connected from {}: {}",
+        opened.opening.sender,
+        opened.peer,
+        opened.protection.describe()
+    );
     let started = Instant::now();
-    let mut reader = FrameReader::new(BufReader::with_capacity(1 << 20, stream.try_clone()?));
-    let mut writer = FrameWriter::new(BufWriter::new(stream));
+    let mut reader = opened.reader;
+    let mut writer = FrameWriter::new(BufWriter::new(opened.writer));
     let mut destination = Destination {
         addr: &options.qemu,
+        io_timeout: options.timeouts.io_timeout(),
         conn: None,
         held: VecDeque::new(),
         held_bytes: 0,
@@ -117,6 +141,8 @@ pub fn receive(
     match result {
         Ok(mut report) => {
             report.wire_bytes = reader.bytes + writer.bytes;
+            report.tls = opened.protection.is_tls();
+            report.channel = opened.protection.describe();
             report.seconds = started.elapsed().as_secs_f64();
             Ok(report)
         }
@@ -137,16 +163,21 @@ pub fn receive(
 }
 
 fn relay(
-    reader: &mut FrameReader<BufReader<TcpStream>>,
-    writer: &mut FrameWriter<BufWriter<TcpStream>>,
+    reader: &mut FrameReader<BufReader<ChannelReader>>,
+    writer: &mut FrameWriter<BufWriter<ChannelWriter>>,
     destination: &mut Destination,
     templates: &dyn TemplatePages,
 ) -> anyhow::Result<ProxyReport> {
-    reader.preamble()?;
-    let hello: wire::Hello = reader.expect(Kind::Hello)?.json()?;
-    log::info!("send proxy {} connected", hello.sender);
     writer.preamble()?;
-    let hashes = templates.hashes();
+    let mut hashes = templates.hashes();
+    if hashes.len() > wire::MAX_OFFER {
+        log::warn!(
+            "offering {} of {} templates (the protocol's limit)",
+            wire::MAX_OFFER,
+            hashes.len()
+        );
+        hashes = &hashes[..wire::MAX_OFFER];
+    }
     for batch in hashes.chunks(wire::OFFER_PER_FRAME) {
         writer.frame(Kind::Offer, 0, &wire::encode_offer(batch))?;
     }

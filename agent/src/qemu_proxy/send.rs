@@ -16,10 +16,11 @@ use anyhow::{Context as _, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::{
-    ProxyReport, connect_retrying,
+    ProxyReport,
     templates::{Offered, TemplateLookup},
 };
 use crate::{
+    net::{self, ChannelWriter, Timeouts, tls},
     qemu_stream::{self, ADVICE_MULTIFD, Options, Page, Preamble, Sink, SinkError},
     transport::{
         WireError,
@@ -39,9 +40,15 @@ pub struct SendOptions {
     pub parser: Options,
     /// Give up if QEMU does not connect within this time.
     pub timeout: Option<Duration>,
+    pub timeouts: Timeouts,
+    /// How the link to the receive proxy is secured.
+    pub security: tls::Client,
 }
 
-type Wan = FrameWriter<BufWriter<TcpStream>>;
+/// How long the receive proxy may take to start listening.
+const CONNECT_RETRY: Duration = Duration::from_secs(10);
+
+type Wan = FrameWriter<BufWriter<ChannelWriter>>;
 
 struct SendSink<'a> {
     wan: &'a mut Wan,
@@ -257,10 +264,16 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
         .context("waiting for the source QEMU")?;
     let extra = ExtraConnections::watch(listener)?;
     let started = Instant::now();
-    let wan = connect_retrying(&options.to, "the receive proxy")?;
-    wan.set_nodelay(true)?;
-    let mut reader = FrameReader::new(BufReader::new(wan.try_clone()?));
-    let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 20, wan));
+    let wan = net::connect(&options.to, &options.security, CONNECT_RETRY)
+        .with_context(|| format!("cannot reach the receive proxy at {}", options.to))?;
+    let protection = wan.protection.clone();
+    log::info!("connected to the receive proxy at {}: {}", options.to, protection.describe());
+    let (mut read_half, mut write_half) = wan.split(Some(options.timeouts.io_timeout()));
+    let deadline = Some(started + options.timeouts.deadline());
+    read_half.set_deadline(deadline);
+    write_half.set_deadline(deadline);
+    let mut reader = FrameReader::new(BufReader::new(read_half));
+    let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 20, write_half));
     let handshake = (|| -> anyhow::Result<Offered> {
         writer.preamble()?;
         writer.json(
@@ -276,7 +289,18 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
         loop {
             let frame = reader.frame()?;
             match frame.kind {
-                Kind::Offer => hashes.extend(wire::decode_offer(&frame)?),
+                Kind::Offer => {
+                    let ids = wire::decode_offer(&frame)?;
+                    if hashes.len() + ids.len() > wire::MAX_OFFER {
+                        return Err(frame
+                            .malformed(format!(
+                                "the offer holds more than {} templates",
+                                wire::MAX_OFFER
+                            ))
+                            .into());
+                    }
+                    hashes.extend(ids);
+                }
                 Kind::OfferEnd => {
                     let end: wire::OfferEnd = frame.json()?;
                     if end.templates != hashes.len() as u64 {
@@ -380,5 +404,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
             .pass_through
             .map(|p| format!("from byte {}: {}", p.offset, p.reason)),
         seconds: started.elapsed().as_secs_f64(),
+        tls: protection.is_tls(),
+        channel: protection.describe(),
     })
 }

@@ -19,6 +19,7 @@ use super::{
 };
 use crate::{
     catalog::store::TemplateStore,
+    net::{Timeouts, pki::test_security},
     qemu_stream::{
         Options, Unsupported,
         format::{PAGE_SIZE, section},
@@ -51,6 +52,7 @@ fn run_pair(
 ) -> Outcome {
     let wan = free_addr();
     let local = free_addr();
+    let (client, server) = test_security();
     let dest = TcpListener::bind("127.0.0.1:0").unwrap();
     let dest_addr = dest.local_addr().unwrap().to_string();
     dest.set_nonblocking(true).unwrap();
@@ -78,6 +80,8 @@ fn run_pair(
             listen: wan.clone(),
             qemu: dest_addr,
             timeout: Some(Duration::from_secs(20)),
+            timeouts: Timeouts::default(),
+            security: server,
         };
         thread::spawn(move || receive(&options, &templates))
     };
@@ -89,6 +93,8 @@ fn run_pair(
             zstd,
             parser: Options { unsupported },
             timeout: Some(Duration::from_secs(20)),
+            timeouts: Timeouts::default(),
+            security: client,
         };
         thread::spawn(move || send(&options))
     };

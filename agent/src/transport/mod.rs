@@ -20,10 +20,12 @@
 //! - Reading is bounded: a frame's announced length is checked against the
 //!   protocol's maximum before its payload is allocated. Writing an
 //!   oversized payload or an undefined flag is an error, never a panic.
-//! - The byte stream below the framing is any [`Read`] / [`Write`]: a TCP
-//!   stream today, an encrypted and authenticated one (TLS, keyed MACs,
-//!   issue 11) later, without touching either protocol.
+//! - The byte stream below the framing is any [`Read`] / [`Write`]; on the
+//!   WAN it is a [`crate::net::Channel`] (TLS 1.3 with both ends
+//!   authenticated, unless the operator asked for plaintext by name), and
+//!   [`accept::accept_peer`] is the receiving end's one way in.
 
+pub mod accept;
 mod error;
 pub mod migration;
 pub mod qemu_proxy;
@@ -310,6 +312,10 @@ impl<P: Protocol, R: Read> FrameReader<P, R> {
             bytes: 0,
             protocol: PhantomData,
         }
+    }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
     }
 
     pub fn get_ref(&self) -> &R {

@@ -40,6 +40,9 @@ pub const MAX_DECODED: usize = 4 << 20;
 /// Most QEMU stream bytes one chunk may stand for.
 pub const MAX_CHUNK_STREAM: usize = 16 << 20;
 pub const OFFER_PER_FRAME: usize = 65_536;
+/// Template ids one offer may hold in all (32 MiB of ids): the send proxy
+/// keeps the offer, so its size is bounded before it is stored.
+pub const MAX_OFFER: usize = 1 << 20;
 const _: () = assert!(OFFER_PER_FRAME * TEMPLATE_ID_LEN <= MAX_PAYLOAD);
 
 pub const OP_RAW: u8 = 0x01;

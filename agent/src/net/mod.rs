@@ -1,0 +1,213 @@
+//! The network below both WAN protocols: connecting and accepting, TLS 1.3
+//! with mutual authentication ([`tls`]), and the bounded duplex stream both
+//! protocols run on ([`channel`]).
+
+pub mod channel;
+pub mod pki;
+pub mod tls;
+
+use std::{
+    net::{TcpListener, TcpStream, ToSocketAddrs as _},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+pub use channel::{Channel, ChannelReader, ChannelWriter, Protection};
+
+/// The bounds of one migration's WAN connection, for every end.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// Longest wait for the peer to send or to take what is sent, in
+    /// seconds: a peer that stalls longer fails the migration (before "go"
+    /// the source VM keeps running).
+    #[arg(long = "io-timeout-s", value_name = "S", default_value_t = DEFAULT_IO_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub io_timeout_s: u64,
+    /// The whole migration must end within this many seconds of the
+    /// connection, however the peer paces its bytes.
+    #[arg(long = "deadline-s", value_name = "S", default_value_t = DEFAULT_DEADLINE.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    pub deadline_s: u64,
+}
+
+impl Timeouts {
+    pub fn io_timeout(&self) -> Duration {
+        Duration::from_secs(self.io_timeout_s)
+    }
+
+    pub fn deadline(&self) -> Duration {
+        Duration::from_secs(self.deadline_s)
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            io_timeout_s: DEFAULT_IO_TIMEOUT.as_secs(),
+            deadline_s: DEFAULT_DEADLINE.as_secs(),
+        }
+    }
+}
+
+/// Connections whose handshake may run at once; more are dropped at once.
+const MAX_HANDSHAKES: usize = 16;
+/// Default overall deadline of one migration (`--deadline-s`): a peer that
+/// drips bytes cannot hold either end longer.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+/// Default longest wait without progress (`--io-timeout-s`).
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for one TCP connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts one connection, giving up after `timeout` (none: wait forever).
+pub fn accept_within(
+    listener: &TcpListener,
+    timeout: Option<Duration>,
+) -> anyhow::Result<TcpStream> {
+    let Some(timeout) = timeout else {
+        return Ok(listener.accept()?.0);
+    };
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    bail!("no connection within {} s", timeout.as_secs());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Connects to `to` (HOST:PORT) and secures the connection; retries a
+/// refused connect for `retry_for` (a receiver that is still starting).
+pub fn connect(to: &str, client: &tls::Client, retry_for: Duration) -> anyhow::Result<Channel> {
+    let give_up = Instant::now() + retry_for;
+    let tcp = loop {
+        match connect_once(to) {
+            Ok(tcp) => break tcp,
+            Err(e) if Instant::now() < give_up => {
+                log::debug!("{to} not ready: {e:#}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    client.secure(tcp, to)
+}
+
+fn connect_once(to: &str) -> anyhow::Result<TcpStream> {
+    let addrs: Vec<_> = to
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {to:?}: give HOST:PORT"))?
+        .collect();
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    bail!(
+        "cannot connect to {to}: {}",
+        last.map_or("no address".into(), |e| e.to_string())
+    )
+}
+
+/// A listening socket that hands out only authenticated connections.
+pub struct SecureListener {
+    listener: TcpListener,
+    server: tls::Server,
+    in_flight: Arc<AtomicUsize>,
+    done: mpsc::Receiver<(String, anyhow::Result<Channel>)>,
+    done_tx: mpsc::Sender<(String, anyhow::Result<Channel>)>,
+}
+
+impl SecureListener {
+    pub fn bind(addr: &str, server: tls::Server) -> anyhow::Result<Self> {
+        let listener =
+            TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let (done_tx, done) = mpsc::channel();
+        Ok(Self {
+            listener,
+            server,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            done,
+            done_tx,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The next connection that completes authentication, waiting until
+    /// `deadline` (none: forever). Connections that fail it (no TLS, wrong
+    /// CA, wrong name, silent) are dropped with a warning; their handshakes
+    /// run side by side, so a slow one does not hold up the genuine peer.
+    pub fn accept(&self, deadline: Option<Instant>, waiting_for: &str) -> anyhow::Result<Channel> {
+        loop {
+            while let Ok((peer, result)) = self.done.try_recv() {
+                match result {
+                    Ok(channel) => {
+                        log::info!("{peer} connected: {}", channel.protection.describe());
+                        return Ok(channel);
+                    }
+                    Err(err) => log::warn!("refused a connection from {peer}: {err:#}"),
+                }
+            }
+            match self.listener.accept() {
+                Ok((tcp, addr)) => self.start_handshake(tcp, addr.to_string()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        bail!("{waiting_for} did not connect and authenticate in time");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    // EMFILE and the like: back off instead of spinning.
+                    log::warn!("accepting a connection failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    fn start_handshake(&self, tcp: TcpStream, peer: String) {
+        if self.in_flight.load(Ordering::Relaxed) >= MAX_HANDSHAKES {
+            log::warn!("dropped a connection from {peer}: {MAX_HANDSHAKES} handshakes already running");
+            return;
+        }
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let (server, in_flight, done) = (
+            self.server.clone(),
+            self.in_flight.clone(),
+            self.done_tx.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("tls-handshake".into())
+            .spawn(move || {
+                let result = server.secure(tcp, peer.clone());
+                in_flight.fetch_sub(1, Ordering::Relaxed);
+                let _ = done.send((peer, result));
+            });
+        if let Err(e) = spawned {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            log::warn!("cannot start a handshake thread: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
