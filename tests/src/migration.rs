@@ -13,7 +13,7 @@ use std::{
 use agent::api::report::{MigrationReport, Mode};
 use anyhow::{Context as _, bail};
 
-use crate::agent_process::agent_binary;
+use crate::{agent_process::agent_binary, link_security::LinkSecurity};
 
 /// How one end of a migration ended.
 #[derive(Debug)]
@@ -41,6 +41,7 @@ pub struct ReceiveSpec {
     pub local_templates: bool,
     pub no_resume: bool,
     pub timeout_s: u64,
+    pub security: LinkSecurity,
 }
 
 /// What the sender does.
@@ -57,6 +58,7 @@ pub struct SendSpec {
     pub keep_source: bool,
     /// `--io-timeout-s`, if not the default.
     pub io_timeout_s: Option<u64>,
+    pub security: LinkSecurity,
 }
 
 /// A receiver that is listening.
@@ -83,7 +85,8 @@ pub fn start_receiver(
         ])
         .arg("--vmm-socket")
         .arg(&spec.vmm_socket)
-        .args(["--timeout-s", &spec.timeout_s.max(1).to_string()]);
+        .args(["--timeout-s", &spec.timeout_s.max(1).to_string()])
+        .args(spec.security.receive_args());
     for catalog in &spec.catalogs {
         command.arg("--templates").arg(catalog);
     }
@@ -206,7 +209,8 @@ pub fn send_command(spec: &SendSpec, wrap: Option<Command>) -> Command {
         .arg(&spec.vmm_socket)
         .args(["--to", &spec.to, "--mode", spec.mode.name()])
         .arg("--agent-socket")
-        .arg(&spec.agent_socket);
+        .arg(&spec.agent_socket)
+        .args(spec.security.send_args());
     if let Some(bw) = &spec.max_bandwidth {
         command.args(["--max-bandwidth", bw]);
     }

@@ -15,6 +15,7 @@ use serde_json::json;
 use crate::{
     agent_process::{AgentProcess, TempDir, agent_binary, free_port},
     guest_images::GuestImage,
+    link_security::LinkSecurity,
     netns::ShapedLink,
     qemu::QemuGuest,
 };
@@ -68,6 +69,13 @@ pub struct ProxyRun {
     pub pages: u64,
     pub template_pages: u64,
     pub templates_offered: u64,
+    /// The proxied run's WAN link was TLS 1.3, both proxies authenticated.
+    pub tls: bool,
+    /// The same guest through the proxies over plaintext, when measured:
+    /// seconds and WAN bytes, and the TLS run's time ÷ this one's.
+    pub plaintext_proxied_seconds: Option<f64>,
+    pub plaintext_proxied_wire_bytes: Option<u64>,
+    pub tls_time_ratio: Option<f64>,
 }
 
 /// Where the two QEMUs and the proxies run: two namespaces of a shaped
@@ -129,7 +137,7 @@ fn migrate_once(
     ends: &Ends,
     dir: &TempDir,
     run_seconds: u64,
-    proxy: Option<&Templates>,
+    proxy: Option<(&Templates, &LinkSecurity)>,
 ) -> anyhow::Result<Migrated> {
     let tag = if proxy.is_some() { "proxied" } else { "direct" };
     let qemu_port = free_port();
@@ -163,7 +171,15 @@ fn migrate_once(
         Some(json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
     )?;
     let proxies = proxy
-        .map(|templates| Proxies::start(ends, qemu_port, std::slice::from_ref(templates), &[]))
+        .map(|(templates, security)| {
+            Proxies::start(
+                ends,
+                qemu_port,
+                std::slice::from_ref(templates),
+                &[],
+                security,
+            )
+        })
         .transpose()?;
     let uri = match &proxies {
         None => format!("tcp:{}:{qemu_port}", ends.dest_ip()),
@@ -219,20 +235,39 @@ fn migrate_once(
     })
 }
 
-/// The same guest migrated directly, then through the proxies, on `ends`.
+/// The same guest migrated directly, then through the proxies (TLS), on
+/// `ends`; with `plaintext_too`, also through the proxies in plaintext.
 pub fn compare(
     image: &GuestImage,
     templates: &Templates,
     ends: &Ends,
     run_seconds: u64,
+    plaintext_too: bool,
 ) -> anyhow::Result<ProxyRun> {
     let dir = TempDir::new("pagefp-qemu-proxy");
     let direct = migrate_once(image, ends, &dir, run_seconds, None)?;
     if direct.status != "completed" {
         bail!("the direct QEMU migration ended {}", direct.status);
     }
-    let proxied = migrate_once(image, ends, &dir, run_seconds, Some(templates))?;
+    let tls = LinkSecurity::default();
+    let proxied = migrate_once(image, ends, &dir, run_seconds, Some((templates, &tls)))?;
     let report = proxied.proxy.context("no proxy report")?;
+    let plaintext = if plaintext_too {
+        let plain = migrate_once(
+            image,
+            ends,
+            &dir,
+            run_seconds,
+            Some((templates, &LinkSecurity::Plaintext)),
+        )?;
+        let plain_report = plain.proxy.context("no proxy report")?;
+        if plain.status != "completed" || plain_report.tls {
+            bail!("the plaintext proxied migration ended {}", plain.status);
+        }
+        Some((plain.seconds, plain_report.wire_bytes))
+    } else {
+        None
+    };
     Ok(ProxyRun {
         vm: image.name.clone(),
         templates: templates.name().into(),
@@ -247,6 +282,10 @@ pub fn compare(
         pages: report.pages,
         template_pages: report.template_pages,
         templates_offered: report.templates_offered,
+        tls: report.tls,
+        plaintext_proxied_seconds: plaintext.map(|p| p.0),
+        plaintext_proxied_wire_bytes: plaintext.map(|p| p.1),
+        tls_time_ratio: plaintext.map(|p| proxied.seconds / p.0),
     })
 }
 
@@ -274,6 +313,7 @@ impl Proxies {
         dest_port: u16,
         templates: &[Templates],
         send_args: &[&str],
+        security: &LinkSecurity,
     ) -> anyhow::Result<Self> {
         let wan = format!("{}:{}", ends.dest_ip(), free_port());
         let local_port = free_port();
@@ -292,6 +332,7 @@ impl Proxies {
                 &format!("127.0.0.1:{dest_port}"),
             ])
             .args(templates.iter().flat_map(Templates::args))
+            .args(security.receive_args())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -309,6 +350,7 @@ impl Proxies {
                 &wan,
             ])
             .args(send_args)
+            .args(security.send_args())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -7,10 +7,12 @@ use std::{io::Write, net::TcpStream, path::PathBuf, time::Duration};
 
 use agent::{
     api::report::Mode,
+    net::tls,
     transport::migration::{FrameWriter, Hello, Kind, PREAMBLE_MAGIC, Region},
 };
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary, free_port},
+    link_security::{self, LinkSecurity},
     migration::{self, Cut, CuttingRelay, Direction, Outcome, ReceiveSpec, SendSpec},
     privileged,
     synthetic_images::{FleetLayout, fleet_image},
@@ -102,6 +104,7 @@ fn send_spec(setup: &Setup, source: &VmmProcess, to: String, mode: Mode) -> Send
         max_rounds: None,
         keep_source: true,
         io_timeout_s: None,
+        security: LinkSecurity::default(),
     }
 }
 
@@ -356,17 +359,17 @@ fn concurrent_random_writes_end_byte_identical() {
         .unwrap();
 }
 
-#[test]
-fn stray_connections_are_ignored_and_the_migration_still_arrives() {
-    let Some(setup) = setup("stray_connections_are_ignored_and_the_migration_still_arrives") else {
-        return;
-    };
-    let source = source_vm(&setup, 0);
+/// Stray connections, then the genuine source: the receiver drops each
+/// stray with a warning that contains the matching `expected` text, leaves
+/// the incoming VMM untouched, and takes the migration.
+fn strays_then_the_source(setup: &Setup, security: LinkSecurity, expected: &[&str]) {
+    let source = source_vm(setup, 0);
     start_hot_loop(&source, 200, 64, 5);
-    let dest = incoming_vm(&setup);
+    let dest = incoming_vm(setup);
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut resume = receive_spec(&setup, &dest, listen.clone(), vec![]);
+    let mut resume = receive_spec(setup, &dest, listen.clone(), vec![]);
     resume.no_resume = false;
+    resume.security = security.clone();
     let receiver = migration::start_receiver(&resume, None).unwrap();
     let mut future = PREAMBLE_MAGIC.to_vec();
     future.extend_from_slice(&9u32.to_le_bytes());
@@ -382,21 +385,44 @@ fn stray_connections_are_ignored_and_the_migration_still_arrives() {
         let mut answer = Vec::new();
         let _ = std::io::Read::read_to_end(&mut stray, &mut answer);
     }
+    if security.is_tls() {
+        // Real senders with certificates the receiver must refuse: from
+        // another CA, and expired. Each fails before the source is paused.
+        let ca = link_security::test_pki();
+        for (name, days, ca_dir, refusal) in [
+            // The sender checks the receiver first: not its CA.
+            ("other-ca", 30, None, "not signed by the CA"),
+            // The receiver's CA, but expired: the receiver refuses it.
+            ("expired", -2, Some(ca), "the peer refused this end's certificate"),
+        ] {
+            let dir = setup.dir.0.join(name);
+            link_security::make_pki(&dir, days, ca_dir);
+            let mut spec = send_spec(setup, &source, listen.clone(), Mode::Templates);
+            spec.security = LinkSecurity::Tls(dir);
+            let sent = migration::send(&spec, None).unwrap();
+            assert!(!sent.success, "{name}: {}", sent.stderr);
+            assert!(sent.stderr.contains(refusal), "{name}: {}", sent.stderr);
+            assert!(
+                sent.stderr.contains("the source VM keeps running"),
+                "{name}: {}",
+                sent.stderr
+            );
+            assert_eq!(state_of(&source), "running", "{name}");
+        }
+    }
     assert_eq!(state_of(&dest), "incoming", "the incoming VMM is untouched");
-    let mut spec = send_spec(&setup, &source, listen, Mode::Templates);
+    let mut spec = send_spec(setup, &source, listen, Mode::Templates);
     spec.keep_source = false;
+    spec.security = security.clone();
     let sent = migration::send(&spec, None).unwrap();
     let received = receiver.finish(Duration::from_secs(60));
     assert!(sent.success, "{}", sent.stderr);
     assert!(received.success, "{}", received.stderr);
-    for expected in [
-        "not a pagefp migration stream",
-        "version 9 is not supported",
-        "the peer closed it",
-    ] {
+    assert_eq!(received.report().tls, security.is_tls());
+    assert_eq!(sent.report().tls, security.is_tls());
+    for expected in expected {
         assert!(
-            received.stderr.contains("ignoring a connection from")
-                && received.stderr.contains(expected),
+            received.stderr.contains(expected),
             "{expected:?} in:\n{}",
             received.stderr
         );
@@ -405,15 +431,47 @@ fn stray_connections_are_ignored_and_the_migration_still_arrives() {
     dest.exit().unwrap();
 }
 
+#[test]
+fn stray_connections_are_ignored_and_the_migration_still_arrives() {
+    let Some(setup) = setup("stray_connections_are_ignored_and_the_migration_still_arrives") else {
+        return;
+    };
+    // TLS (the default): nothing but a certificate from the CA gets in.
+    strays_then_the_source(
+        &setup,
+        LinkSecurity::default(),
+        &[
+            "refused a connection from",
+            "speaks plain TCP, but this end requires TLS",
+            "TLS handshake failed",
+            "has expired",
+        ],
+    );
+    // Plaintext: the protocol's own preamble check turns strays away.
+    strays_then_the_source(
+        &setup,
+        LinkSecurity::Plaintext,
+        &[
+            "ignoring a connection from",
+            "not a pagefp migration stream",
+            "version 9 is not supported",
+            "the peer closed it",
+            "INSECURE plain TCP",
+        ],
+    );
+}
+
 /// Sends `bytes` to a receiver and checks that it refuses them with
 /// `expected` and discards its incoming VMM; what it answered, as text.
 fn expect_refused(setup: &Setup, bytes: Vec<u8>, expected: &str) -> String {
     let dest = incoming_vm(setup);
     let mut dest = dest;
     let listen = format!("127.0.0.1:{}", free_port());
-    let receiver =
-        migration::start_receiver(&receive_spec(setup, &dest, listen.clone(), vec![]), None)
-            .unwrap();
+    // Bytes straight onto the protocol: what a peer that authenticated
+    // (or a plaintext one) could send.
+    let mut spec = receive_spec(setup, &dest, listen.clone(), vec![]);
+    spec.security = LinkSecurity::Plaintext;
+    let receiver = migration::start_receiver(&spec, None).unwrap();
     let mut stream = TcpStream::connect(&listen).unwrap();
     let _ = stream.write_all(&bytes);
     let _ = stream.shutdown(std::net::Shutdown::Write);
@@ -529,21 +587,21 @@ fn malformed_or_incompatible_streams_are_refused() {
 }
 
 /// Loses the connection at one point; the destination is discarded, the
-/// source keeps running (or, once "go" was sent, stays paused).
+/// source keeps running (or, once "go" was sent, stays paused). The relay
+/// cuts at message boundaries, so it must see them: these runs are
+/// plaintext (over TLS a cut is the same cut, only invisible to a relay).
 fn lose_connection(setup: &Setup, direction: Direction, cut: Cut, phase: &str) {
     let source = source_vm(setup, 0);
     start_hot_loop(&source, 200, 64, 5);
     let mut dest = incoming_vm(setup);
     let listen = format!("127.0.0.1:{}", free_port());
-    let receiver =
-        migration::start_receiver(&receive_spec(setup, &dest, listen.clone(), vec![]), None)
-            .unwrap();
+    let mut receive = receive_spec(setup, &dest, listen.clone(), vec![]);
+    receive.security = LinkSecurity::Plaintext;
+    let receiver = migration::start_receiver(&receive, None).unwrap();
     let relay = CuttingRelay::start(listen, direction, cut).unwrap();
-    let sent = migration::send(
-        &send_spec(setup, &source, relay.listen.clone(), Mode::Templates),
-        None,
-    )
-    .unwrap();
+    let mut send = send_spec(setup, &source, relay.listen.clone(), Mode::Templates);
+    send.security = LinkSecurity::Plaintext;
+    let sent = migration::send(&send, None).unwrap();
     if matches!(direction, Direction::SourceToDest)
         && matches!(cut, Cut::AfterBytes(n) if n < agent::transport::PREAMBLE_LEN as u64)
     {
@@ -654,10 +712,13 @@ fn lose_the_end_after_go(setup: &Setup, direction: Direction, cut: Cut) -> Outco
     let listen = format!("127.0.0.1:{}", free_port());
     let mut spec = receive_spec(setup, &dest, listen.clone(), vec![]);
     spec.no_resume = false;
+    // Plaintext: the relay cuts at message boundaries (see lose_connection).
+    spec.security = LinkSecurity::Plaintext;
     let receiver = migration::start_receiver(&spec, None).unwrap();
     let relay = CuttingRelay::start(listen, direction, cut).unwrap();
     let mut send = send_spec(setup, &source, relay.listen.clone(), Mode::Templates);
     send.keep_source = false;
+    send.security = LinkSecurity::Plaintext;
     let sent = migration::send(&send, None).unwrap();
     let received = receiver.finish(Duration::from_secs(30));
     relay.join();
@@ -725,13 +786,16 @@ fn a_destination_that_stops_reading_fails_the_migration_within_the_timeout() {
     };
     let source = source_vm(&setup, 0);
     start_hot_loop(&source, 200, 64, 5);
-    // A destination that answers the hello with an empty offer, then reads
-    // nothing more (a hung receiver, or one an attacker holds).
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // A destination (with a genuine certificate) that answers the hello
+    // with an empty offer, then reads nothing more: a hung receiver.
+    let server = tls::Server::from_options(&tls::ListenSecurity::tls(link_security::test_pki()))
+        .unwrap();
+    let listener = agent::net::SecureListener::bind("127.0.0.1:0", server).unwrap();
     let to = listener.local_addr().unwrap().to_string();
     let stalled = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        let mut writer = FrameWriter::new(stream.try_clone().unwrap());
+        let channel = listener.accept(None, "the sender").unwrap();
+        let (reader, writer) = channel.split(None);
+        let mut writer = FrameWriter::new(writer);
         writer
             .frame(
                 Kind::Offer,
@@ -741,7 +805,7 @@ fn a_destination_that_stops_reading_fails_the_migration_within_the_timeout() {
             .unwrap();
         writer.flush().unwrap();
         std::thread::sleep(Duration::from_secs(40));
-        drop(stream);
+        drop((reader, writer));
     });
     let mut spec = send_spec(&setup, &source, to, Mode::Baseline);
     spec.io_timeout_s = Some(3);

@@ -14,6 +14,7 @@ use std::{
 use agent::api::report::Mode;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary, free_port},
+    link_security::LinkSecurity,
     migration::{self, ReceiveSpec, SendSpec},
     privileged,
     prometheus::{
@@ -198,6 +199,7 @@ fn run_migration(
         max_rounds: None,
         keep_source: false,
         io_timeout_s: None,
+        security: LinkSecurity::default(),
     };
     let sender = std::thread::spawn(move || migration::send(&spec, None));
 

@@ -33,6 +33,10 @@ pub struct TestPki {
     /// for tests).
     #[arg(long, default_value_t = 365, allow_negative_numbers = true)]
     pub days: i64,
+    /// Sign with the CA in this directory (its ca-cert.pem and ca-key.pem)
+    /// instead of making a new one: certificates for a second host.
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
 }
 
 /// A CA that can sign more certificates.
@@ -48,6 +52,22 @@ impl Authority {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self { cert, key })
+    }
+
+    /// The CA whose certificate and key are in `dir` (ca-cert.pem,
+    /// ca-key.pem).
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name))
+                .with_context(|| format!("cannot read {}", dir.join(name).display()))
+        };
+        let key = KeyPair::from_pem(&read("ca-key.pem")?)
+            .with_context(|| format!("{}/ca-key.pem is not a private key", dir.display()))?;
+        let params = CertificateParams::from_ca_cert_pem(&read("ca-cert.pem")?)
+            .with_context(|| format!("{}/ca-cert.pem is not a CA certificate", dir.display()))?;
+        // The same subject and key: what it signs chains to the original.
         let cert = params.self_signed(&key)?;
         Ok(Self { cert, key })
     }
@@ -95,7 +115,17 @@ impl Authority {
 pub fn make(options: &TestPki) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(&options.out)
         .with_context(|| format!("cannot create {}", options.out.display()))?;
-    let ca = Authority::new("pagefp test CA")?;
+    let (ca, ca_pem) = match &options.ca_dir {
+        Some(dir) => (
+            Authority::load(dir)?,
+            std::fs::read_to_string(dir.join("ca-cert.pem"))?,
+        ),
+        None => {
+            let ca = Authority::new("pagefp test CA")?;
+            let pem = ca.cert_pem();
+            (ca, pem)
+        }
+    };
     let (server_cert, server_key) =
         ca.issue(&options.server_names, ExtendedKeyUsagePurpose::ServerAuth, options.days)?;
     let (client_cert, client_key) = ca.issue(
@@ -104,7 +134,7 @@ pub fn make(options: &TestPki) -> anyhow::Result<Vec<PathBuf>> {
         options.days,
     )?;
     let files = [
-        ("ca-cert.pem", ca.cert_pem(), 0o644),
+        ("ca-cert.pem", ca_pem, 0o644),
         ("ca-key.pem", ca.key_pem(), 0o600),
         ("server-cert.pem", server_cert, 0o644),
         ("server-key.pem", server_key, 0o600),
@@ -144,6 +174,7 @@ pub fn test_security() -> (super::tls::Client, super::tls::Server) {
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             client_name: "pagefp-client".into(),
             days: 1,
+            ca_dir: None,
         })
         .unwrap();
         dir

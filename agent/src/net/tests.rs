@@ -29,6 +29,7 @@ fn pki(name: &str, days: i64) -> PathBuf {
         server_names: vec!["localhost".into()],
         client_name: "source-host".into(),
         days,
+        ca_dir: None,
     })
     .unwrap();
     out
@@ -199,6 +200,25 @@ fn a_silent_peer_is_dropped_and_the_genuine_one_still_gets_in() {
     assert!(channel.protection.is_tls());
     genuine.join().unwrap().unwrap();
     drop(silent);
+}
+
+#[test]
+fn a_second_host_signed_by_the_same_ca_is_accepted() {
+    let first = pki("first-host", 30);
+    let second = dir("second-host");
+    make(&TestPki {
+        out: second.clone(),
+        server_names: vec!["localhost".into()],
+        client_name: "second-host".into(),
+        days: 30,
+        ca_dir: Some(first.clone()),
+    })
+    .unwrap();
+    // The first host receives from the second, and the other way round.
+    let (served, connected) = attempt(server(&first, &["second-host"]), client(&second, "localhost"));
+    assert_eq!((served, connected), (Ok(()), Ok(())));
+    let (served, connected) = attempt(server(&second, &["source-host"]), client(&first, "localhost"));
+    assert_eq!((served, connected), (Ok(()), Ok(())));
 }
 
 #[test]

@@ -401,10 +401,10 @@ fn host_of(to: &str) -> &str {
 pub fn explain(error: &rustls::Error) -> String {
     use rustls::{AlertDescription as Alert, CertificateError as Cert, Error};
     let what = match error {
-        Error::InvalidCertificate(Cert::Expired) => {
+        Error::InvalidCertificate(Cert::Expired | Cert::ExpiredContext { .. }) => {
             "the peer's certificate has expired: renew it".into()
         }
-        Error::InvalidCertificate(Cert::NotValidYet) => {
+        Error::InvalidCertificate(Cert::NotValidYet | Cert::NotValidYetContext { .. }) => {
             "the peer's certificate is not valid yet: check both hosts' clocks".into()
         }
         Error::InvalidCertificate(Cert::UnknownIssuer | Cert::BadSignature) => {

@@ -11,6 +11,7 @@
 //! in its destination's catalog.
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -21,6 +22,7 @@ use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir},
     fleet::{Vm, VmOptions},
     guest_images::{GuestImage, RUN_SECONDS},
+    link_security::LinkSecurity,
     migration::{self, ReceiveSpec, SendSpec},
     netns::ShapedLink,
     qemu::QemuGuest,
@@ -51,10 +53,17 @@ pub struct Run {
     /// Pages sent while the VM was paused, and where the downtime went.
     pub final_pages: u64,
     pub downtime_parts_ms: Vec<(String, f64)>,
+    /// The link was TLS 1.3 with both ends authenticated (pagefp's default;
+    /// `MODE@plaintext` runs and QEMU's own migration are plain TCP).
+    pub tls: bool,
     pub error: Option<String>,
     /// What the run showed besides its figures.
     pub note: Option<String>,
 }
+
+/// Bench modes ending in this run plaintext (`templates@plaintext`), beside
+/// the TLS runs of the same mode: what TLS costs.
+pub const PLAINTEXT_SUFFIX: &str = "@plaintext";
 
 /// Experiment settings.
 #[derive(Clone, Debug)]
@@ -75,7 +84,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             links_mbit: vec![100, 1000],
-            modes: ["baseline", "templates", "templates+zstd", "qemu"]
+            modes: ["baseline", "templates", "templates@plaintext", "templates+zstd", "qemu"]
                 .map(String::from)
                 .to_vec(),
             hot_pages: 256,
@@ -123,15 +132,23 @@ pub fn run(images: &[GuestImage], settings: &Settings) -> anyhow::Result<Migrati
                 let result = if mode == "qemu" {
                     qemu_run(&link, image, &dir)
                 } else {
+                    let (name, security) = match mode.strip_suffix(PLAINTEXT_SUFFIX) {
+                        Some(name) => (name, LinkSecurity::Plaintext),
+                        None => (mode.as_str(), LinkSecurity::default()),
+                    };
                     pagefp_run(
                         &agent,
                         &link,
                         image,
                         catalog,
-                        mode.parse().map_err(anyhow::Error::msg)?,
+                        (name.parse().map_err(anyhow::Error::msg)?, &security),
                         &dir,
                         settings,
                     )
+                    .map(|mut run| {
+                        run.mode = mode.clone();
+                        run
+                    })
                 };
                 let run = result.unwrap_or_else(|err| failed_run(image, mode, mbit, &err));
                 println!(
@@ -184,6 +201,7 @@ fn failed_run(image: &GuestImage, mode: &str, mbit: u32, err: &anyhow::Error) ->
         templates_agreed: 0,
         final_pages: 0,
         downtime_parts_ms: Vec::new(),
+        tls: false,
         error: Some(format!("{err:#}")),
         note: None,
     }
@@ -235,7 +253,7 @@ fn pagefp_run(
     link: &ShapedLink,
     image: &GuestImage,
     catalog: &Path,
-    mode: Mode,
+    (mode, security): (Mode, &LinkSecurity),
     dir: &TempDir,
     settings: &Settings,
 ) -> anyhow::Result<Run> {
@@ -268,6 +286,7 @@ fn pagefp_run(
             },
             agent_socket: Some(agent.socket.clone()),
             timeout_s: 120,
+            security: security.clone(),
             ..ReceiveSpec::default()
         },
         Some(link.in_dest()),
@@ -284,6 +303,7 @@ fn pagefp_run(
             max_rounds: None,
             keep_source: false,
             io_timeout_s: None,
+            security: security.clone(),
         },
         Some(link.in_source()),
     )?;
@@ -314,6 +334,7 @@ fn pagefp_run(
         templates_agreed: report.templates_agreed,
         final_pages: report.final_pages,
         downtime_parts_ms: report.downtime_parts_ms.clone(),
+        tls: report.tls && received.report().tls,
         error: None,
         note: None,
     })
@@ -433,6 +454,7 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
         templates_agreed: 0,
         final_pages: 0,
         downtime_parts_ms: Vec::new(),
+        tls: false,
         error: None,
         note,
     })
@@ -486,6 +508,50 @@ fn summarise(runs: &[Run], links: &[u32]) -> Vec<serde_json::Value> {
                     "targets": targets,
                 }));
             }
+        }
+    }
+    out.extend(tls_cost(runs, links));
+    out
+}
+
+/// TLS ÷ plaintext time of the same guest, mode and link, per link and mode
+/// that has `@plaintext` runs (target: at most 1.1).
+fn tls_cost(runs: &[Run], links: &[u32]) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for &mbit in links {
+        let plain_modes: BTreeSet<&str> = runs
+            .iter()
+            .filter(|r| r.link_mbit == mbit)
+            .filter_map(|r| r.mode.strip_suffix(PLAINTEXT_SUFFIX))
+            .collect();
+        for mode in plain_modes {
+            let plain_mode = format!("{mode}{PLAINTEXT_SUFFIX}");
+            let mut times = Vec::new();
+            let mut bytes = Vec::new();
+            for plain in runs.iter().filter(|r| {
+                r.link_mbit == mbit && r.mode == plain_mode && r.error.is_none() && !r.tls
+            }) {
+                if let Some(tls) = runs.iter().find(|r| {
+                    r.link_mbit == mbit && r.mode == mode && r.vm == plain.vm && r.error.is_none() && r.tls
+                }) {
+                    times.push(tls.total_seconds / plain.total_seconds);
+                    bytes.push(tls.wire_bytes as f64 / plain.wire_bytes as f64);
+                }
+            }
+            if times.is_empty() {
+                continue;
+            }
+            let time_ratio = super::median(&mut times);
+            out.push(json!({
+                "link_mbit": mbit,
+                "mode": mode,
+                "vs": plain_mode,
+                "tls_time_ratio_median": time_ratio,
+                "tls_time_ratio_range": [times.first(), times.last()],
+                "wire_bytes_ratio_median": super::median(&mut bytes),
+                "vms": times.len(),
+                "targets": {"tls_time_ratio_max": 1.1, "met": time_ratio <= 1.1},
+            }));
         }
     }
     out
@@ -545,6 +611,15 @@ pub fn print_table(report: &MigrationReport) {
     }
     println!();
     for s in &report.summary {
+        if let Some(ratio) = s["tls_time_ratio_median"].as_f64() {
+            println!(
+                "{} Mbit/s: {} with TLS vs plaintext: time x{ratio:.3} (median of {} VMs)  [target <= 1.1]",
+                s["link_mbit"],
+                s["mode"].as_str().unwrap_or(""),
+                s["vms"]
+            );
+            continue;
+        }
         println!(
             "{} Mbit/s: {} vs {}: wire bytes x{:.3}, total time x{:.3} (median of {} VMs){}",
             s["link_mbit"],

@@ -158,13 +158,15 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
     let mut failures = Vec::new();
     // A failed run is recorded and the others still run; the benchmark
     // fails at the end.
-    let mut measure =
-        |image: &pagefp_tests::guest_images::GuestImage, templates: Templates| match compare(
-            image,
-            &templates,
-            &ends,
-            pagefp_tests::guest_images::RUN_SECONDS,
-        ) {
+    let mut measure = |image: &pagefp_tests::guest_images::GuestImage,
+                       templates: Templates,
+                       plaintext_too: bool| match compare(
+        image,
+        &templates,
+        &ends,
+        pagefp_tests::guest_images::RUN_SECONDS,
+        plaintext_too,
+    ) {
             Ok(run) => {
                 print_proxy_run(&run);
                 runs.push(run);
@@ -183,7 +185,8 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
         .zip(&catalogs)
         .filter(|(i, _)| migrate.contains(&i.name.as_str()))
     {
-        measure(image, Templates::Catalog(catalog.clone()));
+        // Beside each TLS run, the same through plaintext proxies.
+        measure(image, Templates::Catalog(catalog.clone()), true);
     }
     // The product path: the destination agent adopts two QEMU guests of the
     // same OS running there on shared memory, and the receive proxy takes
@@ -197,7 +200,7 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
             .iter()
             .find(|i| i.name == "linux-httpd")
             .context("no linux-httpd image")?;
-        measure(image, Templates::Agent(agent.socket.clone()));
+        measure(image, Templates::Agent(agent.socket.clone()), false);
     }
     let path = target_dir().join("pagefp-bench").join("qemu-proxy.json");
     std::fs::create_dir_all(path.parent().unwrap())?;
@@ -234,4 +237,10 @@ fn print_proxy_run(run: &pagefp_tests::qemu_proxy_run::ProxyRun) {
             "NOT RESUMED"
         }
     );
+    if let (Some(seconds), Some(ratio)) = (run.plaintext_proxied_seconds, run.tls_time_ratio) {
+        println!(
+            "{:<16} {:<8} proxied over plaintext {seconds:.2} s: TLS costs x{ratio:.3} time [target <= 1.1]",
+            run.vm, run.templates
+        );
+    }
 }
