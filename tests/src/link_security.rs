@@ -79,9 +79,7 @@ pub fn make_pki(dir: &Path, days: i64, ca_dir: Option<&Path>) {
     if let Some(ca) = ca_dir {
         command.arg("--ca-dir").arg(ca);
     }
-    let output = command
-        .output()
-        .expect("running pagefp tls make-test-pki");
+    let output = command.output().expect("running pagefp tls make-test-pki");
     assert!(
         output.status.success(),
         "pagefp tls make-test-pki failed: {}",

@@ -393,7 +393,12 @@ fn strays_then_the_source(setup: &Setup, security: LinkSecurity, expected: &[&st
             // The sender checks the receiver first: not its CA.
             ("other-ca", 30, None, "not signed by the CA"),
             // The receiver's CA, but expired: the receiver refuses it.
-            ("expired", -2, Some(ca), "the peer refused this end's certificate"),
+            (
+                "expired",
+                -2,
+                Some(ca),
+                "the peer refused this end's certificate",
+            ),
         ] {
             let dir = setup.dir.0.join(name);
             link_security::make_pki(&dir, days, ca_dir);
@@ -788,8 +793,8 @@ fn a_destination_that_stops_reading_fails_the_migration_within_the_timeout() {
     start_hot_loop(&source, 200, 64, 5);
     // A destination (with a genuine certificate) that answers the hello
     // with an empty offer, then reads nothing more: a hung receiver.
-    let server = tls::Server::from_options(&tls::ListenSecurity::tls(link_security::test_pki()))
-        .unwrap();
+    let server =
+        tls::Server::from_options(&tls::ListenSecurity::tls(link_security::test_pki())).unwrap();
     let listener = agent::net::SecureListener::bind("127.0.0.1:0", server).unwrap();
     let to = listener.local_addr().unwrap().to_string();
     let stalled = std::thread::spawn(move || {

@@ -45,7 +45,14 @@ fn migrate_a_bios_guest(
     let mut dest = BiosGuest::incoming(&dir.0, "dst", 64, port).unwrap();
     let mut source = BiosGuest::start(&dir.0, "src", 64, &[]).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let proxies = Proxies::start(&Ends::LOOPBACK, port, templates, send_flags, &LinkSecurity::default()).unwrap();
+    let proxies = Proxies::start(
+        &Ends::LOOPBACK,
+        port,
+        templates,
+        send_flags,
+        &LinkSecurity::default(),
+    )
+    .unwrap();
     let info = source.migrate(&proxies.uri, MIGRATION).unwrap();
     let outcome = proxies.wait().unwrap();
     assert_eq!(info["status"], "completed", "{info}");
@@ -147,7 +154,8 @@ fn features_the_proxies_cannot_carry_are_refused_and_the_destination_waits() {
     ] {
         let mut source = BiosGuest::start(&dir.0, &format!("src-{capability}"), 64, &[]).unwrap();
         source.capabilities(&[(capability, true)]).unwrap();
-        let proxies = Proxies::start(&Ends::LOOPBACK, port, &[], &[], &LinkSecurity::default()).unwrap();
+        let proxies =
+            Proxies::start(&Ends::LOOPBACK, port, &[], &[], &LinkSecurity::default()).unwrap();
         let info = source.migrate(&proxies.uri, MIGRATION).unwrap();
         let outcome = proxies.wait().unwrap();
         // A stream this small fits in the sockets' buffers: QEMU may have
@@ -184,7 +192,8 @@ fn compressed_pages_pass_through_unchanged() {
     let mut source = BiosGuest::start(&dir.0, "src", 64, &[]).unwrap();
     source.capabilities(&[("compress", true)]).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let proxies = Proxies::start(&Ends::LOOPBACK, port, &[], &[], &LinkSecurity::default()).unwrap();
+    let proxies =
+        Proxies::start(&Ends::LOOPBACK, port, &[], &[], &LinkSecurity::default()).unwrap();
     let info = source.migrate(&proxies.uri, MIGRATION).unwrap();
     let outcome = proxies.wait().unwrap();
     assert_eq!(info["status"], "completed", "{info}");
@@ -253,7 +262,14 @@ fn migrate_a_linux_guest(
             Some(serde_json::json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
         )
         .unwrap();
-    let proxies = Proxies::start(&Ends::LOOPBACK, port, templates, &[], &LinkSecurity::default()).unwrap();
+    let proxies = Proxies::start(
+        &Ends::LOOPBACK,
+        port,
+        templates,
+        &[],
+        &LinkSecurity::default(),
+    )
+    .unwrap();
     source.qmp.migrate(&proxies.uri).unwrap();
     let info = source.qmp.wait_migration(MIGRATION);
     let outcome = proxies.wait().unwrap();
@@ -505,7 +521,8 @@ fn a_shared_backend_with_a_relative_path_is_found() {
 #[test]
 fn a_stream_that_is_not_qemus_is_refused() {
     let port = free_port();
-    let proxies = Proxies::start(&Ends::LOOPBACK, port, &[], &[], &LinkSecurity::default()).unwrap();
+    let proxies =
+        Proxies::start(&Ends::LOOPBACK, port, &[], &[], &LinkSecurity::default()).unwrap();
     let addr = proxies.uri.strip_prefix("tcp:").unwrap().to_string();
     {
         use std::io::Write as _;

@@ -79,9 +79,9 @@ fn main() -> ExitCode {
         Verb::Demo { args } => {
             images::run(&ws, &[]).and_then(|()| run_bin::run(&ws, run_bin::DEMO, &args))
         }
-        Verb::Bench { args } => {
-            images::run(&ws, &[]).and_then(|()| run_bin::run(&ws, run_bin::BENCH, &args))
-        }
+        Verb::Bench { args } => images::run(&ws, &[])
+            .and_then(|()| setup::bench_tools(&ws))
+            .and_then(|()| run_bin::run(&ws, run_bin::BENCH, &args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

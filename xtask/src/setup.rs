@@ -4,6 +4,7 @@
 //! one line: already ok, installed, or failed with what to do.
 
 mod bpf_linker;
+mod cargo_fuzz;
 
 use std::{
     fs::{self, OpenOptions},
@@ -52,6 +53,15 @@ const STEPS: &[(&str, Step)] = &[
     ("tracefs", |_| TRACEFS.ensure()),
     ("bpffs", |_| BPFFS.ensure()),
 ];
+
+/// The benchmark's extra tool (its fuzz part), installed if missing.
+pub fn bench_tools(ws: &Workspace) -> Result<()> {
+    match cargo_fuzz::ensure(ws)? {
+        Done::AlreadyOk(detail) => println!("[ok]        cargo-fuzz: {detail}"),
+        Done::Installed(detail) => println!("[installed] cargo-fuzz: {detail}"),
+    }
+    Ok(())
+}
 
 pub fn run(ws: &Workspace) -> Result<()> {
     println!("==> setup ({})", ws.root().display());

@@ -172,7 +172,7 @@ pub fn build_from_agent(socket: &Path, options: &BuildOptions) -> anyhow::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::tests::catalog;
+    use crate::catalog::file::tests::catalog;
 
     #[test]
     fn a_bad_installed_catalog_is_skipped_but_a_named_one_is_an_error() {

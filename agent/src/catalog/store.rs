@@ -75,7 +75,7 @@ impl TemplateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::tests::catalog;
+    use crate::catalog::file::tests::catalog;
 
     #[test]
     fn each_template_is_kept_once_and_found_by_content() {

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    digest::digests_from_hashes,
+    digest::chunk_digests,
     progress::Progress,
     vm_memory::{DestMemory, Layout},
     vmm::{self, MemoryRegion, VmmControl},
@@ -24,7 +24,6 @@ use super::{
 use crate::{
     api::report::{MigrationReport, Mode, Phase, Role},
     catalog::{sources::TemplateSources, store::TemplateStore},
-    content::zero_page_hash,
     net::{ChannelReader, ChannelWriter, SecureListener, Timeouts, tls},
     page::PAGE_SIZE,
     transport::{
@@ -131,7 +130,6 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         ),
         started: Instant::now(),
         memory: None,
-        hashes: Vec::new(),
         state: None,
         owned: false,
     };
@@ -184,8 +182,6 @@ struct Receiver<'a> {
     progress: Progress,
     started: Instant,
     memory: Option<DestMemory>,
-    /// blake3 of what was written to each page (the memory starts zeroed).
-    hashes: Vec<[u8; 32]>,
     state: Option<Vec<u8>>,
     /// "go" arrived after the memory was verified: from then on this host
     /// owns the VM, and nothing that fails may discard it.
@@ -237,7 +233,6 @@ impl Receiver<'_> {
             .iter()
             .map(|r| regions.iter().find(|m| m.gpa == r.gpa).unwrap().uaddr)
             .collect();
-        self.hashes = vec![zero_page_hash(); layout.pages() as usize];
         self.memory = Some(DestMemory::open(self.report.vm_pid, layout, &uaddrs)?);
         let offer: &[_] = if hello.mode.uses_templates() {
             let ids = self.templates.ids();
@@ -338,15 +333,13 @@ impl Receiver<'_> {
                         })?;
                     for page in first..end {
                         memory.zero(page);
-                        self.hashes[page as usize] = zero_page_hash();
                     }
                     self.report.pages.zero += u64::from(count);
                 }
                 PageRecord::Template { page, index } => {
-                    let (data, id) = self
+                    let data = self
                         .templates
                         .page(index)
-                        .zip(self.templates.ids().get(index as usize))
                         .filter(|_| self.report.mode.uses_templates())
                         .ok_or_else(|| {
                             frame.malformed(format!("template {index} was not offered"))
@@ -356,7 +349,6 @@ impl Receiver<'_> {
                             .malformed(format!("page {page} beyond {total} pages"))
                             .into());
                     }
-                    self.hashes[page as usize] = *id;
                     self.report.pages.template += 1;
                 }
                 PageRecord::Full { page, data } => {
@@ -365,7 +357,6 @@ impl Receiver<'_> {
                             .malformed(format!("page {page} beyond {total} pages"))
                             .into());
                     }
-                    self.hashes[page as usize] = *blake3::hash(data).as_bytes();
                     if frame.flags & FLAG_ZSTD != 0 {
                         self.report.pages.zstd += 1;
                     } else {
@@ -389,9 +380,26 @@ impl Receiver<'_> {
                 .malformed("digest chunk size differs from the hello")
                 .into());
         }
-        // What was written, page by page, hashed as it arrived; the source
-        // hashed its memory itself, independently of its dirty tracking.
-        let actual = digests_from_hashes(&self.hashes, chunk_pages);
+        // The memory as it is now, read back from the mapping the VMM will
+        // run (not what was received: a change after the write shows); the
+        // source hashed its memory itself, independently of its tracking.
+        let read_back = Instant::now();
+        let memory = self
+            .memory
+            .as_ref()
+            .context("the source sent the digest before any memory")?;
+        let actual = chunk_digests(memory.layout.pages(), chunk_pages, |page, buf| {
+            let data = memory
+                .page(page)
+                .with_context(|| format!("page {page} is outside the guest memory"))?;
+            buf.copy_from_slice(data);
+            Ok(())
+        })?;
+        log::info!(
+            "read back {} pages in {:.1} ms",
+            memory.layout.pages(),
+            read_back.elapsed().as_secs_f64() * 1000.0
+        );
         if actual.len() != expected.len() {
             return Err(frame
                 .malformed(format!(

@@ -198,9 +198,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
     progress.update(&report);
 
     let connected = net::connect(&options.to, &options.security, Duration::ZERO)
-        .with_context(|| {
-            format!("cannot reach `pagefp migrate receive` at {}", options.to)
-        });
+        .with_context(|| format!("cannot reach `pagefp migrate receive` at {}", options.to));
     let (read_half, write_half) = match connected {
         Ok(channel) => {
             report.tls = channel.protection.is_tls();
@@ -216,7 +214,9 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
             report.phase = Phase::Failed;
             report.error = Some(format!("{err:#}"));
             progress.update(&report);
-            return Err(err);
+            return Err(
+                err.context("migration failed before it started; the source VM keeps running")
+            );
         }
     };
     let mut sender = Sender {
@@ -285,7 +285,6 @@ enum Failure {
     BeforeGo(anyhow::Error),
     AfterGo(anyhow::Error),
 }
-
 
 impl Sender<'_> {
     fn run(&mut self, vmm: &mut dyn VmmControl, paused: &mut bool) -> Result<(), Failure> {

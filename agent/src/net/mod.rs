@@ -186,7 +186,9 @@ impl SecureListener {
 
     fn start_handshake(&self, tcp: TcpStream, peer: String) {
         if self.in_flight.load(Ordering::Relaxed) >= MAX_HANDSHAKES {
-            log::warn!("dropped a connection from {peer}: {MAX_HANDSHAKES} handshakes already running");
+            log::warn!(
+                "dropped a connection from {peer}: {MAX_HANDSHAKES} handshakes already running"
+            );
             return;
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);

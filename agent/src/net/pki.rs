@@ -90,7 +90,9 @@ impl Authority {
     ) -> anyhow::Result<(String, String)> {
         let mut params = CertificateParams::new(names.to_vec())?;
         if let Some(first) = names.first() {
-            params.distinguished_name.push(DnType::CommonName, first.as_str());
+            params
+                .distinguished_name
+                .push(DnType::CommonName, first.as_str());
         }
         params.extended_key_usages = vec![usage];
         params.key_usages = vec![
@@ -126,8 +128,11 @@ pub fn make(options: &TestPki) -> anyhow::Result<Vec<PathBuf>> {
             (ca, pem)
         }
     };
-    let (server_cert, server_key) =
-        ca.issue(&options.server_names, ExtendedKeyUsagePurpose::ServerAuth, options.days)?;
+    let (server_cert, server_key) = ca.issue(
+        &options.server_names,
+        ExtendedKeyUsagePurpose::ServerAuth,
+        options.days,
+    )?;
     let (client_cert, client_key) = ca.issue(
         std::slice::from_ref(&options.client_name),
         ExtendedKeyUsagePurpose::ClientAuth,

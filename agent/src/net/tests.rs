@@ -54,7 +54,10 @@ fn attempt(server: Server, client: Client) -> (Result<(), String>, Result<(), St
     let addr = listener.local_addr().unwrap().to_string();
     let served = thread::spawn(move || {
         let channel = listener
-            .accept(Some(Instant::now() + Duration::from_secs(3)), "the test client")
+            .accept(
+                Some(Instant::now() + Duration::from_secs(3)),
+                "the test client",
+            )
             .map_err(|e| format!("{e:#}"))?;
         assert!(channel.protection.is_tls());
         let (mut reader, mut writer) = channel.split(Some(Duration::from_secs(5)));
@@ -193,7 +196,10 @@ fn a_silent_peer_is_dropped_and_the_genuine_one_still_gets_in() {
     };
     let started = Instant::now();
     let channel = listener
-        .accept(Some(Instant::now() + Duration::from_secs(5)), "the test client")
+        .accept(
+            Some(Instant::now() + Duration::from_secs(5)),
+            "the test client",
+        )
         .unwrap();
     // The silent ones were not waited for in turn.
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -215,9 +221,15 @@ fn a_second_host_signed_by_the_same_ca_is_accepted() {
     })
     .unwrap();
     // The first host receives from the second, and the other way round.
-    let (served, connected) = attempt(server(&first, &["second-host"]), client(&second, "localhost"));
+    let (served, connected) = attempt(
+        server(&first, &["second-host"]),
+        client(&second, "localhost"),
+    );
     assert_eq!((served, connected), (Ok(()), Ok(())));
-    let (served, connected) = attempt(server(&second, &["source-host"]), client(&first, "localhost"));
+    let (served, connected) = attempt(
+        server(&second, &["source-host"]),
+        client(&first, "localhost"),
+    );
     assert_eq!((served, connected), (Ok(()), Ok(())));
 }
 
@@ -235,5 +247,8 @@ fn the_issuing_helper_makes_certificates_rustls_accepts() {
 fn missing_files_say_what_to_do() {
     let err = Client::from_options(&ConnectSecurity::tls(dir("missing"), None)).unwrap_err();
     let text = format!("{err:#}");
-    assert!(text.contains("ca-cert.pem") && text.contains("make-test-pki"), "{text}");
+    assert!(
+        text.contains("ca-cert.pem") && text.contains("make-test-pki"),
+        "{text}"
+    );
 }

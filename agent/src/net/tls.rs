@@ -138,8 +138,8 @@ const ADVICE: &str = "make certificates as for `virsh migrate --tls` (or a test 
 /// A PEM file's bytes, bounded.
 fn read_pem(dir: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
     let path = dir.join(name);
-    let file =
-        std::fs::File::open(&path).with_context(|| format!("cannot read {}: {ADVICE}", path.display()))?;
+    let file = std::fs::File::open(&path)
+        .with_context(|| format!("cannot read {}: {ADVICE}", path.display()))?;
     let mut bytes = Vec::new();
     file.take(MAX_PEM_FILE + 1)
         .read_to_end(&mut bytes)
@@ -173,9 +173,12 @@ fn private_key(dir: &Path, name: &str) -> anyhow::Result<PrivateKeyDer<'static>>
 fn roots(dir: &Path) -> anyhow::Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     for cert in certificates(dir, "ca-cert.pem")? {
-        roots
-            .add(cert)
-            .with_context(|| format!("{}: not a usable CA certificate", dir.join("ca-cert.pem").display()))?;
+        roots.add(cert).with_context(|| {
+            format!(
+                "{}: not a usable CA certificate",
+                dir.join("ca-cert.pem").display()
+            )
+        })?;
     }
     Ok(roots)
 }
@@ -214,7 +217,12 @@ impl Client {
     pub fn secure(&self, tcp: TcpStream, to: &str) -> anyhow::Result<Channel> {
         let peer = to.to_string();
         match self {
-            Client::Plaintext => Ok(Channel::new(tcp, None, peer, Protection::InsecurePlaintext)?),
+            Client::Plaintext => Ok(Channel::new(
+                tcp,
+                None,
+                peer,
+                Protection::InsecurePlaintext,
+            )?),
             Client::Tls { config, hostname } => {
                 let name = match hostname {
                     Some(name) => name.clone(),
@@ -249,9 +257,10 @@ impl Server {
         }
         let dir = &options.tls_dir;
         let provider = provider();
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(dir)?), provider.clone())
-            .build()
-            .context("cannot build the client certificate check")?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(dir)?), provider.clone())
+                .build()
+                .context("cannot build the client certificate check")?;
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .context("TLS 1.3 is not available")?
@@ -286,7 +295,12 @@ impl Server {
                          --insecure-plaintext: start both ends with TLS (or both plaintext)"
                     );
                 }
-                Ok(Channel::new(tcp, None, peer, Protection::InsecurePlaintext)?)
+                Ok(Channel::new(
+                    tcp,
+                    None,
+                    peer,
+                    Protection::InsecurePlaintext,
+                )?)
             }
             Server::Tls { config, allow } => {
                 if !starts_with_tls(&tcp)? {

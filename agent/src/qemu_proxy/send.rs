@@ -267,7 +267,11 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
     let wan = net::connect(&options.to, &options.security, CONNECT_RETRY)
         .with_context(|| format!("cannot reach the receive proxy at {}", options.to))?;
     let protection = wan.protection.clone();
-    log::info!("connected to the receive proxy at {}: {}", options.to, protection.describe());
+    log::info!(
+        "connected to the receive proxy at {}: {}",
+        options.to,
+        protection.describe()
+    );
     let (mut read_half, mut write_half) = wan.split(Some(options.timeouts.io_timeout()));
     let deadline = Some(started + options.timeouts.deadline());
     read_half.set_deadline(deadline);

@@ -3,6 +3,7 @@
 //! are noisy), alternated and summarised by the median.
 
 pub mod dirty_rate;
+pub mod fuzz;
 pub mod hashing;
 pub mod memory;
 pub mod migration;

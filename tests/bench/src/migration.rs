@@ -84,9 +84,15 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             links_mbit: vec![100, 1000],
-            modes: ["baseline", "templates", "templates@plaintext", "templates+zstd", "qemu"]
-                .map(String::from)
-                .to_vec(),
+            modes: [
+                "baseline",
+                "templates",
+                "templates@plaintext",
+                "templates+zstd",
+                "qemu",
+            ]
+            .map(String::from)
+            .to_vec(),
             hot_pages: 256,
             hot_interval_ms: 50,
             downtime_ms: 300,
@@ -102,6 +108,8 @@ pub struct MigrationReport {
     pub machine: String,
     pub runs: Vec<Run>,
     pub summary: Vec<serde_json::Value>,
+    /// The bench's fuzz run, when it ran in the same invocation.
+    pub fuzz: Option<Vec<crate::fuzz::FuzzRun>>,
 }
 
 /// Runs every (image, link, mode) migration.
@@ -180,6 +188,7 @@ pub fn run(images: &[GuestImage], settings: &Settings) -> anyhow::Result<Migrati
         machine: super::machine(),
         runs,
         summary,
+        fuzz: None,
     })
 }
 
@@ -532,7 +541,11 @@ fn tls_cost(runs: &[Run], links: &[u32]) -> Vec<serde_json::Value> {
                 r.link_mbit == mbit && r.mode == plain_mode && r.error.is_none() && !r.tls
             }) {
                 if let Some(tls) = runs.iter().find(|r| {
-                    r.link_mbit == mbit && r.mode == mode && r.vm == plain.vm && r.error.is_none() && r.tls
+                    r.link_mbit == mbit
+                        && r.mode == mode
+                        && r.vm == plain.vm
+                        && r.error.is_none()
+                        && r.tls
                 }) {
                     times.push(tls.total_seconds / plain.total_seconds);
                     bytes.push(tls.wire_bytes as f64 / plain.wire_bytes as f64);

@@ -14,7 +14,7 @@ struct Args {
     /// Fewer rounds and smaller VMs (for a quick look; the figures are noisier).
     #[arg(long)]
     quick: bool,
-    /// Only these parts (comma-separated: hashing, dirty, rehash, memory, migration, qemu-proxy).
+    /// Only these parts (comma-separated: hashing, dirty, rehash, memory, fuzz, migration, qemu-proxy).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON report.
@@ -59,6 +59,30 @@ fn main() -> anyhow::Result<()> {
         println!("== agent memory (4 VMs of {vm_pages} pages)");
         figures.extend(bench::memory::measure(4, vm_pages)?);
     }
+    // First, so migration.json and qemu-proxy.json carry it too.
+    let fuzz = if wanted("fuzz") {
+        let (runs, seconds) = if args.quick {
+            (100_000, 60)
+        } else {
+            (1_000_000, 600)
+        };
+        println!("== fuzzing: each target for {runs} executions (at most {seconds} s)");
+        let fuzz = bench::fuzz::run(runs, seconds)?;
+        let path = target_dir().join("pagefp-bench").join("fuzz.json");
+        std::fs::create_dir_all(path.parent().unwrap())?;
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(&serde_json::json!({
+                "machine": bench::machine(),
+                "target_executions_min": 1_000_000,
+                "fuzz": fuzz,
+            }))?,
+        )?;
+        println!("fuzz report written to {}", path.display());
+        Some(fuzz)
+    } else {
+        None
+    };
     if wanted("migration") {
         let images = pagefp_tests::guest_images::ensure_images()?;
         let mut settings = bench::migration::Settings::default();
@@ -99,7 +123,8 @@ fn main() -> anyhow::Result<()> {
             settings.links_mbit,
             settings.modes
         );
-        let report = bench::migration::run(&images, &settings)?;
+        let mut report = bench::migration::run(&images, &settings)?;
+        report.fuzz = fuzz.clone();
         bench::migration::print_table(&report);
         let path = args
             .output
@@ -109,7 +134,13 @@ fn main() -> anyhow::Result<()> {
         bench::migration::write(&report, &path)?;
     }
     if wanted("qemu-proxy") {
-        qemu_proxy(&args)?;
+        qemu_proxy(&args, fuzz.as_deref())?;
+    }
+    if let Some(crashed) = fuzz.iter().flatten().find(|f| f.crashes > 0) {
+        anyhow::bail!(
+            "fuzz target {} crashed (see target/pagefp-bench/fuzz.json and target/pagefp-fuzz)",
+            crashed.target
+        );
     }
     if figures.is_empty() {
         return Ok(());
@@ -127,7 +158,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Unmodified QEMU migrated directly and through `pagefp qemu-proxy`, side by
 /// side over the same shaped link; target/pagefp-bench/qemu-proxy.json.
-fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
+fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use pagefp_tests::{
         agent_process::{AgentOptions, AgentProcess, TempDir},
@@ -167,19 +198,19 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
         pagefp_tests::guest_images::RUN_SECONDS,
         plaintext_too,
     ) {
-            Ok(run) => {
-                print_proxy_run(&run);
-                runs.push(run);
-            }
-            Err(err) => {
-                println!("{:<16} {:<8} FAILED: {err:#}", image.name, templates.name());
-                failures.push(serde_json::json!({
-                    "vm": image.name,
-                    "templates": templates.name(),
-                    "error": format!("{err:#}"),
-                }));
-            }
-        };
+        Ok(run) => {
+            print_proxy_run(&run);
+            runs.push(run);
+        }
+        Err(err) => {
+            println!("{:<16} {:<8} FAILED: {err:#}", image.name, templates.name());
+            failures.push(serde_json::json!({
+                "vm": image.name,
+                "templates": templates.name(),
+                "error": format!("{err:#}"),
+            }));
+        }
+    };
     for (image, catalog) in images
         .iter()
         .zip(&catalogs)
@@ -207,7 +238,7 @@ fn qemu_proxy(args: &Args) -> anyhow::Result<()> {
     std::fs::write(
         &path,
         serde_json::to_vec_pretty(
-            &serde_json::json!({"machine": bench::machine(), "target_bytes_ratio_max": 0.5, "runs": runs, "failures": failures}),
+            &serde_json::json!({"machine": bench::machine(), "target_bytes_ratio_max": 0.5, "tls_time_ratio_max": 1.1, "runs": runs, "failures": failures, "fuzz": fuzz}),
         )?,
     )?;
     println!("qemu-proxy report written to {}", path.display());
