@@ -1,29 +1,28 @@
-// The agent modules the wire and catalog fuzz targets need, compiled here
-// on their own (without the agent crate and its eBPF build) at the paths
-// and crate-root names the agent gives them. `include!`d by each target.
+//! The agent modules the wire and catalog fuzz targets need, compiled here
+//! on their own (without the agent crate and its eBPF build) under the
+//! crate-root names the agent gives them, so their `crate::` paths resolve.
 
-#[allow(dead_code, unused_imports)]
+#![allow(dead_code, unused_imports)]
+
 #[path = "../../src/page.rs"]
-mod page;
+pub mod page;
 
-#[allow(dead_code, unused_imports)]
 #[path = "../../src/content.rs"]
-mod content;
+pub mod content;
 
-#[allow(dead_code, unused_imports)]
 #[path = "../../src/procfs.rs"]
-mod procfs;
+pub mod procfs;
 
-#[allow(dead_code, unused_imports)]
-mod api {
-    #[path = "../../../src/api/report.rs"]
-    pub mod report;
+#[path = "../../src/api/report.rs"]
+pub mod report;
+
+/// `crate::api::report`, as in the agent.
+pub mod api {
+    pub use super::report;
 }
 
-#[allow(dead_code, unused_imports, unused_macros)]
 #[path = "../../src/transport/mod.rs"]
-mod transport;
+pub mod transport;
 
-#[allow(dead_code, unused_imports)]
 #[path = "../../src/catalog/file.rs"]
-mod catalog;
+pub mod catalog;

@@ -9,7 +9,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-include!("agent_parts.rs");
+use agent_parts::{catalog, page};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(loaded) = catalog::Catalog::from_bytes(data) else {

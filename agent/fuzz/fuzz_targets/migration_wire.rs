@@ -10,7 +10,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-include!("agent_parts.rs");
+use agent_parts::{page, transport};
 
 use transport::migration::{
     self as wire, FrameReader, Hello, Kind, MAX_PAYLOAD, PageRecord, Ready, RoundEnd,

@@ -9,7 +9,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-include!("agent_parts.rs");
+use agent_parts::{page, transport};
 
 use transport::qemu_proxy::{self as wire, End, FrameReader, Hello, Kind, MAX_CHUNK_STREAM};
 
