@@ -52,7 +52,7 @@ impl Default for Timeouts {
     }
 }
 
-/// Connections whose handshake may run at once; more are dropped at once.
+/// Connections whose handshake may run at once; more wait in the backlog.
 const MAX_HANDSHAKES: usize = 16;
 /// Default overall deadline of one migration (`--deadline-s`): a peer that
 /// drips bytes cannot hold either end longer.
@@ -155,7 +155,8 @@ impl SecureListener {
     /// The next connection that completes authentication, waiting until
     /// `deadline` (none: forever). Connections that fail it (no TLS, wrong
     /// CA, wrong name, silent) are dropped with a warning; their handshakes
-    /// run side by side, so a slow one does not hold up the genuine peer.
+    /// run side by side (up to [`MAX_HANDSHAKES`], each bounded by the
+    /// handshake timeout), so a slow one does not hold up the genuine peer.
     pub fn accept(&self, deadline: Option<Instant>, waiting_for: &str) -> anyhow::Result<Channel> {
         loop {
             while let Ok((peer, result)) = self.done.try_recv() {
@@ -166,6 +167,14 @@ impl SecureListener {
                     }
                     Err(err) => log::warn!("refused a connection from {peer}: {err:#}"),
                 }
+            }
+            if self.in_flight.load(Ordering::Relaxed) >= MAX_HANDSHAKES {
+                // Full: later connections wait in the backlog, in order.
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    bail!("{waiting_for} did not connect and authenticate in time");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
             }
             match self.listener.accept() {
                 Ok((tcp, addr)) => self.start_handshake(tcp, addr.to_string()),

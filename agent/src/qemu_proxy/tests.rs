@@ -50,6 +50,18 @@ fn run_pair(
     unsupported: Unsupported,
     qemu: impl FnOnce(&str) + Send + 'static,
 ) -> Outcome {
+    run_pair_after(templates, zstd, unsupported, |_| {}, qemu)
+}
+
+/// [`run_pair`], with `strays(wan)` run once the receive proxy listens and
+/// before the send proxy starts.
+fn run_pair_after(
+    templates: TemplateStore,
+    zstd: bool,
+    unsupported: Unsupported,
+    strays: impl FnOnce(&str),
+    qemu: impl FnOnce(&str) + Send + 'static,
+) -> Outcome {
     let wan = free_addr();
     let local = free_addr();
     let (client, server) = test_security();
@@ -86,6 +98,7 @@ fn run_pair(
         thread::spawn(move || receive(&options, &templates))
     };
     thread::sleep(Duration::from_millis(100));
+    strays(&wan);
     let sender = {
         let options = SendOptions {
             listen: local.clone(),
@@ -186,6 +199,139 @@ fn without_templates_the_stream_arrives_unchanged_at_about_its_size() {
     let overhead = sent.wire_bytes - sent.stream_bytes;
     assert!(overhead < 330, "framing overhead {overhead} bytes");
     assert_eq!(sent.wire_bytes, received.wire_bytes);
+}
+
+#[test]
+fn strays_never_reach_the_destination_and_the_genuine_send_proxy_gets_through() {
+    let built = build(&spec(100));
+    let mut held = Vec::new();
+    let outcome = run_pair_after(
+        TemplateStore::default(),
+        false,
+        Unsupported::Refuse,
+        |wan| {
+            // Plain TCP: an HTTP request, then a connection that stays silent.
+            let mut http = TcpStream::connect(wan).unwrap();
+            http.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            held.push(http);
+            held.push(TcpStream::connect(wan).unwrap());
+            // A send proxy whose certificate is from another CA.
+            let other =
+                std::env::temp_dir().join(format!("pagefp-proxy-other-ca-{}", std::process::id()));
+            crate::net::pki::make(&crate::net::pki::TestPki {
+                out: other.clone(),
+                server_names: vec!["localhost".into()],
+                client_name: "intruder".into(),
+                days: 1,
+                ca_dir: None,
+            })
+            .unwrap();
+            let intruder = crate::net::tls::Client::from_options(
+                &crate::net::tls::ConnectSecurity::tls(&other, Some("localhost".into())),
+            )
+            .unwrap();
+            let refused = crate::net::connect(wan, &intruder, Duration::ZERO);
+            assert!(refused.is_err(), "a certificate from another CA got in");
+        },
+        feed(built.bytes.clone()),
+    );
+    let sent = outcome.sent.unwrap();
+    let received = outcome.received.unwrap();
+    assert!(sent.tls && received.tls);
+    assert!(
+        received.channel.contains("pagefp-client"),
+        "{}",
+        received.channel
+    );
+    assert!(outcome.destination.unwrap() == built.bytes);
+    drop(held);
+}
+
+#[test]
+fn an_authenticated_peer_that_drips_its_opening_is_cut_and_the_next_gets_in() {
+    let built = build(&spec(50));
+    let started = std::time::Instant::now();
+    let mut dripper = None;
+    let outcome = run_pair_after(
+        TemplateStore::default(),
+        false,
+        Unsupported::Refuse,
+        |wan| {
+            // A genuine certificate, then the preamble one byte every 2 s:
+            // each read makes progress, only the opening deadline ends it.
+            let (client, _) = test_security();
+            let channel = crate::net::connect(wan, &client, Duration::ZERO).unwrap();
+            dripper = Some(thread::spawn(move || {
+                let (_reader, mut writer) = channel.split(Some(Duration::from_secs(30)));
+                for byte in wire::MAGIC {
+                    if writer
+                        .write_all(&[byte])
+                        .and_then(|()| writer.flush())
+                        .is_err()
+                    {
+                        return;
+                    }
+                    thread::sleep(Duration::from_secs(2));
+                }
+            }));
+            thread::sleep(Duration::from_millis(200));
+        },
+        feed(built.bytes.clone()),
+    );
+    assert!(outcome.received.is_ok(), "{:?}", outcome.received.err());
+    assert!(outcome.sent.is_ok());
+    assert!(outcome.destination.unwrap() == built.bytes);
+    // Cut at the 10 s opening deadline, not after the whole 16 s drip.
+    assert!(started.elapsed() < Duration::from_secs(16));
+    dripper.unwrap().join().unwrap();
+}
+
+#[test]
+fn an_offer_larger_than_the_limit_is_refused_by_the_send_proxy() {
+    // A receive proxy (with a genuine certificate) that offers one frame
+    // of template ids more than the limit.
+    let (client, server) = test_security();
+    let listener = crate::net::SecureListener::bind("127.0.0.1:0", server).unwrap();
+    let wan = listener.local_addr().unwrap().to_string();
+    let fake = thread::spawn(move || {
+        let channel = listener.accept(None, "the send proxy").unwrap();
+        let (reader, writer) = channel.split(Some(Duration::from_secs(20)));
+        let mut writer = FrameWriter::new(std::io::BufWriter::new(writer));
+        writer.preamble().unwrap();
+        let ids = vec![[7u8; 32]; wire::OFFER_PER_FRAME];
+        for _ in 0..=(wire::MAX_OFFER / wire::OFFER_PER_FRAME) {
+            if writer
+                .frame(Kind::Offer, 0, &wire::encode_offer(&ids))
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = writer.flush();
+        // Until the send proxy hangs up (closing with its hello unread
+        // would reset the connection before the offer arrives).
+        let _ = std::io::copy(&mut { reader }, &mut std::io::sink());
+    });
+    let local = free_addr();
+    let options = SendOptions {
+        listen: local.clone(),
+        to: wan,
+        zstd: false,
+        parser: Options {
+            unsupported: Unsupported::Refuse,
+        },
+        timeout: Some(Duration::from_secs(20)),
+        timeouts: Timeouts::default(),
+        security: client,
+    };
+    let sender = thread::spawn(move || send(&options));
+    let _qemu = connect(&local);
+    let err = sender.join().unwrap().unwrap_err();
+    assert!(
+        format!("{err:#}").contains("more than 1048576 templates"),
+        "{err:#}"
+    );
+    let _ = fake.join();
 }
 
 #[test]
