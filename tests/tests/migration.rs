@@ -589,6 +589,31 @@ fn malformed_or_incompatible_streams_are_refused() {
     });
     truncated.truncate(truncated.len() - 3);
     expect_refused(&setup, truncated, "connection failed");
+    // A zstd bomb: 1 GiB of zeros in a Pages frame of about 40 KiB.
+    let bomb = hello_stream(regions_of(MEM_MIB), |w| {
+        let zeros = vec![0u8; 64 << 20];
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 19).unwrap();
+        for _ in 0..16 {
+            std::io::Write::write_all(&mut encoder, &zeros).unwrap();
+        }
+        w.frame(
+            Kind::Pages,
+            agent::transport::migration::FLAG_ZSTD,
+            &encoder.finish().unwrap(),
+        )
+        .unwrap();
+    });
+    expect_refused(&setup, bomb, "more than the maximum message size");
+    // Every receiver above stayed small: the largest child this test
+    // waited for (receivers and VMMs of 36 MiB of guest memory).
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let peak_mib = usage.ru_maxrss / 1024;
+    assert!(peak_mib < 256, "a child peaked at {peak_mib} MiB");
 }
 
 /// Loses the connection at one point; the destination is discarded, the
@@ -780,6 +805,52 @@ fn a_destination_that_got_go_keeps_the_vm_when_it_cannot_answer() {
         "{}",
         received.stderr
     );
+}
+
+#[test]
+fn a_forged_destination_cannot_make_the_source_end_its_vm() {
+    let Some(setup) = setup("a_forged_destination_cannot_make_the_source_end_its_vm") else {
+        return;
+    };
+    let source = source_vm(&setup, 0);
+    start_hot_loop(&source, 200, 64, 5);
+    // Someone on the path poses as the destination without its certificate
+    // and answers everything at once: an empty offer, "verified", "resumed".
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = listener.local_addr().unwrap().to_string();
+    let forger = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut writer = FrameWriter::new(stream.try_clone().unwrap());
+        let _ = writer.frame(
+            Kind::Offer,
+            0,
+            &agent::transport::migration::encode_offer(&[]),
+        );
+        let _ = writer.json(
+            Kind::Ready,
+            &agent::transport::migration::Ready {
+                verified: true,
+                mismatched_chunks: vec![],
+            },
+        );
+        let _ = writer.flush();
+        std::thread::sleep(Duration::from_secs(2));
+        drop(stream);
+    });
+    let mut spec = send_spec(&setup, &source, to, Mode::Templates);
+    spec.keep_source = false;
+    let sent = migration::send(&spec, None).unwrap();
+    forger.join().unwrap();
+    assert!(!sent.success, "{}", sent.stderr);
+    assert!(sent.stderr.contains("TLS"), "{}", sent.stderr);
+    assert!(
+        sent.stderr.contains("the source VM keeps running"),
+        "{}",
+        sent.stderr
+    );
+    assert_eq!(state_of(&source), "running");
+    assert_keeps_writing(&source, "the source");
+    source.exit().unwrap();
 }
 
 #[test]

@@ -104,6 +104,8 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         "the migration source (pagefp migrate send)",
         |_| Ok(()),
     )?;
+    // One migration per receiver: later connections are refused, not queued.
+    drop(listener);
     let (reader, write_half, peer, protection) =
         (opened.reader, opened.writer, opened.peer, opened.protection);
     let mut receiver = Receiver {
@@ -131,6 +133,7 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         started: Instant::now(),
         memory: None,
         state: None,
+        read_back: None,
         owned: false,
     };
     match receiver.run(vmm.as_mut(), options, &info.memory) {
@@ -183,6 +186,8 @@ struct Receiver<'a> {
     started: Instant,
     memory: Option<DestMemory>,
     state: Option<Vec<u8>>,
+    /// The memory's chunk digests, read back when the state arrived.
+    read_back: Option<Vec<[u8; 32]>>,
     /// "go" arrived after the memory was verified: from then on this host
     /// owns the VM, and nothing that fails may discard it.
     owned: bool,
@@ -207,6 +212,12 @@ impl Receiver<'_> {
             bail!(
                 "the source uses {}-byte pages; this host uses {PAGE_SIZE}",
                 hello.page_size
+            );
+        }
+        if !(1..=1 << 20).contains(&hello.digest_chunk_pages) {
+            bail!(
+                "the source's digest chunk of {} pages is outside 1..=2^20: not a pagefp this release speaks with",
+                hello.digest_chunk_pages
             );
         }
         // The incoming VMM must have the source's memory layout.
@@ -259,6 +270,11 @@ impl Receiver<'_> {
         loop {
             let frame = self.reader.frame()?;
             match frame.kind {
+                Kind::Pages if self.state.is_some() => {
+                    return Err(frame
+                        .malformed("pages after the VM state: the final round is over")
+                        .into());
+                }
                 Kind::Pages => self.apply_pages(&frame)?,
                 Kind::RoundEnd => {
                     let round: RoundEnd = frame.json()?;
@@ -272,8 +288,14 @@ impl Receiver<'_> {
                     }
                 }
                 Kind::State => {
+                    if self.state.is_some() {
+                        return Err(frame.malformed("a second VM state").into());
+                    }
                     self.report.phase = Phase::StopAndCopy;
                     self.state = Some(frame.payload);
+                    // Nothing is written after the state: read the memory
+                    // back now, while the source computes its digest.
+                    self.read_back = Some(self.read_back(hello.digest_chunk_pages)?);
                 }
                 Kind::Verify => {
                     self.report.phase = Phase::Verifying;
@@ -310,6 +332,30 @@ impl Receiver<'_> {
             self.sync();
             self.progress.update(&self.report);
         }
+    }
+
+    /// Chunk digests of the memory as it is now, read back from the mapping
+    /// the VMM will run (not what was received: a page lost, misplaced or
+    /// changed after it was written shows).
+    fn read_back(&self, chunk_pages: u32) -> anyhow::Result<Vec<[u8; 32]>> {
+        let started = Instant::now();
+        let memory = self
+            .memory
+            .as_ref()
+            .context("the source sent the VM state before any memory")?;
+        let digests = chunk_digests(memory.layout.pages(), chunk_pages, |page, buf| {
+            let data = memory
+                .page(page)
+                .with_context(|| format!("page {page} is outside the guest memory"))?;
+            buf.copy_from_slice(data);
+            Ok(())
+        })?;
+        log::info!(
+            "read back {} pages in {:.1} ms",
+            memory.layout.pages(),
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+        Ok(digests)
     }
 
     fn apply_pages(&mut self, frame: &wire::Frame) -> anyhow::Result<()> {
@@ -380,26 +426,13 @@ impl Receiver<'_> {
                 .malformed("digest chunk size differs from the hello")
                 .into());
         }
-        // The memory as it is now, read back from the mapping the VMM will
-        // run (not what was received: a change after the write shows); the
-        // source hashed its memory itself, independently of its tracking.
-        let read_back = Instant::now();
-        let memory = self
-            .memory
-            .as_ref()
-            .context("the source sent the digest before any memory")?;
-        let actual = chunk_digests(memory.layout.pages(), chunk_pages, |page, buf| {
-            let data = memory
-                .page(page)
-                .with_context(|| format!("page {page} is outside the guest memory"))?;
-            buf.copy_from_slice(data);
-            Ok(())
-        })?;
-        log::info!(
-            "read back {} pages in {:.1} ms",
-            memory.layout.pages(),
-            read_back.elapsed().as_secs_f64() * 1000.0
-        );
+        // The memory as read back once the final round was written (see
+        // `read_back`); the source hashed its memory itself, independently
+        // of its tracking.
+        let actual = self
+            .read_back
+            .take()
+            .context("the source sent the digest before the VM state")?;
         if actual.len() != expected.len() {
             return Err(frame
                 .malformed(format!(

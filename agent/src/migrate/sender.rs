@@ -80,27 +80,6 @@ pub struct SendOptions {
     pub security: tls::Client,
 }
 
-impl Default for SendOptions {
-    fn default() -> Self {
-        Self {
-            pid: 0,
-            vmm_socket: PathBuf::new(),
-            to: String::new(),
-            mode: Mode::Templates,
-            agent_socket: PathBuf::from(crate::config::DEFAULT_SOCKET),
-            max_bandwidth: None,
-            downtime_ms: 300,
-            max_rounds: 30,
-            keep_source: false,
-            progress: false,
-            zstd_level: 3,
-            io_timeout: Duration::from_secs(60),
-            deadline: net::DEFAULT_DEADLINE,
-            security: tls::Client::Plaintext,
-        }
-    }
-}
-
 /// What the agent reports about each page, by global page index.
 struct PageStates {
     state: Vec<u8>,

@@ -234,6 +234,40 @@ fn a_second_host_signed_by_the_same_ca_is_accepted() {
 }
 
 #[test]
+fn more_silent_connections_than_handshake_slots_only_delay_the_genuine_peer() {
+    let dir = pki("flood", 30);
+    let listener = SecureListener::bind("127.0.0.1:0", server(&dir, &[])).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    // More than MAX_HANDSHAKES: the rest wait in the backlog, in order.
+    let silent: Vec<_> = (0..super::MAX_HANDSHAKES + 4)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let genuine = {
+        let (addr, client) = (addr.clone(), client(&dir, "localhost"));
+        thread::spawn(move || {
+            // The receiver reaches this connection once the first wave of
+            // silent ones timed out: give the handshake room for that.
+            let channel = connect(&addr, &client, Duration::ZERO)?;
+            let (mut reader, _writer) = channel.split(Some(Duration::from_secs(30)));
+            let mut byte = [0u8; 1];
+            reader.read_exact(&mut byte)?;
+            anyhow::Ok(byte[0])
+        })
+    };
+    let channel = listener
+        .accept(
+            Some(Instant::now() + Duration::from_secs(40)),
+            "the test client",
+        )
+        .unwrap();
+    let (_reader, mut writer) = channel.split(Some(Duration::from_secs(5)));
+    writer.write_all(&[42]).unwrap();
+    writer.flush().unwrap();
+    drop(silent);
+    assert_eq!(genuine.join().unwrap().unwrap(), 42);
+}
+
+#[test]
 fn the_issuing_helper_makes_certificates_rustls_accepts() {
     let ca = Authority::new("another CA").unwrap();
     let (cert, key) = ca

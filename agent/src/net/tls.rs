@@ -27,8 +27,12 @@ use super::channel::{Channel, Protection, receive_available, send_queued, wait};
 
 /// The directory QEMU and libvirt read their migration certificates from.
 pub const DEFAULT_DIR: &str = "/etc/pki/qemu";
-/// Longest time a peer has to complete the TLS handshake.
+/// Longest time a connecting peer has to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest time the sending end waits for the receiver's side of the
+/// handshake: more than [`HANDSHAKE_TIMEOUT`], since a receiver busy with
+/// stray connections reaches a new one only as earlier handshakes end.
+pub const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// No certificate or key file is larger (they are a few KiB).
 const MAX_PEM_FILE: u64 = 1 << 20;
 
@@ -78,14 +82,6 @@ impl ConnectSecurity {
             insecure_plaintext: false,
         }
     }
-
-    pub fn plaintext() -> Self {
-        Self {
-            tls_dir: DEFAULT_DIR.into(),
-            tls_hostname: None,
-            insecure_plaintext: true,
-        }
-    }
 }
 
 impl ListenSecurity {
@@ -95,14 +91,6 @@ impl ListenSecurity {
             tls_dir: dir.into(),
             tls_allow_clients: Vec::new(),
             insecure_plaintext: false,
-        }
-    }
-
-    pub fn plaintext() -> Self {
-        Self {
-            tls_dir: DEFAULT_DIR.into(),
-            tls_allow_clients: Vec::new(),
-            insecure_plaintext: true,
         }
     }
 }
@@ -233,7 +221,7 @@ impl Client {
                 })?;
                 let conn = rustls::ClientConnection::new(config.clone(), server_name)
                     .context("starting TLS")?;
-                let conn = handshake(&tcp, conn.into(), HANDSHAKE_TIMEOUT).with_context(|| {
+                let conn = handshake(&tcp, conn.into(), CLIENT_HANDSHAKE_TIMEOUT).with_context(|| {
                     format!(
                         "TLS handshake with {to} (expecting a certificate for {name:?}) failed; \
                          is the receiver started without --insecure-plaintext, with a certificate \

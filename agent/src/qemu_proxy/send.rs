@@ -262,6 +262,8 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
     );
     let qemu = crate::net::accept_within(&listener, options.timeout)
         .context("waiting for the source QEMU")?;
+    // A source QEMU that stops sending fails the migration too.
+    qemu.set_read_timeout(Some(options.timeouts.io_timeout()))?;
     let extra = ExtraConnections::watch(listener)?;
     let started = Instant::now();
     let wan = net::connect(&options.to, &options.security, CONNECT_RETRY)
@@ -348,6 +350,18 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
             let err = match err {
                 qemu_stream::StreamError::Truncated { .. } => anyhow::Error::new(err)
                     .context("QEMU ended its stream early; `query-migrate` on the source says why"),
+                qemu_stream::StreamError::Io { ref source, .. }
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    anyhow::Error::new(err).context(format!(
+                        "the source QEMU sent nothing for {} s (--io-timeout-s): is it paused \
+                         waiting for `migrate-continue` (pause-before-switchover), or hung?",
+                        options.timeouts.io_timeout_s
+                    ))
+                }
                 err => err.into(),
             };
             let reason = format!("{err:#}");

@@ -387,3 +387,33 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn zstd_bombs_are_refused_within_their_caps() {
+    // 64 MiB of zeros in about 2 KiB.
+    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).unwrap();
+    assert!(bomb.len() < 64 << 10);
+    // A native Pages frame: decompression stops one byte past 32 MiB.
+    let frame = migration::Frame {
+        kind: migration::Kind::Pages,
+        flags: migration::FLAG_ZSTD,
+        payload: bomb.clone(),
+        offset: 12,
+    };
+    let err = migration::body(&frame).unwrap_err().to_string();
+    assert!(err.contains("more than the maximum message size"), "{err}");
+    // A proxy chunk announcing 4 MiB: never decompressed past that.
+    let mut payload = vec![qemu_proxy::ENCODING_ZSTD];
+    payload.extend_from_slice(&(qemu_proxy::MAX_DECODED as u32).to_le_bytes());
+    payload.extend_from_slice(&bomb);
+    let frame = qemu_proxy::Frame {
+        kind: qemu_proxy::Kind::Chunk,
+        flags: 0,
+        payload,
+        offset: 12,
+    };
+    let err = qemu_proxy::decode_chunk(&frame, |_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not decompress"), "{err}");
+}
