@@ -170,7 +170,12 @@ fn apt_packages(_: &Workspace) -> Result<Done> {
         cmd
     };
     exec::run(apt().arg("update")).with_context(fix)?;
-    exec::run(apt().args(["install", "-y"]).args(&missing)).with_context(fix)?;
+    exec::run(
+        apt()
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )
+    .with_context(fix)?;
     for package in &missing {
         if !dpkg_installed(package)? {
             return Err(anyhow!(

@@ -62,6 +62,11 @@ pub mod ram {
 
 /// `enum qemu_vm_cmd` in `migration/savevm.c`.
 pub mod command {
+    /// `MIG_CMD_SWITCHOVER_START` (QEMU 10.0 and later, machine types 10.0
+    /// and later): no data; sent once, just before the RAM section's `END`,
+    /// when the source stops the guest for the switchover.
+    pub const SWITCHOVER_START: u16 = 11;
+
     pub fn name(cmd: u16) -> &'static str {
         match cmd {
             1 => "OPEN_RETURN_PATH",
@@ -74,6 +79,7 @@ pub mod command {
             8 => "ENABLE_COLO",
             9 => "POSTCOPY_RESUME",
             10 => "RECV_BITMAP",
+            11 => "SWITCHOVER_START",
             _ => "unknown",
         }
     }

@@ -110,6 +110,9 @@ pub struct Summary {
     /// The RAM section's `END` was read: everything after it (device
     /// state, `EOF`, the VM description) was passed through.
     pub ram_complete: bool,
+    /// QEMU 10.0+'s `SWITCHOVER_START` command was read (between the last
+    /// `PART` and the `END` of RAM).
+    pub switchover_start: bool,
     /// Set if the parser stopped understanding the stream before the RAM
     /// section ended; everything from `offset` on was passed through.
     pub pass_through: Option<PassThrough>,
@@ -254,6 +257,20 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
                         return self.tail();
                     }
                 }
+                section::COMMAND => {
+                    self.place = Place::Command;
+                    let cmd = self.be16("a command number")?;
+                    let len = self.be16("a command's length")?;
+                    // QEMU 10.0+ marks the switchover (guest stopped) with a
+                    // command that carries nothing; RAM goes on after it.
+                    if cmd != format::command::SWITCHOVER_START || len != 0 {
+                        return self.pass_rest(format!(
+                            "command {cmd} ({}, {len} bytes) before the RAM section ended",
+                            format::command::name(cmd)
+                        ));
+                    }
+                    self.summary.switchover_start = true;
+                }
                 _ => {
                     return self.pass_rest(format!(
                         "a {} section (type {kind:#04x}) before the RAM section ended",
@@ -372,6 +389,11 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
         self.place = Place::Command;
         let cmd = self.be16("a command number")?;
         let len = self.be16("a command's length")?;
+        if cmd == format::command::SWITCHOVER_START && len == 0 {
+            // QEMU 10.0+, when the migration completes without iterating.
+            self.summary.switchover_start = true;
+            return Ok(());
+        }
         // Keep reading commands (their data is framed) to name the most
         // telling feature: postcopy sends OPEN_RETURN_PATH, PING, then
         // POSTCOPY_ADVISE.

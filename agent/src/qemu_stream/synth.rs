@@ -42,6 +42,8 @@ pub struct StreamSpec {
     pub chunks: Vec<Vec<Record>>,
     /// Opaque device state: one `FULL` section per entry.
     pub devices: Vec<Vec<u8>>,
+    /// QEMU 10.0+: a `SWITCHOVER_START` command before the RAM `END`.
+    pub switchover_start: bool,
 }
 
 impl Default for StreamSpec {
@@ -54,6 +56,7 @@ impl Default for StreamSpec {
             blocks: vec![("pc.ram".into(), 256), ("pc.bios".into(), 64)],
             chunks: vec![Vec::new()],
             devices: vec![b"\x01\x02\x03".to_vec()],
+            switchover_start: false,
         }
     }
 }
@@ -194,6 +197,12 @@ pub fn build(spec: &StreamSpec) -> Built {
     w.footer(spec, RAM_SECTION_ID);
     for (i, chunk) in spec.chunks.iter().enumerate() {
         let last = i + 1 == spec.chunks.len();
+        if last && spec.switchover_start {
+            w.bytes.push(section::COMMAND);
+            w.bytes
+                .extend_from_slice(&format::command::SWITCHOVER_START.to_be_bytes());
+            w.bytes.extend_from_slice(&0u16.to_be_bytes());
+        }
         w.bytes
             .push(if last { section::END } else { section::PART });
         w.be32(RAM_SECTION_ID);

@@ -276,6 +276,54 @@ fn commands_are_refused_before_anything_is_sent() {
 }
 
 #[test]
+fn a_real_qemu_10_stream_is_understood_to_the_end_of_ram() {
+    // QEMU 10.0.2 (Debian bookworm-backports), BIOS only, 16 MiB, TCG,
+    // `migrate exec:cat`: its SWITCHOVER_START comes before RAM's END.
+    let bytes = fixture("bios16-qemu10.0.qemu.zst");
+    for sizes in [vec![usize::MAX], vec![1, 4095, 7, 65536, 3]] {
+        let (sink, result) = run_with(&bytes, Options::default(), sizes);
+        let summary = result.unwrap();
+        assert!(sink.out == bytes, "output differs from the stream");
+        assert!(summary.ram_complete && summary.switchover_start);
+        assert_eq!(summary.pass_through, None);
+        assert!(summary.pages > 0 && sink.pages.len() as u64 == summary.pages);
+        let machine = summary.preamble.machine.as_deref().unwrap_or("");
+        assert!(machine.starts_with("pc-i440fx-10.0"), "{machine}");
+    }
+}
+
+#[test]
+fn qemu_10s_switchover_start_keeps_ram_deduplicated_to_its_end() {
+    let mut spec = full_spec();
+    spec.chunks.push(vec![Record::Page {
+        block: 0,
+        page: 9,
+        seed: 7,
+    }]);
+    spec.switchover_start = true;
+    let built = build(&spec);
+    let (sink, result) = run(&built.bytes);
+    let summary = result.unwrap();
+    assert!(summary.ram_complete && summary.switchover_start);
+    assert!(summary.pass_through.is_none());
+    // The page after the command is still a page, not passed-through bytes.
+    assert_eq!(sink.pages.len(), built.pages.len());
+    assert_eq!(sink.out, built.bytes);
+    // Any other command there ends deduplication, with the reason.
+    let at = built.tail_offset - 1;
+    let mut other = built.bytes.clone();
+    let command_at = other[..at]
+        .windows(5)
+        .rposition(|w| w == [section::COMMAND, 0, 11, 0, 0])
+        .unwrap();
+    other[command_at + 2] = 2;
+    let (_, result) = run(&other);
+    let summary = result.unwrap();
+    let pass = summary.pass_through.unwrap();
+    assert!(pass.reason.contains("command 2 (PING"), "{}", pass.reason);
+}
+
+#[test]
 fn postcopy_is_named_after_its_return_path() {
     // What QEMU 7.2 sends with postcopy-ram: OPEN_RETURN_PATH, PING 1,
     // POSTCOPY_ADVISE (two be64 page sizes).
@@ -504,6 +552,7 @@ fn spec() -> impl Strategy<Value = StreamSpec> {
                 uuid: (configuration && uuid).then_some([3; 16]),
                 footers,
                 blocks: vec![("pc.ram".into(), 16), ("/rom@etc/acpi/tables".into(), 16)],
+                switchover_start: footers && devices.len() % 2 == 1,
                 chunks,
                 devices,
             },
