@@ -13,7 +13,7 @@ use pagefp_tests::{
     guest_images,
     link_security::LinkSecurity,
     privileged,
-    qemu::QemuGuest,
+    qemu::{QemuBuild, QemuGuest},
     qemu_proxy_run::{Ends, Proxies, Templates, boot_shared_memory_guests},
     qemu_streams::{BiosGuest, catalog_from_stream},
 };
@@ -125,6 +125,88 @@ fn templates_from_another_guest_cut_the_wire_bytes() {
             sent.stream_bytes
         );
     }
+}
+
+/// QEMU 10.0 (Debian bookworm-backports, as distributions ship it now)
+/// writes a SWITCHOVER_START command before the RAM section ends: the proxies
+/// keep deduplicating to the end of RAM, QEMU completes, and the paused
+/// destination's memory equals the paused source's.
+#[test]
+fn a_qemu_10_guest_is_deduplicated_to_the_end_of_ram_and_arrives_identical() {
+    let test = "a_qemu_10_guest_is_deduplicated_to_the_end_of_ram_and_arrives_identical";
+    let build = QemuBuild::Backports10_0;
+    if !build.available() {
+        assert!(
+            !privileged::required(),
+            "{test}: QEMU 10.0 is missing (`cargo xtask setup` unpacks it into target/tools)"
+        );
+        eprintln!("skipped: {test}: QEMU 10.0 is not in target/tools/qemu-10.0");
+        return;
+    }
+    let dir = TempDir::new("pagefp-qemu10-proxy");
+    // Templates: the pages of another QEMU 10.0 guest's stream.
+    let catalog_path = {
+        let mut other = BiosGuest::start_on(build, &dir.0, "other", 128, &[]).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let (stream, _) = other.capture(&dir.0.join("other.qemu")).unwrap();
+        let catalog = catalog_from_stream(&stream).unwrap();
+        let path = dir.0.join("other.pftc");
+        catalog.save(&path).unwrap();
+        path
+    };
+    let port = free_port();
+    // -S: the destination stays paused after the migration, for the dump.
+    let mut dest = BiosGuest::start_on(
+        build,
+        &dir.0,
+        "dst",
+        64,
+        &["-S".into(), "-incoming".into(), format!("tcp:127.0.0.1:{port}")],
+    )
+    .unwrap();
+    let mut source = BiosGuest::start_on(build, &dir.0, "src", 64, &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let proxies = Proxies::start(
+        &Ends::LOOPBACK,
+        port,
+        &[Templates::Catalog(catalog_path)],
+        &["--no-zstd"],
+        &LinkSecurity::default(),
+    )
+    .unwrap();
+    let info = source.migrate(&proxies.uri, MIGRATION).unwrap();
+    let outcome = proxies.wait().unwrap();
+    assert_eq!(info["status"], "completed", "{info}");
+    let sent = outcome.send.unwrap();
+    let received = outcome.receive.unwrap();
+    println!("QEMU 10.0 through the proxies: {sent:?}");
+    assert!(sent.ram_complete, "RAM not parsed to its end: {sent:?}");
+    assert_eq!(sent.pass_through, None);
+    assert_eq!(received.stream_bytes, sent.stream_bytes);
+    assert!(
+        sent.template_pages * 2 > sent.pages,
+        "{} of {} pages as templates",
+        sent.template_pages,
+        sent.pages
+    );
+    // Both paused: the source after completing, the destination by -S.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while dest.status().unwrap() == "inmigrate" && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (src_dump, dst_dump) = (dir.0.join("src.mem"), dir.0.join("dst.mem"));
+    source.qmp.pmemsave(&src_dump, 64 << 20).unwrap();
+    dest.qmp.pmemsave(&dst_dump, 64 << 20).unwrap();
+    let (a, b) = (std::fs::read(&src_dump).unwrap(), std::fs::read(&dst_dump).unwrap());
+    assert_eq!(a.len(), 64 << 20);
+    let differing = a
+        .chunks(4096)
+        .zip(b.chunks(4096))
+        .filter(|(x, y)| x != y)
+        .count();
+    assert_eq!(differing, 0, "{differing} pages differ between the paused source and destination");
+    dest.qmp.cont().unwrap();
+    dest.wait_running(Duration::from_secs(30)).unwrap();
 }
 
 /// multifd, the return path and postcopy cannot go through the proxies:

@@ -5,6 +5,7 @@
 
 mod bpf_linker;
 mod cargo_fuzz;
+mod qemu10;
 
 use std::{
     fs::{self, OpenOptions},
@@ -50,6 +51,7 @@ const STEPS: &[(&str, Step)] = &[
     ("apt packages", apt_packages),
     ("rust-src (nightly)", rust_src),
     ("bpf-linker", bpf_linker::ensure),
+    ("QEMU 10.0 (bookworm-backports, beside 7.2)", qemu10::ensure),
     ("tracefs", |_| TRACEFS.ensure()),
     ("bpffs", |_| BPFFS.ensure()),
 ];

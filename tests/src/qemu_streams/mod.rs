@@ -6,7 +6,7 @@
 use std::{
     os::unix::net::UnixStream,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -17,7 +17,7 @@ use agent::{
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::qemu::Qmp;
+use crate::qemu::{QemuBuild, Qmp};
 
 /// A QEMU without a kernel, killed on drop.
 pub struct BiosGuest {
@@ -27,11 +27,24 @@ pub struct BiosGuest {
 }
 
 impl BiosGuest {
-    /// Starts QEMU TCG with `mem_mib` of RAM and `extra` arguments; files in `dir`.
+    /// Starts QEMU 7.2 TCG with `mem_mib` of RAM and `extra` arguments;
+    /// files in `dir`.
     pub fn start(dir: &Path, name: &str, mem_mib: u32, extra: &[String]) -> anyhow::Result<Self> {
+        Self::start_on(QemuBuild::Debian7_2, dir, name, mem_mib, extra)
+    }
+
+    /// [`BiosGuest::start`] on the QEMU `build`.
+    pub fn start_on(
+        build: QemuBuild,
+        dir: &Path,
+        name: &str,
+        mem_mib: u32,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let qmp_path = dir.join(format!("{name}.qmp"));
         let _ = std::fs::remove_file(&qmp_path);
-        let mut child = Command::new("qemu-system-x86_64")
+        let mut child = build
+            .command(None)
             .args([
                 "-accel",
                 "tcg",
@@ -48,7 +61,7 @@ impl BiosGuest {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting qemu-system-x86_64")?;
+            .with_context(|| format!("starting QEMU {} ({})", build.version(), build.program().display()))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let qmp = loop {
             if let Ok(stream) = UnixStream::connect(&qmp_path) {

@@ -43,6 +43,76 @@ pub use qmp::{MigrationInfo, Qmp, QmpError, RamStats, VmStatus};
 
 /// The QEMU binary (Debian's `qemu-system-x86` package).
 pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Which QEMU runs a guest: the Debian release's (on `PATH`), or QEMU 10.0
+/// from bookworm-backports, unpacked by `cargo xtask setup` under
+/// `target/tools/qemu-10.0`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QemuBuild {
+    Debian7_2,
+    Backports10_0,
+}
+
+impl QemuBuild {
+    pub const ALL: [QemuBuild; 2] = [QemuBuild::Debian7_2, QemuBuild::Backports10_0];
+
+    /// "7.2" or "10.0".
+    pub fn version(self) -> &'static str {
+        match self {
+            QemuBuild::Debian7_2 => "7.2",
+            QemuBuild::Backports10_0 => "10.0",
+        }
+    }
+
+    fn root(self) -> Option<PathBuf> {
+        match self {
+            QemuBuild::Debian7_2 => None,
+            QemuBuild::Backports10_0 => Some(crate::target_dir().join("tools/qemu-10.0")),
+        }
+    }
+
+    /// The binary to run.
+    pub fn program(self) -> PathBuf {
+        match self.root() {
+            None => PathBuf::from(QEMU),
+            Some(root) => root.join("usr/bin/qemu-system-x86_64"),
+        }
+    }
+
+    /// Whether this build is installed here.
+    pub fn available(self) -> bool {
+        match self.root() {
+            None => which_qemu(),
+            Some(_) => self.program().exists(),
+        }
+    }
+
+    /// A command that runs this QEMU (through `wrap`, if given): the
+    /// program, its module directory and its firmware paths.
+    pub fn command(self, wrap: Option<Command>) -> Command {
+        let mut command = match wrap {
+            Some(mut wrap) => {
+                wrap.arg(self.program());
+                wrap
+            }
+            None => Command::new(self.program()),
+        };
+        if let Some(root) = self.root() {
+            command
+                .env("QEMU_MODULE_DIR", root.join("usr/lib/x86_64-linux-gnu/qemu"))
+                .arg("-L")
+                .arg(root.join("usr/share/qemu"))
+                .args(["-L", "/usr/share/seabios"]);
+        }
+        command
+    }
+}
+
+fn which_qemu() -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| dir.join(QEMU).is_file())
+    })
+}
 /// What the guests of `images/init` print on their serial console once a
 /// second: `pagefp-heartbeat N`, N counting up from 0 since boot.
 pub const HEARTBEAT: &str = "pagefp-heartbeat ";
@@ -149,13 +219,7 @@ impl QemuGuest {
         let _ = std::fs::remove_file(&serial_path);
         let stderr = File::create(&stderr_path)
             .with_context(|| format!("creating {}", stderr_path.display()))?;
-        let mut command = match wrap {
-            Some(mut wrap) => {
-                wrap.arg(QEMU);
-                wrap
-            }
-            None => Command::new(QEMU),
-        };
+        let mut command = QemuBuild::Debian7_2.command(wrap);
         command
             .args(spec.args(&serial_path, &qmp_path))
             .stdin(Stdio::null())
