@@ -17,7 +17,7 @@ use crate::{
     guest_images::GuestImage,
     link_security::LinkSecurity,
     netns::ShapedLink,
-    qemu::QemuGuest,
+    qemu::{QemuBuild, QemuGuest},
 };
 
 /// Where the receive proxy takes its templates from.
@@ -71,6 +71,17 @@ pub struct ProxyRun {
     pub templates_offered: u64,
     /// The proxied run's WAN link was TLS 1.3, both proxies authenticated.
     pub tls: bool,
+    /// The QEMU both ends ran ("7.2", "10.0"), its accelerator, its
+    /// migration channels (1: no multifd) and the capabilities switched on.
+    pub qemu_version: String,
+    pub accel: String,
+    pub channels: u32,
+    pub capabilities: Vec<String>,
+    /// The send proxy parsed RAM to its end (nothing passed through).
+    pub dedup_to_end: bool,
+    /// Paused dumps compared (None: not compared; these guests keep running
+    /// at the destination, and the guest's heartbeat going on is checked).
+    pub memory_identical: Option<bool>,
     /// The same guest through the proxies over plaintext, when measured:
     /// seconds and WAN bytes, and the TLS run's time ÷ this one's.
     pub plaintext_proxied_seconds: Option<f64>,
@@ -137,11 +148,13 @@ fn migrate_once(
     ends: &Ends,
     dir: &TempDir,
     run_seconds: u64,
+    build: QemuBuild,
     proxy: Option<(&Templates, &LinkSecurity)>,
 ) -> anyhow::Result<Migrated> {
     let tag = if proxy.is_some() { "proxied" } else { "direct" };
     let qemu_port = free_port();
-    let mut source = QemuGuest::boot(
+    let mut source = QemuGuest::boot_on(
+        build,
         &image.spec(),
         &dir.0,
         &format!("{tag}-src-{}", image.name),
@@ -153,7 +166,8 @@ fn migrate_once(
     } else {
         ends.dest_ip()
     };
-    let mut dest = QemuGuest::boot(
+    let mut dest = QemuGuest::boot_on(
+        build,
         &image
             .spec()
             .incoming(&format!("tcp:{incoming_ip}:{qemu_port}")),
@@ -243,14 +257,22 @@ pub fn compare(
     ends: &Ends,
     run_seconds: u64,
     plaintext_too: bool,
+    build: QemuBuild,
 ) -> anyhow::Result<ProxyRun> {
     let dir = TempDir::new("pagefp-qemu-proxy");
-    let direct = migrate_once(image, ends, &dir, run_seconds, None)?;
+    let direct = migrate_once(image, ends, &dir, run_seconds, build, None)?;
     if direct.status != "completed" {
         bail!("the direct QEMU migration ended {}", direct.status);
     }
     let tls = LinkSecurity::default();
-    let proxied = migrate_once(image, ends, &dir, run_seconds, Some((templates, &tls)))?;
+    let proxied = migrate_once(
+        image,
+        ends,
+        &dir,
+        run_seconds,
+        build,
+        Some((templates, &tls)),
+    )?;
     let report = proxied.proxy.context("no proxy report")?;
     let plaintext = if plaintext_too {
         let plain = migrate_once(
@@ -258,6 +280,7 @@ pub fn compare(
             ends,
             &dir,
             run_seconds,
+            build,
             Some((templates, &LinkSecurity::Plaintext)),
         )?;
         let plain_report = plain.proxy.context("no proxy report")?;
@@ -283,6 +306,12 @@ pub fn compare(
         template_pages: report.template_pages,
         templates_offered: report.templates_offered,
         tls: report.tls,
+        qemu_version: build.version().into(),
+        accel: "tcg".into(),
+        channels: 1,
+        capabilities: Vec::new(),
+        dedup_to_end: report.ram_complete && report.pass_through.is_none(),
+        memory_identical: None,
         plaintext_proxied_seconds: plaintext.map(|p| p.0),
         plaintext_proxied_wire_bytes: plaintext.map(|p| p.1),
         tls_time_ratio: plaintext.map(|p| proxied.seconds / p.0),

@@ -161,7 +161,11 @@ fn a_qemu_10_guest_is_deduplicated_to_the_end_of_ram_and_arrives_identical() {
         &dir.0,
         "dst",
         64,
-        &["-S".into(), "-incoming".into(), format!("tcp:127.0.0.1:{port}")],
+        &[
+            "-S".into(),
+            "-incoming".into(),
+            format!("tcp:127.0.0.1:{port}"),
+        ],
     )
     .unwrap();
     let mut source = BiosGuest::start_on(build, &dir.0, "src", 64, &[]).unwrap();
@@ -197,14 +201,20 @@ fn a_qemu_10_guest_is_deduplicated_to_the_end_of_ram_and_arrives_identical() {
     let (src_dump, dst_dump) = (dir.0.join("src.mem"), dir.0.join("dst.mem"));
     source.qmp.pmemsave(&src_dump, 64 << 20).unwrap();
     dest.qmp.pmemsave(&dst_dump, 64 << 20).unwrap();
-    let (a, b) = (std::fs::read(&src_dump).unwrap(), std::fs::read(&dst_dump).unwrap());
+    let (a, b) = (
+        std::fs::read(&src_dump).unwrap(),
+        std::fs::read(&dst_dump).unwrap(),
+    );
     assert_eq!(a.len(), 64 << 20);
     let differing = a
         .chunks(4096)
         .zip(b.chunks(4096))
         .filter(|(x, y)| x != y)
         .count();
-    assert_eq!(differing, 0, "{differing} pages differ between the paused source and destination");
+    assert_eq!(
+        differing, 0,
+        "{differing} pages differ between the paused source and destination"
+    );
     dest.qmp.cont().unwrap();
     dest.wait_running(Duration::from_secs(30)).unwrap();
 }

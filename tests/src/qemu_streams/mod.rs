@@ -61,7 +61,13 @@ impl BiosGuest {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .with_context(|| format!("starting QEMU {} ({})", build.version(), build.program().display()))?;
+            .with_context(|| {
+                format!(
+                    "starting QEMU {} ({})",
+                    build.version(),
+                    build.program().display()
+                )
+            })?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let qmp = loop {
             if let Ok(stream) = UnixStream::connect(&qmp_path) {

@@ -34,7 +34,9 @@ pub fn ensure(ws: &Workspace) -> Result<Done> {
     let tools = ws.root().join("target/tools");
     let root = tools.join("qemu-10.0");
     let stamp = root.join(".pagefp-version");
-    if fs::read_to_string(&stamp).is_ok_and(|v| v.trim() == VERSION) && root.join("usr/bin/qemu-system-x86_64").exists() {
+    if fs::read_to_string(&stamp).is_ok_and(|v| v.trim() == VERSION)
+        && root.join("usr/bin/qemu-system-x86_64").exists()
+    {
         return Ok(Done::AlreadyOk(format!("{VERSION} in {}", root.display())));
     }
     let apt = tools.join("apt");
@@ -71,7 +73,10 @@ pub fn ensure(ws: &Workspace) -> Result<Done> {
     let binary = root.join("usr/bin/qemu-system-x86_64");
     let version = exec::output(
         Command::new(&binary)
-            .env("QEMU_MODULE_DIR", root.join("usr/lib/x86_64-linux-gnu/qemu"))
+            .env(
+                "QEMU_MODULE_DIR",
+                root.join("usr/lib/x86_64-linux-gnu/qemu"),
+            )
             .arg("--version"),
     )?;
     if !version.contains("version 10.0") {

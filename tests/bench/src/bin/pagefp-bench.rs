@@ -163,6 +163,7 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
     use pagefp_tests::{
         agent_process::{AgentOptions, AgentProcess, TempDir},
         netns::ShapedLink,
+        qemu::QemuBuild,
         qemu_proxy_run::{Ends, Templates, boot_shared_memory_guests, compare},
     };
     let images = pagefp_tests::guest_images::ensure_images()?;
@@ -191,12 +192,14 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
     // fails at the end.
     let mut measure = |image: &pagefp_tests::guest_images::GuestImage,
                        templates: Templates,
-                       plaintext_too: bool| match compare(
+                       plaintext_too: bool,
+                       build: QemuBuild| match compare(
         image,
         &templates,
         &ends,
         pagefp_tests::guest_images::RUN_SECONDS,
         plaintext_too,
+        build,
     ) {
         Ok(run) => {
             print_proxy_run(&run);
@@ -217,7 +220,21 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
         .filter(|(i, _)| migrate.contains(&i.name.as_str()))
     {
         // Beside each TLS run, the same through plaintext proxies.
-        measure(image, Templates::Catalog(catalog.clone()), true);
+        measure(
+            image,
+            Templates::Catalog(catalog.clone()),
+            true,
+            QemuBuild::Debian7_2,
+        );
+        // QEMU 10.0, as current distributions ship it.
+        if QemuBuild::Backports10_0.available() {
+            measure(
+                image,
+                Templates::Catalog(catalog.clone()),
+                false,
+                QemuBuild::Backports10_0,
+            );
+        }
     }
     // The product path: the destination agent adopts two QEMU guests of the
     // same OS running there on shared memory, and the receive proxy takes
@@ -231,7 +248,12 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
             .iter()
             .find(|i| i.name == "linux-httpd")
             .context("no linux-httpd image")?;
-        measure(image, Templates::Agent(agent.socket.clone()), false);
+        measure(
+            image,
+            Templates::Agent(agent.socket.clone()),
+            false,
+            QemuBuild::Debian7_2,
+        );
     }
     let path = target_dir().join("pagefp-bench").join("qemu-proxy.json");
     std::fs::create_dir_all(path.parent().unwrap())?;
@@ -253,9 +275,10 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
 
 fn print_proxy_run(run: &pagefp_tests::qemu_proxy_run::ProxyRun) {
     println!(
-        "{:<16} {:<8} direct {:>11} B {:>6.2} s | proxied {:>11} B {:>6.2} s | x{:.3} bytes | {} {}",
+        "{:<16} {:<8} QEMU {:<4} direct {:>11} B {:>6.2} s | proxied {:>11} B {:>6.2} s | x{:.3} bytes | {} {}{}",
         run.vm,
         run.templates,
+        run.qemu_version,
         run.direct_wire_bytes,
         run.direct_seconds,
         run.proxied_wire_bytes,
@@ -266,6 +289,11 @@ fn print_proxy_run(run: &pagefp_tests::qemu_proxy_run::ProxyRun) {
             "resumed"
         } else {
             "NOT RESUMED"
+        },
+        if run.dedup_to_end {
+            ""
+        } else {
+            " | NOT deduplicated to the end of RAM"
         }
     );
     if let (Some(seconds), Some(ratio)) = (run.plaintext_proxied_seconds, run.tls_time_ratio) {

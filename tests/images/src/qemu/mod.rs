@@ -99,7 +99,10 @@ impl QemuBuild {
         };
         if let Some(root) = self.root() {
             command
-                .env("QEMU_MODULE_DIR", root.join("usr/lib/x86_64-linux-gnu/qemu"))
+                .env(
+                    "QEMU_MODULE_DIR",
+                    root.join("usr/lib/x86_64-linux-gnu/qemu"),
+                )
                 .arg("-L")
                 .arg(root.join("usr/share/qemu"))
                 .args(["-L", "/usr/share/seabios"]);
@@ -109,9 +112,8 @@ impl QemuBuild {
 }
 
 fn which_qemu() -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(QEMU).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(QEMU).is_file()))
 }
 /// What the guests of `images/init` print on their serial console once a
 /// second: `pagefp-heartbeat N`, N counting up from 0 since boot.
@@ -212,6 +214,17 @@ impl QemuGuest {
         name: &str,
         wrap: Option<Command>,
     ) -> anyhow::Result<Self> {
+        Self::boot_on(QemuBuild::Debian7_2, spec, dir, name, wrap)
+    }
+
+    /// [`QemuGuest::boot`] on the QEMU `build`.
+    pub fn boot_on(
+        build: QemuBuild,
+        spec: &GuestSpec,
+        dir: &Path,
+        name: &str,
+        wrap: Option<Command>,
+    ) -> anyhow::Result<Self> {
         let qmp_path = dir.join(format!("{name}.qmp"));
         let serial_path = dir.join(format!("{name}.serial"));
         let stderr_path = dir.join(format!("{name}.stderr"));
@@ -219,14 +232,18 @@ impl QemuGuest {
         let _ = std::fs::remove_file(&serial_path);
         let stderr = File::create(&stderr_path)
             .with_context(|| format!("creating {}", stderr_path.display()))?;
-        let mut command = QemuBuild::Debian7_2.command(wrap);
+        let mut command = build.command(wrap);
         command
             .args(spec.args(&serial_path, &qmp_path))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
         let mut child = command.spawn().with_context(|| {
-            format!("starting {QEMU} (not installed? `cargo xtask setup` installs qemu-system-x86)")
+            format!(
+                "starting QEMU {} ({}; not installed? `cargo xtask setup` installs it)",
+                build.version(),
+                build.program().display()
+            )
         })?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let qmp = loop {
