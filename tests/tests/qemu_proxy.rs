@@ -15,7 +15,7 @@ use pagefp_tests::{
     privileged,
     qemu::{QemuBuild, QemuGuest},
     qemu_proxy_run::{Ends, Proxies, Templates, boot_shared_memory_guests},
-    qemu_streams::{BiosGuest, catalog_from_stream},
+    qemu_streams::{BiosGuest, catalog_from_stream, differing_pages, page_writer_disk},
 };
 
 const MIGRATION: Duration = Duration::from_secs(300);
@@ -127,6 +127,122 @@ fn templates_from_another_guest_cut_the_wire_bytes() {
     }
 }
 
+/// Whether `build` is installed; fails in CI when it is not.
+fn build_available(test: &str, build: QemuBuild) -> bool {
+    if build.available() {
+        return true;
+    }
+    assert!(
+        !privileged::required(),
+        "{test}: QEMU {} is missing (`cargo xtask setup` installs it)",
+        build.version()
+    );
+    eprintln!("skipped: {test}: QEMU {} is not installed", build.version());
+    false
+}
+
+/// A BIOS guest on `build` with `accel` (booting `disk`, if given)
+/// migrated directly (`templates` None) or through the proxies over TLS:
+/// QEMU completes, the destination (`-S`) and the source are paused and
+/// their memory is compared, then the destination runs. The send proxy's
+/// report, if proxied, the differing pages and the source's memory.
+fn migrate_and_compare(
+    dir: &TempDir,
+    build: QemuBuild,
+    accel: &str,
+    disk: Option<&Path>,
+    templates: Option<&[Templates]>,
+) -> (Option<ProxyReport>, Vec<usize>, Vec<u8>) {
+    const MEM_MIB: u32 = 64;
+    let port = free_port();
+    let tag = format!("{}-{}", build.version(), accel.replace([',', '='], "-"));
+    let boot: Vec<String> = disk
+        .map(|d| {
+            vec![
+                "-drive".into(),
+                format!("file={},format=raw,if=ide", d.display()),
+            ]
+        })
+        .unwrap_or_default();
+    let mut incoming = boot.clone();
+    incoming.extend([
+        "-S".into(),
+        "-incoming".into(),
+        format!("tcp:127.0.0.1:{port}"),
+    ]);
+    let mut dest = BiosGuest::start_on(
+        build,
+        accel,
+        &dir.0,
+        &format!("dst-{tag}"),
+        MEM_MIB,
+        &incoming,
+    )
+    .unwrap();
+    let mut source =
+        BiosGuest::start_on(build, accel, &dir.0, &format!("src-{tag}"), MEM_MIB, &boot).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    if disk.is_some() {
+        // Until the boot sector runs: its pages' counters move.
+        let probe = dir.0.join(format!("probe-{tag}.mem"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let low = source.dump(&probe, 1 << 20).unwrap();
+            if (16..160).filter(|p| low[p * 4096] != 0).count() > 100 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "QEMU {tag}: the boot sector did not start writing within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let proxies = templates.map(|templates| {
+        Proxies::start(
+            &Ends::LOOPBACK,
+            port,
+            templates,
+            &["--no-zstd"],
+            &LinkSecurity::default(),
+        )
+        .unwrap()
+    });
+    let uri = proxies
+        .as_ref()
+        .map_or_else(|| format!("tcp:127.0.0.1:{port}"), |p| p.uri.clone());
+    let info = source.migrate(&uri, MIGRATION).unwrap();
+    let sent = proxies.map(|proxies| {
+        let outcome = proxies.wait().unwrap();
+        let sent = outcome.send.unwrap();
+        assert_eq!(outcome.receive.unwrap().stream_bytes, sent.stream_bytes);
+        sent
+    });
+    assert_eq!(info["status"], "completed", "QEMU {tag}: {info}");
+    // Both paused: the source after completing, the destination by -S.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while dest.status().unwrap() == "inmigrate" && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let a = source
+        .dump(
+            &dir.0.join(format!("src-{tag}.mem")),
+            u64::from(MEM_MIB) << 20,
+        )
+        .unwrap();
+    let b = dest
+        .dump(
+            &dir.0.join(format!("dst-{tag}.mem")),
+            u64::from(MEM_MIB) << 20,
+        )
+        .unwrap();
+    assert_eq!(a.len(), (MEM_MIB as usize) << 20);
+    dest.qmp.cont().unwrap();
+    dest.wait_running(Duration::from_secs(30)).unwrap();
+    let differing = differing_pages(&a, &b);
+    (sent, differing, a)
+}
+
 /// QEMU 10.0 (Debian bookworm-backports, as distributions ship it now)
 /// writes a SWITCHOVER_START command before the RAM section ends: the proxies
 /// keep deduplicating to the end of RAM, QEMU completes, and the paused
@@ -135,18 +251,13 @@ fn templates_from_another_guest_cut_the_wire_bytes() {
 fn a_qemu_10_guest_is_deduplicated_to_the_end_of_ram_and_arrives_identical() {
     let test = "a_qemu_10_guest_is_deduplicated_to_the_end_of_ram_and_arrives_identical";
     let build = QemuBuild::Backports10_0;
-    if !build.available() {
-        assert!(
-            !privileged::required(),
-            "{test}: QEMU 10.0 is missing (`cargo xtask setup` unpacks it into target/tools)"
-        );
-        eprintln!("skipped: {test}: QEMU 10.0 is not in target/tools/qemu-10.0");
+    if !build_available(test, build) {
         return;
     }
     let dir = TempDir::new("pagefp-qemu10-proxy");
     // Templates: the pages of another QEMU 10.0 guest's stream.
     let catalog_path = {
-        let mut other = BiosGuest::start_on(build, &dir.0, "other", 128, &[]).unwrap();
+        let mut other = BiosGuest::start_on(build, "tcg", &dir.0, "other", 128, &[]).unwrap();
         std::thread::sleep(Duration::from_millis(500));
         let (stream, _) = other.capture(&dir.0.join("other.qemu")).unwrap();
         let catalog = catalog_from_stream(&stream).unwrap();
@@ -154,69 +265,78 @@ fn a_qemu_10_guest_is_deduplicated_to_the_end_of_ram_and_arrives_identical() {
         catalog.save(&path).unwrap();
         path
     };
-    let port = free_port();
-    // -S: the destination stays paused after the migration, for the dump.
-    let mut dest = BiosGuest::start_on(
+    let (sent, differing, _) = migrate_and_compare(
+        &dir,
         build,
-        &dir.0,
-        "dst",
-        64,
-        &[
-            "-S".into(),
-            "-incoming".into(),
-            format!("tcp:127.0.0.1:{port}"),
-        ],
-    )
-    .unwrap();
-    let mut source = BiosGuest::start_on(build, &dir.0, "src", 64, &[]).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let proxies = Proxies::start(
-        &Ends::LOOPBACK,
-        port,
-        &[Templates::Catalog(catalog_path)],
-        &["--no-zstd"],
-        &LinkSecurity::default(),
-    )
-    .unwrap();
-    let info = source.migrate(&proxies.uri, MIGRATION).unwrap();
-    let outcome = proxies.wait().unwrap();
-    assert_eq!(info["status"], "completed", "{info}");
-    let sent = outcome.send.unwrap();
-    let received = outcome.receive.unwrap();
+        "tcg",
+        None,
+        Some(&[Templates::Catalog(catalog_path)]),
+    );
+    let sent = sent.unwrap();
     println!("QEMU 10.0 through the proxies: {sent:?}");
     assert!(sent.ram_complete, "RAM not parsed to its end: {sent:?}");
     assert_eq!(sent.pass_through, None);
-    assert_eq!(received.stream_bytes, sent.stream_bytes);
     assert!(
         sent.template_pages * 2 > sent.pages,
         "{} of {} pages as templates",
         sent.template_pages,
         sent.pages
     );
-    // Both paused: the source after completing, the destination by -S.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while dest.status().unwrap() == "inmigrate" && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        differing.is_empty(),
+        "pages {differing:?} differ between the paused source and destination"
+    );
+}
+
+/// KVM-accelerated QEMU (7.2 and 10.0, QEMU's default dirty bitmap) running
+/// a guest that never stops writing pages, migrated directly and through
+/// the proxies: each completes, and the paused destination's memory equals
+/// the paused source's.
+#[test]
+fn kvm_guests_that_keep_writing_arrive_identical_through_the_proxies() {
+    let test = "kvm_guests_that_keep_writing_arrive_identical_through_the_proxies";
+    if !std::path::Path::new("/dev/kvm").exists() {
+        assert!(!privileged::required(), "{test}: /dev/kvm is missing");
+        eprintln!("skipped: {test}: no /dev/kvm");
+        return;
     }
-    let (src_dump, dst_dump) = (dir.0.join("src.mem"), dir.0.join("dst.mem"));
-    source.qmp.pmemsave(&src_dump, 64 << 20).unwrap();
-    dest.qmp.pmemsave(&dst_dump, 64 << 20).unwrap();
-    let (a, b) = (
-        std::fs::read(&src_dump).unwrap(),
-        std::fs::read(&dst_dump).unwrap(),
-    );
-    assert_eq!(a.len(), 64 << 20);
-    let differing = a
-        .chunks(4096)
-        .zip(b.chunks(4096))
-        .filter(|(x, y)| x != y)
-        .count();
-    assert_eq!(
-        differing, 0,
-        "{differing} pages differ between the paused source and destination"
-    );
-    dest.qmp.cont().unwrap();
-    dest.wait_running(Duration::from_secs(30)).unwrap();
+    let dir = TempDir::new("pagefp-qemu-kvm-proxy");
+    let disk = dir.0.join("writer.img");
+    page_writer_disk(&disk).unwrap();
+    // 0xC0000..0x100000, the legacy option-ROM/BIOS shadow window: under
+    // KVM, QEMU's own direct migration leaves pages there different on this
+    // machine (seen: 0xE8000, SeaBIOS's shadowed code and data; its PAM
+    // aliases are not dirty-tracked like RAM). Pages there are reported and
+    // left out; every other page, the 144 the guest writes included, must
+    // be identical, direct and through the proxies.
+    let shadow = 0xC0..0x100;
+    for build in QemuBuild::ALL {
+        if !build_available(test, build) {
+            continue;
+        }
+        let version = build.version();
+        let (_, direct, _) = migrate_and_compare(&dir, build, "kvm", Some(&disk), None);
+        let (sent, proxied, memory) =
+            migrate_and_compare(&dir, build, "kvm", Some(&disk), Some(&[]));
+        // The writer ran: the first byte of most of its 144 pages counts.
+        let written = (16..160).filter(|p| memory[p * 4096] != 0).count();
+        assert!(
+            written > 100,
+            "QEMU {version}: the guest wrote only {written} of its pages"
+        );
+        let sent = sent.unwrap();
+        println!(
+            "QEMU {version} KVM: direct differs in {direct:?}, proxied in {proxied:?} (shadow window {shadow:?} left out); {sent:?}"
+        );
+        assert!(sent.ram_complete && sent.pass_through.is_none(), "{sent:?}");
+        for (how, pages) in [("direct", &direct), ("through the proxies", &proxied)] {
+            let outside: Vec<_> = pages.iter().filter(|p| !shadow.contains(*p)).collect();
+            assert!(
+                outside.is_empty(),
+                "QEMU {version} with KVM, {how}: pages {outside:?} differ outside the BIOS shadow window"
+            );
+        }
+    }
 }
 
 /// multifd, the return path and postcopy cannot go through the proxies:

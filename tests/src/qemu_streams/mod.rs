@@ -30,12 +30,14 @@ impl BiosGuest {
     /// Starts QEMU 7.2 TCG with `mem_mib` of RAM and `extra` arguments;
     /// files in `dir`.
     pub fn start(dir: &Path, name: &str, mem_mib: u32, extra: &[String]) -> anyhow::Result<Self> {
-        Self::start_on(QemuBuild::Debian7_2, dir, name, mem_mib, extra)
+        Self::start_on(QemuBuild::Debian7_2, "tcg", dir, name, mem_mib, extra)
     }
 
-    /// [`BiosGuest::start`] on the QEMU `build`.
+    /// [`BiosGuest::start`] on the QEMU `build` with accelerator `accel`
+    /// (`tcg`, `kvm`, `kvm,dirty-ring-size=4096`).
     pub fn start_on(
         build: QemuBuild,
+        accel: &str,
         dir: &Path,
         name: &str,
         mem_mib: u32,
@@ -47,7 +49,7 @@ impl BiosGuest {
             .command(None)
             .args([
                 "-accel",
-                "tcg",
+                accel,
                 "-nodefaults",
                 "-display",
                 "none",
@@ -166,6 +168,51 @@ impl BiosGuest {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+impl BiosGuest {
+    /// The first `bytes` of guest memory, written to `path` (the guest
+    /// should be paused).
+    pub fn dump(&mut self, path: &Path, bytes: u64) -> anyhow::Result<Vec<u8>> {
+        self.qmp.pmemsave(path, bytes)?;
+        Ok(std::fs::read(path)?)
+    }
+}
+
+/// The indexes of the 4 KiB pages where `a` and `b` differ (and every page
+/// past the shorter one).
+pub fn differing_pages(a: &[u8], b: &[u8]) -> Vec<usize> {
+    let pages = a.len().max(b.len()).div_ceil(4096);
+    (0..pages)
+        .filter(|&i| a.get(i * 4096..(i + 1) * 4096) != b.get(i * 4096..(i + 1) * 4096))
+        .collect()
+}
+
+/// A boot disk (one 512-byte sector) whose code never stops writing guest
+/// memory: real mode, it increments the first byte of every 4 KiB page
+/// from 64 KiB to 640 KiB (144 pages), round after round. A small guest
+/// that keeps dirtying pages at full speed under KVM.
+pub fn page_writer_disk(path: &Path) -> anyhow::Result<()> {
+    #[rustfmt::skip]
+    let code: [u8; 30] = [
+        0xFA,                         // cli
+        0x31, 0xC0,                   // xor ax, ax
+        0x8E, 0xD0,                   // mov ss, ax
+        0xBC, 0x00, 0x7C,             // mov sp, 0x7c00
+        0xBB, 0x00, 0x10,             // round: mov bx, 0x1000
+        0x8E, 0xC3,                   // page:  mov es, bx
+        0x26, 0xFE, 0x06, 0x00, 0x00, //        inc byte [es:0]
+        0x81, 0xC3, 0x00, 0x01,       //        add bx, 0x100 (4 KiB on)
+        0x81, 0xFB, 0x00, 0xA0,       //        cmp bx, 0xa000
+        0x72, 0xEF,                   //        jb page
+        0xEB, 0xEA,                   //        jmp round
+    ];
+    let mut sector = [0u8; 512];
+    sector[..code.len()].copy_from_slice(&code);
+    sector[510] = 0x55;
+    sector[511] = 0xAA;
+    std::fs::write(path, sector)
+        .with_context(|| format!("writing the boot disk {}", path.display()))
 }
 
 impl Drop for BiosGuest {
