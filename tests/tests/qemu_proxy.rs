@@ -153,6 +153,34 @@ fn migrate_and_compare(
     disk: Option<&Path>,
     templates: Option<&[Templates]>,
 ) -> (Option<ProxyReport>, Vec<usize>, Vec<u8>) {
+    migrate_and_compare_with(dir, build, accel, disk, templates, &Capabilities::default())
+}
+
+/// Migration capabilities switched on at each end.
+#[derive(Default)]
+struct Capabilities {
+    source: &'static [&'static str],
+    destination: &'static [&'static str],
+}
+
+/// What libvirt switches on for a live migration that is not tunnelled
+/// (`qemu_migration_params.c`): the return path at both ends,
+/// pause-before-switchover at the source (then `migrate-continue`),
+/// late-block-activate at the destination, events at both.
+const LIBVIRT: Capabilities = Capabilities {
+    source: &["return-path", "pause-before-switchover", "events"],
+    destination: &["return-path", "late-block-activate", "events"],
+};
+
+/// [`migrate_and_compare`] with `capabilities`.
+fn migrate_and_compare_with(
+    dir: &TempDir,
+    build: QemuBuild,
+    accel: &str,
+    disk: Option<&Path>,
+    templates: Option<&[Templates]>,
+    capabilities: &Capabilities,
+) -> (Option<ProxyReport>, Vec<usize>, Vec<u8>) {
     const MEM_MIB: u32 = 64;
     let port = free_port();
     let tag = format!("{}-{}", build.version(), accel.replace([',', '='], "-"));
@@ -181,6 +209,9 @@ fn migrate_and_compare(
     .unwrap();
     let mut source =
         BiosGuest::start_on(build, accel, &dir.0, &format!("src-{tag}"), MEM_MIB, &boot).unwrap();
+    let on = |names: &[&'static str]| names.iter().map(|n| (*n, true)).collect::<Vec<_>>();
+    source.capabilities(&on(capabilities.source)).unwrap();
+    dest.capabilities(&on(capabilities.destination)).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     if disk.is_some() {
         // Until the boot sector runs: its pages' counters move.
@@ -288,6 +319,39 @@ fn a_qemu_10_guest_is_deduplicated_to_the_end_of_ram_and_arrives_identical() {
     );
 }
 
+/// libvirt's capability set (the return path at both ends,
+/// pause-before-switchover with `migrate-continue`, late-block-activate,
+/// events) on QEMU 7.2 and 10.0, directly and through the proxies: the
+/// proxies relay the destination's return path (PONG, SHUT), QEMU
+/// completes, and the paused memories are identical.
+#[test]
+fn libvirts_capability_set_with_the_return_path_completes_through_the_proxies() {
+    let test = "libvirts_capability_set_with_the_return_path_completes_through_the_proxies";
+    let dir = TempDir::new("pagefp-qemu-return-path");
+    for build in QemuBuild::ALL {
+        if !build_available(test, build) {
+            continue;
+        }
+        let version = build.version();
+        let (_, direct, _) = migrate_and_compare_with(&dir, build, "tcg", None, None, &LIBVIRT);
+        assert!(
+            direct.is_empty(),
+            "QEMU {version} direct: pages {direct:?} differ"
+        );
+        let (sent, proxied, _) =
+            migrate_and_compare_with(&dir, build, "tcg", None, Some(&[]), &LIBVIRT);
+        let sent = sent.unwrap();
+        println!("QEMU {version} with libvirt's capabilities through the proxies: {sent:?}");
+        assert!(sent.ram_complete && sent.pass_through.is_none(), "{sent:?}");
+        // At least the PONG and the SHUT (8 bytes each) came back.
+        assert!(sent.return_path_bytes >= 16, "{sent:?}");
+        assert!(
+            proxied.is_empty(),
+            "QEMU {version} through the proxies: pages {proxied:?} differ"
+        );
+    }
+}
+
 /// KVM-accelerated QEMU (7.2 and 10.0, QEMU's default dirty bitmap) running
 /// a guest that never stops writing pages, migrated directly and through
 /// the proxies: each completes, and the paused destination's memory equals
@@ -355,10 +419,6 @@ fn features_the_proxies_cannot_carry_are_refused_and_the_destination_waits() {
     let mut dest = BiosGuest::incoming(&dir.0, "dst", 64, port).unwrap();
     for (capability, expected) in [
         ("multifd", "a multifd channel from"),
-        (
-            "return-path",
-            "refusing this migration (nothing was sent): the return path",
-        ),
         (
             "postcopy-ram",
             "refusing this migration (nothing was sent): postcopy (command 3",

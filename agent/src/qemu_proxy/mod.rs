@@ -110,6 +110,10 @@ pub struct ProxyReport {
     /// How the WAN link was secured (cipher and peer certificate, or plaintext).
     #[serde(default)]
     pub channel: String,
+    /// Bytes of the destination QEMU's return path relayed to the source
+    /// (send side; 0 without the `return-path` capability).
+    #[serde(default)]
+    pub return_path_bytes: u64,
 }
 
 pub fn run(command: ProxyCommand) -> anyhow::Result<()> {

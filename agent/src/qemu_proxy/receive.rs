@@ -3,8 +3,13 @@
 
 use std::{
     collections::VecDeque,
-    io::{BufReader, BufWriter, Write as _},
+    io::{BufReader, BufWriter, Read as _, Write as _},
     net::{Shutdown, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
     time::{Duration, Instant},
 };
 
@@ -43,6 +48,10 @@ struct Destination<'a> {
     /// Longest wait for QEMU to take more of the stream.
     io_timeout: Duration,
     conn: Option<(TcpStream, BufWriter<TcpStream>)>,
+    /// Where QEMU's return-path bytes go (the send proxy), and the thread
+    /// that carries them, stopped when this is dropped.
+    wan: Wan,
+    answers: Option<(thread::JoinHandle<()>, Arc<AtomicBool>)>,
     held: VecDeque<Vec<u8>>,
     held_bytes: usize,
     written: u64,
@@ -73,6 +82,7 @@ impl Destination<'_> {
             stream.set_nodelay(true)?;
             stream.set_write_timeout(Some(self.io_timeout))?;
             log::info!("feeding the destination QEMU at {}", self.addr);
+            self.answers = Some(relay_answers(stream.try_clone()?, self.wan.clone())?);
             self.conn = Some((
                 stream.try_clone()?,
                 BufWriter::with_capacity(1 << 20, stream),
@@ -83,6 +93,18 @@ impl Destination<'_> {
             "writing to the destination QEMU (did it fail to load the stream? see its log)",
         )?;
         self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Everything held back, now (the stream so far was checked).
+    fn release(&mut self) -> anyhow::Result<()> {
+        while let Some(bytes) = self.held.pop_front() {
+            self.write(&bytes)?;
+        }
+        self.held_bytes = 0;
+        if let Some((_, writer)) = self.conn.as_mut() {
+            writer.flush().context("writing to the destination QEMU")?;
+        }
         Ok(())
     }
 
@@ -98,6 +120,59 @@ impl Destination<'_> {
         }
         Ok(())
     }
+}
+
+impl Drop for Destination<'_> {
+    fn drop(&mut self) {
+        if let Some((thread, stop)) = self.answers.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+        }
+    }
+}
+
+type Wan = Arc<Mutex<FrameWriter<BufWriter<ChannelWriter>>>>;
+
+/// Carries what the destination QEMU writes back on its connection (its
+/// return path: PONG, SHUT...) to the send proxy, until QEMU closes it or
+/// `stop` is set.
+fn relay_answers(
+    mut from_qemu: TcpStream,
+    wan: Wan,
+) -> anyhow::Result<(thread::JoinHandle<()>, Arc<AtomicBool>)> {
+    // Short reads, so `stop` is seen.
+    from_qemu.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let thread = thread::Builder::new()
+        .name("return-path".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; wire::RETURN_PATH_CHUNK];
+            while !stopped.load(Ordering::Relaxed) {
+                match from_qemu.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        let mut wan = wan.lock().unwrap_or_else(|p| p.into_inner());
+                        let sent = wan
+                            .frame(Kind::ReturnPath, 0, &buf[..n])
+                            .and_then(|_| wan.flush());
+                        if let Err(e) = sent {
+                            log::warn!("cannot relay the destination QEMU's return path: {e}");
+                            return;
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock
+                                | std::io::ErrorKind::TimedOut
+                                | std::io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(_) => return,
+                }
+            }
+        })?;
+    Ok((thread, stop))
 }
 
 /// Waits for one proxied migration and feeds it to the destination QEMU.
@@ -128,27 +203,30 @@ pub fn receive(
     );
     let started = Instant::now();
     let mut reader = opened.reader;
-    let mut writer = FrameWriter::new(BufWriter::new(opened.writer));
+    let writer: Wan = Arc::new(Mutex::new(FrameWriter::new(BufWriter::new(opened.writer))));
     let mut destination = Destination {
         addr: &options.qemu,
         io_timeout: options.timeouts.io_timeout(),
+        wan: writer.clone(),
+        answers: None,
         conn: None,
         held: VecDeque::new(),
         held_bytes: 0,
         written: 0,
     };
-    let result = relay(&mut reader, &mut writer, &mut destination, templates);
+    let result = relay(&mut reader, &writer, &mut destination, templates);
+    let lock = || writer.lock().unwrap_or_else(|p| p.into_inner());
     match result {
         Ok(mut report) => {
-            report.wire_bytes = reader.bytes + writer.bytes;
+            report.wire_bytes = reader.bytes + lock().bytes;
             report.tls = opened.protection.is_tls();
             report.channel = opened.protection.describe();
             report.seconds = started.elapsed().as_secs_f64();
             Ok(report)
         }
         Err(err) => {
-            let _ = writer.abort(&format!("{err:#}"));
-            let _ = writer.flush();
+            let _ = lock().abort(&format!("{err:#}"));
+            let _ = lock().flush();
             if destination.conn.is_none() {
                 Err(err.context(
                     "the destination QEMU was not contacted and still waits for a migration",
@@ -164,10 +242,11 @@ pub fn receive(
 
 fn relay(
     reader: &mut FrameReader<BufReader<ChannelReader>>,
-    writer: &mut FrameWriter<BufWriter<ChannelWriter>>,
+    wan: &Wan,
     destination: &mut Destination,
     templates: &dyn TemplatePages,
 ) -> anyhow::Result<ProxyReport> {
+    let mut writer = wan.lock().unwrap_or_else(|p| p.into_inner());
     writer.preamble()?;
     let mut hashes = templates.hashes();
     if hashes.len() > wire::MAX_OFFER {
@@ -188,6 +267,8 @@ fn relay(
         },
     )?;
     writer.flush()?;
+    // The destination QEMU's return path writes on the link from now on.
+    drop(writer);
     let mut digest = blake3::Hasher::new();
     let mut report = ProxyReport {
         templates_offered: hashes.len() as u64,
@@ -207,6 +288,19 @@ fn relay(
                 report.stream_bytes += bytes.len() as u64;
                 destination.push(bytes)?;
             }
+            Kind::Checkpoint => {
+                let at: wire::End = frame.json()?;
+                let so_far = digest.clone().finalize().to_hex().to_string();
+                if at.stream_bytes != report.stream_bytes || at.blake3 != so_far {
+                    bail!(
+                        "the rebuilt QEMU stream differs from the source's at its checkpoint ({} of {} bytes, blake3 {so_far} vs {}); the rest was held back",
+                        report.stream_bytes,
+                        at.stream_bytes,
+                        at.blake3
+                    );
+                }
+                destination.release()?;
+            }
             Kind::End => {
                 let end: wire::End = frame.json()?;
                 let rebuilt = digest.finalize().to_hex().to_string();
@@ -219,6 +313,7 @@ fn relay(
                     );
                 }
                 destination.finish()?;
+                let mut writer = wan.lock().unwrap_or_else(|p| p.into_inner());
                 writer.json(
                     Kind::Done,
                     &wire::Done {

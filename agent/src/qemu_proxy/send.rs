@@ -1,7 +1,7 @@
 //! The send proxy: QEMU's stream in, deduplicated chunks out.
 
 use std::{
-    io::{BufReader, BufWriter, Read as _},
+    io::{BufReader, BufWriter, Read as _, Write as _},
     net::{TcpListener, TcpStream},
     os::fd::{AsFd as _, AsRawFd as _},
     sync::{
@@ -20,7 +20,7 @@ use super::{
     templates::{Offered, TemplateLookup},
 };
 use crate::{
-    net::{self, ChannelWriter, Timeouts, tls},
+    net::{self, ChannelReader, ChannelWriter, Timeouts, tls},
     qemu_stream::{self, ADVICE_MULTIFD, Options, Page, Preamble, Sink, SinkError},
     transport::{
         WireError,
@@ -59,6 +59,15 @@ struct SendSink<'a> {
     started: bool,
     digest: blake3::Hasher,
     template_pages: u64,
+    /// QEMU stream bytes so far, and at the last checkpoint.
+    stream_bytes: u64,
+    checkpointed: u64,
+    /// The source opened the return path, and its RAM section ended: the
+    /// receive proxy may deliver what it held back once a checkpoint says
+    /// the stream so far is right (the source ends its stream only after
+    /// the destination, having loaded it, says so on the return path).
+    return_path: bool,
+    ram_ended: bool,
     /// The QEMU connection, polled to flush before waiting on it.
     qemu: &'a TcpStream,
     extra: &'a ExtraConnections,
@@ -89,12 +98,14 @@ impl SendSink<'_> {
 impl Sink for SendSink<'_> {
     fn bytes(&mut self, bytes: &[u8]) -> Result<(), SinkError> {
         self.digest.update(bytes);
+        self.stream_bytes += bytes.len() as u64;
         self.chunk.raw(bytes);
         self.maybe_send()
     }
 
     fn page(&mut self, page: Page<'_>) -> Result<(), SinkError> {
         self.digest.update(page.data);
+        self.stream_bytes += page.data.len() as u64;
         let template = if self.lookup.is_empty() {
             None
         } else {
@@ -127,8 +138,17 @@ impl Sink for SendSink<'_> {
                 .unwrap_or_default()
         );
         self.started = true;
+        self.return_path = preamble.return_path;
+        if self.return_path {
+            log::info!("QEMU opened its return path: the destination's answers are relayed");
+        }
         self.send_chunk()?;
         self.wan.flush()?;
+        Ok(())
+    }
+
+    fn ram_end(&mut self) -> Result<(), SinkError> {
+        self.ram_ended = true;
         Ok(())
     }
 
@@ -137,6 +157,24 @@ impl Sink for SendSink<'_> {
         if self.started && !self.chunk.is_empty() && !readable(self.qemu)? {
             self.send_chunk()?;
             self.wan.flush().context("sending to the receive proxy")?;
+        }
+        if self.return_path
+            && self.ram_ended
+            && self.stream_bytes > self.checkpointed
+            && !readable(self.qemu)?
+        {
+            self.send_chunk()?;
+            self.wan
+                .json(
+                    Kind::Checkpoint,
+                    &wire::End {
+                        stream_bytes: self.stream_bytes,
+                        blake3: self.digest.clone().finalize().to_hex().to_string(),
+                    },
+                )
+                .context("sending to the receive proxy")?;
+            self.wan.flush().context("sending to the receive proxy")?;
+            self.checkpointed = self.stream_bytes;
         }
         Ok(())
     }
@@ -245,6 +283,83 @@ fn accept_extra(listener: &TcpListener, seen: &Mutex<Vec<String>>) -> bool {
     true
 }
 
+/// The receive proxy's side after its offer, read by a thread of its own:
+/// return-path bytes go to the source QEMU as they come; Done (or why the
+/// link failed) is kept for [`ReturnPath::done`].
+struct ReturnPath {
+    outcome: std::sync::mpsc::Receiver<Result<Answered, WireError>>,
+}
+
+/// How the receive proxy's side ended.
+struct Answered {
+    done: wire::Done,
+    /// Bytes read from the receive proxy, and of them the destination
+    /// QEMU's return path.
+    read_bytes: u64,
+    return_path_bytes: u64,
+}
+
+impl ReturnPath {
+    fn relay(
+        mut reader: FrameReader<BufReader<ChannelReader>>,
+        qemu: &TcpStream,
+        io_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let mut to_qemu = qemu.try_clone()?;
+        to_qemu.set_write_timeout(Some(io_timeout))?;
+        // The receive proxy may have nothing to say for long (no return
+        // path): only the migration's deadline bounds this wait.
+        reader.get_mut().get_mut().set_idle_timeout(None);
+        let (tx, outcome) = std::sync::mpsc::channel();
+        thread::Builder::new()
+            .name("return-path".into())
+            .spawn(move || {
+                let mut return_path_bytes = 0;
+                let result = loop {
+                    match reader.frame() {
+                        Ok(frame) if frame.kind == Kind::ReturnPath => {
+                            return_path_bytes += frame.payload.len() as u64;
+                            if let Err(e) = to_qemu.write_all(&frame.payload) {
+                                log::warn!(
+                                    "the source QEMU did not take its return-path bytes: {e}"
+                                );
+                            }
+                        }
+                        Ok(frame) if frame.kind == Kind::Done => {
+                            break frame.json::<wire::Done>().map(|done| Answered {
+                                done,
+                                read_bytes: reader.bytes,
+                                return_path_bytes,
+                            });
+                        }
+                        Ok(frame) => {
+                            break Err(frame.malformed(format!(
+                                "expected return-path bytes or Done, got {:?}",
+                                frame.kind
+                            )));
+                        }
+                        Err(err) => break Err(err),
+                    }
+                };
+                let _ = tx.send(result);
+            })?;
+        Ok(Self { outcome })
+    }
+
+    /// Done (with the bytes read from the receive proxy), waiting at most
+    /// `timeout`.
+    fn done(&self, timeout: Duration) -> Result<Answered, WireError> {
+        match self.outcome.recv_timeout(timeout) {
+            Ok(result) => result,
+            Err(_) => Err(WireError::Stalled {
+                protocol: <wire::QemuProxy as crate::transport::Protocol>::NAME,
+                stalled: "sent nothing",
+                offset: 0,
+            }),
+        }
+    }
+}
+
 /// Whether `stream` has data (or EOF) to read right now.
 fn readable(stream: &TcpStream) -> std::io::Result<bool> {
     let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
@@ -330,6 +445,9 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
     })();
     let offered = handshake.context("talking to the receive proxy")?;
     log::info!("the receive proxy offers {} templates", offered.len());
+    // From here on the receive proxy sends only the destination QEMU's
+    // return-path bytes (whenever it writes some), then Done.
+    let answers = ReturnPath::relay(reader, &qemu, options.timeouts.io_timeout())?;
     let mut sink = SendSink {
         wan: &mut writer,
         lookup: &offered,
@@ -338,6 +456,10 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
         started: false,
         digest: blake3::Hasher::new(),
         template_pages: 0,
+        stream_bytes: 0,
+        checkpointed: 0,
+        return_path: false,
+        ram_ended: false,
         qemu: &qemu,
         extra: &extra,
     };
@@ -371,7 +493,9 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
             let _ = writer.flush();
             if let Some(qemu_stream::StreamError::Sink(_)) = err.downcast_ref() {
                 // A WAN failure: the receiver may have said why.
-                if let Err(WireError::PeerAborted { reason: why, .. }) = reader.frame() {
+                if let Err(WireError::PeerAborted { reason: why, .. }) =
+                    answers.done(Duration::from_secs(2))
+                {
                     bail!("the receive proxy aborted: {why}");
                 }
             }
@@ -397,10 +521,13 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
         },
     )?;
     writer.flush().context("sending to the receive proxy")?;
-    let done: wire::Done = reader
-        .expect(Kind::Done)
-        .context("waiting for the receive proxy to deliver the stream")?
-        .json()?;
+    let Answered {
+        done,
+        read_bytes,
+        return_path_bytes,
+    } = answers
+        .done(options.timeouts.io_timeout())
+        .context("waiting for the receive proxy to deliver the stream")?;
     if done.stream_bytes != summary.stream_bytes {
         bail!(
             "the receive proxy delivered {} bytes of {}",
@@ -410,7 +537,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
     }
     Ok(ProxyReport {
         stream_bytes: summary.stream_bytes,
-        wire_bytes: writer.bytes + reader.bytes,
+        wire_bytes: writer.bytes + read_bytes,
         pages: summary.pages,
         template_pages,
         zero_pages: summary.zero_pages,
@@ -424,5 +551,6 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
         seconds: started.elapsed().as_secs_f64(),
         tls: protection.is_tls(),
         channel: protection.describe(),
+        return_path_bytes,
     })
 }

@@ -367,10 +367,12 @@ fn template_pages_travel_as_references_and_come_back_exact() {
     }
 }
 
-fn return_path_stream() -> Vec<u8> {
+/// A stream that asks for postcopy (POSTCOPY_ADVISE: two be64 page sizes).
+fn postcopy_stream() -> Vec<u8> {
     let built = build(&spec(10));
     let mut bytes = built.bytes[..26].to_vec();
-    bytes.extend_from_slice(&[section::COMMAND, 0, 1, 0, 0]);
+    bytes.extend_from_slice(&[section::COMMAND, 0, 3, 0, 16]);
+    bytes.extend_from_slice(&[0; 16]);
     bytes.extend_from_slice(&built.bytes[26..]);
     bytes
 }
@@ -381,15 +383,15 @@ fn a_refused_stream_never_reaches_the_destination() {
         TemplateStore::default(),
         true,
         Unsupported::Refuse,
-        feed(return_path_stream()),
+        feed(postcopy_stream()),
     );
     let sent = format!("{:#}", outcome.sent.unwrap_err());
     assert!(
-        sent.contains("return path") && sent.contains("nothing was sent"),
+        sent.contains("postcopy") && sent.contains("nothing was sent"),
         "{sent}"
     );
     let received = format!("{:#}", outcome.received.unwrap_err());
-    assert!(received.contains("return path"), "{received}");
+    assert!(received.contains("postcopy"), "{received}");
     assert!(received.contains("not contacted"), "{received}");
     assert!(
         outcome.destination.is_none(),
@@ -569,7 +571,7 @@ fn kinds_round_trip_and_leave_abort_to_the_transport() {
     let known: Vec<u8> = (0..=u8::MAX)
         .filter(|&v| Kind::try_from(v).is_ok_and(|k| u8::from(k) == v))
         .collect();
-    assert_eq!(known, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(known, vec![1, 2, 3, 4, 5, 6, 7, 8]);
     assert!(Kind::try_from(crate::transport::ABORT).is_err());
 }
 

@@ -62,6 +62,11 @@ pub mod ram {
 
 /// `enum qemu_vm_cmd` in `migration/savevm.c`.
 pub mod command {
+    /// `MIG_CMD_OPEN_RETURN_PATH`: the destination opens its end of the
+    /// return path on the same connection.
+    pub const OPEN_RETURN_PATH: u16 = 1;
+    /// `MIG_CMD_PING`: be32 value, answered by a PONG on the return path.
+    pub const PING: u16 = 2;
     /// `MIG_CMD_SWITCHOVER_START` (QEMU 10.0 and later, machine types 10.0
     /// and later): no data; sent once, just before the RAM section's `END`,
     /// when the source stops the guest for the switchover.

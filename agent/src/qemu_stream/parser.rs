@@ -32,6 +32,11 @@ pub trait Sink {
     fn idle(&mut self) -> Result<(), SinkError> {
         Ok(())
     }
+    /// The RAM section ended; the rest (device state, EOF, the VM
+    /// description) is passed on as bytes.
+    fn ram_end(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// A RAM page as it appears in the stream.
@@ -91,6 +96,11 @@ pub struct Preamble {
     pub sections: Vec<(u32, String)>,
     pub ram_section: Option<u32>,
     pub blocks: Vec<RamBlock>,
+    /// The source opened QEMU's return path (`OPEN_RETURN_PATH`, the
+    /// `return-path` capability): the destination answers on the same
+    /// connection (PONG, and SHUT when it has loaded the stream), and the
+    /// source waits for SHUT before it ends its stream.
+    pub return_path: bool,
     /// Set when the stream is passed through from the preamble on.
     pub pass_through: Option<PassThrough>,
 }
@@ -154,8 +164,8 @@ enum Flow {
     PassRest(String),
 }
 
-const ADVICE_RETURN_PATH: &str = "The proxies carry QEMU's stream one way only: switch the return-path capability off (migrate-set-capabilities).";
-const ADVICE_POSTCOPY: &str = "Postcopy needs page requests from the destination, which the proxies do not carry: switch postcopy-ram off.";
+const ADVICE_COMMAND: &str = "The proxies understand the commands QEMU 7.2 to 10.0 send for plain pre-copy with or without the return path; migrate without the feature that sends this one.";
+const ADVICE_POSTCOPY: &str = "Postcopy needs page requests from the destination and its own channel, which the proxies do not carry: switch postcopy-ram off (the return path alone is carried).";
 /// Also used by the proxy when a second connection arrives.
 pub const ADVICE_MULTIFD: &str = "multifd sends pages over extra connections the proxies do not carry: switch the multifd capability off.";
 const ADVICE_COLO: &str = "COLO is not supported through the proxies: switch x-colo off.";
@@ -254,6 +264,8 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
                     if kind == section::END {
                         self.summary.ram_complete = true;
                         self.place = Place::TopLevel;
+                        self.flush_out()?;
+                        self.sink.ram_end().map_err(StreamError::Sink)?;
                         return self.tail();
                     }
                 }
@@ -394,13 +406,21 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
             self.summary.switchover_start = true;
             return Ok(());
         }
+        // The return path (and its PING, be32 data) is carried: the
+        // proxies relay the destination's answers.
+        if (cmd == format::command::OPEN_RETURN_PATH && len == 0)
+            || (cmd == format::command::PING && len == 4)
+        {
+            self.summary.preamble.return_path |= cmd == format::command::OPEN_RETURN_PATH;
+            self.forward(usize::from(len), "a command's data")?;
+            return Ok(());
+        }
         // Keep reading commands (their data is framed) to name the most
         // telling feature: postcopy sends OPEN_RETURN_PATH, PING, then
         // POSTCOPY_ADVISE.
         let rank = |cmd: u16| match cmd {
             3..=7 | 9 | 10 => 3,
             8 => 2,
-            1 | 2 => 1,
             _ => 0,
         };
         if self.command.is_none_or(|(_, seen)| rank(cmd) > rank(seen)) {
@@ -421,10 +441,9 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
     fn refuse_command(&self) -> StreamError {
         let (offset, cmd) = self.command.expect("a command was read");
         let (feature, advice) = match cmd {
-            1 | 2 => ("the return path", ADVICE_RETURN_PATH),
             3..=7 | 9 | 10 => ("postcopy", ADVICE_POSTCOPY),
             8 => ("COLO", ADVICE_COLO),
-            _ => ("an unknown command", ADVICE_RETURN_PATH),
+            _ => ("an unknown command", ADVICE_COMMAND),
         };
         StreamError::Unsupported {
             offset,

@@ -249,11 +249,7 @@ fn with_config_then(extra: &[u8]) -> Vec<u8> {
 
 #[test]
 fn commands_are_refused_before_anything_is_sent() {
-    for (cmd, data, what) in [
-        (1u16, &[][..], "return path"),
-        (3, &[0u8; 16][..], "postcopy"),
-        (8, &[][..], "COLO"),
-    ] {
+    for (cmd, data, what) in [(3u16, &[0u8; 16][..], "postcopy"), (8, &[][..], "COLO")] {
         let mut command = vec![section::COMMAND];
         command.extend_from_slice(&cmd.to_be_bytes());
         command.extend_from_slice(&(data.len() as u16).to_be_bytes());
@@ -321,6 +317,34 @@ fn qemu_10s_switchover_start_keeps_ram_deduplicated_to_its_end() {
     let summary = result.unwrap();
     let pass = summary.pass_through.unwrap();
     assert!(pass.reason.contains("command 2 (PING"), "{}", pass.reason);
+}
+
+#[test]
+fn the_return_path_is_read_and_carried() {
+    // What QEMU sends with `return-path` on: OPEN_RETURN_PATH, PING 1.
+    let commands = [
+        section::COMMAND,
+        0,
+        1,
+        0,
+        0,
+        section::COMMAND,
+        0,
+        2,
+        0,
+        4,
+        0,
+        0,
+        0,
+        1,
+    ];
+    let bytes = with_config_then(&commands);
+    let (sink, result) = run(&bytes);
+    let summary = result.unwrap();
+    assert!(summary.preamble.return_path);
+    assert!(summary.ram_complete && summary.pass_through.is_none());
+    assert_eq!(sink.out, bytes);
+    assert!(!run(&with_config_then(&[])).1.unwrap().preamble.return_path);
 }
 
 #[test]

@@ -32,8 +32,9 @@ use crate::{
 
 pub const MAGIC: [u8; 8] = *b"PAGEFPQP";
 /// Version 2: the shared transport framing (an 8-byte header with flags,
-/// Abort as kind 0xFF, an 8-byte magic).
-pub const VERSION: u32 = 2;
+/// Abort as kind 0xFF, an 8-byte magic). Version 3: QEMU's return path
+/// (`ReturnPath`) and stream checkpoints (`Checkpoint`).
+pub const VERSION: u32 = 3;
 pub const MAX_PAYLOAD: usize = 8 << 20;
 /// Largest decoded chunk (its ops).
 pub const MAX_DECODED: usize = 4 << 20;
@@ -85,8 +86,19 @@ pub enum Kind {
     Chunk = 4,
     End = 5,
     Done = 6,
+    /// R→S: bytes the destination QEMU wrote on its return path (PONG,
+    /// SHUT...), for the source QEMU.
+    ReturnPath = 7,
+    /// S→R, JSON [`End`]: the stream so far, checked before the receive
+    /// proxy hands the destination QEMU what it held back (with the return
+    /// path, the source QEMU ends its stream only after the destination
+    /// loaded it).
+    Checkpoint = 8,
 }
 }
+
+/// Bytes of one ReturnPath frame at most.
+pub const RETURN_PATH_CHUNK: usize = 64 << 10;
 
 /// One Offer frame's payload: the ids, one after another.
 pub fn encode_offer(ids: &[TemplateId]) -> Vec<u8> {

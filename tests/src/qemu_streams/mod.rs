@@ -119,12 +119,18 @@ impl BiosGuest {
     }
 
     /// Starts a migration to `uri` and waits for its end; `query-migrate`'s
-    /// last answer (also when it failed).
+    /// last answer (also when it failed). With `pause-before-switchover`,
+    /// it continues the paused migration as libvirt does.
     pub fn migrate(&mut self, uri: &str, timeout: Duration) -> anyhow::Result<Value> {
         self.qmp.migrate(uri)?;
         let deadline = Instant::now() + timeout;
         loop {
             let info = self.qmp.execute("query-migrate", None)?;
+            if info["status"] == "pre-switchover" {
+                self.qmp
+                    .execute("migrate-continue", Some(json!({"state": "pre-switchover"})))?;
+                continue;
+            }
             if matches!(
                 info["status"].as_str(),
                 Some("completed" | "failed" | "cancelled")
