@@ -17,7 +17,7 @@ use crate::{
     guest_images::GuestImage,
     link_security::LinkSecurity,
     netns::ShapedLink,
-    qemu::{QemuBuild, QemuGuest},
+    qemu::{QemuBuild, QemuGuest, Qmp},
 };
 
 /// Where the receive proxy takes its templates from.
@@ -89,6 +89,49 @@ pub struct ProxyRun {
     pub tls_time_ratio: Option<f64>,
 }
 
+/// Migration capabilities switched on at each end.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Capabilities {
+    pub source: &'static [&'static str],
+    pub destination: &'static [&'static str],
+}
+
+impl Capabilities {
+    /// Every capability switched on, at either end (for reports).
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .source
+            .iter()
+            .chain(self.destination)
+            .map(|n| n.to_string())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Switches them on in `source` and `destination`.
+    pub fn apply(&self, source: &mut Qmp, destination: &mut Qmp) -> anyhow::Result<()> {
+        let on = |names: &[&'static str]| names.iter().map(|n| (*n, true)).collect::<Vec<_>>();
+        if !self.source.is_empty() {
+            source.migrate_set_capabilities(&on(self.source))?;
+        }
+        if !self.destination.is_empty() {
+            destination.migrate_set_capabilities(&on(self.destination))?;
+        }
+        Ok(())
+    }
+}
+
+/// What libvirt switches on for a live migration that is not tunnelled
+/// (`qemu_migration_params.c`): the return path at both ends,
+/// pause-before-switchover at the source (then `migrate-continue`),
+/// late-block-activate at the destination, events at both.
+pub const LIBVIRT: Capabilities = Capabilities {
+    source: &["return-path", "pause-before-switchover", "events"],
+    destination: &["return-path", "late-block-activate", "events"],
+};
+
 /// Where the two QEMUs and the proxies run: two namespaces of a shaped
 /// link, or loopback.
 pub struct Ends<'a> {
@@ -148,7 +191,7 @@ fn migrate_once(
     ends: &Ends,
     dir: &TempDir,
     run_seconds: u64,
-    build: QemuBuild,
+    (build, capabilities): (QemuBuild, &Capabilities),
     proxy: Option<(&Templates, &LinkSecurity)>,
 ) -> anyhow::Result<Migrated> {
     let tag = if proxy.is_some() { "proxied" } else { "direct" };
@@ -184,6 +227,7 @@ fn migrate_once(
         "migrate-set-parameters",
         Some(json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
     )?;
+    capabilities.apply(&mut source.qmp, &mut dest.qmp)?;
     let proxies = proxy
         .map(|(templates, security)| {
             Proxies::start(
@@ -257,10 +301,11 @@ pub fn compare(
     ends: &Ends,
     run_seconds: u64,
     plaintext_too: bool,
-    build: QemuBuild,
+    (build, capabilities): (QemuBuild, &Capabilities),
 ) -> anyhow::Result<ProxyRun> {
     let dir = TempDir::new("pagefp-qemu-proxy");
-    let direct = migrate_once(image, ends, &dir, run_seconds, build, None)?;
+    let qemu = (build, capabilities);
+    let direct = migrate_once(image, ends, &dir, run_seconds, qemu, None)?;
     if direct.status != "completed" {
         bail!("the direct QEMU migration ended {}", direct.status);
     }
@@ -270,7 +315,7 @@ pub fn compare(
         ends,
         &dir,
         run_seconds,
-        build,
+        qemu,
         Some((templates, &tls)),
     )?;
     let report = proxied.proxy.context("no proxy report")?;
@@ -280,7 +325,7 @@ pub fn compare(
             ends,
             &dir,
             run_seconds,
-            build,
+            qemu,
             Some((templates, &LinkSecurity::Plaintext)),
         )?;
         let plain_report = plain.proxy.context("no proxy report")?;
@@ -309,7 +354,7 @@ pub fn compare(
         qemu_version: build.version().into(),
         accel: "tcg".into(),
         channels: 1,
-        capabilities: Vec::new(),
+        capabilities: capabilities.names(),
         dedup_to_end: report.ram_complete && report.pass_through.is_none(),
         memory_identical: None,
         plaintext_proxied_seconds: plaintext.map(|p| p.0),

@@ -14,7 +14,7 @@ use pagefp_tests::{
     link_security::LinkSecurity,
     privileged,
     qemu::{QemuBuild, QemuGuest},
-    qemu_proxy_run::{Ends, Proxies, Templates, boot_shared_memory_guests},
+    qemu_proxy_run::{Capabilities, Ends, LIBVIRT, Proxies, Templates, boot_shared_memory_guests},
     qemu_streams::{BiosGuest, catalog_from_stream, differing_pages, page_writer_disk},
 };
 
@@ -156,22 +156,6 @@ fn migrate_and_compare(
     migrate_and_compare_with(dir, build, accel, disk, templates, &Capabilities::default())
 }
 
-/// Migration capabilities switched on at each end.
-#[derive(Default)]
-struct Capabilities {
-    source: &'static [&'static str],
-    destination: &'static [&'static str],
-}
-
-/// What libvirt switches on for a live migration that is not tunnelled
-/// (`qemu_migration_params.c`): the return path at both ends,
-/// pause-before-switchover at the source (then `migrate-continue`),
-/// late-block-activate at the destination, events at both.
-const LIBVIRT: Capabilities = Capabilities {
-    source: &["return-path", "pause-before-switchover", "events"],
-    destination: &["return-path", "late-block-activate", "events"],
-};
-
 /// [`migrate_and_compare`] with `capabilities`.
 fn migrate_and_compare_with(
     dir: &TempDir,
@@ -209,9 +193,7 @@ fn migrate_and_compare_with(
     .unwrap();
     let mut source =
         BiosGuest::start_on(build, accel, &dir.0, &format!("src-{tag}"), MEM_MIB, &boot).unwrap();
-    let on = |names: &[&'static str]| names.iter().map(|n| (*n, true)).collect::<Vec<_>>();
-    source.capabilities(&on(capabilities.source)).unwrap();
-    dest.capabilities(&on(capabilities.destination)).unwrap();
+    capabilities.apply(&mut source.qmp, &mut dest.qmp).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     if disk.is_some() {
         // Until the boot sector runs: its pages' counters move.

@@ -164,7 +164,9 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
         agent_process::{AgentOptions, AgentProcess, TempDir},
         netns::ShapedLink,
         qemu::QemuBuild,
-        qemu_proxy_run::{Ends, Templates, boot_shared_memory_guests, compare},
+        qemu_proxy_run::{
+            Capabilities, Ends, LIBVIRT, Templates, boot_shared_memory_guests, compare,
+        },
     };
     let images = pagefp_tests::guest_images::ensure_images()?;
     let migrate: Vec<&str> = if !args.vms.is_empty() {
@@ -193,13 +195,13 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
     let mut measure = |image: &pagefp_tests::guest_images::GuestImage,
                        templates: Templates,
                        plaintext_too: bool,
-                       build: QemuBuild| match compare(
+                       qemu: (QemuBuild, &Capabilities)| match compare(
         image,
         &templates,
         &ends,
         pagefp_tests::guest_images::RUN_SECONDS,
         plaintext_too,
-        build,
+        qemu,
     ) {
         Ok(run) => {
             print_proxy_run(&run);
@@ -224,15 +226,16 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
             image,
             Templates::Catalog(catalog.clone()),
             true,
-            QemuBuild::Debian7_2,
+            (QemuBuild::Debian7_2, &Capabilities::default()),
         );
-        // QEMU 10.0, as current distributions ship it.
+        // QEMU 10.0, as current distributions ship it, with the
+        // capabilities libvirt sets (the return path among them).
         if QemuBuild::Backports10_0.available() {
             measure(
                 image,
                 Templates::Catalog(catalog.clone()),
                 false,
-                QemuBuild::Backports10_0,
+                (QemuBuild::Backports10_0, &LIBVIRT),
             );
         }
     }
@@ -252,7 +255,7 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
             image,
             Templates::Agent(agent.socket.clone()),
             false,
-            QemuBuild::Debian7_2,
+            (QemuBuild::Debian7_2, &Capabilities::default()),
         );
     }
     let path = target_dir().join("pagefp-bench").join("qemu-proxy.json");

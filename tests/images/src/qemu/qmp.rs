@@ -312,12 +312,18 @@ impl Qmp {
 
     /// Polls `query-migrate` until the migration completes (its last answer),
     /// fails or is cancelled (an error with QEMU's reason), or `timeout` passes.
+    /// A migration paused before its switchover (`pause-before-switchover`)
+    /// is continued, as libvirt does.
     pub fn wait_migration(&mut self, timeout: Duration) -> anyhow::Result<MigrationInfo> {
         let deadline = Instant::now() + timeout;
         loop {
             let info = self.query_migrate()?;
             match info.status.as_str() {
                 "completed" => return Ok(info),
+                "pre-switchover" => {
+                    self.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))?;
+                    continue;
+                }
                 "failed" | "cancelled" => {
                     bail!(
                         "QEMU migration {}: {}",
