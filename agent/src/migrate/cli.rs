@@ -172,8 +172,7 @@ pub fn run_migrate(command: MigrateCommand, show_progress: bool) -> anyhow::Resu
                 keep_source: args.keep_source,
                 progress: show_progress,
                 zstd_level: args.zstd_level,
-                io_timeout: args.timeouts.io_timeout(),
-                deadline: args.timeouts.deadline(),
+                timeouts: args.timeouts,
                 security,
             };
             let report = sender::send(&options)?;

@@ -41,7 +41,7 @@ use crate::{
         wire::{parse_hash_list, state},
     },
     content::{TemplateId, zero_page_hash},
-    net::{self, ChannelReader, ChannelWriter, tls},
+    net::{self, ChannelReader, ChannelWriter, Timeouts, tls},
     page::{PAGE_SIZE, is_zero_page},
     transport::migration::{
         self as wire, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PagesBuilder,
@@ -72,10 +72,9 @@ pub struct SendOptions {
     pub keep_source: bool,
     pub progress: bool,
     pub zstd_level: i32,
-    /// Longest a write may block or an answer take (`--io-timeout-s`).
-    pub io_timeout: Duration,
-    /// The whole migration ends by then (`--deadline-s`).
-    pub deadline: Duration,
+    /// Longest a write may block or an answer take, and the whole
+    /// migration's deadline.
+    pub timeouts: Timeouts,
     /// How the connection to the destination is secured.
     pub security: tls::Client,
 }
@@ -183,8 +182,9 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
             report.tls = channel.protection.is_tls();
             report.channel = channel.protection.describe();
             log::info!("connected to {}: {}", options.to, report.channel);
-            let deadline = Some(started + options.deadline);
-            let (mut read_half, mut write_half) = channel.split(Some(options.io_timeout));
+            let deadline = Some(started + options.timeouts.deadline());
+            let (mut read_half, mut write_half) =
+                channel.split(Some(options.timeouts.io_timeout()));
             read_half.set_deadline(deadline);
             write_half.set_deadline(deadline);
             (read_half, write_half)

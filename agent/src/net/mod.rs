@@ -92,18 +92,23 @@ pub fn accept_within(
 /// Connects to `to` (HOST:PORT) and secures the connection; retries a
 /// refused connect for `retry_for` (a receiver that is still starting).
 pub fn connect(to: &str, client: &tls::Client, retry_for: Duration) -> anyhow::Result<Channel> {
+    client.secure(connect_tcp(to, retry_for)?, to)
+}
+
+/// A plain TCP connection to `to` (HOST:PORT), retried for `retry_for`
+/// while it is refused (a peer that is still starting).
+pub fn connect_tcp(to: &str, retry_for: Duration) -> anyhow::Result<TcpStream> {
     let give_up = Instant::now() + retry_for;
-    let tcp = loop {
+    loop {
         match connect_once(to) {
-            Ok(tcp) => break tcp,
+            Ok(tcp) => return Ok(tcp),
             Err(e) if Instant::now() < give_up => {
                 log::debug!("{to} not ready: {e:#}");
                 std::thread::sleep(Duration::from_millis(100));
             }
             Err(e) => return Err(e),
         }
-    };
-    client.secure(tcp, to)
+    }
 }
 
 fn connect_once(to: &str) -> anyhow::Result<TcpStream> {

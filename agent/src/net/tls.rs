@@ -300,17 +300,13 @@ impl Server {
                 let conn = rustls::ServerConnection::new(config.clone()).context("starting TLS")?;
                 let conn = handshake(&tcp, conn.into(), HANDSHAKE_TIMEOUT)
                     .context("TLS handshake failed")?;
-                let protection = protection_of(&conn);
-                if !allow.is_empty() {
-                    let Protection::Tls { peer_names, .. } = &protection else {
-                        unreachable!("a TLS session")
-                    };
-                    if !peer_names.iter().any(|n| allow.contains(n)) {
-                        bail!(
-                            "the client certificate names {peer_names:?}, none of them in --tls-allow-client {allow:?}"
-                        );
-                    }
+                let names = peer_names(&conn);
+                if !allow.is_empty() && !names.iter().any(|n| allow.contains(n)) {
+                    bail!(
+                        "the client certificate names {names:?}, none of them in --tls-allow-client {allow:?}"
+                    );
                 }
+                let protection = protection_of(&conn);
                 Ok(Channel::new(tcp, Some(conn), peer, protection)?)
             }
         }
@@ -365,12 +361,18 @@ fn protection_of(conn: &rustls::Connection) -> Protection {
     let cipher = conn
         .negotiated_cipher_suite()
         .map_or_else(|| "?".into(), |s| format!("{:?}", s.suite()));
-    let peer_names = conn
-        .peer_certificates()
+    Protection::Tls {
+        cipher,
+        peer_names: peer_names(conn),
+    }
+}
+
+/// The names in the peer's certificate (none if it sent none).
+fn peer_names(conn: &rustls::Connection) -> Vec<String> {
+    conn.peer_certificates()
         .and_then(|certs| certs.first())
         .map(|cert| certificate_names(cert))
-        .unwrap_or_default();
-    Protection::Tls { cipher, peer_names }
+        .unwrap_or_default()
 }
 
 /// The subject CN and the DNS subjectAltNames of a certificate.

@@ -10,12 +10,8 @@ pub mod receive;
 pub mod send;
 pub mod templates;
 
-use std::{
-    net::TcpStream,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use anyhow::bail;
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
@@ -180,20 +176,6 @@ pub fn load_templates(args: &ReceiveArgs) -> anyhow::Result<TemplateStore> {
         log::info!("{source}: {} templates ({added} new)", catalog.len());
     }
     Ok(set)
-}
-
-fn connect_retrying(addr: &str, what: &str) -> anyhow::Result<TcpStream> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match TcpStream::connect(addr) {
-            Ok(stream) => return Ok(stream),
-            Err(e) if Instant::now() < deadline => {
-                log::debug!("{what} at {addr} not ready: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => bail!("cannot reach {what} at {addr}: {e}"),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{ProxyReport, connect_retrying, templates::TemplatePages};
+use super::{ProxyReport, templates::TemplatePages};
 use crate::{
     net::{ChannelReader, ChannelWriter, SecureListener, Timeouts, tls},
     transport::{
@@ -29,6 +29,8 @@ use crate::{
 /// state, before the VM description), without which QEMU never starts the
 /// VM, so a stream that fails the check is never run.
 const HOLD_BACK: usize = 4 << 20;
+/// How long the destination QEMU may take to start listening.
+const QEMU_CONNECT_RETRY: Duration = Duration::from_secs(10);
 
 pub struct ReceiveOptions {
     pub listen: String,
@@ -75,10 +77,13 @@ impl Destination<'_> {
 
     fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         if self.conn.is_none() {
-            let stream = connect_retrying(
-                self.addr,
-                "the destination QEMU (started with -incoming tcp:...?)",
-            )?;
+            let stream =
+                crate::net::connect_tcp(self.addr, QEMU_CONNECT_RETRY).with_context(|| {
+                    format!(
+                        "cannot reach the destination QEMU at {} (started with -incoming tcp:...?)",
+                        self.addr
+                    )
+                })?;
             stream.set_nodelay(true)?;
             stream.set_write_timeout(Some(self.io_timeout))?;
             log::info!("feeding the destination QEMU at {}", self.addr);
@@ -110,12 +115,8 @@ impl Destination<'_> {
 
     /// Everything held back, then end of stream.
     fn finish(&mut self) -> anyhow::Result<()> {
-        while let Some(bytes) = self.held.pop_front() {
-            self.write(&bytes)?;
-        }
-        self.held_bytes = 0;
-        if let Some((stream, writer)) = self.conn.as_mut() {
-            writer.flush().context("writing to the destination QEMU")?;
+        self.release()?;
+        if let Some((stream, _)) = self.conn.as_mut() {
             let _ = stream.shutdown(Shutdown::Write);
         }
         Ok(())

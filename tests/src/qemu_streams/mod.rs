@@ -106,16 +106,7 @@ impl BiosGuest {
     }
 
     pub fn capabilities(&mut self, capabilities: &[(&str, bool)]) -> anyhow::Result<()> {
-        let list: Vec<Value> = capabilities
-            .iter()
-            .map(|(name, state)| json!({"capability": name, "state": state}))
-            .collect();
-        self.qmp
-            .execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": list })),
-            )
-            .map(drop)
+        self.qmp.migrate_set_capabilities(capabilities)
     }
 
     /// Starts a migration to `uri` and waits for its end; `query-migrate`'s
