@@ -94,10 +94,24 @@ pub struct ProxyRun {
 pub struct Capabilities {
     pub source: &'static [&'static str],
     pub destination: &'static [&'static str],
+    /// multifd at both ends: `multifd-channels` (0: no multifd) and
+    /// `multifd-compression` (None: QEMU's default, none).
+    pub multifd: u8,
+    pub multifd_compression: Option<&'static str>,
 }
 
 impl Capabilities {
-    /// Every capability switched on, at either end (for reports).
+    /// These, with multifd on over `channels` channels.
+    pub const fn with_multifd(self, channels: u8, compression: Option<&'static str>) -> Self {
+        Self {
+            multifd: channels,
+            multifd_compression: compression,
+            ..self
+        }
+    }
+
+    /// Every capability switched on, at either end, and the multifd
+    /// parameters (for reports).
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .source
@@ -105,12 +119,20 @@ impl Capabilities {
             .chain(self.destination)
             .map(|n| n.to_string())
             .collect();
+        if self.multifd > 0 {
+            names.push("multifd".into());
+            names.push(format!("multifd-channels={}", self.multifd));
+            if let Some(compression) = self.multifd_compression {
+                names.push(format!("multifd-compression={compression}"));
+            }
+        }
         names.sort();
         names.dedup();
         names
     }
 
-    /// Switches them on in `source` and `destination`.
+    /// Switches them on in `source` and `destination` (the destination
+    /// still waiting, started with `-incoming defer`).
     pub fn apply(&self, source: &mut Qmp, destination: &mut Qmp) -> anyhow::Result<()> {
         let on = |names: &[&'static str]| names.iter().map(|n| (*n, true)).collect::<Vec<_>>();
         if !self.source.is_empty() {
@@ -118,6 +140,16 @@ impl Capabilities {
         }
         if !self.destination.is_empty() {
             destination.migrate_set_capabilities(&on(self.destination))?;
+        }
+        if self.multifd > 0 {
+            let mut parameters = json!({"multifd-channels": self.multifd});
+            if let Some(compression) = self.multifd_compression {
+                parameters["multifd-compression"] = json!(compression);
+            }
+            for qmp in [source, destination] {
+                qmp.migrate_set_capabilities(&[("multifd", true)])?;
+                qmp.execute("migrate-set-parameters", Some(parameters.clone()))?;
+            }
         }
         Ok(())
     }
@@ -130,6 +162,8 @@ impl Capabilities {
 pub const LIBVIRT: Capabilities = Capabilities {
     source: &["return-path", "pause-before-switchover", "events"],
     destination: &["return-path", "late-block-activate", "events"],
+    multifd: 0,
+    multifd_compression: None,
 };
 
 /// Where the two QEMUs and the proxies run: two namespaces of a shaped

@@ -177,11 +177,7 @@ fn migrate_and_compare_with(
         })
         .unwrap_or_default();
     let mut incoming = boot.clone();
-    incoming.extend([
-        "-S".into(),
-        "-incoming".into(),
-        format!("tcp:127.0.0.1:{port}"),
-    ]);
+    incoming.extend(["-S".into(), "-incoming".into(), "defer".into()]);
     let mut dest = BiosGuest::start_on(
         build,
         accel,
@@ -194,6 +190,12 @@ fn migrate_and_compare_with(
     let mut source =
         BiosGuest::start_on(build, accel, &dir.0, &format!("src-{tag}"), MEM_MIB, &boot).unwrap();
     capabilities.apply(&mut source.qmp, &mut dest.qmp).unwrap();
+    dest.qmp
+        .execute(
+            "migrate-incoming",
+            Some(serde_json::json!({"uri": format!("tcp:127.0.0.1:{port}")})),
+        )
+        .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     if disk.is_some() {
         // Until the boot sector runs: its pages' counters move.
@@ -369,6 +371,19 @@ fn kvm_guests_that_keep_writing_arrive_identical_through_the_proxies() {
         let (_, direct, _) = migrate_and_compare(&dir, build, accel, Some(&disk), None);
         let (sent, proxied, memory) =
             migrate_and_compare(&dir, build, accel, Some(&disk), Some(&[]));
+        // And with 4 multifd channels through the proxies.
+        let multifd = Capabilities::default().with_multifd(4, None);
+        let (sent_multifd, proxied_multifd, _) =
+            migrate_and_compare_with(&dir, build, accel, Some(&disk), Some(&[]), &multifd);
+        let sent_multifd = sent_multifd.unwrap();
+        assert_eq!(
+            sent_multifd.channels, 5,
+            "QEMU {version} multifd: {sent_multifd:?}"
+        );
+        assert!(
+            sent_multifd.ram_complete && sent_multifd.pass_through.is_none(),
+            "{sent_multifd:?}"
+        );
         // The writer ran: the first byte of most of its 144 pages counts.
         let written = (16..160).filter(|p| memory[p * 4096] != 0).count();
         assert!(
@@ -377,10 +392,14 @@ fn kvm_guests_that_keep_writing_arrive_identical_through_the_proxies() {
         );
         let sent = sent.unwrap();
         println!(
-            "QEMU {version}: direct differs in {direct:?}, proxied in {proxied:?} (shadow window {shadow:?} left out); {sent:?}"
+            "QEMU {version}: direct differs in {direct:?}, proxied in {proxied:?}, with multifd in {proxied_multifd:?} (shadow window {shadow:?} left out); {sent:?}"
         );
         assert!(sent.ram_complete && sent.pass_through.is_none(), "{sent:?}");
-        for (how, pages) in [("direct", &direct), ("through the proxies", &proxied)] {
+        for (how, pages) in [
+            ("direct", &direct),
+            ("through the proxies", &proxied),
+            ("through the proxies with multifd", &proxied_multifd),
+        ] {
             let outside: Vec<_> = pages.iter().filter(|p| !shadow.contains(*p)).collect();
             assert!(
                 outside.is_empty(),
@@ -390,12 +409,79 @@ fn kvm_guests_that_keep_writing_arrive_identical_through_the_proxies() {
     }
 }
 
-/// multifd, the return path and postcopy cannot go through the proxies:
-/// each is refused before a byte reaches the destination, which is still
-/// waiting afterwards and takes a direct migration. Each attempt has its
-/// own source: after a refused multifd migration QEMU 7.2 sometimes never
-/// unregisters the attempt (its yank instance stays), and that source can
-/// not migrate again (see docs/qemu-proxy.md).
+/// Templates for BIOS guests of `build`: the pages of another such
+/// guest's stream (128 MiB, captured without multifd).
+fn bios_catalog(dir: &TempDir, build: QemuBuild) -> std::path::PathBuf {
+    let name = format!("other-{}", build.version());
+    let mut other = BiosGuest::start_on(build, "tcg", &dir.0, &name, 128, &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let (stream, _) = other.capture(&dir.0.join(format!("{name}.qemu"))).unwrap();
+    let path = dir.0.join(format!("{name}.pftc"));
+    catalog_from_stream(&stream).unwrap().save(&path).unwrap();
+    path
+}
+
+/// multifd (2 and 4 channels, uncompressed) on QEMU 7.2 and 10.0, TCG,
+/// alone and with libvirt's capability set: every channel goes through the
+/// proxies, its pages deduplicated, QEMU completes, the paused memories are
+/// identical. Then QEMU's own zstd compression of the channels: carried
+/// unchanged and reported, memories identical.
+#[test]
+fn multifd_migrations_are_deduplicated_on_every_channel_and_arrive_identical() {
+    let test = "multifd_migrations_are_deduplicated_on_every_channel_and_arrive_identical";
+    let dir = TempDir::new("pagefp-qemu-multifd");
+    for build in QemuBuild::ALL {
+        if !build_available(test, build) {
+            continue;
+        }
+        let version = build.version();
+        let templates = [Templates::Catalog(bios_catalog(&dir, build))];
+        for (channels, capabilities) in [
+            (2, Capabilities::default().with_multifd(2, None)),
+            (4, Capabilities::default().with_multifd(4, None)),
+            (4, LIBVIRT.with_multifd(4, None)),
+        ] {
+            let how = format!("QEMU {version}, {:?}", capabilities.names());
+            let (sent, differing, _) =
+                migrate_and_compare_with(&dir, build, "tcg", None, Some(&templates), &capabilities);
+            let sent = sent.unwrap();
+            println!("{how}: {sent:?}");
+            assert_eq!(sent.channels, 1 + channels, "{how}: {sent:?}");
+            assert!(
+                sent.ram_complete && sent.pass_through.is_none(),
+                "{how}: {sent:?}"
+            );
+            assert!(
+                sent.template_pages * 2 > sent.pages,
+                "{how}: {} of {} pages as templates",
+                sent.template_pages,
+                sent.pages
+            );
+            assert_eq!(sent.multifd_compression.as_deref(), Some("none"), "{how}");
+            assert!(differing.is_empty(), "{how}: pages {differing:?} differ");
+        }
+        let zstd = Capabilities::default().with_multifd(2, Some("zstd"));
+        let (sent, differing, _) =
+            migrate_and_compare_with(&dir, build, "tcg", None, Some(&templates), &zstd);
+        let sent = sent.unwrap();
+        println!("QEMU {version}, multifd zstd: {sent:?}");
+        assert_eq!(
+            sent.multifd_compression.as_deref(),
+            Some("zstd"),
+            "{sent:?}"
+        );
+        assert!(sent.compressed_pages > 20, "{sent:?}");
+        assert!(sent.ram_complete && sent.pass_through.is_none(), "{sent:?}");
+        assert!(
+            differing.is_empty(),
+            "QEMU {version} zstd: pages {differing:?} differ"
+        );
+    }
+}
+
+/// Postcopy cannot go through the proxies: it is refused before a byte
+/// reaches the destination, which is still waiting afterwards and takes a
+/// direct migration.
 #[test]
 fn features_the_proxies_cannot_carry_are_refused_and_the_destination_waits() {
     if !qemu_available("features_the_proxies_cannot_carry_are_refused_and_the_destination_waits") {
@@ -404,13 +490,10 @@ fn features_the_proxies_cannot_carry_are_refused_and_the_destination_waits() {
     let dir = TempDir::new("pagefp-qemu-proxy");
     let port = free_port();
     let mut dest = BiosGuest::incoming(&dir.0, "dst", 64, port).unwrap();
-    for (capability, expected) in [
-        ("multifd", "a multifd channel from"),
-        (
-            "postcopy-ram",
-            "refusing this migration (nothing was sent): postcopy (command 3",
-        ),
-    ] {
+    for (capability, expected) in [(
+        "postcopy-ram",
+        "refusing this migration (nothing was sent): postcopy (command 3",
+    )] {
         let mut source = BiosGuest::start(&dir.0, &format!("src-{capability}"), 64, &[]).unwrap();
         source.capabilities(&[(capability, true)]).unwrap();
         let proxies =

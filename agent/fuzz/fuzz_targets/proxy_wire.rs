@@ -1,7 +1,10 @@
-//! Fuzzes what the receive proxy reads from the send proxy: the preamble,
-//! frames, Hello, chunks (plain or zstd, RAW and TEMPLATE ops) and End.
-//! Whatever the input: no panic, a chunk never decodes past its limits, and
-//! a template op yields exactly the template's page.
+//! Fuzzes what each proxy reads from the other. The first byte picks the
+//! side: even, the receive proxy (preamble, Hello, chunks (plain or zstd,
+//! RAW and TEMPLATE ops, digest) and End); odd, the send proxy's
+//! return-path relay (ReturnPath frames, then Done). Whatever the input:
+//! no panic, a chunk never decodes past its limits and only when its digest
+//! matches, a template op yields exactly the template's page, and the relay
+//! hands QEMU exactly the ReturnPath payloads it read.
 //!
 //! `cargo +nightly fuzz run proxy_wire`
 
@@ -17,10 +20,23 @@ use transport::qemu_proxy::{self as wire, End, FrameReader, Hello, Kind, MAX_CHU
 static TEMPLATES: [[u8; page::PAGE_SIZE]; 2] = [[0xA5; page::PAGE_SIZE], [0x5A; page::PAGE_SIZE]];
 
 fuzz_target!(|data: &[u8]| {
+    let Some((&mode, data)) = data.split_first() else {
+        return;
+    };
+    if mode & 1 == 1 {
+        let mut to_qemu = Vec::new();
+        let result = wire::relay_return_path(&mut FrameReader::new(data), &mut to_qemu);
+        if let Ok((_, relayed)) = result {
+            assert_eq!(relayed, to_qemu.len() as u64);
+        }
+        assert!(to_qemu.len() <= data.len());
+        return;
+    }
     let mut reader = FrameReader::new(data);
     if reader.preamble().is_err() {
         return;
     }
+    let mut stream = 0u64;
     while let Ok(frame) = reader.frame() {
         match frame.kind {
             Kind::Hello => {
@@ -28,12 +44,13 @@ fuzz_target!(|data: &[u8]| {
             }
             Kind::Chunk => {
                 let mut used = 0u64;
-                if let Ok(bytes) = wire::decode_chunk(&frame, |index| {
+                if let Ok(bytes) = wire::decode_chunk(&frame, stream, |index| {
                     used += 1;
                     TEMPLATES.get(index as usize)
                 }) {
                     assert!(bytes.len() <= MAX_CHUNK_STREAM + page::PAGE_SIZE);
                     assert!(bytes.len() as u64 >= used * page::PAGE_SIZE as u64);
+                    stream += bytes.len() as u64;
                 }
             }
             Kind::Offer => {

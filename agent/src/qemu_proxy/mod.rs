@@ -6,6 +6,8 @@
 //! unchanged ([`wire`]); the receive proxy rebuilds QEMU's exact stream for
 //! the destination QEMU (`-incoming tcp:...`). See `docs/qemu-proxy.md`.
 
+mod channels;
+mod chunks;
 pub mod receive;
 pub mod send;
 pub mod templates;
@@ -110,6 +112,13 @@ pub struct ProxyReport {
     /// (send side; 0 without the `return-path` capability).
     #[serde(default)]
     pub return_path_bytes: u64,
+    /// QEMU connections relayed: 1, plus one per multifd channel.
+    #[serde(default)]
+    pub channels: u32,
+    /// `multifd-compression` when the channels' pages were compressed by
+    /// QEMU (carried unchanged, not deduplicated).
+    #[serde(default)]
+    pub multifd_compression: Option<String>,
 }
 
 pub fn run(command: ProxyCommand) -> anyhow::Result<()> {

@@ -2,12 +2,11 @@
 //! destination QEMU's `-incoming tcp:`.
 
 use std::{
-    collections::VecDeque,
     io::{BufReader, BufWriter, Read as _, Write as _},
     net::{Shutdown, TcpStream},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -15,7 +14,12 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{ProxyReport, templates::TemplatePages};
+use super::{
+    ProxyReport,
+    channels::{Failure, MainConnected, ReceiveChannels, ReceiveLink},
+    send::add_channels,
+    templates::TemplatePages,
+};
 use crate::{
     net::{ChannelReader, ChannelWriter, SecureListener, Timeouts, tls},
     transport::{
@@ -24,11 +28,6 @@ use crate::{
     },
 };
 
-/// Stream bytes kept from the destination QEMU until the sender's digest of
-/// the whole stream matched: they hold `QEMU_VM_EOF` (after the device
-/// state, before the VM description), without which QEMU never starts the
-/// VM, so a stream that fails the check is never run.
-const HOLD_BACK: usize = 4 << 20;
 /// How long the destination QEMU may take to start listening.
 const QEMU_CONNECT_RETRY: Duration = Duration::from_secs(10);
 
@@ -43,8 +42,8 @@ pub struct ReceiveOptions {
     pub security: tls::Server,
 }
 
-/// The destination QEMU, connected when the first stream bytes arrive (a
-/// refused migration never touches it).
+/// The destination QEMU's main connection, made when the first stream
+/// bytes arrive (a refused migration never touches it).
 struct Destination<'a> {
     addr: &'a str,
     /// Longest wait for QEMU to take more of the stream.
@@ -54,27 +53,12 @@ struct Destination<'a> {
     /// that carries them, stopped when this is dropped.
     wan: Wan,
     answers: Option<(thread::JoinHandle<()>, Arc<AtomicBool>)>,
-    held: VecDeque<Vec<u8>>,
-    held_bytes: usize,
+    /// Told once the connection exists: multifd channels connect after it.
+    connected: &'a MainConnected,
     written: u64,
 }
 
 impl Destination<'_> {
-    fn push(&mut self, bytes: Vec<u8>) -> anyhow::Result<()> {
-        self.held_bytes += bytes.len();
-        self.held.push_back(bytes);
-        while self
-            .held
-            .front()
-            .is_some_and(|f| self.held_bytes - f.len() >= HOLD_BACK)
-        {
-            let front = self.held.pop_front().unwrap();
-            self.held_bytes -= front.len();
-            self.write(&front)?;
-        }
-        Ok(())
-    }
-
     fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         if self.conn.is_none() {
             let stream =
@@ -94,35 +78,26 @@ impl Destination<'_> {
             ));
         }
         let (_, writer) = self.conn.as_mut().unwrap();
-        writer.write_all(bytes).context(
-            "writing to the destination QEMU (did it fail to load the stream? see its log)",
-        )?;
+        writer
+            .write_all(bytes)
+            .and_then(|()| writer.flush())
+            .context(
+                "writing to the destination QEMU (did it fail to load the stream? see its log)",
+            )?;
+        // Its first bytes are there: QEMU 8.0+ reads a new connection's
+        // first bytes before it accepts the next.
+        self.connected.set();
         self.written += bytes.len() as u64;
         Ok(())
     }
 
-    /// Everything held back, now (the stream so far was checked).
-    fn release(&mut self) -> anyhow::Result<()> {
-        while let Some(bytes) = self.held.pop_front() {
-            self.write(&bytes)?;
-        }
-        self.held_bytes = 0;
-        if let Some((_, writer)) = self.conn.as_mut() {
-            writer.flush().context("writing to the destination QEMU")?;
-        }
-        Ok(())
-    }
-
-    /// Everything held back, then end of stream.
-    fn finish(&mut self) -> anyhow::Result<()> {
-        self.release()?;
+    /// End of stream.
+    fn finish(&mut self) {
         if let Some((stream, _)) = self.conn.as_mut() {
             let _ = stream.shutdown(Shutdown::Write);
         }
-        Ok(())
     }
 }
-
 impl Drop for Destination<'_> {
     fn drop(&mut self) {
         if let Some((thread, stop)) = self.answers.take() {
@@ -179,7 +154,7 @@ fn relay_answers(
 /// Waits for one proxied migration and feeds it to the destination QEMU.
 pub fn receive(
     options: &ReceiveOptions,
-    templates: &dyn TemplatePages,
+    templates: &(dyn TemplatePages + Sync),
 ) -> anyhow::Result<ProxyReport> {
     let listener = SecureListener::bind(&options.listen, options.security.clone())?;
     log::info!(
@@ -192,10 +167,16 @@ pub fn receive(
         options.timeout,
         &options.timeouts,
         "the send proxy (pagefp qemu-proxy send)",
-        |reader: &mut FrameReader<_>| reader.expect(Kind::Hello)?.json::<wire::Hello>(),
+        |reader: &mut FrameReader<_>| {
+            let frame = reader.expect(Kind::Hello)?;
+            let hello: wire::Hello = frame.json()?;
+            if hello.multifd.is_some() {
+                return Err(frame.malformed("a multifd channel before its main stream"));
+            }
+            Ok(hello)
+        },
     )
     .context("waiting for the send proxy")?;
-    drop(listener);
     log::info!(
         "send proxy {} connected from {}: {}",
         opened.opening.sender,
@@ -205,21 +186,56 @@ pub fn receive(
     let started = Instant::now();
     let mut reader = opened.reader;
     let writer: Wan = Arc::new(Mutex::new(FrameWriter::new(BufWriter::new(opened.writer))));
+    let connected = MainConnected::default();
     let mut destination = Destination {
         addr: &options.qemu,
         io_timeout: options.timeouts.io_timeout(),
         wan: writer.clone(),
         answers: None,
         conn: None,
-        held: VecDeque::new(),
-        held_bytes: 0,
+        connected: &connected,
         written: 0,
     };
-    let result = relay(&mut reader, &writer, &mut destination, templates);
+    let hashes = offered(templates);
+    let link = ReceiveLink {
+        qemu: &options.qemu,
+        timeouts: options.timeouts,
+        templates,
+        offered: hashes.len() as u64,
+        session: session()?,
+        main: &connected,
+    };
+    let stop = AtomicBool::new(false);
+    let opened_channels = AtomicU32::new(0);
+    let failure = Failure::default();
     let lock = || writer.lock().unwrap_or_else(|p| p.into_inner());
+    let result = thread::scope(|scope| {
+        let channels =
+            ReceiveChannels::start(scope, listener, &link, &stop, &opened_channels, &failure)?;
+        let main = relay(
+            &mut reader,
+            &writer,
+            &mut destination,
+            &link,
+            hashes,
+            &channels,
+        );
+        // A main stream that failed takes its channels down with it.
+        if main.is_err() {
+            destination.finish();
+        }
+        let totals = channels.finish();
+        let mut report = main?;
+        failure
+            .check()
+            .map_err(|e| anyhow::anyhow!(e))
+            .context("a multifd channel failed")?;
+        add_channels(&mut report, &totals);
+        Ok::<_, anyhow::Error>(report)
+    });
     match result {
         Ok(mut report) => {
-            report.wire_bytes = reader.bytes + lock().bytes;
+            report.wire_bytes += reader.bytes + lock().bytes;
             report.tls = opened.protection.is_tls();
             report.channel = opened.protection.describe();
             report.seconds = started.elapsed().as_secs_f64();
@@ -241,23 +257,40 @@ pub fn receive(
     }
 }
 
-fn relay(
-    reader: &mut FrameReader<BufReader<ChannelReader>>,
-    wan: &Wan,
-    destination: &mut Destination,
-    templates: &dyn TemplatePages,
-) -> anyhow::Result<ProxyReport> {
-    let mut writer = wan.lock().unwrap_or_else(|p| p.into_inner());
-    writer.preamble()?;
-    let mut hashes = templates.hashes();
+/// The template ids offered: all of them, up to the protocol's limit.
+fn offered(templates: &dyn TemplatePages) -> &[crate::content::TemplateId] {
+    let hashes = templates.hashes();
     if hashes.len() > wire::MAX_OFFER {
         log::warn!(
             "offering {} of {} templates (the protocol's limit)",
             wire::MAX_OFFER,
             hashes.len()
         );
-        hashes = &hashes[..wire::MAX_OFFER];
+        return &hashes[..wire::MAX_OFFER];
     }
+    hashes
+}
+
+/// A fresh session name for this migration's multifd channels.
+fn session() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 16];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("no randomness from the system for the session"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn relay(
+    reader: &mut FrameReader<BufReader<ChannelReader>>,
+    wan: &Wan,
+    destination: &mut Destination,
+    link: &ReceiveLink,
+    hashes: &[crate::content::TemplateId],
+    channels: &ReceiveChannels,
+) -> anyhow::Result<ProxyReport> {
+    let mut writer = wan.lock().unwrap_or_else(|p| p.into_inner());
+    writer.preamble()?;
     for batch in hashes.chunks(wire::OFFER_PER_FRAME) {
         writer.frame(Kind::Offer, 0, &wire::encode_offer(batch))?;
     }
@@ -265,55 +298,42 @@ fn relay(
         Kind::OfferEnd,
         &wire::OfferEnd {
             templates: hashes.len() as u64,
+            session: link.session.clone(),
         },
     )?;
     writer.flush()?;
     // The destination QEMU's return path writes on the link from now on.
     drop(writer);
-    let mut digest = blake3::Hasher::new();
     let mut report = ProxyReport {
         templates_offered: hashes.len() as u64,
+        channels: 1,
         ..ProxyReport::default()
     };
     loop {
         let frame = reader.frame()?;
+        channels.failure().check().map_err(|e| anyhow::anyhow!(e))?;
         match frame.kind {
             Kind::Chunk => {
                 let mut templates_used = 0;
-                let bytes = wire::decode_chunk(&frame, |index| {
+                let bytes = wire::decode_chunk(&frame, report.stream_bytes, |index| {
                     templates_used += 1;
-                    templates.page(index)
+                    link.templates.page(index)
                 })?;
                 report.template_pages += templates_used;
-                digest.update(&bytes);
                 report.stream_bytes += bytes.len() as u64;
-                destination.push(bytes)?;
-            }
-            Kind::Checkpoint => {
-                let at: wire::End = frame.json()?;
-                let so_far = digest.clone().finalize().to_hex().to_string();
-                if at.stream_bytes != report.stream_bytes || at.blake3 != so_far {
-                    bail!(
-                        "the rebuilt QEMU stream differs from the source's at its checkpoint ({} of {} bytes, blake3 {so_far} vs {}); the rest was held back",
-                        report.stream_bytes,
-                        at.stream_bytes,
-                        at.blake3
-                    );
-                }
-                destination.release()?;
+                destination.write(&bytes)?;
             }
             Kind::End => {
                 let end: wire::End = frame.json()?;
-                let rebuilt = digest.finalize().to_hex().to_string();
-                if end.stream_bytes != report.stream_bytes || end.blake3 != rebuilt {
+                if end.stream_bytes != report.stream_bytes {
                     bail!(
-                        "the rebuilt QEMU stream differs from the source's ({} of {} bytes, blake3 {rebuilt} vs {}); its end was held back",
-                        report.stream_bytes,
+                        "the send proxy ended the stream at {} bytes, {} arrived",
                         end.stream_bytes,
-                        end.blake3
+                        report.stream_bytes
                     );
                 }
-                destination.finish()?;
+                channels.wait_opened(end.channels, link.timeouts.io_timeout())?;
+                destination.finish();
                 let mut writer = wan.lock().unwrap_or_else(|p| p.into_inner());
                 writer.json(
                     Kind::Done,

@@ -15,6 +15,8 @@ pub enum Place {
     /// Inside a section with this id and name (the name is `?` for a
     /// `PART`/`END` whose `START` the parser did not see).
     Section { id: u32, name: String },
+    /// A multifd channel (its id, once its hello was read).
+    Multifd { id: Option<u8> },
 }
 
 impl fmt::Display for Place {
@@ -24,6 +26,8 @@ impl fmt::Display for Place {
             Place::Configuration => write!(f, " in the configuration section"),
             Place::Command => write!(f, " in a command"),
             Place::Section { id, name } => write!(f, " in section {id} ({name:?})"),
+            Place::Multifd { id: None } => write!(f, " in a multifd channel"),
+            Place::Multifd { id: Some(id) } => write!(f, " in multifd channel {id}"),
         }
     }
 }

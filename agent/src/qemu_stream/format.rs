@@ -50,6 +50,9 @@ pub mod ram {
     pub const XBZRLE: u64 = 0x40;
     pub const HOOK: u64 = 0x80;
     pub const COMPRESS_PAGE: u64 = 0x100;
+    /// `RAM_SAVE_FLAG_MULTIFD_FLUSH` (QEMU 8.0+, multifd only): no data; the
+    /// destination waits for a SYNC packet on every multifd channel.
+    pub const MULTIFD_FLUSH: u64 = 0x200;
     /// The flag bits: `addr & ~TARGET_PAGE_MASK` in `ram_load_precopy`.
     pub const FLAGS_MASK: u64 = 0xfff;
     /// `ENCODING_FLAG_XBZRLE` (`migration/xbzrle.h`), the byte before an

@@ -55,6 +55,7 @@
 mod error;
 pub mod format;
 mod input;
+pub mod multifd;
 mod parser;
 /// Test-only: builds synthetic QEMU streams for the agent's unit tests (and,
 /// with the `test-support` feature, for other crates' tests); not in the
@@ -64,8 +65,7 @@ pub mod synth;
 
 pub use error::{Place, StreamError};
 pub use parser::{
-    ADVICE_MULTIFD, Options, Page, PassThrough, Preamble, RamBlock, Sink, SinkError, Summary,
-    Unsupported, parse,
+    Options, Page, PassThrough, Preamble, RamBlock, Sink, SinkError, Summary, Unsupported, parse,
 };
 
 #[cfg(test)]

@@ -120,6 +120,8 @@ pub struct Summary {
     /// The RAM section's `END` was read: everything after it (device
     /// state, `EOF`, the VM description) was passed through.
     pub ram_complete: bool,
+    /// `MULTIFD_FLUSH` records (QEMU 8.0+ with multifd).
+    pub multifd_flushes: u64,
     /// QEMU 10.0+'s `SWITCHOVER_START` command was read (between the last
     /// `PART` and the `END` of RAM).
     pub switchover_start: bool,
@@ -166,12 +168,11 @@ enum Flow {
 
 const ADVICE_COMMAND: &str = "The proxies understand the commands QEMU 7.2 to 10.0 send for plain pre-copy with or without the return path; migrate without the feature that sends this one.";
 const ADVICE_POSTCOPY: &str = "Postcopy needs page requests from the destination and its own channel, which the proxies do not carry: switch postcopy-ram off (the return path alone is carried).";
-/// Also used by the proxy when a second connection arrives.
-pub const ADVICE_MULTIFD: &str = "multifd sends pages over extra connections the proxies do not carry: switch the multifd capability off.";
+const ADVICE_MULTIFD: &str = "This connection is one of QEMU's multifd channels, not its main stream: read it with qemu_stream::multifd::parse_channel.";
 const ADVICE_COLO: &str = "COLO is not supported through the proxies: switch x-colo off.";
 const ADVICE_SECTION: &str = "Only RAM is understood among the iterative sections; the data of others (block migration, dirty bitmaps, VFIO) is not framed, so nothing after it could be deduplicated. Migrate disks with NBD/drive-mirror instead, switch the capability off, or pass --pass-through-unsupported to carry the stream without deduplication.";
 const ADVICE_CONFIGURATION: &str = "This proxy reads QEMU 7.2's configuration section; pass --pass-through-unsupported to carry the stream without deduplication.";
-const ADVICE_RAM: &str = "This RAM record is not understood (QEMU 7.2 writes MEM_SIZE, ZERO, PAGE, XBZRLE, COMPRESS_PAGE and EOS); pass --pass-through-unsupported to carry the stream without deduplication.";
+const ADVICE_RAM: &str = "This RAM record is not understood (QEMU 7.2 to 10.0 write MEM_SIZE, ZERO, PAGE, XBZRLE, COMPRESS_PAGE, MULTIFD_FLUSH and EOS); pass --pass-through-unsupported to carry the stream without deduplication.";
 
 struct Parser<'s, R, S: ?Sized> {
     input: Input<R>,
@@ -520,7 +521,7 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
             let flags = header & ram::FLAGS_MASK;
             let addr = header & !ram::FLAGS_MASK;
             let kind = flags & !ram::CONTINUE;
-            if setup && kind != ram::MEM_SIZE && kind != ram::EOS {
+            if setup && !matches!(kind, ram::MEM_SIZE | ram::EOS | ram::MULTIFD_FLUSH) {
                 // ram_save_setup writes the block list and EOS only; pages
                 // before the preamble is accepted would break the promise
                 // that nothing goes out before it.
@@ -538,6 +539,10 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
                     return Ok(Flow::Continue);
                 }
                 ram::MEM_SIZE => self.mem_size(addr)?,
+                ram::MULTIFD_FLUSH if addr == 0 => {
+                    self.summary.multifd_flushes += 1;
+                    Flow::Continue
+                }
                 ram::ZERO => match self.block(flags)? {
                     Flow::Continue => {
                         self.u8("the fill byte of a ZERO page")?;
@@ -847,7 +852,7 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
 
 /// The flags of a RAM record header, by name.
 fn flag_names(flags: u64) -> String {
-    const NAMES: [(u64, &str); 9] = [
+    const NAMES: [(u64, &str); 10] = [
         (ram::FULL, "FULL"),
         (ram::ZERO, "ZERO"),
         (ram::MEM_SIZE, "MEM_SIZE"),
@@ -857,6 +862,7 @@ fn flag_names(flags: u64) -> String {
         (ram::XBZRLE, "XBZRLE"),
         (ram::HOOK, "HOOK (RDMA)"),
         (ram::COMPRESS_PAGE, "COMPRESS_PAGE"),
+        (ram::MULTIFD_FLUSH, "MULTIFD_FLUSH"),
     ];
     let mut names: Vec<String> = NAMES
         .iter()

@@ -263,3 +263,100 @@ pub fn build(spec: &StreamSpec) -> Built {
     built.bytes = w.bytes;
     built
 }
+
+/// One packet of a synthetic multifd channel.
+#[derive(Clone, Debug, Default)]
+pub struct PacketSpec {
+    pub sync: bool,
+    pub block: String,
+    /// Uncompressed pages: offset in the block, content seed.
+    pub pages: Vec<(u64, u64)>,
+    /// Zero pages by offset (QEMU 9.0+).
+    pub zero: Vec<u64>,
+    /// A compressed packet: the method's flag bits and its opaque data
+    /// (`pages` then only counts: their content is not in the stream; a
+    /// packet without pages carries no data, as in QEMU).
+    pub compressed: Option<(u32, Vec<u8>)>,
+}
+
+/// A multifd channel as QEMU writes it: the hello for channel `id`, then
+/// each packet (header of [`super::multifd::PACKET_LEN`] bytes, then its
+/// page data), with every uncompressed page recorded.
+pub fn multifd_channel(id: u8, packets: &[PacketSpec]) -> (Vec<u8>, Vec<ExpectedPage>) {
+    use super::multifd::{FLAG_SYNC, PACKET_FIXED, PACKET_LEN, PACKET_PAGES, VERSION};
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(&format::MULTIFD_MAGIC.to_be_bytes());
+    bytes.extend_from_slice(&VERSION.to_be_bytes());
+    bytes.extend_from_slice(&[0u8; 16]);
+    bytes.push(id);
+    bytes.extend_from_slice(&[0u8; 39]);
+    let mut pages = Vec::new();
+    for (number, packet) in packets.iter().enumerate() {
+        let mut header = vec![0u8; PACKET_LEN];
+        let mut put32 = |at: usize, v: u32| header[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        let flags = u32::from(packet.sync) * FLAG_SYNC
+            | packet.compressed.as_ref().map_or(0, |(method, _)| *method);
+        let used = packet.pages.len() + packet.zero.len();
+        put32(0, format::MULTIFD_MAGIC);
+        put32(4, VERSION);
+        put32(8, flags);
+        put32(12, if used == 0 { 0 } else { PACKET_PAGES as u32 });
+        put32(16, packet.pages.len() as u32);
+        let data_len = match &packet.compressed {
+            Some(_) if packet.pages.is_empty() => 0,
+            Some((_, data)) => data.len(),
+            None => packet.pages.len() * PAGE_SIZE,
+        };
+        put32(20, data_len as u32);
+        put32(32, packet.zero.len() as u32);
+        header[24..32].copy_from_slice(&(number as u64).to_be_bytes());
+        let name = packet.block.as_bytes();
+        header[64..64 + name.len().min(255)].copy_from_slice(&name[..name.len().min(255)]);
+        let offsets = packet
+            .pages
+            .iter()
+            .map(|(offset, _)| *offset)
+            .chain(packet.zero.iter().copied());
+        for (i, offset) in offsets.enumerate() {
+            let at = PACKET_FIXED + 8 * i;
+            header[at..at + 8].copy_from_slice(&offset.to_be_bytes());
+        }
+        bytes.extend_from_slice(&header);
+        match &packet.compressed {
+            Some(_) if packet.pages.is_empty() => {}
+            Some((_, data)) => bytes.extend_from_slice(data),
+            None => {
+                for (offset, seed) in &packet.pages {
+                    let data = page_content(*seed);
+                    pages.push(ExpectedPage {
+                        block: packet.block.clone(),
+                        offset: *offset,
+                        stream_offset: bytes.len() as u64,
+                        data: data.clone(),
+                    });
+                    bytes.extend_from_slice(&data[..]);
+                }
+            }
+        }
+    }
+    (bytes, pages)
+}
+
+/// Checks (or with `PAGEFP_WRITE_FUZZ_SEEDS=1` writes) a fuzz target's
+/// committed seeds in `dir` against the ones built by a test.
+pub fn check_seeds(dir: &str, seeds: &[(&str, Vec<u8>)]) {
+    let write = std::env::var("PAGEFP_WRITE_FUZZ_SEEDS").is_ok_and(|v| v == "1");
+    for (name, seed) in seeds {
+        let path = format!("{dir}/{name}");
+        if write {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(&path, seed).unwrap();
+        } else {
+            let committed = std::fs::read(&path).unwrap_or_default();
+            assert!(
+                committed == *seed,
+                "{path} is out of date: run `PAGEFP_WRITE_FUZZ_SEEDS=1 cargo test -p agent fuzz_seeds`"
+            );
+        }
+    }
+}

@@ -2,9 +2,11 @@ use std::io::Read;
 
 use proptest::prelude::*;
 
+mod multifd;
+
 use super::{
     format::{PAGE_SIZE, ram, section},
-    synth::{Record, StreamSpec, build, page_content},
+    synth::{self, Record, StreamSpec, build, page_content},
     *,
 };
 
@@ -717,7 +719,6 @@ fn page_contents_are_distinct_and_zero_is_zero() {
 #[test]
 fn fuzz_seeds_are_current() {
     let dir = format!("{}/fuzz/seeds/qemu_stream", env!("CARGO_MANIFEST_DIR"));
-    let write = std::env::var("PAGEFP_WRITE_FUZZ_SEEDS").is_ok_and(|v| v == "1");
     let small = StreamSpec {
         blocks: vec![("pc.ram".into(), 16), ("pc.bios".into(), 4)],
         chunks: vec![
@@ -775,19 +776,13 @@ fn fuzz_seeds_are_current() {
             fixture("shared16.qemu.zst")[..12_000].to_vec(),
         ),
     ];
-    for (name, mode, bytes) in seeds {
-        let mut seed = vec![mode];
-        seed.extend_from_slice(&bytes);
-        let path = format!("{dir}/{name}");
-        if write {
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&path, seed).unwrap();
-        } else {
-            let committed = std::fs::read(&path).unwrap_or_default();
-            assert!(
-                committed == seed,
-                "{path} is out of date: run `PAGEFP_WRITE_FUZZ_SEEDS=1 cargo test -p agent fuzz_seeds_are_current`"
-            );
-        }
-    }
+    let seeds: Vec<_> = seeds
+        .into_iter()
+        .map(|(name, mode, bytes)| {
+            let mut seed = vec![mode];
+            seed.extend_from_slice(&bytes);
+            (name, seed)
+        })
+        .collect();
+    synth::check_seeds(&dir, &seeds);
 }

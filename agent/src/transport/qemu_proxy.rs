@@ -1,23 +1,33 @@
-//! The proxies' WAN protocol (version 2): its messages, on the framing of
+//! The proxies' WAN protocol (version 4): its messages, on the framing of
 //! [`crate::transport`]. Kept apart from [`super::migration`] so the page
 //! encoding can change without touching QEMU stream parsing.
+//!
+//! One WAN connection per QEMU connection: the main stream's, then one per
+//! multifd channel, each opened with its own Hello.
 //!
 //! ```text
 //! each side first: b"PAGEFPQP", u32 LE version
 //! frames: the transport's (payload <= 8 MiB, no flags defined)
-//! S→R Hello     JSON {sender, zstd}
+//! S→R Hello     JSON {sender, zstd, multifd}: multifd absent on the main
+//!               stream's connection, the session of OfferEnd on a
+//!               multifd channel's
 //! R→S Offer     n × 32-byte template ids (blake3 of the page; template
 //!               index = position across all Offer frames), at most
-//!               65,536 per frame
-//! R→S OfferEnd  JSON {templates}
+//!               65,536 per frame (main connection only)
+//! R→S OfferEnd  JSON {templates, session}: a multifd channel's
+//!               connection gets OfferEnd alone, with the main's count
 //! S→R Chunk     u8 encoding (0 plain, 1 zstd), u32 LE decoded length
-//!               (<= 4 MiB), body; decoded: ops
+//!               (<= 4 MiB), body, 32-byte digest; decoded: ops
 //!               0x01 RAW, u32 LE n, n stream bytes
 //!               0x02 TEMPLATE, u32 LE index: the 4096 stream bytes are
 //!                    that template's page
-//!               (at most 16 MiB of QEMU stream per chunk)
-//! S→R End       JSON {stream_bytes, blake3} of QEMU's whole stream
+//!               (at most 16 MiB of QEMU stream per chunk); digest:
+//!               blake3 of u64 LE stream offset of the chunk's first
+//!               byte, then the stream bytes it stands for
+//! S→R End       JSON {stream_bytes, channels}: the connection's whole
+//!               stream; on the main one, the multifd channels opened
 //! R→S Done      JSON {stream_bytes}: the destination QEMU has it all
+//! R→S ReturnPath  bytes the destination QEMU wrote back (main only)
 //! either Abort  the transport's (kind 0xFF, JSON {reason})
 //! ```
 
@@ -33,8 +43,9 @@ use crate::{
 pub const MAGIC: [u8; 8] = *b"PAGEFPQP";
 /// Version 2: the shared transport framing (an 8-byte header with flags,
 /// Abort as kind 0xFF, an 8-byte magic). Version 3: QEMU's return path
-/// (`ReturnPath`) and stream checkpoints (`Checkpoint`).
-pub const VERSION: u32 = 3;
+/// (`ReturnPath`) and stream checkpoints. Version 4: a digest in every
+/// chunk instead of checkpoints, and multifd channels.
+pub const VERSION: u32 = 4;
 pub const MAX_PAYLOAD: usize = 8 << 20;
 /// Largest decoded chunk (its ops).
 pub const MAX_DECODED: usize = 4 << 20;
@@ -89,16 +100,49 @@ pub enum Kind {
     /// R→S: bytes the destination QEMU wrote on its return path (PONG,
     /// SHUT...), for the source QEMU.
     ReturnPath = 7,
-    /// S→R, JSON [`End`]: the stream so far, checked before the receive
-    /// proxy hands the destination QEMU what it held back (with the return
-    /// path, the source QEMU ends its stream only after the destination
-    /// loaded it).
-    Checkpoint = 8,
 }
 }
 
 /// Bytes of one ReturnPath frame at most.
 pub const RETURN_PATH_CHUNK: usize = 64 << 10;
+
+/// The send proxy's side of the main connection after the offer: every
+/// ReturnPath frame's bytes go to `to_qemu` as they come, in order, until
+/// Done (returned, with the return-path bytes relayed). Anything else is
+/// malformed. A source QEMU that does not take its bytes is only logged:
+/// its own migration fails then, and Done still tells how the stream went.
+pub fn relay_return_path<R: io::Read, W: io::Write>(
+    reader: &mut FrameReader<R>,
+    to_qemu: &mut W,
+) -> Result<(Done, u64), WireError> {
+    let mut relayed = 0u64;
+    loop {
+        let frame = reader.frame()?;
+        match frame.kind {
+            Kind::ReturnPath => {
+                if frame.payload.len() > RETURN_PATH_CHUNK {
+                    return Err(frame.malformed(format!(
+                        "{} return-path bytes in one frame (at most {RETURN_PATH_CHUNK})",
+                        frame.payload.len()
+                    )));
+                }
+                relayed += frame.payload.len() as u64;
+                if let Err(e) = to_qemu
+                    .write_all(&frame.payload)
+                    .and_then(|()| to_qemu.flush())
+                {
+                    log::warn!("the source QEMU did not take its return-path bytes: {e}");
+                }
+            }
+            Kind::Done => return Ok((frame.json::<Done>()?, relayed)),
+            other => {
+                return Err(
+                    frame.malformed(format!("expected return-path bytes or Done, got {other:?}"))
+                );
+            }
+        }
+    }
+}
 
 /// One Offer frame's payload: the ids, one after another.
 pub fn encode_offer(ids: &[TemplateId]) -> Vec<u8> {
@@ -121,32 +165,69 @@ pub fn decode_offer(frame: &Frame) -> Result<Vec<TemplateId>, WireError> {
 pub struct Hello {
     pub sender: String,
     pub zstd: bool,
+    /// A multifd channel's connection: the session its main connection's
+    /// OfferEnd named.
+    #[serde(default)]
+    pub multifd: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
 pub struct OfferEnd {
     pub templates: u64,
+    /// What the migration's multifd channels present in their Hello.
+    #[serde(default)]
+    pub session: String,
 }
 
 #[derive(Serialize, Deserialize)]
 pub struct End {
     pub stream_bytes: u64,
-    pub blake3: String,
+    /// On the main stream: how many multifd channels the send proxy
+    /// opened (the receive proxy waits for them all).
+    #[serde(default)]
+    pub channels: u32,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Done {
     pub stream_bytes: u64,
 }
 
-/// Builds chunk ops: runs of raw stream bytes and template references.
-#[derive(Default)]
+/// Length of the digest that ends a chunk.
+pub const CHUNK_DIGEST_LEN: usize = 32;
+
+/// The digest a chunk carries: blake3 over the stream offset of its first
+/// byte (u64 LE) and the stream bytes it stands for. The receive proxy
+/// hands a chunk to QEMU only when its rebuilt bytes give the same.
+pub fn chunk_digest_start(start: u64) -> blake3::Hasher {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&start.to_le_bytes());
+    hasher
+}
+
+/// Builds chunk ops: runs of raw stream bytes and template references,
+/// and the chunk's digest.
 pub struct ChunkBuilder {
     ops: Vec<u8>,
     /// Where the open RAW op's length field is.
     raw_at: Option<usize>,
     /// QEMU stream bytes the ops stand for.
     pub stream_bytes: usize,
+    /// Stream offset of the chunk's first byte.
+    start: u64,
+    digest: blake3::Hasher,
+}
+
+impl Default for ChunkBuilder {
+    fn default() -> Self {
+        Self {
+            ops: Vec::new(),
+            raw_at: None,
+            stream_bytes: 0,
+            start: 0,
+            digest: chunk_digest_start(0),
+        }
+    }
 }
 
 impl ChunkBuilder {
@@ -154,6 +235,7 @@ impl ChunkBuilder {
         if bytes.is_empty() {
             return;
         }
+        self.digest.update(bytes);
         if self.raw_at.is_none() {
             self.ops.push(OP_RAW);
             self.raw_at = Some(self.ops.len());
@@ -163,7 +245,10 @@ impl ChunkBuilder {
         self.stream_bytes += bytes.len();
     }
 
-    pub fn template(&mut self, index: u32) {
+    /// `page` travels as template `index` (the receiver's page of that
+    /// index must be `page`: the digest says whether it was).
+    pub fn template(&mut self, index: u32, page: &[u8; crate::page::PAGE_SIZE]) {
+        self.digest.update(page);
         self.close_raw();
         self.ops.push(OP_TEMPLATE);
         self.ops.extend_from_slice(&index.to_le_bytes());
@@ -185,35 +270,54 @@ impl ChunkBuilder {
         self.ops.is_empty()
     }
 
-    /// The chunk frame's payload; the builder is empty afterwards.
+    /// The chunk frame's payload; the builder is empty afterwards, its
+    /// next chunk starting where this one ended.
     pub fn finish(&mut self, zstd: bool) -> io::Result<Vec<u8>> {
         self.close_raw();
         let ops = std::mem::take(&mut self.ops);
+        self.start += self.stream_bytes as u64;
         self.stream_bytes = 0;
-        let mut payload = Vec::with_capacity(ops.len() / 2 + 5);
-        if zstd {
-            let compressed = zstd::bulk::compress(&ops, 3)?;
-            if compressed.len() < ops.len() {
+        let digest = std::mem::replace(&mut self.digest, chunk_digest_start(self.start)).finalize();
+        let mut payload = Vec::with_capacity(ops.len() / 2 + 5 + CHUNK_DIGEST_LEN);
+        let compressed = if zstd {
+            Some(zstd::bulk::compress(&ops, 3)?).filter(|c| c.len() < ops.len())
+        } else {
+            None
+        };
+        match compressed {
+            Some(compressed) => {
                 payload.push(ENCODING_ZSTD);
                 payload.extend_from_slice(&(ops.len() as u32).to_le_bytes());
                 payload.extend_from_slice(&compressed);
-                return Ok(payload);
+            }
+            None => {
+                payload.push(ENCODING_PLAIN);
+                payload.extend_from_slice(&(ops.len() as u32).to_le_bytes());
+                payload.extend_from_slice(&ops);
             }
         }
-        payload.push(ENCODING_PLAIN);
-        payload.extend_from_slice(&(ops.len() as u32).to_le_bytes());
-        payload.extend_from_slice(&ops);
+        payload.extend_from_slice(digest.as_bytes());
         Ok(payload)
     }
 }
 
 /// Decodes a chunk frame into the QEMU stream bytes it stands for, with
-/// `page(index)` giving template pages.
+/// `page(index)` giving template pages, and checks them against the
+/// chunk's digest for a chunk starting at stream offset `start`.
 pub fn decode_chunk<'t>(
     frame: &Frame,
+    start: u64,
     mut page: impl FnMut(u32) -> Option<&'t [u8; crate::page::PAGE_SIZE]>,
 ) -> Result<Vec<u8>, WireError> {
-    let payload = &frame.payload;
+    let Some(split) = frame
+        .payload
+        .len()
+        .checked_sub(CHUNK_DIGEST_LEN)
+        .filter(|&n| n >= 5)
+    else {
+        return Err(frame.malformed("chunk shorter than its header and digest"));
+    };
+    let (payload, digest) = frame.payload.split_at(split);
     let decoded_len = transport::le_u32(payload, 1)
         .ok_or_else(|| frame.malformed("chunk shorter than its header"))?
         as usize;
@@ -266,6 +370,14 @@ pub fn decode_chunk<'t>(
                 "chunk stands for more than {MAX_CHUNK_STREAM} bytes"
             )));
         }
+    }
+    let mut rebuilt = chunk_digest_start(start);
+    rebuilt.update(&out);
+    if rebuilt.finalize().as_bytes() != digest {
+        return Err(frame.malformed(format!(
+            "the {} stream bytes rebuilt from offset {start} differ from the source's (chunk digest); none of them went to QEMU",
+            out.len()
+        )));
     }
     Ok(out)
 }

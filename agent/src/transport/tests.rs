@@ -406,13 +406,14 @@ fn zstd_bombs_are_refused_within_their_caps() {
     let mut payload = vec![qemu_proxy::ENCODING_ZSTD];
     payload.extend_from_slice(&(qemu_proxy::MAX_DECODED as u32).to_le_bytes());
     payload.extend_from_slice(&bomb);
+    payload.extend_from_slice(&[0; qemu_proxy::CHUNK_DIGEST_LEN]);
     let frame = qemu_proxy::Frame {
         kind: qemu_proxy::Kind::Chunk,
         flags: 0,
         payload,
         offset: 12,
     };
-    let err = qemu_proxy::decode_chunk(&frame, |_| None)
+    let err = qemu_proxy::decode_chunk(&frame, 0, |_| None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("does not decompress"), "{err}");

@@ -1,5 +1,6 @@
 //! A bounded libFuzzer run of each fuzz target in `agent/fuzz` (the QEMU
-//! stream parser, both wire protocols, the catalog reader), for the
+//! stream parser and its multifd channel parser, both wire protocols, the
+//! catalog reader), for the
 //! benchmark's `fuzz` section: executions, seconds and crashes per target.
 
 use std::{
@@ -14,6 +15,7 @@ use serde::Serialize;
 /// Every target, and the longest input each is fed.
 pub const TARGETS: &[(&str, usize)] = &[
     ("qemu_stream", 65_536),
+    ("qemu_multifd", 65_536),
     ("migration_wire", 16_384),
     ("proxy_wire", 16_384),
     ("catalog", 16_384),

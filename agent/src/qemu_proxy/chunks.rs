@@ -1,0 +1,106 @@
+//! The send side's page path, the same for QEMU's main stream and for each
+//! multifd channel: stream bytes and pages in, chunks out on one WAN
+//! connection. A page travels as a template reference when the blake3 of
+//! the bytes read from QEMU is one the receiver offered; every chunk ends
+//! with the digest the receiver checks before QEMU sees any of it.
+
+use std::{io::BufWriter, net::TcpStream, os::fd::AsFd as _};
+
+use anyhow::Context as _;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use super::templates::TemplateLookup;
+use crate::{
+    net::ChannelWriter,
+    qemu_stream::SinkError,
+    transport::qemu_proxy::{ChunkBuilder, FrameWriter, Kind},
+};
+
+/// Ops bytes per chunk before it is sent.
+const CHUNK_OPS: usize = 1 << 20;
+/// QEMU stream bytes per chunk before it is sent (template pages count 4 KiB).
+const CHUNK_STREAM: usize = 8 << 20;
+
+pub(super) type Wan = FrameWriter<BufWriter<ChannelWriter>>;
+
+pub(super) struct Chunks<'a> {
+    pub wan: &'a mut Wan,
+    lookup: &'a dyn TemplateLookup,
+    zstd: bool,
+    chunk: ChunkBuilder,
+    pub template_pages: u64,
+    /// QEMU stream bytes so far.
+    pub stream_bytes: u64,
+}
+
+impl<'a> Chunks<'a> {
+    pub fn new(wan: &'a mut Wan, lookup: &'a dyn TemplateLookup, zstd: bool) -> Self {
+        Self {
+            wan,
+            lookup,
+            zstd,
+            chunk: ChunkBuilder::default(),
+            template_pages: 0,
+            stream_bytes: 0,
+        }
+    }
+
+    pub fn raw(&mut self, bytes: &[u8]) {
+        self.stream_bytes += bytes.len() as u64;
+        self.chunk.raw(bytes);
+    }
+
+    pub fn page(&mut self, data: &[u8; crate::page::PAGE_SIZE]) {
+        self.stream_bytes += data.len() as u64;
+        let template = if self.lookup.is_empty() {
+            None
+        } else {
+            self.lookup.template(blake3::hash(data).as_bytes())
+        };
+        match template {
+            Some(index) => {
+                self.chunk.template(index, data);
+                self.template_pages += 1;
+            }
+            None => self.chunk.raw(data),
+        }
+    }
+
+    /// Sends what the chunk holds.
+    pub fn send(&mut self) -> Result<(), SinkError> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let payload = self.chunk.finish(self.zstd)?;
+        self.wan
+            .frame(Kind::Chunk, 0, &payload)
+            .context("sending to the receive proxy")?;
+        Ok(())
+    }
+
+    /// Sends the chunk once it is full.
+    pub fn send_if_full(&mut self) -> Result<(), SinkError> {
+        if self.chunk.ops_len() >= CHUNK_OPS || self.chunk.stream_bytes >= CHUNK_STREAM {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    /// Sends and flushes what the chunk holds when QEMU has nothing more
+    /// to read right now, so nothing waits for QEMU's next write (QEMU may
+    /// be waiting for the destination's answer to what it wrote).
+    pub fn send_when_idle(&mut self, qemu: &TcpStream) -> Result<(), SinkError> {
+        if !self.chunk.is_empty() && !readable(qemu)? {
+            self.send()?;
+            self.wan.flush().context("sending to the receive proxy")?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `stream` has data (or EOF) to read right now.
+fn readable(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    let n = poll(&mut fds, PollTimeout::ZERO).map_err(std::io::Error::from)?;
+    Ok(n > 0)
+}
