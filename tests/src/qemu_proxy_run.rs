@@ -243,11 +243,10 @@ fn migrate_once(
     } else {
         ends.dest_ip()
     };
+    // Deferred: multifd's capability and parameters are set first.
     let mut dest = QemuGuest::boot_on(
         build,
-        &image
-            .spec()
-            .incoming(&format!("tcp:{incoming_ip}:{qemu_port}")),
+        &image.spec().incoming("defer"),
         &dir.0,
         &format!("{tag}-dst-{}", image.name),
         ends.dest(),
@@ -262,6 +261,10 @@ fn migrate_once(
         Some(json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
     )?;
     capabilities.apply(&mut source.qmp, &mut dest.qmp)?;
+    dest.qmp.execute(
+        "migrate-incoming",
+        Some(json!({"uri": format!("tcp:{incoming_ip}:{qemu_port}")})),
+    )?;
     let proxies = proxy
         .map(|(templates, security)| {
             Proxies::start(
@@ -387,7 +390,7 @@ pub fn compare(
         tls: report.tls,
         qemu_version: build.version().into(),
         accel: "tcg".into(),
-        channels: 1,
+        channels: report.channels,
         capabilities: capabilities.names(),
         dedup_to_end: report.ram_complete && report.pass_through.is_none(),
         memory_identical: None,

@@ -1,6 +1,7 @@
 //! A streaming parser for QEMU's pre-copy migration stream, as QEMU 7.2
-//! (Debian 12) writes it to `migrate tcp:`: deep enough to find the 4 KiB
-//! payloads of RAM pages, byte-exact for everything else. Self-contained
+//! (Debian 12) to 10.0 (Debian 13) write it to `migrate tcp:`: deep enough
+//! to find the 4 KiB payloads of RAM pages, byte-exact for everything else.
+//! [`multifd`] reads the extra connections of the multifd capability. Self-contained
 //! (std, `thiserror`, `log`) so the fuzz target can build it alone.
 //!
 //! The format, from QEMU 7.2's `migration/savevm.c` (stream and sections),
@@ -42,8 +43,8 @@
 //! RAM section's PART/END chunks, each bounded by its EOS; after the RAM
 //! section's END, the device state, EOF and the VM description follow and
 //! pass through unread. What it does not understand is either refused while
-//! nothing has been sent ([`Unsupported::Refuse`], the default; commands —
-//! return path, postcopy, COLO — are always refused) or, and always once
+//! nothing has been sent ([`Unsupported::Refuse`], the default; the commands
+//! of postcopy and COLO are always refused, the return path's are read) or, and always once
 //! the preamble is over, passed through unchanged from there on.
 //!
 //! Guarantees (tested with property tests and fuzzed): every length is

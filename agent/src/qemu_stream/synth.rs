@@ -294,8 +294,8 @@ pub fn multifd_channel(id: u8, packets: &[PacketSpec]) -> (Vec<u8>, Vec<Expected
     for (number, packet) in packets.iter().enumerate() {
         let mut header = vec![0u8; PACKET_LEN];
         let mut put32 = |at: usize, v: u32| header[at..at + 4].copy_from_slice(&v.to_be_bytes());
-        let flags = u32::from(packet.sync) * FLAG_SYNC
-            | packet.compressed.as_ref().map_or(0, |(method, _)| *method);
+        let sync = if packet.sync { FLAG_SYNC } else { 0 };
+        let flags = sync | packet.compressed.as_ref().map_or(0, |(method, _)| *method);
         let used = packet.pages.len() + packet.zero.len();
         put32(0, format::MULTIFD_MAGIC);
         put32(4, VERSION);

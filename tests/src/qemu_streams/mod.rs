@@ -15,7 +15,7 @@ use agent::{
     qemu_stream::{self, Options, Page, Sink, SinkError},
 };
 use anyhow::{Context as _, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::qemu::{QemuBuild, Qmp};
 
@@ -115,11 +115,11 @@ impl BiosGuest {
     pub fn migrate(&mut self, uri: &str, timeout: Duration) -> anyhow::Result<Value> {
         self.qmp.migrate(uri)?;
         let deadline = Instant::now() + timeout;
+        let mut continued = false;
         loop {
             let info = self.qmp.execute("query-migrate", None)?;
             if info["status"] == "pre-switchover" {
-                self.qmp
-                    .execute("migrate-continue", Some(json!({"state": "pre-switchover"})))?;
+                self.qmp.continue_switchover(&mut continued)?;
                 continue;
             }
             if matches!(

@@ -176,7 +176,9 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
     } else {
         vec!["linux-httpd", "linux-compress", "linux-perl"]
     };
-    println!("== QEMU through the proxies vs direct: {migrate:?} at 100 Mbit/s");
+    println!(
+        "== QEMU through the proxies vs direct: {migrate:?} at 100 Mbit/s; QEMU 10.0 with libvirt's capabilities, with and without multifd, also at 1 Gbit/s"
+    );
     let dir = TempDir::new("pagefp-proxy-bench");
     let agent = AgentProcess::start(&AgentOptions::default())?;
     let catalogs = bench::migration::build_catalogs(
@@ -187,7 +189,7 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
     )?;
     drop(agent);
     let link = ShapedLink::new("qp", 30, 100)?;
-    let ends = Ends { link: Some(&link) };
+    let fast_link = ShapedLink::new("qpg", 31, 1000)?;
     let mut runs = Vec::new();
     let mut failures = Vec::new();
     // A failed run is recorded and the others still run; the benchmark
@@ -195,10 +197,11 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
     let mut measure = |image: &pagefp_tests::guest_images::GuestImage,
                        templates: Templates,
                        plaintext_too: bool,
-                       qemu: (QemuBuild, &Capabilities)| match compare(
+                       qemu: (QemuBuild, &Capabilities),
+                       link: &ShapedLink| match compare(
         image,
         &templates,
-        &ends,
+        &Ends { link: Some(link) },
         pagefp_tests::guest_images::RUN_SECONDS,
         plaintext_too,
         qemu,
@@ -227,19 +230,34 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
             Templates::Catalog(catalog.clone()),
             true,
             (QemuBuild::Debian7_2, &Capabilities::default()),
+            &link,
         );
         // QEMU 10.0, as current distributions ship it, with the
-        // capabilities libvirt sets (the return path among them). For
-        // linux-httpd only: linux-perl dirties about as fast as the
-        // 100 Mbit/s link carries, so QEMU's own direct migration (no
-        // auto-converge) never ends (seen: 900 s, ~2,900 pages/s).
+        // capabilities libvirt sets (the return path among them), without
+        // and with multifd (`virsh migrate --parallel
+        // --parallel-connections 4`, and with QEMU's zstd), at 100 Mbit/s
+        // and 1 Gbit/s. For linux-httpd only: linux-perl dirties about as
+        // fast as the 100 Mbit/s link carries, so QEMU's own direct
+        // migration (no auto-converge) never ends (seen: 900 s, ~2,900
+        // pages/s).
         if QemuBuild::Backports10_0.available() && image.name == "linux-httpd" {
-            measure(
-                image,
-                Templates::Catalog(catalog.clone()),
-                false,
-                (QemuBuild::Backports10_0, &LIBVIRT),
-            );
+            let multifd = LIBVIRT.with_multifd(4, None);
+            let multifd_zstd = LIBVIRT.with_multifd(4, Some("zstd"));
+            for (capabilities, link) in [
+                (&LIBVIRT, &link),
+                (&multifd, &link),
+                (&multifd_zstd, &link),
+                (&LIBVIRT, &fast_link),
+                (&multifd, &fast_link),
+            ] {
+                measure(
+                    image,
+                    Templates::Catalog(catalog.clone()),
+                    false,
+                    (QemuBuild::Backports10_0, capabilities),
+                    link,
+                );
+            }
         }
     }
     // The product path: the destination agent adopts two QEMU guests of the
@@ -248,6 +266,7 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
     {
         let agent = AgentProcess::start(&AgentOptions::default())?;
         let shm = TempDir::new_in(std::path::Path::new("/dev/shm"), "pagefp-proxy-bench");
+        let ends = Ends { link: Some(&link) };
         let _holders =
             boot_shared_memory_guests(&agent, &images, &["idle", "find"], &ends, &dir.0, &shm.0)?;
         let image = images
@@ -259,6 +278,7 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
             Templates::Agent(agent.socket.clone()),
             false,
             (QemuBuild::Debian7_2, &Capabilities::default()),
+            &link,
         );
     }
     let path = target_dir().join("pagefp-bench").join("qemu-proxy.json");
@@ -281,15 +301,18 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
 
 fn print_proxy_run(run: &pagefp_tests::qemu_proxy_run::ProxyRun) {
     println!(
-        "{:<16} {:<8} QEMU {:<4} direct {:>11} B {:>6.2} s | proxied {:>11} B {:>6.2} s | x{:.3} bytes | {} {}{}",
+        "{:<16} {:<8} QEMU {:<4} {:>4} Mbit/s {} ch | direct {:>11} B {:>6.2} s | proxied {:>11} B {:>6.2} s | x{:.3} bytes x{:.3} time | {} {}{}",
         run.vm,
         run.templates,
         run.qemu_version,
+        run.link_mbit,
+        run.channels,
         run.direct_wire_bytes,
         run.direct_seconds,
         run.proxied_wire_bytes,
         run.proxied_seconds,
         run.proxied_wire_bytes as f64 / run.direct_wire_bytes.max(1) as f64,
+        run.proxied_seconds / run.direct_seconds.max(1e-9),
         run.qemu_status,
         if run.guest_resumed {
             "resumed"

@@ -303,6 +303,18 @@ impl Qmp {
         .map(drop)
     }
 
+    /// Continues a migration paused before its switchover, once: QEMU may
+    /// still report `pre-switchover` just after `migrate-continue`, and a
+    /// second one would be refused.
+    pub fn continue_switchover(&mut self, continued: &mut bool) -> anyhow::Result<()> {
+        if !*continued {
+            self.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))?;
+            *continued = true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        Ok(())
+    }
+
     /// `query-migrate`.
     pub fn query_migrate(&mut self) -> anyhow::Result<MigrationInfo> {
         Ok(MigrationInfo::from_value(
@@ -316,12 +328,13 @@ impl Qmp {
     /// is continued, as libvirt does.
     pub fn wait_migration(&mut self, timeout: Duration) -> anyhow::Result<MigrationInfo> {
         let deadline = Instant::now() + timeout;
+        let mut continued = false;
         loop {
             let info = self.query_migrate()?;
             match info.status.as_str() {
                 "completed" => return Ok(info),
                 "pre-switchover" => {
-                    self.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))?;
+                    self.continue_switchover(&mut continued)?;
                     continue;
                 }
                 "failed" | "cancelled" => {
