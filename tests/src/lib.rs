@@ -13,6 +13,7 @@ pub use pagefp_testvmm as vmm;
 
 pub mod agent_process;
 pub mod fleet;
+pub mod libvirt;
 pub mod link_security;
 pub mod migration;
 pub mod netns;

@@ -426,8 +426,20 @@ impl Proxies {
         send_args: &[&str],
         security: &LinkSecurity,
     ) -> anyhow::Result<Self> {
+        Self::start_on(ends, free_port(), dest_port, templates, send_args, security)
+    }
+
+    /// [`Proxies::start`] with the send proxy on 127.0.0.1:`local_port`
+    /// (libvirt: the same port as the destination QEMU's, at each end).
+    pub fn start_on(
+        ends: &Ends,
+        local_port: u16,
+        dest_port: u16,
+        templates: &[Templates],
+        send_args: &[&str],
+        security: &LinkSecurity,
+    ) -> anyhow::Result<Self> {
         let wan = format!("{}:{}", ends.dest_ip(), free_port());
-        let local_port = free_port();
         let local = format!("127.0.0.1:{local_port}");
         let receive = wrapped(ends.dest(), agent_binary())
             .args([

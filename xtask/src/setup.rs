@@ -27,6 +27,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     "prometheus",
     "iproute2",
+    // The libvirt tests run their own daemons (`tests/src/libvirt.rs`).
+    "libvirt-daemon-system",
+    "libvirt-clients",
 ];
 
 const TRACEFS: Mount = Mount {
@@ -174,7 +177,10 @@ fn apt_packages(_: &Workspace) -> Result<Done> {
     exec::run(apt().arg("update")).with_context(fix)?;
     exec::run(
         apt()
+            // libvirt's packages ship conffiles: take the packaged ones
+            // instead of prompting.
             .args(["install", "-y", "--no-install-recommends"])
+            .args(["-o", "Dpkg::Options::=--force-confnew"])
             .args(&missing),
     )
     .with_context(fix)?;

@@ -204,8 +204,39 @@ pub fn page_writer_disk(path: &Path) -> anyhow::Result<()> {
         0x72, 0xEF,                   //        jb page
         0xEB, 0xEA,                   //        jmp round
     ];
+    boot_sector(path, &code)
+}
+
+/// A boot disk whose code fills the 144 pages from 64 KiB to 640 KiB once
+/// (each 16-bit word holds its page's segment) and then halts with
+/// interrupts off: a guest whose memory no longer changes, so the source's
+/// memory before a migration is what the destination must hold after it.
+pub fn page_filler_disk(path: &Path) -> anyhow::Result<()> {
+    #[rustfmt::skip]
+    let code: [u8; 36] = [
+        0xFA,                         // cli
+        0x31, 0xC0,                   // xor ax, ax
+        0x8E, 0xD0,                   // mov ss, ax
+        0xBC, 0x00, 0x7C,             // mov sp, 0x7c00
+        0xFC,                         // cld
+        0xBB, 0x00, 0x10,             // mov bx, 0x1000
+        0x8E, 0xC3,                   // page: mov es, bx
+        0x31, 0xFF,                   //       xor di, di
+        0x89, 0xD8,                   //       mov ax, bx
+        0xB9, 0x00, 0x08,             //       mov cx, 2048 (words)
+        0xF3, 0xAB,                   //       rep stosw
+        0x81, 0xC3, 0x00, 0x01,       //       add bx, 0x100 (4 KiB on)
+        0x81, 0xFB, 0x00, 0xA0,       //       cmp bx, 0xa000
+        0x72, 0xEB,                   //       jb page
+        0xF4,                         // halt: hlt
+        0xEB, 0xFD,                   //       jmp halt
+    ];
+    boot_sector(path, &code)
+}
+
+fn boot_sector(path: &Path, code: &[u8]) -> anyhow::Result<()> {
     let mut sector = [0u8; 512];
-    sector[..code.len()].copy_from_slice(&code);
+    sector[..code.len()].copy_from_slice(code);
     sector[510] = 0x55;
     sector[511] = 0xAA;
     std::fs::write(path, sector)
