@@ -155,13 +155,14 @@ impl Host {
             }
         }
         for pid_file in ["libvirtd.pid", "virtlogd.pid"] {
-            if let Ok(pid) = std::fs::read_to_string(self.root.join("run").join(pid_file)) {
-                if let Ok(pid) = pid.trim().parse::<i32>() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGTERM,
-                    );
-                }
+            let pid = std::fs::read_to_string(self.root.join("run").join(pid_file))
+                .ok()
+                .and_then(|pid| pid.trim().parse::<i32>().ok());
+            if let Some(pid) = pid {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
             }
         }
     }
