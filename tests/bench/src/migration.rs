@@ -25,7 +25,7 @@ use pagefp_tests::{
     link_security::LinkSecurity,
     migration::{self, ReceiveSpec, SendSpec},
     netns::ShapedLink,
-    qemu::QemuGuest,
+    qemu::{QemuBuild, QemuGuest},
     vmm_client::{VmmArgs, VmmProcess, testvmm_binary},
 };
 use serde::Serialize;
@@ -56,6 +56,8 @@ pub struct Run {
     /// The link was TLS 1.3 with both ends authenticated (pagefp's default;
     /// `MODE@plaintext` runs and QEMU's own migration are plain TCP).
     pub tls: bool,
+    /// `mode qemu`: the QEMU that ran ("10.0", or "7.2" without it).
+    pub qemu_version: Option<String>,
     pub error: Option<String>,
     /// What the run showed besides its figures.
     pub note: Option<String>,
@@ -211,6 +213,7 @@ fn failed_run(image: &GuestImage, mode: &str, mbit: u32, err: &anyhow::Error) ->
         final_pages: 0,
         downtime_parts_ms: Vec::new(),
         tls: false,
+        qemu_version: None,
         error: Some(format!("{err:#}")),
         note: None,
     }
@@ -344,6 +347,7 @@ fn pagefp_run(
         final_pages: report.final_pages,
         downtime_parts_ms: report.downtime_parts_ms.clone(),
         tls: report.tls && received.report().tls,
+        qemu_version: None,
         error: None,
         note: None,
     })
@@ -356,13 +360,29 @@ fn last_line(text: &str) -> &str {
         .unwrap_or("")
 }
 
+/// The QEMU of the reference runs: 10.0 (what current distributions ship)
+/// when `cargo xtask setup` installed it, else the system's 7.2.
+fn reference_qemu() -> QemuBuild {
+    if QemuBuild::Backports10_0.available() {
+        QemuBuild::Backports10_0
+    } else {
+        QemuBuild::Debian7_2
+    }
+}
+
 /// The same guest (kernel, initramfs, workload) booted in QEMU TCG at both
-/// ends of the link and migrated by QEMU itself: the external reference.
-/// QEMU's own figures (`query-migrate`); the destination starts paused (-S)
-/// so both memories can be dumped and compared before it runs on.
+/// ends of the link and migrated by QEMU itself: the external reference,
+/// with the return path on as libvirt runs it (the source then completes
+/// only once the destination loaded everything: QEMU 7.2 without it called
+/// migrations completed whose destination was still loading, and its
+/// paused memories sometimes differed, "NOT VERIFIED"). QEMU's own figures
+/// (`query-migrate`); the destination starts paused (-S) so both memories
+/// can be dumped and compared before it runs on.
 fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Result<Run> {
     let port = 7100 + (link.mbit % 1000) as u16;
-    let source = QemuGuest::boot(
+    let build = reference_qemu();
+    let source = QemuGuest::boot_on(
+        build,
         &image.spec(),
         &dir.0,
         &format!("qemu-src-{}", image.name),
@@ -374,7 +394,8 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
         "-incoming".into(),
         format!("tcp:{}:{port}", link.dest_ip),
     ];
-    let mut dest = QemuGuest::boot(
+    let mut dest = QemuGuest::boot_on(
+        build,
         &dest_spec,
         &dir.0,
         &format!("qemu-dst-{}", image.name),
@@ -391,6 +412,9 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
         "migrate-set-parameters",
         Some(json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
     )?;
+    for qmp in [&mut source.qmp, &mut dest.qmp] {
+        qmp.migrate_set_capabilities(&[("return-path", true)])?;
+    }
     source
         .qmp
         .migrate(&format!("tcp:{}:{port}", link.dest_ip))?;
@@ -449,6 +473,7 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
     Ok(Run {
         vm: image.name.clone(),
         mode: "qemu".into(),
+        qemu_version: Some(build.version().into()),
         link_mbit: link.mbit,
         wire_bytes: number(&ram["transferred"]),
         total_seconds: number(&info["total-time"]) as f64 / 1000.0,
