@@ -1,0 +1,80 @@
+//! QEMU's multifd channels through the proxies (the `multifd` capability:
+//! `multifd-channels` connections besides the main stream, carrying the
+//! RAM pages). Each channel gets a WAN connection of its own, so channels
+//! flow and stall independently, as they do between two QEMUs:
+//!
+//! - the send proxy takes every further connection to its address, tells a
+//!   multifd channel by its first four bytes, parses it
+//!   ([`crate::qemu_stream::multifd`]) and sends it deduplicated against
+//!   the main connection's offer;
+//! - the receive proxy accepts those connections (authenticated like the
+//!   main one, and presenting the main connection's session), rebuilds
+//!   each channel and connects it to the destination QEMU once the main
+//!   stream's connection is there (QEMU 7.2 takes its first connection as
+//!   the main stream).
+//!
+//! Every chunk is checked against its digest before QEMU gets it, on every
+//! channel, so the destination never loads a page the source did not send.
+//! A channel that fails fails the migration.
+
+use std::sync::Mutex;
+
+use crate::qemu_stream::{
+    SinkError,
+    multifd::{self, ChannelSummary},
+};
+
+mod receive;
+mod send;
+
+pub use receive::{MainConnected, ReceiveChannels, ReceiveLink};
+pub use send::{ChannelCounts, SendChannels, SendLink};
+
+/// What the multifd channels of one migration carried, summed.
+#[derive(Clone, Debug, Default)]
+pub struct ChannelTotals {
+    pub channels: u32,
+    pub stream_bytes: u64,
+    pub wire_bytes: u64,
+    pub pages: u64,
+    pub template_pages: u64,
+    pub zero_pages: u64,
+    pub compressed_pages: u64,
+    pub compression: Option<multifd::Compression>,
+    pub pass_through: Option<String>,
+}
+
+impl ChannelTotals {
+    fn add_summary(&mut self, summary: &ChannelSummary) {
+        self.pages += summary.pages;
+        self.zero_pages += summary.zero_pages;
+        self.compressed_pages += summary.compressed_pages;
+        self.compression = self.compression.or(summary.compression);
+        if let Some(pass) = &summary.pass_through {
+            self.pass_through.get_or_insert_with(|| {
+                format!(
+                    "multifd channel {} from byte {}: {}",
+                    summary.id, pass.offset, pass.reason
+                )
+            });
+        }
+    }
+}
+
+/// The first failure of any channel, for the main stream to stop on.
+#[derive(Default)]
+pub struct Failure(Mutex<Option<String>>);
+
+impl Failure {
+    fn set(&self, why: String) {
+        self.0.lock().unwrap().get_or_insert(why);
+    }
+
+    pub fn check(&self) -> Result<(), SinkError> {
+        match &*self.0.lock().unwrap() {
+            None => Ok(()),
+            Some(why) => Err(why.clone().into()),
+        }
+    }
+}
+
