@@ -77,6 +77,10 @@ pub struct ProxyRun {
     pub accel: String,
     pub channels: u32,
     pub capabilities: Vec<String>,
+    /// QEMU's own multifd compression, when on: those pages travel as
+    /// QEMU compressed them (`compressed_pages`), not deduplicated.
+    pub multifd_compression: Option<String>,
+    pub compressed_pages: u64,
     /// The send proxy parsed RAM to its end (nothing passed through).
     pub dedup_to_end: bool,
     /// Paused dumps compared (None: not compared; these guests keep running
@@ -392,6 +396,8 @@ pub fn compare(
         accel: "tcg".into(),
         channels: report.channels,
         capabilities: capabilities.names(),
+        multifd_compression: report.multifd_compression.clone(),
+        compressed_pages: report.compressed_pages,
         dedup_to_end: report.ram_complete && report.pass_through.is_none(),
         memory_identical: None,
         plaintext_proxied_seconds: plaintext.map(|p| p.0),
