@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{agent_process::TempDir, netns::ShapedLink};
+use crate::{agent_process::TempDir, netns::ShapedLink, qemu::QemuBuild};
 
 /// One libvirt daemon acting as one host.
 pub struct Host {
@@ -206,17 +206,42 @@ pub fn available() -> bool {
     which::which("libvirtd").is_ok() && which::which("virsh").is_ok()
 }
 
-/// A transient domain of `mem_mib` MiB booting `disk` (raw, IDE) on the
-/// system's QEMU, TCG.
-pub fn domain_xml(name: &str, mem_mib: u32, disk: &Path) -> String {
+/// The emulator libvirt runs for `build`: the system's QEMU, or for an
+/// unpacked build a wrapper script written in `dir` that runs it with its
+/// firmware and, in a mount namespace of its own, its module folder over
+/// the system's (QEMU also looks for modules there, where 7.2's are; libvirt
+/// lists every QOM type, which loads every module).
+pub fn emulator(build: QemuBuild, dir: &Path) -> anyhow::Result<PathBuf> {
+    let Some(root) = build.root() else {
+        return which::which(build.program()).context("finding the system's QEMU");
+    };
+    let r = root.display();
+    let script = dir.join(format!("qemu-{}.sh", build.version()));
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec unshare --mount --propagation private sh -c 'mount --bind {r}/usr/lib/x86_64-linux-gnu/qemu /usr/lib/x86_64-linux-gnu/qemu && exec {} -L {r}/usr/share/qemu -L /usr/share/seabios \"$@\"' qemu \"$@\"\n",
+            build.program().display()
+        ),
+    )?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    Ok(script)
+}
+
+/// A transient domain of `mem_mib` MiB booting `disk` (raw, IDE) on
+/// `emulator`, TCG. ACPI is named: without it libvirt 9.0 passes
+/// `-no-acpi`, which QEMU 9.0 and later no longer take.
+pub fn domain_xml(name: &str, mem_mib: u32, disk: &Path, emulator: &Path) -> String {
     format!(
         "<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>{mem_mib}</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <features><acpi/></features>
   <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <emulator>{}</emulator>
     <disk type='file' device='disk'>
       <driver name='qemu' type='raw'/>
       <source file='{}'/>
@@ -226,6 +251,7 @@ pub fn domain_xml(name: &str, mem_mib: u32, disk: &Path) -> String {
   </devices>
 </domain>
 ",
+        emulator.display(),
         disk.display()
     )
 }

@@ -1,6 +1,6 @@
 //! `virsh migrate --live` through the QEMU proxies, for real: two libvirt
 //! daemons acting as two hosts (see `pagefp_tests::libvirt`), a domain on
-//! the system's QEMU 7.2 (what Debian 12's libvirt 9.0 runs) booting a
+//! QEMU 7.2 (what Debian 12's libvirt 9.0 runs) and on QEMU 10.0 booting a
 //! disk that fills pages and halts, migrated with libvirt's own capability
 //! set (the return path at both ends, pause-before-switchover, ...), plain
 //! and with `--parallel` (multifd, 4 channels), the destination left
@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use pagefp_tests::{
     agent_process::free_port,
-    libvirt::{self, Hosts, domain_xml},
+    libvirt::{self, Hosts, domain_xml, emulator},
     link_security::LinkSecurity,
     privileged,
+    qemu::QemuBuild,
     qemu_proxy_run::{Ends, Proxies, Templates},
     qemu_streams::{BiosGuest, catalog_from_stream, differing_pages, page_filler_disk},
 };
@@ -49,16 +50,24 @@ fn virsh_migrate_live_goes_through_the_proxies_and_the_guest_arrives_identical()
         catalog_from_stream(&stream).unwrap().save(&path).unwrap();
         path
     };
-    let xml = dir.join("domain.xml");
-    std::fs::write(&xml, domain_xml(DOMAIN, MEM_MIB, &disk)).unwrap();
     let ends = Ends {
         link: Some(&hosts.link),
     };
-    for parallel in [None, Some(4u32)] {
+    let runs = QemuBuild::ALL
+        .into_iter()
+        .filter(|build| build.available())
+        .flat_map(|build| [None, Some(4u32)].map(|parallel| (build, parallel)));
+    for (build, parallel) in runs {
         let how = match parallel {
-            None => "virsh migrate --live".to_string(),
-            Some(n) => format!("virsh migrate --live --parallel --parallel-connections {n}"),
+            None => format!("QEMU {}: virsh migrate --live", build.version()),
+            Some(n) => format!(
+                "QEMU {}: virsh migrate --live --parallel --parallel-connections {n}",
+                build.version()
+            ),
         };
+        let xml = dir.join("domain.xml");
+        let qemu = emulator(build, dir).unwrap();
+        std::fs::write(&xml, domain_xml(DOMAIN, MEM_MIB, &disk, &qemu)).unwrap();
         hosts
             .source
             .virsh(&["create", &xml.to_string_lossy()])

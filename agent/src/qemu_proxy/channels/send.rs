@@ -319,4 +319,3 @@ pub fn reset(stream: &TcpStream) {
     }
     let _ = stream.shutdown(Shutdown::Both);
 }
-

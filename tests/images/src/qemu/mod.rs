@@ -64,7 +64,8 @@ impl QemuBuild {
         }
     }
 
-    fn root(self) -> Option<PathBuf> {
+    /// Where an unpacked build lives (None: the system's QEMU).
+    pub fn root(self) -> Option<PathBuf> {
         match self {
             QemuBuild::Debian7_2 => None,
             QemuBuild::Backports10_0 => Some(crate::target_dir().join("tools/qemu-10.0")),
