@@ -71,6 +71,31 @@ impl HashStats {
 /// Mapped slots, keyed by (pid, uaddr, epoch); `None` means "not mappable".
 type MappedCache = RwLock<HashMap<(u32, u64, u64), Option<Arc<GuestMapping>>>>;
 
+/// Caches `mapped` under `key` = (pid, uaddr, epoch) if the VM still has
+/// slot `slot` at that epoch, checked under the registry lock. The tracker
+/// removes VMs and slots from the registry, and drops their cached
+/// mappings ([`HashPool::prune`]), under that lock too: so a mapping made
+/// while its VM exited is never cached after the VM's mappings were
+/// dropped, and the exited VM's memory is released with the last reader's
+/// reference.
+fn cache_if_registered(
+    registry: &Mutex<Registry>,
+    cache: &MappedCache,
+    key: (u32, u64, u64),
+    slot: u32,
+    mapped: Option<Arc<GuestMapping>>,
+) {
+    let registry = registry.lock().unwrap();
+    let (pid, _, epoch) = key;
+    let current = registry
+        .vm(pid)
+        .and_then(|vm| vm.slots.get(&slot))
+        .is_some_and(|s| s.epoch == epoch);
+    if current {
+        cache.write().unwrap().insert(key, mapped);
+    }
+}
+
 pub struct HashPool {
     tx: Option<Sender<HashJob>>,
     workers: Vec<JoinHandle<()>>,
@@ -122,12 +147,26 @@ impl HashPool {
         self.stats.jobs_pending.load(Ordering::Relaxed)
     }
 
-    /// Forgets mappings of processes that are gone.
-    pub fn forget(&self, pid: u32) {
+    /// Drops the cached mappings of VMs and slots `registry` no longer
+    /// has (the VM exited, the slot was deleted or registered anew): each
+    /// holds its guest's memory for as long as it is cached. Called with
+    /// the registry locked, after the changes.
+    pub fn prune(&self, registry: &Registry) {
         self.mapped
             .write()
             .unwrap()
-            .retain(|(p, _, _), _| *p != pid);
+            .retain(|&(pid, uaddr, epoch), _| {
+                registry.vm(pid).is_some_and(|vm| {
+                    vm.slots
+                        .values()
+                        .any(|slot| slot.uaddr == uaddr && slot.epoch == epoch)
+                })
+            });
+    }
+
+    /// Mappings cached now (for tests and the agent's own figures).
+    pub fn cached_mappings(&self) -> usize {
+        self.mapped.read().unwrap().len()
     }
 }
 
@@ -208,11 +247,13 @@ impl Worker {
                 .and_then(|vm| vm.slots.get(&job.slot))
                 .map(|slot| slot.size)
         }?;
+        // Mapping (and populating) a large slot takes a while: the VM may
+        // exit meanwhile. Kept only if it is still registered then.
         let mapped = GuestMapping::open_sealed(plan.pid, plan.uaddr, size)
             .ok()
             .flatten()
             .map(Arc::new);
-        self.mapped.write().unwrap().insert(key, mapped.clone());
+        cache_if_registered(&self.registry, &self.mapped, key, job.slot, mapped.clone());
         mapped
     }
 
@@ -257,7 +298,96 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
+    use agent_common::{PendingIoctl, SlotRegion};
+
     use super::*;
+
+    /// A registry with VM `pid` and its slot 0 at `uaddr` (events as the
+    /// eBPF programs build them).
+    fn registry_with_slot(pid: u32, uaddr: u64) -> Registry {
+        let mut registry = Registry::new(false);
+        let created = PendingIoctl::create_vm(3, 10)
+            .completed(pid, 10, 5)
+            .unwrap();
+        registry.apply(&created);
+        let slot = |uaddr| SlotRegion {
+            slot: 0,
+            flags: 0,
+            gpa: 0,
+            size: 16 * 4096,
+            uaddr,
+        };
+        let set = PendingIoctl::set_memory_region(5, 11, slot(uaddr))
+            .completed(pid, 11, 0)
+            .unwrap();
+        registry.apply(&set);
+        registry
+    }
+
+    fn epoch(registry: &Registry, pid: u32) -> u64 {
+        registry.vm(pid).unwrap().slots[&0].epoch
+    }
+
+    /// A mapping made while its VM exits is not cached once the VM is gone,
+    /// and pruning drops the mappings of exited VMs and of replaced slots:
+    /// no cached mapping keeps a dead guest's memory alive.
+    #[test]
+    fn mappings_of_exited_vms_and_replaced_slots_are_not_kept() {
+        let registry = Mutex::new(registry_with_slot(100, 0x7000_0000));
+        let cache = MappedCache::default();
+        let first = epoch(&registry.lock().unwrap(), 100);
+        cache_if_registered(&registry, &cache, (100, 0x7000_0000, first), 0, None);
+        assert_eq!(cache.read().unwrap().len(), 1);
+        // A stale epoch (the slot was registered anew since) is not cached.
+        cache_if_registered(&registry, &cache, (100, 0x7000_0000, first + 99), 0, None);
+        assert_eq!(cache.read().unwrap().len(), 1);
+        // The VM exits while a worker maps its slot: not cached after.
+        registry.lock().unwrap().remove_vm(100);
+        cache_if_registered(&registry, &cache, (100, 0x7000_0000, first), 0, None);
+        let pool = HashPool {
+            tx: None,
+            workers: Vec::new(),
+            stats: Arc::default(),
+            mapped: Arc::new(std::mem::take(&mut *cache.write().unwrap()).into()),
+        };
+        assert_eq!(
+            pool.cached_mappings(),
+            1,
+            "only the one cached before the exit"
+        );
+        pool.prune(&registry.lock().unwrap());
+        assert_eq!(pool.cached_mappings(), 0);
+        // A live VM whose slot moved: the old mapping goes, the new stays.
+        let mut moved = registry_with_slot(200, 0x7000_0000);
+        let old = epoch(&moved, 200);
+        pool.mapped
+            .write()
+            .unwrap()
+            .insert((200, 0x7000_0000, old), None);
+        let set = PendingIoctl::set_memory_region(
+            5,
+            12,
+            SlotRegion {
+                slot: 0,
+                flags: 0,
+                gpa: 0,
+                size: 16 * 4096,
+                uaddr: 0x9000_0000,
+            },
+        )
+        .completed(200, 12, 0)
+        .unwrap();
+        moved.apply(&set);
+        let new = epoch(&moved, 200);
+        assert_ne!(old, new);
+        pool.mapped
+            .write()
+            .unwrap()
+            .insert((200, 0x9000_0000, new), None);
+        pool.prune(&moved);
+        let kept: Vec<_> = pool.mapped.read().unwrap().keys().copied().collect();
+        assert_eq!(kept, vec![(200, 0x9000_0000, new)]);
+    }
 
     #[test]
     fn split_covers_every_page_once() {

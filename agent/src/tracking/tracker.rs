@@ -168,12 +168,17 @@ impl Tracker {
                     registry.sample_rates(last_reap.elapsed().as_secs_f64());
                     last_reap = Instant::now();
                     registry.reap_gone(crate::procfs::exists);
+                    // Slots deleted or registered anew since.
+                    self.pool.prune(&registry);
                 }
                 // VMs gone (exit event or reaped): drop their mappings, or
                 // their RAM stays allocated for as long as the agent runs.
-                for pid in registry.take_removed() {
-                    self.pool.forget(pid);
-                    let _ = self.probes.vm_pids.remove(&pid);
+                let removed = registry.take_removed();
+                for pid in &removed {
+                    let _ = self.probes.vm_pids.remove(pid);
+                }
+                if !removed.is_empty() {
+                    self.pool.prune(&registry);
                 }
                 let mut jobs = registry.take_jobs();
                 let elapsed = last_rescan.elapsed();
