@@ -83,9 +83,12 @@ pub struct ProxyRun {
     pub compressed_pages: u64,
     /// The send proxy parsed RAM to its end (nothing passed through).
     pub dedup_to_end: bool,
-    /// Paused dumps compared (None: not compared; these guests keep running
-    /// at the destination, and the guest's heartbeat going on is checked).
+    /// The proxied run's paused destination memory equals the paused
+    /// source's (dumped after QEMU completed and the destination loaded
+    /// everything, before it runs on); None if QEMU did not complete.
     pub memory_identical: Option<bool>,
+    /// The same for QEMU's direct migration (the reference).
+    pub direct_memory_identical: Option<bool>,
     /// The same guest through the proxies over plaintext, when measured:
     /// seconds and WAN bytes, and the TLS run's time ÷ this one's.
     pub plaintext_proxied_seconds: Option<f64>,
@@ -218,6 +221,8 @@ struct Migrated {
     status: String,
     /// The guest's heartbeat went on at the destination.
     resumed: bool,
+    /// The paused destination's memory equals the paused source's.
+    memory_identical: Option<bool>,
     /// The send proxy's report, through the proxies.
     proxy: Option<ProxyReport>,
 }
@@ -247,10 +252,11 @@ fn migrate_once(
     } else {
         ends.dest_ip()
     };
-    // Deferred: multifd's capability and parameters are set first.
+    // Deferred: multifd's capability and parameters are set first. Paused
+    // (-S) once loaded, so its memory can be compared with the source's.
     let mut dest = QemuGuest::boot_on(
         build,
-        &image.spec().incoming("defer"),
+        &image.spec().incoming("defer").with_args(["-S"]),
         &dir.0,
         &format!("{tag}-dst-{}", image.name),
         ends.dest(),
@@ -311,6 +317,34 @@ fn migrate_once(
                 .trim()
         );
     }
+    // Without the return path the source calls it completed before the
+    // destination loaded everything: wait until it has, then compare the
+    // two paused memories.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while dest.qmp.status()? == "inmigrate" {
+        if Instant::now() > deadline {
+            bail!(
+                "the destination QEMU ({tag}) was still loading 120 s after the source completed"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let memory_identical = if status == "completed" {
+        let size = u64::from(image.mem_mib) << 20;
+        let (a, b) = (
+            dir.0.join(format!("{tag}-src.mem")),
+            dir.0.join(format!("{tag}-dst.mem")),
+        );
+        source.qmp.pmemsave(&a, size)?;
+        dest.qmp.pmemsave(&b, size)?;
+        let identical = std::fs::read(&a)? == std::fs::read(&b)?;
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(&b);
+        Some(identical)
+    } else {
+        None
+    };
+    dest.qmp.cont()?;
     // The guest runs on at the destination: its heartbeat counter goes on.
     let deadline = Instant::now() + Duration::from_secs(60);
     while dest.qmp.status()? != "running" && Instant::now() < deadline {
@@ -330,6 +364,7 @@ fn migrate_once(
         seconds,
         status,
         resumed,
+        memory_identical,
         proxy: proxy_report,
     })
 }
@@ -399,7 +434,8 @@ pub fn compare(
         multifd_compression: report.multifd_compression.clone(),
         compressed_pages: report.compressed_pages,
         dedup_to_end: report.ram_complete && report.pass_through.is_none(),
-        memory_identical: None,
+        memory_identical: proxied.memory_identical,
+        direct_memory_identical: direct.memory_identical,
         plaintext_proxied_seconds: plaintext.map(|p| p.0),
         plaintext_proxied_wire_bytes: plaintext.map(|p| p.1),
         tls_time_ratio: plaintext.map(|p| proxied.seconds / p.0),

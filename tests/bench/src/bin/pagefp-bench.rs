@@ -301,7 +301,7 @@ fn qemu_proxy(args: &Args, fuzz: Option<&[bench::fuzz::FuzzRun]>) -> anyhow::Res
 
 fn print_proxy_run(run: &pagefp_tests::qemu_proxy_run::ProxyRun) {
     println!(
-        "{:<16} {:<8} QEMU {:<4} {:>4} Mbit/s {} ch | direct {:>11} B {:>6.2} s | proxied {:>11} B {:>6.2} s | x{:.3} bytes x{:.3} time | {} {}{}",
+        "{:<16} {:<8} QEMU {:<4} {:>4} Mbit/s {} ch | direct {:>11} B {:>6.2} s | proxied {:>11} B {:>6.2} s | x{:.3} bytes x{:.3} time | {} {} | memory {}{}",
         run.vm,
         run.templates,
         run.qemu_version,
@@ -318,6 +318,12 @@ fn print_proxy_run(run: &pagefp_tests::qemu_proxy_run::ProxyRun) {
             "resumed"
         } else {
             "NOT RESUMED"
+        },
+        match (run.memory_identical, run.direct_memory_identical) {
+            (Some(true), Some(true)) => "identical (direct too)",
+            (Some(true), _) => "identical (direct: NOT)",
+            (Some(false), _) => "DIFFERS",
+            (None, _) => "not compared",
         },
         if run.dedup_to_end {
             ""
