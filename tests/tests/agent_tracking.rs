@@ -147,13 +147,7 @@ fn an_exited_vm_disappears_with_its_counts() {
     assert!(status["distinct_contents"].as_u64().unwrap() < with_both);
     // The agent no longer maps the exited VM's RAM (else it is never freed):
     // one guest-RAM mapping left, the running VM's.
-    let ram_mappings = || {
-        std::fs::read_to_string(format!("/proc/{}/maps", agent.pid()))
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains("pagefp-guest-ram"))
-            .count()
-    };
+    let ram_mappings = || guest_ram_mappings(&agent);
     let deadline = std::time::Instant::now() + WAIT;
     while ram_mappings() > 1 {
         assert!(
@@ -181,6 +175,55 @@ fn an_exited_vm_disappears_with_its_counts() {
             .unwrap()
             .is_empty()
     );
+}
+
+/// The guest-RAM mappings the agent process holds now.
+fn guest_ram_mappings(agent: &AgentProcess) -> usize {
+    std::fs::read_to_string(format!("/proc/{}/maps", agent.pid()))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("pagefp-guest-ram"))
+        .count()
+}
+
+/// VMs that exit while the agent reads their memory (their first pass,
+/// 64 MiB each, just started): once they are gone, the agent maps none of
+/// their RAM (a mapping made during the exit is not kept).
+#[test]
+fn vms_that_exit_while_being_read_leave_no_mapping_behind() {
+    require_privileged!("vms_that_exit_while_being_read_leave_no_mapping_behind");
+    let dir = TempDir::new("pagefp-exit-reading");
+    let images = write_fleet(&dir.0, 3, 16_384, FleetLayout::default()).unwrap();
+    let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
+    let mut pids = Vec::new();
+    for _round in 0..3 {
+        let vms: Vec<_> = images
+            .iter()
+            .map(|image| Vm::start(&dir, image, VmOptions::default()))
+            .collect();
+        for vm in vms {
+            let deadline = std::time::Instant::now() + WAIT;
+            while agent.vm(vm.pid()).is_none() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "VM {} never listed",
+                    vm.pid()
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            pids.push(vm.pid());
+            vm.exit();
+        }
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while pids.iter().any(|pid| agent.vm(*pid).is_some()) || guest_ram_mappings(&agent) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} guest-RAM mappings of exited VMs are still held",
+            guest_ram_mappings(&agent)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
