@@ -14,6 +14,11 @@ pub mod templates;
 
 use std::time::Duration;
 
+/// How long a peer may take to start listening (the receive proxy for the
+/// send proxy, the destination QEMU for the receive proxy): refused
+/// connects are retried for this long.
+const CONNECT_RETRY: Duration = Duration::from_secs(10);
+
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 

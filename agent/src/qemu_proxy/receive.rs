@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    ProxyReport,
+    CONNECT_RETRY, ProxyReport,
     channels::{Failure, MainConnected, ReceiveChannels, ReceiveLink},
     send::add_channels,
     templates::TemplatePages,
@@ -27,9 +27,6 @@ use crate::{
         qemu_proxy::{self as wire, FrameReader, FrameWriter, Kind},
     },
 };
-
-/// How long the destination QEMU may take to start listening.
-const QEMU_CONNECT_RETRY: Duration = Duration::from_secs(10);
 
 pub struct ReceiveOptions {
     pub listen: String,
@@ -61,13 +58,12 @@ struct Destination<'a> {
 impl Destination<'_> {
     fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         if self.conn.is_none() {
-            let stream =
-                crate::net::connect_tcp(self.addr, QEMU_CONNECT_RETRY).with_context(|| {
-                    format!(
-                        "cannot reach the destination QEMU at {} (started with -incoming tcp:...?)",
-                        self.addr
-                    )
-                })?;
+            let stream = crate::net::connect_tcp(self.addr, CONNECT_RETRY).with_context(|| {
+                format!(
+                    "cannot reach the destination QEMU at {} (started with -incoming tcp:...?)",
+                    self.addr
+                )
+            })?;
             stream.set_nodelay(true)?;
             stream.set_write_timeout(Some(self.io_timeout))?;
             log::info!("feeding the destination QEMU at {}", self.addr);

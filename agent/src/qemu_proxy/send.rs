@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    ProxyReport,
+    CONNECT_RETRY, ProxyReport,
     channels::{ChannelCounts, ChannelTotals, Failure, SendChannels, SendLink},
     chunks::{Chunks, Wan},
     templates::{Offered, TemplateLookup as _},
@@ -36,9 +36,6 @@ pub struct SendOptions {
     /// How the link to the receive proxy is secured.
     pub security: tls::Client,
 }
-
-/// How long the receive proxy may take to start listening.
-const CONNECT_RETRY: Duration = Duration::from_secs(10);
 
 /// The main stream's sink: chunks go out once the preamble was accepted.
 struct SendSink<'a> {

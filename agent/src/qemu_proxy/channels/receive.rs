@@ -18,15 +18,12 @@ use anyhow::{Context as _, bail};
 use super::{ChannelTotals, Failure};
 use crate::{
     net::{self, ChannelReader, SecureListener, Timeouts},
-    qemu_proxy::templates::TemplatePages,
+    qemu_proxy::{CONNECT_RETRY, templates::TemplatePages},
     transport::{
         accept::{Opened, accept_peer},
         qemu_proxy::{self as wire, FrameReader, FrameWriter, Kind, QemuProxy},
     },
 };
-
-/// How long the destination QEMU may take to accept a channel.
-const CONNECT_RETRY: Duration = Duration::from_secs(10);
 
 /// Set once the main stream's connection to the destination QEMU exists.
 #[derive(Default)]

@@ -17,6 +17,7 @@ use super::{ChannelTotals, Failure};
 use crate::{
     net::{self, Timeouts, tls},
     qemu_proxy::{
+        CONNECT_RETRY,
         chunks::{Chunks, Wan},
         templates::TemplateLookup,
     },
@@ -42,7 +43,6 @@ pub struct SendLink<'a> {
 /// How long a new connection to the send proxy has to show its first
 /// four bytes (QEMU writes a channel's hello as soon as it connected).
 const CLASSIFY_TIMEOUT: Duration = Duration::from_secs(5);
-const CONNECT_RETRY: Duration = Duration::from_secs(10);
 
 /// The send proxy's multifd channels: accepted from its listener by a
 /// thread of `scope`, each relayed by a thread of its own.
