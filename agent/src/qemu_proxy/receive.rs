@@ -16,8 +16,7 @@ use anyhow::{Context as _, bail};
 
 use super::{
     CONNECT_RETRY, ProxyReport,
-    channels::{Failure, MainConnected, ReceiveChannels, ReceiveLink},
-    send::add_channels,
+    channels::{self, Failure, MainConnected, ReceiveChannels, ReceiveLink},
     templates::TemplatePages,
 };
 use crate::{
@@ -220,14 +219,7 @@ pub fn receive(
         if main.is_err() {
             destination.finish();
         }
-        let totals = channels.finish();
-        let mut report = main?;
-        failure
-            .check()
-            .map_err(|e| anyhow::anyhow!(e))
-            .context("a multifd channel failed")?;
-        add_channels(&mut report, &totals);
-        Ok::<_, anyhow::Error>(report)
+        channels::merge(main, &channels.finish(), &failure)
     });
     match result {
         Ok(mut report) => {

@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 
 use super::{
     CONNECT_RETRY, ProxyReport,
-    channels::{ChannelCounts, ChannelTotals, Failure, SendChannels, SendLink},
+    channels::{self, ChannelCounts, Failure, SendChannels, SendLink},
     chunks::{Chunks, Wan},
     templates::{Offered, TemplateLookup as _},
 };
@@ -208,13 +208,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
             &answers,
             &mut channels,
         );
-        let totals = channels.finish();
-        let mut report = main?;
-        failure
-            .check()
-            .map_err(|e| anyhow::anyhow!(e))
-            .context("a multifd channel failed")?;
-        add_channels(&mut report, &totals);
+        let mut report = channels::merge(main, &channels.finish(), &failure)?;
         report.seconds = started.elapsed().as_secs_f64();
         report.tls = protection.is_tls();
         report.channel = protection.describe();
@@ -373,21 +367,4 @@ fn send_main(
         channels: 1,
         ..ProxyReport::default()
     })
-}
-
-/// The multifd channels' share of a report.
-pub(super) fn add_channels(report: &mut ProxyReport, totals: &ChannelTotals) {
-    report.channels += totals.channels;
-    report.stream_bytes += totals.stream_bytes;
-    report.wire_bytes += totals.wire_bytes;
-    report.pages += totals.pages;
-    report.template_pages += totals.template_pages;
-    report.zero_pages += totals.zero_pages;
-    report.compressed_pages += totals.compressed_pages;
-    if let Some(compression) = totals.compression {
-        report.multifd_compression = Some(compression.name().into());
-    }
-    if report.pass_through.is_none() {
-        report.pass_through = totals.pass_through.clone();
-    }
 }

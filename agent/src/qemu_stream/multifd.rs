@@ -40,7 +40,7 @@ use super::{
     error::{Place, StreamError},
     format::{MULTIFD_MAGIC, PAGE_SIZE},
     input::Input,
-    parser::{Page, PassThrough, Sink},
+    parser::{PassThrough, Sink, hand_page},
 };
 
 /// `MULTIFD_VERSION`, in both the hello and every packet.
@@ -267,17 +267,7 @@ impl<R: Read, S: Sink + ?Sized> Channel<'_, R, S> {
         if self.ensure(PAGE_SIZE)? < PAGE_SIZE {
             return Err(self.truncated("the 4096 bytes of a multifd page"));
         }
-        let stream_offset = self.input.offset();
-        let data: &[u8; PAGE_SIZE] = self.input.peek()[..PAGE_SIZE].try_into().unwrap();
-        self.sink
-            .page(Page {
-                data,
-                block,
-                offset,
-                stream_offset,
-            })
-            .map_err(StreamError::Sink)?;
-        self.input.consume(PAGE_SIZE);
+        hand_page(&mut self.input, self.sink, block, offset)?;
         self.summary.pages += 1;
         Ok(())
     }

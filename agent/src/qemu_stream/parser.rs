@@ -643,18 +643,8 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
         if self.input.available() < PAGE_SIZE {
             return Err(self.truncated("the 4096 bytes of a RAM page"));
         }
-        let stream_offset = self.input.offset();
-        let data: &[u8; PAGE_SIZE] = self.input.peek()[..PAGE_SIZE].try_into().unwrap();
         let block = self.last_block.as_deref().unwrap_or_default();
-        self.sink
-            .page(Page {
-                data,
-                block,
-                offset,
-                stream_offset,
-            })
-            .map_err(StreamError::Sink)?;
-        self.input.consume(PAGE_SIZE);
+        hand_page(&mut self.input, self.sink, block, offset)?;
         self.summary.pages += 1;
         Ok(())
     }
@@ -848,6 +838,28 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
             found,
         }
     }
+}
+
+/// Hands the next 4096 buffered bytes to `sink` as the page at `offset` of
+/// `block`, without copying them, and consumes them. The caller made sure
+/// they are buffered.
+pub(super) fn hand_page<R: Read, S: Sink + ?Sized>(
+    input: &mut Input<R>,
+    sink: &mut S,
+    block: &str,
+    offset: u64,
+) -> Result<(), StreamError> {
+    let stream_offset = input.offset();
+    let data: &[u8; PAGE_SIZE] = input.peek()[..PAGE_SIZE].try_into().unwrap();
+    sink.page(Page {
+        data,
+        block,
+        offset,
+        stream_offset,
+    })
+    .map_err(StreamError::Sink)?;
+    input.consume(PAGE_SIZE);
+    Ok(())
 }
 
 /// The flags of a RAM record header, by name.

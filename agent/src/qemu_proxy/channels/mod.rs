@@ -19,6 +19,7 @@
 
 use std::sync::Mutex;
 
+use super::ProxyReport;
 use crate::qemu_stream::{
     SinkError,
     multifd::{self, ChannelSummary},
@@ -76,4 +77,33 @@ impl Failure {
             Some(why) => Err(why.clone().into()),
         }
     }
+}
+
+/// The migration's report: the main stream's, failed if it or any channel
+/// failed, with the channels' share added.
+pub fn merge(
+    main: anyhow::Result<ProxyReport>,
+    totals: &ChannelTotals,
+    failure: &Failure,
+) -> anyhow::Result<ProxyReport> {
+    use anyhow::Context as _;
+    let mut report = main?;
+    failure
+        .check()
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("a multifd channel failed")?;
+    report.channels += totals.channels;
+    report.stream_bytes += totals.stream_bytes;
+    report.wire_bytes += totals.wire_bytes;
+    report.pages += totals.pages;
+    report.template_pages += totals.template_pages;
+    report.zero_pages += totals.zero_pages;
+    report.compressed_pages += totals.compressed_pages;
+    if let Some(compression) = totals.compression {
+        report.multifd_compression = Some(compression.name().into());
+    }
+    if report.pass_through.is_none() {
+        report.pass_through = totals.pass_through.clone();
+    }
+    Ok(report)
 }
