@@ -7,14 +7,14 @@
 
 #![no_main]
 
-use std::io::Read;
-
 use libfuzzer_sys::fuzz_target;
 
 #[allow(dead_code, unused_imports)]
 #[path = "../../src/qemu_stream/mod.rs"]
 mod qemu_stream;
+mod trickle;
 
+use trickle::Trickle;
 use qemu_stream::{Page, Sink, SinkError, StreamError, multifd::parse_channel};
 
 #[derive(Default)]
@@ -32,21 +32,6 @@ impl Sink for Check {
         assert_eq!(page.stream_offset, self.out.len() as u64, "page out of place");
         self.out.extend_from_slice(page.data);
         Ok(())
-    }
-}
-
-/// Reads of a size the input chooses, to cross buffer boundaries.
-struct Trickle<'a> {
-    data: &'a [u8],
-    size: usize,
-}
-
-impl Read for Trickle<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.size.min(buf.len()).min(self.data.len());
-        buf[..n].copy_from_slice(&self.data[..n]);
-        self.data = &self.data[n..];
-        Ok(n)
     }
 }
 

@@ -8,14 +8,14 @@
 
 #![no_main]
 
-use std::io::Read;
-
 use libfuzzer_sys::fuzz_target;
 
 #[allow(dead_code, unused_imports)]
 #[path = "../../src/qemu_stream/mod.rs"]
 mod qemu_stream;
+mod trickle;
 
+use trickle::Trickle;
 use qemu_stream::{Options, Page, Preamble, Sink, SinkError, StreamError, Unsupported, parse};
 
 #[derive(Default)]
@@ -45,21 +45,6 @@ impl Sink for Check {
         assert!(!self.preamble, "preamble twice");
         self.preamble = true;
         Ok(())
-    }
-}
-
-/// Reads of a size the input chooses, to cross buffer boundaries.
-struct Trickle<'a> {
-    data: &'a [u8],
-    size: usize,
-}
-
-impl Read for Trickle<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.size.min(buf.len()).min(self.data.len());
-        buf[..n].copy_from_slice(&self.data[..n]);
-        self.data = &self.data[n..];
-        Ok(n)
     }
 }
 

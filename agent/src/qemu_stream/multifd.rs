@@ -40,7 +40,7 @@ use super::{
     error::{Place, StreamError},
     format::{MULTIFD_MAGIC, PAGE_SIZE},
     input::Input,
-    parser::{PassThrough, Sink, hand_page},
+    parser::{PassThrough, Sink, fill, hand_page},
 };
 
 /// `MULTIFD_VERSION`, in both the hello and every packet.
@@ -216,14 +216,13 @@ impl<R: Read, S: Sink + ?Sized> Channel<'_, R, S> {
             }
             let pages = u64::from(header.normal) + u64::from(header.zero);
             let compression = Compression::from_flags(header.flags);
+            let known_flags = header.flags & !(FLAG_SYNC | COMPRESSION_MASK) == 0;
             let odd = if magic != MULTIFD_MAGIC || version != VERSION {
                 Some(format!(
                     "a packet with magic {magic:#010x}, version {version}"
                 ))
             } else if header.flags & FLAG_DEVICE_STATE != 0 {
                 Some("a device-state packet (VFIO)".to_string())
-            } else if header.flags & !(FLAG_SYNC | COMPRESSION_MASK) != 0 || compression.is_none() {
-                Some(format!("a packet with flags {:#x}", header.flags))
             } else if header.pages_alloc as usize > PACKET_PAGES
                 || pages > u64::from(header.pages_alloc)
             {
@@ -234,10 +233,14 @@ impl<R: Read, S: Sink + ?Sized> Channel<'_, R, S> {
             } else {
                 None
             };
-            if let Some(reason) = odd {
-                return self.pass_rest(mark, reason);
-            }
-            let compression = compression.unwrap();
+            let compression = match (odd, compression) {
+                (None, Some(compression)) if known_flags => compression,
+                (odd, _) => {
+                    let reason =
+                        odd.unwrap_or_else(|| format!("a packet with flags {:#x}", header.flags));
+                    return self.pass_rest(mark, reason);
+                }
+            };
             self.summary.packets += 1;
             if header.flags & FLAG_SYNC != 0 {
                 self.summary.syncs += 1;
@@ -315,15 +318,7 @@ impl<R: Read, S: Sink + ?Sized> Channel<'_, R, S> {
     /// Buffers at least `n` bytes unless the stream ends first (telling the
     /// sink before waiting); how many are buffered.
     fn ensure(&mut self, n: usize) -> Result<usize, StreamError> {
-        if self.input.available() < n {
-            self.sink.idle().map_err(StreamError::Sink)?;
-            let offset = self.input.offset();
-            return self
-                .input
-                .fill(n)
-                .map_err(|source| StreamError::Io { offset, source });
-        }
-        Ok(self.input.available())
+        fill(&mut self.input, self.sink, n)
     }
 
     fn truncated(&self, expected: &'static str) -> StreamError {

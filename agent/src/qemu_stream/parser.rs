@@ -737,14 +737,8 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
     fn ensure(&mut self, n: usize) -> Result<usize, StreamError> {
         if self.input.available() < n {
             self.flush_out()?;
-            self.sink.idle().map_err(StreamError::Sink)?;
-            let offset = self.input.offset();
-            return self
-                .input
-                .fill(n)
-                .map_err(|source| StreamError::Io { offset, source });
         }
-        Ok(self.input.available())
+        fill(&mut self.input, self.sink, n)
     }
 
     fn flush_out(&mut self) -> Result<(), StreamError> {
@@ -838,6 +832,23 @@ impl<R: Read, S: Sink + ?Sized> Parser<'_, R, S> {
             found,
         }
     }
+}
+
+/// Buffers at least `n` bytes of `input` unless the stream ends first,
+/// telling `sink` before it waits ([`Sink::idle`]); how many are buffered.
+pub(super) fn fill<R: Read, S: Sink + ?Sized>(
+    input: &mut Input<R>,
+    sink: &mut S,
+    n: usize,
+) -> Result<usize, StreamError> {
+    if input.available() < n {
+        sink.idle().map_err(StreamError::Sink)?;
+        let offset = input.offset();
+        return input
+            .fill(n)
+            .map_err(|source| StreamError::Io { offset, source });
+    }
+    Ok(input.available())
 }
 
 /// Hands the next 4096 buffered bytes to `sink` as the page at `offset` of

@@ -68,11 +68,19 @@ pub struct Failure(Mutex<Option<String>>);
 
 impl Failure {
     fn set(&self, why: String) {
-        self.0.lock().unwrap().get_or_insert(why);
+        self.lock().get_or_insert(why);
+    }
+
+    /// A relay that panicked while holding the lock left the reason as it
+    /// was: still the one to report.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn check(&self) -> Result<(), SinkError> {
-        match &*self.0.lock().unwrap() {
+        match &*self.lock() {
             None => Ok(()),
             Some(why) => Err(why.clone().into()),
         }

@@ -34,16 +34,18 @@ pub struct MainConnected {
 
 impl MainConnected {
     pub fn set(&self) {
-        *self.connected.lock().unwrap() = true;
+        *self.connected.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.changed.notify_all();
     }
 
     fn wait(&self, timeout: Duration) -> bool {
-        let guard = self.connected.lock().unwrap();
+        // A bool cannot be left half-written: a poisoned lock still holds
+        // the truth.
+        let guard = self.connected.lock().unwrap_or_else(|p| p.into_inner());
         let (guard, _) = self
             .changed
             .wait_timeout_while(guard, timeout, |connected| !*connected)
-            .unwrap();
+            .unwrap_or_else(|p| p.into_inner());
         *guard
     }
 }
