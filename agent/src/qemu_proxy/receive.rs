@@ -44,7 +44,7 @@ struct Destination<'a> {
     addr: &'a str,
     /// Longest wait for QEMU to take more of the stream.
     io_timeout: Duration,
-    conn: Option<(TcpStream, BufWriter<TcpStream>)>,
+    conn: Option<TcpStream>,
     /// Where QEMU's return-path bytes go (the send proxy), and the thread
     /// that carries them, stopped when this is dropped.
     wan: Wan,
@@ -56,29 +56,27 @@ struct Destination<'a> {
 
 impl Destination<'_> {
     fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
-        if self.conn.is_none() {
-            let stream = crate::net::connect_tcp(self.addr, CONNECT_RETRY).with_context(|| {
-                format!(
-                    "cannot reach the destination QEMU at {} (started with -incoming tcp:...?)",
-                    self.addr
-                )
-            })?;
-            stream.set_nodelay(true)?;
-            stream.set_write_timeout(Some(self.io_timeout))?;
-            log::info!("feeding the destination QEMU at {}", self.addr);
-            self.answers = Some(relay_answers(stream.try_clone()?, self.wan.clone())?);
-            self.conn = Some((
-                stream.try_clone()?,
-                BufWriter::with_capacity(1 << 20, stream),
-            ));
-        }
-        let (_, writer) = self.conn.as_mut().unwrap();
-        writer
-            .write_all(bytes)
-            .and_then(|()| writer.flush())
-            .context(
-                "writing to the destination QEMU (did it fail to load the stream? see its log)",
-            )?;
+        let stream = match &mut self.conn {
+            Some(stream) => stream,
+            None => {
+                let stream =
+                    crate::net::connect_tcp(self.addr, CONNECT_RETRY).with_context(|| {
+                        format!(
+                            "cannot reach the destination QEMU at {} (started with -incoming tcp:...?)",
+                            self.addr
+                        )
+                    })?;
+                stream.set_nodelay(true)?;
+                stream.set_write_timeout(Some(self.io_timeout))?;
+                log::info!("feeding the destination QEMU at {}", self.addr);
+                self.answers = Some(relay_answers(stream.try_clone()?, self.wan.clone())?);
+                self.conn.insert(stream)
+            }
+        };
+        // Whole chunks, written as they are checked: no buffer in between.
+        stream.write_all(bytes).context(
+            "writing to the destination QEMU (did it fail to load the stream? see its log)",
+        )?;
         // Its first bytes are there: QEMU 8.0+ reads a new connection's
         // first bytes before it accepts the next.
         self.connected.set();
@@ -88,11 +86,12 @@ impl Destination<'_> {
 
     /// End of stream.
     fn finish(&mut self) {
-        if let Some((stream, _)) = self.conn.as_mut() {
+        if let Some(stream) = &self.conn {
             let _ = stream.shutdown(Shutdown::Write);
         }
     }
 }
+
 impl Drop for Destination<'_> {
     fn drop(&mut self) {
         if let Some((thread, stop)) = self.answers.take() {
