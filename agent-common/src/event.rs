@@ -40,8 +40,13 @@ impl EventKind {
     pub const WRITE_FAULT: Self = Self(11);
     /// The last thread of a VMM process exited.
     pub const PROCESS_EXIT: Self = Self(12);
+    /// Not an [`Event`]: the first word of a [`crate::BitmapChunk`], part of
+    /// the bitmap a `KVM_GET_DIRTY_LOG` returned or a `KVM_CLEAR_DIRTY_LOG`
+    /// was given.
+    pub const DIRTY_BITMAP: Self = Self(13);
 
-    /// Every kind, in wire order.
+    /// Every kind of [`Event`], in wire order ([`Self::DIRTY_BITMAP`] is
+    /// another record).
     pub const ALL: [Self; 12] = [
         Self::VM_CREATED,
         Self::SLOT_SET,
@@ -79,6 +84,7 @@ impl EventKind {
             Self::DIRTY_GFN => "dirty_gfn",
             Self::WRITE_FAULT => "write_fault",
             Self::PROCESS_EXIT => "process_exit",
+            Self::DIRTY_BITMAP => "dirty_bitmap",
             _ => return None,
         })
     }
@@ -231,7 +237,9 @@ impl Event {
     }
 
     /// `KVM_GET_DIRTY_LOG` of `slot` on VM `fd` entered the kernel at
-    /// `enter_ns` and returned 0 at `ktime_ns`.
+    /// `enter_ns` and returned 0 at `ktime_ns`. The bitmap it returned
+    /// follows in [`crate::BitmapChunk`]s, sent before this event; see
+    /// [`Self::with_bitmap_pages`].
     #[inline(always)]
     pub const fn dirty_log_get(pid: u32, ktime_ns: u64, fd: u32, slot: u32, enter_ns: u64) -> Self {
         Self::new(
@@ -241,6 +249,19 @@ impl Event {
             [fd, slot, 0, 0],
             [enter_ns, 0, 0],
         )
+    }
+
+    /// A dirty-log event whose bitmap was sent for its first `pages` pages
+    /// (the pages of the slot, or of the cleared range, past them were not:
+    /// the agent must treat them as unknown). Other kinds are returned as
+    /// they are.
+    #[inline(always)]
+    pub const fn with_bitmap_pages(mut self, pages: u32) -> Self {
+        match self.kind {
+            EventKind::DIRTY_LOG_GET | EventKind::DIRTY_LOG_CLEAR => self.small[3] = pages,
+            _ => {}
+        }
+        self
     }
 
     /// `KVM_CLEAR_DIRTY_LOG` of pages `first_page..first_page + num_pages` of
@@ -341,13 +362,18 @@ pub enum KernelEvent {
         fd: u32,
         slot: u32,
         enter_ns: u64,
+        /// Pages of the slot whose bits were sent (from page 0).
+        bitmap_pages: u32,
     },
+    /// `enter_ns`: when the ioctl entered the kernel.
     DirtyLogClear {
         fd: u32,
         slot: u32,
         first_page: u64,
         num_pages: u32,
         enter_ns: u64,
+        /// Pages of the range whose mask bits were sent (from `first_page`).
+        bitmap_pages: u32,
     },
     DirtyGfn {
         gfn: u64,
@@ -380,7 +406,7 @@ impl TryFrom<&Event> for KernelEvent {
     type Error = DecodeError;
 
     fn try_from(event: &Event) -> Result<Self, DecodeError> {
-        let [s0, s1, s2, _] = event.small;
+        let [s0, s1, s2, s3] = event.small;
         let [w0, w1, w2] = event.wide;
         Ok(match event.kind {
             EventKind::VM_CREATED => Self::VmCreated { fd: s0 },
@@ -420,6 +446,7 @@ impl TryFrom<&Event> for KernelEvent {
                 fd: s0,
                 slot: s1,
                 enter_ns: w0,
+                bitmap_pages: s3,
             },
             EventKind::DIRTY_LOG_CLEAR => Self::DirtyLogClear {
                 fd: s0,
@@ -427,6 +454,7 @@ impl TryFrom<&Event> for KernelEvent {
                 num_pages: s2,
                 first_page: w0,
                 enter_ns: w1,
+                bitmap_pages: s3,
             },
             EventKind::DIRTY_GFN => Self::DirtyGfn { gfn: w0 },
             EventKind::WRITE_FAULT => Self::WriteFault { gpa: w0 },
@@ -528,21 +556,23 @@ mod tests {
                 KernelEvent::ResetRingsEnd { fd: 9, ret: -22 },
             ),
             (
-                Event::dirty_log_get(PID, T, 9, 5, T - 500),
+                Event::dirty_log_get(PID, T, 9, 5, T - 500).with_bitmap_pages(4096),
                 KernelEvent::DirtyLogGet {
                     fd: 9,
                     slot: 5,
                     enter_ns: T - 500,
+                    bitmap_pages: 4096,
                 },
             ),
             (
-                Event::dirty_log_clear(PID, T, 9, 5, 64, 128, T - 300),
+                Event::dirty_log_clear(PID, T, 9, 5, 64, 128, T - 300).with_bitmap_pages(128),
                 KernelEvent::DirtyLogClear {
                     fd: 9,
                     slot: 5,
                     first_page: 64,
                     num_pages: 128,
                     enter_ns: T - 300,
+                    bitmap_pages: 128,
                 },
             ),
             (
@@ -586,12 +616,14 @@ mod tests {
             }
         }
         assert_eq!(EventKind(0).name(), None);
-        assert_eq!(EventKind(13).name(), None);
+        assert_eq!(EventKind::DIRTY_BITMAP.name(), Some("dirty_bitmap"));
+        assert!(!EventKind::ALL.contains(&EventKind::DIRTY_BITMAP));
+        assert_eq!(EventKind(14).name(), None);
     }
 
     #[test]
     fn unknown_kinds_are_rejected() {
-        for raw in [0, 13, 0x8000_0000, u32::MAX] {
+        for raw in [0, 13, 14, 0x8000_0000, u32::MAX] {
             let mut event = Event::process_exit(1, 2);
             event.kind = EventKind(raw);
             assert_eq!(

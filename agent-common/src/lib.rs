@@ -10,11 +10,13 @@
 //! [`PendingIoctl`] ([`pending`]), which makes its event at exit.
 #![no_std]
 
+pub mod bitmap;
 pub mod event;
 pub mod pending;
 
+pub use bitmap::{BitmapChunk, BitmapHead, BitmapOf, DirtyBitmap};
 pub use event::{DecodeError, Event, EventKind, KernelEvent, SlotRegion};
-pub use pending::PendingIoctl;
+pub use pending::{BitmapCopy, PendingIoctl};
 
 /// KVM ioctl numbers the eBPF programs watch (from `linux/kvm.h`, x86_64).
 pub mod ioctl {
@@ -34,6 +36,9 @@ pub mod ioctl {
     pub const KVM_RESET_DIRTY_RINGS: u32 = 0xaec7;
 
     pub const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` flags in `args[0]`.
+    pub const KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: u64 = 1;
+    pub const KVM_DIRTY_LOG_INITIALLY_SET: u64 = 2;
     pub const KVM_CAP_DIRTY_LOG_RING: u32 = 192;
     pub const KVM_CAP_DIRTY_LOG_RING_ACQ_REL: u32 = 223;
 
@@ -79,7 +84,7 @@ pub struct TraceOffsets {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{Event, LossRecord, PendingIoctl, TraceOffsets};
+    use super::{BitmapChunk, Event, LossRecord, PendingIoctl, TraceOffsets};
     // SAFETY: all four are repr(C) structs of integers with no implicit padding
     // (checked by the size tests below), so every byte pattern is valid.
     unsafe impl aya::Pod for Event {}
@@ -93,6 +98,10 @@ mod user {
     unsafe impl bytemuck::Zeroable for Event {}
     // SAFETY: as above.
     unsafe impl bytemuck::Pod for Event {}
+    // SAFETY: as above (a head of integers, then u64 words).
+    unsafe impl bytemuck::Zeroable for BitmapChunk {}
+    // SAFETY: as above.
+    unsafe impl bytemuck::Pod for BitmapChunk {}
 }
 
 #[cfg(test)]
@@ -111,6 +120,12 @@ mod tests {
         assert_eq!(size_of::<TraceOffsets>(), 16 * 4);
         // kind, fd, 2 × u32, enter_ns, 3 × u64.
         assert_eq!(size_of::<PendingIoctl>(), 4 * 4 + 4 * 8);
+        // kind, pid, enter_ns, slot, ioctl, first_page, pages, pad; the words.
+        assert_eq!(size_of::<BitmapHead>(), 4 + 4 + 8 + 4 + 4 + 8 + 4 + 4);
+        assert_eq!(
+            size_of::<BitmapChunk>(),
+            size_of::<BitmapHead>() + 8 * bitmap::BITMAP_CHUNK_WORDS
+        );
     }
 
     #[cfg(feature = "user")]

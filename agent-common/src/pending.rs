@@ -7,6 +7,21 @@
 
 use crate::event::{Event, EventKind, SlotRegion};
 
+/// A dirty bitmap to copy at `sys_exit_ioctl` (see [`crate::bitmap`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BitmapCopy {
+    /// `KVM_GET_DIRTY_LOG` (the bitmap covers the whole slot) or
+    /// `KVM_CLEAR_DIRTY_LOG` (`first_page..first_page + pages`).
+    pub of: crate::BitmapOf,
+    pub slot: u32,
+    pub enter_ns: u64,
+    /// The bitmap in the VMM's memory.
+    pub user_ptr: u64,
+    pub first_page: u64,
+    /// `None` for a GET: the slot's size, which the eBPF side keeps.
+    pub pages: Option<u32>,
+}
+
 /// An ioctl seen at `sys_enter_ioctl`, kept per thread until `sys_exit_ioctl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,13 +78,21 @@ impl PendingIoctl {
         )
     }
 
-    /// `KVM_GET_DIRTY_LOG` of `slot` on VM `fd`.
+    /// `KVM_GET_DIRTY_LOG` of `slot` on VM `fd`, into the VMM's bitmap at
+    /// `bitmap`.
     #[inline(always)]
-    pub const fn get_dirty_log(fd: u32, enter_ns: u64, slot: u32) -> Self {
-        Self::new(EventKind::DIRTY_LOG_GET, fd, enter_ns, [slot, 0], [0; 3])
+    pub const fn get_dirty_log(fd: u32, enter_ns: u64, slot: u32, bitmap: u64) -> Self {
+        Self::new(
+            EventKind::DIRTY_LOG_GET,
+            fd,
+            enter_ns,
+            [slot, 0],
+            [0, bitmap, 0],
+        )
     }
 
-    /// `KVM_CLEAR_DIRTY_LOG` of `num_pages` pages from `first_page` of `slot`.
+    /// `KVM_CLEAR_DIRTY_LOG` of the pages set in the mask at `bitmap`, among
+    /// `num_pages` pages from `first_page` of `slot`.
     #[inline(always)]
     pub const fn clear_dirty_log(
         fd: u32,
@@ -77,14 +100,52 @@ impl PendingIoctl {
         slot: u32,
         first_page: u64,
         num_pages: u32,
+        bitmap: u64,
     ) -> Self {
         Self::new(
             EventKind::DIRTY_LOG_CLEAR,
             fd,
             enter_ns,
             [slot, num_pages],
-            [first_page, 0, 0],
+            [first_page, bitmap, 0],
         )
+    }
+
+    /// The region a `KVM_SET_USER_MEMORY_REGION(2)` sets.
+    #[inline(always)]
+    pub const fn slot_region(&self) -> Option<SlotRegion> {
+        if self.kind.raw() != EventKind::SLOT_SET.raw() {
+            return None;
+        }
+        let [slot, flags] = self.small;
+        let [gpa, size, uaddr] = self.wide;
+        Some(SlotRegion {
+            slot,
+            flags,
+            gpa,
+            size,
+            uaddr,
+        })
+    }
+
+    /// The bitmap a dirty-log ioctl returned or was given, to copy at exit.
+    #[inline(always)]
+    pub const fn bitmap_copy(&self) -> Option<BitmapCopy> {
+        let [slot, num_pages] = self.small;
+        let [first_page, user_ptr, _] = self.wide;
+        let (of, first_page, pages) = match self.kind {
+            EventKind::DIRTY_LOG_GET => (crate::BitmapOf::Get, 0, None),
+            EventKind::DIRTY_LOG_CLEAR => (crate::BitmapOf::Clear, first_page, Some(num_pages)),
+            _ => return None,
+        };
+        Some(BitmapCopy {
+            of,
+            slot,
+            enter_ns: self.enter_ns,
+            user_ptr,
+            first_page,
+            pages,
+        })
     }
 
     /// `KVM_RESET_DIRTY_RINGS` on VM `fd` (its start is reported at once, by
@@ -150,23 +211,51 @@ mod tests {
     #[test]
     fn the_dirty_log_ioctls_carry_their_entry_time() {
         assert_eq!(
-            decoded(PendingIoctl::get_dirty_log(7, ENTER, 3), 0),
+            decoded(PendingIoctl::get_dirty_log(7, ENTER, 3, 0x7000), 0),
             Some(KernelEvent::DirtyLogGet {
                 fd: 7,
                 slot: 3,
                 enter_ns: ENTER,
+                bitmap_pages: 0,
             })
         );
         assert_eq!(
-            decoded(PendingIoctl::clear_dirty_log(7, ENTER, 3, 64, 32), 0),
+            decoded(
+                PendingIoctl::clear_dirty_log(7, ENTER, 3, 64, 32, 0x7000),
+                0
+            ),
             Some(KernelEvent::DirtyLogClear {
                 fd: 7,
                 slot: 3,
                 first_page: 64,
                 num_pages: 32,
                 enter_ns: ENTER,
+                bitmap_pages: 0,
             })
         );
+        assert_eq!(
+            PendingIoctl::get_dirty_log(7, ENTER, 3, 0x7000).bitmap_copy(),
+            Some(BitmapCopy {
+                of: crate::BitmapOf::Get,
+                slot: 3,
+                enter_ns: ENTER,
+                user_ptr: 0x7000,
+                first_page: 0,
+                pages: None,
+            })
+        );
+        assert_eq!(
+            PendingIoctl::clear_dirty_log(7, ENTER, 3, 64, 32, 0x8000).bitmap_copy(),
+            Some(BitmapCopy {
+                of: crate::BitmapOf::Clear,
+                slot: 3,
+                enter_ns: ENTER,
+                user_ptr: 0x8000,
+                first_page: 64,
+                pages: Some(32),
+            })
+        );
+        assert_eq!(PendingIoctl::create_vm(3, ENTER).bitmap_copy(), None);
     }
 
     #[test]
@@ -186,6 +275,10 @@ mod tests {
         assert_eq!(
             decoded(PendingIoctl::set_memory_region(11, ENTER, region), 0),
             Some(KernelEvent::SlotSet { fd: 11, region })
+        );
+        assert_eq!(
+            PendingIoctl::set_memory_region(11, ENTER, region).slot_region(),
+            Some(region)
         );
         assert_eq!(
             decoded(PendingIoctl::enable_cap(11, ENTER, 168, 0, 3), 0),
@@ -215,8 +308,8 @@ mod tests {
             PendingIoctl::create_vm(3, ENTER),
             PendingIoctl::set_memory_region(11, ENTER, region),
             PendingIoctl::enable_cap(11, ENTER, 192, 0, 4096),
-            PendingIoctl::get_dirty_log(11, ENTER, 0),
-            PendingIoctl::clear_dirty_log(11, ENTER, 0, 0, 64),
+            PendingIoctl::get_dirty_log(11, ENTER, 0, 0x7000),
+            PendingIoctl::clear_dirty_log(11, ENTER, 0, 0, 64, 0x7000),
         ] {
             assert_eq!(pending.completed(PID, EXIT, -22), None, "{pending:?}");
         }

@@ -31,6 +31,17 @@ pub static UNATTRIBUTED_LOSSES: Array<LossRecord> = Array::with_max_entries(1, 0
 #[map]
 pub static VM_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
+/// Pages of every memory slot: key [`slot_key`], filled at each
+/// `KVM_SET_USER_MEMORY_REGION(2)`; the size of a `KVM_GET_DIRTY_LOG` bitmap.
+#[map]
+pub static SLOT_PAGES: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
+
+/// The key of a slot (as_id << 16 | id) of VMM `pid` in [`SLOT_PAGES`].
+#[inline(always)]
+pub fn slot_key(pid: u32, slot: u32) -> u64 {
+    (u64::from(pid) << 32) | u64::from(slot)
+}
+
 /// KVM ioctls between `sys_enter` and `sys_exit`, per thread (pid_tgid).
 #[map]
 pub static PENDING: HashMap<u64, PendingIoctl> = HashMap::with_max_entries(8192, 0);
@@ -60,7 +71,7 @@ pub fn now_ns() -> u64 {
 }
 
 /// `BPF_RB_NO_WAKEUP`: do not wake the reader for this record.
-const NO_WAKEUP: u64 = 1;
+pub const NO_WAKEUP: u64 = 1;
 
 /// Sends `event`, or records its loss under its pid. The reader is woken for
 /// rare events only; for the stream of dirty-page events it polls on its own

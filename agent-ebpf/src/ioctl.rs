@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 
-use crate::emit::{PENDING, VM_PIDS, current_pid, emit, now_ns, offsets};
+use crate::emit::{PENDING, SLOT_PAGES, VM_PIDS, current_pid, emit, now_ns, offsets, slot_key};
 
 /// The first 32 bytes of `kvm_userspace_memory_region` and `..._region2`.
 #[repr(C)]
@@ -38,13 +38,23 @@ struct EnableCap {
     arg0: u64,
 }
 
-/// `kvm_clear_dirty_log` (the head of `kvm_dirty_log` is its first field).
+/// `kvm_dirty_log`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DirtyLog {
+    slot: u32,
+    _pad: u32,
+    dirty_bitmap: u64,
+}
+
+/// `kvm_clear_dirty_log`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct ClearDirtyLog {
     slot: u32,
     num_pages: u32,
     first_page: u64,
+    dirty_bitmap: u64,
 }
 
 #[tracepoint]
@@ -89,8 +99,8 @@ fn try_ioctl_enter(ctx: &TracePointContext) -> Result<(), i64> {
         }
         ioctl::KVM_GET_DIRTY_LOG => {
             // SAFETY: as above.
-            let slot = unsafe { bpf_probe_read_user(arg as *const u32) }?;
-            PendingIoctl::get_dirty_log(fd, enter_ns, slot)
+            let log = unsafe { bpf_probe_read_user(arg as *const DirtyLog) }?;
+            PendingIoctl::get_dirty_log(fd, enter_ns, log.slot, log.dirty_bitmap)
         }
         ioctl::KVM_CLEAR_DIRTY_LOG => {
             // SAFETY: as above.
@@ -101,6 +111,7 @@ fn try_ioctl_enter(ctx: &TracePointContext) -> Result<(), i64> {
                 clear.slot,
                 clear.first_page,
                 clear.num_pages,
+                clear.dirty_bitmap,
             )
         }
         ioctl::KVM_RESET_DIRTY_RINGS => {
@@ -141,11 +152,23 @@ fn try_ioctl_exit(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: offset from this tracepoint's format file.
     let ret = unsafe { ctx.read_at::<i64>(offsets.ioctl_exit_ret as usize) }?;
     let pid = current_pid();
-    let Some(event) = pending.completed(pid, now_ns(), ret) else {
+    let Some(mut event) = pending.completed(pid, now_ns(), ret) else {
         return Ok(());
     };
     if event.kind() == EventKind::VM_CREATED {
         let _ = VM_PIDS.insert(pid, 1, 0);
+    }
+    if let Some(region) = pending.slot_region() {
+        // Kept for the size of the bitmaps `KVM_GET_DIRTY_LOG` returns.
+        let key = slot_key(pid, region.slot);
+        if region.size == 0 {
+            let _ = SLOT_PAGES.remove(&key);
+        } else {
+            let _ = SLOT_PAGES.insert(&key, &(region.size >> 12), 0);
+        }
+    }
+    if let Some(copy) = pending.bitmap_copy() {
+        event = event.with_bitmap_pages(crate::bitmap::send(pid, &copy));
     }
     emit(&event);
     Ok(())

@@ -10,7 +10,9 @@
 //! - Guest page writes: `kvm:kvm_dirty_ring_push`, `fexit/mark_page_dirty_in_slot`
 //!   (where the kernel allows BPF trampolines) and write faults
 //!   (`kvm:kvm_page_fault`).
-//! - Re-protection points: `kvm:kvm_dirty_ring_reset`, and the dirty-log ioctls.
+//! - Re-protection points: `kvm:kvm_dirty_ring_reset`, and the dirty-log ioctls
+//!   with their bitmaps (`KVM_GET_DIRTY_LOG`'s result, `KVM_CLEAR_DIRTY_LOG`'s
+//!   mask), copied at `sys_exit_ioctl`.
 //! - VMM exit: `sched:sched_process_exit`.
 //!
 //! An event that does not fit in the ring buffer is counted in `LOSSES` under
@@ -19,6 +21,7 @@
 #![no_std]
 #![no_main]
 
+mod bitmap;
 mod emit;
 mod ioctl;
 mod kvm;

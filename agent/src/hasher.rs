@@ -221,8 +221,9 @@ impl Worker {
             // benchmark divides pages by it for the per-core throughput.
             let started = std::time::Instant::now();
             let plan = self.registry.lock().unwrap().plan(&job);
-            if let Some(plan) = plan {
+            if let Some(mut plan) = plan {
                 let hashes = self.hash(&job, &plan, &mut buf);
+                plan.read_end_ns = crate::clock::monotonic_ns();
                 self.registry.lock().unwrap().commit(&job, &plan, &hashes);
             }
             self.stats

@@ -16,6 +16,7 @@
 //!   migration tools [`migrate`] and [`qemu_proxy`] (with its stream parser
 //!   [`qemu_stream`]), and the command line [`cli`].
 
+pub mod clock;
 pub mod config;
 pub mod guest_memory;
 pub mod page;

@@ -11,6 +11,7 @@ use std::{
 const RANKS: &[(&str, u32)] = &[
     // Foundation.
     ("page", 0),
+    ("clock", 0),
     ("procfs", 0),
     ("config", 0),
     ("guest_memory", 1),

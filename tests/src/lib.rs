@@ -19,6 +19,7 @@ pub mod migration;
 pub mod netns;
 pub mod privileged;
 pub mod prometheus;
+pub mod qemu_kvm_tracking;
 pub mod qemu_proxy_run;
 pub mod qemu_streams;
 pub mod synthetic_images;

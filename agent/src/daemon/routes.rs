@@ -1,7 +1,7 @@
 //! Request routing: plain functions from a request line to a response, so
 //! they are tested without a socket.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use http_body_util::Full;
 use hyper::{Response, StatusCode, body::Bytes, header};
@@ -22,7 +22,7 @@ use crate::{
     page::{PAGE_SIZE, hex},
     registry::{PageState, RegistryStats},
     templates::{Selection, SelectionPolicy},
-    tracking::{ebpf::Sources, tracker::monotonic_ns},
+    tracking::ebpf::Sources,
 };
 
 pub type ApiResponse = Response<Full<Bytes>>;
@@ -350,11 +350,18 @@ struct PageJson {
 /// tracker and the hash workers wait at most this long for a reader.
 const HASH_LIST_CHUNK: u32 = 16 << 10;
 
+/// How long a hash list waits for the VMM's next dirty-bitmap harvest, for
+/// VMs tracked by their bitmaps (`crate::registry::bitmap`): past it, their
+/// clean pages are served unverified.
+const HARVEST_WAIT: Duration = Duration::from_secs(2);
+
 /// The hash list of VM `pid` (`None` if it is not known), read slot by slot
 /// in chunks of [`HASH_LIST_CHUNK`] pages, each under its own short hold of
 /// the registry lock. Each record is true at the moment its chunk was read;
 /// pages of a slot replaced meanwhile are reported unknown, never clean.
-fn hash_records(state: &AppState, pid: u32) -> Option<Vec<PageRecord>> {
+/// Clean pages of a slot tracked by its bitmaps are served clean only if the
+/// slot was harvested after `request_ns`, unverified otherwise.
+fn hash_records(state: &AppState, pid: u32, request_ns: u64) -> Option<Vec<PageRecord>> {
     let slots: Vec<(u32, u64, u64, u32)> = {
         let registry = state.registry.lock().unwrap();
         let vm = registry.vm(pid)?;
@@ -380,6 +387,7 @@ fn hash_records(state: &AppState, pid: u32) -> Option<Vec<PageRecord>> {
                 .vm(pid)
                 .and_then(|vm| vm.slots.get(&id))
                 .filter(|slot| slot.epoch == epoch);
+            let clean = registry.clean_at(pid, id, request_ns);
             for page in first..end {
                 let Some(entry) = slot.and_then(|slot| slot.pages.get(page)) else {
                     // The slot (or the VM) went away meanwhile.
@@ -387,12 +395,12 @@ fn hash_records(state: &AppState, pid: u32) -> Option<Vec<PageRecord>> {
                     continue;
                 };
                 records.push(match entry.state() {
-                    PageState::Clean => record(
+                    PageState::Clean if clean => record(
                         page,
                         state::CLEAN,
                         registry.contents.get(entry.content).hash,
                     ),
-                    PageState::Unverified => record(
+                    PageState::Clean | PageState::Confirming | PageState::Unverified => record(
                         page,
                         state::UNVERIFIED,
                         registry.contents.get(entry.content).hash,
@@ -407,12 +415,23 @@ fn hash_records(state: &AppState, pid: u32) -> Option<Vec<PageRecord>> {
 }
 
 fn hashes(state: &AppState, pid: u32, format: Format) -> ApiResponse {
-    // Everything the kernel reported before this request is applied first.
+    let request_ns = crate::clock::monotonic_ns();
+    // Everything the kernel reported before this request is applied first;
+    // a VM tracked by its dirty bitmaps also waits for its next harvest.
     if let Some(sync) = &state.sync {
-        sync.sync();
+        let deadline = std::time::Instant::now() + HARVEST_WAIT;
+        loop {
+            sync.sync();
+            if state.registry.lock().unwrap().all_clean_at(pid, request_ns)
+                || std::time::Instant::now() >= deadline
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
-    let taken_ns = monotonic_ns();
-    let Some(mut records) = hash_records(state, pid) else {
+    let taken_ns = crate::clock::monotonic_ns();
+    let Some(mut records) = hash_records(state, pid, request_ns) else {
         return unknown_vm(pid);
     };
     records.sort_unstable_by_key(|r| r.gpa);

@@ -17,6 +17,7 @@
 //! first `KVM_GET_DIRTY_LOG` of its slot that *entered* the kernel after the
 //! report (the event carries that entry time).
 
+pub mod bitmap;
 pub mod pages;
 pub mod vm;
 
@@ -88,6 +89,10 @@ pub struct ReadPlan {
     pub uaddr: u64,
     /// (page, generation) to read.
     pub pages: Vec<(u32, u32)>,
+    /// When the read ended (`crate::clock::monotonic_ns`), set by whoever
+    /// read the pages; [`u64::MAX`] (as planned) means never: hashes of
+    /// bitmap-harvested slots are then never confirmed ([`bitmap`]).
+    pub read_end_ns: u64,
 }
 
 /// How a slot's pages are kept.
@@ -268,7 +273,7 @@ impl Registry {
 
     /// How the pages of `slot` are kept.
     pub fn tracking(&self, vm: &Vm, slot: &Slot) -> Tracking {
-        slot_tracking(self.fentry_active, vm, slot)
+        slot_tracking(vm, slot)
     }
 
     /// Applies one event from the kernel. An event that does not decode is
@@ -317,15 +322,33 @@ impl Registry {
                 vm.reset_batch = Some((ktime_ns, HashMap::new()))
             }
             KernelEvent::ResetRingsEnd { .. } => self.reset_batch_end(pid),
-            KernelEvent::DirtyLogGet { slot, enter_ns, .. } => {
-                self.dirty_log_get(pid, slot, enter_ns)
+            KernelEvent::DirtyLogGet {
+                slot,
+                enter_ns,
+                bitmap_pages,
+                ..
+            } => self.dirty_log_get(pid, slot, enter_ns, bitmap_pages),
+            KernelEvent::DirtyLogClear {
+                slot,
+                first_page,
+                num_pages,
+                enter_ns,
+                bitmap_pages,
+                ..
+            } => {
+                // Only manual protection clears (an adopted VM's mode was not
+                // seen being enabled).
+                if matches!(vm.dirty_mode, DirtyMode::Unknown | DirtyMode::Bitmap { .. }) {
+                    vm.dirty_mode = DirtyMode::Bitmap {
+                        manual_protect: true,
+                    };
+                }
+                if vm.harvests_bitmaps(self.fentry_active) {
+                    self.harvest_clear(pid, slot, enter_ns, first_page, num_pages, bitmap_pages);
+                }
             }
             KernelEvent::DirtyGfn { gfn } => self.dirty_gfn(pid, gfn, ktime_ns),
             KernelEvent::WriteFault { gpa } => self.write_fault(pid, gpa),
-            // Manual re-protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) is not
-            // tracked yet: such VMs are rescanned. The event carries its
-            // entry time for when it is.
-            KernelEvent::DirtyLogClear { .. } => {}
             // Handled above.
             KernelEvent::VmCreated { .. } | KernelEvent::ProcessExit => {}
         }
@@ -347,6 +370,10 @@ impl Registry {
                 continue;
             };
             vm.stats.losses += 1;
+            vm.bitmaps.clear();
+            for slot in vm.slots.values_mut() {
+                slot.confirming.clear();
+            }
             vm.sync = SyncState::Unsynced {
                 since_ns,
                 barrier: None,
@@ -498,9 +525,11 @@ impl Registry {
                     );
                 }
             } else if !old.logged() {
+                old.confirming.clear();
+                old.last_harvest_ns = None;
                 for page in 0..old.pages.len() as u32 {
                     old.pages.update(page, |entry| {
-                        if entry.state() == PageState::Clean {
+                        if matches!(entry.state(), PageState::Clean | PageState::Confirming) {
                             entry.set_state(PageState::Unverified);
                         }
                     });
@@ -549,6 +578,10 @@ impl Registry {
             return;
         };
         if self.tracking(vm, slot) != Tracking::Tracked {
+            return;
+        }
+        if vm.initially_set && slot.logged() && vm.harvests_bitmaps(self.fentry_active) {
+            // Every page is dirty until a CLEAR protects it (and queues it).
             return;
         }
         self.jobs.push(HashJob {
@@ -721,23 +754,51 @@ impl Registry {
     }
 
     /// `KVM_GET_DIRTY_LOG` of `slot_id`, which entered the kernel at
-    /// `enter_ns`, succeeded.
-    fn dirty_log_get(&mut self, pid: u32, slot_id: u32, enter_ns: u64) {
+    /// `enter_ns`, succeeded; its bitmap came for `bitmap_pages` pages.
+    fn dirty_log_get(&mut self, pid: u32, slot_id: u32, enter_ns: u64, bitmap_pages: u32) {
         let vm = self.vms.get_mut(&pid).unwrap();
         if vm.dirty_mode == DirtyMode::Unknown {
             vm.dirty_mode = DirtyMode::Bitmap {
                 manual_protect: false,
             };
         }
-        if vm.dirty_mode
-            != (DirtyMode::Bitmap {
-                manual_protect: false,
-            })
-        {
+        let DirtyMode::Bitmap { manual_protect } = vm.dirty_mode else {
             return;
+        };
+        if vm.harvests_bitmaps(self.fentry_active) {
+            self.harvest_get(pid, slot_id, enter_ns, bitmap_pages, manual_protect);
+        } else {
+            self.harvest_reported_writes(pid, slot_id, enter_ns);
         }
-        // KVM_GET_DIRTY_LOG re-protects the slot's dirty pages. Writes reported
-        // before the ioctl started are covered; writes during it may not be.
+        let vm = self.vms.get_mut(&pid).unwrap();
+        if let SyncState::Unsynced {
+            since_ns,
+            harvested,
+            ..
+        } = &mut vm.sync
+            && enter_ns > *since_ns
+        {
+            // Bitmap mode resyncs once every logged slot was harvested (and
+            // so write-protected) after the moment something was missed.
+            harvested.insert(slot_id);
+            let all = vm
+                .slots
+                .values()
+                .filter(|s| s.logged())
+                .all(|s| harvested.contains(&s.id));
+            if all {
+                self.resync(pid);
+            }
+        }
+    }
+
+    /// Bitmap mode with `mark_page_dirty_in_slot` events: the GET of
+    /// `slot_id` entered at `enter_ns` re-protected the pages whose writes
+    /// were reported before it; they are read again.
+    fn harvest_reported_writes(&mut self, pid: u32, slot_id: u32, enter_ns: u64) {
+        let vm = self.vms.get_mut(&pid).unwrap();
+        // Writes reported before the ioctl started are covered; writes during
+        // it may not be.
         let Some(slot) = vm.slots.get_mut(&slot_id) else {
             return;
         };
@@ -759,25 +820,6 @@ impl Registry {
             false
         });
         let epoch = slot.epoch;
-        if let SyncState::Unsynced {
-            since_ns,
-            harvested,
-            ..
-        } = &mut vm.sync
-            && enter_ns > *since_ns
-        {
-            // Bitmap mode resyncs once every logged slot was harvested (and
-            // so write-protected) after the moment something was missed.
-            harvested.insert(slot_id);
-            let all = vm
-                .slots
-                .values()
-                .filter(|s| s.logged())
-                .all(|s| harvested.contains(&s.id));
-            if all {
-                self.resync(pid);
-            }
-        }
         if !ready.is_empty() {
             self.queue_pages(pid, slot_id, epoch, ready);
         }
@@ -812,7 +854,7 @@ impl Registry {
             return;
         };
         let slot = &vm.slots[&slot_id];
-        if slot_tracking(self.fentry_active, vm, slot) == Tracking::Tracked {
+        if slot_tracking(vm, slot) == Tracking::Tracked {
             // The dirty log reports this write with its re-protection point.
             return;
         }
@@ -909,6 +951,7 @@ impl Registry {
             pid: job.pid,
             uaddr: slot.uaddr,
             pages,
+            read_end_ns: u64::MAX,
         })
     }
 
@@ -926,14 +969,19 @@ impl Registry {
         else {
             return;
         };
-        let tracking = slot_tracking(self.fentry_active, vm, slot);
+        let tracking = slot_tracking(vm, slot);
+        // Hashes of a bitmap-harvested slot wait for a harvest that entered
+        // after the read ([`bitmap`]).
+        let confirm = slot.logged() && vm.harvests_bitmaps(self.fentry_active);
         let new_state = match (job.purpose, tracking) {
+            (Purpose::Track, Tracking::Tracked) if synced && confirm => PageState::Confirming,
             (Purpose::Track, Tracking::Tracked) if synced => PageState::Clean,
             (Purpose::Rescan, Tracking::Untracked) => PageState::Unverified,
             _ => return,
         };
         let vm = self.vms.get_mut(&job.pid).unwrap();
         let slot = vm.slots.get_mut(&job.slot).unwrap();
+        let confirming = &mut slot.confirming;
         for ((page_index, generation), hash) in plan.pages.iter().zip(hashes) {
             slot.pages.update(*page_index, |page| {
                 let eligible = match job.purpose {
@@ -945,6 +993,9 @@ impl Registry {
                     return;
                 }
                 let Some(hash) = hash else { return };
+                if new_state == PageState::Confirming {
+                    confirming.push((*page_index, *generation, plan.read_end_ns));
+                }
                 let rehash = page.state() == PageState::Queued;
                 if page.content != pages::NO_CONTENT {
                     if self.contents.get(page.content).hash == *hash {
@@ -967,7 +1018,7 @@ impl Registry {
 }
 
 /// How the pages of `slot` are kept.
-fn slot_tracking(fentry_active: bool, vm: &Vm, slot: &Slot) -> Tracking {
+fn slot_tracking(vm: &Vm, slot: &Slot) -> Tracking {
     if slot.read_only() {
         // The guest cannot write it: a page read once stays valid.
         return match vm.sync {
@@ -980,7 +1031,8 @@ fn slot_tracking(fentry_active: bool, vm: &Vm, slot: &Slot) -> Tracking {
     }
     let reported = match vm.dirty_mode {
         DirtyMode::Ring => true,
-        DirtyMode::Bitmap { manual_protect } => fentry_active && !manual_protect,
+        // Write by write (fexit), or from the harvested bitmaps.
+        DirtyMode::Bitmap { .. } => true,
         DirtyMode::Unknown => return Tracking::Syncing,
         DirtyMode::None => return Tracking::Untracked,
     };
@@ -997,12 +1049,15 @@ fn cap_enabled(vm: &mut Vm, cap: u32, arg0: u64) {
         ioctl::KVM_CAP_DIRTY_LOG_RING | ioctl::KVM_CAP_DIRTY_LOG_RING_ACQ_REL => {
             vm.dirty_mode = DirtyMode::Ring
         }
-        ioctl::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 if arg0 & 1 != 0 => {
+        ioctl::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
+            if arg0 & ioctl::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE != 0 =>
+        {
             if let DirtyMode::Bitmap { .. } | DirtyMode::Unknown = vm.dirty_mode {
                 vm.dirty_mode = DirtyMode::Bitmap {
                     manual_protect: true,
                 };
             }
+            vm.initially_set = arg0 & ioctl::KVM_DIRTY_LOG_INITIALLY_SET != 0;
         }
         _ => {}
     }

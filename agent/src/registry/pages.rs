@@ -19,6 +19,11 @@ pub enum PageState {
     /// Hashed, but the VM is not dirty-tracked: the content may have changed
     /// since. Whoever uses the hash must confirm it.
     Unverified = 4,
+    /// Hashed after re-protection, in a VM whose writes are learnt from the
+    /// dirty bitmaps `KVM_GET_DIRTY_LOG` returns: clean once a harvest that
+    /// entered after the read shows the page unwritten. Served unverified
+    /// until then.
+    Confirming = 5,
 }
 
 impl PageState {
@@ -28,6 +33,7 @@ impl PageState {
             2 => Self::Dirty,
             3 => Self::Queued,
             4 => Self::Unverified,
+            5 => Self::Confirming,
             _ => Self::Unknown,
         }
     }
@@ -89,7 +95,7 @@ pub struct PageCounts {
     pub dirty: u64,
     /// Clean, not the zero page.
     pub clean: u64,
-    /// Unverified, not the zero page.
+    /// Unverified (or confirming), not the zero page.
     pub unverified: u64,
     /// Clean or unverified zero pages.
     pub zero_clean: u64,
@@ -104,8 +110,8 @@ impl PageCounts {
             PageState::Dirty | PageState::Queued => &mut self.dirty,
             PageState::Clean if zero => &mut self.zero_clean,
             PageState::Clean => &mut self.clean,
-            PageState::Unverified if zero => &mut self.zero_unverified,
-            PageState::Unverified => &mut self.unverified,
+            PageState::Unverified | PageState::Confirming if zero => &mut self.zero_unverified,
+            PageState::Unverified | PageState::Confirming => &mut self.unverified,
         }
     }
 

@@ -4,7 +4,10 @@
 //! `sys_exit_ioctl`. The same machine runs on real kernel events in the
 //! integration tests.
 
-use agent_common::{Event, EventKind, PendingIoctl, SlotRegion, ioctl};
+use agent_common::{
+    BitmapChunk, BitmapHead, Event, EventKind, PendingIoctl, SlotRegion,
+    bitmap::BITMAP_CHUNK_WORDS, ioctl,
+};
 
 use super::*;
 
@@ -43,7 +46,53 @@ fn cap_enabled(cap: u32, arg0: u64) -> Event {
 
 /// `KVM_GET_DIRTY_LOG` of `slot`, entered at `enter_ns`, returned at `exit_ns`.
 fn dirty_log_get(slot: u32, enter_ns: u64, exit_ns: u64) -> Event {
-    ioctl_event(PendingIoctl::get_dirty_log(FD, enter_ns, slot), exit_ns, 0)
+    ioctl_event(
+        PendingIoctl::get_dirty_log(FD, enter_ns, slot, 0),
+        exit_ns,
+        0,
+    )
+}
+
+/// A bitmap chunk of one ioctl, as `agent-ebpf/src/bitmap.rs` sends it:
+/// `head`, with bit `i` set for every page `first + i` in `set`.
+fn chunk(head: BitmapHead, first: u64, set: &[u64]) -> BitmapChunk {
+    let mut words = [0u64; BITMAP_CHUNK_WORDS];
+    for page in set {
+        let bit = page - first;
+        words[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+    BitmapChunk { head, words }
+}
+
+/// `KVM_GET_DIRTY_LOG` of slot 0 (`pages` pages) entered at `enter_ns`,
+/// returning the pages `set`, its bitmap sent for `sent` pages: the chunk,
+/// then the event.
+fn harvest(reg: &mut Registry, enter_ns: u64, pages: u32, sent: u32, set: &[u64]) {
+    if sent > 0 {
+        let mut bits = chunk(BitmapHead::get(PID, enter_ns, 0, 0, sent), 0, set);
+        reg.apply_bitmap(&mut bits);
+    }
+    let event = PendingIoctl::get_dirty_log(FD, enter_ns, 0, 0x7000)
+        .completed(PID, enter_ns + 1, 0)
+        .unwrap()
+        .with_bitmap_pages(sent.min(pages));
+    reg.apply(&event);
+}
+
+/// `KVM_CLEAR_DIRTY_LOG` of slot 0, pages `first..first + count`, entered at
+/// `enter_ns`, with the pages `set` in its mask.
+fn clear(reg: &mut Registry, enter_ns: u64, first: u64, count: u32, set: &[u64]) {
+    let mut bits = chunk(
+        BitmapHead::clear(PID, enter_ns, 0, first, count),
+        first,
+        set,
+    );
+    reg.apply_bitmap(&mut bits);
+    let event = PendingIoctl::clear_dirty_log(FD, enter_ns, 0, first, count, 0x8000)
+        .completed(PID, enter_ns + 1, 0)
+        .unwrap()
+        .with_bitmap_pages(count);
+    reg.apply(&event);
 }
 
 /// `mark_page_dirty_in_slot` of guest frame `gfn` at `ktime_ns`.
@@ -67,13 +116,19 @@ fn ring_vm(pages: u64) -> Registry {
 
 /// Runs every queued job with `content(page)` as the page's hash.
 fn run_jobs(reg: &mut Registry, content: impl Fn(u32) -> u8) {
+    run_jobs_read_by(reg, 0, content);
+}
+
+/// [`run_jobs`], the reads ending at `read_end_ns`.
+fn run_jobs_read_by(reg: &mut Registry, read_end_ns: u64, content: impl Fn(u32) -> u8) {
     for job in reg.take_jobs() {
-        if let Some(plan) = reg.plan(&job) {
+        if let Some(mut plan) = reg.plan(&job) {
             let hashes: Vec<_> = plan
                 .pages
                 .iter()
                 .map(|(p, _)| Some([content(*p); 32]))
                 .collect();
+            plan.read_end_ns = read_end_ns;
             reg.commit(&job, &plan, &hashes);
         }
     }
@@ -293,6 +348,121 @@ fn a_bitmap_vm_resyncs_only_after_every_logged_slot_was_harvested() {
     assert_eq!(state(&reg, 0), PageState::Clean);
 }
 
+/// A VM with QEMU's default dirty log: manual protection, every bit set
+/// when logging starts; slot 0 of `pages` pages, logged.
+fn manual_protect_vm(pages: u64) -> Registry {
+    let mut reg = Registry::new(false);
+    reg.apply(&vm_created());
+    reg.apply(&cap_enabled(
+        ioctl::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        ioctl::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | ioctl::KVM_DIRTY_LOG_INITIALLY_SET,
+    ));
+    reg.apply(&slot_set(
+        0,
+        ioctl::KVM_MEM_LOG_DIRTY_PAGES,
+        0,
+        pages,
+        0x7000_0000,
+    ));
+    reg
+}
+
+#[test]
+fn manual_protect_pages_are_clean_after_a_clear_a_read_and_a_harvest_after_the_read() {
+    let mut reg = manual_protect_vm(8);
+    assert!(
+        reg.take_jobs().is_empty(),
+        "every bit is set: nothing to read before a CLEAR"
+    );
+    let all: Vec<u64> = (0..8).collect();
+    harvest(&mut reg, 20, 8, 8, &all);
+    assert_eq!(state(&reg, 0), PageState::Dirty);
+    clear(&mut reg, 30, 0, 8, &all);
+    assert_eq!(state(&reg, 0), PageState::Queued);
+    run_jobs_read_by(&mut reg, 35, |_| 1);
+    assert_eq!(state(&reg, 0), PageState::Confirming);
+    // A harvest that entered during the read confirms nothing.
+    harvest(&mut reg, 34, 8, 8, &[]);
+    assert_eq!(state(&reg, 0), PageState::Confirming);
+    assert!(!reg.clean_at(PID, 0, 35), "no harvest entered after 35 yet");
+    // One that entered after it, with the page unwritten, does.
+    harvest(&mut reg, 40, 8, 8, &[5]);
+    assert_eq!(state(&reg, 0), PageState::Clean);
+    assert_eq!(
+        state(&reg, 5),
+        PageState::Dirty,
+        "written after the CLEAR: never clean"
+    );
+    // Clean at a moment only if a harvest entered after it.
+    assert!(reg.clean_at(PID, 0, 40));
+    assert!(!reg.clean_at(PID, 0, 41));
+    assert!(!reg.all_clean_at(PID, 41));
+    harvest(&mut reg, 50, 8, 8, &[0]);
+    assert_eq!(state(&reg, 0), PageState::Dirty);
+    assert!(reg.all_clean_at(PID, 41));
+    // Dirty logging off: nothing can be confirmed any more.
+    reg.apply(&slot_set(0, 0, 0, 8, 0x7000_0000));
+    assert_eq!(state(&reg, 1), PageState::Unverified);
+}
+
+#[test]
+fn a_clear_after_a_read_drops_it_and_uncovered_pages_become_unknown() {
+    let mut reg = manual_protect_vm(8);
+    let all: Vec<u64> = (0..8).collect();
+    harvest(&mut reg, 20, 8, 8, &all);
+    clear(&mut reg, 30, 0, 8, &all);
+    let jobs = reg.take_jobs();
+    let mut plan = reg.plan(&jobs[0]).unwrap();
+    // The page is cleared again while the read is under way: the CLEAR may
+    // have consumed a write made after the read began.
+    clear(&mut reg, 32, 0, 8, &[3]);
+    plan.read_end_ns = 33;
+    reg.commit(&jobs[0], &plan, &vec![Some([1; 32]); plan.pages.len()]);
+    assert_eq!(state(&reg, 3), PageState::Queued);
+    assert_eq!(state(&reg, 2), PageState::Confirming);
+    harvest(&mut reg, 40, 8, 8, &[]);
+    assert_eq!(state(&reg, 3), PageState::Queued);
+    assert_eq!(state(&reg, 2), PageState::Clean);
+    // A harvest whose bitmap came for 4 of the 8 pages (the ring buffer
+    // was full): the other 4 are unknown.
+    harvest(&mut reg, 50, 8, 4, &[]);
+    assert_eq!(state(&reg, 2), PageState::Clean);
+    for page in 4..8 {
+        assert_eq!(state(&reg, page), PageState::Unknown, "page {page}");
+    }
+    // Its bitmap lost altogether: all of them.
+    harvest(&mut reg, 60, 8, 0, &[]);
+    assert_eq!(state(&reg, 2), PageState::Unknown);
+}
+
+#[test]
+fn a_bitmap_vm_without_manual_protection_rereads_what_each_harvest_reports() {
+    // No fexit (this kernel): the GET's bitmap is the only report.
+    let mut reg = Registry::new(false);
+    reg.apply(&vm_created());
+    reg.apply(&slot_set(
+        0,
+        ioctl::KVM_MEM_LOG_DIRTY_PAGES,
+        0,
+        4,
+        0x7000_0000,
+    ));
+    // Logging on without INITIALLY_SET protects every page: a full pass.
+    run_jobs_read_by(&mut reg, 15, |_| 1);
+    assert_eq!(state(&reg, 0), PageState::Confirming);
+    harvest(&mut reg, 20, 4, 4, &[1]);
+    assert_eq!(state(&reg, 0), PageState::Clean);
+    // The GET re-protected page 1: read again, confirmed by the next.
+    assert_eq!(state(&reg, 1), PageState::Queued);
+    run_jobs_read_by(&mut reg, 25, |_| 2);
+    harvest(&mut reg, 30, 4, 4, &[]);
+    assert_eq!(state(&reg, 1), PageState::Clean);
+    assert_eq!(reg.vm(PID).unwrap().dirty_mode.name(), "bitmap");
+    // A CLEAR shows the mode is manual after all (an adopted VM).
+    clear(&mut reg, 40, 0, 4, &[]);
+    assert_eq!(reg.vm(PID).unwrap().dirty_mode.name(), "bitmap-mp");
+}
+
 #[test]
 fn removed_vms_are_reported_once_for_their_mappings_to_go() {
     let mut registry = Registry::new(false);
@@ -493,7 +663,7 @@ fn every_kind_built_as_the_ebpf_programs_build_it_is_decoded_by_the_registry() {
     reg.apply(&dirty_gfn(0x100, 31));
     reg.apply(&dirty_log_get(0, 32, 33));
     reg.apply(&ioctl_event(
-        PendingIoctl::clear_dirty_log(FD, 34, 0, 0, 4),
+        PendingIoctl::clear_dirty_log(FD, 34, 0, 0, 4, 0x8000),
         35,
         0,
     ));
@@ -567,8 +737,10 @@ mod page_counts {
                     PageState::Dirty | PageState::Queued => counts.dirty += 1,
                     PageState::Clean if is_zero => counts.zero_clean += 1,
                     PageState::Clean => counts.clean += 1,
-                    PageState::Unverified if is_zero => counts.zero_unverified += 1,
-                    PageState::Unverified => counts.unverified += 1,
+                    PageState::Unverified | PageState::Confirming if is_zero => {
+                        counts.zero_unverified += 1
+                    }
+                    PageState::Unverified | PageState::Confirming => counts.unverified += 1,
                 }
             }
         }

@@ -86,6 +86,12 @@ pub struct Slot {
     pub pending_bitmap: Vec<(u32, u32, u64)>,
     /// Next page the bounded-rate rescan of an untracked slot reads.
     pub rescan_cursor: u32,
+    /// Bitmap harvests ([`super::bitmap`]): when the last
+    /// `KVM_GET_DIRTY_LOG` of the slot applied entered the kernel.
+    pub last_harvest_ns: Option<u64>,
+    /// Bitmap harvests: (page, generation, end of the read) of pages hashed
+    /// and waiting for a harvest that entered after their read.
+    pub confirming: Vec<(u32, u32, u64)>,
 }
 
 impl Slot {
@@ -101,6 +107,8 @@ impl Slot {
             pages: PageTable::new((size >> PAGE_SHIFT) as usize),
             pending_bitmap: Vec::new(),
             rescan_cursor: 0,
+            last_harvest_ns: None,
+            confirming: Vec::new(),
         }
     }
 
@@ -178,6 +186,11 @@ pub struct Vm {
     pub stats: VmStats,
     /// Why the VM is not (fully) tracked, when it is not.
     pub note: Option<String>,
+    /// Manual re-protection with `KVM_DIRTY_LOG_INITIALLY_SET`: turning
+    /// dirty logging on marks every page dirty (and protects none).
+    pub initially_set: bool,
+    /// Chunks of dirty bitmaps waiting for their ioctl's event.
+    pub bitmaps: Vec<super::bitmap::PendingBitmap>,
 }
 
 impl Vm {
@@ -201,6 +214,17 @@ impl Vm {
             counts: VmContentCounts::default(),
             stats: VmStats::default(),
             note: None,
+            initially_set: false,
+            bitmaps: Vec::new(),
+        }
+    }
+
+    /// The VM's writes are learnt from the dirty bitmaps its VMM harvests
+    /// ([`super::bitmap`]), not write by write.
+    pub fn harvests_bitmaps(&self, fentry_active: bool) -> bool {
+        match self.dirty_mode {
+            DirtyMode::Bitmap { manual_protect } => manual_protect || !fentry_active,
+            _ => false,
         }
     }
 

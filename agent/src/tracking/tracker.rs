@@ -15,12 +15,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::{Event, LossRecord};
+use agent_common::LossRecord;
 use crossbeam::channel::{Receiver, Sender};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use super::ebpf::Probes;
+use super::ebpf::{Probes, Record};
 use crate::{
+    clock::monotonic_ns,
     hasher::HashPool,
     registry::{HashJob, JobPages, Purpose, Registry},
 };
@@ -115,7 +116,7 @@ impl Tracker {
     }
 
     pub fn run(mut self) {
-        let mut batch: Vec<Event> = Vec::with_capacity(4096);
+        let mut batch: Vec<Record> = Vec::with_capacity(4096);
         let mut delayed: std::collections::VecDeque<(Instant, HashJob)> =
             std::collections::VecDeque::new();
         let mut last_rescan = Instant::now();
@@ -141,8 +142,11 @@ impl Tracker {
             let registry_handle = self.registry.clone();
             let jobs = {
                 let mut registry = registry_handle.lock().unwrap();
-                for event in &batch {
-                    registry.apply(event);
+                for record in &mut batch {
+                    match record {
+                        Record::Event(event) => registry.apply(event),
+                        Record::Bitmap(chunk) => registry.apply_bitmap(chunk),
+                    }
                 }
                 if let Some(guests) = &shared_ram {
                     for guest in guests {
@@ -273,13 +277,6 @@ fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let now =
-        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
-    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }
 
 /// Pids of processes that hold a KVM VM fd now.

@@ -3,7 +3,7 @@
 
 pub mod tracefs;
 
-use agent_common::{Event, LossRecord, TraceOffsets};
+use agent_common::{BitmapChunk, Event, LossRecord, TraceOffsets};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
@@ -57,6 +57,13 @@ pub struct Sources {
     pub fentry_error: Option<String>,
     /// The write-fault tracepoint is attached.
     pub write_faults: bool,
+}
+
+/// One record of the ring buffer.
+pub enum Record {
+    Event(Event),
+    /// Part of a dirty-log ioctl's bitmap, sent before its event.
+    Bitmap(Box<BitmapChunk>),
 }
 
 /// The loaded programs and the maps user space reads.
@@ -180,11 +187,18 @@ impl Probes {
         })
     }
 
-    /// Reads every event waiting in the ring buffer.
-    pub fn drain(&mut self, out: &mut Vec<Event>) {
+    /// Reads every record waiting in the ring buffer. Records of another
+    /// size than an event's or a bitmap chunk's are dropped.
+    pub fn drain(&mut self, out: &mut Vec<Record>) {
         while let Some(item) = self.events.next() {
-            if item.len() >= size_of::<Event>() {
-                out.push(bytemuck::pod_read_unaligned(&item[..size_of::<Event>()]));
+            if item.len() == size_of::<BitmapChunk>() {
+                out.push(Record::Bitmap(Box::new(bytemuck::pod_read_unaligned(
+                    &item[..],
+                ))));
+            } else if item.len() >= size_of::<Event>() {
+                out.push(Record::Event(bytemuck::pod_read_unaligned(
+                    &item[..size_of::<Event>()],
+                )));
             }
         }
     }

@@ -240,10 +240,15 @@ impl Qmp {
     /// Writes guest physical memory `[0, size)` into `path` (absolute: QEMU
     /// resolves relative paths against its own working directory).
     pub fn pmemsave(&mut self, path: &Path, size: u64) -> anyhow::Result<()> {
+        self.pmemsave_at(path, 0, size)
+    }
+
+    /// Writes guest physical memory `[gpa, gpa + size)` into `path`.
+    pub fn pmemsave_at(&mut self, path: &Path, gpa: u64, size: u64) -> anyhow::Result<()> {
         let filename = std::path::absolute(path)?;
         self.execute(
             "pmemsave",
-            Some(json!({ "val": 0, "size": size, "filename": filename })),
+            Some(json!({ "val": gpa, "size": size, "filename": filename })),
         )
         .map(drop)
     }
