@@ -43,7 +43,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let probes = Probes::attach(config.ring_buffer_bytes)?;
     let sources = probes.sources.clone();
     log::info!("eBPF attached: {}", sources.attached.join(", "));
-    let registry = Arc::new(Mutex::new(Registry::new(sources.fentry)));
+    let mut registry = Registry::new(sources.fentry);
+    registry.harvest_lag = if sources.pml { 2 } else { 1 };
+    let registry = Arc::new(Mutex::new(registry));
     let pool = Arc::new(HashPool::new(
         config.threads(),
         registry.clone(),

@@ -235,11 +235,15 @@ impl Registry {
                 );
             }
         }
-        // Reads that ended before this GET entered, of pages it shows
-        // unwritten, are confirmed.
+        // Reads that ended before this GET entered (with PML, before the
+        // one before it), of pages it shows unwritten, are confirmed.
+        if slot.harvests[0].is_none_or(|latest| enter_ns > latest) {
+            slot.harvests = [Some(enter_ns), slot.harvests[0]];
+        }
+        let vouching = slot.harvests[self.harvest_lag.clamp(1, 2) - 1];
         let pages = &mut slot.pages;
         slot.confirming.retain(|&(page, generation, read_end_ns)| {
-            if read_end_ns > enter_ns {
+            if vouching.is_none_or(|at| read_end_ns > at) {
                 return true;
             }
             if bits.covers(u64::from(page)) && !bits.is_set(u64::from(page)) {
@@ -251,7 +255,6 @@ impl Registry {
             }
             false
         });
-        slot.last_harvest_ns = Some(slot.last_harvest_ns.unwrap_or(0).max(enter_ns));
         let epoch = slot.epoch;
         if !queued.is_empty() {
             self.queue_pages(pid, slot_id, epoch, queued);
@@ -334,7 +337,7 @@ impl Registry {
         if !vm.harvests_bitmaps(self.fentry_active) || !slot.logged() {
             return true;
         }
-        slot.last_harvest_ns.is_some_and(|at| at >= request_ns)
+        slot.harvests[self.harvest_lag.clamp(1, 2) - 1].is_some_and(|at| at >= request_ns)
     }
 
     /// Whether every tracked slot of VM `pid` serves its clean pages as

@@ -143,6 +143,10 @@ pub struct Registry {
     /// attached: bitmap-mode VMs
     /// report their writes too.
     pub fentry_active: bool,
+    /// Bitmap harvests that must enter after a read (or a request) before
+    /// they vouch for it: 1, or 2 on hosts with Intel PML, where a write
+    /// reaches the bitmap at the vCPU's next exit ([`bitmap`]).
+    pub harvest_lag: usize,
     next_epoch: u64,
     jobs: Vec<HashJob>,
     /// VMs removed, not yet reported by [`Registry::take_removed`].
@@ -177,6 +181,7 @@ impl Registry {
     pub fn new(fentry_active: bool) -> Self {
         Self {
             fentry_active,
+            harvest_lag: 1,
             ..Self::default()
         }
     }
@@ -526,7 +531,7 @@ impl Registry {
                 }
             } else if !old.logged() {
                 old.confirming.clear();
-                old.last_harvest_ns = None;
+                old.harvests = [None; 2];
                 for page in 0..old.pages.len() as u32 {
                     old.pages.update(page, |entry| {
                         if matches!(entry.state(), PageState::Clean | PageState::Confirming) {

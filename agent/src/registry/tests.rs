@@ -795,3 +795,24 @@ mod page_counts {
         }
     }
 }
+
+#[test]
+fn with_pml_a_read_is_confirmed_by_the_second_harvest_after_it() {
+    let mut reg = manual_protect_vm(4);
+    reg.harvest_lag = 2;
+    let all: Vec<u64> = (0..4).collect();
+    harvest(&mut reg, 20, 4, 4, &all);
+    clear(&mut reg, 30, 0, 4, &all);
+    run_jobs_read_by(&mut reg, 35, |_| 1);
+    // The first harvest after the read may not hold a write still in a
+    // vCPU's PML buffer.
+    harvest(&mut reg, 40, 4, 4, &[]);
+    assert_eq!(state(&reg, 0), PageState::Confirming);
+    harvest(&mut reg, 50, 4, 4, &[]);
+    assert_eq!(state(&reg, 0), PageState::Clean);
+    assert!(reg.clean_at(PID, 0, 40));
+    assert!(
+        !reg.clean_at(PID, 0, 41),
+        "one harvest after 41 is not enough"
+    );
+}

@@ -86,9 +86,9 @@ pub struct Slot {
     pub pending_bitmap: Vec<(u32, u32, u64)>,
     /// Next page the bounded-rate rescan of an untracked slot reads.
     pub rescan_cursor: u32,
-    /// Bitmap harvests ([`super::bitmap`]): when the last
-    /// `KVM_GET_DIRTY_LOG` of the slot applied entered the kernel.
-    pub last_harvest_ns: Option<u64>,
+    /// Bitmap harvests ([`super::bitmap`]): when the last two
+    /// `KVM_GET_DIRTY_LOG`s of the slot entered the kernel, latest first.
+    pub harvests: [Option<u64>; 2],
     /// Bitmap harvests: (page, generation, end of the read) of pages hashed
     /// and waiting for a harvest that entered after their read.
     pub confirming: Vec<(u32, u32, u64)>,
@@ -107,7 +107,7 @@ impl Slot {
             pages: PageTable::new((size >> PAGE_SHIFT) as usize),
             pending_bitmap: Vec::new(),
             rescan_cursor: 0,
-            last_harvest_ns: None,
+            harvests: [None; 2],
             confirming: Vec::new(),
         }
     }

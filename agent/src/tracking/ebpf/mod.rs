@@ -57,6 +57,15 @@ pub struct Sources {
     pub fentry_error: Option<String>,
     /// The write-fault tracepoint is attached.
     pub write_faults: bool,
+    /// KVM logs dirty pages with Intel PML (`kvm_intel`'s `pml` parameter):
+    /// a write reaches the dirty bitmap at the vCPU's next exit.
+    pub pml: bool,
+}
+
+/// Whether `kvm_intel` uses Page Modification Logging.
+fn kvm_pml_enabled() -> bool {
+    std::fs::read_to_string("/sys/module/kvm_intel/parameters/pml")
+        .is_ok_and(|value| matches!(value.trim(), "Y" | "1"))
 }
 
 /// One record of the ring buffer.
@@ -147,6 +156,7 @@ impl Probes {
                 Err(err) => return Err(err),
             }
         }
+        sources.pml = kvm_pml_enabled();
         sources.write_faults = sources
             .attached
             .iter()
