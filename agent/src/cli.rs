@@ -75,6 +75,9 @@ pub struct AgentArgs {
     /// Always copy guest memory (never map memfds).
     #[arg(long)]
     pub no_zero_copy: bool,
+    /// Rescans hash every page with blake3 (no xxh3 change detection).
+    #[arg(long)]
+    pub no_change_detection: bool,
     /// Seconds between scans for QEMU guests without KVM on shared memory
     /// backends (0 = never).
     #[arg(long)]
@@ -112,6 +115,9 @@ impl AgentArgs {
         }
         if self.no_zero_copy {
             config.zero_copy = false;
+        }
+        if self.no_change_detection {
+            config.rescan_change_detection = false;
         }
         if let Some(v) = self.qemu_scan_secs {
             config.qemu_scan_secs = v;

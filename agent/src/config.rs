@@ -35,6 +35,9 @@ pub struct Config {
     pub template_budget_bytes: u64,
     /// Map sealed memfd guest memory instead of copying it.
     pub zero_copy: bool,
+    /// Rescans of untracked VMs skip blake3 for pages whose xxh3-64 did not
+    /// change since they were last hashed.
+    pub rescan_change_detection: bool,
     /// Seconds between scans for QEMU guests without KVM whose RAM is a
     /// shared memory backend; 0 turns the scan off.
     pub qemu_scan_secs: u64,
@@ -52,6 +55,7 @@ impl Default for Config {
             min_vms: 2,
             template_budget_bytes: 256 << 20,
             zero_copy: true,
+            rescan_change_detection: true,
             qemu_scan_secs: 2,
         }
     }

@@ -20,7 +20,7 @@ use crate::{
     content::{PageHash, zero_page_hash},
     guest_memory::{GuestMapping, read_copied},
     page::{PAGE_SIZE, is_zero_page},
-    registry::{HashJob, JobPages, ReadPlan, Registry},
+    registry::{ChangeCheck, HashJob, JobPages, Purpose, ReadPlan, Registry},
 };
 
 /// Pages one worker handles between two lock acquisitions.
@@ -37,6 +37,11 @@ pub struct HashStats {
     pub reads_mapped: AtomicU64,
     pub reads_copied: AtomicU64,
     pub jobs_pending: AtomicU64,
+    /// Pages read by rescans of untracked VMs, those whose xxh3 showed them
+    /// unchanged (no blake3), and the busy time of rescan jobs.
+    pub rescan_pages: AtomicU64,
+    pub rescan_unchanged: AtomicU64,
+    pub rescan_busy_ns: AtomicU64,
 }
 
 /// A copy of [`HashStats`] for the API.
@@ -50,6 +55,9 @@ pub struct HashStatsView {
     pub reads_mapped: u64,
     pub reads_copied: u64,
     pub jobs_pending: u64,
+    pub rescan_pages: u64,
+    pub rescan_unchanged: u64,
+    pub rescan_busy_ns: u64,
 }
 
 impl HashStats {
@@ -64,6 +72,9 @@ impl HashStats {
             reads_mapped: get(&self.reads_mapped),
             reads_copied: get(&self.reads_copied),
             jobs_pending: get(&self.jobs_pending),
+            rescan_pages: get(&self.rescan_pages),
+            rescan_unchanged: get(&self.rescan_unchanged),
+            rescan_busy_ns: get(&self.rescan_busy_ns),
         }
     }
 }
@@ -104,7 +115,12 @@ pub struct HashPool {
 }
 
 impl HashPool {
-    pub fn new(threads: usize, registry: Arc<Mutex<Registry>>, zero_copy: bool) -> Self {
+    pub fn new(
+        threads: usize,
+        registry: Arc<Mutex<Registry>>,
+        zero_copy: bool,
+        change_detection: bool,
+    ) -> Self {
         let (tx, rx) = unbounded::<HashJob>();
         let stats = Arc::new(HashStats::default());
         let mapped: Arc<MappedCache> = Arc::default();
@@ -116,6 +132,7 @@ impl HashPool {
                     stats: stats.clone(),
                     mapped: mapped.clone(),
                     zero_copy,
+                    change_detection,
                 };
                 std::thread::Builder::new()
                     .name(format!("pagefp-hash-{i}"))
@@ -211,6 +228,8 @@ struct Worker {
     stats: Arc<HashStats>,
     mapped: Arc<MappedCache>,
     zero_copy: bool,
+    /// Rescans skip blake3 for pages whose xxh3 did not change.
+    change_detection: bool,
 }
 
 impl Worker {
@@ -222,35 +241,37 @@ impl Worker {
             let started = std::time::Instant::now();
             let plan = self.registry.lock().unwrap().plan(&job);
             if let Some(mut plan) = plan {
-                let hashes = self.hash(&job, &plan, &mut buf);
+                let hashes = self.hash(&job, &mut plan, &mut buf);
                 plan.read_end_ns = crate::clock::monotonic_ns();
                 self.registry.lock().unwrap().commit(&job, &plan, &hashes);
             }
-            self.stats
-                .busy_ns
-                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            let busy = started.elapsed().as_nanos() as u64;
+            self.stats.busy_ns.fetch_add(busy, Ordering::Relaxed);
+            if job.purpose == Purpose::Rescan {
+                self.stats.rescan_busy_ns.fetch_add(busy, Ordering::Relaxed);
+            }
             self.stats.jobs_pending.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
-    fn mapping(&self, job: &HashJob, plan: &ReadPlan) -> Option<Arc<GuestMapping>> {
+    fn mapping(&self, job: &HashJob, pid: u32, uaddr: u64) -> Option<Arc<GuestMapping>> {
         if !self.zero_copy {
             return None;
         }
-        let key = (plan.pid, plan.uaddr, job.epoch);
+        let key = (pid, uaddr, job.epoch);
         if let Some(found) = self.mapped.read().unwrap().get(&key) {
             return found.clone();
         }
         let size = {
             let registry = self.registry.lock().unwrap();
             registry
-                .vm(plan.pid)
+                .vm(pid)
                 .and_then(|vm| vm.slots.get(&job.slot))
                 .map(|slot| slot.size)
         }?;
         // Mapping (and populating) a large slot takes a while: the VM may
         // exit meanwhile. Kept only if it is still registered then.
-        let mapped = GuestMapping::open_sealed(plan.pid, plan.uaddr, size)
+        let mapped = GuestMapping::open_sealed(pid, uaddr, size)
             .ok()
             .flatten()
             .map(Arc::new);
@@ -258,15 +279,26 @@ impl Worker {
         mapped
     }
 
-    fn hash(&self, job: &HashJob, plan: &ReadPlan, buf: &mut [u8]) -> Vec<Option<PageHash>> {
+    /// Hashes the pages of `plan` (a rescan's checks updated: see
+    /// [`ReadPlan::checks`]).
+    fn hash(&self, job: &HashJob, plan: &mut ReadPlan, buf: &mut [u8]) -> Vec<Option<PageHash>> {
         let pages: Vec<u32> = plan.pages.iter().map(|(page, _)| *page).collect();
         let n = pages.len() as u64;
         self.stats.pages_read.fetch_add(n, Ordering::Relaxed);
-        if let Some(mapped) = self.mapping(job, plan) {
+        if job.purpose == Purpose::Rescan {
+            self.stats.rescan_pages.fetch_add(n, Ordering::Relaxed);
+        }
+        let checks = &mut plan.checks;
+        let mut hash = |index: usize, bytes: &[u8]| match checks.get_mut(index) {
+            Some(check) if self.change_detection => self.hash_unless_unchanged(bytes, check),
+            _ => self.hash_page(bytes),
+        };
+        if let Some(mapped) = self.mapping(job, plan.pid, plan.uaddr) {
             self.stats.reads_mapped.fetch_add(n, Ordering::Relaxed);
             return pages
                 .iter()
-                .map(|page| mapped.page(*page).map(|bytes| self.hash_page(bytes)))
+                .enumerate()
+                .map(|(index, page)| mapped.page(*page).map(|bytes| hash(index, bytes)))
                 .collect();
         }
         self.stats.reads_copied.fetch_add(n, Ordering::Relaxed);
@@ -274,15 +306,29 @@ impl Worker {
         let ok = read_copied(plan.pid, plan.uaddr, &pages, buf);
         ok.iter()
             .zip(buf.chunks_exact(PAGE_SIZE))
-            .map(|(ok, bytes)| {
+            .enumerate()
+            .map(|(index, (ok, bytes))| {
                 if *ok {
-                    Some(self.hash_page(bytes))
+                    Some(hash(index, bytes))
                 } else {
                     self.stats.pages_unreadable.fetch_add(1, Ordering::Relaxed);
                     None
                 }
             })
             .collect()
+    }
+
+    /// A rescanned page: its last blake3 if its xxh3-64 did not change,
+    /// else a new blake3; `check` gets the new checksum.
+    fn hash_unless_unchanged(&self, bytes: &[u8], check: &mut ChangeCheck) -> PageHash {
+        let checksum = xxhash_rust::xxh3::xxh3_64(bytes);
+        let unchanged = check.checksum != 0 && check.checksum == checksum;
+        check.checksum = checksum;
+        if unchanged {
+            self.stats.rescan_unchanged.fetch_add(1, Ordering::Relaxed);
+            return check.hash;
+        }
+        self.hash_page(bytes)
     }
 
     fn hash_page(&self, bytes: &[u8]) -> PageHash {
@@ -388,6 +434,64 @@ mod tests {
         pool.prune(&moved);
         let kept: Vec<_> = pool.mapped.read().unwrap().keys().copied().collect();
         assert_eq!(kept, vec![(200, 0x9000_0000, new)]);
+    }
+
+    /// Rescans of this process's own memory as an untracked VM's slot:
+    /// pages whose xxh3 did not change keep their hash without blake3; a
+    /// changed page is hashed anew.
+    #[test]
+    fn rescans_hash_only_the_pages_that_changed() {
+        let pages = 16;
+        let mut memory = vec![0u8; pages * PAGE_SIZE];
+        for (i, page) in memory.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            page[0] = i as u8 + 1;
+        }
+        let pid = std::process::id();
+        let uaddr = memory.as_ptr() as u64;
+        for change_detection in [true, false] {
+            let registry = Arc::new(Mutex::new(registry_with_slot(pid, uaddr)));
+            let stats = Arc::new(HashStats::default());
+            let worker = Worker {
+                rx: unbounded().1,
+                registry: registry.clone(),
+                stats: stats.clone(),
+                mapped: Arc::default(),
+                zero_copy: false,
+                change_detection,
+            };
+            let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE_SIZE];
+            let mut pass = |memory: &[u8]| {
+                std::hint::black_box(memory);
+                let jobs = registry.lock().unwrap().rescan_jobs(pages as u32);
+                for job in jobs {
+                    let mut plan = registry.lock().unwrap().plan(&job).unwrap();
+                    let hashes = worker.hash(&job, &mut plan, &mut buf);
+                    registry.lock().unwrap().commit(&job, &plan, &hashes);
+                }
+            };
+            pass(&memory);
+            assert_eq!(stats.rescan_unchanged.load(Ordering::Relaxed), 0);
+            pass(&memory);
+            let unchanged = stats.rescan_unchanged.load(Ordering::Relaxed);
+            assert_eq!(unchanged, if change_detection { 16 } else { 0 });
+            memory[3 * PAGE_SIZE + 7] = 0xee;
+            pass(&memory);
+            assert_eq!(
+                stats.rescan_unchanged.load(Ordering::Relaxed) - unchanged,
+                if change_detection { 15 } else { 0 }
+            );
+            let registry = registry.lock().unwrap();
+            let slot = &registry.vm(pid).unwrap().slots[&0];
+            for (i, page) in memory.chunks_exact(PAGE_SIZE).enumerate() {
+                let entry = slot.pages.get(i as u32).unwrap();
+                assert_eq!(entry.state(), crate::registry::PageState::Unverified);
+                assert_eq!(
+                    registry.contents.get(entry.content).hash,
+                    *blake3::hash(page).as_bytes(),
+                    "page {i}"
+                );
+            }
+        }
     }
 
     #[test]

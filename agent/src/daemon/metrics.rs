@@ -205,6 +205,24 @@ fn agent_metrics(scrape: &Scrape, state: &AppState) -> Result<(), prometheus::Er
         )?
         .inc_by(stats.pages_unreadable);
     scrape
+        .add(prometheus::Counter::new(
+            "pagefp_rescan_busy_seconds_total",
+            "Time the hash workers spent rescanning VMs whose writes are not reported: the CPU cost of rescans",
+        )?)?
+        .inc_by(Duration::from_nanos(stats.rescan_busy_ns).as_secs_f64());
+    scrape
+        .counter(
+            "pagefp_rescan_pages_total",
+            "Pages read by rescans of VMs whose writes are not reported",
+        )?
+        .inc_by(stats.rescan_pages);
+    scrape
+        .counter(
+            "pagefp_rescan_unchanged_pages_total",
+            "Rescanned pages whose xxh3-64 showed them unchanged (no blake3)",
+        )?
+        .inc_by(stats.rescan_unchanged);
+    scrape
         .gauge("pagefp_hasher_pending_jobs", "Hash jobs queued or running")?
         .set(clamp(stats.jobs_pending));
     Ok(())

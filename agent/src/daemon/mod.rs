@@ -50,6 +50,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         config.threads(),
         registry.clone(),
         config.zero_copy,
+        config.rescan_change_detection,
     ));
     let stop = Arc::new(AtomicBool::new(false));
     let (mut tracker, sync) = Tracker::new(

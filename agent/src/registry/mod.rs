@@ -93,6 +93,20 @@ pub struct ReadPlan {
     /// read the pages; [`u64::MAX`] (as planned) means never: hashes of
     /// bitmap-harvested slots are then never confirmed ([`bitmap`]).
     pub read_end_ns: u64,
+    /// Rescans: what each page of `pages` was when it was last hashed (empty
+    /// for other jobs). The reader may reuse `hash` for a page whose xxh3
+    /// still equals `checksum`, and leaves the checksum it computed here for
+    /// the commit to keep.
+    pub checks: Vec<ChangeCheck>,
+}
+
+/// A rescanned page's content when it was last hashed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangeCheck {
+    /// xxh3-64 of the page (0: not known).
+    pub checksum: u64,
+    /// blake3 of the page then.
+    pub hash: PageHash,
 }
 
 /// How a slot's pages are kept.
@@ -520,6 +534,7 @@ impl Registry {
                 // KVM write-protects every page now: what is read from here on
                 // is valid until the next report.
                 old.epoch = epoch;
+                old.checksums = Vec::new();
                 for page in 0..old.pages.len() as u32 {
                     forget(
                         &mut self.contents,
@@ -952,11 +967,32 @@ impl Registry {
         if pages.is_empty() {
             return None;
         }
+        let checks = match job.purpose {
+            Purpose::Track => Vec::new(),
+            Purpose::Rescan => pages
+                .iter()
+                .map(|(page, _)| {
+                    let entry = slot.pages.get(*page);
+                    let known = entry.filter(|entry| entry.content != self::pages::NO_CONTENT);
+                    match (known, slot.checksums.get(*page as usize)) {
+                        (Some(entry), Some(&checksum)) => ChangeCheck {
+                            checksum,
+                            hash: self.contents.get(entry.content).hash,
+                        },
+                        _ => ChangeCheck {
+                            checksum: 0,
+                            hash: [0; 32],
+                        },
+                    }
+                })
+                .collect(),
+        };
         Some(ReadPlan {
             pid: job.pid,
             uaddr: slot.uaddr,
             pages,
             read_end_ns: u64::MAX,
+            checks,
         })
     }
 
@@ -986,8 +1022,12 @@ impl Registry {
         };
         let vm = self.vms.get_mut(&job.pid).unwrap();
         let slot = vm.slots.get_mut(&job.slot).unwrap();
+        if !plan.checks.is_empty() && slot.checksums.len() != slot.pages.len() {
+            slot.checksums = vec![0; slot.pages.len()];
+        }
         let confirming = &mut slot.confirming;
-        for ((page_index, generation), hash) in plan.pages.iter().zip(hashes) {
+        let checksums = &mut slot.checksums;
+        for (index, ((page_index, generation), hash)) in plan.pages.iter().zip(hashes).enumerate() {
             slot.pages.update(*page_index, |page| {
                 let eligible = match job.purpose {
                     Purpose::Track => page.state().wants_hash(),
@@ -998,6 +1038,12 @@ impl Registry {
                     return;
                 }
                 let Some(hash) = hash else { return };
+                if let (Some(check), Some(kept)) = (
+                    plan.checks.get(index),
+                    checksums.get_mut(*page_index as usize),
+                ) {
+                    *kept = check.checksum;
+                }
                 if new_state == PageState::Confirming {
                     confirming.push((*page_index, *generation, plan.read_end_ns));
                 }

@@ -92,6 +92,10 @@ pub struct Slot {
     /// Bitmap harvests: (page, generation, end of the read) of pages hashed
     /// and waiting for a harvest that entered after their read.
     pub confirming: Vec<(u32, u32, u64)>,
+    /// Rescans of an untracked slot: each page's xxh3-64 when it was last
+    /// hashed (0: none), so that a page that did not change is not hashed
+    /// with blake3 again. Empty until the first rescan, and while tracked.
+    pub checksums: Vec<u64>,
 }
 
 impl Slot {
@@ -109,6 +113,7 @@ impl Slot {
             rescan_cursor: 0,
             harvests: [None; 2],
             confirming: Vec::new(),
+            checksums: Vec::new(),
         }
     }
 

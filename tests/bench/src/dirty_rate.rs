@@ -10,7 +10,7 @@ use pagefp_tests::{
 };
 use serde_json::{Value, json};
 
-use super::{Figure, median};
+use super::{Figure, median, spread};
 
 /// Pages per second the guest writes running `ops` in a loop for `seconds`.
 fn guest_rate(vm: &Vm, ops: &Value, seconds: f64) -> f64 {
@@ -38,7 +38,9 @@ fn ratio_for(vm: &Vm, ops: &Value, rounds: usize, seconds: f64) -> anyhow::Resul
             json!({"without_agent_pages_per_sec": without, "with_agent_pages_per_sec": with}),
         );
     }
-    Ok((median(&mut ratios), json!(runs)))
+    let runs =
+        json!({"ratio": spread(&ratios), "order": "without, with, without, with...", "runs": runs});
+    Ok((median(&mut ratios), runs))
 }
 
 pub fn measure(rounds: usize, seconds: f64) -> anyhow::Result<Vec<Figure>> {
@@ -58,7 +60,7 @@ pub fn measure(rounds: usize, seconds: f64) -> anyhow::Result<Vec<Figure>> {
         Figure::at_least(
             "guest_dirty_rate_ratio",
             touch_ratio,
-            0.95,
+            0.97,
             "ratio",
             json!({"workload": "touch: one write per page, 16384 pages per iteration, harvest per iteration",
                    "seconds_per_run": seconds, "runs": touch_runs}),

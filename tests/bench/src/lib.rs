@@ -7,7 +7,9 @@ pub mod fuzz;
 pub mod hashing;
 pub mod memory;
 pub mod migration;
+pub mod qemu_kvm;
 pub mod rehash;
+pub mod rescan;
 
 use std::path::{Path, PathBuf};
 
@@ -80,6 +82,22 @@ pub fn median(values: &mut [f64]) -> f64 {
     } else {
         (values[n / 2 - 1] + values[n / 2]) / 2.0
     }
+}
+
+/// Min, median and max of `values`, as the report gives a figure's spread.
+pub fn spread(values: &[f64]) -> serde_json::Value {
+    let mut sorted = values.to_vec();
+    let middle = if sorted.is_empty() {
+        f64::NAN
+    } else {
+        median(&mut sorted)
+    };
+    serde_json::json!({
+        "min": sorted.first().copied().unwrap_or(f64::NAN),
+        "median": middle,
+        "max": sorted.last().copied().unwrap_or(f64::NAN),
+        "rounds": values,
+    })
 }
 
 /// Prints the report and writes it as JSON.

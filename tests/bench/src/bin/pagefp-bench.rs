@@ -14,7 +14,7 @@ struct Args {
     /// Fewer rounds and smaller VMs (for a quick look; the figures are noisier).
     #[arg(long)]
     quick: bool,
-    /// Only these parts (comma-separated: hashing, dirty, rehash, memory, fuzz, migration, qemu-proxy).
+    /// Only these parts (comma-separated: hashing, dirty, rehash, rescan, qemu-kvm, memory, fuzz, migration, qemu-proxy).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON report.
@@ -54,6 +54,16 @@ fn main() -> anyhow::Result<()> {
     if wanted("rehash") {
         println!("== rehashing in steady state");
         figures.extend(bench::rehash::measure(if args.quick { 10 } else { 40 })?);
+    }
+    if wanted("rescan") {
+        println!(
+            "== rescans of an untracked VM: change detection vs blake3 alone ({rounds} rounds)"
+        );
+        figures.extend(bench::rescan::measure(vm_pages, rounds)?);
+    }
+    if wanted("qemu-kvm") {
+        println!("== QEMU guests under KVM tracked during a migration ({rounds} rounds)");
+        figures.extend(bench::qemu_kvm::measure(rounds)?);
     }
     if wanted("memory") {
         println!("== agent memory (4 VMs of {vm_pages} pages)");
