@@ -176,6 +176,33 @@ impl AgentProcess {
         Ok(agent)
     }
 
+    /// The test VMMs' guest-RAM mappings (`memfd:pagefp-guest-ram`) the
+    /// agent process holds now.
+    pub fn guest_ram_mappings(&self) -> usize {
+        std::fs::read_to_string(format!("/proc/{}/maps", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("pagefp-guest-ram"))
+            .count()
+    }
+
+    /// Waits until the VMs `pids` (exited) are no longer listed and the
+    /// agent maps no guest RAM any more.
+    pub fn wait_released(&self, pids: &[u32], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while pids.iter().any(|pid| self.vm(*pid).is_some()) || self.guest_ram_mappings() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} guest-RAM mappings of exited VMs are still held (VMs still listed: {:?})",
+                self.guest_ram_mappings(),
+                pids.iter()
+                    .filter(|pid| self.vm(**pid).is_some())
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -147,7 +147,7 @@ fn an_exited_vm_disappears_with_its_counts() {
     assert!(status["distinct_contents"].as_u64().unwrap() < with_both);
     // The agent no longer maps the exited VM's RAM (else it is never freed):
     // one guest-RAM mapping left, the running VM's.
-    let ram_mappings = || guest_ram_mappings(&agent);
+    let ram_mappings = || agent.guest_ram_mappings();
     let deadline = std::time::Instant::now() + WAIT;
     while ram_mappings() > 1 {
         assert!(
@@ -175,15 +175,6 @@ fn an_exited_vm_disappears_with_its_counts() {
             .unwrap()
             .is_empty()
     );
-}
-
-/// The guest-RAM mappings the agent process holds now.
-fn guest_ram_mappings(agent: &AgentProcess) -> usize {
-    std::fs::read_to_string(format!("/proc/{}/maps", agent.pid()))
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("pagefp-guest-ram"))
-        .count()
 }
 
 /// VMs that exit while the agent reads their memory (their first pass,
@@ -216,14 +207,7 @@ fn vms_that_exit_while_being_read_leave_no_mapping_behind() {
         }
     }
     let deadline = std::time::Instant::now() + WAIT;
-    while pids.iter().any(|pid| agent.vm(*pid).is_some()) || guest_ram_mappings(&agent) > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} guest-RAM mappings of exited VMs are still held",
-            guest_ram_mappings(&agent)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.wait_released(&pids, WAIT);
 }
 
 #[test]

@@ -274,6 +274,47 @@ fn every_mode_migrates_a_running_guest_byte_identical() {
     println!("wire bytes by mode: {bytes:?}");
 }
 
+/// The agent watches both ends of migrations: a source that exits after
+/// success, a kept source and its destination stopped afterwards. Once they
+/// are gone, the agent maps none of their RAM.
+#[test]
+fn migrated_vms_leave_no_mapping_behind_in_the_agent() {
+    let Some(setup) = setup("migrated_vms_leave_no_mapping_behind_in_the_agent") else {
+        return;
+    };
+    let mut pids = Vec::new();
+    for keep_source in [false, true] {
+        let mut source = source_vm(&setup, 3);
+        start_hot_loop(&source, 100, 64, 5);
+        let dest = incoming_vm(&setup);
+        pids.extend([source.pid(), dest.pid()]);
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut spec = receive_spec(&setup, &dest, listen.clone(), vec![]);
+        spec.no_resume = keep_source;
+        let receiver = migration::start_receiver(&spec, None).unwrap();
+        let mut send = send_spec(&setup, &source, listen, Mode::Templates);
+        send.keep_source = keep_source;
+        let sent = migration::send(&send, None).unwrap();
+        assert!(sent.success, "{}", sent.stderr);
+        assert!(receiver.finish(Duration::from_secs(30)).success);
+        // The destination is a VM like any other: tracked, then hashed.
+        setup
+            .agent
+            .wait_vm(dest.pid(), Duration::from_secs(60), "listed", |v| {
+                v["pages"].as_u64() > Some(0)
+            });
+        if keep_source {
+            source.exit().unwrap();
+        } else {
+            source
+                .wait_exit(Duration::from_secs(10))
+                .expect("the source VMM exits after success");
+        }
+        dest.exit().unwrap();
+    }
+    setup.agent.wait_released(&pids, Duration::from_secs(60));
+}
+
 #[test]
 fn the_source_exits_only_after_success() {
     let Some(setup) = setup("the_source_exits_only_after_success") else {
