@@ -7,7 +7,7 @@ use agent_common::{Event, LossRecord, PendingIoctl, TraceOffsets};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, HashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 
 /// Events to user space. User space may resize it at load time.
@@ -21,6 +21,13 @@ pub static CONFIG: Array<TraceOffsets> = Array::with_max_entries(1, 0);
 /// Events lost per VMM pid.
 #[map]
 pub static LOSSES: HashMap<u32, LossRecord> = HashMap::with_max_entries(4096, 0);
+
+/// Every loss recorded so far (in `LOSSES` or `UNATTRIBUTED_LOSSES`), per
+/// CPU (so no increment is lost: a CPU runs one program at a time): user
+/// space reads this one element each round and walks `LOSSES` only when the
+/// sum moved.
+#[map]
+pub static LOSS_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Events lost that could not even be counted under a pid: every VM is affected.
 #[map]
@@ -103,8 +110,21 @@ fn emit_with(event: &Event, flags: u64) {
     record_loss(event.pid(), ktime_ns);
 }
 
+/// Records a loss of events of `pid` at `ktime_ns`, then counts it in
+/// [`LOSS_COUNT`] (after the record, so that a reader who sees the count
+/// move finds the record).
 #[inline(always)]
 pub fn record_loss(pid: u32, ktime_ns: u64) {
+    note_loss(pid, ktime_ns);
+    if let Some(count) = LOSS_COUNT.get_ptr_mut(0) {
+        // SAFETY: this CPU's element lives as long as the map, and no other
+        // program writes it while this one runs.
+        unsafe { *count += 1 };
+    }
+}
+
+#[inline(always)]
+fn note_loss(pid: u32, ktime_ns: u64) {
     if let Some(record) = LOSSES.get_ptr_mut(pid) {
         // SAFETY: the pointer comes from a map lookup and stays valid for the
         // whole program run; a racing update can at worst lose one increment,

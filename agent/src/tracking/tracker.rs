@@ -74,6 +74,8 @@ pub struct Tracker {
     pub stats: Arc<TrackerStats>,
     seen_losses: HashMap<u32, LossRecord>,
     seen_unattributed: LossRecord,
+    /// [`Probes::loss_count`] when the records were last read.
+    seen_loss_count: u64,
 }
 
 impl Tracker {
@@ -95,8 +97,10 @@ impl Tracker {
             stats: Arc::default(),
             seen_losses: HashMap::new(),
             seen_unattributed: LossRecord::default(),
+            seen_loss_count: 0,
         };
         // Losses from before the start concern VMs adopted as unsynced anyway.
+        tracker.seen_loss_count = tracker.probes.loss_count();
         let (per_pid, unattributed) = tracker.probes.losses();
         tracker.seen_losses = per_pid.into_iter().collect();
         tracker.seen_unattributed = unattributed;
@@ -243,6 +247,12 @@ impl Tracker {
     }
 
     fn check_losses(&mut self, registry: &mut Registry) {
+        // Read before the records: a loss recorded meanwhile moves it again.
+        let count = self.probes.loss_count();
+        if count == self.seen_loss_count {
+            return;
+        }
+        self.seen_loss_count = count;
         let (per_pid, unattributed) = self.probes.losses();
         for (pid, record) in per_pid {
             if self.seen_losses.get(&pid) != Some(&record) {

@@ -6,7 +6,7 @@ pub mod tracefs;
 use agent_common::{BitmapChunk, Event, LossRecord, TraceOffsets};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{FExit, TracePoint},
 };
 use serde::Serialize;
@@ -82,6 +82,8 @@ pub struct Probes {
     pub events: RingBuf<MapData>,
     pub losses: HashMap<MapData, u32, LossRecord>,
     pub unattributed: Array<MapData, LossRecord>,
+    /// Losses recorded so far, all kinds: [`Probes::loss_count`].
+    pub loss_count: PerCpuArray<MapData, u64>,
     pub vm_pids: HashMap<MapData, u32, u32>,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub sources: Sources,
@@ -184,6 +186,9 @@ impl Probes {
                 .expect("UNATTRIBUTED_LOSSES map"),
         )
         .map_err(|e| EbpfError::Map("UNATTRIBUTED_LOSSES", e))?;
+        let loss_count =
+            PerCpuArray::try_from(ebpf.take_map("LOSS_COUNT").expect("LOSS_COUNT map"))
+                .map_err(|e| EbpfError::Map("LOSS_COUNT", e))?;
         let vm_pids = HashMap::try_from(ebpf.take_map("VM_PIDS").expect("VM_PIDS map"))
             .map_err(|e| EbpfError::Map("VM_PIDS", e))?;
         Ok(Self {
@@ -191,6 +196,7 @@ impl Probes {
             events,
             losses,
             unattributed,
+            loss_count,
             vm_pids,
             logger,
             sources,
@@ -211,6 +217,14 @@ impl Probes {
                 )));
             }
         }
+    }
+
+    /// How many losses the programs have recorded: one map read, which the
+    /// tracker makes every round; it reads the records only when it moved.
+    pub fn loss_count(&self) -> u64 {
+        self.loss_count.get(&0, 0).map_or(0, |per_cpu| {
+            per_cpu.iter().fold(0u64, |sum, n| sum.wrapping_add(*n))
+        })
     }
 
     /// Current loss records: per pid, and the unattributed one.
