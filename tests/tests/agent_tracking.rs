@@ -206,7 +206,6 @@ fn vms_that_exit_while_being_read_leave_no_mapping_behind() {
             vm.exit();
         }
     }
-    let deadline = std::time::Instant::now() + WAIT;
     agent.wait_released(&pids, WAIT);
 }
 
