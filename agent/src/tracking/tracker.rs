@@ -183,7 +183,7 @@ impl Tracker {
                 // their RAM stays allocated for as long as the agent runs.
                 let removed = registry.take_removed();
                 for pid in &removed {
-                    let _ = self.probes.vm_pids.remove(pid);
+                    self.probes.forget_vm(*pid);
                 }
                 if !removed.is_empty() {
                     self.pool.prune(&registry);

@@ -85,6 +85,8 @@ pub struct Probes {
     /// Losses recorded so far, all kinds: [`Probes::loss_count`].
     pub loss_count: PerCpuArray<MapData, u64>,
     pub vm_pids: HashMap<MapData, u32, u32>,
+    /// Pages of each memory slot, key pid << 32 | slot: see [`Probes::forget_vm`].
+    pub slot_pages: HashMap<MapData, u64, u64>,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub sources: Sources,
 }
@@ -189,6 +191,8 @@ impl Probes {
         let loss_count =
             PerCpuArray::try_from(ebpf.take_map("LOSS_COUNT").expect("LOSS_COUNT map"))
                 .map_err(|e| EbpfError::Map("LOSS_COUNT", e))?;
+        let slot_pages = HashMap::try_from(ebpf.take_map("SLOT_PAGES").expect("SLOT_PAGES map"))
+            .map_err(|e| EbpfError::Map("SLOT_PAGES", e))?;
         let vm_pids = HashMap::try_from(ebpf.take_map("VM_PIDS").expect("VM_PIDS map"))
             .map_err(|e| EbpfError::Map("VM_PIDS", e))?;
         Ok(Self {
@@ -198,6 +202,7 @@ impl Probes {
             unattributed,
             loss_count,
             vm_pids,
+            slot_pages,
             logger,
             sources,
         })
@@ -216,6 +221,22 @@ impl Probes {
                     &item[..size_of::<Event>()],
                 )));
             }
+        }
+    }
+
+    /// Drops what the programs keep of VMM `pid`, gone: its entry in
+    /// `VM_PIDS` and its slots' sizes (or they would fill the maps over the
+    /// host's life, and later VMs' bitmaps would not be copied).
+    pub fn forget_vm(&mut self, pid: u32) {
+        let _ = self.vm_pids.remove(&pid);
+        let keys: Vec<u64> = self
+            .slot_pages
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| (key >> 32) as u32 == pid)
+            .collect();
+        for key in keys {
+            let _ = self.slot_pages.remove(&key);
         }
     }
 
