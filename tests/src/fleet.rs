@@ -1,7 +1,7 @@
 //! Test VMs driven through the VMM's control socket, and the checks that
 //! compare what the agent serves with the VMM's own memory.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use agent::api::wire::PageRecord;
 use serde_json::{Value, json};
@@ -116,6 +116,25 @@ impl Vm {
         self.call(json!({"cmd": "harvest"}))
     }
 
+    /// Harvests the VM's dirty log until `agent` serves every page clean
+    /// (and the VM synced); its view then.
+    pub fn harvest_until_clean(&self, agent: &AgentProcess, timeout: Duration) -> Value {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            self.harvest();
+            std::thread::sleep(Duration::from_millis(100));
+            let view = agent.vm(self.pid()).expect("VM listed");
+            if view["synced"] == true && view["clean"] == view["pages"] {
+                return view;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "VM {} never all clean: {view:#}",
+                self.pid()
+            );
+        }
+    }
+
     /// Registers the memory slots again with the same parameters.
     pub fn reregister(&self) -> Value {
         self.call(json!({"cmd": "reregister"}))
@@ -143,9 +162,7 @@ impl Vm {
     pub fn exit(mut self) {
         let _ = self.process.request(&json!({"cmd": "exit"}));
         assert!(
-            self.process
-                .wait_exit(std::time::Duration::from_secs(10))
-                .is_some(),
+            self.process.wait_exit(Duration::from_secs(10)).is_some(),
             "the VMM did not exit"
         );
     }

@@ -32,7 +32,7 @@ fn lost_events_make_pages_unknown_never_stale() {
     );
     // With so small a buffer even the VM's creation may be lost (other VMs on
     // the host write too): then it is adopted and synced at a harvest.
-    harvest_until_clean(&agent, &vm);
+    vm.harvest_until_clean(&agent, WAIT);
 
     // Thousands of writes at once: the ring buffer overflows.
     vm.random(0, 8192, 5);
@@ -46,26 +46,9 @@ fn lost_events_make_pages_unknown_never_stale() {
 
     // Harvests after the loss (a VMM harvests periodically, QEMU's reaper
     // every second) resync the VM; then everything is clean again.
-    let view = harvest_until_clean(&agent, &vm);
+    let view = vm.harvest_until_clean(&agent, WAIT);
     assert!(view["stats"]["resyncs"].as_u64() >= Some(1), "{view:#}");
     assert_served_hashes_match(&agent, &vm);
-}
-
-/// Harvests the VM's dirty log until the agent serves every page clean.
-fn harvest_until_clean(agent: &AgentProcess, vm: &Vm) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        vm.harvest();
-        std::thread::sleep(Duration::from_millis(100));
-        let view = agent.vm(vm.pid()).expect("VM listed");
-        if view["synced"] == true && view["clean"] == view["pages"] {
-            return view;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "VM never synced: {view:#}"
-        );
-    }
 }
 
 #[test]

@@ -257,22 +257,7 @@ fn bitmap_vms_are_tracked_from_their_harvested_bitmaps() {
             ..VmOptions::default()
         },
     );
-    let harvest_until_clean = |what: &str| {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            vm.harvest();
-            std::thread::sleep(Duration::from_millis(50));
-            let view = agent.vm(vm.pid()).expect("VM listed");
-            if view["clean"] == view["pages"] {
-                return view;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{what}: never all clean: {view:#}"
-            );
-        }
-    };
-    let view = harvest_until_clean("after the first pass");
+    let view = vm.harvest_until_clean(&agent, WAIT);
     assert_eq!(view["tracking"], "tracked", "{view:#}");
     assert_eq!(
         view["dirty_mode"]["bitmap"]["manual_protect"], false,
@@ -282,6 +267,6 @@ fn bitmap_vms_are_tracked_from_their_harvested_bitmaps() {
     // Written, then not yet harvested: served, but never with old content.
     vm.touch(10, 8, 3);
     assert_served_hashes_match(&agent, &vm);
-    harvest_until_clean("after writes");
+    vm.harvest_until_clean(&agent, WAIT);
     assert_served_hashes_match(&agent, &vm);
 }

@@ -185,12 +185,6 @@ impl Registry {
         manual_protect: bool,
     ) {
         let bits = self.take_bits(pid, BitmapOf::Get, slot_id, enter_ns, 0, bitmap_pages);
-        let Some(vm) = self.vms.get_mut(&pid) else {
-            return;
-        };
-        let Some(slot) = vm.slots.get_mut(&slot_id) else {
-            return;
-        };
         // Written pages: with manual protection they wait for a CLEAR;
         // without, this GET protected them again and they are read anew.
         let written = if manual_protect {
@@ -198,43 +192,20 @@ impl Registry {
         } else {
             PageState::Queued
         };
-        let mut queued = Vec::new();
-        for page in bits.set_pages() {
-            let Ok(page) = u32::try_from(page) else { break };
-            if let Some(generation) = forget(
-                &mut self.contents,
-                &mut vm.counts,
-                &mut slot.pages,
-                page,
-                written,
-            ) && written == PageState::Queued
-            {
-                queued.push((page, generation));
-            }
-        }
-        // Pages the bitmap did not cover: nothing is known of them.
-        let all = slot.pages.len() as u32;
-        let uncovered = if bits.complete(u64::from(all)) {
-            0
-        } else {
-            all
+        let Some(slot_pages) = self.vms[&pid].slots.get(&slot_id).map(|s| s.pages.len()) else {
+            return;
         };
-        for page in 0..uncovered {
-            if !bits.covers(u64::from(page))
-                && slot
-                    .pages
-                    .get(page)
-                    .is_some_and(|p| p.state() != PageState::Unknown)
-            {
-                forget(
-                    &mut self.contents,
-                    &mut vm.counts,
-                    &mut slot.pages,
-                    page,
-                    PageState::Unknown,
-                );
-            }
-        }
+        let Some(queued) = self.forget_pages(pid, slot_id, &bits, written, slot_pages as u32)
+        else {
+            return;
+        };
+        let slot = self
+            .vms
+            .get_mut(&pid)
+            .unwrap()
+            .slots
+            .get_mut(&slot_id)
+            .unwrap();
         // Reads that ended before this GET entered (with PML, before the
         // one before it), of pages it shows unwritten, are confirmed.
         if slot.harvests[0].is_none_or(|latest| enter_ns > latest) {
@@ -256,9 +227,52 @@ impl Registry {
             false
         });
         let epoch = slot.epoch;
-        if !queued.is_empty() {
+        if written == PageState::Queued && !queued.is_empty() {
             self.queue_pages(pid, slot_id, epoch, queued);
         }
+    }
+
+    /// Gives the pages set in `bits` of slot `slot_id` of VM `pid` a new
+    /// generation in `state`, and makes unknown those of the ioctl's
+    /// `range` pages that `bits` did not cover; the (page, generation) of
+    /// the former, or `None` if there is no such slot.
+    fn forget_pages(
+        &mut self,
+        pid: u32,
+        slot_id: u32,
+        bits: &Bits,
+        state: PageState,
+        range: u32,
+    ) -> Option<Vec<(u32, u32)>> {
+        let vm = self.vms.get_mut(&pid)?;
+        let slot = vm.slots.get_mut(&slot_id)?;
+        let slot_pages = slot.pages.len() as u64;
+        let mut forget_page = |page: u64, state: PageState| {
+            let page = u32::try_from(page).ok()?;
+            forget(
+                &mut self.contents,
+                &mut vm.counts,
+                &mut slot.pages,
+                page,
+                state,
+            )
+            .map(|generation| (page, generation))
+        };
+        let changed = bits
+            .set_pages()
+            .filter_map(|page| forget_page(page, state))
+            .collect();
+        // Pages of the range the bits did not cover: nothing is known of them.
+        if !bits.complete(u64::from(range)) {
+            let end = bits
+                .first_page
+                .saturating_add(u64::from(range))
+                .min(slot_pages);
+            for page in (bits.first_page..end).filter(|page| !bits.covers(*page)) {
+                forget_page(page, PageState::Unknown);
+            }
+        }
+        Some(changed)
     }
 
     /// A `KVM_CLEAR_DIRTY_LOG` of `num_pages` pages from `first_page` of
@@ -281,43 +295,13 @@ impl Registry {
             first_page,
             bitmap_pages.min(num_pages),
         );
-        let Some(vm) = self.vms.get_mut(&pid) else {
+        // Pages of the range whose mask bits did not come are unknown: the
+        // CLEAR may have consumed a write the agent never learns of.
+        let Some(queued) = self.forget_pages(pid, slot_id, &bits, PageState::Queued, num_pages)
+        else {
             return;
         };
-        let Some(slot) = vm.slots.get_mut(&slot_id) else {
-            return;
-        };
-        let mut queued = Vec::new();
-        for page in bits.set_pages() {
-            let Ok(page) = u32::try_from(page) else { break };
-            if let Some(generation) = forget(
-                &mut self.contents,
-                &mut vm.counts,
-                &mut slot.pages,
-                page,
-                PageState::Queued,
-            ) {
-                queued.push((page, generation));
-            }
-        }
-        // Pages of the range whose mask bits did not come: the CLEAR may have
-        // consumed a write the agent never learns of.
-        let end = if bits.complete(u64::from(num_pages)) {
-            first_page
-        } else {
-            first_page.saturating_add(u64::from(num_pages))
-        };
-        for page in first_page..end.min(slot.pages.len() as u64) {
-            if !bits.covers(page) {
-                forget(
-                    &mut self.contents,
-                    &mut vm.counts,
-                    &mut slot.pages,
-                    page as u32,
-                    PageState::Unknown,
-                );
-            }
-        }
+        let slot = &self.vms[&pid].slots[&slot_id];
         let epoch = slot.epoch;
         if !queued.is_empty() {
             self.queue_pages(pid, slot_id, epoch, queued);
