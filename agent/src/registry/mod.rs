@@ -588,7 +588,15 @@ impl Registry {
             slot.pages.shrink_to_fit();
             vm.slots.insert(id, slot);
         }
-        self.queue_full_pass(pid, id);
+        let vm = &self.vms[&pid];
+        let initially_dirty = vm.initially_set
+            && vm.harvests_bitmaps(self.fentry_active)
+            && vm.slots.get(&id).is_some_and(|slot| slot.logged());
+        if !initially_dirty {
+            // (With KVM_DIRTY_LOG_INITIALLY_SET every page of a newly logged
+            // slot is dirty until a CLEAR protects and queues it.)
+            self.queue_full_pass(pid, id);
+        }
     }
 
     /// Queues every page of a slot that wants a hash, if the slot is tracked.
@@ -598,10 +606,6 @@ impl Registry {
             return;
         };
         if self.tracking(vm, slot) != Tracking::Tracked {
-            return;
-        }
-        if vm.initially_set && slot.logged() && vm.harvests_bitmaps(self.fentry_active) {
-            // Every page is dirty until a CLEAR protects it (and queues it).
             return;
         }
         self.jobs.push(HashJob {

@@ -816,3 +816,24 @@ fn with_pml_a_read_is_confirmed_by_the_second_harvest_after_it() {
         "one harvest after 41 is not enough"
     );
 }
+
+#[test]
+fn after_a_loss_every_page_is_read_again_and_confirmed_by_the_harvests() {
+    let mut reg = manual_protect_vm(4);
+    let all: Vec<u64> = (0..4).collect();
+    harvest(&mut reg, 20, 4, 4, &all);
+    clear(&mut reg, 30, 0, 4, &all);
+    run_jobs_read_by(&mut reg, 35, |_| 1);
+    harvest(&mut reg, 40, 4, 4, &[]);
+    assert_eq!(state(&reg, 1), PageState::Clean);
+    reg.note_loss(Some(PID), 45);
+    assert_eq!(state(&reg, 1), PageState::Unknown);
+    // A harvest after the loss resyncs; pages QEMU will not clear again (it
+    // found them clean) are read in a full pass, and confirmed by the next.
+    harvest(&mut reg, 50, 4, 4, &[]);
+    assert_eq!(reg.vm(PID).unwrap().sync, SyncState::Synced);
+    run_jobs_read_by(&mut reg, 55, |_| 1);
+    assert_eq!(state(&reg, 1), PageState::Confirming);
+    harvest(&mut reg, 60, 4, 4, &[]);
+    assert_eq!(state(&reg, 1), PageState::Clean);
+}
