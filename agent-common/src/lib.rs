@@ -58,7 +58,9 @@ pub struct LossRecord {
 }
 
 /// Tracepoint field offsets, read by user space from the tracefs format files
-/// and written into the `CONFIG` array map before the programs attach.
+/// and given to the programs as the read-only global `TRACE_OFFSETS` before
+/// they load (so the verifier knows them as constants, and no program looks
+/// them up in a map).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TraceOffsets {
@@ -82,16 +84,66 @@ pub struct TraceOffsets {
     pub ready: u32,
 }
 
+impl TraceOffsets {
+    /// All zero, not ready: the globals' value in the object file.
+    pub const UNSET: Self = Self {
+        ring_push_index: 0,
+        ring_push_dirty_index: 0,
+        ring_push_slot: 0,
+        ring_push_offset: 0,
+        ring_reset_index: 0,
+        ring_reset_dirty_index: 0,
+        ring_reset_reset_index: 0,
+        ioctl_enter_fd: 0,
+        ioctl_enter_cmd: 0,
+        ioctl_enter_arg: 0,
+        ioctl_exit_ret: 0,
+        page_fault_address: 0,
+        page_fault_error_code: 0,
+        process_exit_group_dead: 0,
+        _pad: 0,
+        ready: 0,
+    };
+}
+
+/// Where `struct kvm_dirty_ring`'s indexes are (byte offsets, from the
+/// kernel's BTF): the BTF-typed and raw dirty-ring-push programs read them
+/// from the ring the tracepoint is given, so the kernel formats no trace
+/// record for the hottest event. The read-only global `RING_LAYOUT`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingLayout {
+    /// `dirty_index`: the next entry's index (already moved past the new one
+    /// when the tracepoint fires).
+    pub dirty_index: u32,
+    /// `index`: the ring's (the vCPU's) number.
+    pub index: u32,
+}
+
+impl RingLayout {
+    /// Bytes of the ring the raw program reads at once (one helper call);
+    /// it is attached only if both indexes are within them.
+    pub const HEAD_BYTES: usize = 32;
+
+    /// Unknown: the programs that need it are not attached.
+    pub const UNSET: Self = Self {
+        dirty_index: 0,
+        index: 0,
+    };
+}
+
 #[cfg(feature = "user")]
 mod user {
-    use super::{BitmapChunk, Event, LossRecord, PendingIoctl, TraceOffsets};
-    // SAFETY: all four are repr(C) structs of integers with no implicit padding
+    use super::{BitmapChunk, Event, LossRecord, PendingIoctl, RingLayout, TraceOffsets};
+    // SAFETY: all of them are repr(C) structs of integers with no implicit padding
     // (checked by the size tests below), so every byte pattern is valid.
     unsafe impl aya::Pod for Event {}
     // SAFETY: as above.
     unsafe impl aya::Pod for LossRecord {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TraceOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RingLayout {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PendingIoctl {}
     // SAFETY: as above; bytemuck's requirements are the same as aya's.
@@ -118,6 +170,7 @@ mod tests {
         assert_eq!(size_of::<SlotRegion>(), 2 * 4 + 3 * 8);
         assert_eq!(size_of::<LossRecord>(), 16);
         assert_eq!(size_of::<TraceOffsets>(), 16 * 4);
+        assert_eq!(size_of::<RingLayout>(), 2 * 4);
         // kind, fd, 2 × u32, enter_ns, 3 × u64.
         assert_eq!(size_of::<PendingIoctl>(), 4 * 4 + 4 * 8);
         // kind, pid, enter_ns, slot, ioctl, first_page, pages, pad; the words.

@@ -3,7 +3,7 @@
 //! Events are built with `agent_common::Event`'s constructors (one per kind),
 //! never field by field: their layout and meaning live in `agent-common`.
 
-use agent_common::{Event, LossRecord, PendingIoctl, TraceOffsets};
+use agent_common::{Event, LossRecord, PendingIoctl, RingLayout, TraceOffsets};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
@@ -14,9 +14,17 @@ use aya_ebpf::{
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 
-/// Tracepoint field offsets, filled by user space from the format files.
-#[map]
-pub static CONFIG: Array<TraceOffsets> = Array::with_max_entries(1, 0);
+/// Tracepoint field offsets, set by user space from the format files before
+/// the programs load. Read-only (`.rodata`, frozen): the verifier knows every
+/// field as a constant. Read only through [`offsets`].
+#[unsafe(no_mangle)]
+static TRACE_OFFSETS: TraceOffsets = TraceOffsets::UNSET;
+
+/// `struct kvm_dirty_ring`'s layout, set by user space from the kernel's BTF
+/// before the programs load (read-only, as above). Read only through
+/// [`ring_layout`].
+#[unsafe(no_mangle)]
+static RING_LAYOUT: RingLayout = RingLayout::UNSET;
 
 /// Events lost per VMM pid.
 #[map]
@@ -53,15 +61,22 @@ pub fn slot_key(pid: u32, slot: u32) -> u64 {
 #[map]
 pub static PENDING: HashMap<u64, PendingIoctl> = HashMap::with_max_entries(8192, 0);
 
-/// The offsets, or `None` before user space has written them.
+/// The offsets, or `None` if user space did not set them (then nothing is
+/// sent: offsets of 0 would read the wrong fields).
 #[inline(always)]
-pub fn offsets() -> Option<&'static TraceOffsets> {
-    let config = CONFIG.get(0)?;
-    if config.ready == 1 {
-        Some(config)
-    } else {
-        None
-    }
+pub fn offsets() -> Option<TraceOffsets> {
+    // SAFETY: a volatile read of a static, so that the compiler does not
+    // fold the object file's zeros in: the loader replaces them.
+    let offsets = unsafe { core::ptr::read_volatile(&TRACE_OFFSETS) };
+    (offsets.ready == 1).then_some(offsets)
+}
+
+/// `struct kvm_dirty_ring`'s layout (meaningful only in the programs user
+/// space attaches when it knew the layout).
+#[inline(always)]
+pub fn ring_layout() -> RingLayout {
+    // SAFETY: as in `offsets`.
+    unsafe { core::ptr::read_volatile(&RING_LAYOUT) }
 }
 
 /// The current process id (thread group id).

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
+use crate::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET, RingPushProgram};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -82,6 +82,9 @@ pub struct AgentArgs {
     /// backends (0 = never).
     #[arg(long)]
     pub qemu_scan_secs: Option<u64>,
+    /// The eBPF program on dirty-ring pushes (auto: the cheapest that loads).
+    #[arg(long, value_enum)]
+    pub ring_push_program: Option<RingPushProgram>,
 }
 
 impl AgentArgs {
@@ -121,6 +124,9 @@ impl AgentArgs {
         }
         if let Some(v) = self.qemu_scan_secs {
             config.qemu_scan_secs = v;
+        }
+        if let Some(v) = self.ring_push_program {
+            config.ring_push_program = v;
         }
         config.validate()?;
         Ok(config)

@@ -41,6 +41,24 @@ pub struct Config {
     /// Seconds between scans for QEMU guests without KVM whose RAM is a
     /// shared memory backend; 0 turns the scan off.
     pub qemu_scan_secs: u64,
+    /// Which eBPF program watches dirty-ring pushes (the per-page hot path).
+    pub ring_push_program: RingPushProgram,
+}
+
+/// The eBPF program on `kvm_dirty_ring_push`, from cheapest to most costly
+/// per page the guest dirties.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RingPushProgram {
+    /// The first of `btf`, `raw`, `tracepoint` the kernel takes.
+    #[default]
+    Auto,
+    /// A BTF-typed tracepoint (`tp_btf`): reads the ring's indexes in place.
+    Btf,
+    /// A raw tracepoint: reads them with one helper call.
+    Raw,
+    /// The classic tracepoint: the kernel formats a trace record first.
+    Tracepoint,
 }
 
 impl Default for Config {
@@ -57,6 +75,7 @@ impl Default for Config {
             zero_copy: true,
             rescan_change_detection: true,
             qemu_scan_secs: 2,
+            ring_push_program: RingPushProgram::Auto,
         }
     }
 }

@@ -82,6 +82,49 @@ fn written_pages_are_rehashed_and_only_a_bounded_number_of_others() {
     assert_served_hashes_match(&agent, &vm);
 }
 
+/// The three programs the agent can put on `kvm_dirty_ring_push` (BTF-typed,
+/// raw, classic: the cheapest the kernel takes is the default) report the
+/// same writes: each written page rehashed once, and every served hash true.
+#[test]
+fn every_ring_push_program_reports_every_write() {
+    require_privileged!("every_ring_push_program_reports_every_write");
+    let dir = TempDir::new("pagefp-ring-push");
+    let images = write_fleet(&dir.0, 1, 2048, FleetLayout::default()).unwrap();
+    for (program, attached) in [
+        ("btf", "tp_btf/kvm_dirty_ring_push"),
+        ("raw", "raw_tracepoint/kvm_dirty_ring_push"),
+        ("tracepoint", "tracepoint/kvm/kvm_dirty_ring_push"),
+    ] {
+        let agent = AgentProcess::start(&AgentOptions {
+            extra: vec!["--ring-push-program".into(), program.into()],
+            ..AgentOptions::default()
+        })
+        .unwrap();
+        assert_eq!(agent.status()["sources"]["ring_push"], attached);
+        let vm = Vm::start(&dir, &images[0], VmOptions::default());
+        let before = agent.wait_all_clean(vm.pid(), WAIT);
+        assert_eq!(before["tracking"], "tracked", "{program}: {before:#}");
+        const K: u32 = 200;
+        vm.random(100, K, 5);
+        let after = agent.wait_vm(vm.pid(), WAIT, "rehashed", |v| {
+            v["clean"] == v["pages"] && v["stats"]["pages_rehashed"].as_u64() >= Some(u64::from(K))
+        });
+        assert_eq!(
+            after["stats"]["pages_rehashed"].as_u64(),
+            Some(u64::from(K)),
+            "{program}: every written page rehashed once: {after:#}"
+        );
+        assert_served_hashes_match(&agent, &vm);
+        vm.exit();
+    }
+    // The default is the cheapest that loads: the BTF-typed program here.
+    let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
+    assert_eq!(
+        agent.status()["sources"]["ring_push"],
+        "tp_btf/kvm_dirty_ring_push"
+    );
+}
+
 #[test]
 fn a_page_written_again_before_reprotection_is_never_served_stale() {
     require_privileged!("a_page_written_again_before_reprotection_is_never_served_stale");

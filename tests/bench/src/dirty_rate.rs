@@ -1,5 +1,6 @@
 //! guest_dirty_rate_ratio: guest pages written per second with the agent
-//! attached over without it, on the same VM, alternating.
+//! attached over without it, on the same VM, alternating; and the cost of
+//! each eBPF program the agent can put on dirty-ring pushes (its hot path).
 
 use std::time::Duration;
 
@@ -20,28 +21,86 @@ fn guest_rate(vm: &Vm, ops: &Value, seconds: f64) -> f64 {
     report["pages_written"].as_f64().unwrap() / report["seconds"].as_f64().unwrap()
 }
 
-fn ratio_for(vm: &Vm, ops: &Value, rounds: usize, seconds: f64) -> anyhow::Result<(f64, Value)> {
-    let mut ratios = Vec::new();
-    let mut runs = Vec::new();
-    for _ in 0..rounds {
-        let without = guest_rate(vm, ops, seconds);
-        let agent = AgentProcess::start(&AgentOptions::default())?;
-        // The VM started before this agent: it is adopted at its next slot
-        // registration and synced at its next ring reset.
-        vm.reregister();
-        vm.touch(0, 1, 1);
-        agent.wait_all_clean(vm.pid(), Duration::from_secs(120));
-        let with = guest_rate(vm, ops, seconds);
-        drop(agent);
-        ratios.push(with / without);
-        runs.push(
-            json!({"without_agent_pages_per_sec": without, "with_agent_pages_per_sec": with}),
-        );
-    }
-    let runs =
-        json!({"ratio": spread(&ratios), "order": "without, with, without, with...", "runs": runs});
-    Ok((median(&mut ratios), runs))
+/// Guest rates of `rounds` rounds, each: without an agent, then with each
+/// agent of `agents` (name, extra flags) in turn.
+struct Rates {
+    without: Vec<f64>,
+    with: Vec<Vec<f64>>,
 }
+
+fn rates(
+    vm: &Vm,
+    ops: &Value,
+    rounds: usize,
+    seconds: f64,
+    agents: &[(&str, &[&str])],
+) -> anyhow::Result<Rates> {
+    let mut rates = Rates {
+        without: Vec::new(),
+        with: vec![Vec::new(); agents.len()],
+    };
+    for _ in 0..rounds {
+        rates.without.push(guest_rate(vm, ops, seconds));
+        for (i, (_, flags)) in agents.iter().enumerate() {
+            let agent = AgentProcess::start(&AgentOptions {
+                extra: flags.iter().map(|f| f.to_string()).collect(),
+                ..AgentOptions::default()
+            })?;
+            // The VM started before this agent: it is adopted at its next
+            // slot registration and synced at its next ring reset.
+            vm.reregister();
+            vm.touch(0, 1, 1);
+            agent.wait_all_clean(vm.pid(), Duration::from_secs(120));
+            rates.with[i].push(guest_rate(vm, ops, seconds));
+        }
+    }
+    Ok(rates)
+}
+
+impl Rates {
+    /// Per round: with agent `i` ÷ without.
+    fn ratios(&self, i: usize) -> Vec<f64> {
+        self.with[i]
+            .iter()
+            .zip(&self.without)
+            .map(|(with, without)| with / without)
+            .collect()
+    }
+
+    /// Per round: nanoseconds agent `i` adds to each of `events_per_page`
+    /// events the guest's page writes make.
+    fn ns_per_event(&self, i: usize, events_per_page: f64) -> Vec<f64> {
+        self.with[i]
+            .iter()
+            .zip(&self.without)
+            .map(|(with, without)| (1.0 / with - 1.0 / without) * 1e9 / events_per_page)
+            .collect()
+    }
+
+    fn runs(&self, agents: &[(&str, &[&str])]) -> Value {
+        let mut by_agent = serde_json::Map::new();
+        for (i, (name, _)) in agents.iter().enumerate() {
+            by_agent.insert(
+                (*name).into(),
+                json!({"pages_per_sec": self.with[i], "ratio_to_without": spread(&self.ratios(i))}),
+            );
+        }
+        json!({"order": "per round: without, then each agent", "without_pages_per_sec": self.without,
+               "with_agent": by_agent})
+    }
+}
+
+/// The agent as it runs by default, then forced onto each push program.
+const AGENTS: [(&str, &[&str]); 4] = [
+    ("default", &[]),
+    ("tp_btf", &["--ring-push-program", "btf"]),
+    ("raw_tracepoint", &["--ring-push-program", "raw"]),
+    ("tracepoint", &["--ring-push-program", "tracepoint"]),
+];
+
+/// Dirty-ring pushes per page of the whole-page workload under the
+/// instruction emulator (one per dword written, and two more).
+const PUSHES_PER_WHOLE_PAGE: f64 = 1026.0;
 
 pub fn measure(rounds: usize, seconds: f64) -> anyhow::Result<Vec<Figure>> {
     let dir = TempDir::new("pagefp-bench-dirty");
@@ -49,13 +108,41 @@ pub fn measure(rounds: usize, seconds: f64) -> anyhow::Result<Vec<Figure>> {
     let vm = Vm::start(&dir, &images[0], VmOptions::default());
     // One write per page: one dirty event per page, as on hardware.
     let touch = json!([{"op": "touch", "first": 0, "count": 16384, "value": 1}]);
-    let (touch_ratio, touch_runs) = ratio_for(&vm, &touch, rounds, seconds)?;
+    let touch_rates = rates(&vm, &touch, rounds, seconds, &AGENTS[..1])?;
+    let touch_ratio = median(&mut touch_rates.ratios(0));
     println!("  guest dirty rate with/without agent (touch): {touch_ratio:.3}");
     // Whole-page writes: under the instruction emulator each dword written
-    // is a dirty-ring push, so 1026 eBPF events per page.
+    // is a dirty-ring push, so about a thousand eBPF events per page: the
+    // push program's own cost shows.
     let full = json!([{"op": "random", "first": 0, "count": 2048, "seed": 3}]);
-    let (full_ratio, full_runs) = ratio_for(&vm, &full, rounds, seconds)?;
+    let full_rates = rates(&vm, &full, rounds, seconds, &AGENTS)?;
+    let full_ratio = median(&mut full_rates.ratios(0));
     println!("  guest dirty rate with/without agent (whole pages): {full_ratio:.3}");
+    let ns = |i: usize| full_rates.ns_per_event(i, PUSHES_PER_WHOLE_PAGE);
+    let per_program: Vec<Value> = AGENTS[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| json!({"program": name, "ns_per_push": spread(&ns(i + 1))}))
+        .collect();
+    // Per round, the BTF-typed program's added cost ÷ the classic one's.
+    let hot_path: Vec<f64> = ns(1)
+        .iter()
+        .zip(ns(3))
+        .map(|(btf, classic)| btf / classic)
+        .collect();
+    let hot_path_ratio = median(&mut hot_path.clone());
+    println!(
+        "  ring push cost per event, tp_btf ÷ classic tracepoint: {hot_path_ratio:.3} ({})",
+        per_program
+            .iter()
+            .map(|p| format!(
+                "{} {:.0} ns",
+                p["program"].as_str().unwrap(),
+                p["ns_per_push"]["median"]
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     Ok(vec![
         Figure::at_least(
             "guest_dirty_rate_ratio",
@@ -63,7 +150,8 @@ pub fn measure(rounds: usize, seconds: f64) -> anyhow::Result<Vec<Figure>> {
             0.97,
             "ratio",
             json!({"workload": "touch: one write per page, 16384 pages per iteration, harvest per iteration",
-                   "seconds_per_run": seconds, "runs": touch_runs}),
+                   "seconds_per_run": seconds, "ratio": spread(&touch_rates.ratios(0)),
+                   "runs": touch_rates.runs(&AGENTS[..1])}),
         ),
         Figure::at_least(
             "guest_dirty_rate_ratio_whole_pages",
@@ -71,7 +159,17 @@ pub fn measure(rounds: usize, seconds: f64) -> anyhow::Result<Vec<Figure>> {
             0.0,
             "ratio",
             json!({"workload": "random: whole-page writes; the emulator pushes 1026 ring entries per page (hardware: 1)",
-                   "runs": full_runs, "note": "informational"}),
+                   "ratio": spread(&full_rates.ratios(0)), "runs": full_rates.runs(&AGENTS),
+                   "note": "informational"}),
+        ),
+        Figure::at_most(
+            "ring_push_cost_ratio",
+            hot_path_ratio,
+            1.0,
+            "ratio",
+            json!({"what": "guest time the agent adds per dirty-ring push (whole-page workload, 1026 pushes per page), tp_btf program ÷ classic tracepoint program, per round",
+                   "ratio": spread(&hot_path), "per_program": per_program,
+                   "note": "the agent's user space is the same in every run; only the push program differs"}),
         ),
     ])
 }

@@ -1,15 +1,18 @@
 //! Loading and attaching pagefp's eBPF programs, with a clear error for every
 //! missing privilege or kernel feature, and a fallback where one exists.
 
+pub mod btf;
 pub mod tracefs;
 
-use agent_common::{BitmapChunk, Event, LossRecord, TraceOffsets};
+use agent_common::{BitmapChunk, Event, LossRecord, RingLayout, TraceOffsets};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{FExit, TracePoint},
+    programs::{BtfTracePoint, FExit, RawTracePoint, TracePoint},
 };
 use serde::Serialize;
+
+use crate::config::RingPushProgram;
 
 /// The eBPF object built by `agent/build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
@@ -42,6 +45,10 @@ pub enum EbpfError {
     },
     #[error("eBPF map {0}: {1}")]
     Map(&'static str, #[source] aya::maps::MapError),
+    #[error(
+        "no eBPF program could watch kvm_dirty_ring_push ({0}): load KVM (`modprobe kvm_intel` or `kvm_amd`), or set ring_push_program = \"auto\""
+    )]
+    RingPush(String),
 }
 
 /// Where the agent learns of guest page writes.
@@ -49,6 +56,9 @@ pub enum EbpfError {
 pub struct Sources {
     /// Programs attached, by name.
     pub attached: Vec<String>,
+    /// The one on dirty-ring pushes (the per-page hot path), e.g.
+    /// `tp_btf/kvm_dirty_ring_push`.
+    pub ring_push: String,
     /// The BPF trampoline program on `mark_page_dirty_in_slot` (an fexit) is
     /// attached: it covers bitmap mode. Named after fentry, the kernel
     /// feature it needs (fentry and fexit are allowed or refused together).
@@ -92,10 +102,10 @@ pub struct Probes {
 }
 
 /// (program, tracepoint group, tracepoint name, required)
-const TRACEPOINTS: [(&str, &str, &str, bool); 6] = [
+/// (The dirty-ring push has three programs: [`attach_ring_push`].)
+const TRACEPOINTS: [(&str, &str, &str, bool); 5] = [
     ("pagefp_ioctl_enter", "syscalls", "sys_enter_ioctl", true),
     ("pagefp_ioctl_exit", "syscalls", "sys_exit_ioctl", true),
-    ("pagefp_dirty_ring_push", "kvm", "kvm_dirty_ring_push", true),
     (
         "pagefp_dirty_ring_reset",
         "kvm",
@@ -108,14 +118,20 @@ const TRACEPOINTS: [(&str, &str, &str, bool); 6] = [
 
 impl Probes {
     /// Loads and attaches everything. `ring_bytes` sizes the event ring buffer
-    /// (a power of two, at least one page).
-    pub fn attach(ring_bytes: u32) -> Result<Self, EbpfError> {
+    /// (a power of two, at least one page); `ring_push` picks the dirty-ring
+    /// push program.
+    pub fn attach(ring_bytes: u32, ring_push: RingPushProgram) -> Result<Self, EbpfError> {
         let root = tracefs::tracefs_root()?;
         let offsets: TraceOffsets = tracefs::read_offsets(&root)?;
-        let mut ebpf = EbpfLoader::new()
+        let layout = dirty_ring_layout();
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries("EVENTS", ring_bytes)
-            .load(EBPF_OBJECT)
-            .map_err(EbpfError::Load)?;
+            .override_global("TRACE_OFFSETS", &offsets, true);
+        if let Ok(layout) = &layout {
+            loader.override_global("RING_LAYOUT", layout, true);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(EbpfError::Load)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
             Err(err) => {
@@ -123,15 +139,9 @@ impl Probes {
                 None
             }
         };
-        {
-            let map = ebpf.map_mut("CONFIG").expect("CONFIG map is in the object");
-            let mut config: Array<_, TraceOffsets> =
-                Array::try_from(map).map_err(|e| EbpfError::Map("CONFIG", e))?;
-            config
-                .set(0, offsets, 0)
-                .map_err(|e| EbpfError::Map("CONFIG", e))?;
-        }
         let mut sources = Sources::default();
+        sources.ring_push = attach_ring_push(&mut ebpf, ring_push, &layout)?;
+        sources.attached.push(sources.ring_push.clone());
         for (program, group, name, required) in TRACEPOINTS {
             let tracepoint: &mut TracePoint = ebpf
                 .program_mut(program)
@@ -254,6 +264,107 @@ impl Probes {
         let unattributed = self.unattributed.get(&0, 0).unwrap_or_default();
         (per_pid, unattributed)
     }
+}
+
+/// `struct kvm_dirty_ring`'s layout from the kernel's BTF, or why not.
+fn dirty_ring_layout() -> Result<RingLayout, String> {
+    let btf = btf::KernelBtf::load("kvm").map_err(|e| e.to_string())?;
+    match btf.member_offsets("kvm_dirty_ring", &["dirty_index", "index"]) {
+        Ok(Some(found)) => Ok(RingLayout {
+            dirty_index: found[0],
+            index: found[1],
+        }),
+        Ok(None) => Err("struct kvm_dirty_ring is not in the kernel's BTF".into()),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// Attaches the cheapest dirty-ring push program `choice` allows that the
+/// kernel takes; returns its name.
+fn attach_ring_push(
+    ebpf: &mut Ebpf,
+    choice: RingPushProgram,
+    layout: &Result<RingLayout, String>,
+) -> Result<String, EbpfError> {
+    use RingPushProgram::{Auto, Btf as BtfTyped, Raw, Tracepoint};
+    let order: &[RingPushProgram] = match choice {
+        Auto => &[BtfTyped, Raw, Tracepoint],
+        BtfTyped => &[BtfTyped],
+        Raw => &[Raw],
+        Tracepoint => &[Tracepoint],
+    };
+    let mut refused = Vec::new();
+    for &program in order {
+        let attached = match program {
+            BtfTyped => attach_ring_push_btf(ebpf, layout),
+            Raw => attach_ring_push_raw(ebpf, layout),
+            Auto | Tracepoint => attach_ring_push_tracepoint(ebpf),
+        };
+        match attached {
+            Ok(name) => {
+                if !refused.is_empty() {
+                    log::info!("dirty-ring pushes through {name} ({})", refused.join("; "));
+                }
+                return Ok(name);
+            }
+            Err(err) => refused.push(format!("{program:?} refused: {err}")),
+        }
+    }
+    Err(EbpfError::RingPush(refused.join("; ")))
+}
+
+fn attach_ring_push_btf(
+    ebpf: &mut Ebpf,
+    layout: &Result<RingLayout, String>,
+) -> Result<String, String> {
+    layout.as_ref().map_err(Clone::clone)?;
+    let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut("pagefp_dirty_ring_push_btf")
+        .ok_or("program missing")?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    program
+        .load("kvm_dirty_ring_push", &btf)
+        .map_err(|e| format!("load: {e}"))?;
+    program.attach().map_err(|e| format!("attach: {e}"))?;
+    Ok("tp_btf/kvm_dirty_ring_push".into())
+}
+
+fn attach_ring_push_raw(
+    ebpf: &mut Ebpf,
+    layout: &Result<RingLayout, String>,
+) -> Result<String, String> {
+    let layout = layout.as_ref().map_err(Clone::clone)?;
+    if layout.dirty_index.max(layout.index) as usize + 4 > RingLayout::HEAD_BYTES {
+        return Err(format!(
+            "the ring's indexes are past the {} bytes the program reads",
+            RingLayout::HEAD_BYTES
+        ));
+    }
+    let program: &mut RawTracePoint = ebpf
+        .program_mut("pagefp_dirty_ring_push_raw")
+        .ok_or("program missing")?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    program.load().map_err(|e| format!("load: {e}"))?;
+    program
+        .attach("kvm_dirty_ring_push")
+        .map_err(|e| format!("attach: {e}"))?;
+    Ok("raw_tracepoint/kvm_dirty_ring_push".into())
+}
+
+fn attach_ring_push_tracepoint(ebpf: &mut Ebpf) -> Result<String, String> {
+    let program: &mut TracePoint = ebpf
+        .program_mut("pagefp_dirty_ring_push")
+        .ok_or("program missing")?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    program.load().map_err(|e| format!("load: {e}"))?;
+    program
+        .attach("kvm", "kvm_dirty_ring_push")
+        .map_err(|e| format!("attach: {e}"))?;
+    Ok("tracepoint/kvm/kvm_dirty_ring_push".into())
 }
 
 fn attach_fentry(ebpf: &mut Ebpf) -> Result<(), String> {
