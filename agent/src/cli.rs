@@ -85,6 +85,10 @@ pub struct AgentArgs {
     /// The eBPF program on dirty-ring pushes (auto: the cheapest that loads).
     #[arg(long, value_enum)]
     pub ring_push_program: Option<RingPushProgram>,
+    /// Turn on the kernel's eBPF run-time statistics while the agent runs
+    /// (what each program costs, in `GET /v1/status` and the metrics).
+    #[arg(long)]
+    pub ebpf_run_stats: bool,
 }
 
 impl AgentArgs {
@@ -127,6 +131,9 @@ impl AgentArgs {
         }
         if let Some(v) = self.ring_push_program {
             config.ring_push_program = v;
+        }
+        if self.ebpf_run_stats {
+            config.ebpf_run_stats = true;
         }
         config.validate()?;
         Ok(config)

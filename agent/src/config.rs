@@ -43,6 +43,11 @@ pub struct Config {
     pub qemu_scan_secs: u64,
     /// Which eBPF program watches dirty-ring pushes (the per-page hot path).
     pub ring_push_program: RingPushProgram,
+    /// Turn on the kernel's run-time statistics of eBPF programs
+    /// (`BPF_ENABLE_STATS`) while the agent runs, so `GET /v1/status` and
+    /// the metrics show what each program costs. Off by default: it adds two
+    /// clock reads to every program run.
+    pub ebpf_run_stats: bool,
 }
 
 /// The eBPF program on `kvm_dirty_ring_push`, from cheapest to most costly
@@ -76,6 +81,7 @@ impl Default for Config {
             rescan_change_detection: true,
             qemu_scan_secs: 2,
             ring_push_program: RingPushProgram::Auto,
+            ebpf_run_stats: false,
         }
     }
 }

@@ -90,17 +90,35 @@ fn every_ring_push_program_reports_every_write() {
     require_privileged!("every_ring_push_program_reports_every_write");
     let dir = TempDir::new("pagefp-ring-push");
     let images = write_fleet(&dir.0, 1, 2048, FleetLayout::default()).unwrap();
-    for (program, attached) in [
-        ("btf", "tp_btf/kvm_dirty_ring_push"),
-        ("raw", "raw_tracepoint/kvm_dirty_ring_push"),
-        ("tracepoint", "tracepoint/kvm/kvm_dirty_ring_push"),
+    for (program, attached, function) in [
+        (
+            "btf",
+            "tp_btf/kvm_dirty_ring_push",
+            "pagefp_dirty_ring_push_btf",
+        ),
+        (
+            "raw",
+            "raw_tracepoint/kvm_dirty_ring_push",
+            "pagefp_dirty_ring_push_raw",
+        ),
+        (
+            "tracepoint",
+            "tracepoint/kvm/kvm_dirty_ring_push",
+            "pagefp_dirty_ring_push",
+        ),
     ] {
         let agent = AgentProcess::start(&AgentOptions {
-            extra: vec!["--ring-push-program".into(), program.into()],
+            extra: vec![
+                "--ring-push-program".into(),
+                program.into(),
+                "--ebpf-run-stats".into(),
+            ],
             ..AgentOptions::default()
         })
         .unwrap();
-        assert_eq!(agent.status()["sources"]["ring_push"], attached);
+        let status = agent.status();
+        assert_eq!(status["sources"]["ring_push"], attached);
+        assert_eq!(status["ebpf_run_stats"], true, "{status:#}");
         let vm = Vm::start(&dir, &images[0], VmOptions::default());
         let before = agent.wait_all_clean(vm.pid(), WAIT);
         assert_eq!(before["tracking"], "tracked", "{program}: {before:#}");
@@ -115,6 +133,19 @@ fn every_ring_push_program_reports_every_write() {
             "{program}: every written page rehashed once: {after:#}"
         );
         assert_served_hashes_match(&agent, &vm);
+        // The kernel counted the push program's runs: at least one per
+        // page written (the emulator pushes one per dword written).
+        let status = agent.status();
+        let push = status["ebpf_programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["program"] == function)
+            .unwrap_or_else(|| panic!("{function} not in {status:#}"));
+        assert!(
+            push["runs"].as_u64().unwrap() >= u64::from(K) && push["run_ns"].as_u64().unwrap() > 0,
+            "{program}: {push:#}"
+        );
         vm.exit();
     }
     // The default is the cheapest that loads: the BTF-typed program here.

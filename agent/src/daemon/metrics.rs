@@ -166,6 +166,26 @@ fn agent_metrics(scrape: &Scrape, state: &AppState) -> Result<(), prometheus::Er
     for program in &state.sources.attached {
         programs.with_label_values(&[program]).set(1);
     }
+    // Counted by the kernel only while its run-time statistics are on.
+    let costs = crate::tracking::ebpf::cost::program_costs(&state.sources.programs);
+    let runs = scrape.counters(
+        "pagefp_ebpf_program_runs_total",
+        "Runs of each eBPF program while the kernel's run-time statistics were on (ebpf_run_stats)",
+        &["program"],
+    )?;
+    let seconds = scrape.add(prometheus::CounterVec::new(
+        Opts::new(
+            "pagefp_ebpf_program_run_seconds_total",
+            "CPU time of each eBPF program while the kernel's run-time statistics were on (ebpf_run_stats)",
+        ),
+        &["program"],
+    )?)?;
+    for cost in &costs {
+        runs.with_label_values(&[&cost.program]).inc_by(cost.runs);
+        seconds
+            .with_label_values(&[&cost.program])
+            .inc_by(cost.run_ns as f64 / 1e9);
+    }
     let stats = state
         .pool
         .as_ref()

@@ -40,7 +40,7 @@ pub fn check_privileges() -> anyhow::Result<()> {
 pub fn run(config: Config) -> anyhow::Result<()> {
     config.validate()?;
     check_privileges()?;
-    let probes = Probes::attach(config.ring_buffer_bytes, config.ring_push_program)?;
+    let probes = Probes::attach(&config)?;
     let sources = probes.sources.clone();
     log::info!("eBPF attached: {}", sources.attached.join(", "));
     let mut registry = Registry::new(sources.fentry);

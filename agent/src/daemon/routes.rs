@@ -22,7 +22,10 @@ use crate::{
     page::{PAGE_SIZE, hex},
     registry::{PageState, RegistryStats},
     templates::{Selection, SelectionPolicy},
-    tracking::ebpf::Sources,
+    tracking::ebpf::{
+        Sources,
+        cost::{self, ProgramCost},
+    },
 };
 
 pub type ApiResponse = Response<Full<Bytes>>;
@@ -284,6 +287,10 @@ struct StatusView {
     version: &'static str,
     uptime_seconds: f64,
     sources: Sources,
+    /// The kernel counts eBPF run time now (`ebpf_run_stats`, or
+    /// `kernel.bpf_stats_enabled`); `ebpf_programs` counts only then.
+    ebpf_run_stats: bool,
+    ebpf_programs: Vec<ProgramCost>,
     vms: usize,
     distinct_contents: usize,
     templates: usize,
@@ -301,6 +308,8 @@ fn status(state: &AppState) -> ApiResponse {
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs_f64(),
         sources: state.sources.clone(),
+        ebpf_run_stats: cost::run_stats_on(state.sources.run_stats_held),
+        ebpf_programs: cost::program_costs(&state.sources.programs),
         vms: registry.vms().count(),
         distinct_contents: registry.contents.len(),
         templates: catalog.templates.len(),

@@ -2,6 +2,7 @@
 //! missing privilege or kernel feature, and a fallback where one exists.
 
 pub mod btf;
+pub mod cost;
 pub mod tracefs;
 
 use agent_common::{BitmapChunk, Event, LossRecord, RingLayout, TraceOffsets};
@@ -12,7 +13,7 @@ use aya::{
 };
 use serde::Serialize;
 
-use crate::config::RingPushProgram;
+use crate::config::{Config, RingPushProgram};
 
 /// The eBPF object built by `agent/build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
@@ -70,6 +71,12 @@ pub struct Sources {
     /// KVM logs dirty pages with Intel PML (`kvm_intel`'s `pml` parameter):
     /// a write reaches the dirty bitmap at the vCPU's next exit.
     pub pml: bool,
+    /// The loaded programs' kernel ids, for their cost ([`cost`]).
+    pub programs: Vec<cost::AttachedProgram>,
+    /// The agent holds the kernel's eBPF run-time statistics on
+    /// (`ebpf_run_stats`); why not, if it asked and could not.
+    pub run_stats_held: bool,
+    pub run_stats_error: Option<String>,
 }
 
 /// Whether `kvm_intel` uses Page Modification Logging.
@@ -89,6 +96,8 @@ pub enum Record {
 pub struct Probes {
     /// Keeps the programs attached; dropped last.
     _ebpf: Ebpf,
+    /// Keeps the kernel's run-time statistics on (`ebpf_run_stats`).
+    _run_stats: Option<std::os::fd::OwnedFd>,
     pub events: RingBuf<MapData>,
     pub losses: HashMap<MapData, u32, LossRecord>,
     pub unattributed: Array<MapData, LossRecord>,
@@ -117,10 +126,10 @@ const TRACEPOINTS: [(&str, &str, &str, bool); 5] = [
 ];
 
 impl Probes {
-    /// Loads and attaches everything. `ring_bytes` sizes the event ring buffer
-    /// (a power of two, at least one page); `ring_push` picks the dirty-ring
-    /// push program.
-    pub fn attach(ring_bytes: u32, ring_push: RingPushProgram) -> Result<Self, EbpfError> {
+    /// Loads and attaches everything, as `config` says: the event ring
+    /// buffer's size, the dirty-ring push program, run-time statistics.
+    pub fn attach(config: &Config) -> Result<Self, EbpfError> {
+        let (ring_bytes, ring_push) = (config.ring_buffer_bytes, config.ring_push_program);
         let root = tracefs::tracefs_root()?;
         let offsets: TraceOffsets = tracefs::read_offsets(&root)?;
         let layout = dirty_ring_layout();
@@ -139,9 +148,12 @@ impl Probes {
                 None
             }
         };
-        let mut sources = Sources::default();
-        sources.ring_push = attach_ring_push(&mut ebpf, ring_push, &layout)?;
-        sources.attached.push(sources.ring_push.clone());
+        let ring_push = attach_ring_push(&mut ebpf, ring_push, &layout)?;
+        let mut sources = Sources {
+            attached: vec![ring_push.clone()],
+            ring_push,
+            ..Sources::default()
+        };
         for (program, group, name, required) in TRACEPOINTS {
             let tracepoint: &mut TracePoint = ebpf
                 .program_mut(program)
@@ -189,6 +201,16 @@ impl Probes {
                 sources.fentry_error = Some(err);
             }
         }
+        sources.programs = cost::attached_programs(&ebpf);
+        let run_stats = if config.ebpf_run_stats {
+            cost::enable_run_stats()
+                .inspect_err(|err| log::warn!("{err}"))
+                .map_err(|err| sources.run_stats_error = Some(err))
+                .ok()
+        } else {
+            None
+        };
+        sources.run_stats_held = run_stats.is_some();
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").expect("EVENTS map"))
             .map_err(|e| EbpfError::Map("EVENTS", e))?;
         let losses = HashMap::try_from(ebpf.take_map("LOSSES").expect("LOSSES map"))
@@ -207,6 +229,7 @@ impl Probes {
             .map_err(|e| EbpfError::Map("VM_PIDS", e))?;
         Ok(Self {
             _ebpf: ebpf,
+            _run_stats: run_stats,
             events,
             losses,
             unattributed,
