@@ -1,9 +1,21 @@
-//! The clock of every kernel event: CLOCK_MONOTONIC, which
-//! `bpf_ktime_get_ns` reads.
+//! The clocks: CLOCK_MONOTONIC, the clock of every kernel event (the one
+//! `bpf_ktime_get_ns` reads), and the calling thread's CPU time, what
+//! the agent's own costs are counted in.
+
+use nix::time::{ClockId, clock_gettime};
+
+fn read_ns(clock: ClockId) -> u64 {
+    let now = clock_gettime(clock).expect("a clock Linux always has");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
 
 /// CLOCK_MONOTONIC in ns.
 pub fn monotonic_ns() -> u64 {
-    let now =
-        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
-    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+    read_ns(ClockId::CLOCK_MONOTONIC)
+}
+
+/// CPU time of the calling thread in ns (CLOCK_THREAD_CPUTIME_ID): time it
+/// ran, not time it waited to run.
+pub fn thread_cpu_ns() -> u64 {
+    read_ns(ClockId::CLOCK_THREAD_CPUTIME_ID)
 }

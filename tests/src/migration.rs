@@ -58,6 +58,8 @@ pub struct SendSpec {
     pub keep_source: bool,
     /// `--io-timeout-s`, if not the default.
     pub io_timeout_s: Option<u64>,
+    /// `--threads` (encoding threads), if not the default.
+    pub threads: Option<usize>,
     pub security: LinkSecurity,
 }
 
@@ -225,6 +227,9 @@ pub fn send_command(spec: &SendSpec, wrap: Option<Command>) -> Command {
     }
     if let Some(seconds) = spec.io_timeout_s {
         command.args(["--io-timeout-s", &seconds.to_string()]);
+    }
+    if let Some(threads) = spec.threads {
+        command.args(["--threads", &threads.to_string()]);
     }
     command.env("RUST_LOG", "info");
     command

@@ -104,6 +104,7 @@ fn send_spec(setup: &Setup, source: &VmmProcess, to: String, mode: Mode) -> Send
         max_rounds: None,
         keep_source: true,
         io_timeout_s: None,
+        threads: None,
         security: LinkSecurity::default(),
     }
 }
@@ -140,12 +141,27 @@ fn migrate_checked(
     mode: Mode,
     catalogs: Vec<PathBuf>,
 ) -> (agent::api::report::MigrationReport, VmmProcess) {
+    migrate_checked_with(setup, source, mode, catalogs, None)
+}
+
+/// [`migrate_checked`] with `threads` encoding threads at the sender.
+fn migrate_checked_with(
+    setup: &Setup,
+    source: &VmmProcess,
+    mode: Mode,
+    catalogs: Vec<PathBuf>,
+    threads: Option<usize>,
+) -> (agent::api::report::MigrationReport, VmmProcess) {
     let dest = incoming_vm(setup);
     let listen = format!("127.0.0.1:{}", free_port());
     let receiver =
         migration::start_receiver(&receive_spec(setup, &dest, listen.clone(), catalogs), None)
             .unwrap();
-    let sent = migration::send(&send_spec(setup, source, listen, mode), None).unwrap();
+    let spec = SendSpec {
+        threads,
+        ..send_spec(setup, source, listen, mode)
+    };
+    let sent = migration::send(&spec, None).unwrap();
     let received = receiver.finish(Duration::from_secs(60));
     assert!(sent.success, "sender failed:\n{}", sent.stderr);
     assert!(received.success, "receiver failed:\n{}", received.stderr);
@@ -387,12 +403,16 @@ fn concurrent_random_writes_end_byte_identical() {
         cases: 4,
         ..ProptestConfig::default()
     });
+    // One to four encoding threads: batches are encoded out of order and
+    // must still be written (and held) as the pages were read.
+    let threads = 1usize..=4;
     let catalog = catalog_of(&setup, &[3]);
     runner
-        .run(&(workload, modes), |(ops, mode)| {
+        .run(&(workload, modes, threads), |(ops, mode, threads)| {
             let source = source_vm(&setup, 0);
             source.start_loop_every(&ops, 2).unwrap();
-            let (_, dest) = migrate_checked(&setup, &source, mode, vec![catalog.clone()]);
+            let (_, dest) =
+                migrate_checked_with(&setup, &source, mode, vec![catalog.clone()], Some(threads));
             source.exit().unwrap();
             dest.exit().unwrap();
             Ok(())

@@ -199,6 +199,7 @@ fn run_migration(
         max_rounds: None,
         keep_source: false,
         io_timeout_s: None,
+        threads: None,
         security: LinkSecurity::default(),
     };
     let sender = std::thread::spawn(move || migration::send(&spec, None));

@@ -194,7 +194,7 @@ fn agent_metrics(scrape: &Scrape, state: &AppState) -> Result<(), prometheus::Er
     scrape
         .add(prometheus::Counter::new(
             "pagefp_hasher_busy_seconds_total",
-            "Time the hash workers spent on jobs (reading, hashing, committing): the CPU cost of hashing",
+            "CPU time the hash workers spent on jobs (reading, hashing, committing): the CPU cost of hashing",
         )?)?
         .inc_by(Duration::from_nanos(stats.busy_ns).as_secs_f64());
     let read = scrape.counters(
@@ -227,7 +227,7 @@ fn agent_metrics(scrape: &Scrape, state: &AppState) -> Result<(), prometheus::Er
     scrape
         .add(prometheus::Counter::new(
             "pagefp_rescan_busy_seconds_total",
-            "Time the hash workers spent rescanning VMs whose writes are not reported: the CPU cost of rescans",
+            "CPU time the hash workers spent rescanning VMs whose writes are not reported: the CPU cost of rescans",
         )?)?
         .inc_by(Duration::from_nanos(stats.rescan_busy_ns).as_secs_f64());
     scrape

@@ -60,6 +60,11 @@ pub struct SendArgs {
     /// zstd level for `templates+zstd`.
     #[arg(long, default_value_t = 3)]
     pub zstd_level: i32,
+    /// Threads reading, hashing and compressing pages, besides the one
+    /// writing to the network (default: half the CPUs, at least one, so
+    /// the host's guests keep the rest).
+    #[arg(long)]
+    pub threads: Option<usize>,
     #[command(flatten)]
     pub timeouts: Timeouts,
     #[command(flatten)]
@@ -172,6 +177,7 @@ pub fn run_migrate(command: MigrateCommand, show_progress: bool) -> anyhow::Resu
                 keep_source: args.keep_source,
                 progress: show_progress,
                 zstd_level: args.zstd_level,
+                threads: args.threads.unwrap_or_else(default_threads).max(1),
                 timeouts: args.timeouts,
                 security,
             };
@@ -258,6 +264,11 @@ pub fn run_catalog(command: CatalogCommand, agent_socket: &std::path::Path) -> a
             Ok(())
         }
     }
+}
+
+/// Half the CPUs this process may use, at least one.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 #[cfg(test)]

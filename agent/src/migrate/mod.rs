@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod digest;
+pub mod encode;
 pub mod interrupt;
 pub mod pacing;
 pub mod progress;

@@ -28,6 +28,7 @@ use anyhow::{Context as _, bail};
 
 use super::{
     digest::{CHUNK_PAGES, chunk_digests},
+    encode::{Batch, Encoder, PageHints, Small},
     interrupt,
     pacing::Paced,
     progress::Progress,
@@ -42,15 +43,13 @@ use crate::{
     },
     content::{TemplateId, zero_page_hash},
     net::{self, ChannelReader, ChannelWriter, Timeouts, tls},
-    page::{PAGE_SIZE, is_zero_page},
+    page::PAGE_SIZE,
     transport::migration::{
         self as wire, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PagesBuilder,
         Ready, Region, Resumed, RoundEnd, TEMPLATE_LEN, ZERO_RUN_LEN,
     },
 };
 
-/// Full pages per message (256 KiB of page data).
-const FULL_PAGES_PER_FRAME: usize = 64;
 /// Rounds in a row that leave at least 95% of the previous round's pages
 /// before the sender gives up converging and pauses the VM.
 const STALLED_ROUNDS: u32 = 3;
@@ -72,6 +71,8 @@ pub struct SendOptions {
     pub keep_source: bool,
     pub progress: bool,
     pub zstd_level: i32,
+    /// Threads reading, hashing and compressing pages (at least 1).
+    pub threads: usize,
     /// Longest a write may block or an answer take, and the whole
     /// migration's deadline.
     pub timeouts: Timeouts,
@@ -83,6 +84,13 @@ pub struct SendOptions {
 struct PageStates {
     state: Vec<u8>,
     hash: Vec<[u8; 32]>,
+}
+
+impl PageHints for PageStates {
+    fn clean_hash(&self, page: u32) -> Option<[u8; 32]> {
+        let page = page as usize;
+        (self.state.get(page) == Some(&state::CLEAN)).then(|| self.hash[page])
+    }
 }
 
 /// The sender's state: what the destination holds, what was sent.
@@ -97,10 +105,8 @@ struct Sender<'a> {
     report: MigrationReport,
     progress: Progress,
     started: Instant,
-    full: PagesBuilder,
     small: PagesBuilder,
     zero_run: Option<(u32, u32)>,
-    buf: Vec<u8>,
     zero_hash: [u8; 32],
     pause_started: Option<Instant>,
     /// Bytes per second the link carried in the last long enough round.
@@ -211,10 +217,8 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
         report,
         progress,
         started,
-        full: PagesBuilder::default(),
         small: PagesBuilder::default(),
         zero_run: None,
-        buf: vec![0u8; PAGE_SIZE],
         zero_hash: zero_page_hash(),
         pause_started: None,
         bandwidth: options.max_bandwidth.map(|b| b as f64),
@@ -555,47 +559,57 @@ impl Sender<'_> {
         Ok(())
     }
 
-    /// Sends `pages`, choosing each page's encoding.
+    /// Sends `pages`, each in the encoding it needs: the per-page work on
+    /// the encoding threads ([`encode`]), written here in order.
     fn send_pages(&mut self, pages: &[u32], states: &PageStates) -> anyhow::Result<()> {
-        let use_templates = self.options.mode.uses_templates();
-        for &page in pages {
-            interrupt::check()?;
-            let p = page as usize;
-            let agent_hash = (states.state[p] == state::CLEAN).then_some(states.hash[p]);
-            // Clean pages the agent vouches for: zero and templates need no read.
-            if let Some(hash) = agent_hash {
-                if hash == self.zero_hash {
-                    self.zero(page)?;
-                    continue;
-                }
-                if use_templates && let Some(&index) = self.offer.get(&hash) {
-                    self.template(page, index, hash)?;
-                    continue;
-                }
-            }
-            // Everything else is read and checked here.
-            let mut buf = std::mem::take(&mut self.buf);
-            self.memory.read(page, &mut buf)?;
-            let result = if is_zero_page(&buf) {
-                self.zero(page)
-            } else {
-                let hash = *blake3::hash(&buf).as_bytes();
-                match use_templates.then(|| self.offer.get(&hash)).flatten() {
-                    Some(&index) => self.template(page, index, hash),
-                    None => self.full_page(page, &buf, hash),
-                }
-            };
-            self.buf = buf;
-            result?;
-        }
+        let memory = self.memory.clone();
+        let offer = std::mem::take(&mut self.offer);
+        let encoder = Encoder {
+            memory: &memory,
+            hints: states,
+            offer: &offer,
+            zero_hash: self.zero_hash,
+            zstd_level: self
+                .options
+                .mode
+                .uses_zstd()
+                .then_some(self.options.zstd_level),
+            threads: self.options.threads,
+        };
+        let sent = encoder.run(pages, |batch| self.write_batch(batch));
+        self.offer = offer;
+        sent?;
         self.flush_zero_run();
-        self.flush_small()?;
-        self.flush_full()?;
+        self.flush_small()
+    }
+
+    fn write_batch(&mut self, batch: Batch) -> anyhow::Result<()> {
+        interrupt::check()?;
+        for (page, hash) in batch.held {
+            self.held[page as usize] = Some(hash);
+        }
+        for small in batch.small {
+            match small {
+                Small::Zero(page) => self.zero(page),
+                Small::Template { page, index } => self.template(page, index)?,
+            }
+        }
+        for frame in batch.frames {
+            let flags = if frame.zstd { FLAG_ZSTD } else { 0 };
+            let wire = self.writer.frame(Kind::Pages, flags, &frame.body)? as u64;
+            if frame.zstd {
+                self.report.pages.zstd += frame.pages;
+                self.report.bytes.zstd += wire;
+            } else {
+                self.report.pages.full += frame.pages;
+                self.report.bytes.full += wire;
+            }
+            self.after_write();
+        }
         Ok(())
     }
 
-    fn zero(&mut self, page: u32) -> anyhow::Result<()> {
-        self.held[page as usize] = Some(self.zero_hash);
+    fn zero(&mut self, page: u32) {
         self.report.pages.zero += 1;
         match &mut self.zero_run {
             Some((first, count)) if *first + *count == page => *count += 1,
@@ -604,7 +618,6 @@ impl Sender<'_> {
                 self.zero_run = Some((page, 1));
             }
         }
-        Ok(())
     }
 
     fn flush_zero_run(&mut self) {
@@ -614,23 +627,13 @@ impl Sender<'_> {
         }
     }
 
-    fn template(&mut self, page: u32, index: u32, hash: [u8; 32]) -> anyhow::Result<()> {
-        self.held[page as usize] = Some(hash);
+    fn template(&mut self, page: u32, index: u32) -> anyhow::Result<()> {
         self.small.template(page, index);
         self.report.pages.template += 1;
         self.report.bytes.template += TEMPLATE_LEN as u64;
         if self.small.records >= SMALL_RECORDS_PER_FRAME {
             self.flush_zero_run();
             self.flush_small()?;
-        }
-        Ok(())
-    }
-
-    fn full_page(&mut self, page: u32, data: &[u8], hash: [u8; 32]) -> anyhow::Result<()> {
-        self.held[page as usize] = Some(hash);
-        self.full.full(page, data);
-        if self.full.records >= FULL_PAGES_PER_FRAME {
-            self.flush_full()?;
         }
         Ok(())
     }
@@ -646,27 +649,6 @@ impl Sender<'_> {
             self.small.clear();
             self.after_write();
         }
-        Ok(())
-    }
-
-    fn flush_full(&mut self) -> anyhow::Result<()> {
-        if self.full.is_empty() {
-            return Ok(());
-        }
-        let pages = self.full.records as u64;
-        if self.options.mode.uses_zstd() {
-            let compressed = zstd::bulk::compress(&self.full.buf, self.options.zstd_level)
-                .context("compressing pages")?;
-            let wire = self.writer.frame(Kind::Pages, FLAG_ZSTD, &compressed)?;
-            self.report.pages.zstd += pages;
-            self.report.bytes.zstd += wire as u64;
-        } else {
-            let wire = self.writer.frame(Kind::Pages, 0, &self.full.buf)?;
-            self.report.pages.full += pages;
-            self.report.bytes.full += wire as u64;
-        }
-        self.full.clear();
-        self.after_write();
         Ok(())
     }
 

@@ -202,6 +202,23 @@ impl PagesBuilder {
         self.records += 1;
     }
 
+    /// Appends a full-page record whose page the caller writes into the
+    /// returned slice (guest memory read straight into the frame).
+    pub fn full_in_place(&mut self, page: u32) -> &mut [u8] {
+        let start = self.buf.len();
+        self.buf.push(record::FULL);
+        self.buf.extend_from_slice(&page.to_le_bytes());
+        self.buf.resize(start + FULL_LEN, 0);
+        self.records += 1;
+        &mut self.buf[start + FULL_LEN - PAGE_SIZE..]
+    }
+
+    /// Takes back the record [`PagesBuilder::full_in_place`] just appended.
+    pub fn pop_full(&mut self) {
+        self.buf.truncate(self.buf.len().saturating_sub(FULL_LEN));
+        self.records = self.records.saturating_sub(1);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.records == 0
     }

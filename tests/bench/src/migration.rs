@@ -315,6 +315,7 @@ fn pagefp_run(
             max_rounds: None,
             keep_source: false,
             io_timeout_s: None,
+            threads: None,
             security: security.clone(),
         },
         Some(link.in_source()),
