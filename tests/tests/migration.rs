@@ -276,7 +276,13 @@ fn every_mode_migrates_a_running_guest_byte_identical() {
                 );
                 assert_eq!(report.pages.zstd, 0);
             }
-            Mode::TemplatesZstd => assert!(report.pages.zstd > 0 && report.pages.template > 0),
+            Mode::TemplatesZstd => {
+                // --zstd auto (the default) compresses at least its samples
+                // and says what it chose.
+                assert!(report.pages.zstd > 0 && report.pages.template > 0);
+                let chosen = report.compression.as_deref().unwrap_or_default();
+                assert!(chosen.starts_with("Auto: "), "{chosen}");
+            }
         }
         // The destination runs the guest on: its loop continues.
         assert_keeps_writing(&dest, "the migrated guest");

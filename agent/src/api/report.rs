@@ -174,6 +174,9 @@ pub struct MigrationReport {
     /// How the link was secured (cipher and peer certificate, or plaintext).
     #[serde(default)]
     pub channel: String,
+    /// `templates+zstd`: which full-page frames were compressed, and why.
+    #[serde(default)]
+    pub compression: Option<String>,
 }
 
 impl MigrationReport {
@@ -209,6 +212,7 @@ impl MigrationReport {
             downtime_parts_ms: Vec::new(),
             tls: false,
             channel: String::new(),
+            compression: None,
         }
     }
 }

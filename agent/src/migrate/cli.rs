@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 
 use super::{
+    compression::ZstdPolicy,
     receiver::{self, ReceiveOptions},
     sender::{self, SendOptions},
 };
@@ -65,6 +66,10 @@ pub struct SendArgs {
     /// the host's guests keep the rest).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// `templates+zstd`: compress a frame of full pages only when that
+    /// saves more link time than it costs CPU (auto), or always.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub zstd: ZstdPolicy,
     #[command(flatten)]
     pub timeouts: Timeouts,
     #[command(flatten)]
@@ -178,6 +183,7 @@ pub fn run_migrate(command: MigrateCommand, show_progress: bool) -> anyhow::Resu
                 progress: show_progress,
                 zstd_level: args.zstd_level,
                 threads: args.threads.unwrap_or_else(default_threads).max(1),
+                zstd_policy: args.zstd,
                 timeouts: args.timeouts,
                 security,
             };

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use anyhow::Context as _;
 use crossbeam::channel;
 
-use super::vm_memory::SourceMemory;
+use super::{compression::Gauge, vm_memory::SourceMemory};
 use crate::{
     content::{PageHash, TemplateId},
     page::is_zero_page,
@@ -40,8 +40,8 @@ pub struct Encoder<'a, H: PageHints> {
     /// Templates the destination offered, by id: empty when templates are off.
     pub offer: &'a HashMap<TemplateId, u32>,
     pub zero_hash: PageHash,
-    /// zstd level for full-page frames; `None`: sent raw.
-    pub zstd_level: Option<i32>,
+    /// zstd level for full-page frames, and when to use it; `None`: raw.
+    pub zstd: Option<(i32, &'a Gauge)>,
     pub threads: usize,
 }
 
@@ -164,20 +164,30 @@ impl<H: PageHints> Encoder<'_, H> {
         Ok(batch)
     }
 
-    /// The frame of the full pages in `full` (then emptied).
+    /// The frame of the full pages in `full` (then emptied): compressed if
+    /// the gauge says it pays and it came out smaller.
     fn frame(&self, full: &mut PagesBuilder) -> anyhow::Result<FullFrame> {
         let pages = full.records as u64;
-        let frame = match self.zstd_level {
-            Some(level) => FullFrame {
-                pages,
-                zstd: true,
-                body: zstd::bulk::compress(&full.buf, level).context("compressing pages")?,
-            },
-            None => FullFrame {
-                pages,
-                zstd: false,
-                body: std::mem::take(&mut full.buf),
-            },
+        if let Some((level, gauge)) = self.zstd
+            && gauge.should_compress()
+        {
+            let started = crate::clock::thread_cpu_ns();
+            let body = zstd::bulk::compress(&full.buf, level).context("compressing pages")?;
+            let cpu_ns = crate::clock::thread_cpu_ns().saturating_sub(started);
+            gauge.compressed(full.buf.len(), body.len(), cpu_ns);
+            if body.len() < full.buf.len() {
+                full.clear();
+                return Ok(FullFrame {
+                    pages,
+                    zstd: true,
+                    body,
+                });
+            }
+        }
+        let frame = FullFrame {
+            pages,
+            zstd: false,
+            body: std::mem::take(&mut full.buf),
         };
         full.clear();
         Ok(frame)

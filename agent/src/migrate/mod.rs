@@ -2,6 +2,7 @@
 //! The wire format is documented in `docs/migration-protocol.md`.
 
 pub mod cli;
+pub mod compression;
 pub mod digest;
 pub mod encode;
 pub mod interrupt;

@@ -27,6 +27,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
+    compression::{Gauge, LINK_SAMPLE_BYTES, ZstdPolicy},
     digest::{CHUNK_PAGES, chunk_digests},
     encode::{Batch, Encoder, PageHints, Small},
     interrupt,
@@ -73,6 +74,8 @@ pub struct SendOptions {
     pub zstd_level: i32,
     /// Threads reading, hashing and compressing pages (at least 1).
     pub threads: usize,
+    /// `templates+zstd`: compress every frame, or when it pays.
+    pub zstd_policy: ZstdPolicy,
     /// Longest a write may block or an answer take, and the whole
     /// migration's deadline.
     pub timeouts: Timeouts,
@@ -113,6 +116,11 @@ struct Sender<'a> {
     bandwidth: Option<f64>,
     /// The current round's estimated bytes, and the stream position it began at.
     round_estimate: (u64, u64),
+    /// `templates+zstd`: when compressing pays.
+    gauge: Arc<Gauge>,
+    /// Full-page frame bytes written and the time the writes took, since
+    /// the gauge last heard of the link.
+    link_sample: (usize, u64),
 }
 
 /// Runs one migration; the final report on success.
@@ -223,10 +231,15 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
         pause_started: None,
         bandwidth: options.max_bandwidth.map(|b| b as f64),
         round_estimate: (0, 0),
+        gauge: Arc::new(Gauge::new(options.zstd_policy, options.threads)),
+        link_sample: (0, 0),
     };
     let mut paused = false;
     let outcome = sender.run(vmm.as_mut(), &mut paused);
     sender.report.elapsed_seconds = sender.started.elapsed().as_secs_f64();
+    if options.mode.uses_zstd() {
+        sender.report.compression = Some(sender.gauge.describe());
+    }
     match outcome {
         Ok(()) => {
             sender.report.phase = Phase::Completed;
@@ -564,16 +577,17 @@ impl Sender<'_> {
     fn send_pages(&mut self, pages: &[u32], states: &PageStates) -> anyhow::Result<()> {
         let memory = self.memory.clone();
         let offer = std::mem::take(&mut self.offer);
+        let gauge = self.gauge.clone();
         let encoder = Encoder {
             memory: &memory,
             hints: states,
             offer: &offer,
             zero_hash: self.zero_hash,
-            zstd_level: self
+            zstd: self
                 .options
                 .mode
                 .uses_zstd()
-                .then_some(self.options.zstd_level),
+                .then_some((self.options.zstd_level, &*gauge)),
             threads: self.options.threads,
         };
         let sent = encoder.run(pages, |batch| self.write_batch(batch));
@@ -596,7 +610,14 @@ impl Sender<'_> {
         }
         for frame in batch.frames {
             let flags = if frame.zstd { FLAG_ZSTD } else { 0 };
+            let started = Instant::now();
             let wire = self.writer.frame(Kind::Pages, flags, &frame.body)? as u64;
+            self.link_sample.0 += wire as usize;
+            self.link_sample.1 += started.elapsed().as_nanos() as u64;
+            if self.link_sample.0 >= LINK_SAMPLE_BYTES {
+                let (bytes, ns) = std::mem::take(&mut self.link_sample);
+                self.gauge.wrote(bytes, ns);
+            }
             if frame.zstd {
                 self.report.pages.zstd += frame.pages;
                 self.report.bytes.zstd += wire;
