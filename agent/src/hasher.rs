@@ -292,14 +292,14 @@ impl Worker {
         let checks = &mut plan.checks;
         let mut hash = |index: usize, bytes: &[u8]| match checks.get_mut(index) {
             Some(check) if self.change_detection => self.hash_unless_unchanged(bytes, check),
-            _ => self.hash_page(bytes),
+            _ => Some(self.hash_page(bytes)),
         };
         if let Some(mapped) = self.mapping(job, plan.pid, plan.uaddr) {
             self.stats.reads_mapped.fetch_add(n, Ordering::Relaxed);
             return pages
                 .iter()
                 .enumerate()
-                .map(|(index, page)| mapped.page(*page).map(|bytes| hash(index, bytes)))
+                .map(|(index, page)| mapped.page(*page).and_then(|bytes| hash(index, bytes)))
                 .collect();
         }
         self.stats.reads_copied.fetch_add(n, Ordering::Relaxed);
@@ -310,7 +310,7 @@ impl Worker {
             .enumerate()
             .map(|(index, (ok, bytes))| {
                 if *ok {
-                    Some(hash(index, bytes))
+                    hash(index, bytes)
                 } else {
                     self.stats.pages_unreadable.fetch_add(1, Ordering::Relaxed);
                     None
@@ -319,17 +319,18 @@ impl Worker {
             .collect()
     }
 
-    /// A rescanned page: its last blake3 if its xxh3-64 did not change,
-    /// else a new blake3; `check` gets the new checksum.
-    fn hash_unless_unchanged(&self, bytes: &[u8], check: &mut ChangeCheck) -> PageHash {
+    /// A rescanned page: `None` (and `check.unchanged`) if its xxh3-64 did
+    /// not change since its content was hashed, else its new blake3;
+    /// `check` gets the new checksum.
+    fn hash_unless_unchanged(&self, bytes: &[u8], check: &mut ChangeCheck) -> Option<PageHash> {
         let checksum = twox_hash::XxHash3_64::oneshot(bytes);
-        let unchanged = check.checksum != 0 && check.checksum == checksum;
+        check.unchanged = check.checksum != 0 && check.checksum == checksum;
         check.checksum = checksum;
-        if unchanged {
+        if check.unchanged {
             self.stats.rescan_unchanged.fetch_add(1, Ordering::Relaxed);
-            return check.hash;
+            return None;
         }
-        self.hash_page(bytes)
+        Some(self.hash_page(bytes))
     }
 
     fn hash_page(&self, bytes: &[u8]) -> PageHash {

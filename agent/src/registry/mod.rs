@@ -93,20 +93,21 @@ pub struct ReadPlan {
     /// read the pages; [`u64::MAX`] (as planned) means never: hashes of
     /// bitmap-harvested slots are then never confirmed ([`bitmap`]).
     pub read_end_ns: u64,
-    /// Rescans: what each page of `pages` was when it was last hashed (empty
-    /// for other jobs). The reader may reuse `hash` for a page whose xxh3
-    /// still equals `checksum`, and leaves the checksum it computed here for
-    /// the commit to keep.
+    /// Rescans: each page of `pages`'s checksum when it was last hashed
+    /// (empty for other jobs). The reader leaves the checksum it computed
+    /// here for the commit to keep, and marks the pages whose checksum did
+    /// not move `unchanged` (their hash: `None`, nothing read anew).
     pub checks: Vec<ChangeCheck>,
 }
 
-/// A rescanned page's content when it was last hashed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A rescanned page's checksum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ChangeCheck {
     /// xxh3-64 of the page (0: not known).
     pub checksum: u64,
-    /// blake3 of the page then.
-    pub hash: PageHash,
+    /// The reader found the page's checksum as it was when its content was
+    /// last hashed: its content stands.
+    pub unchanged: bool,
 }
 
 /// How a slot's pages are kept.
@@ -979,14 +980,11 @@ impl Registry {
                     let entry = slot.pages.get(*page);
                     let known = entry.filter(|entry| entry.content != self::pages::NO_CONTENT);
                     match (known, slot.checksums.get(*page as usize)) {
-                        (Some(entry), Some(&checksum)) => ChangeCheck {
+                        (Some(_), Some(&checksum)) => ChangeCheck {
                             checksum,
-                            hash: self.contents.get(entry.content).hash,
+                            unchanged: false,
                         },
-                        _ => ChangeCheck {
-                            checksum: 0,
-                            hash: [0; 32],
-                        },
+                        _ => ChangeCheck::default(),
                     }
                 })
                 .collect(),
@@ -1001,7 +999,8 @@ impl Registry {
     }
 
     /// Commits hashes read for `plan`; `hashes[i]` belongs to `plan.pages[i]`
-    /// (`None`: the page could not be read).
+    /// (`None`: the page could not be read, or a rescan found it unchanged:
+    /// `plan.checks[i].unchanged`).
     pub fn commit(&mut self, job: &HashJob, plan: &ReadPlan, hashes: &[Option<PageHash>]) {
         let Some(vm) = self.vms.get_mut(&job.pid) else {
             return;
@@ -1041,11 +1040,17 @@ impl Registry {
                     self.stats.hashes_dropped_stale += 1;
                     return;
                 }
-                let Some(hash) = hash else { return };
-                if let (Some(check), Some(kept)) = (
-                    plan.checks.get(index),
-                    checksums.get_mut(*page_index as usize),
-                ) {
+                let check = plan.checks.get(index);
+                let Some(hash) = hash else {
+                    // Unchanged since its content was hashed (unreadable
+                    // pages are neither).
+                    if check.is_some_and(|c| c.unchanged) && page.content != pages::NO_CONTENT {
+                        page.set_state(new_state);
+                    }
+                    return;
+                };
+                if let (Some(check), Some(kept)) = (check, checksums.get_mut(*page_index as usize))
+                {
                     *kept = check.checksum;
                 }
                 if new_state == PageState::Confirming {
