@@ -74,13 +74,21 @@ impl Gauge {
         }
     }
 
+    /// The estimates; a thread that panicked while updating them left
+    /// numbers, never a broken state, so a poisoned lock is taken as is.
+    fn estimates(&self) -> std::sync::MutexGuard<'_, Estimates> {
+        self.estimates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Whether to compress the next frame.
     pub fn should_compress(&self) -> bool {
         let frame = self.frames.fetch_add(1, Ordering::Relaxed);
         if self.policy == ZstdPolicy::Always || frame.is_multiple_of(SAMPLE_EVERY) {
             return true;
         }
-        let e = self.estimates.lock().unwrap();
+        let e = self.estimates();
         match (e.zstd_rate, e.ratio, e.link_rate) {
             (Some(zstd), Some(ratio), Some(link)) => {
                 self.threads * zstd > MARGIN * link && ratio * MARGIN < 1.0
@@ -97,7 +105,7 @@ impl Gauge {
         if raw == 0 || cpu_ns == 0 {
             return;
         }
-        let mut e = self.estimates.lock().unwrap();
+        let mut e = self.estimates();
         e.zstd_rate = blend(e.zstd_rate, raw as f64 / (cpu_ns as f64 / 1e9));
         e.ratio = blend(e.ratio, compressed as f64 / raw as f64);
     }
@@ -109,13 +117,13 @@ impl Gauge {
             // sender adds writes up to [`LINK_SAMPLE_BYTES`].
             return;
         }
-        let mut e = self.estimates.lock().unwrap();
+        let mut e = self.estimates();
         e.link_rate = blend(e.link_rate, bytes as f64 / (wall_ns as f64 / 1e9));
     }
 
     /// What was chosen, for the report.
     pub fn describe(&self) -> String {
-        let e = self.estimates.lock().unwrap();
+        let e = self.estimates();
         let mb = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{:.0}", v / 1e6));
         format!(
             "{:?}: {} of {} full-page frames compressed (link {} MB/s, zstd {} MB/s per thread x {}, ratio {})",
