@@ -150,6 +150,11 @@ impl core::fmt::Display for BitmapError {
 }
 
 impl BitmapChunk {
+    /// The VMM's process id (not checked: see [`BitmapChunk::decode`]).
+    pub fn pid(&self) -> u32 {
+        self.head.pid
+    }
+
     /// The chunk, checked: its kind, its ioctl and its page count. Bits past
     /// `pages` come back cleared, whatever the record held.
     pub fn decode(&mut self) -> Result<DirtyBitmap<'_>, BitmapError> {

@@ -89,6 +89,14 @@ pub struct AgentArgs {
     /// (what each program costs, in `GET /v1/status` and the metrics).
     #[arg(long)]
     pub ebpf_run_stats: bool,
+    /// Track only VMs whose process environment holds NAME=VALUE.
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub only_vms_with_env: Option<String>,
+    #[command(flatten)]
+    pub site_store: crate::config::SiteStoreConfig,
+    /// This host's name in the site store (default: the hostname).
+    #[arg(long)]
+    pub host_id: Option<String>,
 }
 
 impl AgentArgs {
@@ -134,6 +142,18 @@ impl AgentArgs {
         }
         if self.ebpf_run_stats {
             config.ebpf_run_stats = true;
+        }
+        if let Some(v) = &self.only_vms_with_env {
+            config.only_vms_with_env = Some(v.clone());
+        }
+        if !self.site_store.nodes.is_empty() {
+            config.site.store.nodes = self.site_store.nodes.clone();
+        }
+        if self.site_store.plaintext {
+            config.site.store.plaintext = true;
+        }
+        if let Some(v) = &self.host_id {
+            config.site.host_id = Some(v.clone());
         }
         config.validate()?;
         Ok(config)

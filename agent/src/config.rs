@@ -48,6 +48,62 @@ pub struct Config {
     /// the metrics show what each program costs. Off by default: it adds two
     /// clock reads to every program run.
     pub ebpf_run_stats: bool,
+    /// Track only the VMs whose process environment holds this
+    /// `NAME=VALUE` (none: every VM of the host). Lets several agents on
+    /// one machine act as different hosts, or one agent serve one tenant.
+    pub only_vms_with_env: Option<String>,
+    /// The site-wide template store this host publishes to.
+    pub site: SiteConfig,
+}
+
+/// Where the site-wide template store is, and how a client may reach it:
+/// the `[site]` section of the agent's config and the `--site-store` flags
+/// of the agent and both receivers.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct SiteStoreConfig {
+    /// A node of the site's Redis cluster, `redis://HOST:PORT` (one is
+    /// enough, the others are discovered; repeat for more). None: no site
+    /// store, only this host's templates.
+    #[arg(long = "site-store", value_name = "redis://HOST:PORT")]
+    pub nodes: Vec<String>,
+    /// Accept an unencrypted connection to the site store. Template pages
+    /// are checked against their hashes, so the store cannot make a guest
+    /// wrong, but anyone on that network can read them: only on a network
+    /// you trust.
+    #[arg(long = "site-store-plaintext")]
+    pub plaintext: bool,
+}
+
+/// The agent's part in the site catalog (see docs/site-catalog.md).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SiteConfig {
+    #[serde(flatten)]
+    pub store: SiteStoreConfig,
+    /// This host's name in the store (default: the machine's hostname).
+    pub host_id: Option<String>,
+    /// Seconds a host's counts stay in the store after its last renewal.
+    pub lease_secs: u64,
+    /// Milliseconds between publications of changed counts.
+    pub publish_ms: u64,
+    /// A content's page is stored once this many hosts hold it.
+    pub min_hosts: u32,
+    /// Seconds a stored page is kept after a host last reported holding it.
+    pub page_ttl_secs: u64,
+}
+
+impl Default for SiteConfig {
+    fn default() -> Self {
+        Self {
+            store: SiteStoreConfig::default(),
+            host_id: None,
+            lease_secs: 30,
+            publish_ms: 2000,
+            min_hosts: 2,
+            page_ttl_secs: 7 * 24 * 3600,
+        }
+    }
 }
 
 /// The eBPF program on `kvm_dirty_ring_push`, from cheapest to most costly
@@ -82,6 +138,8 @@ impl Default for Config {
             qemu_scan_secs: 2,
             ring_push_program: RingPushProgram::Auto,
             ebpf_run_stats: false,
+            only_vms_with_env: None,
+            site: SiteConfig::default(),
         }
     }
 }
@@ -102,6 +160,12 @@ pub enum ConfigError {
     RingSize(u32),
     #[error("min_vms must be at least 1")]
     MinVms,
+    #[error("only_vms_with_env must be NAME=VALUE, not `{0}`")]
+    EnvFilter(String),
+    #[error(
+        "site: lease_secs, publish_ms and min_hosts must be at least 1, and publish_ms under lease_secs (so a lease is renewed before it ends)"
+    )]
+    SiteTimes,
 }
 
 impl Config {
@@ -131,6 +195,21 @@ impl Config {
         }
         if self.min_vms == 0 {
             return Err(ConfigError::MinVms);
+        }
+        if let Some(filter) = &self.only_vms_with_env
+            && !filter
+                .split_once('=')
+                .is_some_and(|(name, _)| !name.is_empty())
+        {
+            return Err(ConfigError::EnvFilter(filter.clone()));
+        }
+        let site = &self.site;
+        if site.lease_secs == 0
+            || site.publish_ms == 0
+            || site.min_hosts == 0
+            || site.publish_ms >= site.lease_secs.saturating_mul(1000)
+        {
+            return Err(ConfigError::SiteTimes);
         }
         Ok(())
     }

@@ -116,6 +116,50 @@ pub struct ContentTable {
     index: HashTable<ContentId>,
     /// Bumped on every change; template selection caches on it.
     epoch: u64,
+    /// What changed since the site publisher last looked (off unless a
+    /// site store is configured).
+    journal: Option<Journal>,
+}
+
+/// Most changes a journal holds before it gives up and asks for a resync.
+pub const JOURNAL_MAX: usize = 1 << 22;
+
+/// The contents whose VM count changed, and the hashes released, since the
+/// journal was last drained. A VM count changes when a VM gains its first
+/// or loses its last page of a content, far less often than pages change.
+#[derive(Debug, Default)]
+struct Journal {
+    touched: Vec<ContentId>,
+    released: Vec<PageHash>,
+    overflowed: bool,
+}
+
+impl Journal {
+    fn full(&mut self) -> bool {
+        if self.touched.len() + self.released.len() >= JOURNAL_MAX {
+            self.touched = Vec::new();
+            self.released = Vec::new();
+            self.overflowed = true;
+        }
+        self.overflowed
+    }
+}
+
+/// What a site publisher sends: each content this host now holds whose VM
+/// count changed (hash, VMs holding it), and the contents it no longer
+/// holds. `resync`: the list is every content held, and whatever was
+/// published before is to be replaced.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ContentChanges {
+    pub held: Vec<(PageHash, u32)>,
+    pub released: Vec<PageHash>,
+    pub resync: bool,
+}
+
+impl ContentChanges {
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty() && self.released.is_empty() && !self.resync
+    }
 }
 
 fn hash_key(hash: &PageHash) -> u64 {
@@ -130,6 +174,7 @@ impl Default for ContentTable {
             free: Vec::new(),
             index: HashTable::default(),
             epoch: 0,
+            journal: None,
         };
         let zero = table.intern(&zero_page_hash());
         debug_assert_eq!(zero, ZERO_CONTENT);
@@ -189,6 +234,7 @@ impl ContentTable {
         info.pages += 1;
         if *in_vm == 1 {
             info.vms += 1;
+            self.touched(id);
         }
         id
     }
@@ -212,6 +258,8 @@ impl ContentTable {
         }
         if info.pages == 0 {
             self.release(id);
+        } else if vm_gone {
+            self.touched(id);
         }
     }
 
@@ -224,7 +272,62 @@ impl ContentTable {
             info.vms -= 1;
             if info.pages == 0 {
                 self.release(id);
+            } else {
+                self.touched(id);
             }
+        }
+    }
+
+    /// Starts recording changes for [`ContentTable::take_changes`]; the
+    /// first take lists every content held.
+    pub fn start_journal(&mut self) {
+        self.journal = Some(Journal {
+            overflowed: true,
+            ..Journal::default()
+        });
+    }
+
+    /// The changes since the last take (a resync after the journal
+    /// overflowed, or on the first take); empty if the journal is off.
+    pub fn take_changes(&mut self) -> ContentChanges {
+        let Some(journal) = self.journal.as_mut() else {
+            return ContentChanges::default();
+        };
+        let mut journal = std::mem::take(journal);
+        let zero = self.entries[ZERO_CONTENT as usize].hash;
+        let held = |(_, info): &(ContentId, &ContentInfo)| (info.hash, info.vms);
+        if journal.overflowed {
+            return ContentChanges {
+                held: self
+                    .iter()
+                    .filter(|(_, info)| info.hash != zero)
+                    .map(|entry| held(&entry))
+                    .collect(),
+                released: Vec::new(),
+                resync: true,
+            };
+        }
+        journal.touched.sort_unstable();
+        journal.touched.dedup();
+        ContentChanges {
+            held: journal
+                .touched
+                .iter()
+                .filter(|id| **id != ZERO_CONTENT)
+                .map(|id| (*id, self.get(*id)))
+                .filter(|(_, info)| info.pages > 0)
+                .map(|entry| held(&entry))
+                .collect(),
+            released: journal.released,
+            resync: false,
+        }
+    }
+
+    fn touched(&mut self, id: ContentId) {
+        if let Some(journal) = self.journal.as_mut()
+            && !journal.full()
+        {
+            journal.touched.push(id);
         }
     }
 
@@ -233,6 +336,10 @@ impl ContentTable {
         self.entries.capacity() * size_of::<ContentInfo>()
             + self.free.capacity() * size_of::<ContentId>()
             + self.index.capacity() * (size_of::<ContentId>() + 1)
+            + self.journal.as_ref().map_or(0, |journal| {
+                journal.touched.capacity() * size_of::<ContentId>()
+                    + journal.released.capacity() * size_of::<PageHash>()
+            })
     }
 
     fn intern(&mut self, hash: &PageHash) -> ContentId {
@@ -267,6 +374,11 @@ impl ContentTable {
             slot.remove();
         }
         self.free.push(id);
+        if let Some(journal) = self.journal.as_mut()
+            && !journal.full()
+        {
+            journal.released.push(self.entries[id as usize].hash);
+        }
     }
 }
 
@@ -352,6 +464,58 @@ mod tests {
                 let id = table.lookup(&h(byte)).unwrap();
                 prop_assert_eq!((table.get(id).pages, table.get(id).vms), (p, v));
             }
+        }
+    }
+    proptest! {
+        /// A publisher that applies each take (released first, then held)
+        /// ends with exactly the table's contents and VM counts.
+        #[test]
+        fn journal_takes_replay_to_the_table(
+            ops in prop::collection::vec((0usize..3, 0usize..8, 0u8..5, any::<bool>()), 1..300),
+            overflow_at in prop::option::of(0usize..300),
+        ) {
+            let mut table = ContentTable::new();
+            table.start_journal();
+            let mut vms: Vec<VmContentCounts> = (0..3).map(|_| VmContentCounts::default()).collect();
+            let mut pages: Vec<Vec<Option<ContentId>>> = vec![vec![None; 8]; 3];
+            let mut published: StdHashMap<PageHash, u32> = StdHashMap::new();
+            let apply = |changes: ContentChanges, published: &mut StdHashMap<PageHash, u32>| {
+                if changes.resync {
+                    published.clear();
+                }
+                for hash in changes.released {
+                    published.remove(&hash);
+                }
+                for (hash, vms) in changes.held {
+                    published.insert(hash, vms);
+                }
+            };
+            for (step, (vm, page, byte, take)) in ops.into_iter().enumerate() {
+                if let Some(id) = pages[vm][page].take() {
+                    table.remove_page(&mut vms[vm], id);
+                }
+                if byte > 0 {
+                    pages[vm][page] = Some(table.add_page(&mut vms[vm], &h(byte)));
+                } else if page == 0 {
+                    let gone = std::mem::take(&mut vms[vm]);
+                    pages[vm] = vec![None; 8];
+                    table.remove_vm(gone);
+                }
+                if overflow_at == Some(step) {
+                    table.journal.as_mut().unwrap().overflowed = true;
+                }
+                if take {
+                    apply(table.take_changes(), &mut published);
+                }
+            }
+            apply(table.take_changes(), &mut published);
+            let zero = zero_page_hash();
+            let expected: StdHashMap<PageHash, u32> = table
+                .iter()
+                .filter(|(_, info)| info.hash != zero)
+                .map(|(_, info)| (info.hash, info.vms))
+                .collect();
+            prop_assert_eq!(published, expected);
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct AgentOptions {
     pub min_vms: Option<u32>,
     pub zero_copy: bool,
     pub extra: Vec<String>,
+    /// The agent's config file (TOML), empty if `None`.
+    pub config: Option<String>,
 }
 
 impl Default for AgentOptions {
@@ -70,6 +72,7 @@ impl Default for AgentOptions {
             min_vms: None,
             zero_copy: true,
             extra: Vec::new(),
+            config: None,
         }
     }
 }
@@ -134,7 +137,10 @@ impl AgentProcess {
             .arg("--metrics-addr")
             .arg(&metrics_addr);
         // An explicit config path must exist: write an empty one.
-        std::fs::write(dir.0.join("none.toml"), "")?;
+        std::fs::write(
+            dir.0.join("none.toml"),
+            options.config.as_deref().unwrap_or_default(),
+        )?;
         if let Some(bytes) = options.ring_buffer_bytes {
             command.arg("--ring-buffer-bytes").arg(bytes.to_string());
         }
@@ -337,6 +343,14 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+impl AgentProcess {
+    /// Kills the agent with SIGKILL (a host that dies: no clean stop).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for AgentProcess {

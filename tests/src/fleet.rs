@@ -61,6 +61,7 @@ impl Vm {
             .to_string(),
             slots: 1,
             incoming: false,
+            env: Vec::new(),
         };
         let process = VmmProcess::spawn(&testvmm_binary(), &args).expect("starting pagefp-testvmm");
         Self { process }

@@ -42,6 +42,8 @@ pub struct ReceiveSpec {
     pub no_resume: bool,
     pub timeout_s: u64,
     pub security: LinkSecurity,
+    /// `--site-store` nodes (plaintext, on loopback).
+    pub site_store: Vec<String>,
 }
 
 /// What the sender does.
@@ -100,6 +102,9 @@ pub fn start_receiver(
     }
     if spec.no_resume {
         command.arg("--no-resume");
+    }
+    for node in &spec.site_store {
+        command.args(["--site-store", node, "--site-store-plaintext"]);
     }
     command
         .env("RUST_LOG", "info")

@@ -48,6 +48,9 @@ pub struct VmmArgs {
     pub slots: u32,
     /// Start empty, waiting for a migration (`--incoming`).
     pub incoming: bool,
+    /// Extra environment (e.g. the entry an agent's
+    /// `--only-vms-with-env` selects).
+    pub env: Vec<(String, String)>,
 }
 
 impl VmmArgs {
@@ -63,6 +66,7 @@ impl VmmArgs {
             harvest: "auto".into(),
             slots: 1,
             incoming: false,
+            env: Vec::new(),
         }
     }
 }
@@ -136,6 +140,7 @@ impl VmmProcess {
         if args.incoming {
             command.arg("--incoming");
         }
+        command.envs(args.env.iter().map(|(k, v)| (k, v)));
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())

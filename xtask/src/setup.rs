@@ -30,6 +30,10 @@ pub const APT_PACKAGES: &[&str] = &[
     // The libvirt tests run their own daemons (`tests/src/libvirt.rs`).
     "libvirt-daemon-system",
     "libvirt-clients",
+    // The site catalog tests start their own Redis cluster
+    // (`tests/src/redis_cluster.rs`).
+    "redis-server",
+    "redis-tools",
 ];
 
 const TRACEFS: Mount = Mount {

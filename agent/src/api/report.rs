@@ -177,6 +177,33 @@ pub struct MigrationReport {
     /// `templates+zstd`: which full-page frames were compressed, and why.
     #[serde(default)]
     pub compression: Option<String>,
+    /// How the templates were agreed: `offer` (the destination listed its
+    /// catalog) or `query` (the source listed the VM's contents and the
+    /// destination said which it can rebuild), and why.
+    #[serde(default)]
+    pub negotiation: Option<String>,
+    /// Destination: template pages fetched from the site store for this
+    /// migration (each checked against its hash).
+    #[serde(default)]
+    pub site: Option<SiteFetch>,
+}
+
+/// What a destination got from the site store during the negotiation.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SiteFetch {
+    /// Contents asked for (held by neither this host's catalogs nor VMs).
+    pub asked: u64,
+    /// Pages fetched and checked.
+    pub pages: u64,
+    /// Bytes read from the store.
+    pub bytes: u64,
+    /// Pages the store lacked or returned wrong.
+    pub missing: u64,
+    /// Pages of batches that failed (a node down or slow): sent in full.
+    pub failed: u64,
+    pub seconds: f64,
+    /// The store could not be reached at all (the reason).
+    pub error: Option<String>,
 }
 
 impl MigrationReport {
@@ -213,6 +240,8 @@ impl MigrationReport {
             tls: false,
             channel: String::new(),
             compression: None,
+            negotiation: None,
+            site: None,
         }
     }
 }

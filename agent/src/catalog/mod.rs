@@ -18,6 +18,7 @@
 //! ```
 
 pub mod file;
+pub mod site;
 pub mod sources;
 pub mod store;
 

@@ -34,6 +34,10 @@ pub struct TemplateSources {
     /// The local agent's API socket.
     #[arg(long, default_value = crate::config::DEFAULT_SOCKET)]
     pub agent_socket: PathBuf,
+    /// Also the site-wide store: pages common across the site that this
+    /// host lacks are fetched from it while the templates are agreed.
+    #[command(flatten)]
+    pub site: crate::config::SiteStoreConfig,
 }
 
 /// Catalogs loaded from [`TemplateSources`].
@@ -55,6 +59,7 @@ impl TemplateSources {
             no_installed: true,
             local_templates: false,
             agent_socket: PathBuf::from(crate::config::DEFAULT_SOCKET),
+            site: Default::default(),
         }
     }
 
@@ -187,6 +192,7 @@ mod tests {
             no_installed: false,
             local_templates: false,
             agent_socket: PathBuf::from("/nonexistent"),
+            site: Default::default(),
         };
         let loaded = sources.load().unwrap();
         assert_eq!(loaded.catalogs.len(), 1);

@@ -12,10 +12,11 @@ pub mod http;
 pub mod metrics;
 pub mod migration_book;
 pub mod routes;
+pub mod site_publisher;
 pub mod state;
 pub mod views;
 
-use self::state::AppState;
+use self::{site_publisher::SitePublisher, state::AppState};
 use crate::{
     config::Config,
     hasher::HashPool,
@@ -78,6 +79,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             rehash_delay: std::time::Duration::from_millis(config.rehash_delay_ms),
             qemu_scan: (config.qemu_scan_secs > 0)
                 .then(|| std::time::Duration::from_secs(config.qemu_scan_secs)),
+            only_vms_with_env: config.only_vms_with_env.clone(),
         },
         stop.clone(),
     );
@@ -95,7 +97,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .spawn(move || tracker.run())
         .context("spawning the tracker thread")?;
 
-    let state = Arc::new(AppState::new(
+    let site = SitePublisher::start(&config.site, registry.clone(), stop.clone())
+        .context("starting the site store publisher")?;
+    let mut state = AppState::new(
         registry,
         Some(pool),
         Some(sync),
@@ -105,7 +109,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             min_vms: config.min_vms,
             budget_bytes: config.template_budget_bytes,
         },
-    ));
+    );
+    state.site = site.as_ref().map(|site| site.status.clone());
+    let state = Arc::new(state);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -145,6 +151,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     });
     stop.store(true, Ordering::Relaxed);
     let _ = tracker_thread.join();
+    if let Some(site) = site {
+        site.join();
+    }
     let _ = std::fs::remove_file(&config.socket);
     result
 }

@@ -299,6 +299,9 @@ struct StatusView {
     hashing: crate::hasher::HashStatsView,
     events: u64,
     registry: RegistryStats,
+    /// The site store publisher (absent when no site store is configured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    site: Option<super::site_publisher::SiteStatus>,
 }
 
 fn status(state: &AppState) -> ApiResponse {
@@ -325,6 +328,10 @@ fn status(state: &AppState) -> ApiResponse {
             .events
             .load(std::sync::atomic::Ordering::Relaxed),
         registry: registry.stats.clone(),
+        site: state
+            .site
+            .as_ref()
+            .map(|site| site.lock().unwrap_or_else(|p| p.into_inner()).clone()),
     })
 }
 

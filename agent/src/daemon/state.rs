@@ -28,6 +28,8 @@ pub struct AppState {
     pub policy: SelectionPolicy,
     pub started: Instant,
     pub migrations: Mutex<MigrationBook>,
+    /// The site store publisher's state, if one is configured.
+    pub site: Option<Arc<Mutex<super::site_publisher::SiteStatus>>>,
     selection: Mutex<Option<Arc<Selection>>>,
 }
 
@@ -49,6 +51,7 @@ impl AppState {
             policy,
             started: Instant::now(),
             migrations: Mutex::new(MigrationBook::new()),
+            site: None,
             selection: Mutex::new(None),
         }
     }

@@ -45,9 +45,13 @@ use crate::{
     content::{TemplateId, zero_page_hash},
     net::{self, ChannelReader, ChannelWriter, Timeouts, tls},
     page::PAGE_SIZE,
-    transport::migration::{
-        self as wire, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PagesBuilder,
-        Ready, Region, Resumed, RoundEnd, TEMPLATE_LEN, ZERO_RUN_LEN,
+    transport::{
+        WireError,
+        migration::{
+            self as wire, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind,
+            MAX_QUERY_CHUNK, PagesBuilder, Ready, Region, Resumed, RoundEnd, TEMPLATE_LEN,
+            ZERO_RUN_LEN,
+        },
     },
 };
 
@@ -326,9 +330,26 @@ impl Sender<'_> {
 }
 
 impl Sender<'_> {
-    fn negotiate(&mut self) -> anyhow::Result<()> {
+    fn negotiate(&mut self, states: &PageStates) -> anyhow::Result<()> {
         self.report.phase = Phase::Negotiating;
         self.progress.update(&self.report);
+        // The VM's distinct non-zero contents the agent knows, in page
+        // order: what a destination that asks is told.
+        let query: Vec<TemplateId> = if self.options.mode.uses_templates() {
+            let mut seen = std::collections::HashSet::new();
+            states
+                .state
+                .iter()
+                .zip(&states.hash)
+                .filter(|(state, hash)| {
+                    matches!(**state, state::CLEAN | state::UNVERIFIED) && **hash != self.zero_hash
+                })
+                .filter(|(_, hash)| seen.insert(**hash))
+                .map(|(_, hash)| *hash)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let hello = Hello {
             id: self.report.id.clone(),
             mode: self.options.mode,
@@ -336,27 +357,59 @@ impl Sender<'_> {
             regions: self.memory.layout.regions.clone(),
             source: self.report.vm_name.clone(),
             digest_chunk_pages: CHUNK_PAGES,
+            query_hashes: query.len() as u64,
         };
         self.writer.preamble()?;
         self.writer.json(Kind::Hello, &hello)?;
         self.writer.flush()?;
-        let frame = self.reader.expect(Kind::Offer)?;
-        let ids = wire::decode_offer(&frame)?;
-        if self.options.mode.uses_templates() {
-            self.offer = ids
-                .iter()
-                .enumerate()
-                .map(|(i, id)| (*id, i as u32))
-                .collect();
-        } else if !ids.is_empty() {
-            bail!("the destination offered templates to a baseline migration");
+        let frame = self.reader.frame()?;
+        match frame.kind {
+            Kind::Offer => {
+                let ids = wire::decode_offer(&frame)?;
+                if self.options.mode.uses_templates() {
+                    self.offer = ids
+                        .iter()
+                        .enumerate()
+                        .map(|(i, id)| (*id, i as u32))
+                        .collect();
+                } else if !ids.is_empty() {
+                    bail!("the destination offered templates to a baseline migration");
+                }
+                self.report.negotiation = Some(format!("offer: {} templates", ids.len()));
+            }
+            Kind::WantHashes if !query.is_empty() => {
+                let mut index = 0u32;
+                for chunk in query.chunks(MAX_QUERY_CHUNK) {
+                    self.writer.frame(Kind::Hashes, 0, chunk.as_flattened())?;
+                    self.writer.flush()?;
+                    let held = wire::decode_held(&self.reader.expect(Kind::Held)?, chunk.len())?;
+                    for (hash, _) in chunk.iter().zip(held).filter(|(_, held)| *held) {
+                        self.offer.insert(*hash, index);
+                        index += 1;
+                    }
+                }
+                self.report.negotiation = Some(format!(
+                    "query: {} of the VM's {} contents held",
+                    self.offer.len(),
+                    query.len()
+                ));
+            }
+            _ => {
+                return Err(WireError::Unexpected {
+                    protocol: "migration",
+                    expected: "Offer (or WantHashes after a Hello with hashes)".into(),
+                    got: format!("{:?}", frame.kind),
+                    offset: frame.offset,
+                }
+                .into());
+            }
         }
         self.report.templates_agreed = self.offer.len() as u64;
         self.report.negotiation_bytes = self.writer.bytes + self.reader.bytes;
         self.sync_bytes();
         log::info!(
-            "destination offers {} templates ({} bytes of negotiation)",
-            ids.len(),
+            "{} ({} bytes of negotiation)",
+            self.report.negotiation.as_deref().unwrap_or_default(),
             self.report.negotiation_bytes
         );
         Ok(())
@@ -412,7 +465,7 @@ impl Sender<'_> {
     }
 
     fn precopy(&mut self, vmm: &mut dyn VmmControl, paused: &mut bool) -> anyhow::Result<()> {
-        self.negotiate()?;
+        self.negotiate(&self.page_states()?)?;
         self.report.phase = Phase::Precopy;
         let target = Duration::from_millis(self.options.downtime_ms).as_secs_f64();
         let mut states = self.page_states()?;

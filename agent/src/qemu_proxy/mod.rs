@@ -184,6 +184,12 @@ pub fn run(command: ProxyCommand) -> anyhow::Result<()> {
 /// The templates the receive proxy offers: catalog files, installed
 /// catalogs, the local agent's VMs. Every page is hashed again here.
 pub fn load_templates(args: &ReceiveArgs) -> anyhow::Result<TemplateStore> {
+    if !args.templates.site.nodes.is_empty() {
+        anyhow::bail!(
+            "the QEMU proxies do not use the site store yet (only `pagefp migrate receive` does): \
+             drop --site-store (the proxies use this host's catalogs and VMs)"
+        );
+    }
     let mut set = TemplateStore::default();
     for (source, catalog) in args.templates.load()?.catalogs {
         let added = set.add(&catalog);

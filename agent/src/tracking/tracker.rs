@@ -37,6 +37,35 @@ pub struct TrackerConfig {
     /// How often to look for QEMU guests without KVM on shared memory
     /// ([`crate::tracking::qemu_guests`]); never if `None`.
     pub qemu_scan: Option<Duration>,
+    /// Track only the VMs whose process environment holds this
+    /// `NAME=VALUE` (every VM if `None`).
+    pub only_vms_with_env: Option<String>,
+}
+
+/// Which processes' VMs this agent tracks: all, or those started with an
+/// environment entry (one agent per simulated host, or per tenant). The
+/// answer is read once per process from `/proc/PID/environ`.
+#[derive(Debug, Default)]
+struct VmSelection {
+    entry: Option<String>,
+    known: std::collections::HashMap<u32, bool>,
+}
+
+impl VmSelection {
+    fn selects(&mut self, pid: u32) -> bool {
+        let Some(entry) = &self.entry else {
+            return true;
+        };
+        *self
+            .known
+            .entry(pid)
+            .or_insert_with(|| crate::procfs::environ_has(pid, entry))
+    }
+
+    /// Forgets processes that are gone (their pid may be reused).
+    fn prune(&mut self) {
+        self.known.retain(|pid, _| crate::procfs::exists(*pid));
+    }
 }
 
 /// Counters exported as metrics.
@@ -76,6 +105,7 @@ pub struct Tracker {
     seen_unattributed: LossRecord,
     /// [`Probes::loss_count`] when the records were last read.
     seen_loss_count: u64,
+    selection: VmSelection,
 }
 
 impl Tracker {
@@ -87,6 +117,10 @@ impl Tracker {
         stop: Arc<AtomicBool>,
     ) -> (Self, SyncHandle) {
         let (tx, sync_rx) = crossbeam::channel::unbounded();
+        let selection = VmSelection {
+            entry: config.only_vms_with_env.clone(),
+            known: Default::default(),
+        };
         let mut tracker = Self {
             probes,
             registry,
@@ -98,6 +132,7 @@ impl Tracker {
             seen_losses: HashMap::new(),
             seen_unattributed: LossRecord::default(),
             seen_loss_count: 0,
+            selection,
         };
         // Losses from before the start concern VMs adopted as unsynced anyway.
         tracker.seen_loss_count = tracker.probes.loss_count();
@@ -113,6 +148,9 @@ impl Tracker {
         let now = monotonic_ns();
         let mut registry = self.registry.lock().unwrap();
         for pid in pids {
+            if !self.selection.selects(*pid) {
+                continue;
+            }
             registry.adopt(*pid, now);
             let _ = self.probes.vm_pids.insert(pid, 1, 0);
         }
@@ -133,7 +171,9 @@ impl Tracker {
                 }
                 last_qemu_scan = Some(Instant::now());
                 // Read /proc outside the registry lock.
-                Some(crate::tracking::qemu_guests::find())
+                let mut guests = crate::tracking::qemu_guests::find();
+                guests.retain(|guest| self.selection.selects(guest.pid));
+                Some(guests)
             });
             self.wait(Duration::from_millis(10));
             if let Some(logger) = &mut self.probes.logger {
@@ -143,6 +183,15 @@ impl Tracker {
                 std::iter::from_fn(|| self.sync_rx.try_recv().ok()).collect();
             batch.clear();
             self.probes.drain(&mut batch);
+            if self.selection.entry.is_some() {
+                let selection = &mut self.selection;
+                batch.retain(|record| {
+                    selection.selects(match record {
+                        Record::Event(event) => event.pid(),
+                        Record::Bitmap(chunk) => chunk.pid(),
+                    })
+                });
+            }
             let registry_handle = self.registry.clone();
             let jobs = {
                 let mut registry = registry_handle.lock().unwrap();
@@ -176,6 +225,7 @@ impl Tracker {
                     registry.sample_rates(last_reap.elapsed().as_secs_f64());
                     last_reap = Instant::now();
                     registry.reap_gone(crate::procfs::exists);
+                    self.selection.prune();
                     // Slots deleted or registered anew since.
                     self.pool.prune(&registry);
                 }

@@ -18,12 +18,15 @@ use crate::{
 
 pub const PREAMBLE_MAGIC: [u8; 8] = *b"PAGEFPMG";
 /// Version 2: the shared transport framing (Abort is kind 0xFF) and
-/// 32-byte template ids.
-pub const VERSION: u32 = 2;
+/// 32-byte template ids. Version 3: the destination may ask for the VM's
+/// contents instead of offering its catalog ([`Kind::WantHashes`]).
+pub const VERSION: u32 = 3;
 /// Largest payload accepted (a batch of pages, a state blob, an offer).
 pub const MAX_PAYLOAD: usize = 32 << 20;
 /// Most templates one offer can hold.
 pub const MAX_OFFER: usize = (MAX_PAYLOAD - 4) / TEMPLATE_ID_LEN;
+/// Most content hashes one [`Kind::Hashes`] frame holds.
+pub const MAX_QUERY_CHUNK: usize = MAX_PAYLOAD / TEMPLATE_ID_LEN;
 
 /// Frame flag: the payload is one zstd frame.
 pub const FLAG_ZSTD: u8 = 1;
@@ -69,6 +72,15 @@ pub enum Kind {
     // 10 was Abort in version 1.
     /// R→S, JSON [`RoundEnd`] echoed: every byte of the round arrived.
     RoundAck = 11,
+    /// R→S, empty, instead of an Offer: send the VM's content hashes.
+    WantHashes = 12,
+    /// S→R, binary: up to [`MAX_QUERY_CHUNK`] distinct 32-byte hashes of
+    /// the VM's non-zero pages; each answered by one Held before the next.
+    Hashes = 13,
+    /// R→S, binary: one bit per hash of the last Hashes frame (bit `i % 8`
+    /// of byte `i / 8`), set if the destination can rebuild that content.
+    /// The set hashes, in the order sent, are the templates: index 0, 1...
+    Held = 14,
 }
 }
 
@@ -91,6 +103,34 @@ pub fn body(frame: &Frame) -> Result<std::borrow::Cow<'_, [u8]>, WireError> {
     Ok(std::borrow::Cow::Owned(out))
 }
 
+/// A [`Kind::Held`] payload for `count` hashes.
+pub fn encode_held(held: &[bool]) -> Vec<u8> {
+    let mut bits = vec![0u8; held.len().div_ceil(8)];
+    for (i, _) in held.iter().enumerate().filter(|(_, held)| **held) {
+        bits[i / 8] |= 1 << (i % 8);
+    }
+    bits
+}
+
+/// A [`Kind::Held`] frame for `count` hashes: which were held. Its length
+/// must be exact and bits past `count` clear.
+pub fn decode_held(frame: &Frame, count: usize) -> Result<Vec<bool>, WireError> {
+    if frame.payload.len() != count.div_ceil(8) {
+        return Err(frame.malformed(format!(
+            "{} bytes answer {count} hashes (expected {})",
+            frame.payload.len(),
+            count.div_ceil(8)
+        )));
+    }
+    let held: Vec<bool> = (0..count)
+        .map(|i| frame.payload[i / 8] & (1 << (i % 8)) != 0)
+        .collect();
+    if count % 8 != 0 && frame.payload[count / 8] >> (count % 8) != 0 {
+        return Err(frame.malformed("bits set past the hashes asked"));
+    }
+    Ok(held)
+}
+
 /// One guest memory region, in guest physical address order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Region {
@@ -111,6 +151,10 @@ pub struct Hello {
     pub source: String,
     /// Pages per digest in the final [`Kind::Verify`] message.
     pub digest_chunk_pages: u32,
+    /// Distinct content hashes the source can list if asked
+    /// ([`Kind::WantHashes`]); at most the VM's pages.
+    #[serde(default)]
+    pub query_hashes: u64,
 }
 
 impl Hello {
@@ -402,7 +446,7 @@ mod tests {
                 known += 1;
             }
         }
-        assert_eq!(known, 10);
+        assert_eq!(known, 13);
         assert!(Kind::try_from(transport::ABORT).is_err());
         assert!(Kind::try_from(10).is_err(), "version 1's Abort is retired");
     }
@@ -414,6 +458,22 @@ mod tests {
             .frame(Kind::State, 0, &vec![0u8; MAX_PAYLOAD + 1])
             .unwrap_err();
         assert!(matches!(err, WireError::PayloadTooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn held_bits_round_trip_and_must_be_exact() {
+        for count in [1usize, 7, 8, 9, 1000] {
+            let held: Vec<bool> = (0..count).map(|i| i % 3 == 0).collect();
+            let frame = round_trip(Kind::Held, 0, &encode_held(&held));
+            assert_eq!(decode_held(&frame, count).unwrap(), held);
+            assert!(decode_held(&frame, count + 8).is_err());
+        }
+        // A bit past the hashes asked is refused.
+        let frame = round_trip(Kind::Held, 0, &[0b1000_0000]);
+        assert!(decode_held(&frame, 7).is_err());
+        assert!(decode_held(&frame, 8).is_ok());
+        let largest = vec![[1u8; 32]; MAX_QUERY_CHUNK];
+        assert_eq!(largest.as_flattened().len(), MAX_PAYLOAD);
     }
 
     #[test]

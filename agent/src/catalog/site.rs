@@ -1,0 +1,534 @@
+//! The site-wide template store: a Redis cluster the operator already runs,
+//! shared by every host of a site (see docs/site-catalog.md).
+//!
+//! Keys (hashes in lowercase hex; each key lives on the master its name
+//! hashes to, so the load spreads over the cluster):
+//!
+//! ```text
+//! pagefp:c:<hash>          hash   host id -> VMs of that host holding the content
+//! pagefp:p:<hash>          string the 4096-byte page, stored once (SET NX), with a TTL
+//! pagefp:host:<host>       string the host's lease (PX lease): absent = the host is gone
+//! pagefp:hosts             set    every host that published
+//! pagefp:hc:<host>:<xx>    set    the contents a host published, by first hash byte
+//!                                 (what to delete when it is gone)
+//! ```
+//!
+//! Nothing read from the store is trusted: a page is used only if its
+//! blake3 equals the hash it was asked for, counts only rank contents, and
+//! every call has a deadline. A store that is down or slow costs bytes on the
+//! WAN (pages travel in full), never a migration.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use redis::{
+    Value,
+    cluster::{ClusterClient, ClusterConnection, cluster_pipe},
+};
+
+use crate::{config::SiteStoreConfig, content::PageHash, page::PAGE_SIZE};
+
+/// Commands per pipeline: large enough to hide round trips, small enough
+/// that one failing node loses little.
+pub const BATCH: usize = 256;
+/// How long one call to the store may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+const PREFIX: &str = "pagefp:";
+const HOSTS: &str = "pagefp:hosts";
+
+fn hex(hash: &PageHash) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn content_key(hash: &PageHash) -> String {
+    format!("{PREFIX}c:{}", hex(hash))
+}
+
+fn page_key(hash: &PageHash) -> String {
+    format!("{PREFIX}p:{}", hex(hash))
+}
+
+fn lease_key(host: &str) -> String {
+    format!("{PREFIX}host:{host}")
+}
+
+fn index_key(host: &str, hash: &PageHash) -> String {
+    format!("{PREFIX}hc:{host}:{:02x}", hash[0])
+}
+
+/// What the store was asked to do, for the operator and the benchmark.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoreTraffic {
+    /// Commands sent.
+    pub commands: u64,
+    /// Bytes of those commands (RESP, as sent).
+    pub bytes_sent: u64,
+    /// Pipelines that failed (a node down or slow; retried next time).
+    pub errors: u64,
+}
+
+/// One connection to the site's Redis cluster.
+pub struct SiteStore {
+    connection: ClusterConnection,
+    pub traffic: StoreTraffic,
+}
+
+impl SiteStore {
+    /// Whether `config` can work at all: nodes named, as `redis://` URLs,
+    /// plaintext accepted by name.
+    pub fn check(config: &SiteStoreConfig) -> anyhow::Result<()> {
+        if config.nodes.is_empty() {
+            bail!("no site store configured: give --site-store redis://HOST:PORT");
+        }
+        for node in &config.nodes {
+            if node.starts_with("rediss://") {
+                bail!(
+                    "site store {node}: TLS to the site store is not supported by this release; \
+                     use redis:// on a network you trust, with --site-store-plaintext"
+                );
+            }
+            if !node.starts_with("redis://") {
+                bail!("site store {node}: give it as redis://HOST:PORT");
+            }
+            if !config.plaintext {
+                bail!(
+                    "site store {node} is unencrypted: template pages are checked against their \
+                     hashes, but anyone on that network can read them. Pass --site-store-plaintext \
+                     (`plaintext = true` under [site]) to accept that on a network you trust"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Connects to the cluster `config` names (see [`SiteStore::check`]).
+    pub fn connect(config: &SiteStoreConfig) -> anyhow::Result<Self> {
+        Self::check(config)?;
+        let client = ClusterClient::builder(config.nodes.clone())
+            .connection_timeout(CALL_TIMEOUT)
+            .response_timeout(CALL_TIMEOUT)
+            .retries(1)
+            .max_retry_wait(200)
+            .build()
+            .with_context(|| format!("site store {}", config.nodes.join(", ")))?;
+        let connection = client.get_connection().with_context(|| {
+            format!(
+                "connecting to the site store at {}: is the Redis cluster up, and is this a cluster node?",
+                config.nodes.join(", ")
+            )
+        })?;
+        Ok(Self {
+            connection,
+            traffic: StoreTraffic::default(),
+        })
+    }
+
+    /// Runs one pipeline, counting it.
+    fn run(&mut self, pipe: &redis::cluster::ClusterPipeline) -> redis::RedisResult<Vec<Value>> {
+        for cmd in pipe.cmd_iter() {
+            self.traffic.commands += 1;
+            self.traffic.bytes_sent += cmd.get_packed_command().len() as u64;
+        }
+        let result = pipe.query::<Vec<Value>>(&mut self.connection);
+        if result.is_err() {
+            self.traffic.errors += 1;
+        }
+        result
+    }
+
+    /// The pages of `hashes` the store holds, each checked against its
+    /// hash (`None`: not there, wrong, or not fetched before `deadline`).
+    /// Batches that fail leave their pages `None`.
+    pub fn fetch_pages(&mut self, hashes: &[PageHash], deadline: Instant) -> Fetched {
+        let mut fetched = Fetched {
+            pages: Vec::with_capacity(hashes.len()),
+            ..Fetched::default()
+        };
+        for batch in hashes.chunks(BATCH) {
+            if Instant::now() >= deadline {
+                fetched.late += batch.len() as u64;
+                fetched.pages.extend(batch.iter().map(|_| None));
+                continue;
+            }
+            let mut pipe = cluster_pipe();
+            for hash in batch {
+                pipe.cmd("GET").arg(page_key(hash));
+            }
+            let Ok(values) = self.run(&pipe) else {
+                fetched.failed += batch.len() as u64;
+                fetched.pages.extend(batch.iter().map(|_| None));
+                continue;
+            };
+            for (hash, value) in batch
+                .iter()
+                .zip(values.into_iter().chain(std::iter::repeat(Value::Nil)))
+            {
+                let page = match value {
+                    Value::BulkString(bytes) => {
+                        fetched.bytes += bytes.len() as u64;
+                        checked_page(hash, &bytes)
+                    }
+                    _ => None,
+                };
+                if page.is_none() {
+                    fetched.missing += 1;
+                }
+                fetched.pages.push(page);
+            }
+        }
+        fetched
+    }
+}
+
+/// `bytes` as a page, if it is one and its blake3 is `hash`.
+fn checked_page(hash: &PageHash, bytes: &[u8]) -> Option<Box<[u8; PAGE_SIZE]>> {
+    let page: &[u8; PAGE_SIZE] = bytes.try_into().ok()?;
+    (blake3::hash(page).as_bytes() == hash).then(|| Box::new(*page))
+}
+
+/// What [`SiteStore::fetch_pages`] got, in the order asked.
+#[derive(Default)]
+pub struct Fetched {
+    pub pages: Vec<Option<Box<[u8; PAGE_SIZE]>>>,
+    /// Bytes received for pages.
+    pub bytes: u64,
+    /// Pages not in the store, or whose bytes did not match their hash.
+    pub missing: u64,
+    /// Pages of batches that failed (node down, timeout).
+    pub failed: u64,
+    /// Pages not asked for: the deadline had passed.
+    pub late: u64,
+}
+
+/// One host's publication of what it holds (the agent's side).
+pub struct HostPublisher {
+    pub store: SiteStore,
+    pub host: String,
+    lease: Duration,
+    min_hosts: u32,
+    page_ttl: Duration,
+}
+
+impl HostPublisher {
+    pub fn new(
+        store: SiteStore,
+        host: String,
+        lease: Duration,
+        min_hosts: u32,
+        page_ttl: Duration,
+    ) -> anyhow::Result<Self> {
+        if host.is_empty() || host.contains(char::is_whitespace) || host.contains(':') {
+            bail!("host id `{host}` must be non-empty, without spaces or colons");
+        }
+        Ok(Self {
+            store,
+            host,
+            lease,
+            min_hosts,
+            page_ttl,
+        })
+    }
+
+    /// Renews this host's lease (and lists it among the hosts).
+    pub fn renew_lease(&mut self) -> redis::RedisResult<()> {
+        let mut pipe = cluster_pipe();
+        pipe.cmd("SET")
+            .arg(lease_key(&self.host))
+            .arg(1)
+            .arg("PX")
+            .arg(self.lease.as_millis() as u64)
+            .ignore();
+        pipe.cmd("SADD").arg(HOSTS).arg(&self.host).ignore();
+        self.store.run(&pipe).map(drop)
+    }
+
+    /// Publishes that this host holds each of `held` in that many VMs and
+    /// no longer holds `released` (applied first: a content released and
+    /// held again is held). Returns the contents this host newly holds.
+    pub fn publish(
+        &mut self,
+        held: &[(PageHash, u32)],
+        released: &[PageHash],
+    ) -> redis::RedisResult<Vec<PageHash>> {
+        for batch in released.chunks(BATCH / 2) {
+            let mut pipe = cluster_pipe();
+            for hash in batch {
+                pipe.cmd("HDEL")
+                    .arg(content_key(hash))
+                    .arg(&self.host)
+                    .ignore();
+                pipe.cmd("SREM")
+                    .arg(index_key(&self.host, hash))
+                    .arg(hash.as_slice())
+                    .ignore();
+            }
+            self.store.run(&pipe)?;
+        }
+        let mut new = Vec::new();
+        for batch in held.chunks(BATCH / 2) {
+            let mut pipe = cluster_pipe();
+            for (hash, vms) in batch {
+                pipe.cmd("HSET")
+                    .arg(content_key(hash))
+                    .arg(&self.host)
+                    .arg(*vms);
+                pipe.cmd("SADD")
+                    .arg(index_key(&self.host, hash))
+                    .arg(hash.as_slice())
+                    .ignore();
+            }
+            let added = self.store.run(&pipe)?;
+            new.extend(
+                batch
+                    .iter()
+                    .zip(added)
+                    .filter(|(_, added)| matches!(added, Value::Int(1)))
+                    .map(|((hash, _), _)| *hash),
+            );
+        }
+        Ok(new)
+    }
+
+    /// Of contents this host just came to hold, those the site now holds on
+    /// enough hosts whose page is not stored yet (a page already stored
+    /// has its TTL renewed).
+    pub fn pages_wanted(&mut self, new: &[PageHash]) -> redis::RedisResult<Vec<PageHash>> {
+        let mut wanted = Vec::new();
+        for batch in new.chunks(BATCH / 3) {
+            let mut pipe = cluster_pipe();
+            for hash in batch {
+                pipe.cmd("HLEN").arg(content_key(hash));
+                pipe.cmd("PEXPIRE")
+                    .arg(page_key(hash))
+                    .arg(self.page_ttl.as_millis() as u64);
+            }
+            let values = self.store.run(&pipe)?;
+            for (hash, pair) in batch.iter().zip(values.chunks(2)) {
+                let hosts = match pair.first() {
+                    Some(Value::Int(n)) => *n,
+                    _ => 0,
+                };
+                let stored = matches!(pair.get(1), Some(Value::Int(1)));
+                if hosts >= i64::from(self.min_hosts) && !stored {
+                    wanted.push(*hash);
+                }
+            }
+        }
+        Ok(wanted)
+    }
+
+    /// Stores pages (each checked against its hash first; a page that no
+    /// longer matches is skipped). Only the first host's copy is kept.
+    pub fn store_pages(
+        &mut self,
+        pages: &[(PageHash, &[u8; PAGE_SIZE])],
+    ) -> redis::RedisResult<u64> {
+        let mut stored = 0;
+        for batch in pages.chunks(BATCH / 4) {
+            let mut pipe = cluster_pipe();
+            let mut commands = 0;
+            for (hash, page) in batch {
+                if blake3::hash(*page).as_bytes() != hash {
+                    continue;
+                }
+                commands += 1;
+                pipe.cmd("SET")
+                    .arg(page_key(hash))
+                    .arg(page.as_slice())
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(self.page_ttl.as_millis() as u64);
+            }
+            if commands == 0 {
+                continue;
+            }
+            let values = self.store.run(&pipe)?;
+            stored += values.iter().filter(|v| matches!(v, Value::Okay)).count() as u64;
+        }
+        Ok(stored)
+    }
+
+    /// Removes every count `host` published (this host's own on a resync
+    /// or a restart; a dead host's when its lease is gone).
+    pub fn forget_host(&mut self, host: &str) -> redis::RedisResult<u64> {
+        let mut forgotten = 0;
+        for bucket in 0..=255u8 {
+            let key = format!("{PREFIX}hc:{host}:{bucket:02x}");
+            let mut pipe = cluster_pipe();
+            pipe.cmd("SMEMBERS").arg(&key);
+            let members = match self.store.run(&pipe)?.pop() {
+                Some(Value::Array(members)) | Some(Value::Set(members)) => members,
+                _ => Vec::new(),
+            };
+            let hashes: Vec<PageHash> = members
+                .into_iter()
+                .filter_map(|member| match member {
+                    Value::BulkString(bytes) => bytes.try_into().ok(),
+                    _ => None,
+                })
+                .collect();
+            for batch in hashes.chunks(BATCH) {
+                let mut pipe = cluster_pipe();
+                for hash in batch {
+                    pipe.cmd("HDEL").arg(content_key(hash)).arg(host).ignore();
+                }
+                self.store.run(&pipe)?;
+            }
+            forgotten += hashes.len() as u64;
+            let mut pipe = cluster_pipe();
+            pipe.cmd("DEL").arg(&key).ignore();
+            self.store.run(&pipe)?;
+        }
+        Ok(forgotten)
+    }
+
+    /// Hosts that published but whose lease has ended (not this one).
+    pub fn dead_hosts(&mut self) -> redis::RedisResult<Vec<String>> {
+        let hosts = live_hosts(&mut self.store)?;
+        Ok(hosts
+            .into_iter()
+            .filter(|(host, live)| !live && *host != self.host)
+            .map(|(host, _)| host)
+            .collect())
+    }
+
+    /// Forgets a dead host entirely: its counts, then its name.
+    pub fn reap(&mut self, host: &str) -> redis::RedisResult<u64> {
+        let forgotten = self.forget_host(host)?;
+        let mut pipe = cluster_pipe();
+        pipe.cmd("SREM").arg(HOSTS).arg(host).ignore();
+        self.store.run(&pipe)?;
+        Ok(forgotten)
+    }
+}
+
+/// Every host that published, and whether its lease is current.
+pub fn live_hosts(store: &mut SiteStore) -> redis::RedisResult<Vec<(String, bool)>> {
+    let mut pipe = cluster_pipe();
+    pipe.cmd("SMEMBERS").arg(HOSTS);
+    let hosts: Vec<String> = match store.run(&pipe)?.pop() {
+        Some(Value::Array(members)) | Some(Value::Set(members)) => members
+            .into_iter()
+            .filter_map(|member| match member {
+                Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut live = Vec::with_capacity(hosts.len());
+    for batch in hosts.chunks(BATCH) {
+        let mut pipe = cluster_pipe();
+        for host in batch {
+            pipe.cmd("EXISTS").arg(lease_key(host));
+        }
+        let values = store.run(&pipe)?;
+        live.extend(
+            batch
+                .iter()
+                .zip(values)
+                .map(|(host, value)| (host.clone(), matches!(value, Value::Int(1)))),
+        );
+    }
+    Ok(live)
+}
+
+/// How many live hosts, and VMs on them, hold each of `hashes` (hosts whose
+/// lease ended are not counted, even before they are reaped).
+pub fn site_counts(
+    store: &mut SiteStore,
+    hashes: &[PageHash],
+) -> redis::RedisResult<Vec<SiteCount>> {
+    let live: std::collections::HashSet<String> = live_hosts(store)?
+        .into_iter()
+        .filter(|(_, live)| *live)
+        .map(|(host, _)| host)
+        .collect();
+    let mut counts = Vec::with_capacity(hashes.len());
+    for batch in hashes.chunks(BATCH) {
+        let mut pipe = cluster_pipe();
+        for hash in batch {
+            pipe.cmd("HGETALL").arg(content_key(hash));
+        }
+        for value in store.run(&pipe)? {
+            let mut count = SiteCount::default();
+            let pairs: Vec<(Value, Value)> = match value {
+                Value::Map(pairs) => pairs,
+                Value::Array(flat) => {
+                    let mut flat = flat.into_iter();
+                    std::iter::from_fn(|| Some((flat.next()?, flat.next()?))).collect()
+                }
+                _ => Vec::new(),
+            };
+            for (host, vms) in pairs {
+                let host = match host {
+                    Value::BulkString(bytes) => String::from_utf8(bytes).unwrap_or_default(),
+                    _ => continue,
+                };
+                let vms = match vms {
+                    Value::BulkString(bytes) => std::str::from_utf8(&bytes)
+                        .ok()
+                        .and_then(|s| s.parse::<u32>().ok())
+                        .unwrap_or(0),
+                    Value::Int(n) => u32::try_from(n).unwrap_or(0),
+                    _ => 0,
+                };
+                if live.contains(&host) {
+                    count.hosts += 1;
+                    count.vms = count.vms.saturating_add(vms);
+                }
+            }
+            counts.push(count);
+        }
+    }
+    Ok(counts)
+}
+
+/// How widely the site holds one content.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteCount {
+    pub hosts: u32,
+    pub vms: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_is_refused_unless_asked_for_by_name() {
+        let config = SiteStoreConfig {
+            nodes: vec!["redis://127.0.0.1:1".into()],
+            plaintext: false,
+        };
+        let err = SiteStore::connect(&config).err().unwrap().to_string();
+        assert!(err.contains("--site-store-plaintext"), "{err}");
+        let tls = SiteStoreConfig {
+            nodes: vec!["rediss://127.0.0.1:1".into()],
+            plaintext: true,
+        };
+        let err = SiteStore::connect(&tls).err().unwrap().to_string();
+        assert!(err.contains("TLS"), "{err}");
+        let none = SiteStoreConfig::default();
+        assert!(SiteStore::connect(&none).is_err());
+    }
+
+    #[test]
+    fn a_page_is_used_only_if_it_matches_its_hash() {
+        let page = [3u8; PAGE_SIZE];
+        let hash = *blake3::hash(&page).as_bytes();
+        assert!(checked_page(&hash, &page).is_some());
+        assert!(checked_page(&[0; 32], &page).is_none());
+        assert!(checked_page(&hash, &page[1..]).is_none());
+        assert!(checked_page(&hash, &[]).is_none());
+    }
+
+    #[test]
+    fn keys_spread_by_hash_and_name_the_host() {
+        let hash = [0xabu8; 32];
+        assert_eq!(content_key(&hash), format!("pagefp:c:{}", "ab".repeat(32)));
+        assert_eq!(index_key("h1", &hash), "pagefp:hc:h1:ab");
+        assert_eq!(lease_key("h1"), "pagefp:host:h1");
+    }
+}

@@ -1,0 +1,202 @@
+//! A real Redis cluster on loopback for the site catalog tests and the
+//! benchmark: `redis-server` processes in cluster mode, each in its own
+//! directory, joined by `redis-cli --cluster create`, stopped on drop.
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::agent_process::TempDir;
+
+/// One node: its port and process (`None` once killed).
+struct Node {
+    port: u16,
+    child: Option<Child>,
+}
+
+/// A running cluster of `masters` masters with `replicas` replicas each.
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+    _dir: TempDir,
+}
+
+/// Whether `redis-server` and `redis-cli` are installed (by `cargo xtask
+/// setup`); the message says what to run when they are not.
+pub fn available() -> Result<(), String> {
+    for tool in ["redis-server", "redis-cli"] {
+        if Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+        {
+            return Err(format!(
+                "{tool} is not installed: run `cargo xtask setup` (it installs redis-server and redis-tools)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A port whose cluster bus port (+10000) is free too.
+fn free_pair() -> anyhow::Result<u16> {
+    for _ in 0..200 {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = probe.local_addr()?.port() % 20_000 + 20_000;
+        drop(probe);
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return Ok(port);
+        }
+    }
+    bail!("no free pair of loopback ports (P, P+10000) for a Redis node")
+}
+
+fn cli(port: u16, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running redis-cli")?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr))
+}
+
+fn start_node(dir: &Path, port: u16) -> anyhow::Result<Child> {
+    let node_dir = dir.join(port.to_string());
+    std::fs::create_dir_all(&node_dir)?;
+    Command::new("redis-server")
+        .current_dir(&node_dir)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args([
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+        ])
+        .args(["--cluster-node-timeout", "2000"])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .args(["--logfile", "redis.log"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting redis-server")
+}
+
+impl RedisCluster {
+    /// Starts the nodes and joins them; returns once every slot is served.
+    pub fn start(masters: usize, replicas: usize) -> anyhow::Result<Self> {
+        available().map_err(anyhow::Error::msg)?;
+        let dir = TempDir::new("pagefp-redis");
+        let mut nodes = Vec::new();
+        for _ in 0..masters * (1 + replicas) {
+            let port = free_pair()?;
+            let child = start_node(&dir.0, port)?;
+            nodes.push(Node {
+                port,
+                child: Some(child),
+            });
+        }
+        let cluster = Self { nodes, _dir: dir };
+        for node in &cluster.nodes {
+            cluster.wait_for(node.port, "PONG", &["ping"])?;
+        }
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addresses.iter().map(String::as_str));
+        let replicas = replicas.to_string();
+        args.extend(["--cluster-replicas", &replicas, "--cluster-yes"]);
+        let created = cli(cluster.nodes[0].port, &args)?;
+        if !created.contains("All 16384 slots covered") {
+            bail!("redis-cli --cluster create failed:\n{created}");
+        }
+        for node in &cluster.nodes {
+            cluster.wait_for(node.port, "cluster_state:ok", &["cluster", "info"])?;
+        }
+        Ok(cluster)
+    }
+
+    fn wait_for(&self, port: u16, expected: &str, args: &[&str]) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let said = cli(port, args)?;
+            if said.contains(expected) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("Redis node {port} did not answer `{expected}` within 30 s: {said}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `redis://127.0.0.1:PORT` of every node still running.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|node| node.child.is_some())
+            .map(|node| format!("redis://127.0.0.1:{}", node.port))
+            .collect()
+    }
+
+    /// The ports of the current masters.
+    pub fn master_ports(&self) -> anyhow::Result<Vec<u16>> {
+        let port = self
+            .nodes
+            .iter()
+            .find(|node| node.child.is_some())
+            .context("every node is down")?
+            .port;
+        Ok(cli(port, &["cluster", "nodes"])?
+            .lines()
+            .filter(|line| line.contains("master") && !line.contains("fail"))
+            .filter_map(|line| line.split_whitespace().nth(1))
+            .filter_map(|address| address.split(['@', ':']).nth(1)?.parse().ok())
+            .collect())
+    }
+
+    /// Kills the node on `port` (SIGKILL: a host that dies).
+    pub fn kill(&mut self, port: u16) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|node| node.port == port)
+            .with_context(|| format!("no Redis node on port {port}"))?;
+        if let Some(mut child) = node.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Keys on all running masters matching `pattern` (for the tests).
+    pub fn count_keys(&self, pattern: &str) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for port in self.master_ports()? {
+            let said = cli(port, &["--scan", "--pattern", pattern])?;
+            total += said.lines().filter(|line| !line.is_empty()).count() as u64;
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

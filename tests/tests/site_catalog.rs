@@ -1,0 +1,347 @@
+//! The site-wide template catalog on a real Redis cluster (three masters on
+//! loopback, started here): agents acting as different hosts publish their
+//! content counts, the pages common across hosts are stored once, and a
+//! destination host that holds none of a VM's pages rebuilds them from the
+//! site. Each agent is one "host": it tracks only the VMM processes started
+//! with `PAGEFP_TEST_HOST=<its host id>` (`--only-vms-with-env`) and
+//! publishes under that id (`--host-id`).
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use agent::{
+    api::report::{MigrationReport, Mode},
+    catalog::site::{SiteStore, site_counts},
+    config::SiteStoreConfig,
+};
+use pagefp_tests::{
+    agent_process::{AgentOptions, AgentProcess, TempDir, free_port},
+    link_security::LinkSecurity,
+    migration::{self, ReceiveSpec, SendSpec},
+    privileged,
+    redis_cluster::{self, RedisCluster},
+    synthetic_images::{FleetLayout, fleet_image},
+    vmm_client::{VmmArgs, VmmProcess, testvmm_binary},
+};
+
+const MEM_MIB: u32 = 32;
+const PAGES: u32 = MEM_MIB * 256;
+const LEASE_SECS: u64 = 3;
+
+fn ready(test: &str) -> bool {
+    if !privileged::check(test) {
+        return false;
+    }
+    if let Err(missing) = redis_cluster::available() {
+        panic!("{test}: {missing}");
+    }
+    true
+}
+
+/// An agent acting as host `host`, publishing to `cluster` every 200 ms.
+fn host_agent(host: &str, cluster: &RedisCluster) -> AgentProcess {
+    let mut extra = vec![
+        "--host-id".to_string(),
+        host.to_string(),
+        "--only-vms-with-env".to_string(),
+        format!("PAGEFP_TEST_HOST={host}"),
+        "--site-store-plaintext".to_string(),
+    ];
+    for url in cluster.urls() {
+        extra.extend(["--site-store".to_string(), url]);
+    }
+    AgentProcess::start(&AgentOptions {
+        ring_buffer_bytes: Some(64 << 20),
+        extra,
+        config: Some(format!(
+            "[site]\nlease_secs = {LEASE_SECS}\npublish_ms = 200\nmin_hosts = 2\n"
+        )),
+        ..AgentOptions::default()
+    })
+    .expect("starting a host agent")
+}
+
+/// Fleet VM `vm` on `host`, all its pages clean in `agent`.
+fn vm_on(dir: &TempDir, host: &str, agent: &AgentProcess, vm: usize) -> VmmProcess {
+    let image = dir.0.join(format!("fleet-{vm}.img"));
+    if !image.exists() {
+        std::fs::write(
+            &image,
+            fleet_image(vm, PAGES as usize, FleetLayout::default()),
+        )
+        .unwrap();
+    }
+    let mut args = VmmArgs::new(
+        dir.0.join(format!("{host}-{vm}-{}.sock", free_port())),
+        MEM_MIB,
+    );
+    args.image = Some(image);
+    args.env = vec![("PAGEFP_TEST_HOST".into(), host.into())];
+    let process = VmmProcess::spawn(&testvmm_binary(), &args).expect("starting a VMM");
+    agent.wait_all_clean(process.pid(), Duration::from_secs(120));
+    process
+}
+
+fn store(cluster: &RedisCluster) -> SiteStore {
+    SiteStore::connect(&SiteStoreConfig {
+        nodes: cluster.urls(),
+        plaintext: true,
+    })
+    .expect("connecting to the test cluster")
+}
+
+/// Waits until `agent`'s publisher has sent `at_least` counts and is healthy.
+fn wait_published(agent: &AgentProcess, at_least: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let site = agent.status()["site"].clone();
+        if site["healthy"] == true && site["held_sent"].as_u64() >= Some(at_least) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not publish {at_least} counts within 60 s: {site}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The distinct non-zero contents of `pid` as `agent` hashed them.
+fn contents(agent: &AgentProcess, pid: u32) -> Vec<[u8; 32]> {
+    let zero = agent::content::zero_page_hash();
+    let mut hashes: Vec<[u8; 32]> = agent
+        .hashes(pid)
+        .into_iter()
+        .map(|record| record.hash)
+        .filter(|hash| *hash != zero && *hash != [0; 32])
+        .collect();
+    hashes.sort_unstable();
+    hashes.dedup();
+    hashes
+}
+
+#[test]
+fn hosts_publish_counts_that_end_with_their_lease() {
+    if !ready("hosts_publish_counts_that_end_with_their_lease") {
+        return;
+    }
+    let cluster = RedisCluster::start(3, 0).expect("starting a Redis cluster");
+    let dir = TempDir::new("pagefp-site");
+    let a = host_agent("a", &cluster);
+    let b = host_agent("b", &cluster);
+    let vm_a = vm_on(&dir, "a", &a, 0);
+    let vm_b = vm_on(&dir, "b", &b, 2);
+    // Each agent sees only its own host's VM.
+    assert!(a.vm(vm_b.pid()).is_none() && b.vm(vm_a.pid()).is_none());
+    let on_a = contents(&a, vm_a.pid());
+    let on_b = contents(&b, vm_b.pid());
+    wait_published(&a, on_a.len() as u64);
+    wait_published(&b, on_b.len() as u64);
+    // Let one more publication cycle store the pages both hosts hold.
+    std::thread::sleep(Duration::from_millis(800));
+    let mut site = store(&cluster);
+    let counts = site_counts(&mut site, &on_a).unwrap();
+    let shared: Vec<[u8; 32]> = on_a
+        .iter()
+        .filter(|hash| on_b.binary_search(hash).is_ok())
+        .copied()
+        .collect();
+    assert!(!shared.is_empty() && shared.len() < on_a.len());
+    for (hash, count) in on_a.iter().zip(&counts) {
+        let hosts = if on_b.binary_search(hash).is_ok() {
+            2
+        } else {
+            1
+        };
+        assert_eq!(count.hosts, hosts, "hosts holding {hash:02x?}");
+        assert!(count.vms >= 1);
+    }
+    // Pages held by two hosts are stored, each checked; pages of one host are not.
+    let fetched = site.fetch_pages(&shared, Instant::now() + Duration::from_secs(30));
+    assert_eq!(
+        fetched.missing + fetched.failed,
+        0,
+        "every shared page stored"
+    );
+    let only_a: Vec<[u8; 32]> = on_a
+        .iter()
+        .filter(|hash| on_b.binary_search(hash).is_err())
+        .copied()
+        .collect();
+    let unshared = site.fetch_pages(&only_a, Instant::now() + Duration::from_secs(30));
+    assert_eq!(
+        unshared.missing,
+        only_a.len() as u64,
+        "no page of one host stored"
+    );
+
+    // Host b dies: its counts stop counting when its lease ends, and host
+    // a deletes them within a lease period after that.
+    b.kill();
+    std::thread::sleep(Duration::from_secs(LEASE_SECS + 1));
+    let counts = site_counts(&mut site, &shared).unwrap();
+    assert!(
+        counts.iter().all(|count| count.hosts == 1),
+        "b's counts ended with its lease"
+    );
+    let deadline = Instant::now() + Duration::from_secs(4 * LEASE_SECS + 10);
+    while cluster.count_keys("pagefp:hc:b:*").unwrap() > 0 {
+        assert!(Instant::now() < deadline, "host a never reaped dead host b");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(a.status()["site"]["hosts_reaped"].as_u64() >= Some(1));
+
+    // A clean stop withdraws the host's counts at once.
+    drop(a);
+    let counts = site_counts(&mut site, &on_a).unwrap();
+    assert!(
+        counts.iter().all(|count| count.hosts == 0),
+        "a withdrew its counts"
+    );
+    drop(vm_a);
+    drop(vm_b);
+}
+
+struct Hosts {
+    dir: TempDir,
+    cluster: RedisCluster,
+    a: AgentProcess,
+    b: AgentProcess,
+    source: VmmProcess,
+    sibling: VmmProcess,
+}
+
+/// Host a runs fleet VM 0, host b its sibling fleet VM 2; both published.
+fn two_hosts() -> Hosts {
+    let cluster = RedisCluster::start(3, 0).expect("starting a Redis cluster");
+    let dir = TempDir::new("pagefp-site");
+    let a = host_agent("a", &cluster);
+    let b = host_agent("b", &cluster);
+    let source = vm_on(&dir, "a", &a, 0);
+    let sibling = vm_on(&dir, "b", &b, 2);
+    wait_published(&a, contents(&a, source.pid()).len() as u64);
+    wait_published(&b, contents(&b, sibling.pid()).len() as u64);
+    std::thread::sleep(Duration::from_millis(800));
+    Hosts {
+        dir,
+        cluster,
+        a,
+        b,
+        source,
+        sibling,
+    }
+}
+
+/// Migrates host a's VM to a fresh destination VMM (host c, no agent of its
+/// own) whose templates come from `catalogs` and the site store `site`;
+/// checks the memory is identical; returns both ends' reports.
+fn migrate_to_c(
+    hosts: &Hosts,
+    catalogs: Vec<PathBuf>,
+    site: Vec<String>,
+) -> (MigrationReport, MigrationReport) {
+    let mut args = VmmArgs::new(hosts.dir.0.join(format!("c-{}.sock", free_port())), MEM_MIB);
+    args.incoming = true;
+    let dest = VmmProcess::spawn(&testvmm_binary(), &args).expect("starting the incoming VMM");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let receiver = migration::start_receiver(
+        &ReceiveSpec {
+            listen: listen.clone(),
+            vmm_socket: dest.socket().to_path_buf(),
+            catalogs,
+            no_resume: true,
+            timeout_s: 60,
+            site_store: site,
+            ..ReceiveSpec::default()
+        },
+        None,
+    )
+    .unwrap();
+    let sent = migration::send(
+        &SendSpec {
+            pid: hosts.source.pid(),
+            vmm_socket: hosts.source.socket().to_path_buf(),
+            to: listen,
+            mode: Mode::Templates,
+            agent_socket: hosts.a.socket.clone(),
+            max_bandwidth: None,
+            downtime_ms: None,
+            max_rounds: None,
+            keep_source: true,
+            io_timeout_s: None,
+            threads: None,
+            security: LinkSecurity::default(),
+        },
+        None,
+    )
+    .unwrap();
+    let received = receiver.finish(Duration::from_secs(90));
+    assert!(sent.success, "sender failed:\n{}", sent.stderr);
+    assert!(received.success, "receiver failed:\n{}", received.stderr);
+    assert!(sent.report().verified && received.report().verified);
+    let (source, dest) = (hosts.source.checksums().unwrap(), dest.checksums().unwrap());
+    let differing = source.iter().zip(&dest).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 0, "pages differ after the migration");
+    // The source is left paused by --keep-source: resume it for the next run.
+    hosts
+        .source
+        .request(&serde_json::json!({"cmd": "resume"}))
+        .unwrap();
+    (sent.report().clone(), received.report().clone())
+}
+
+#[test]
+fn a_destination_holding_nothing_rebuilds_the_vm_from_the_site() {
+    if !ready("a_destination_holding_nothing_rebuilds_the_vm_from_the_site") {
+        return;
+    }
+    let mut hosts = two_hosts();
+    // Reference: host c holds the sibling's contents itself, as a catalog.
+    let catalog = hosts.dir.0.join("sibling.pftc");
+    hosts
+        .b
+        .export_templates(&catalog, &[hosts.sibling.pid()], &["--min-vms", "1"])
+        .unwrap();
+    let (local, _) = migrate_to_c(&hosts, vec![catalog], Vec::new());
+    // Host c holds nothing; the site does.
+    let (from_site, received) = migrate_to_c(&hosts, Vec::new(), hosts.cluster.urls());
+    let (none, _) = migrate_to_c(&hosts, Vec::new(), Vec::new());
+    let negotiation = from_site.negotiation.clone().unwrap_or_default();
+    assert!(negotiation.starts_with("query"), "{negotiation}");
+    let site = received.site.clone().expect("the destination's site fetch");
+    assert!(site.pages > 0 && site.failed == 0, "{site:?}");
+    assert!(from_site.pages.template > 0);
+    assert_eq!(none.pages.template, 0);
+    eprintln!(
+        "wire bytes: site {} local catalog {} nothing {}; negotiation {} bytes ({negotiation}); site fetch {site:?}",
+        from_site.wire_bytes, local.wire_bytes, none.wire_bytes, from_site.negotiation_bytes
+    );
+    assert!(
+        from_site.wire_bytes as f64 <= 1.1 * local.wire_bytes as f64,
+        "the site saves what a local catalog saves"
+    );
+    assert!(from_site.wire_bytes * 10 < none.wire_bytes * 8);
+    // Negotiation: 32 bytes and a bit per distinct content, far under 2%
+    // of the VM's non-zero memory.
+    let nonzero = (from_site.pages.template + from_site.pages.full + from_site.pages.zstd) * 4096;
+    assert!(from_site.negotiation_bytes * 50 < nonzero);
+
+    // A master killed just before the migration: the pages it held travel
+    // in full; the migration completes, byte-identical.
+    let masters = hosts.cluster.master_ports().unwrap();
+    assert_eq!(masters.len(), 3);
+    hosts.cluster.kill(masters[1]).unwrap();
+    let (degraded, received) = migrate_to_c(&hosts, Vec::new(), hosts.cluster.urls());
+    let site = received.site.clone().expect("the destination's site fetch");
+    eprintln!(
+        "with a master down: wire {} bytes; site fetch {site:?}",
+        degraded.wire_bytes
+    );
+    assert!(
+        site.failed + site.missing > 0 || site.error.is_some(),
+        "{site:?}"
+    );
+    assert!(degraded.wire_bytes > from_site.wire_bytes);
+}
