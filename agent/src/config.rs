@@ -197,9 +197,9 @@ impl Config {
             return Err(ConfigError::MinVms);
         }
         if let Some(filter) = &self.only_vms_with_env
-            && !filter
+            && filter
                 .split_once('=')
-                .is_some_and(|(name, _)| !name.is_empty())
+                .is_none_or(|(name, _)| name.is_empty())
         {
             return Err(ConfigError::EnvFilter(filter.clone()));
         }

@@ -104,7 +104,10 @@ pub fn start_receiver(
         command.arg("--no-resume");
     }
     for node in &spec.site_store {
-        command.args(["--site-store", node, "--site-store-plaintext"]);
+        command.args(["--site-store", node]);
+    }
+    if !spec.site_store.is_empty() {
+        command.arg("--site-store-plaintext");
     }
     command
         .env("RUST_LOG", "info")

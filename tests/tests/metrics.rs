@@ -183,6 +183,8 @@ fn report(id: &str, phase: Phase, round: u32, wire_bytes: u64) -> MigrationRepor
         tls: true,
         channel: "TLS 1.3 TLS13_AES_256_GCM_SHA384, peer certificate dest".into(),
         compression: None,
+        negotiation: None,
+        site: None,
     }
 }
 

@@ -125,7 +125,7 @@ pub fn decode_held(frame: &Frame, count: usize) -> Result<Vec<bool>, WireError> 
     let held: Vec<bool> = (0..count)
         .map(|i| frame.payload[i / 8] & (1 << (i % 8)) != 0)
         .collect();
-    if count % 8 != 0 && frame.payload[count / 8] >> (count % 8) != 0 {
+    if !count.is_multiple_of(8) && frame.payload[count / 8] >> (count % 8) != 0 {
         return Err(frame.malformed("bits set past the hashes asked"));
     }
     Ok(held)
