@@ -147,10 +147,10 @@ impl AgentArgs {
             config.only_vms_with_env = Some(v.clone());
         }
         if !self.site_store.nodes.is_empty() {
-            config.site.store.nodes = self.site_store.nodes.clone();
+            config.site.nodes = self.site_store.nodes.clone();
         }
         if self.site_store.plaintext {
-            config.site.store.plaintext = true;
+            config.site.plaintext = true;
         }
         if let Some(v) = &self.host_id {
             config.site.host_id = Some(v.clone());

@@ -79,8 +79,10 @@ pub struct SiteStoreConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SiteConfig {
-    #[serde(flatten)]
-    pub store: SiteStoreConfig,
+    /// The site's Redis cluster nodes (see [`SiteStoreConfig::nodes`]).
+    pub nodes: Vec<String>,
+    /// See [`SiteStoreConfig::plaintext`].
+    pub plaintext: bool,
     /// This host's name in the store (default: the machine's hostname).
     pub host_id: Option<String>,
     /// Seconds a host's counts stay in the store after its last renewal.
@@ -93,10 +95,21 @@ pub struct SiteConfig {
     pub page_ttl_secs: u64,
 }
 
+impl SiteConfig {
+    /// How to reach the store.
+    pub fn store(&self) -> SiteStoreConfig {
+        SiteStoreConfig {
+            nodes: self.nodes.clone(),
+            plaintext: self.plaintext,
+        }
+    }
+}
+
 impl Default for SiteConfig {
     fn default() -> Self {
         Self {
-            store: SiteStoreConfig::default(),
+            nodes: Vec::new(),
+            plaintext: false,
             host_id: None,
             lease_secs: 30,
             publish_ms: 2000,

@@ -72,7 +72,7 @@ impl SitePublisher {
         registry: Arc<Mutex<Registry>>,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<Option<Self>> {
-        if config.store.nodes.is_empty() {
+        if config.nodes.is_empty() {
             return Ok(None);
         }
         // Refuse a configuration that can never work (plaintext not
@@ -86,8 +86,8 @@ impl SitePublisher {
                 .trim()
                 .to_owned(),
         };
-        SiteStore::check(&config.store)?;
-        let first = match SiteStore::connect(&config.store) {
+        SiteStore::check(&config.store())?;
+        let first = match SiteStore::connect(&config.store()) {
             Ok(store) => Some(store),
             Err(err) => {
                 log::warn!("{err:#}; retrying every {} ms", config.publish_ms);
@@ -97,7 +97,7 @@ impl SitePublisher {
         registry.lock().unwrap().contents.start_journal();
         let status = Arc::new(Mutex::new(SiteStatus {
             host_id: host.clone(),
-            nodes: config.store.nodes.clone(),
+            nodes: config.nodes.clone(),
             ..SiteStatus::default()
         }));
         let mut worker = Worker {
@@ -200,7 +200,7 @@ impl Worker {
 
     fn cycle(&mut self) -> anyhow::Result<()> {
         if self.publisher.is_none() {
-            let store = SiteStore::connect(&self.config.store)?;
+            let store = SiteStore::connect(&self.config.store())?;
             self.publisher = Some(self.publisher_over(store)?);
         }
         let publisher = self.publisher.as_mut().expect("connected above");
