@@ -46,6 +46,17 @@ pub fn fill_content(page: &mut [u8], id: u64) {
     }
 }
 
+/// Image `vm` of a fleet (default layout, `pages` pages) as a file in
+/// `dir`, written once: `dir/fleet-<vm>.img`.
+pub fn fleet_image_file(dir: &std::path::Path, vm: usize, pages: usize) -> std::path::PathBuf {
+    let path = dir.join(format!("fleet-{vm}.img"));
+    if !path.exists() {
+        std::fs::write(&path, fleet_image(vm, pages, FleetLayout::default()))
+            .expect("writing a fleet image");
+    }
+    path
+}
+
 /// The bytes of image `vm` of a fleet.
 pub fn fleet_image(vm: usize, pages: usize, layout: FleetLayout) -> Vec<u8> {
     let mut image = vec![0u8; pages * PAGE_SIZE];

@@ -15,7 +15,7 @@ use pagefp_tests::{
     link_security::{self, LinkSecurity},
     migration::{self, Cut, CuttingRelay, Direction, Outcome, ReceiveSpec, SendSpec},
     privileged,
-    synthetic_images::{FleetLayout, fleet_image},
+    synthetic_images::fleet_image_file,
     vmm_client::{Op, VmmArgs, VmmProcess, testvmm_binary},
 };
 use proptest::{prelude::*, test_runner::TestRunner};
@@ -44,15 +44,7 @@ fn setup(test: &str) -> Option<Setup> {
 }
 
 fn image(dir: &TempDir, vm: usize) -> PathBuf {
-    let path = dir.0.join(format!("fleet-{vm}.img"));
-    if !path.exists() {
-        std::fs::write(
-            &path,
-            fleet_image(vm, PAGES as usize, FleetLayout::default()),
-        )
-        .unwrap();
-    }
-    path
+    fleet_image_file(&dir.0, vm, PAGES as usize)
 }
 
 fn source_vm(setup: &Setup, vm: usize) -> VmmProcess {

@@ -22,7 +22,7 @@ use pagefp_tests::{
     migration::{self, ReceiveSpec, SendSpec},
     privileged,
     redis_cluster::{self, RedisCluster},
-    synthetic_images::{FleetLayout, fleet_image},
+    synthetic_images::fleet_image_file,
     vmm_client::{VmmArgs, VmmProcess, testvmm_binary},
 };
 
@@ -65,14 +65,7 @@ fn host_agent(host: &str, cluster: &RedisCluster) -> AgentProcess {
 
 /// Fleet VM `vm` on `host`, all its pages clean in `agent`.
 fn vm_on(dir: &TempDir, host: &str, agent: &AgentProcess, vm: usize) -> VmmProcess {
-    let image = dir.0.join(format!("fleet-{vm}.img"));
-    if !image.exists() {
-        std::fs::write(
-            &image,
-            fleet_image(vm, PAGES as usize, FleetLayout::default()),
-        )
-        .unwrap();
-    }
+    let image = fleet_image_file(&dir.0, vm, PAGES as usize);
     let mut args = VmmArgs::new(
         dir.0.join(format!("{host}-{vm}-{}.sock", free_port())),
         MEM_MIB,
