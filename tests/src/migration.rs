@@ -65,6 +65,28 @@ pub struct SendSpec {
     pub security: LinkSecurity,
 }
 
+impl SendSpec {
+    /// Sends the VM `pid` (VMM control socket `vmm_socket`, the source
+    /// host's agent at `agent_socket`) to `to` in `mode`; every other
+    /// setting at its default (the source exits after the switch-over).
+    pub fn new(pid: u32, vmm_socket: &Path, to: String, mode: Mode, agent_socket: &Path) -> Self {
+        Self {
+            pid,
+            vmm_socket: vmm_socket.to_path_buf(),
+            to,
+            mode,
+            agent_socket: agent_socket.to_path_buf(),
+            max_bandwidth: None,
+            downtime_ms: None,
+            max_rounds: None,
+            keep_source: false,
+            io_timeout_s: None,
+            threads: None,
+            security: LinkSecurity::default(),
+        }
+    }
+}
+
 /// A receiver that is listening.
 pub struct RunningReceiver {
     child: Child,

@@ -165,6 +165,38 @@ impl RedisCluster {
             .collect())
     }
 
+    /// Waits until the cluster lists a replica for every shard. Redis lists
+    /// a replica (in CLUSTER SLOTS, which clients route reads by) only once
+    /// it has replicated something and the cluster bus has said so, so a
+    /// test that reads from replicas must store its data first, then wait.
+    pub fn wait_replicas_listed(&self) -> anyhow::Result<()> {
+        let port = self.master_ports()?[0];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let said = cli(port, &["--json", "cluster", "slots"])?;
+            let slots: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
+            let listed = slots.as_array().is_some_and(|shards| {
+                !shards.is_empty()
+                    && shards
+                        .iter()
+                        .all(|shard| shard.as_array().is_some_and(|s| s.len() >= 4))
+            });
+            if listed {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster did not list a replica for every shard within 30 s: {said}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The process id of the node on `port`, while it runs.
+    pub fn pid(&self, port: u16) -> Option<u32> {
+        let node = self.nodes.iter().find(|node| node.port == port)?;
+        node.child.as_ref().map(Child::id)
+    }
+
     /// Kills the node on `port` (SIGKILL: a host that dies).
     pub fn kill(&mut self, port: u16) -> anyhow::Result<()> {
         let node = self

@@ -86,18 +86,8 @@ fn catalog_of(setup: &Setup, vms: &[usize]) -> PathBuf {
 
 fn send_spec(setup: &Setup, source: &VmmProcess, to: String, mode: Mode) -> SendSpec {
     SendSpec {
-        pid: source.pid(),
-        vmm_socket: source.socket().to_path_buf(),
-        to,
-        mode,
-        agent_socket: setup.agent.socket.clone(),
-        max_bandwidth: None,
-        downtime_ms: None,
-        max_rounds: None,
         keep_source: true,
-        io_timeout_s: None,
-        threads: None,
-        security: LinkSecurity::default(),
+        ..SendSpec::new(source.pid(), source.socket(), to, mode, &setup.agent.socket)
     }
 }
 

@@ -14,7 +14,6 @@ use std::{
 use agent::api::report::Mode;
 use pagefp_tests::{
     agent_process::{AgentOptions, AgentProcess, TempDir, agent_binary, free_port},
-    link_security::LinkSecurity,
     migration::{self, ReceiveSpec, SendSpec},
     privileged,
     prometheus::{
@@ -189,18 +188,14 @@ fn run_migration(
     )
     .unwrap();
     let spec = SendSpec {
-        pid: source.pid(),
-        vmm_socket: source.socket().to_path_buf(),
-        to: listen,
-        mode: Mode::Templates,
-        agent_socket: agent.socket.clone(),
         max_bandwidth: Some("2M".into()),
-        downtime_ms: None,
-        max_rounds: None,
-        keep_source: false,
-        io_timeout_s: None,
-        threads: None,
-        security: LinkSecurity::default(),
+        ..SendSpec::new(
+            source.pid(),
+            source.socket(),
+            listen,
+            Mode::Templates,
+            &agent.socket,
+        )
     };
     let sender = std::thread::spawn(move || migration::send(&spec, None));
 

@@ -199,8 +199,12 @@ pub struct SiteFetch {
     pub bytes: u64,
     /// Pages the store lacked or returned wrong.
     pub missing: u64,
-    /// Pages of batches that failed (a node down or slow): sent in full.
+    /// Pages of shards that failed (a node down or slow) or not fetched by
+    /// the deadline: sent in full.
     pub failed: u64,
+    /// Some shard's master failed and its replicas were read instead.
+    #[serde(default)]
+    pub from_replicas: bool,
     pub seconds: f64,
     /// The store could not be reached at all (the reason).
     pub error: Option<String>,

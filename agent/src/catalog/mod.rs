@@ -19,6 +19,7 @@
 
 pub mod file;
 pub mod site;
+pub mod site_shards;
 pub mod sources;
 pub mod store;
 

@@ -24,8 +24,10 @@ use anyhow::{Context as _, bail};
 use redis::{
     Value,
     cluster::{ClusterClient, ClusterConnection, cluster_pipe},
+    cluster_read_routing::RandomReplicaStrategy,
 };
 
+use super::site_shards::ShardMap;
 use crate::{config::SiteStoreConfig, content::PageHash, page::PAGE_SIZE};
 
 /// Commands per pipeline: large enough to hide round trips, small enough
@@ -71,6 +73,10 @@ pub struct StoreTraffic {
 /// One connection to the site's Redis cluster.
 pub struct SiteStore {
     connection: ClusterConnection,
+    /// The same cluster, reading from replicas: where a shard whose master
+    /// failed is read from.
+    replicas: ClusterClient,
+    replica_connection: Option<ClusterConnection>,
     pub traffic: StoreTraffic,
 }
 
@@ -105,31 +111,38 @@ impl SiteStore {
     /// Connects to the cluster `config` names (see [`SiteStore::check`]).
     pub fn connect(config: &SiteStoreConfig) -> anyhow::Result<Self> {
         Self::check(config)?;
-        let client = ClusterClient::builder(config.nodes.clone())
-            .connection_timeout(CALL_TIMEOUT)
-            .response_timeout(CALL_TIMEOUT)
-            .retries(1)
-            .max_retry_wait(200)
-            .build()
-            .with_context(|| format!("site store {}", config.nodes.join(", ")))?;
+        let builder = || {
+            ClusterClient::builder(config.nodes.clone())
+                .connection_timeout(CALL_TIMEOUT)
+                .response_timeout(CALL_TIMEOUT)
+                .retries(1)
+                .max_retry_wait(200)
+        };
+        let named = || format!("site store {}", config.nodes.join(", "));
+        let client = builder().build().with_context(named)?;
         let connection = client.get_connection().with_context(|| {
             format!(
                 "connecting to the site store at {}: is the Redis cluster up, and is this a cluster node?",
                 config.nodes.join(", ")
             )
         })?;
+        // Pages are checked against their hashes, so a replica's slightly
+        // older copy is as good as the master's when the master is down.
+        let replicas = builder()
+            .read_routing_strategy(RandomReplicaStrategy)
+            .build()
+            .with_context(named)?;
         Ok(Self {
             connection,
+            replicas,
+            replica_connection: None,
             traffic: StoreTraffic::default(),
         })
     }
 
     /// Runs one pipeline, counting it.
     fn run(&mut self, pipe: &redis::cluster::ClusterPipeline) -> redis::RedisResult<Vec<Value>> {
-        for cmd in pipe.cmd_iter() {
-            self.traffic.commands += 1;
-            self.traffic.bytes_sent += cmd.get_packed_command().len() as u64;
-        }
+        self.count(pipe);
         let result = pipe.query::<Vec<Value>>(&mut self.connection);
         if result.is_err() {
             self.traffic.errors += 1;
@@ -137,45 +150,107 @@ impl SiteStore {
         result
     }
 
+    /// Runs a read-only pipeline on the shards' replicas (connecting on
+    /// first use).
+    fn run_on_replicas(
+        &mut self,
+        pipe: &redis::cluster::ClusterPipeline,
+    ) -> redis::RedisResult<Vec<Value>> {
+        self.count(pipe);
+        let connection = match &mut self.replica_connection {
+            Some(connection) => connection,
+            empty => empty.insert(self.replicas.get_connection().inspect_err(|_| {
+                self.traffic.errors += 1;
+            })?),
+        };
+        let result = pipe.query::<Vec<Value>>(connection);
+        if result.is_err() {
+            self.traffic.errors += 1;
+        }
+        result
+    }
+
+    fn count(&mut self, pipe: &redis::cluster::ClusterPipeline) {
+        for cmd in pipe.cmd_iter() {
+            self.traffic.commands += 1;
+            self.traffic.bytes_sent += cmd.get_packed_command().len() as u64;
+        }
+    }
+
+    /// Which shard serves which slot, for grouping reads (an empty map, one
+    /// group, if the cluster does not say).
+    fn shard_map(&mut self) -> ShardMap {
+        // Sent to any node: try a few, in case the first is the one down.
+        for _ in 0..3 {
+            self.traffic.commands += 1;
+            match redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query::<Value>(&mut self.connection)
+            {
+                Ok(reply) => return ShardMap::from_cluster_slots(&reply),
+                Err(_) => self.traffic.errors += 1,
+            }
+        }
+        ShardMap::default()
+    }
+
     /// The pages of `hashes` the store holds, each checked against its
     /// hash (`None`: not there, wrong, or not fetched before `deadline`).
-    /// Batches that fail leave their pages `None`.
+    /// Reads are pipelined per shard, from its master; a shard whose master
+    /// fails is read from its replicas, and a shard that fails both ways is
+    /// not asked again during this fetch: only its own pages stay `None`.
     pub fn fetch_pages(&mut self, hashes: &[PageHash], deadline: Instant) -> Fetched {
+        let keys: Vec<String> = hashes.iter().map(page_key).collect();
+        let map = self.shard_map();
+        let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); map.shards()];
+        for (at, key) in keys.iter().enumerate() {
+            by_shard[map.shard_of(key.as_bytes())].push(at);
+        }
         let mut fetched = Fetched {
-            pages: Vec::with_capacity(hashes.len()),
+            pages: (0..hashes.len()).map(|_| None).collect(),
             ..Fetched::default()
         };
-        for batch in hashes.chunks(BATCH) {
-            if Instant::now() >= deadline {
-                fetched.late += batch.len() as u64;
-                fetched.pages.extend(batch.iter().map(|_| None));
-                continue;
-            }
-            let mut pipe = cluster_pipe();
-            for hash in batch {
-                pipe.cmd("GET").arg(page_key(hash));
-            }
-            let Ok(values) = self.run(&pipe) else {
-                fetched.failed += batch.len() as u64;
-                fetched.pages.extend(batch.iter().map(|_| None));
-                continue;
-            };
-            for (hash, value) in batch
-                .iter()
-                .zip(values.into_iter().chain(std::iter::repeat(Value::Nil)))
-            {
-                let page = match value {
-                    Value::BulkString(bytes) => {
-                        fetched.bytes += bytes.len() as u64;
-                        checked_page(hash, &bytes)
-                    }
-                    _ => None,
-                };
-                if page.is_none() {
-                    fetched.missing += 1;
+        for shard in &by_shard {
+            let mut on_replicas = false;
+            let mut batches = shard.chunks(BATCH);
+            for batch in batches.by_ref() {
+                if Instant::now() >= deadline {
+                    fetched.late += batch.len() as u64;
+                    continue;
                 }
-                fetched.pages.push(page);
+                let mut pipe = cluster_pipe();
+                for &at in batch {
+                    pipe.cmd("GET").arg(&keys[at]);
+                }
+                let mut values = if on_replicas {
+                    self.run_on_replicas(&pipe)
+                } else {
+                    self.run(&pipe)
+                };
+                if values.is_err() && !on_replicas && Instant::now() < deadline {
+                    on_replicas = true;
+                    fetched.from_replicas = true;
+                    values = self.run_on_replicas(&pipe);
+                }
+                let Ok(values) = values else {
+                    fetched.failed += batch.len() as u64;
+                    break;
+                };
+                for (&at, value) in batch
+                    .iter()
+                    .zip(values.into_iter().chain(std::iter::repeat(Value::Nil)))
+                {
+                    if let Value::BulkString(bytes) = value {
+                        fetched.bytes += bytes.len() as u64;
+                        fetched.pages[at] = checked_page(&hashes[at], &bytes);
+                    }
+                    if fetched.pages[at].is_none() {
+                        fetched.missing += 1;
+                    }
+                }
             }
+            // What is left of a failed shard.
+            fetched.failed += batches.map(|batch| batch.len() as u64).sum::<u64>();
         }
         fetched
     }
@@ -195,8 +270,10 @@ pub struct Fetched {
     pub bytes: u64,
     /// Pages not in the store, or whose bytes did not match their hash.
     pub missing: u64,
-    /// Pages of batches that failed (node down, timeout).
+    /// Pages of shards that failed (master down without a replica, timeout).
     pub failed: u64,
+    /// Whether some shard had to be read from its replicas.
+    pub from_replicas: bool,
     /// Pages not asked for: the deadline had passed.
     pub late: u64,
 }

@@ -338,6 +338,7 @@ impl Receiver<'_> {
         site.bytes += fetched.bytes;
         site.missing += fetched.missing;
         site.failed += fetched.failed + fetched.late;
+        site.from_replicas |= fetched.from_replicas;
         for (i, page) in missing.into_iter().zip(fetched.pages) {
             let Some(page) = page else { continue };
             // Checked against its hash by the fetch; a repeat in the

@@ -305,18 +305,15 @@ fn pagefp_run(
     )?;
     let sent = migration::send(
         &SendSpec {
-            pid: source.pid(),
-            vmm_socket: source.socket().to_path_buf(),
-            to: format!("{}:{port}", link.dest_ip),
-            mode,
-            agent_socket: agent.socket.clone(),
-            max_bandwidth: None,
             downtime_ms: Some(settings.downtime_ms),
-            max_rounds: None,
-            keep_source: false,
-            io_timeout_s: None,
-            threads: None,
             security: security.clone(),
+            ..SendSpec::new(
+                source.pid(),
+                source.socket(),
+                format!("{}:{port}", link.dest_ip),
+                mode,
+                &agent.socket,
+            )
         },
         Some(link.in_source()),
     )?;
