@@ -17,6 +17,7 @@ pub mod libvirt;
 pub mod link_security;
 pub mod migration;
 pub mod netns;
+pub mod packet_delay;
 pub mod privileged;
 pub mod prometheus;
 pub mod qemu_kvm_tracking;

@@ -1,19 +1,79 @@
 //! A shaped link between two network namespaces: the "WAN" of the
-//! migration experiments. A veth pair, one end in each namespace, each end
-//! shaped by `tc tbf` to the same rate (real kernel shaping; this kernel has
-//! no netem, so there is no added latency).
+//! migration experiments. Each end is shaped by `tc tbf` to the same rate
+//! (real kernel shaping). Without a round-trip time the ends are a veth
+//! pair; with one (this kernel has no netem) they are two TUN devices and a
+//! user-space delayer between them ([`crate::packet_delay`]).
 
-use std::process::Command;
+use std::{fs::File, os::fd::AsRawFd as _, process::Command};
 
 use anyhow::{Context as _, bail};
 
-/// Two namespaces joined by a shaped veth pair; removed on drop.
+use crate::packet_delay::Delayer;
+
+/// Runs `f` on a thread inside the network namespace `ns` (`ip netns`
+/// name) and returns what it returns; this thread stays where it is.
+pub fn in_namespace<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let ns_path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> anyhow::Result<T> {
+        let ns_file = File::open(&ns_path).with_context(|| format!("opening {ns_path}"))?;
+        // SAFETY: setns on a namespace file this thread holds open; it
+        // changes only this thread's network namespace, and the thread ends
+        // when `f` returns.
+        if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("entering network namespace {ns_path} (needs root)"));
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("a thread in network namespace {ns} panicked"))?
+}
+
+/// Opens a new TUN device `name` (IP packets, no header) inside the
+/// network namespace `ns`.
+fn open_tun(ns: &str, name: &str) -> anyhow::Result<File> {
+    if name.len() >= libc::IFNAMSIZ {
+        bail!(
+            "TUN device name {name} is longer than {} bytes",
+            libc::IFNAMSIZ - 1
+        );
+    }
+    let name = name.to_string();
+    in_namespace(ns, move || {
+        let tun = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .context("opening /dev/net/tun (needs root and the tun module)")?;
+        // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+        let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
+            *slot = byte as libc::c_char;
+        }
+        request.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes one ifreq, which lives on this
+        // stack frame for the whole call; the descriptor is open.
+        if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("creating TUN device {name}"));
+        }
+        Ok(tun)
+    })
+}
+
+/// Two namespaces joined by a shaped link; removed on drop.
 pub struct ShapedLink {
     pub source_ns: String,
     pub dest_ns: String,
     pub source_ip: String,
     pub dest_ip: String,
     pub mbit: u32,
+    /// Round-trip time added by the delayer (0: none, a veth pair).
+    pub rtt_ms: u32,
+    delayer: Option<Delayer>,
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -38,28 +98,42 @@ fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
 impl ShapedLink {
     /// `tag` keeps concurrent links apart (≤ 6 characters).
     pub fn new(tag: &str, index: u8, mbit: u32) -> anyhow::Result<Self> {
+        Self::with_rtt(tag, index, mbit, 0)
+    }
+
+    /// A link of `mbit` whose packets take `rtt_ms` to go and come back.
+    pub fn with_rtt(tag: &str, index: u8, mbit: u32, rtt_ms: u32) -> anyhow::Result<Self> {
         let source_ns = format!("pfsrc-{tag}");
         let dest_ns = format!("pfdst-{tag}");
         // Leftovers from a killed run.
         let _ = ip(&["netns", "del", &source_ns]);
         let _ = ip(&["netns", "del", &dest_ns]);
-        let link = Self {
+        let mut link = Self {
             source_ip: format!("10.231.{index}.1"),
             dest_ip: format!("10.231.{index}.2"),
             source_ns,
             dest_ns,
             mbit,
+            rtt_ms,
+            delayer: None,
         };
-        link.create().with_context(|| {
-            format!("creating the shaped link {tag} (network namespaces, veth, tc tbf need root)")
+        ip(&["netns", "add", &link.source_ns])?;
+        ip(&["netns", "add", &link.dest_ns])?;
+        let created = if rtt_ms == 0 {
+            link.create_veth()
+        } else {
+            link.create_delayed()
+        };
+        created.with_context(|| {
+            format!(
+                "creating the shaped link {tag} (network namespaces, veth or TUN, tc tbf need root)"
+            )
         })?;
         Ok(link)
     }
 
-    fn create(&self) -> anyhow::Result<()> {
+    fn create_veth(&self) -> anyhow::Result<()> {
         let (a, b) = ("pfveth-a", "pfveth-b");
-        ip(&["netns", "add", &self.source_ns])?;
-        ip(&["netns", "add", &self.dest_ns])?;
         ip(&[
             "-n",
             &self.source_ns,
@@ -79,35 +153,58 @@ impl ShapedLink {
             (&self.dest_ns, b, &self.dest_ip),
         ] {
             ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            // tbf: rate, a bucket of at least 10 ms of traffic (and 64 KiB,
-            // one segment with offloads), 50 ms of queue.
-            let bytes_per_sec = u64::from(self.mbit) * 125_000;
-            let burst = (bytes_per_sec / 100).max(64 * 1024);
-            run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    ns,
-                    "tc",
-                    "qdisc",
-                    "add",
-                    "dev",
-                    dev,
-                    "root",
-                    "tbf",
-                    "rate",
-                    &format!("{}mbit", self.mbit),
-                    "burst",
-                    &burst.to_string(),
-                    "latency",
-                    "50ms",
-                ],
-            )?;
+            self.bring_up(ns, dev)?;
         }
         Ok(())
+    }
+
+    /// Two TUN devices, point to point, and the delayer between them.
+    fn create_delayed(&mut self) -> anyhow::Result<()> {
+        let (a, b) = ("pftun-a", "pftun-b");
+        let tun_a = open_tun(&self.source_ns, a)?;
+        let tun_b = open_tun(&self.dest_ns, b)?;
+        for (ns, dev, addr, peer) in [
+            (&self.source_ns, a, &self.source_ip, &self.dest_ip),
+            (&self.dest_ns, b, &self.dest_ip, &self.source_ip),
+        ] {
+            ip(&["-n", ns, "addr", "add", addr, "peer", peer, "dev", dev])?;
+            self.bring_up(ns, dev)?;
+        }
+        let one_way = std::time::Duration::from_micros(u64::from(self.rtt_ms) * 500);
+        self.delayer = Some(Delayer::start(tun_a, tun_b, one_way)?);
+        Ok(())
+    }
+
+    /// Sets `dev` and loopback up in `ns` and shapes `dev`'s output.
+    fn bring_up(&self, ns: &str, dev: &str) -> anyhow::Result<()> {
+        ip(&["-n", ns, "link", "set", dev, "up"])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        // tbf: rate, a bucket of at least 10 ms of traffic (and 64 KiB,
+        // one segment with offloads), 50 ms of queue (plus the round trip,
+        // so a window of a full bandwidth-delay product is not dropped).
+        let bytes_per_sec = u64::from(self.mbit) * 125_000;
+        let burst = (bytes_per_sec / 100).max(64 * 1024);
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                &format!("{}mbit", self.mbit),
+                "burst",
+                &burst.to_string(),
+                "latency",
+                &format!("{}ms", 50 + self.rtt_ms),
+            ],
+        )
     }
 
     /// `ip netns exec <source ns>`: append the program and its arguments.
@@ -119,6 +216,15 @@ impl ShapedLink {
     pub fn in_dest(&self) -> Command {
         in_ns(&self.dest_ns)
     }
+
+    /// Packets the delayer forwarded and dropped (`None` without a delay).
+    pub fn delayed_packets(&self) -> Option<(u64, u64)> {
+        let counters = &self.delayer.as_ref()?.counters;
+        Some((
+            counters.packets.load(std::sync::atomic::Ordering::Relaxed),
+            counters.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        ))
+    }
 }
 
 fn in_ns(ns: &str) -> Command {
@@ -129,6 +235,8 @@ fn in_ns(ns: &str) -> Command {
 
 impl Drop for ShapedLink {
     fn drop(&mut self) {
+        // The delayer's threads hold the TUN devices: stop them first.
+        self.delayer = None;
         let _ = ip(&["netns", "del", &self.source_ns]);
         let _ = ip(&["netns", "del", &self.dest_ns]);
     }
