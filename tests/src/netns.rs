@@ -64,6 +64,48 @@ fn open_tun(ns: &str, name: &str) -> anyhow::Result<File> {
     })
 }
 
+/// What a link of an experiment is: its rate, and the round trip the
+/// delayer adds (0: none). Written `100` or `100/50ms` (Mbit/s, then RTT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LinkSpec {
+    pub mbit: u32,
+    pub rtt_ms: u32,
+}
+
+impl LinkSpec {
+    pub const fn new(mbit: u32, rtt_ms: u32) -> Self {
+        Self { mbit, rtt_ms }
+    }
+}
+
+impl std::str::FromStr for LinkSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("link `{text}`: give Mbit/s, optionally /RTT in ms (100, 100/50ms)");
+        let (mbit, rtt) = text.split_once('/').unwrap_or((text, "0"));
+        let mbit: u32 = mbit.trim().parse().map_err(|_| bad())?;
+        let rtt_ms: u32 = rtt
+            .trim()
+            .trim_end_matches("ms")
+            .parse()
+            .map_err(|_| bad())?;
+        if mbit == 0 || rtt_ms > 10_000 {
+            return Err(bad());
+        }
+        Ok(Self { mbit, rtt_ms })
+    }
+}
+
+impl std::fmt::Display for LinkSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.rtt_ms {
+            0 => write!(f, "{} Mbit/s", self.mbit),
+            rtt => write!(f, "{} Mbit/s {rtt} ms", self.mbit),
+        }
+    }
+}
+
 /// Two namespaces joined by a shaped link; removed on drop.
 pub struct ShapedLink {
     pub source_ns: String,
@@ -99,6 +141,16 @@ impl ShapedLink {
     /// `tag` keeps concurrent links apart (≤ 6 characters).
     pub fn new(tag: &str, index: u8, mbit: u32) -> anyhow::Result<Self> {
         Self::with_rtt(tag, index, mbit, 0)
+    }
+
+    /// The link `spec` describes.
+    pub fn from_spec(tag: &str, index: u8, spec: LinkSpec) -> anyhow::Result<Self> {
+        Self::with_rtt(tag, index, spec.mbit, spec.rtt_ms)
+    }
+
+    /// What this link is.
+    pub fn spec(&self) -> LinkSpec {
+        LinkSpec::new(self.mbit, self.rtt_ms)
     }
 
     /// A link of `mbit` whose packets take `rtt_ms` to go and come back.

@@ -24,7 +24,7 @@ use pagefp_tests::{
     guest_images::{GuestImage, RUN_SECONDS},
     link_security::LinkSecurity,
     migration::{self, ReceiveSpec, SendSpec},
-    netns::ShapedLink,
+    netns::{LinkSpec, ShapedLink},
     qemu::{QemuBuild, QemuGuest},
     vmm_client::{VmmArgs, VmmProcess, testvmm_binary},
 };
@@ -37,6 +37,8 @@ pub struct Run {
     pub vm: String,
     pub mode: String,
     pub link_mbit: u32,
+    /// Round-trip time the link added (0: none).
+    pub link_rtt_ms: u32,
     pub wire_bytes: u64,
     pub total_seconds: f64,
     pub downtime_ms: f64,
@@ -63,6 +65,17 @@ pub struct Run {
     pub note: Option<String>,
 }
 
+impl Run {
+    /// The link this run crossed.
+    pub fn link(&self) -> LinkSpec {
+        LinkSpec::new(self.link_mbit, self.link_rtt_ms)
+    }
+
+    pub fn on(&self, link: LinkSpec) -> bool {
+        self.link() == link
+    }
+}
+
 /// Bench modes ending in this run plaintext (`templates@plaintext`), beside
 /// the TLS runs of the same mode: what TLS costs.
 pub const PLAINTEXT_SUFFIX: &str = "@plaintext";
@@ -70,7 +83,7 @@ pub const PLAINTEXT_SUFFIX: &str = "@plaintext";
 /// Experiment settings.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub links_mbit: Vec<u32>,
+    pub links: Vec<LinkSpec>,
     pub modes: Vec<String>,
     /// Pages the guest workload keeps rewriting during the migration, every
     /// `hot_interval_ms`.
@@ -85,7 +98,11 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            links_mbit: vec![100, 1000],
+            links: vec![
+                LinkSpec::new(100, 0),
+                LinkSpec::new(100, 50),
+                LinkSpec::new(1000, 0),
+            ],
             modes: [
                 "baseline",
                 "templates",
@@ -131,8 +148,8 @@ pub fn run(images: &[GuestImage], settings: &Settings) -> anyhow::Result<Migrati
     println!("-- building each image's destination catalog from the other images' VMs");
     let catalogs = build_catalogs(&agent, &dir, images, settings)?;
     let mut runs = Vec::new();
-    for (index, &mbit) in settings.links_mbit.iter().enumerate() {
-        let link = ShapedLink::new(&format!("b{index}"), 10 + index as u8, mbit)?;
+    for (index, &spec) in settings.links.iter().enumerate() {
+        let link = ShapedLink::from_spec(&format!("b{index}"), 10 + index as u8, spec)?;
         for (image, catalog) in images.iter().zip(&catalogs) {
             if !settings.migrate.is_empty() && !settings.migrate.contains(&image.name) {
                 continue;
@@ -160,12 +177,12 @@ pub fn run(images: &[GuestImage], settings: &Settings) -> anyhow::Result<Migrati
                         run
                     })
                 };
-                let run = result.unwrap_or_else(|err| failed_run(image, mode, mbit, &err));
+                let run = result.unwrap_or_else(|err| failed_run(image, mode, spec, &err));
                 println!(
-                    "{:<16} {:<15} {:>5} Mbit/s  {:>12} B  {:>7.2} s  {:>7.0} ms  {:>2} rounds  {}{}  ({:.0} s)",
+                    "{:<16} {:<15} {:>17}  {:>12} B  {:>7.2} s  {:>7.0} ms  {:>2} rounds  {}{}  ({:.0} s)",
                     run.vm,
                     run.mode,
-                    run.link_mbit,
+                    run.link().to_string(),
                     run.wire_bytes,
                     run.total_seconds,
                     run.downtime_ms,
@@ -185,7 +202,7 @@ pub fn run(images: &[GuestImage], settings: &Settings) -> anyhow::Result<Migrati
             }
         }
     }
-    let summary = summarise(&runs, &settings.links_mbit);
+    let summary = summarise(&runs, &settings.links);
     Ok(MigrationReport {
         machine: super::machine(),
         runs,
@@ -194,11 +211,12 @@ pub fn run(images: &[GuestImage], settings: &Settings) -> anyhow::Result<Migrati
     })
 }
 
-fn failed_run(image: &GuestImage, mode: &str, mbit: u32, err: &anyhow::Error) -> Run {
+fn failed_run(image: &GuestImage, mode: &str, link: LinkSpec, err: &anyhow::Error) -> Run {
     Run {
         vm: image.name.clone(),
         mode: mode.to_string(),
-        link_mbit: mbit,
+        link_mbit: link.mbit,
+        link_rtt_ms: link.rtt_ms,
         wire_bytes: 0,
         total_seconds: 0.0,
         downtime_ms: 0.0,
@@ -331,6 +349,7 @@ fn pagefp_run(
         vm: image.name.clone(),
         mode: mode.name().to_string(),
         link_mbit: link.mbit,
+        link_rtt_ms: link.rtt_ms,
         wire_bytes: report.wire_bytes,
         total_seconds: report.elapsed_seconds,
         downtime_ms: report.downtime_ms.unwrap_or(0.0),
@@ -473,6 +492,7 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
         mode: "qemu".into(),
         qemu_version: Some(build.version().into()),
         link_mbit: link.mbit,
+        link_rtt_ms: link.rtt_ms,
         wire_bytes: number(&ram["transferred"]),
         total_seconds: number(&info["total-time"]) as f64 / 1000.0,
         downtime_ms: number(&info["downtime"]) as f64,
@@ -494,9 +514,9 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
 
 /// Per link: medians over the images of each mode's ratio to baseline
 /// (pagefp's QEMU-like mode) and to QEMU itself (the paper's reference).
-fn summarise(runs: &[Run], links: &[u32]) -> Vec<serde_json::Value> {
+fn summarise(runs: &[Run], links: &[LinkSpec]) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
-    for &mbit in links {
+    for &link in links {
         for (reference, modes) in [
             ("baseline", &["templates", "templates+zstd", "qemu"][..]),
             ("qemu", &["templates", "templates+zstd"][..]),
@@ -506,13 +526,10 @@ fn summarise(runs: &[Run], links: &[u32]) -> Vec<serde_json::Value> {
                 let mut times = Vec::new();
                 for base in runs
                     .iter()
-                    .filter(|r| r.link_mbit == mbit && r.mode == reference && r.error.is_none())
+                    .filter(|r| r.on(link) && r.mode == reference && r.error.is_none())
                 {
                     if let Some(run) = runs.iter().find(|r| {
-                        r.link_mbit == mbit
-                            && r.mode == mode
-                            && r.vm == base.vm
-                            && r.error.is_none()
+                        r.on(link) && r.mode == mode && r.vm == base.vm && r.error.is_none()
                     }) {
                         bytes.push(run.wire_bytes as f64 / base.wire_bytes as f64);
                         times.push(run.total_seconds / base.total_seconds);
@@ -529,7 +546,8 @@ fn summarise(runs: &[Run], links: &[u32]) -> Vec<serde_json::Value> {
                            "bytes_met": bytes_ratio <= 0.62, "time_met": time_ratio <= 0.73})
                 });
                 out.push(json!({
-                    "link_mbit": mbit,
+                    "link_mbit": link.mbit,
+                    "link_rtt_ms": link.rtt_ms,
                     "mode": mode,
                     "vs": reference,
                     "wire_bytes_ratio_median": bytes_ratio,
@@ -548,27 +566,24 @@ fn summarise(runs: &[Run], links: &[u32]) -> Vec<serde_json::Value> {
 
 /// TLS ÷ plaintext time of the same guest, mode and link, per link and mode
 /// that has `@plaintext` runs (target: at most 1.1).
-fn tls_cost(runs: &[Run], links: &[u32]) -> Vec<serde_json::Value> {
+fn tls_cost(runs: &[Run], links: &[LinkSpec]) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
-    for &mbit in links {
+    for &link in links {
         let plain_modes: BTreeSet<&str> = runs
             .iter()
-            .filter(|r| r.link_mbit == mbit)
+            .filter(|r| r.on(link))
             .filter_map(|r| r.mode.strip_suffix(PLAINTEXT_SUFFIX))
             .collect();
         for mode in plain_modes {
             let plain_mode = format!("{mode}{PLAINTEXT_SUFFIX}");
             let mut times = Vec::new();
             let mut bytes = Vec::new();
-            for plain in runs.iter().filter(|r| {
-                r.link_mbit == mbit && r.mode == plain_mode && r.error.is_none() && !r.tls
-            }) {
+            for plain in runs
+                .iter()
+                .filter(|r| r.on(link) && r.mode == plain_mode && r.error.is_none() && !r.tls)
+            {
                 if let Some(tls) = runs.iter().find(|r| {
-                    r.link_mbit == mbit
-                        && r.mode == mode
-                        && r.vm == plain.vm
-                        && r.error.is_none()
-                        && r.tls
+                    r.on(link) && r.mode == mode && r.vm == plain.vm && r.error.is_none() && r.tls
                 }) {
                     times.push(tls.total_seconds / plain.total_seconds);
                     bytes.push(tls.wire_bytes as f64 / plain.wire_bytes as f64);
@@ -579,7 +594,8 @@ fn tls_cost(runs: &[Run], links: &[u32]) -> Vec<serde_json::Value> {
             }
             let time_ratio = super::median(&mut times);
             out.push(json!({
-                "link_mbit": mbit,
+                "link_mbit": link.mbit,
+                "link_rtt_ms": link.rtt_ms,
                 "mode": mode,
                 "vs": plain_mode,
                 "tls_time_ratio_median": time_ratio,
@@ -597,10 +613,10 @@ fn tls_cost(runs: &[Run], links: &[u32]) -> Vec<serde_json::Value> {
 pub fn print_table(report: &MigrationReport) {
     println!();
     println!(
-        "{:<16} {:<15} {:>6} {:>13} {:>9} {:>10} {:>6} {:>8} {:>8} {:>8} {:>8}",
+        "{:<16} {:<15} {:>17} {:>13} {:>9} {:>10} {:>6} {:>8} {:>8} {:>8} {:>8}",
         "vm",
         "mode",
-        "Mbit/s",
+        "link",
         "wire_bytes",
         "total_s",
         "downtime",
@@ -612,10 +628,10 @@ pub fn print_table(report: &MigrationReport) {
     );
     for r in &report.runs {
         println!(
-            "{:<16} {:<15} {:>6} {:>13} {:>9.2} {:>8.0}ms {:>6} {:>8} {:>8} {:>8} {:>8}",
+            "{:<16} {:<15} {:>17} {:>13} {:>9.2} {:>8.0}ms {:>6} {:>8} {:>8} {:>8} {:>8}",
             r.vm,
             r.mode,
-            r.link_mbit,
+            r.link().to_string(),
             r.wire_bytes,
             r.total_seconds,
             r.downtime_ms,
@@ -638,27 +654,29 @@ pub fn print_table(report: &MigrationReport) {
         .filter(|r| r.note.is_some() || r.error.is_some())
     {
         println!(
-            "  {} {} {} Mbit/s: {}",
+            "  {} {} {}: {}",
             r.vm,
             r.mode,
-            r.link_mbit,
+            r.link(),
             r.error.as_deref().or(r.note.as_deref()).unwrap_or("")
         );
     }
     println!();
     for s in &report.summary {
+        let link = LinkSpec::new(
+            s["link_mbit"].as_u64().unwrap_or(0) as u32,
+            s["link_rtt_ms"].as_u64().unwrap_or(0) as u32,
+        );
         if let Some(ratio) = s["tls_time_ratio_median"].as_f64() {
             println!(
-                "{} Mbit/s: {} with TLS vs plaintext: time x{ratio:.3} (median of {} VMs)  [target <= 1.1]",
-                s["link_mbit"],
+                "{link}: {} with TLS vs plaintext: time x{ratio:.3} (median of {} VMs)  [target <= 1.1]",
                 s["mode"].as_str().unwrap_or(""),
                 s["vms"]
             );
             continue;
         }
         println!(
-            "{} Mbit/s: {} vs {}: wire bytes x{:.3}, total time x{:.3} (median of {} VMs){}",
-            s["link_mbit"],
+            "{link}: {} vs {}: wire bytes x{:.3}, total time x{:.3} (median of {} VMs){}",
             s["mode"].as_str().unwrap_or(""),
             s["vs"].as_str().unwrap_or(""),
             s["wire_bytes_ratio_median"].as_f64().unwrap_or(f64::NAN),

@@ -23,9 +23,10 @@ struct Args {
     /// Migration part: only these modes (baseline, templates, templates+zstd, qemu).
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
-    /// Migration part: only these links, in Mbit/s.
+    /// Migration part: only these links, in Mbit/s with an optional round
+    /// trip (100, 100/50ms, 1000).
     #[arg(long, value_delimiter = ',')]
-    links: Vec<u32>,
+    links: Vec<pagefp_tests::netns::LinkSpec>,
     /// Migration and qemu-proxy parts: only these guests (e.g. linux-httpd); the others still give templates.
     #[arg(long, value_delimiter = ',')]
     vms: Vec<String>,
@@ -99,14 +100,14 @@ fn main() -> anyhow::Result<()> {
         let images = pagefp_tests::guest_images::ensure_images()?;
         let mut settings = bench::migration::Settings::default();
         if args.quick {
-            settings.links_mbit = vec![100];
+            settings.links = vec![pagefp_tests::netns::LinkSpec::new(100, 0)];
             settings.migrate = images.iter().take(3).map(|i| i.name.clone()).collect();
         }
         if !args.modes.is_empty() {
             settings.modes = args.modes.clone();
         }
         if !args.links.is_empty() {
-            settings.links_mbit = args.links.clone();
+            settings.links = args.links.clone();
         }
         if !args.vms.is_empty() {
             if let Some(unknown) = args
@@ -126,13 +127,18 @@ fn main() -> anyhow::Result<()> {
             settings.migrate = args.vms.clone();
         }
         println!(
-            "== migration: {} guests x {:?} Mbit/s x {:?}",
+            "== migration: {} guests x [{}] x {:?}",
             if settings.migrate.is_empty() {
                 images.len()
             } else {
                 settings.migrate.len()
             },
-            settings.links_mbit,
+            settings
+                .links
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
             settings.modes
         );
         let mut report = bench::migration::run(&images, &settings)?;

@@ -168,7 +168,7 @@ fn migration_part(args: &Args) -> anyhow::Result<()> {
     );
     let images = pagefp_tests::guest_images::ensure_images()?;
     let settings = bench::migration::Settings {
-        links_mbit: vec![args.link_mbit],
+        links: vec![pagefp_tests::netns::LinkSpec::new(args.link_mbit, 0)],
         migrate: args.migrate.clone(),
         ..bench::migration::Settings::default()
     };
