@@ -24,6 +24,7 @@ pub mod qemu_kvm_tracking;
 pub mod qemu_proxy_run;
 pub mod qemu_streams;
 pub mod redis_cluster;
+pub mod site_hosts;
 pub mod synthetic_images;
 pub mod vmm_client;
 

@@ -44,6 +44,8 @@ pub struct ReceiveSpec {
     pub security: LinkSecurity,
     /// `--site-store` nodes (plaintext, on loopback).
     pub site_store: Vec<String>,
+    /// `--negotiation` (`auto` if `None`).
+    pub negotiation: Option<&'static str>,
 }
 
 /// What the sender does.
@@ -127,6 +129,9 @@ pub fn start_receiver(
     }
     for node in &spec.site_store {
         command.args(["--site-store", node]);
+    }
+    if let Some(negotiation) = spec.negotiation {
+        command.args(["--negotiation", negotiation]);
     }
     if !spec.site_store.is_empty() {
         command.arg("--site-store-plaintext");

@@ -279,6 +279,72 @@ impl ShapedLink {
     }
 }
 
+/// The destination site's LAN: an unshaped veth pair from this namespace
+/// into a link's destination namespace. A service on `host_ip` (the site
+/// store) is reachable from here and from the destination end of the link,
+/// which the WAN link alone would not give: a program in the destination
+/// namespace cannot reach this namespace's loopback, and an agent cannot run
+/// inside a namespace `ip netns exec` made (it remounts /sys, without
+/// tracefs). Removed on drop.
+pub struct SiteLan {
+    pub host_ip: String,
+    pub dest_ip: String,
+    device: String,
+}
+
+impl SiteLan {
+    /// `tag` ≤ 6 characters; `index` keeps the subnets apart.
+    pub fn new(link: &ShapedLink, tag: &str, index: u8) -> anyhow::Result<Self> {
+        let device = format!("pflan-{tag}");
+        let peer = format!("pflan-{tag}-d");
+        let _ = ip(&["link", "del", &device]);
+        let lan = Self {
+            host_ip: format!("10.232.{index}.1"),
+            dest_ip: format!("10.232.{index}.2"),
+            device,
+        };
+        ip(&[
+            "link",
+            "add",
+            &lan.device,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            &link.dest_ns,
+        ])
+        .context("creating the site LAN (veth needs root)")?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", lan.host_ip),
+            "dev",
+            &lan.device,
+        ])?;
+        ip(&["link", "set", &lan.device, "up"])?;
+        let dest = &link.dest_ns;
+        ip(&[
+            "-n",
+            dest,
+            "addr",
+            "add",
+            &format!("{}/24", lan.dest_ip),
+            "dev",
+            &peer,
+        ])?;
+        ip(&["-n", dest, "link", "set", &peer, "up"])?;
+        Ok(lan)
+    }
+}
+
+impl Drop for SiteLan {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.device]);
+    }
+}
+
 fn in_ns(ns: &str) -> Command {
     let mut command = Command::new("ip");
     command.args(["netns", "exec", ns]);

@@ -21,6 +21,8 @@ struct Node {
 /// A running cluster of `masters` masters with `replicas` replicas each.
 pub struct RedisCluster {
     nodes: Vec<Node>,
+    /// The address the nodes listen on (and announce to clients).
+    ip: String,
     _dir: TempDir,
 }
 
@@ -44,12 +46,12 @@ pub fn available() -> Result<(), String> {
 }
 
 /// A port whose cluster bus port (+10000) is free too.
-fn free_pair() -> anyhow::Result<u16> {
+fn free_pair(ip: &str) -> anyhow::Result<u16> {
     for _ in 0..200 {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let probe = std::net::TcpListener::bind((ip, 0))?;
         let port = probe.local_addr()?.port() % 20_000 + 20_000;
         drop(probe);
-        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        let free = |p: u16| std::net::TcpListener::bind((ip, p)).is_ok();
         if free(port) && free(port + 10_000) {
             return Ok(port);
         }
@@ -57,9 +59,9 @@ fn free_pair() -> anyhow::Result<u16> {
     bail!("no free pair of loopback ports (P, P+10000) for a Redis node")
 }
 
-fn cli(port: u16, args: &[&str]) -> anyhow::Result<String> {
+fn cli(ip: &str, port: u16, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-h", ip, "-p", &port.to_string()])
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -68,12 +70,12 @@ fn cli(port: u16, args: &[&str]) -> anyhow::Result<String> {
         + &String::from_utf8_lossy(&output.stderr))
 }
 
-fn start_node(dir: &Path, port: u16) -> anyhow::Result<Child> {
+fn start_node(ip: &str, dir: &Path, port: u16) -> anyhow::Result<Child> {
     let node_dir = dir.join(port.to_string());
     std::fs::create_dir_all(&node_dir)?;
     Command::new("redis-server")
         .current_dir(&node_dir)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--port", &port.to_string(), "--bind", ip])
         .args([
             "--cluster-enabled",
             "yes",
@@ -92,31 +94,41 @@ fn start_node(dir: &Path, port: u16) -> anyhow::Result<Child> {
 impl RedisCluster {
     /// Starts the nodes and joins them; returns once every slot is served.
     pub fn start(masters: usize, replicas: usize) -> anyhow::Result<Self> {
+        Self::start_on("127.0.0.1", masters, replicas)
+    }
+
+    /// [`RedisCluster::start`] on address `ip` of this host (one reachable
+    /// from a destination namespace too: [`crate::netns::SiteLan`]).
+    pub fn start_on(ip: &str, masters: usize, replicas: usize) -> anyhow::Result<Self> {
         available().map_err(anyhow::Error::msg)?;
         let dir = TempDir::new("pagefp-redis");
         let mut nodes = Vec::new();
         for _ in 0..masters * (1 + replicas) {
-            let port = free_pair()?;
-            let child = start_node(&dir.0, port)?;
+            let port = free_pair(ip)?;
+            let child = start_node(ip, &dir.0, port)?;
             nodes.push(Node {
                 port,
                 child: Some(child),
             });
         }
-        let cluster = Self { nodes, _dir: dir };
+        let cluster = Self {
+            nodes,
+            ip: ip.to_owned(),
+            _dir: dir,
+        };
         for node in &cluster.nodes {
             cluster.wait_for(node.port, "PONG", &["ping"])?;
         }
         let addresses: Vec<String> = cluster
             .nodes
             .iter()
-            .map(|node| format!("127.0.0.1:{}", node.port))
+            .map(|node| format!("{}:{}", cluster.ip, node.port))
             .collect();
         let mut args = vec!["--cluster", "create"];
         args.extend(addresses.iter().map(String::as_str));
         let replicas = replicas.to_string();
         args.extend(["--cluster-replicas", &replicas, "--cluster-yes"]);
-        let created = cli(cluster.nodes[0].port, &args)?;
+        let created = cluster.cli(cluster.nodes[0].port, &args)?;
         if !created.contains("All 16384 slots covered") {
             bail!("redis-cli --cluster create failed:\n{created}");
         }
@@ -126,10 +138,15 @@ impl RedisCluster {
         Ok(cluster)
     }
 
+    /// `redis-cli` against the node on `port`.
+    fn cli(&self, port: u16, args: &[&str]) -> anyhow::Result<String> {
+        cli(&self.ip, port, args)
+    }
+
     fn wait_for(&self, port: u16, expected: &str, args: &[&str]) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let said = cli(port, args)?;
+            let said = self.cli(port, args)?;
             if said.contains(expected) {
                 return Ok(());
             }
@@ -140,12 +157,12 @@ impl RedisCluster {
         }
     }
 
-    /// `redis://127.0.0.1:PORT` of every node still running.
+    /// `redis://IP:PORT` of every node still running.
     pub fn urls(&self) -> Vec<String> {
         self.nodes
             .iter()
             .filter(|node| node.child.is_some())
-            .map(|node| format!("redis://127.0.0.1:{}", node.port))
+            .map(|node| format!("redis://{}:{}", self.ip, node.port))
             .collect()
     }
 
@@ -157,7 +174,8 @@ impl RedisCluster {
             .find(|node| node.child.is_some())
             .context("every node is down")?
             .port;
-        Ok(cli(port, &["cluster", "nodes"])?
+        Ok(self
+            .cli(port, &["cluster", "nodes"])?
             .lines()
             .filter(|line| line.contains("master") && !line.contains("fail"))
             .filter_map(|line| line.split_whitespace().nth(1))
@@ -173,7 +191,7 @@ impl RedisCluster {
         let port = self.master_ports()?[0];
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let said = cli(port, &["--json", "cluster", "slots"])?;
+            let said = self.cli(port, &["--json", "cluster", "slots"])?;
             let slots: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
             let listed = slots.as_array().is_some_and(|shards| {
                 !shards.is_empty()
@@ -189,6 +207,23 @@ impl RedisCluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// CPU seconds (user and system) the running nodes have used.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        // SAFETY: sysconf only reads a configuration value.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let mut total = 0.0;
+        for child in self.nodes.iter().filter_map(|node| node.child.as_ref()) {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))?;
+            // Fields after the command name (which may hold spaces): state
+            // is the 3rd field; utime and stime the 14th and 15th.
+            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+            total += field(14).unwrap_or(0.0) + field(15).unwrap_or(0.0);
+        }
+        Ok(total / ticks)
     }
 
     /// The process id of the node on `port`, while it runs.
@@ -215,7 +250,7 @@ impl RedisCluster {
     pub fn count_keys(&self, pattern: &str) -> anyhow::Result<u64> {
         let mut total = 0;
         for port in self.master_ports()? {
-            let said = cli(port, &["--scan", "--pattern", pattern])?;
+            let said = self.cli(port, &["--scan", "--pattern", pattern])?;
             total += said.lines().filter(|line| !line.is_empty()).count() as u64;
         }
         Ok(total)

@@ -17,16 +17,15 @@ use agent::{
     config::SiteStoreConfig,
 };
 use pagefp_tests::{
-    agent_process::{AgentOptions, AgentProcess, TempDir, free_port},
+    agent_process::{AgentProcess, TempDir, free_port},
     migration::{self, ReceiveSpec, SendSpec},
     privileged,
     redis_cluster::{self, RedisCluster},
-    synthetic_images::fleet_image_file,
+    site_hosts::{self, HostSettings, contents},
     vmm_client::{VmmArgs, VmmProcess, testvmm_binary},
 };
 
 const MEM_MIB: u32 = 32;
-const PAGES: u32 = MEM_MIB * 256;
 const LEASE_SECS: u64 = 3;
 
 fn ready(test: &str) -> bool {
@@ -39,41 +38,25 @@ fn ready(test: &str) -> bool {
     true
 }
 
-/// An agent acting as host `host`, publishing to `cluster` every 200 ms.
 fn host_agent(host: &str, cluster: &RedisCluster) -> AgentProcess {
-    let mut extra = vec![
-        "--host-id".to_string(),
-        host.to_string(),
-        "--only-vms-with-env".to_string(),
-        format!("PAGEFP_TEST_HOST={host}"),
-        "--site-store-plaintext".to_string(),
-    ];
-    for url in cluster.urls() {
-        extra.extend(["--site-store".to_string(), url]);
-    }
-    AgentProcess::start(&AgentOptions {
-        ring_buffer_bytes: Some(64 << 20),
-        extra,
-        config: Some(format!(
-            "[site]\nlease_secs = {LEASE_SECS}\npublish_ms = 200\nmin_hosts = 2\n"
-        )),
-        ..AgentOptions::default()
-    })
+    site_hosts::host_agent(
+        host,
+        &cluster.urls(),
+        &HostSettings {
+            lease_secs: LEASE_SECS,
+            publish_ms: 200,
+            min_hosts: 2,
+        },
+    )
     .expect("starting a host agent")
 }
 
-/// Fleet VM `vm` on `host`, all its pages clean in `agent`.
 fn vm_on(dir: &TempDir, host: &str, agent: &AgentProcess, vm: usize) -> VmmProcess {
-    let image = fleet_image_file(&dir.0, vm, PAGES as usize);
-    let mut args = VmmArgs::new(
-        dir.0.join(format!("{host}-{vm}-{}.sock", free_port())),
-        MEM_MIB,
-    );
-    args.image = Some(image);
-    args.env = vec![("PAGEFP_TEST_HOST".into(), host.into())];
-    let process = VmmProcess::spawn(&testvmm_binary(), &args).expect("starting a VMM");
-    agent.wait_all_clean(process.pid(), Duration::from_secs(120));
-    process
+    site_hosts::vm_on(&dir.0, host, agent, vm, MEM_MIB).expect("starting a VMM")
+}
+
+fn wait_published(agent: &AgentProcess, at_least: u64) {
+    site_hosts::wait_published(agent, at_least).unwrap();
 }
 
 fn store(cluster: &RedisCluster) -> SiteStore {
@@ -82,36 +65,6 @@ fn store(cluster: &RedisCluster) -> SiteStore {
         plaintext: true,
     })
     .expect("connecting to the test cluster")
-}
-
-/// Waits until `agent`'s publisher has sent `at_least` counts and is healthy.
-fn wait_published(agent: &AgentProcess, at_least: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let site = agent.status()["site"].clone();
-        if site["healthy"] == true && site["held_sent"].as_u64() >= Some(at_least) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not publish {at_least} counts within 60 s: {site}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The distinct non-zero contents of `pid` as `agent` hashed them.
-fn contents(agent: &AgentProcess, pid: u32) -> Vec<[u8; 32]> {
-    let zero = agent::content::zero_page_hash();
-    let mut hashes: Vec<[u8; 32]> = agent
-        .hashes(pid)
-        .into_iter()
-        .map(|record| record.hash)
-        .filter(|hash| *hash != zero && *hash != [0; 32])
-        .collect();
-    hashes.sort_unstable();
-    hashes.dedup();
-    hashes
 }
 
 #[test]

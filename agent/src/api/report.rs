@@ -145,6 +145,10 @@ pub struct MigrationReport {
     pub wire_bytes: u64,
     /// Bytes of the template negotiation (included in `wire_bytes`).
     pub negotiation_bytes: u64,
+    /// Source: seconds the negotiation took, from listing the VM's
+    /// contents to the agreed set (site fetches included).
+    #[serde(default)]
+    pub negotiation_seconds: f64,
     /// Pages by encoding, all rounds.
     pub pages: ByEncoding,
     /// Wire bytes by encoding, all rounds (page headers included).
@@ -232,6 +236,7 @@ impl MigrationReport {
             dirty_pages_per_second: 0.0,
             wire_bytes: 0,
             negotiation_bytes: 0,
+            negotiation_seconds: 0.0,
             pages: ByEncoding::default(),
             bytes: ByEncoding::default(),
             templates_agreed: 0,

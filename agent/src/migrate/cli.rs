@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use super::{
     compression::ZstdPolicy,
-    receiver::{self, ReceiveOptions},
+    receiver::{self, Negotiation, ReceiveOptions},
     sender::{self, SendOptions},
 };
 use crate::{
@@ -95,6 +95,12 @@ pub struct ReceiveArgs {
     /// Give up when no migration arrives within this many seconds.
     #[arg(long)]
     pub timeout_s: Option<u64>,
+    /// How the templates are agreed: `auto` picks the cheaper of offering
+    /// this host's catalog and asking for the VM's contents (always asking
+    /// when a site store is configured); `offer` and `query` force one
+    /// (to compare them).
+    #[arg(long, value_enum, default_value_t = Negotiation::Auto)]
+    pub negotiation: Negotiation,
     #[command(flatten)]
     pub timeouts: Timeouts,
     #[command(flatten)]
@@ -214,6 +220,7 @@ pub fn run_migrate(command: MigrateCommand, show_progress: bool) -> anyhow::Resu
                 resume: !args.no_resume,
                 progress: show_progress,
                 accept_timeout: args.timeout_s.map(Duration::from_secs),
+                negotiation: args.negotiation,
                 timeouts: args.timeouts,
                 security: tls::Server::from_options(&args.security)?,
             };

@@ -52,9 +52,23 @@ pub struct ReceiveOptions {
     pub progress: bool,
     /// Give up if no source connects within this time.
     pub accept_timeout: Option<Duration>,
+    pub negotiation: Negotiation,
     pub timeouts: Timeouts,
     /// Who may send the VM.
     pub security: tls::Server,
+}
+
+/// How a destination agrees on the templates with the source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Negotiation {
+    /// The cheaper of the two; asking whenever a site store is configured.
+    #[default]
+    Auto,
+    /// Offer this host's whole catalog.
+    Offer,
+    /// Ask for the VM's distinct contents and answer which are held (when
+    /// the source can list them; otherwise offer).
+    Query,
 }
 
 /// Loaded templates and what loading them cost.
@@ -123,6 +137,7 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         templates: &mut templates.store,
         agreed: None,
         site: &options.templates.site,
+        negotiation: options.negotiation,
         report: MigrationReport {
             phase: Phase::Negotiating,
             catalog_bytes: templates.bytes,
@@ -196,6 +211,7 @@ struct Receiver<'a> {
     /// index (`None`: the offer's order, wire index = store index).
     agreed: Option<Vec<u32>>,
     site: &'a crate::config::SiteStoreConfig,
+    negotiation: Negotiation,
     report: MigrationReport,
     progress: Progress,
     started: Instant,
@@ -230,7 +246,11 @@ impl Receiver<'_> {
         // content listed: the shorter list wins, unless the site may help.
         let query = hello.mode.uses_templates()
             && asked > 0
-            && (site || self.templates.len() as u64 > asked);
+            && match self.negotiation {
+                Negotiation::Auto => site || self.templates.len() as u64 > asked,
+                Negotiation::Offer => false,
+                Negotiation::Query => true,
+            };
         if !query {
             let offer: &[_] = if hello.mode.uses_templates() {
                 let ids = self.templates.ids();

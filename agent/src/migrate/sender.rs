@@ -331,6 +331,7 @@ impl Sender<'_> {
 
 impl Sender<'_> {
     fn negotiate(&mut self, states: &PageStates) -> anyhow::Result<()> {
+        let started = Instant::now();
         self.report.phase = Phase::Negotiating;
         self.progress.update(&self.report);
         // The VM's distinct non-zero contents the agent knows, in page
@@ -406,6 +407,7 @@ impl Sender<'_> {
         }
         self.report.templates_agreed = self.offer.len() as u64;
         self.report.negotiation_bytes = self.writer.bytes + self.reader.bytes;
+        self.report.negotiation_seconds = started.elapsed().as_secs_f64();
         self.sync_bytes();
         log::info!(
             "{} ({} bytes of negotiation)",

@@ -10,6 +10,7 @@ pub mod migration;
 pub mod qemu_kvm;
 pub mod rehash;
 pub mod rescan;
+pub mod scale;
 
 use std::path::{Path, PathBuf};
 

@@ -14,7 +14,7 @@ struct Args {
     /// Fewer rounds and smaller VMs (for a quick look; the figures are noisier).
     #[arg(long)]
     quick: bool,
-    /// Only these parts (comma-separated: hashing, dirty, rehash, rescan, qemu-kvm, memory, fuzz, migration, qemu-proxy).
+    /// Only these parts (comma-separated: hashing, dirty, rehash, rescan, qemu-kvm, memory, fuzz, migration, qemu-proxy, scale).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON report.
@@ -153,6 +153,29 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("qemu-proxy") {
         qemu_proxy(&args, fuzz.as_deref())?;
+    }
+    if wanted("scale") {
+        let settings = if args.quick {
+            bench::scale::Settings::quick()
+        } else {
+            bench::scale::Settings::default()
+        };
+        println!(
+            "== the site catalog at scale: a {} MiB guest over {}, catalogs of {:?} templates, a site store of {} pages, {:?} publishing hosts",
+            settings.guest_mib,
+            settings.link,
+            settings.catalog_sizes,
+            settings.site_pages,
+            settings.host_counts
+        );
+        let report = bench::scale::run(&settings)?;
+        let path = target_dir().join("pagefp-bench").join("scale.json");
+        bench::scale::write(&report, &path)?;
+        println!(
+            "{}\nscale report written to {}",
+            serde_json::to_string_pretty(&report.summary)?,
+            path.display()
+        );
     }
     if let Some(crashed) = fuzz.iter().flatten().find(|f| f.crashes > 0) {
         anyhow::bail!(

@@ -1,0 +1,760 @@
+//! `--only scale` (target/pagefp-bench/scale.json): the site catalog at the
+//! size of a data center.
+//!
+//! - **Fleet**: host a runs the migrating guest (fleet VM 0), host b its
+//!   sibling (fleet VM 2) and publishes to the site's Redis cluster. Host a's
+//!   VM migrates over a WAN link (rate and round trip through the TUN
+//!   delayer) to a destination host c that holds nothing itself: once with
+//!   nothing, once with the sibling's catalog installed locally, once with
+//!   the site store, and once with the site store after a master died.
+//! - **Negotiation**: the same migration against catalogs of 10⁴, 10⁵ and
+//!   10⁶ templates (the sibling's templates, then synthetic pages), agreed
+//!   by the whole-catalog offer and by the query, and against a site store
+//!   holding 10⁶ pages.
+//! - **Publishing**: 1, 4 and 16 simulated hosts publishing to one cluster
+//!   at once, each a real [`HostPublisher`] driven by a steady rate of
+//!   content changes; the cost per host (its thread's CPU and the bytes it
+//!   sends) per guest GiB per hour.
+//!
+//! The site store is on the destination site's LAN ([`SiteLan`]): reached
+//! by host c's receiver without crossing the WAN link, and by host b.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use agent::{
+    api::report::{Mode, SiteFetch},
+    catalog::{Catalog, site::HostPublisher},
+    config::SiteStoreConfig,
+};
+use anyhow::{Context as _, bail};
+use pagefp_tests::{
+    agent_process::{AgentProcess, TempDir, free_port},
+    migration::{self, ReceiveSpec, SendSpec},
+    netns::{LinkSpec, ShapedLink, SiteLan},
+    redis_cluster::RedisCluster,
+    site_hosts::{self, HostSettings, contents},
+    vmm_client::{VmmArgs, VmmProcess, testvmm_binary},
+};
+use serde::Serialize;
+use serde_json::json;
+
+/// What the scale part measures.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub guest_mib: u32,
+    pub link: LinkSpec,
+    pub catalog_sizes: Vec<usize>,
+    /// Pages the site store is filled to for the query against the site.
+    pub site_pages: usize,
+    pub host_counts: Vec<usize>,
+    pub publish: PublishSettings,
+}
+
+/// One simulated host's guest and how fast its contents change.
+#[derive(Clone, Debug, Serialize)]
+pub struct PublishSettings {
+    pub guest_pages: usize,
+    /// Fraction of the guest's pages whose content every host holds (the OS).
+    pub shared_fraction: f64,
+    /// Pages per second and guest GiB that take a new content (the old
+    /// one released): the steady dirty rate, in what publishing sees.
+    pub changes_per_second_per_gib: usize,
+    /// The publisher's period (`publish_ms`), simulated back to back.
+    pub cycle_ms: u64,
+    pub cycles: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            guest_mib: 256,
+            link: LinkSpec::new(100, 50),
+            catalog_sizes: vec![10_000, 100_000, 1_000_000],
+            site_pages: 1_000_000,
+            host_counts: vec![1, 4, 16],
+            publish: PublishSettings {
+                guest_pages: 32_768,
+                shared_fraction: 0.5,
+                changes_per_second_per_gib: 1000,
+                cycle_ms: 2000,
+                cycles: 15,
+            },
+        }
+    }
+}
+
+impl Settings {
+    /// A small run (`--quick`): smaller guest and catalogs, fewer hosts.
+    pub fn quick() -> Self {
+        let mut settings = Self {
+            guest_mib: 64,
+            catalog_sizes: vec![10_000, 100_000],
+            site_pages: 100_000,
+            host_counts: vec![1, 4],
+            ..Self::default()
+        };
+        settings.publish.guest_pages = 8192;
+        settings.publish.cycles = 5;
+        settings
+    }
+}
+
+/// One migration of host a's guest to host c.
+#[derive(Clone, Debug, Serialize)]
+pub struct MigrationRun {
+    /// What host c held: "nothing", "local catalog", "site", ...
+    pub destination: String,
+    /// Templates host c could rebuild from (catalog or site store).
+    pub templates: usize,
+    pub negotiation: Option<String>,
+    pub negotiation_bytes: u64,
+    pub negotiation_seconds: f64,
+    /// Negotiation bytes ÷ the guest's non-zero memory.
+    pub negotiation_fraction: f64,
+    pub wire_bytes: u64,
+    pub total_seconds: f64,
+    pub templates_agreed: u64,
+    pub pages_template: u64,
+    pub site: Option<SiteFetch>,
+    /// Both ends verified and every page equal after the migration.
+    pub verified: bool,
+    pub error: Option<String>,
+}
+
+/// What publishing cost one simulated host.
+#[derive(Clone, Debug, Serialize)]
+pub struct HostCost {
+    pub initial_cpu_seconds: f64,
+    pub initial_bytes: u64,
+    pub steady_cpu_seconds: f64,
+    pub steady_bytes: u64,
+    pub errors: u64,
+}
+
+/// `hosts` hosts publishing at once.
+#[derive(Clone, Debug, Serialize)]
+pub struct PublishRun {
+    pub hosts: usize,
+    pub per_host: Vec<HostCost>,
+    /// Median over the hosts, per guest GiB per hour of steady changes.
+    pub cpu_seconds_per_gib_hour: f64,
+    pub bytes_per_gib_hour: f64,
+    /// The store's own CPU (all nodes) per host per guest GiB per hour.
+    pub store_cpu_seconds_per_host_gib_hour: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScaleReport {
+    pub machine: String,
+    pub link: LinkSpec,
+    pub guest_mib: u32,
+    pub guest_nonzero_bytes: u64,
+    pub fleet: Vec<MigrationRun>,
+    pub negotiation: Vec<MigrationRun>,
+    pub store_failure: Option<MigrationRun>,
+    pub publish_settings: PublishSettings,
+    pub publishing: Vec<PublishRun>,
+    pub summary: serde_json::Value,
+}
+
+/// Hosts a and b, the link between a and c, and the site's cluster.
+struct Site {
+    dir: TempDir,
+    cluster: RedisCluster,
+    _lan: SiteLan,
+    link: ShapedLink,
+    a: AgentProcess,
+    b: AgentProcess,
+    source: VmmProcess,
+    sibling: VmmProcess,
+    guest_mib: u32,
+    nonzero_bytes: u64,
+}
+
+pub fn run(settings: &Settings) -> anyhow::Result<ScaleReport> {
+    let site = Site::start(settings)?;
+    println!(
+        "-- guest {} MiB ({} non-zero bytes); link {}",
+        settings.guest_mib, site.nonzero_bytes, settings.link
+    );
+    let catalog = site.dir.0.join("sibling.pftc");
+    site.b
+        .export_templates(&catalog, &[site.sibling.pid()], &["--min-vms", "1"])?;
+    let sibling = Catalog::load(&catalog)?;
+    let stored = site.cluster.count_keys("pagefp:p:*")? as usize;
+
+    let mut fleet = Vec::new();
+    for (destination, catalogs, site_store, templates) in [
+        ("nothing", vec![], false, 0),
+        ("local catalog", vec![catalog.clone()], false, sibling.len()),
+        ("site", vec![], true, stored),
+    ] {
+        let run = site.migrate(destination, catalogs, site_store, None, templates);
+        print_run(&run);
+        fleet.push(run);
+    }
+
+    let mut negotiation = Vec::new();
+    for &size in &settings.catalog_sizes {
+        let path = site.dir.0.join(format!("catalog-{size}.pftc"));
+        let started = Instant::now();
+        catalog_of(&sibling, size)?.save(&path)?;
+        println!(
+            "-- catalog of {size} templates written in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        for protocol in ["offer", "query"] {
+            let run = site.migrate(
+                &format!("catalog of {size}, {protocol}"),
+                vec![path.clone()],
+                false,
+                Some(protocol),
+                size,
+            );
+            print_run(&run);
+            negotiation.push(run);
+        }
+        std::fs::remove_file(&path)?;
+    }
+    let started = Instant::now();
+    let filled = site.fill_store(settings.site_pages)?;
+    println!(
+        "-- site store filled to {filled} pages in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let run = site.migrate(
+        &format!("site of {filled}, query"),
+        vec![],
+        true,
+        None,
+        filled,
+    );
+    print_run(&run);
+    negotiation.push(run);
+
+    // A master of the (replica-less) cluster dies: its shard's pages
+    // travel in full, the migration completes.
+    let mut site = site;
+    let master = site.cluster.master_ports()?[1];
+    site.cluster.kill(master)?;
+    let failure = site.migrate(
+        "site, one master of three killed",
+        vec![],
+        true,
+        None,
+        filled,
+    );
+    print_run(&failure);
+    let guest_nonzero_bytes = site.nonzero_bytes;
+    drop(site);
+
+    let mut publishing = Vec::new();
+    for &hosts in &settings.host_counts {
+        let run = publish_run(hosts, &settings.publish)?;
+        println!(
+            "-- {hosts:>2} hosts publishing: per host {:.3} CPU s and {:.0} bytes per guest GiB-hour; store CPU {:.3} s per host GiB-hour",
+            run.cpu_seconds_per_gib_hour,
+            run.bytes_per_gib_hour,
+            run.store_cpu_seconds_per_host_gib_hour
+        );
+        publishing.push(run);
+    }
+    let summary = summarise(&fleet, &negotiation, &failure, &publishing);
+    Ok(ScaleReport {
+        machine: crate::machine(),
+        link: settings.link,
+        guest_mib: settings.guest_mib,
+        guest_nonzero_bytes,
+        fleet,
+        negotiation,
+        store_failure: Some(failure),
+        publish_settings: settings.publish.clone(),
+        publishing,
+        summary,
+    })
+}
+
+fn print_run(run: &MigrationRun) {
+    println!(
+        "{:<34} {:>8} templates  negotiation {:>10} B {:>6.2} s ({:.2}% of non-zero)  wire {:>11} B  {:>6.1} s  {}",
+        run.destination,
+        run.templates,
+        run.negotiation_bytes,
+        run.negotiation_seconds,
+        run.negotiation_fraction * 100.0,
+        run.wire_bytes,
+        run.total_seconds,
+        match (&run.error, run.verified) {
+            (Some(err), _) => format!("FAILED: {err}"),
+            (None, true) => "verified".into(),
+            (None, false) => "NOT VERIFIED".into(),
+        }
+    );
+}
+
+impl Site {
+    fn start(settings: &Settings) -> anyhow::Result<Self> {
+        let link = ShapedLink::from_spec("sc", 50, settings.link)?;
+        let lan = SiteLan::new(&link, "sc", 50)?;
+        let cluster = RedisCluster::start_on(&lan.host_ip, 3, 0)?;
+        let dir = TempDir::new("pagefp-scale");
+        let a = site_hosts::host_agent("a", &[], &HOST_SETTINGS)?;
+        let b = site_hosts::host_agent("b", &cluster.urls(), &HOST_SETTINGS)?;
+        let source = site_hosts::vm_on(&dir.0, "a", &a, 0, settings.guest_mib)?;
+        let sibling = site_hosts::vm_on(&dir.0, "b", &b, 2, settings.guest_mib)?;
+        let held = contents(&b, sibling.pid()).len() as u64;
+        site_hosts::wait_published(&b, held)?;
+        wait_stored(&b, held)?;
+        let zero = agent::content::zero_page_hash();
+        let nonzero_pages = a
+            .hashes(source.pid())
+            .iter()
+            .filter(|record| record.hash != zero)
+            .count() as u64;
+        Ok(Self {
+            dir,
+            cluster,
+            _lan: lan,
+            link,
+            a,
+            b,
+            source,
+            sibling,
+            guest_mib: settings.guest_mib,
+            nonzero_bytes: nonzero_pages * 4096,
+        })
+    }
+
+    /// Migrates host a's VM to a new incoming VMM of host c; never fails
+    /// (a failed run says why in `error`).
+    fn migrate(
+        &self,
+        destination: &str,
+        catalogs: Vec<PathBuf>,
+        site_store: bool,
+        negotiation: Option<&'static str>,
+        templates: usize,
+    ) -> MigrationRun {
+        let failed = |err: anyhow::Error| MigrationRun {
+            destination: destination.into(),
+            templates,
+            negotiation: None,
+            negotiation_bytes: 0,
+            negotiation_seconds: 0.0,
+            negotiation_fraction: 0.0,
+            wire_bytes: 0,
+            total_seconds: 0.0,
+            templates_agreed: 0,
+            pages_template: 0,
+            site: None,
+            verified: false,
+            error: Some(format!("{err:#}")),
+        };
+        match self.try_migrate(catalogs, site_store, negotiation) {
+            Ok((sent, received, identical)) => MigrationRun {
+                destination: destination.into(),
+                templates,
+                negotiation: sent.negotiation.clone(),
+                negotiation_bytes: sent.negotiation_bytes,
+                negotiation_seconds: sent.negotiation_seconds,
+                negotiation_fraction: sent.negotiation_bytes as f64
+                    / self.nonzero_bytes.max(1) as f64,
+                wire_bytes: sent.wire_bytes,
+                total_seconds: sent.elapsed_seconds,
+                templates_agreed: sent.templates_agreed,
+                pages_template: sent.pages.template,
+                site: received.site.clone(),
+                verified: sent.verified && received.verified && identical,
+                error: (!identical).then(|| "pages differ after the migration".to_string()),
+            },
+            Err(err) => failed(err),
+        }
+    }
+
+    fn try_migrate(
+        &self,
+        catalogs: Vec<PathBuf>,
+        site_store: bool,
+        negotiation: Option<&'static str>,
+    ) -> anyhow::Result<(
+        agent::api::report::MigrationReport,
+        agent::api::report::MigrationReport,
+        bool,
+    )> {
+        let mut args = VmmArgs::new(
+            self.dir.0.join(format!("c-{}.sock", free_port())),
+            self.guest_mib,
+        );
+        args.incoming = true;
+        let dest = VmmProcess::spawn(&testvmm_binary(), &args)?;
+        let port = 7600;
+        let receiver = migration::start_receiver(
+            &ReceiveSpec {
+                listen: format!("{}:{port}", self.link.dest_ip),
+                vmm_socket: dest.socket().to_path_buf(),
+                catalogs,
+                no_resume: true,
+                timeout_s: 120,
+                site_store: if site_store {
+                    self.cluster.urls()
+                } else {
+                    Vec::new()
+                },
+                negotiation,
+                ..ReceiveSpec::default()
+            },
+            Some(self.link.in_dest()),
+        )?;
+        let sent = migration::send(
+            &SendSpec {
+                keep_source: true,
+                ..SendSpec::new(
+                    self.source.pid(),
+                    self.source.socket(),
+                    format!("{}:{port}", self.link.dest_ip),
+                    Mode::Templates,
+                    &self.a.socket,
+                )
+            },
+            Some(self.link.in_source()),
+        )?;
+        let received = receiver.finish(Duration::from_secs(300));
+        // --keep-source left the source paused: resume it for the next run.
+        self.source
+            .request(&json!({"cmd": "resume"}))
+            .context("resuming the source")?;
+        if !sent.success {
+            bail!("sender failed: {}", last_line(&sent.stderr));
+        }
+        if !received.success {
+            bail!("receiver failed: {}", last_line(&received.stderr));
+        }
+        let identical = self.source.checksums()? == dest.checksums()?;
+        Ok((sent.report().clone(), received.report().clone(), identical))
+    }
+
+    /// Adds synthetic pages to the site store until it holds `total`
+    /// pages; returns how many it holds.
+    fn fill_store(&self, total: usize) -> anyhow::Result<usize> {
+        let have = self.cluster.count_keys("pagefp:p:*")? as usize;
+        let nodes = self.cluster.urls();
+        let wanted = total.saturating_sub(have);
+        let store = agent::catalog::site::SiteStore::connect(&SiteStoreConfig {
+            nodes,
+            plaintext: true,
+        })?;
+        let mut publisher = HostPublisher::new(
+            store,
+            "filler".into(),
+            Duration::from_secs(3600),
+            1,
+            Duration::from_secs(3600),
+        )?;
+        let mut pages = Vec::with_capacity(1024);
+        for start in (0..wanted).step_by(1024) {
+            pages.clear();
+            pages.extend((start..(start + 1024).min(wanted)).map(|i| {
+                let page = synthetic_page(i as u64);
+                (*blake3::hash(&page).as_bytes(), page)
+            }));
+            let refs: Vec<_> = pages.iter().map(|(hash, page)| (*hash, page)).collect();
+            publisher.store_pages(&refs)?;
+        }
+        Ok(self.cluster.count_keys("pagefp:p:*")? as usize)
+    }
+}
+
+const HOST_SETTINGS: HostSettings = HostSettings {
+    lease_secs: 30,
+    publish_ms: 500,
+    // One host (b) holds the sibling: its pages are the site's.
+    min_hosts: 1,
+};
+
+/// Waits until `agent` has stored about all of its `held` contents' pages.
+fn wait_stored(agent: &AgentProcess, held: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let stored = agent.status()["site"]["pages_stored"].as_u64().unwrap_or(0);
+        // Pages the guest rewrote meanwhile are not stored, by design.
+        if stored * 100 >= held * 99 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("host b stored {stored} of its {held} pages within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A page no guest holds: `i`, a tag, and zeroes.
+fn synthetic_page(i: u64) -> [u8; 4096] {
+    let mut page = [0u8; 4096];
+    page[..8].copy_from_slice(&i.to_le_bytes());
+    page[8..24].copy_from_slice(b"pagefp-synthetic");
+    page
+}
+
+/// The first `size` of `sibling`'s templates, then synthetic ones up to
+/// `size`.
+fn catalog_of(sibling: &Catalog, size: usize) -> anyhow::Result<Catalog> {
+    let real = sibling.len().min(size);
+    let mut catalog = Catalog {
+        hashes: Vec::with_capacity(size),
+        pages: Vec::with_capacity(size * 4096),
+    };
+    catalog.hashes.extend_from_slice(&sibling.hashes[..real]);
+    catalog
+        .pages
+        .extend_from_slice(&sibling.pages[..real * 4096]);
+    for i in 0..(size - real) as u64 {
+        let page = synthetic_page(i);
+        catalog.hashes.push(*blake3::hash(&page).as_bytes());
+        catalog.pages.extend_from_slice(&page);
+    }
+    Ok(catalog)
+}
+
+fn last_line(text: &str) -> &str {
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+}
+
+/// `hosts` simulated hosts publishing to a fresh cluster at once.
+fn publish_run(hosts: usize, settings: &PublishSettings) -> anyhow::Result<PublishRun> {
+    let cluster = RedisCluster::start(3, 0)?;
+    let store_cpu_before = cluster.cpu_seconds()?;
+    let per_host: Vec<HostCost> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..hosts)
+            .map(|host| {
+                let nodes = cluster.urls();
+                scope.spawn(move || simulate_host(host, &nodes, settings))
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|thread| {
+                thread
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a simulated host panicked"))?
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    let store_cpu = cluster.cpu_seconds()? - store_cpu_before;
+    let gib = settings.guest_pages as f64 * 4096.0 / f64::from(1u32 << 30);
+    let hours = (settings.cycles as f64 * settings.cycle_ms as f64 / 1000.0) / 3600.0;
+    let per_gib_hour = |value: f64| value / gib / hours;
+    let mut cpu: Vec<f64> = per_host
+        .iter()
+        .map(|c| per_gib_hour(c.steady_cpu_seconds))
+        .collect();
+    let mut bytes: Vec<f64> = per_host
+        .iter()
+        .map(|c| per_gib_hour(c.steady_bytes as f64))
+        .collect();
+    // The store's CPU covers the initial publication too: spread over the
+    // run's simulated hours it overstates the steady cost.
+    let store = per_gib_hour(store_cpu / hosts as f64);
+    Ok(PublishRun {
+        hosts,
+        per_host,
+        cpu_seconds_per_gib_hour: crate::median(&mut cpu),
+        bytes_per_gib_hour: crate::median(&mut bytes),
+        store_cpu_seconds_per_host_gib_hour: store,
+    })
+}
+
+/// A content id → its page: shared contents are the same on every host.
+fn content_page(host: usize, id: u64, shared: bool) -> [u8; 4096] {
+    let mut page = [0u8; 4096];
+    page[..8].copy_from_slice(&id.to_le_bytes());
+    if !shared {
+        page[8..16].copy_from_slice(&(host as u64 + 1).to_le_bytes());
+    }
+    page[16..32].copy_from_slice(b"pagefp-host-page");
+    page
+}
+
+/// One host: publishes its guest's contents, then `cycles` cycles of
+/// content changes at the steady rate, each cycle as the agent's publisher
+/// does it (lease, counts, pages wanted, pages stored).
+fn simulate_host(
+    host: usize,
+    nodes: &[String],
+    settings: &PublishSettings,
+) -> anyhow::Result<HostCost> {
+    use std::collections::HashMap;
+    let store = agent::catalog::site::SiteStore::connect(&SiteStoreConfig {
+        nodes: nodes.to_vec(),
+        plaintext: true,
+    })?;
+    let mut publisher = HostPublisher::new(
+        store,
+        format!("sim{host}"),
+        Duration::from_secs(60),
+        2,
+        Duration::from_secs(3600),
+    )?;
+    let shared = (settings.guest_pages as f64 * settings.shared_fraction) as u64;
+    // Page → (content id, shared); contents by hash, for the pages wanted.
+    let mut pages: Vec<(u64, bool)> = (0..settings.guest_pages as u64)
+        .map(|page| (page, page < shared))
+        .collect();
+    let mut by_hash: HashMap<[u8; 32], (u64, bool)> = HashMap::new();
+    let hash_of =
+        |(id, shared): (u64, bool)| *blake3::hash(&content_page(host, id, shared)).as_bytes();
+    let cycle = |publisher: &mut HostPublisher,
+                 held: Vec<([u8; 32], u32)>,
+                 released: Vec<[u8; 32]>,
+                 by_hash: &HashMap<[u8; 32], (u64, bool)>|
+     -> anyhow::Result<()> {
+        publisher.renew_lease()?;
+        let new = publisher.publish(&held, &released)?;
+        let wanted = publisher.pages_wanted(&new)?;
+        let contents: Vec<_> = wanted
+            .iter()
+            .filter_map(|hash| {
+                by_hash
+                    .get(hash)
+                    .map(|c| (*hash, content_page(host, c.0, c.1)))
+            })
+            .collect();
+        let refs: Vec<_> = contents.iter().map(|(hash, page)| (*hash, page)).collect();
+        publisher.store_pages(&refs)?;
+        Ok(())
+    };
+    let cpu = agent::clock::thread_cpu_ns;
+    let (cpu0, bytes0) = (cpu(), publisher.store.traffic.bytes_sent);
+    let held: Vec<([u8; 32], u32)> = pages
+        .iter()
+        .map(|content| {
+            let hash = hash_of(*content);
+            by_hash.insert(hash, *content);
+            (hash, 1)
+        })
+        .collect();
+    cycle(&mut publisher, held, Vec::new(), &by_hash)?;
+    let (cpu1, bytes1) = (cpu(), publisher.store.traffic.bytes_sent);
+    let per_cycle = settings.changes_per_second_per_gib * settings.guest_pages
+        / 262_144
+        * settings.cycle_ms as usize
+        / 1000;
+    let mut next_id = settings.guest_pages as u64;
+    let mut at = shared as usize;
+    for _ in 0..settings.cycles {
+        let mut held = Vec::with_capacity(per_cycle);
+        let mut released = Vec::with_capacity(per_cycle);
+        for _ in 0..per_cycle {
+            // The application's pages change; the OS's stay.
+            if at >= pages.len() {
+                at = shared as usize;
+            }
+            let old = pages[at];
+            let new = (next_id, false);
+            next_id += 1;
+            pages[at] = new;
+            at += 1;
+            let old_hash = hash_of(old);
+            by_hash.remove(&old_hash);
+            released.push(old_hash);
+            let new_hash = hash_of(new);
+            by_hash.insert(new_hash, new);
+            held.push((new_hash, 1));
+        }
+        cycle(&mut publisher, held, released, &by_hash)?;
+    }
+    let (cpu2, bytes2) = (cpu(), publisher.store.traffic.bytes_sent);
+    let host_id = format!("sim{host}");
+    publisher.reap(&host_id)?;
+    Ok(HostCost {
+        initial_cpu_seconds: (cpu1 - cpu0) as f64 / 1e9,
+        initial_bytes: bytes1 - bytes0,
+        steady_cpu_seconds: (cpu2 - cpu1) as f64 / 1e9,
+        steady_bytes: bytes2 - bytes1,
+        errors: publisher.store.traffic.errors,
+    })
+}
+
+/// The targets, as measured.
+fn summarise(
+    fleet: &[MigrationRun],
+    negotiation: &[MigrationRun],
+    failure: &MigrationRun,
+    publishing: &[PublishRun],
+) -> serde_json::Value {
+    let find =
+        |runs: &[MigrationRun], name: &str| runs.iter().find(|r| r.destination == name).cloned();
+    let site_vs_local = match (find(fleet, "site"), find(fleet, "local catalog")) {
+        (Some(site), Some(local)) if site.error.is_none() && local.error.is_none() => {
+            Some(site.wire_bytes as f64 / local.wire_bytes as f64)
+        }
+        _ => None,
+    };
+    let largest_query = negotiation
+        .iter()
+        .filter(|r| {
+            r.negotiation
+                .as_deref()
+                .is_some_and(|n| n.starts_with("query"))
+        })
+        .max_by_key(|r| r.templates);
+    let largest_offer = negotiation
+        .iter()
+        .filter(|r| {
+            r.negotiation
+                .as_deref()
+                .is_some_and(|n| n.starts_with("offer"))
+        })
+        .max_by_key(|r| r.templates);
+    let cost = |hosts: usize| {
+        publishing
+            .iter()
+            .find(|r| r.hosts == hosts)
+            .map(|r| r.cpu_seconds_per_gib_hour)
+    };
+    let (fewest, most) = (
+        publishing.iter().map(|r| r.hosts).min(),
+        publishing.iter().map(|r| r.hosts).max(),
+    );
+    let publish_ratio = match (fewest.and_then(cost), most.and_then(cost)) {
+        (Some(one), Some(many)) if one > 0.0 => Some(many / one),
+        _ => None,
+    };
+    let wrong = fleet
+        .iter()
+        .chain(negotiation)
+        .chain(std::iter::once(failure))
+        .filter(|r| !r.verified)
+        .count();
+    json!({
+        "negotiation_fraction_at_largest": largest_query.map(|r| json!({
+            "templates": r.templates, "fraction": r.negotiation_fraction,
+            "bytes": r.negotiation_bytes, "seconds": r.negotiation_seconds,
+            "target_max": 0.02, "met": r.negotiation_fraction <= 0.02})),
+        "offer_at_largest": largest_offer.map(|r| json!({
+            "templates": r.templates, "bytes": r.negotiation_bytes,
+            "seconds": r.negotiation_seconds, "fraction": r.negotiation_fraction})),
+        "site_vs_local_wire_bytes": site_vs_local.map(|ratio| json!({
+            "ratio": ratio, "target_max": 1.1, "met": ratio <= 1.1})),
+        "publishing_cost_ratio": publish_ratio.map(|ratio| json!({
+            "hosts": [fewest, most], "ratio": ratio, "target_max": 1.2, "met": ratio <= 1.2})),
+        "store_failure": {
+            "completed": failure.error.is_none(), "verified": failure.verified,
+            "wire_bytes": failure.wire_bytes, "site": failure.site},
+        "runs_not_verified": wrong,
+    })
+}
+
+/// Writes the report as JSON.
+pub fn write(report: &ScaleReport, path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_vec_pretty(report)?)?;
+    Ok(())
+}
