@@ -152,6 +152,9 @@ impl AgentArgs {
         if self.site_store.plaintext {
             config.site.plaintext = true;
         }
+        if let Some(dir) = &self.site_store.tls_dir {
+            config.site.tls_dir = Some(dir.clone());
+        }
         if let Some(v) = &self.host_id {
             config.site.host_id = Some(v.clone());
         }
@@ -179,4 +182,16 @@ pub struct TemplatesArgs {
     pub top: usize,
     #[command(subcommand)]
     pub action: Option<crate::migrate::cli::CatalogCommand>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// Every subcommand's arguments are well formed (unique ids, valid
+    /// defaults): clap checks these only when a command is first parsed.
+    #[test]
+    fn every_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -62,17 +62,33 @@ pub struct Config {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct SiteStoreConfig {
-    /// A node of the site's Redis cluster, `redis://HOST:PORT` (one is
-    /// enough, the others are discovered; repeat for more). None: no site
+    /// A node of the site's Redis cluster: `rediss://HOST:PORT` (TLS) or
+    /// `redis://HOST:PORT` (plaintext, with --site-store-plaintext). One is
+    /// enough, the others are discovered; repeat for more. None: no site
     /// store, only this host's templates.
-    #[arg(long = "site-store", value_name = "redis://HOST:PORT")]
+    #[arg(
+        long = "site-store",
+        id = "site_store",
+        value_name = "rediss://HOST:PORT"
+    )]
     pub nodes: Vec<String>,
-    /// Accept an unencrypted connection to the site store. Template pages
-    /// are checked against their hashes, so the store cannot make a guest
-    /// wrong, but anyone on that network can read them: only on a network
-    /// you trust.
-    #[arg(long = "site-store-plaintext")]
+    /// Accept an unencrypted connection to the site store (`redis://`).
+    /// Template pages are checked against their hashes, so the store cannot
+    /// make a guest wrong, but anyone on that network can read them: only
+    /// on a network you trust.
+    #[arg(long = "site-store-plaintext", id = "site_store_plaintext")]
     pub plaintext: bool,
+    /// For `rediss://` nodes: the directory holding the CA that signed the
+    /// nodes' certificates (ca-cert.pem) and this host's client
+    /// certificate (client-cert.pem, client-key.pem; sent when present,
+    /// for Redis's `tls-auth-clients`). Default: /etc/pki/qemu, the
+    /// migration link's.
+    #[arg(
+        long = "site-store-tls-dir",
+        id = "site_store_tls_dir",
+        value_name = "DIR"
+    )]
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 /// The agent's part in the site catalog (see docs/site-catalog.md).
@@ -83,6 +99,8 @@ pub struct SiteConfig {
     pub nodes: Vec<String>,
     /// See [`SiteStoreConfig::plaintext`].
     pub plaintext: bool,
+    /// See [`SiteStoreConfig::tls_dir`].
+    pub tls_dir: Option<std::path::PathBuf>,
     /// This host's name in the store (default: the machine's hostname).
     pub host_id: Option<String>,
     /// Seconds a host's counts stay in the store after its last renewal.
@@ -101,6 +119,7 @@ impl SiteConfig {
         SiteStoreConfig {
             nodes: self.nodes.clone(),
             plaintext: self.plaintext,
+            tls_dir: self.tls_dir.clone(),
         }
     }
 }
@@ -110,6 +129,7 @@ impl Default for SiteConfig {
         Self {
             nodes: Vec::new(),
             plaintext: false,
+            tls_dir: None,
             host_id: None,
             lease_secs: 30,
             publish_ms: 2000,

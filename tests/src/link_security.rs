@@ -75,6 +75,8 @@ pub fn make_pki(dir: &Path, days: i64, ca_dir: Option<&Path>) {
         .args(["tls", "make-test-pki", "--out"])
         .arg(dir)
         .args(["--server-name", SERVER_NAME, "--client-name", CLIENT_NAME])
+        // The test Redis nodes announce themselves by address.
+        .args(["--server-name", "127.0.0.1"])
         .arg(format!("--days={days}"));
     if let Some(ca) = ca_dir {
         command.arg("--ca-dir").arg(ca);

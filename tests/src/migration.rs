@@ -46,6 +46,9 @@ pub struct ReceiveSpec {
     pub site_store: Vec<String>,
     /// `--negotiation` (`auto` if `None`).
     pub negotiation: Option<&'static str>,
+    /// `--site-store-tls-dir` for `rediss://` nodes (`redis://` nodes are
+    /// accepted with `--site-store-plaintext`).
+    pub site_store_tls_dir: Option<PathBuf>,
 }
 
 /// What the sender does.
@@ -133,8 +136,14 @@ pub fn start_receiver(
     if let Some(negotiation) = spec.negotiation {
         command.args(["--negotiation", negotiation]);
     }
-    if !spec.site_store.is_empty() {
-        command.arg("--site-store-plaintext");
+    match &spec.site_store_tls_dir {
+        Some(dir) => {
+            command.arg("--site-store-tls-dir").arg(dir);
+        }
+        None if !spec.site_store.is_empty() => {
+            command.arg("--site-store-plaintext");
+        }
+        None => {}
     }
     command
         .env("RUST_LOG", "info")

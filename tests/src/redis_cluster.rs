@@ -3,7 +3,7 @@
 //! directory, joined by `redis-cli --cluster create`, stopped on drop.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -23,6 +23,10 @@ pub struct RedisCluster {
     nodes: Vec<Node>,
     /// The address the nodes listen on (and announce to clients).
     ip: String,
+    /// TLS only, with the certificates in this directory (a test PKI:
+    /// ca-cert.pem, server-*.pem for the nodes, client-*.pem for the
+    /// cluster bus and clients).
+    tls: Option<PathBuf>,
     _dir: TempDir,
 }
 
@@ -59,8 +63,19 @@ fn free_pair(ip: &str) -> anyhow::Result<u16> {
     bail!("no free pair of loopback ports (P, P+10000) for a Redis node")
 }
 
-fn cli(ip: &str, port: u16, args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new("redis-cli")
+fn cli(ip: &str, tls: Option<&Path>, port: u16, args: &[&str]) -> anyhow::Result<String> {
+    let mut command = Command::new("redis-cli");
+    if let Some(dir) = tls {
+        command
+            .arg("--tls")
+            .arg("--cacert")
+            .arg(dir.join("ca-cert.pem"))
+            .arg("--cert")
+            .arg(dir.join("client-cert.pem"))
+            .arg("--key")
+            .arg(dir.join("client-key.pem"));
+    }
+    let output = command
         .args(["-h", ip, "-p", &port.to_string()])
         .args(args)
         .stdin(Stdio::null())
@@ -70,12 +85,30 @@ fn cli(ip: &str, port: u16, args: &[&str]) -> anyhow::Result<String> {
         + &String::from_utf8_lossy(&output.stderr))
 }
 
-fn start_node(ip: &str, dir: &Path, port: u16) -> anyhow::Result<Child> {
+fn start_node(ip: &str, tls: Option<&Path>, dir: &Path, port: u16) -> anyhow::Result<Child> {
     let node_dir = dir.join(port.to_string());
     std::fs::create_dir_all(&node_dir)?;
-    Command::new("redis-server")
+    let mut command = Command::new("redis-server");
+    match tls {
+        Some(pki) => {
+            let file = |name: &str| pki.join(name).to_string_lossy().into_owned();
+            command
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .args(["--tls-cert-file", &file("server-cert.pem")])
+                .args(["--tls-key-file", &file("server-key.pem")])
+                .args(["--tls-client-cert-file", &file("client-cert.pem")])
+                .args(["--tls-client-key-file", &file("client-key.pem")])
+                .args(["--tls-ca-cert-file", &file("ca-cert.pem")])
+                .args(["--tls-auth-clients", "yes"])
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"]);
+        }
+        None => {
+            command.args(["--port", &port.to_string()]);
+        }
+    }
+    command
         .current_dir(&node_dir)
-        .args(["--port", &port.to_string(), "--bind", ip])
+        .args(["--bind", ip])
         .args([
             "--cluster-enabled",
             "yes",
@@ -100,12 +133,28 @@ impl RedisCluster {
     /// [`RedisCluster::start`] on address `ip` of this host (one reachable
     /// from a destination namespace too: [`crate::netns::SiteLan`]).
     pub fn start_on(ip: &str, masters: usize, replicas: usize) -> anyhow::Result<Self> {
+        Self::start_with(ip, None, masters, replicas)
+    }
+
+    /// A cluster on loopback that speaks only TLS and requires client
+    /// certificates, with the test PKI in `pki`
+    /// ([`crate::link_security::test_pki`]).
+    pub fn start_tls(pki: &Path, masters: usize, replicas: usize) -> anyhow::Result<Self> {
+        Self::start_with("127.0.0.1", Some(pki), masters, replicas)
+    }
+
+    fn start_with(
+        ip: &str,
+        tls: Option<&Path>,
+        masters: usize,
+        replicas: usize,
+    ) -> anyhow::Result<Self> {
         available().map_err(anyhow::Error::msg)?;
         let dir = TempDir::new("pagefp-redis");
         let mut nodes = Vec::new();
         for _ in 0..masters * (1 + replicas) {
             let port = free_pair(ip)?;
-            let child = start_node(ip, &dir.0, port)?;
+            let child = start_node(ip, tls, &dir.0, port)?;
             nodes.push(Node {
                 port,
                 child: Some(child),
@@ -114,6 +163,7 @@ impl RedisCluster {
         let cluster = Self {
             nodes,
             ip: ip.to_owned(),
+            tls: tls.map(Path::to_path_buf),
             _dir: dir,
         };
         for node in &cluster.nodes {
@@ -140,7 +190,7 @@ impl RedisCluster {
 
     /// `redis-cli` against the node on `port`.
     fn cli(&self, port: u16, args: &[&str]) -> anyhow::Result<String> {
-        cli(&self.ip, port, args)
+        cli(&self.ip, self.tls.as_deref(), port, args)
     }
 
     fn wait_for(&self, port: u16, expected: &str, args: &[&str]) -> anyhow::Result<()> {
@@ -157,12 +207,24 @@ impl RedisCluster {
         }
     }
 
-    /// `redis://IP:PORT` of every node still running.
+    /// The certificates of a TLS cluster (`None`: plaintext).
+    pub fn tls_dir(&self) -> Option<PathBuf> {
+        self.tls.clone()
+    }
+
+    /// `redis://IP:PORT` (`rediss://` with TLS) of every node still running.
     pub fn urls(&self) -> Vec<String> {
         self.nodes
             .iter()
             .filter(|node| node.child.is_some())
-            .map(|node| format!("redis://{}:{}", self.ip, node.port))
+            .map(|node| {
+                let scheme = if self.tls.is_some() {
+                    "rediss"
+                } else {
+                    "redis"
+                };
+                format!("{scheme}://{}:{}", self.ip, node.port)
+            })
             .collect()
     }
 

@@ -5,7 +5,7 @@
 //! (`--host-id`), so two agents never see each other's VMs.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -26,6 +26,9 @@ pub struct HostSettings {
     pub lease_secs: u64,
     pub publish_ms: u64,
     pub min_hosts: u32,
+    /// For `rediss://` nodes: `--site-store-tls-dir` (`redis://` nodes are
+    /// accepted with `--site-store-plaintext`).
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// An agent acting as host `host`, publishing to the cluster nodes `nodes`
@@ -41,8 +44,10 @@ pub fn host_agent(
         "--only-vms-with-env".to_string(),
         format!("{HOST_ENV}={host}"),
     ];
-    if !nodes.is_empty() {
-        extra.push("--site-store-plaintext".to_string());
+    match &settings.tls_dir {
+        Some(dir) => extra.extend(["--site-store-tls-dir".into(), dir.display().to_string()]),
+        None if !nodes.is_empty() => extra.push("--site-store-plaintext".to_string()),
+        None => {}
     }
     for url in nodes {
         extra.extend(["--site-store".to_string(), url.clone()]);

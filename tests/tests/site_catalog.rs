@@ -18,6 +18,7 @@ use agent::{
 };
 use pagefp_tests::{
     agent_process::{AgentProcess, TempDir, free_port},
+    link_security::{make_pki, test_pki},
     migration::{self, ReceiveSpec, SendSpec},
     privileged,
     redis_cluster::{self, RedisCluster},
@@ -46,6 +47,7 @@ fn host_agent(host: &str, cluster: &RedisCluster) -> AgentProcess {
             lease_secs: LEASE_SECS,
             publish_ms: 200,
             min_hosts: 2,
+            tls_dir: cluster.tls_dir(),
         },
     )
     .expect("starting a host agent")
@@ -63,6 +65,7 @@ fn store(cluster: &RedisCluster) -> SiteStore {
     SiteStore::connect(&SiteStoreConfig {
         nodes: cluster.urls(),
         plaintext: true,
+        tls_dir: cluster.tls_dir(),
     })
     .expect("connecting to the test cluster")
 }
@@ -159,9 +162,15 @@ struct Hosts {
 }
 
 /// Host a runs fleet VM 0, host b its sibling fleet VM 2; both published
-/// to a cluster of 3 masters with `replicas` replicas each.
-fn two_hosts(replicas: usize) -> Hosts {
-    let cluster = RedisCluster::start(3, replicas).expect("starting a Redis cluster");
+/// to a cluster of 3 masters with `replicas` replicas each, speaking TLS
+/// only (with client certificates) if `tls`.
+fn two_hosts(replicas: usize, tls: bool) -> Hosts {
+    let cluster = if tls {
+        RedisCluster::start_tls(test_pki(), 3, replicas)
+    } else {
+        RedisCluster::start(3, replicas)
+    }
+    .expect("starting a Redis cluster");
     let dir = TempDir::new("pagefp-site");
     let a = host_agent("a", &cluster);
     let b = host_agent("b", &cluster);
@@ -205,6 +214,7 @@ fn migrate_to_c(
             no_resume: true,
             timeout_s: 60,
             site_store: site,
+            site_store_tls_dir: hosts.cluster.tls_dir(),
             ..ReceiveSpec::default()
         },
         None,
@@ -248,7 +258,7 @@ fn a_destination_holding_nothing_rebuilds_the_vm_from_the_site() {
     if !ready("a_destination_holding_nothing_rebuilds_the_vm_from_the_site") {
         return;
     }
-    let mut hosts = two_hosts(0);
+    let mut hosts = two_hosts(0, true);
     // Reference: host c holds the sibling's contents itself, as a catalog.
     let catalog = hosts.dir.0.join("sibling.pftc");
     hosts
@@ -357,7 +367,7 @@ fn a_master_killed_during_a_migration_costs_nothing_with_replicas() {
     if !ready("a_master_killed_during_a_migration_costs_nothing_with_replicas") {
         return;
     }
-    let hosts = two_hosts(1);
+    let hosts = two_hosts(1, false);
     let (reference, _) = migrate_to_c(&hosts, Vec::new(), hosts.cluster.urls(), None);
     let master = hosts.cluster.master_ports().unwrap()[2];
     let pid = hosts.cluster.pid(master).expect("the master's process");
@@ -380,4 +390,56 @@ fn a_master_killed_during_a_migration_costs_nothing_with_replicas() {
         during.wire_bytes as f64 <= 1.1 * reference.wire_bytes as f64,
         "the replicas kept the saving"
     );
+}
+
+/// A site store that speaks only TLS and requires client certificates: a
+/// host with the site's certificates stores and fetches pages; a plaintext
+/// client, a client trusting another CA, and a client without a
+/// certificate are all refused.
+#[test]
+fn a_tls_site_store_serves_only_clients_with_the_sites_certificates() {
+    if !ready("a_tls_site_store_serves_only_clients_with_the_sites_certificates") {
+        return;
+    }
+    let cluster = RedisCluster::start_tls(test_pki(), 3, 0).expect("starting a TLS Redis cluster");
+    let page = [0x5au8; 4096];
+    let hash = *blake3::hash(&page).as_bytes();
+    let mut publisher = HostPublisher::new(
+        store(&cluster),
+        "t".into(),
+        Duration::from_secs(30),
+        1,
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    assert_eq!(publisher.store_pages(&[(hash, &page)]).unwrap(), 1);
+    let fetched = store(&cluster).fetch_pages(&[hash], Instant::now() + Duration::from_secs(10));
+    assert_eq!(fetched.pages[0].as_deref(), Some(&page));
+
+    let connect = |nodes: Vec<String>, tls_dir: Option<PathBuf>| {
+        SiteStore::connect(&SiteStoreConfig {
+            nodes,
+            plaintext: true,
+            tls_dir,
+        })
+        .map(|_| ())
+    };
+    let plaintext: Vec<String> = cluster
+        .urls()
+        .iter()
+        .map(|url| url.replacen("rediss://", "redis://", 1))
+        .collect();
+    assert!(connect(plaintext, None).is_err(), "a plaintext client");
+    let dir = TempDir::new("pagefp-site-pki");
+    let other = dir.0.join("other");
+    make_pki(&other, 30, None);
+    let err = connect(cluster.urls(), Some(other)).unwrap_err();
+    eprintln!("another CA: {err:#}");
+    assert!(format!("{err:#}").contains("certificate"), "{err:#}");
+    let no_cert = dir.0.join("ca-only");
+    std::fs::create_dir_all(&no_cert).unwrap();
+    std::fs::copy(test_pki().join("ca-cert.pem"), no_cert.join("ca-cert.pem")).unwrap();
+    let err = connect(cluster.urls(), Some(no_cert)).unwrap_err();
+    eprintln!("no client certificate: {err:#}");
+    assert!(format!("{err:#}").contains("Certificate"), "{err:#}");
 }

@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use redis::{
-    Value,
+    ClientTlsConfig, TlsCertificates, Value,
     cluster::{ClusterClient, ClusterConnection, cluster_pipe},
     cluster_read_routing::RandomReplicaStrategy,
 };
 
 use super::site_shards::ShardMap;
-use crate::{config::SiteStoreConfig, content::PageHash, page::PAGE_SIZE};
+use crate::{config::SiteStoreConfig, content::PageHash, net::tls::read_pem, page::PAGE_SIZE};
 
 /// Commands per pipeline: large enough to hide round trips, small enough
 /// that one failing node loses little.
@@ -81,49 +81,103 @@ pub struct SiteStore {
 }
 
 impl SiteStore {
-    /// Whether `config` can work at all: nodes named, as `redis://` URLs,
-    /// plaintext accepted by name.
+    /// Whether `config` can work at all: nodes named, all `rediss://`
+    /// (TLS), or all `redis://` with plaintext accepted by name.
     pub fn check(config: &SiteStoreConfig) -> anyhow::Result<()> {
         if config.nodes.is_empty() {
-            bail!("no site store configured: give --site-store redis://HOST:PORT");
+            bail!("no site store configured: give --site-store rediss://HOST:PORT");
         }
+        let tls = config.nodes[0].starts_with("rediss://");
         for node in &config.nodes {
-            if node.starts_with("rediss://") {
+            if node.contains('#') {
                 bail!(
-                    "site store {node}: TLS to the site store is not supported by this release; \
-                     use redis:// on a network you trust, with --site-store-plaintext"
+                    "site store {node}: a URL fragment (such as #insecure, which turns off \
+                     certificate checks) is not accepted; give rediss://HOST:PORT"
                 );
             }
-            if !node.starts_with("redis://") {
-                bail!("site store {node}: give it as redis://HOST:PORT");
+            if !node.starts_with("rediss://") && !node.starts_with("redis://") {
+                bail!(
+                    "site store {node}: give it as rediss://HOST:PORT (TLS) or redis://HOST:PORT"
+                );
             }
-            if !config.plaintext {
+            if node.starts_with("rediss://") != tls {
+                bail!(
+                    "site store nodes {} mix rediss:// and redis://: one cluster speaks one of them",
+                    config.nodes.join(", ")
+                );
+            }
+            if !tls && !config.plaintext {
                 bail!(
                     "site store {node} is unencrypted: template pages are checked against their \
-                     hashes, but anyone on that network can read them. Pass --site-store-plaintext \
-                     (`plaintext = true` under [site]) to accept that on a network you trust"
+                     hashes, but anyone on that network can read them. Use rediss:// (TLS, with \
+                     --site-store-tls-dir), or pass --site-store-plaintext (`plaintext = true` \
+                     under [site]) to accept that on a network you trust"
                 );
             }
         }
         Ok(())
     }
 
+    /// The CA and client certificate for `rediss://` nodes.
+    fn certificates(config: &SiteStoreConfig) -> anyhow::Result<TlsCertificates> {
+        let dir = config
+            .tls_dir
+            .clone()
+            .unwrap_or_else(|| crate::net::tls::DEFAULT_DIR.into());
+        let root = read_pem(&dir, "ca-cert.pem").context(
+            "the site store's CA: put the CA that signed the Redis nodes' certificates in \
+             ca-cert.pem of --site-store-tls-dir",
+        )?;
+        let (cert, key) = (dir.join("client-cert.pem"), dir.join("client-key.pem"));
+        let client_tls = match (cert.exists(), key.exists()) {
+            (true, true) => Some(ClientTlsConfig {
+                client_cert: read_pem(&dir, "client-cert.pem")?,
+                client_key: read_pem(&dir, "client-key.pem")?,
+            }),
+            (false, false) => None,
+            _ => bail!(
+                "{} holds only one of client-cert.pem and client-key.pem: give both or neither",
+                dir.display()
+            ),
+        };
+        Ok(TlsCertificates {
+            client_tls,
+            root_cert: Some(root),
+        })
+    }
+
     /// Connects to the cluster `config` names (see [`SiteStore::check`]).
     pub fn connect(config: &SiteStoreConfig) -> anyhow::Result<Self> {
         Self::check(config)?;
+        let certificates = if config.nodes[0].starts_with("rediss://") {
+            Some(Self::certificates(config)?)
+        } else {
+            None
+        };
         let builder = || {
-            ClusterClient::builder(config.nodes.clone())
+            let builder = ClusterClient::builder(config.nodes.clone())
                 .connection_timeout(CALL_TIMEOUT)
                 .response_timeout(CALL_TIMEOUT)
                 .retries(1)
-                .max_retry_wait(200)
+                .max_retry_wait(200);
+            match &certificates {
+                Some(certificates) => builder.certs(certificates.clone()),
+                None => builder,
+            }
         };
         let named = || format!("site store {}", config.nodes.join(", "));
         let client = builder().build().with_context(named)?;
         let connection = client.get_connection().with_context(|| {
             format!(
-                "connecting to the site store at {}: is the Redis cluster up, and is this a cluster node?",
-                config.nodes.join(", ")
+                "connecting to the site store at {}: is the Redis cluster up, and is this a \
+                 cluster node?{}",
+                config.nodes.join(", "),
+                if certificates.is_some() {
+                    " For TLS: are ca-cert.pem (the nodes' CA) and client-cert.pem (a \
+                     certificate the nodes accept) in --site-store-tls-dir the site's?"
+                } else {
+                    ""
+                }
             )
         })?;
         // Pages are checked against their hashes, so a replica's slightly
@@ -575,20 +629,32 @@ mod tests {
 
     #[test]
     fn plaintext_is_refused_unless_asked_for_by_name() {
-        let config = SiteStoreConfig {
-            nodes: vec!["redis://127.0.0.1:1".into()],
-            plaintext: false,
+        let config = |nodes: &[&str], plaintext: bool| SiteStoreConfig {
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            plaintext,
+            tls_dir: Some("/nonexistent-pagefp-pki".into()),
         };
-        let err = SiteStore::connect(&config).err().unwrap().to_string();
-        assert!(err.contains("--site-store-plaintext"), "{err}");
-        let tls = SiteStoreConfig {
-            nodes: vec!["rediss://127.0.0.1:1".into()],
-            plaintext: true,
-        };
-        let err = SiteStore::connect(&tls).err().unwrap().to_string();
-        assert!(err.contains("TLS"), "{err}");
-        let none = SiteStoreConfig::default();
-        assert!(SiteStore::connect(&none).is_err());
+        let refused = |config: SiteStoreConfig| SiteStore::connect(&config).err().unwrap();
+        let err = refused(config(&["redis://127.0.0.1:1"], false)).to_string();
+        assert!(
+            err.contains("--site-store-plaintext") && err.contains("rediss://"),
+            "{err}"
+        );
+        // TLS needs the CA; the error names the file and the flag.
+        let err = format!("{:#}", refused(config(&["rediss://127.0.0.1:1"], false)));
+        assert!(
+            err.contains("ca-cert.pem") && err.contains("--site-store-tls-dir"),
+            "{err}"
+        );
+        // Certificate checks cannot be turned off by a URL.
+        let err = refused(config(&["rediss://127.0.0.1:1/#insecure"], true)).to_string();
+        assert!(err.contains("#insecure"), "{err}");
+        let err = refused(config(
+            &["rediss://127.0.0.1:1", "redis://127.0.0.1:2"],
+            true,
+        ));
+        assert!(err.to_string().contains("mix"), "{err}");
+        assert!(SiteStore::connect(&SiteStoreConfig::default()).is_err());
     }
 
     #[test]

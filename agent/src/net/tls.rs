@@ -124,7 +124,7 @@ const ADVICE: &str = "make certificates as for `virsh migrate --tls` (or a test 
     --insecure-plaintext on both ends on a network you trust";
 
 /// A PEM file's bytes, bounded.
-fn read_pem(dir: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
+pub fn read_pem(dir: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
     let path = dir.join(name);
     let file = std::fs::File::open(&path)
         .with_context(|| format!("cannot read {}: {ADVICE}", path.display()))?;

@@ -445,6 +445,7 @@ impl Site {
         let store = agent::catalog::site::SiteStore::connect(&SiteStoreConfig {
             nodes,
             plaintext: true,
+            tls_dir: None,
         })?;
         let mut publisher = HostPublisher::new(
             store,
@@ -472,6 +473,7 @@ const HOST_SETTINGS: HostSettings = HostSettings {
     publish_ms: 500,
     // One host (b) holds the sibling: its pages are the site's.
     min_hosts: 1,
+    tls_dir: None,
 };
 
 /// Waits until `agent` has stored about all of its `held` contents' pages.
@@ -592,6 +594,7 @@ fn simulate_host(
     let store = agent::catalog::site::SiteStore::connect(&SiteStoreConfig {
         nodes: nodes.to_vec(),
         plaintext: true,
+        tls_dir: None,
     })?;
     let mut publisher = HostPublisher::new(
         store,
@@ -640,8 +643,7 @@ fn simulate_host(
         .collect();
     cycle(&mut publisher, held, Vec::new(), &by_hash)?;
     let (cpu1, bytes1) = (cpu(), publisher.store.traffic.bytes_sent);
-    let per_cycle = settings.changes_per_second_per_gib * settings.guest_pages
-        / 262_144
+    let per_cycle = settings.changes_per_second_per_gib * settings.guest_pages / 262_144
         * settings.cycle_ms as usize
         / 1000;
     let mut next_id = settings.guest_pages as u64;
