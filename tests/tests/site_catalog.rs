@@ -57,6 +57,18 @@ fn vm_on(dir: &TempDir, host: &str, agent: &AgentProcess, vm: usize) -> VmmProce
     site_hosts::vm_on(&dir.0, host, agent, vm, MEM_MIB).expect("starting a VMM")
 }
 
+/// A publisher for `host` that stores what it is given (min_hosts 1).
+fn publisher(cluster: &RedisCluster, host: &str) -> HostPublisher {
+    HostPublisher::new(
+        store(cluster),
+        host.into(),
+        Duration::from_secs(30),
+        1,
+        Duration::from_secs(600),
+    )
+    .unwrap()
+}
+
 fn wait_published(agent: &AgentProcess, at_least: u64) {
     site_hosts::wait_published(agent, at_least).unwrap();
 }
@@ -330,14 +342,7 @@ fn a_shard_whose_master_dies_is_read_from_its_replica() {
         })
         .collect();
     let hashes: Vec<[u8; 32]> = pages.iter().map(|p| *blake3::hash(p).as_bytes()).collect();
-    let mut publisher = HostPublisher::new(
-        store(&cluster),
-        "r".into(),
-        Duration::from_secs(30),
-        1,
-        Duration::from_secs(600),
-    )
-    .unwrap();
+    let mut publisher = publisher(&cluster, "r");
     let batch: Vec<([u8; 32], &[u8; 4096])> = hashes.iter().copied().zip(&pages).collect();
     assert_eq!(publisher.store_pages(&batch).unwrap(), 600);
     cluster.wait_replicas_listed().unwrap();
@@ -404,14 +409,7 @@ fn a_tls_site_store_serves_only_clients_with_the_sites_certificates() {
     let cluster = RedisCluster::start_tls(test_pki(), 3, 0).expect("starting a TLS Redis cluster");
     let page = [0x5au8; 4096];
     let hash = *blake3::hash(&page).as_bytes();
-    let mut publisher = HostPublisher::new(
-        store(&cluster),
-        "t".into(),
-        Duration::from_secs(30),
-        1,
-        Duration::from_secs(600),
-    )
-    .unwrap();
+    let mut publisher = publisher(&cluster, "t");
     assert_eq!(publisher.store_pages(&[(hash, &page)]).unwrap(), 1);
     let fetched = store(&cluster).fetch_pages(&[hash], Instant::now() + Duration::from_secs(10));
     assert_eq!(fetched.pages[0].as_deref(), Some(&page));
