@@ -1,6 +1,6 @@
 //! The clocks: CLOCK_MONOTONIC, the clock of every kernel event (the one
-//! `bpf_ktime_get_ns` reads), and the calling thread's CPU time, what
-//! the agent's own costs are counted in.
+//! `bpf_ktime_get_ns` reads), and the calling thread's and process's CPU
+//! time, what the agent's and the migration tools' own costs are counted in.
 
 use nix::time::{ClockId, clock_gettime};
 
@@ -18,4 +18,10 @@ pub fn monotonic_ns() -> u64 {
 /// ran, not time it waited to run.
 pub fn thread_cpu_ns() -> u64 {
     read_ns(ClockId::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// CPU time of the whole process (all its threads) in ns
+/// (CLOCK_PROCESS_CPUTIME_ID).
+pub fn process_cpu_ns() -> u64 {
+    read_ns(ClockId::CLOCK_PROCESS_CPUTIME_ID)
 }

@@ -64,8 +64,9 @@ fn open_tun(ns: &str, name: &str) -> anyhow::Result<File> {
     })
 }
 
-/// What a link of an experiment is: its rate, and the round trip the
-/// delayer adds (0: none). Written `100` or `100/50ms` (Mbit/s, then RTT).
+/// What a link of an experiment is: its rate (0: not shaped, as fast as
+/// this machine goes), and the round trip the delayer adds (0: none).
+/// Written `100`, `100/50ms` (Mbit/s, then RTT) or `unlimited`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LinkSpec {
     pub mbit: u32,
@@ -73,6 +74,9 @@ pub struct LinkSpec {
 }
 
 impl LinkSpec {
+    /// Loopback speed through a veth pair, no shaping, no delay.
+    pub const UNLIMITED: Self = Self::new(0, 0);
+
     pub const fn new(mbit: u32, rtt_ms: u32) -> Self {
         Self { mbit, rtt_ms }
     }
@@ -99,9 +103,11 @@ impl std::str::FromStr for LinkSpec {
 
 impl std::fmt::Display for LinkSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.rtt_ms {
-            0 => write!(f, "{} Mbit/s", self.mbit),
-            rtt => write!(f, "{} Mbit/s {rtt} ms", self.mbit),
+        match (self.mbit, self.rtt_ms) {
+            (0, 0) => write!(f, "unlimited"),
+            (0, rtt) => write!(f, "unlimited {rtt} ms"),
+            (mbit, 0) => write!(f, "{mbit} Mbit/s"),
+            (mbit, rtt) => write!(f, "{mbit} Mbit/s {rtt} ms"),
         }
     }
 }
@@ -227,10 +233,14 @@ impl ShapedLink {
         Ok(())
     }
 
-    /// Sets `dev` and loopback up in `ns` and shapes `dev`'s output.
+    /// Sets `dev` and loopback up in `ns` and shapes `dev`'s output (at
+    /// a rate of 0, not at all).
     fn bring_up(&self, ns: &str, dev: &str) -> anyhow::Result<()> {
         ip(&["-n", ns, "link", "set", dev, "up"])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        if self.mbit == 0 {
+            return Ok(());
+        }
         // tbf: rate, a bucket of at least 10 ms of traffic (and 64 KiB,
         // one segment with offloads), 50 ms of queue (plus the round trip,
         // so a window of a full bandwidth-delay product is not dropped).

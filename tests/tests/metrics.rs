@@ -162,6 +162,7 @@ fn report(id: &str, phase: Phase, round: u32, wire_bytes: u64) -> MigrationRepor
         wire_bytes,
         negotiation_bytes: 64,
         negotiation_seconds: 0.0,
+        cpu_seconds: 0.0,
         pages: ByEncoding {
             zero: 10,
             template: 20,

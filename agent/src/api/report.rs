@@ -149,6 +149,9 @@ pub struct MigrationReport {
     /// contents to the agreed set (site fetches included).
     #[serde(default)]
     pub negotiation_seconds: f64,
+    /// CPU seconds this end's process used so far (all its threads).
+    #[serde(default)]
+    pub cpu_seconds: f64,
     /// Pages by encoding, all rounds.
     pub pages: ByEncoding,
     /// Wire bytes by encoding, all rounds (page headers included).
@@ -237,6 +240,7 @@ impl MigrationReport {
             wire_bytes: 0,
             negotiation_bytes: 0,
             negotiation_seconds: 0.0,
+            cpu_seconds: 0.0,
             pages: ByEncoding::default(),
             bytes: ByEncoding::default(),
             templates_agreed: 0,

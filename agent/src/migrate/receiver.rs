@@ -228,6 +228,7 @@ impl Receiver<'_> {
     fn sync(&mut self) {
         self.report.wire_bytes = self.reader.bytes + self.writer.bytes;
         self.report.elapsed_seconds = self.started.elapsed().as_secs_f64();
+        self.report.cpu_seconds = crate::clock::process_cpu_ns() as f64 / 1e9;
     }
 
     /// Agrees on the templates: offers the catalog, or, when the source

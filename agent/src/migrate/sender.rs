@@ -241,6 +241,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
     let mut paused = false;
     let outcome = sender.run(vmm.as_mut(), &mut paused);
     sender.report.elapsed_seconds = sender.started.elapsed().as_secs_f64();
+    sender.report.cpu_seconds = crate::clock::process_cpu_ns() as f64 / 1e9;
     if options.mode.uses_zstd() {
         sender.report.compression = Some(sender.gauge.describe());
     }
@@ -420,6 +421,7 @@ impl Sender<'_> {
     fn sync_bytes(&mut self) {
         self.report.wire_bytes = self.writer.bytes + self.reader.bytes;
         self.report.elapsed_seconds = self.started.elapsed().as_secs_f64();
+        self.report.cpu_seconds = crate::clock::process_cpu_ns() as f64 / 1e9;
     }
 
     /// The agent's view of every page, after it applied all events so far.

@@ -11,6 +11,7 @@ pub mod qemu_kvm;
 pub mod rehash;
 pub mod rescan;
 pub mod scale;
+pub mod throughput;
 
 use std::path::{Path, PathBuf};
 

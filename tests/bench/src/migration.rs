@@ -39,6 +39,10 @@ pub struct Run {
     pub link_mbit: u32,
     /// Round-trip time the link added (0: none).
     pub link_rtt_ms: u32,
+    /// The guest's memory.
+    pub mem_bytes: u64,
+    /// CPU seconds of the sending end (`pagefp migrate send`; 0 for QEMU).
+    pub sender_cpu_seconds: f64,
     pub wire_bytes: u64,
     pub total_seconds: f64,
     pub downtime_ms: f64,
@@ -217,6 +221,8 @@ fn failed_run(image: &GuestImage, mode: &str, link: LinkSpec, err: &anyhow::Erro
         mode: mode.to_string(),
         link_mbit: link.mbit,
         link_rtt_ms: link.rtt_ms,
+        mem_bytes: u64::from(image.mem_mib) << 20,
+        sender_cpu_seconds: 0.0,
         wire_bytes: 0,
         total_seconds: 0.0,
         downtime_ms: 0.0,
@@ -350,6 +356,8 @@ fn pagefp_run(
         mode: mode.name().to_string(),
         link_mbit: link.mbit,
         link_rtt_ms: link.rtt_ms,
+        mem_bytes: report.mem_bytes,
+        sender_cpu_seconds: report.cpu_seconds,
         wire_bytes: report.wire_bytes,
         total_seconds: report.elapsed_seconds,
         downtime_ms: report.downtime_ms.unwrap_or(0.0),
@@ -493,6 +501,8 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
         qemu_version: Some(build.version().into()),
         link_mbit: link.mbit,
         link_rtt_ms: link.rtt_ms,
+        mem_bytes: u64::from(image.mem_mib) << 20,
+        sender_cpu_seconds: 0.0,
         wire_bytes: number(&ram["transferred"]),
         total_seconds: number(&info["total-time"]) as f64 / 1000.0,
         downtime_ms: number(&info["downtime"]) as f64,

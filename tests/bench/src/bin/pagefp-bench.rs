@@ -14,7 +14,7 @@ struct Args {
     /// Fewer rounds and smaller VMs (for a quick look; the figures are noisier).
     #[arg(long)]
     quick: bool,
-    /// Only these parts (comma-separated: hashing, dirty, rehash, rescan, qemu-kvm, memory, fuzz, migration, qemu-proxy, scale).
+    /// Only these parts (comma-separated: hashing, dirty, rehash, rescan, qemu-kvm, memory, fuzz, migration, qemu-proxy, throughput, scale).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON report.
@@ -153,6 +153,41 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("qemu-proxy") {
         qemu_proxy(&args, fuzz.as_deref())?;
+    }
+    if wanted("throughput") {
+        let images = pagefp_tests::guest_images::ensure_images()?;
+        let migrate = if !args.vms.is_empty() {
+            args.vms.clone()
+        } else if args.quick {
+            images.iter().take(2).map(|i| i.name.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        println!(
+            "== throughput: native migration on an unshaped link, and this machine's blake3 and memcpy"
+        );
+        let report = bench::throughput::run(&images, migrate)?;
+        for mode in &report.modes {
+            println!(
+                "{:<20} {:>6.2} GiB/s  {:>6.2} GiB per sender CPU second  ({} VMs{})",
+                mode.mode,
+                mode.gib_per_second,
+                mode.gib_per_sender_cpu_second,
+                mode.vms,
+                if mode.all_verified {
+                    ", all verified"
+                } else {
+                    ", NOT ALL VERIFIED"
+                }
+            );
+        }
+        println!(
+            "one core: blake3 {:.2} GiB/s, memcpy {:.2} GiB/s",
+            report.blake3_gib_per_second, report.memcpy_gib_per_second
+        );
+        let path = target_dir().join("pagefp-bench").join("throughput.json");
+        bench::throughput::write(&report, &path)?;
+        println!("throughput report written to {}", path.display());
     }
     if wanted("scale") {
         let settings = if args.quick {
