@@ -58,7 +58,8 @@ pub struct SendArgs {
     /// After success, leave the source VMM paused instead of ending it.
     #[arg(long)]
     pub keep_source: bool,
-    /// zstd level for `templates+zstd`.
+    /// zstd level for `templates+zstd`: the one `--zstd always` uses, and
+    /// the strongest `auto` picks (it also tries 1, -1 and -5 below it).
     #[arg(long, default_value_t = 3)]
     pub zstd_level: i32,
     /// Threads reading, hashing and compressing pages, besides the one

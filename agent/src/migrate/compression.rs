@@ -1,15 +1,18 @@
-//! Whether a frame of full pages is worth compressing (`--zstd auto`, the
-//! default of `templates+zstd`).
+//! Whether a frame of full pages is worth compressing, and at which zstd
+//! level (`--zstd auto`, the default of `templates+zstd`).
 //!
 //! Compressing pays when the link, not the CPU, limits the migration: with
 //! `threads` encoding threads compressing at `z` raw bytes per second each
 //! to a ratio `r`, the pages flow at min(threads·z, link / r) raw bytes per
 //! second; raw, at `link`. So a frame is compressed when threads·z and
-//! link / r both beat the link by a margin. The link's rate is what the
+//! link / r both beat the link by a margin, at the level (the configured
+//! one, or one of zstd's faster ones down to -5) for which that minimum is
+//! largest: a fast link gets a fast level. The link's rate is what the
 //! sending thread sees: bytes written per second spent writing (writes
 //! block when the link or the pacing is the limit). The compressor's rate
-//! and ratio are measured on the frames it compresses, and one frame in
-//! [`SAMPLE_EVERY`] is compressed anyway so that they stay current.
+//! and ratio are measured per level on the frames it compresses, and one
+//! frame in [`SAMPLE_EVERY`] is compressed anyway, at each level in turn,
+//! so that they stay current.
 
 use std::sync::{
     Mutex,
@@ -38,12 +41,26 @@ const MARGIN: f64 = 1.2;
 /// Weight of a new measurement in the running estimates.
 const WEIGHT: f64 = 0.2;
 
-#[derive(Debug, Default)]
-struct Estimates {
+/// Levels tried besides the configured one: zstd's fast negative levels
+/// trade ratio for speed, which pays on fast links.
+const FAST_LEVELS: [i32; 3] = [1, -1, -5];
+
+/// What one level does here.
+#[derive(Debug)]
+struct Level {
+    level: i32,
     /// Raw bytes per second one thread compresses.
-    zstd_rate: Option<f64>,
+    rate: Option<f64>,
     /// Compressed ÷ raw size.
     ratio: Option<f64>,
+    /// Frames compressed at this level.
+    frames: u64,
+}
+
+#[derive(Debug, Default)]
+struct Estimates {
+    /// Strongest first.
+    levels: Vec<Level>,
     /// Bytes per second the link took.
     link_rate: Option<f64>,
 }
@@ -58,17 +75,37 @@ fn blend(old: Option<f64>, new: f64) -> Option<f64> {
 pub struct Gauge {
     policy: ZstdPolicy,
     threads: f64,
+    /// The configured level (`--zstd-level`): what `always` uses.
+    level: i32,
     estimates: Mutex<Estimates>,
     frames: AtomicU64,
     compressed: AtomicU64,
 }
 
 impl Gauge {
-    pub fn new(policy: ZstdPolicy, threads: usize) -> Self {
+    /// `level` is the strongest level `auto` uses (and the one `always`
+    /// uses); `auto` also tries the faster ones below it.
+    pub fn new(policy: ZstdPolicy, threads: usize, level: i32) -> Self {
+        let mut levels: Vec<i32> = std::iter::once(level)
+            .chain(FAST_LEVELS.into_iter().filter(|fast| *fast < level))
+            .collect();
+        levels.dedup();
         Self {
             policy,
             threads: threads.max(1) as f64,
-            estimates: Mutex::new(Estimates::default()),
+            level,
+            estimates: Mutex::new(Estimates {
+                levels: levels
+                    .into_iter()
+                    .map(|level| Level {
+                        level,
+                        rate: None,
+                        ratio: None,
+                        frames: 0,
+                    })
+                    .collect(),
+                link_rate: None,
+            }),
             frames: AtomicU64::new(0),
             compressed: AtomicU64::new(0),
         }
@@ -82,32 +119,51 @@ impl Gauge {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether to compress the next frame.
-    pub fn should_compress(&self) -> bool {
+    /// The level to compress the next frame at, or `None` to send it raw.
+    /// `auto` picks the level whose pages reach the destination fastest,
+    /// min(threads × its rate, link ÷ its ratio), if that beats the link
+    /// itself by the margin; every level is tried now and then so that its
+    /// figures stay current.
+    pub fn choose(&self) -> Option<i32> {
         let frame = self.frames.fetch_add(1, Ordering::Relaxed);
-        if self.policy == ZstdPolicy::Always || frame.is_multiple_of(SAMPLE_EVERY) {
-            return true;
+        if self.policy == ZstdPolicy::Always {
+            return Some(self.level);
         }
         let e = self.estimates();
-        match (e.zstd_rate, e.ratio, e.link_rate) {
-            (Some(zstd), Some(ratio), Some(link)) => {
-                self.threads * zstd > MARGIN * link && ratio * MARGIN < 1.0
-            }
-            // Nothing measured yet: compress, and measure.
-            _ => true,
+        if frame.is_multiple_of(SAMPLE_EVERY) {
+            let turn = (frame / SAMPLE_EVERY) as usize % e.levels.len();
+            return Some(e.levels[turn].level);
         }
+        // Each level measured once before choosing.
+        if let Some(unmeasured) = e.levels.iter().find(|l| l.rate.is_none()) {
+            return Some(unmeasured.level);
+        }
+        // Nothing known of the link yet: compress, and measure.
+        let Some(link) = e.link_rate else {
+            return Some(self.level);
+        };
+        e.levels
+            .iter()
+            .filter_map(|l| Some((l.level, (self.threads * l.rate?).min(link / l.ratio?))))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .filter(|(_, delivered)| *delivered > MARGIN * link)
+            .map(|(level, _)| level)
     }
 
-    /// A frame of `raw` bytes compressed to `compressed` in `cpu_ns` of
-    /// the thread's CPU time.
-    pub fn compressed(&self, raw: usize, compressed: usize, cpu_ns: u64) {
+    /// A frame of `raw` bytes compressed at `level` to `compressed` in
+    /// `cpu_ns` of the thread's CPU time.
+    pub fn compressed(&self, level: i32, raw: usize, compressed: usize, cpu_ns: u64) {
         self.compressed.fetch_add(1, Ordering::Relaxed);
+        let mut e = self.estimates();
+        let Some(entry) = e.levels.iter_mut().find(|l| l.level == level) else {
+            return;
+        };
+        entry.frames += 1;
         if raw == 0 || cpu_ns == 0 {
             return;
         }
-        let mut e = self.estimates();
-        e.zstd_rate = blend(e.zstd_rate, raw as f64 / (cpu_ns as f64 / 1e9));
-        e.ratio = blend(e.ratio, compressed as f64 / raw as f64);
+        entry.rate = blend(entry.rate, raw as f64 / (cpu_ns as f64 / 1e9));
+        entry.ratio = blend(entry.ratio, compressed as f64 / raw as f64);
     }
 
     /// The sending thread wrote `bytes` in `wall_ns`.
@@ -125,15 +181,27 @@ impl Gauge {
     pub fn describe(&self) -> String {
         let e = self.estimates();
         let mb = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{:.0}", v / 1e6));
+        let levels: Vec<String> = e
+            .levels
+            .iter()
+            .map(|l| {
+                format!(
+                    "level {}: {} frames, {} MB/s per thread, ratio {}",
+                    l.level,
+                    l.frames,
+                    mb(l.rate),
+                    l.ratio.map_or("?".to_owned(), |r| format!("{r:.2}"))
+                )
+            })
+            .collect();
         format!(
-            "{:?}: {} of {} full-page frames compressed (link {} MB/s, zstd {} MB/s per thread x {}, ratio {})",
+            "{:?}: {} of {} full-page frames compressed (link {} MB/s, {} threads; {})",
             self.policy,
             self.compressed.load(Ordering::Relaxed),
             self.frames.load(Ordering::Relaxed),
             mb(e.link_rate),
-            mb(e.zstd_rate),
             self.threads,
-            e.ratio.map_or("?".to_owned(), |r| format!("{r:.2}")),
+            levels.join("; "),
         )
     }
 }
@@ -142,50 +210,110 @@ impl Gauge {
 mod tests {
     use super::*;
 
-    fn measured(gauge: &Gauge, zstd_mb: f64, ratio: f64, link_mb: f64) {
+    /// Frames compressed at `level` at `zstd_mb` MB/s to `ratio`, and the
+    /// link taking `link_mb` MB/s.
+    fn measured(gauge: &Gauge, level: i32, zstd_mb: f64, ratio: f64, link_mb: f64) {
         let raw = 256 << 10;
         for _ in 0..50 {
             let ns = (raw as f64 / (zstd_mb * 1e6) * 1e9) as u64;
-            gauge.compressed(raw, (raw as f64 * ratio) as usize, ns);
+            gauge.compressed(level, raw, (raw as f64 * ratio) as usize, ns);
             let sample = LINK_SAMPLE_BYTES;
             gauge.wrote(sample, (sample as f64 / (link_mb * 1e6) * 1e9) as u64);
         }
     }
 
+    /// Every level measured alike.
+    fn all_levels(gauge: &Gauge, zstd_mb: f64, ratio: f64, link_mb: f64) {
+        for level in [3, 1, -1, -5] {
+            measured(gauge, level, zstd_mb, ratio, link_mb);
+        }
+    }
+
+    /// How often each choice was made over 160 frames.
+    fn choices(gauge: &Gauge) -> std::collections::HashMap<Option<i32>, usize> {
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..160 {
+            *counts.entry(gauge.choose()).or_default() += 1;
+        }
+        counts
+    }
+
     fn share_compressed(gauge: &Gauge) -> f64 {
-        let n = 160;
-        (0..n).filter(|_| gauge.should_compress()).count() as f64 / n as f64
+        let counts = choices(gauge);
+        1.0 - *counts.get(&None).unwrap_or(&0) as f64 / 160.0
     }
 
     #[test]
-    fn a_slow_link_gets_compressed_frames() {
-        let gauge = Gauge::new(ZstdPolicy::Auto, 1);
-        measured(&gauge, 300.0, 0.4, 12.0);
-        assert_eq!(share_compressed(&gauge), 1.0);
+    fn the_ladder_runs_from_the_configured_level_down() {
+        let levels = |level| {
+            let gauge = Gauge::new(ZstdPolicy::Auto, 1, level);
+            let e = gauge.estimates();
+            e.levels.iter().map(|l| l.level).collect::<Vec<_>>()
+        };
+        assert_eq!(levels(3), [3, 1, -1, -5]);
+        assert_eq!(levels(1), [1, -1, -5]);
+        assert_eq!(levels(-3), [-3, -5]);
     }
 
     #[test]
-    fn a_fast_link_gets_raw_frames_but_samples() {
-        let gauge = Gauge::new(ZstdPolicy::Auto, 1);
-        measured(&gauge, 300.0, 0.4, 1200.0);
+    fn a_slow_link_gets_the_strongest_level() {
+        let gauge = Gauge::new(ZstdPolicy::Auto, 1, 3);
+        measured(&gauge, 3, 300.0, 0.4, 12.0);
+        for fast in [1, -1, -5] {
+            measured(&gauge, fast, 1500.0, 0.6, 12.0);
+        }
+        let counts = choices(&gauge);
+        assert!(counts[&Some(3)] > 140, "{counts:?}");
+        assert!(!counts.contains_key(&None));
+    }
+
+    #[test]
+    fn a_fast_link_gets_a_fast_level() {
+        let gauge = Gauge::new(ZstdPolicy::Auto, 1, 3);
+        // Level 3 cannot keep up with 600 MB/s; level -5 can and still
+        // halves the bytes.
+        measured(&gauge, 3, 300.0, 0.4, 600.0);
+        measured(&gauge, 1, 500.0, 0.45, 600.0);
+        measured(&gauge, -1, 900.0, 0.5, 600.0);
+        measured(&gauge, -5, 1500.0, 0.6, 600.0);
+        let counts = choices(&gauge);
+        assert!(counts[&Some(-5)] > 140, "{counts:?}");
+    }
+
+    #[test]
+    fn a_faster_link_gets_raw_frames_but_samples() {
+        let gauge = Gauge::new(ZstdPolicy::Auto, 1, 3);
+        all_levels(&gauge, 300.0, 0.4, 1200.0);
         let share = share_compressed(&gauge);
         assert!((share - 1.0 / SAMPLE_EVERY as f64).abs() < 0.01, "{share}");
     }
 
     #[test]
     fn incompressible_pages_go_raw_and_more_threads_compress_more() {
-        let gauge = Gauge::new(ZstdPolicy::Auto, 1);
-        measured(&gauge, 300.0, 0.95, 12.0);
+        let gauge = Gauge::new(ZstdPolicy::Auto, 1, 3);
+        all_levels(&gauge, 300.0, 0.95, 12.0);
         assert!(share_compressed(&gauge) < 0.1);
-        let gauge = Gauge::new(ZstdPolicy::Auto, 4);
-        measured(&gauge, 300.0, 0.4, 500.0);
+        let gauge = Gauge::new(ZstdPolicy::Auto, 4, 3);
+        all_levels(&gauge, 300.0, 0.4, 500.0);
         assert_eq!(share_compressed(&gauge), 1.0);
     }
 
     #[test]
-    fn always_compresses_every_frame() {
-        let gauge = Gauge::new(ZstdPolicy::Always, 1);
-        measured(&gauge, 300.0, 0.99, 1200.0);
-        assert_eq!(share_compressed(&gauge), 1.0);
+    fn each_level_is_measured_before_choosing() {
+        let gauge = Gauge::new(ZstdPolicy::Auto, 1, 3);
+        let first: Vec<Option<i32>> = (0..5).map(|_| gauge.choose()).collect();
+        // Frame 0 samples the first level; nothing is measured yet, so
+        // the others come first when unmeasured.
+        assert_eq!(first, [Some(3), Some(3), Some(3), Some(3), Some(3)]);
+        measured(&gauge, 3, 300.0, 0.4, 12.0);
+        assert_eq!(gauge.choose(), Some(1));
+    }
+
+    #[test]
+    fn always_compresses_every_frame_at_the_configured_level() {
+        let gauge = Gauge::new(ZstdPolicy::Always, 1, 7);
+        all_levels(&gauge, 300.0, 0.99, 1200.0);
+        let counts = choices(&gauge);
+        assert_eq!(counts[&Some(7)], 160);
     }
 }

@@ -41,7 +41,7 @@ pub struct Encoder<'a, H: PageHints> {
     pub offer: &'a HashMap<TemplateId, u32>,
     pub zero_hash: PageHash,
     /// zstd level for full-page frames, and when to use it; `None`: raw.
-    pub zstd: Option<(i32, &'a Gauge)>,
+    pub zstd: Option<&'a Gauge>,
     pub threads: usize,
 }
 
@@ -168,13 +168,13 @@ impl<H: PageHints> Encoder<'_, H> {
     /// the gauge says it pays and it came out smaller.
     fn frame(&self, full: &mut PagesBuilder) -> anyhow::Result<FullFrame> {
         let pages = full.records as u64;
-        if let Some((level, gauge)) = self.zstd
-            && gauge.should_compress()
+        if let Some(gauge) = self.zstd
+            && let Some(level) = gauge.choose()
         {
             let started = crate::clock::thread_cpu_ns();
             let body = zstd::bulk::compress(&full.buf, level).context("compressing pages")?;
             let cpu_ns = crate::clock::thread_cpu_ns().saturating_sub(started);
-            gauge.compressed(full.buf.len(), body.len(), cpu_ns);
+            gauge.compressed(level, full.buf.len(), body.len(), cpu_ns);
             if body.len() < full.buf.len() {
                 full.clear();
                 return Ok(FullFrame {

@@ -235,7 +235,11 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
         pause_started: None,
         bandwidth: options.max_bandwidth.map(|b| b as f64),
         round_estimate: (0, 0),
-        gauge: Arc::new(Gauge::new(options.zstd_policy, options.threads)),
+        gauge: Arc::new(Gauge::new(
+            options.zstd_policy,
+            options.threads,
+            options.zstd_level,
+        )),
         link_sample: (0, 0),
     };
     let mut paused = false;
@@ -640,11 +644,7 @@ impl Sender<'_> {
             hints: states,
             offer: &offer,
             zero_hash: self.zero_hash,
-            zstd: self
-                .options
-                .mode
-                .uses_zstd()
-                .then_some((self.options.zstd_level, &*gauge)),
+            zstd: self.options.mode.uses_zstd().then_some(&*gauge),
             threads: self.options.threads,
         };
         let sent = encoder.run(pages, |batch| self.write_batch(batch));
