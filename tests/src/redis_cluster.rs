@@ -245,30 +245,40 @@ impl RedisCluster {
             .collect())
     }
 
-    /// Waits until the cluster lists a replica for every shard. Redis lists
+    /// Waits until every node lists a replica for every shard. Redis lists
     /// a replica (in CLUSTER SLOTS, which clients route reads by) only once
     /// it has replicated something and the cluster bus has said so, so a
     /// test that reads from replicas must store its data first, then wait.
     pub fn wait_replicas_listed(&self) -> anyhow::Result<()> {
-        let port = self.master_ports()?[0];
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let said = self.cli(port, &["--json", "cluster", "slots"])?;
-            let slots: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
-            let listed = slots.as_array().is_some_and(|shards| {
-                !shards.is_empty()
-                    && shards
-                        .iter()
-                        .all(|shard| shard.as_array().is_some_and(|s| s.len() >= 4))
-            });
-            if listed {
-                return Ok(());
+        let running: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|node| node.child.is_some())
+            .map(|node| node.port)
+            .collect();
+        // Every node's view: a client takes its slot map from any of them,
+        // and each learns the replicas' offsets by gossip, at its own time.
+        for port in running {
+            loop {
+                let said = self.cli(port, &["--json", "cluster", "slots"])?;
+                let slots: serde_json::Value = serde_json::from_str(&said).unwrap_or_default();
+                let listed = slots.as_array().is_some_and(|shards| {
+                    !shards.is_empty()
+                        && shards
+                            .iter()
+                            .all(|shard| shard.as_array().is_some_and(|s| s.len() >= 4))
+                });
+                if listed {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("node {port} did not list a replica for every shard within 30 s: {said}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            if Instant::now() > deadline {
-                bail!("the cluster did not list a replica for every shard within 30 s: {said}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
         }
+        Ok(())
     }
 
     /// CPU seconds (user and system) the running nodes have used.

@@ -840,11 +840,19 @@ fn a_destination_that_got_go_keeps_the_vm_when_it_cannot_answer() {
         Direction::SourceToDest,
         Cut::ResetAfterKind(Kind::Go),
     );
-    assert!(
-        !received.success,
-        "the answer was lost:\n{}",
-        received.stderr
-    );
+    // What must hold whatever the timing was checked above: the source
+    // paused, the destination running. Whether the destination saw its
+    // answer fail depends on whether the reset reached it before it wrote
+    // "resumed": the relay forwards "go" and resets in two steps, and on a
+    // loaded machine the destination can answer in between (its write then
+    // succeeds into the socket buffer, and it cannot know better).
+    if received.success {
+        eprintln!(
+            "the destination answered before the reset reached it; the invariants held:\n{}",
+            received.stderr
+        );
+        return;
+    }
     assert!(
         received.stderr.contains("owns the VM now and keeps it"),
         "{}",
