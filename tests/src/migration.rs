@@ -13,7 +13,11 @@ use std::{
 use agent::api::report::{MigrationReport, Mode};
 use anyhow::{Context as _, bail};
 
-use crate::{agent_process::agent_binary, link_security::LinkSecurity};
+use crate::{
+    agent_process::{agent_binary, free_port},
+    link_security::LinkSecurity,
+    vmm_client::{VmmArgs, VmmProcess, testvmm_binary},
+};
 
 /// How one end of a migration ended.
 #[derive(Debug)]
@@ -89,6 +93,70 @@ impl SendSpec {
             threads: None,
             security: LinkSecurity::default(),
         }
+    }
+}
+
+/// One `templates` migration of `source` (whose host's agent listens on
+/// `agent_socket`) to a new incoming VMM of `mem_mib` (its socket in
+/// `dir`), received as `receive` says (its `vmm_socket` is filled in) on
+/// `listen` and sent to `to`, each end run through its `wrap` (a network
+/// namespace). The source is kept (`--keep-source`) and resumed afterwards,
+/// for the next run; `during` runs on its own thread as the sender starts.
+/// Returns both ends' outcomes and whether every page is equal.
+pub struct KeptSourceMigration<'a> {
+    pub dir: &'a Path,
+    pub source: &'a VmmProcess,
+    pub agent_socket: &'a Path,
+    pub mem_mib: u32,
+    pub receive: ReceiveSpec,
+    pub to: String,
+    pub wraps: (Option<Command>, Option<Command>),
+    pub during: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl KeptSourceMigration<'_> {
+    pub fn run(self) -> anyhow::Result<(Outcome, Outcome, bool)> {
+        let mut args = VmmArgs::new(
+            self.dir.join(format!("c-{}.sock", free_port())),
+            self.mem_mib,
+        );
+        args.incoming = true;
+        let dest = VmmProcess::spawn(&testvmm_binary(), &args)?;
+        let (send_wrap, receive_wrap) = self.wraps;
+        let receiver = start_receiver(
+            &ReceiveSpec {
+                vmm_socket: dest.socket().to_path_buf(),
+                no_resume: true,
+                ..self.receive
+            },
+            receive_wrap,
+        )?;
+        let action = self.during.map(std::thread::spawn);
+        let sent = send(
+            &SendSpec {
+                keep_source: true,
+                ..SendSpec::new(
+                    self.source.pid(),
+                    self.source.socket(),
+                    self.to,
+                    Mode::Templates,
+                    self.agent_socket,
+                )
+            },
+            send_wrap,
+        )?;
+        let received = receiver.finish(Duration::from_secs(300));
+        if let Some(action) = action {
+            action
+                .join()
+                .map_err(|_| anyhow::anyhow!("the action during the migration panicked"))?;
+        }
+        let identical =
+            sent.success && received.success && self.source.checksums()? == dest.checksums()?;
+        self.source
+            .request(&serde_json::json!({"cmd": "resume"}))
+            .context("resuming the kept source")?;
+        Ok((sent, received, identical))
     }
 }
 

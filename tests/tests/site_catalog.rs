@@ -12,18 +12,18 @@ use std::{
 };
 
 use agent::{
-    api::report::{MigrationReport, Mode},
+    api::report::MigrationReport,
     catalog::site::{HostPublisher, SiteStore, site_counts},
     config::SiteStoreConfig,
 };
 use pagefp_tests::{
     agent_process::{AgentProcess, TempDir, free_port},
     link_security::{make_pki, test_pki},
-    migration::{self, ReceiveSpec, SendSpec},
+    migration::{KeptSourceMigration, ReceiveSpec},
     privileged,
     redis_cluster::{self, RedisCluster},
     site_hosts::{self, HostSettings, contents},
-    vmm_client::{VmmArgs, VmmProcess, testvmm_binary},
+    vmm_client::VmmProcess,
 };
 
 const MEM_MIB: u32 = 32;
@@ -214,54 +214,30 @@ fn migrate_to_c(
     site: Vec<String>,
     during: Option<Box<dyn FnOnce() + Send>>,
 ) -> (MigrationReport, MigrationReport) {
-    let mut args = VmmArgs::new(hosts.dir.0.join(format!("c-{}.sock", free_port())), MEM_MIB);
-    args.incoming = true;
-    let dest = VmmProcess::spawn(&testvmm_binary(), &args).expect("starting the incoming VMM");
     let listen = format!("127.0.0.1:{}", free_port());
-    let receiver = migration::start_receiver(
-        &ReceiveSpec {
+    let (sent, received, identical) = KeptSourceMigration {
+        dir: &hosts.dir.0,
+        source: &hosts.source,
+        agent_socket: &hosts.a.socket,
+        mem_mib: MEM_MIB,
+        receive: ReceiveSpec {
             listen: listen.clone(),
-            vmm_socket: dest.socket().to_path_buf(),
             catalogs,
-            no_resume: true,
             timeout_s: 60,
             site_store: site,
             site_store_tls_dir: hosts.cluster.tls_dir(),
             ..ReceiveSpec::default()
         },
-        None,
-    )
-    .unwrap();
-    let action = during.map(std::thread::spawn);
-    let sent = migration::send(
-        &SendSpec {
-            keep_source: true,
-            ..SendSpec::new(
-                hosts.source.pid(),
-                hosts.source.socket(),
-                listen,
-                Mode::Templates,
-                &hosts.a.socket,
-            )
-        },
-        None,
-    )
-    .unwrap();
-    let received = receiver.finish(Duration::from_secs(90));
-    if let Some(action) = action {
-        action.join().expect("the action during the migration");
+        to: listen,
+        wraps: (None, None),
+        during,
     }
+    .run()
+    .unwrap();
     assert!(sent.success, "sender failed:\n{}", sent.stderr);
     assert!(received.success, "receiver failed:\n{}", received.stderr);
     assert!(sent.report().verified && received.report().verified);
-    let (source, dest) = (hosts.source.checksums().unwrap(), dest.checksums().unwrap());
-    let differing = source.iter().zip(&dest).filter(|(a, b)| a != b).count();
-    assert_eq!(differing, 0, "pages differ after the migration");
-    // The source is left paused by --keep-source: resume it for the next run.
-    hosts
-        .source
-        .request(&serde_json::json!({"cmd": "resume"}))
-        .unwrap();
+    assert!(identical, "pages differ after the migration");
     (sent.report().clone(), received.report().clone())
 }
 

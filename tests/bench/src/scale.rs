@@ -25,18 +25,18 @@ use std::{
 };
 
 use agent::{
-    api::report::{Mode, SiteFetch},
+    api::report::SiteFetch,
     catalog::{Catalog, site::HostPublisher},
     config::SiteStoreConfig,
 };
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use pagefp_tests::{
-    agent_process::{AgentProcess, TempDir, free_port},
-    migration::{self, ReceiveSpec, SendSpec},
+    agent_process::{AgentProcess, TempDir},
+    migration::{KeptSourceMigration, ReceiveSpec},
     netns::{LinkSpec, ShapedLink, SiteLan},
     redis_cluster::RedisCluster,
     site_hosts::{self, HostSettings, contents},
-    vmm_client::{VmmArgs, VmmProcess, testvmm_binary},
+    vmm_client::VmmProcess,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -395,19 +395,15 @@ impl Site {
         agent::api::report::MigrationReport,
         bool,
     )> {
-        let mut args = VmmArgs::new(
-            self.dir.0.join(format!("c-{}.sock", free_port())),
-            self.guest_mib,
-        );
-        args.incoming = true;
-        let dest = VmmProcess::spawn(&testvmm_binary(), &args)?;
-        let port = 7600;
-        let receiver = migration::start_receiver(
-            &ReceiveSpec {
-                listen: format!("{}:{port}", self.link.dest_ip),
-                vmm_socket: dest.socket().to_path_buf(),
+        let address = format!("{}:7600", self.link.dest_ip);
+        let (sent, received, identical) = KeptSourceMigration {
+            dir: &self.dir.0,
+            source: &self.source,
+            agent_socket: &self.a.socket,
+            mem_mib: self.guest_mib,
+            receive: ReceiveSpec {
+                listen: address.clone(),
                 catalogs,
-                no_resume: true,
                 timeout_s: 120,
                 site_store: if site_store {
                     self.cluster.urls()
@@ -417,33 +413,17 @@ impl Site {
                 negotiation,
                 ..ReceiveSpec::default()
             },
-            Some(self.link.in_dest()),
-        )?;
-        let sent = migration::send(
-            &SendSpec {
-                keep_source: true,
-                ..SendSpec::new(
-                    self.source.pid(),
-                    self.source.socket(),
-                    format!("{}:{port}", self.link.dest_ip),
-                    Mode::Templates,
-                    &self.a.socket,
-                )
-            },
-            Some(self.link.in_source()),
-        )?;
-        let received = receiver.finish(Duration::from_secs(300));
-        // --keep-source left the source paused: resume it for the next run.
-        self.source
-            .request(&json!({"cmd": "resume"}))
-            .context("resuming the source")?;
+            to: address,
+            wraps: (Some(self.link.in_source()), Some(self.link.in_dest())),
+            during: None,
+        }
+        .run()?;
         if !sent.success {
             bail!("sender failed: {}", last_line(&sent.stderr));
         }
         if !received.success {
             bail!("receiver failed: {}", last_line(&received.stderr));
         }
-        let identical = self.source.checksums()? == dest.checksums()?;
         Ok((sent.report().clone(), received.report().clone(), identical))
     }
 
