@@ -102,7 +102,6 @@ impl SendSpec {
 /// `listen` and sent to `to`, each end run through its `wrap` (a network
 /// namespace). The source is kept (`--keep-source`) and resumed afterwards,
 /// for the next run; `during` runs on its own thread as the sender starts.
-/// Returns both ends' outcomes and whether every page is equal.
 pub struct KeptSourceMigration<'a> {
     pub dir: &'a Path,
     pub source: &'a VmmProcess,
@@ -115,6 +114,7 @@ pub struct KeptSourceMigration<'a> {
 }
 
 impl KeptSourceMigration<'_> {
+    /// Both ends' outcomes, and whether every page is equal.
     pub fn run(self) -> anyhow::Result<(Outcome, Outcome, bool)> {
         let mut args = VmmArgs::new(
             self.dir.join(format!("c-{}.sock", free_port())),

@@ -736,46 +736,32 @@ fn summarise(
         }
         _ => None,
     };
-    let largest_query = negotiation
-        .iter()
-        .filter(|r| {
-            r.negotiation
-                .as_deref()
-                .is_some_and(|n| n.starts_with("query"))
-        })
-        .max_by_key(|r| r.templates);
-    let largest_offer = negotiation
-        .iter()
-        .filter(|r| {
-            r.negotiation
-                .as_deref()
-                .is_some_and(|n| n.starts_with("offer"))
-        })
-        .max_by_key(|r| r.templates);
-    let cost = |hosts: usize| {
-        publishing
+    // The run against the most templates agreed by `protocol`.
+    let largest = |protocol: &str| {
+        negotiation
             .iter()
-            .find(|r| r.hosts == hosts)
-            .map(|r| r.cpu_seconds_per_gib_hour)
+            .filter(|r| {
+                r.negotiation
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with(protocol))
+            })
+            .max_by_key(|r| r.templates)
     };
+    let (largest_query, largest_offer) = (largest("query"), largest("offer"));
     let (fewest, most) = (
         publishing.iter().map(|r| r.hosts).min(),
         publishing.iter().map(|r| r.hosts).max(),
     );
-    let publish_ratio = match (fewest.and_then(cost), most.and_then(cost)) {
-        (Some(one), Some(many)) if one > 0.0 => Some(many / one),
-        _ => None,
+    // A publishing cost at the most hosts ÷ at the fewest.
+    let most_over_fewest = |cost: fn(&PublishRun) -> f64| {
+        let at = |hosts| publishing.iter().find(|r| Some(r.hosts) == hosts).map(cost);
+        match (at(fewest), at(most)) {
+            (Some(one), Some(many)) if one > 0.0 => Some(many / one),
+            _ => None,
+        }
     };
-    let concurrent = |hosts: Option<usize>| {
-        publishing
-            .iter()
-            .find(|r| Some(r.hosts) == hosts)
-            .map(|r| r.concurrent_cpu_seconds_per_gib_hour)
-    };
-    let concurrent_ratio = match (concurrent(fewest), concurrent(most)) {
-        (Some(one), Some(many)) if one > 0.0 => Some(many / one),
-        _ => None,
-    };
+    let publish_ratio = most_over_fewest(|r| r.cpu_seconds_per_gib_hour);
+    let concurrent_ratio = most_over_fewest(|r| r.concurrent_cpu_seconds_per_gib_hour);
     let wrong = fleet
         .iter()
         .chain(negotiation)
