@@ -1,5 +1,6 @@
 //! The host's processes as `/proc` shows them: the one place that reads
-//! `/proc/PID/...` text (process list, names, KVM VM fds, memory maps).
+//! `/proc/PID/...` text (process list, names, KVM VM fds, memory maps,
+//! which process owns a local TCP connection).
 
 use std::io;
 
@@ -40,6 +41,72 @@ pub fn holds_kvm_vm(pid: u32) -> bool {
                 .is_ok_and(|target| target.as_os_str() == "anon_inode:kvm-vm")
         })
     })
+}
+
+/// The process at the other end of a TCP connection between two local
+/// sockets: `ours` is this process's end, `theirs` the peer's address as
+/// this end sees it. Found through the kernel's socket table
+/// (`/proc/net/tcp`, `/proc/net/tcp6`: the socket whose local address is
+/// `theirs` and remote `ours`) and the processes' open files. `None` when
+/// the peer is on another host, or gone, or `/proc` cannot be read.
+pub fn tcp_peer_process(ours: std::net::SocketAddr, theirs: std::net::SocketAddr) -> Option<u32> {
+    let inode = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .find_map(|text| socket_inode(&text, theirs, ours))?;
+    let link = format!("socket:[{inode}]");
+    let me = std::process::id();
+    pids().filter(|pid| *pid != me).find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.filter_map(Result::ok)
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == &*link))
+        })
+    })
+}
+
+/// The inode of the socket of a `/proc/net/tcp{,6}` table whose local
+/// address is `local` and remote `remote` (0: none, for sockets in
+/// TIME_WAIT).
+fn socket_inode(
+    table: &str,
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+) -> Option<u64> {
+    table.lines().skip(1).find_map(|line| {
+        let mut fields = line.split_ascii_whitespace();
+        let _slot = fields.next()?;
+        let this = parse_socket_address(fields.next()?)?;
+        let peer = parse_socket_address(fields.next()?)?;
+        let inode: u64 = fields.nth(6)?.parse().ok()?;
+        (same_socket(this, local) && same_socket(peer, remote) && inode != 0).then_some(inode)
+    })
+}
+
+/// Addresses equal, an IPv4-mapped IPv6 address equal to its IPv4 one.
+fn same_socket(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    let canonical = |ip: std::net::IpAddr| ip.to_canonical();
+    a.port() == b.port() && canonical(a.ip()) == canonical(b.ip())
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6): each 32-bit
+/// word of the address as the kernel holds it (network order), printed as
+/// a native integer.
+fn parse_socket_address(field: &str) -> Option<std::net::SocketAddr> {
+    let (address, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Option<Vec<[u8; 4]>> = (0..address.len() / 8)
+        .map(|i| {
+            let word = u32::from_str_radix(address.get(i * 8..i * 8 + 8)?, 16).ok()?;
+            Some(word.to_ne_bytes())
+        })
+        .collect();
+    let bytes = words?.concat();
+    let ip = match (address.len(), bytes.len()) {
+        (8, 4) => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        (32, 16) => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
 }
 
 /// One line of `/proc/PID/maps`.
@@ -150,6 +217,43 @@ garbage line
         assert!(!maps[0].covers(u64::MAX - 10, 100));
         assert!(!maps[1].shared && maps[1].path.is_empty() && !maps[1].is_shared_file());
         assert_eq!(maps[2].path, "/usr/bin/qemu-system-x86_64");
+    }
+
+    #[test]
+    fn parses_socket_table_addresses() {
+        assert_eq!(
+            parse_socket_address("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_socket_address("00000000000000000000000001000000:0016"),
+            Some("[::1]:22".parse().unwrap())
+        );
+        assert_eq!(parse_socket_address("0100007F"), None);
+        assert_eq!(parse_socket_address("XX00007F:1F90"), None);
+        assert_eq!(parse_socket_address("0100:1F90"), None);
+    }
+
+    #[test]
+    fn finds_the_process_at_the_other_end_of_a_local_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        // bash connects itself (its /dev/tcp) and waits for its stdin to close.
+        let mut child = std::process::Command::new("bash")
+            .args([
+                "-c",
+                &format!("exec 3<>/dev/tcp/127.0.0.1/{}; read", address.port()),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (conn, peer) = listener.accept().unwrap();
+        let found = tcp_peer_process(conn.local_addr().unwrap(), peer);
+        drop(child.stdin.take());
+        child.wait().unwrap();
+        assert_eq!(found, Some(child.id()));
+        let elsewhere: std::net::SocketAddr = "192.0.2.1:1".parse().unwrap();
+        assert_eq!(tcp_peer_process(address, elsewhere), None);
     }
 
     #[test]

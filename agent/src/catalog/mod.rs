@@ -17,6 +17,7 @@
 //! u64 length, then one zstd frame holding count × page bytes, in hash order
 //! ```
 
+pub mod agreement;
 pub mod file;
 pub mod site;
 pub mod site_shards;

@@ -7,13 +7,14 @@ use clap::{Args, Subcommand};
 
 use super::{
     compression::ZstdPolicy,
-    receiver::{self, Negotiation, ReceiveOptions},
+    receiver::{self, ReceiveOptions},
     sender::{self, SendOptions},
 };
 use crate::{
     api::report::Mode,
     catalog::{
         self,
+        agreement::Negotiation,
         sources::{BuildOptions, TemplateSources, build_from_agent},
     },
     config::DEFAULT_SOCKET,

@@ -22,8 +22,12 @@ use super::{
     vmm::{self, MemoryRegion, VmmControl},
 };
 use crate::{
-    api::report::{MigrationReport, Mode, Phase, Role, SiteFetch},
-    catalog::{sources::TemplateSources, store::TemplateStore},
+    api::report::{MigrationReport, Mode, Phase, Role},
+    catalog::{
+        agreement::{Agreed, Negotiation},
+        sources::TemplateSources,
+        store::TemplateStore,
+    },
     net::{ChannelReader, ChannelWriter, SecureListener, Timeouts, tls},
     page::PAGE_SIZE,
     transport::{
@@ -33,12 +37,9 @@ use crate::{
             self as wire, FLAG_ZSTD, FrameReader, FrameWriter, Hello, Kind, MAX_OFFER, PageRecord,
             Ready, Resumed, RoundEnd,
         },
+        query,
     },
 };
-
-/// The longest the site store may take to deliver one migration's pages;
-/// what it has not delivered by then is sent in full.
-const SITE_FETCH_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 pub struct ReceiveOptions {
@@ -56,19 +57,6 @@ pub struct ReceiveOptions {
     pub timeouts: Timeouts,
     /// Who may send the VM.
     pub security: tls::Server,
-}
-
-/// How a destination agrees on the templates with the source.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Negotiation {
-    /// The cheaper of the two; asking whenever a site store is configured.
-    #[default]
-    Auto,
-    /// Offer this host's whole catalog.
-    Offer,
-    /// Ask for the VM's distinct contents and answer which are held (when
-    /// the source can list them; otherwise offer).
-    Query,
 }
 
 /// Loaded templates and what loading them cost.
@@ -96,7 +84,7 @@ pub fn load_templates(options: &ReceiveOptions) -> anyhow::Result<LoadedTemplate
 
 /// Receives one migration; the final report on success.
 pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
-    let mut templates = load_templates(options)?;
+    let templates = load_templates(options)?;
     // Checked now: a site store that can never work is the operator's
     // mistake; one that is down costs pages sent in full, later.
     if !options.templates.site.nodes.is_empty() {
@@ -134,8 +122,7 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
     let mut receiver = Receiver {
         reader,
         writer: FrameWriter::new(BufWriter::new(write_half)),
-        templates: &mut templates.store,
-        agreed: None,
+        templates: Agreed::new(templates.store),
         site: &options.templates.site,
         negotiation: options.negotiation,
         report: MigrationReport {
@@ -206,10 +193,7 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
 struct Receiver<'a> {
     reader: FrameReader<BufReader<ChannelReader>>,
     writer: FrameWriter<BufWriter<ChannelWriter>>,
-    templates: &'a mut TemplateStore,
-    /// Query negotiation: the store index of each agreed template, by wire
-    /// index (`None`: the offer's order, wire index = store index).
-    agreed: Option<Vec<u32>>,
+    templates: Agreed,
     site: &'a crate::config::SiteStoreConfig,
     negotiation: Negotiation,
     report: MigrationReport,
@@ -243,29 +227,17 @@ impl Receiver<'_> {
             );
         }
         let site = !self.site.nodes.is_empty();
-        // 32 bytes per template offered, against 32 bytes and a bit per
-        // content listed: the shorter list wins, unless the site may help.
-        let query = hello.mode.uses_templates()
-            && asked > 0
-            && match self.negotiation {
-                Negotiation::Auto => site || self.templates.len() as u64 > asked,
-                Negotiation::Offer => false,
-                Negotiation::Query => true,
-            };
-        if !query {
-            let offer: &[_] = if hello.mode.uses_templates() {
-                let ids = self.templates.ids();
-                if ids.len() > MAX_OFFER {
-                    log::warn!(
-                        "offering the first {MAX_OFFER} of {} templates: one offer holds no more; \
-                         install fewer or smaller catalogs",
-                        ids.len()
-                    );
-                }
-                &ids[..ids.len().min(MAX_OFFER)]
+        if !(hello.mode.uses_templates()
+            && self
+                .negotiation
+                .asks(asked, self.templates.store().len(), site))
+        {
+            let max = if hello.mode.uses_templates() {
+                MAX_OFFER
             } else {
-                &[]
+                0
             };
+            let offer = self.templates.offer(max);
             self.writer
                 .frame(Kind::Offer, 0, &wire::encode_offer(offer))?;
             self.writer.flush()?;
@@ -273,102 +245,17 @@ impl Receiver<'_> {
             self.report.negotiation = Some(format!("offer: {} templates", offer.len()));
             return Ok(());
         }
-        self.writer.frame(Kind::WantHashes, 0, &[])?;
-        self.writer.flush()?;
-        let mut store = if site {
-            let started = Instant::now();
-            match crate::catalog::site::SiteStore::connect(self.site) {
-                Ok(store) => Some(store),
-                Err(err) => {
-                    log::warn!("{err:#}: the site's templates are not used for this migration");
-                    self.report.site = Some(SiteFetch {
-                        error: Some(format!("{err:#}")),
-                        seconds: started.elapsed().as_secs_f64(),
-                        ..SiteFetch::default()
-                    });
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let mut agreed = Vec::new();
-        let mut received = 0u64;
-        let deadline = Instant::now() + SITE_FETCH_DEADLINE;
-        while received < asked {
-            let frame = self.reader.expect(Kind::Hashes)?;
-            let hashes = crate::transport::hashes(&frame.payload)
-                .filter(|hashes| !hashes.is_empty())
-                .ok_or_else(|| frame.malformed("not a whole, non-zero number of 32-byte hashes"))?;
-            received += hashes.len() as u64;
-            if received > asked {
-                return Err(frame
-                    .malformed(format!("more than the {asked} hashes announced"))
-                    .into());
-            }
-            let mut held: Vec<Option<u32>> = hashes
-                .iter()
-                .map(|hash| self.templates.index_of(hash))
-                .collect();
-            if let Some(store) = store.as_mut() {
-                self.fetch_from_site(store, &hashes, &mut held, deadline);
-            }
-            self.writer.frame(
-                Kind::Held,
-                0,
-                &wire::encode_held(&held.iter().map(Option::is_some).collect::<Vec<_>>()),
-            )?;
-            self.writer.flush()?;
-            agreed.extend(held.into_iter().flatten());
-        }
-        self.report.templates_agreed = agreed.len() as u64;
+        let mut answers = self.templates.query(self.site);
+        query::answer(&mut self.reader, &mut self.writer, asked, |hashes| {
+            answers.holds(hashes)
+        })?;
+        self.report.site = answers.finish();
+        self.report.templates_agreed = self.templates.len() as u64;
         self.report.negotiation = Some(format!(
             "query: {} of the VM's {asked} contents held",
-            agreed.len()
+            self.templates.len()
         ));
-        if let (Some(site), Some(store)) = (self.report.site.as_mut(), store.as_ref()) {
-            log::info!(
-                "site store: {} of {} pages fetched ({} missing, {} failed) in {:.2} s; {} commands",
-                site.pages,
-                site.asked,
-                site.missing,
-                site.failed,
-                site.seconds,
-                store.traffic.commands
-            );
-        }
-        self.agreed = Some(agreed);
         Ok(())
-    }
-
-    /// Fetches from the site store the pages of `hashes` this host lacks
-    /// (`held[i]` is `None`), checks them and adds them to the templates.
-    fn fetch_from_site(
-        &mut self,
-        store: &mut crate::catalog::site::SiteStore,
-        hashes: &[[u8; 32]],
-        held: &mut [Option<u32>],
-        deadline: Instant,
-    ) {
-        let started = Instant::now();
-        let missing: Vec<usize> = (0..hashes.len()).filter(|i| held[*i].is_none()).collect();
-        let wanted: Vec<[u8; 32]> = missing.iter().map(|i| hashes[*i]).collect();
-        let fetched = store.fetch_pages(&wanted, deadline);
-        let site = self.report.site.get_or_insert_with(SiteFetch::default);
-        site.asked += wanted.len() as u64;
-        site.bytes += fetched.bytes;
-        site.missing += fetched.missing;
-        site.failed += fetched.failed + fetched.late;
-        site.from_replicas |= fetched.from_replicas;
-        for (i, page) in missing.into_iter().zip(fetched.pages) {
-            let Some(page) = page else { continue };
-            // Checked against its hash by the fetch; a repeat in the
-            // source's list is found by id.
-            self.templates.add_page(&page);
-            held[i] = self.templates.index_of(&hashes[i]);
-            site.pages += u64::from(held[i].is_some());
-        }
-        site.seconds += started.elapsed().as_secs_f64();
     }
 
     fn run(
@@ -539,12 +426,9 @@ impl Receiver<'_> {
                     self.report.pages.zero += u64::from(count);
                 }
                 PageRecord::Template { page, index } => {
-                    let stored = match &self.agreed {
-                        Some(agreed) => agreed.get(index as usize).copied(),
-                        None => Some(index),
-                    };
-                    let data = stored
-                        .and_then(|stored| self.templates.page(stored))
+                    let data = self
+                        .templates
+                        .page(index)
                         .filter(|_| self.report.mode.uses_templates())
                         .ok_or_else(|| {
                             frame.malformed(format!("template {index} was not offered"))

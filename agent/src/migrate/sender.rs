@@ -42,16 +42,17 @@ use crate::{
         report::{MigrationReport, Mode, Phase, Role},
         wire::{parse_hash_list, state},
     },
+    catalog::agreement::listed_contents,
     content::{TemplateId, zero_page_hash},
     net::{self, ChannelReader, ChannelWriter, Timeouts, tls},
     page::PAGE_SIZE,
     transport::{
         WireError,
         migration::{
-            self as wire, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind,
-            MAX_QUERY_CHUNK, PagesBuilder, Ready, Region, Resumed, RoundEnd, TEMPLATE_LEN,
-            ZERO_RUN_LEN,
+            self as wire, FLAG_ZSTD, FULL_LEN, FrameReader, FrameWriter, Hello, Kind, PagesBuilder,
+            Ready, Region, Resumed, RoundEnd, TEMPLATE_LEN, ZERO_RUN_LEN,
         },
+        query,
     },
 };
 
@@ -342,17 +343,7 @@ impl Sender<'_> {
         // The VM's distinct non-zero contents the agent knows, in page
         // order: what a destination that asks is told.
         let query: Vec<TemplateId> = if self.options.mode.uses_templates() {
-            let mut seen = std::collections::HashSet::new();
-            states
-                .state
-                .iter()
-                .zip(&states.hash)
-                .filter(|(state, hash)| {
-                    matches!(**state, state::CLEAN | state::UNVERIFIED) && **hash != self.zero_hash
-                })
-                .filter(|(_, hash)| seen.insert(**hash))
-                .map(|(_, hash)| *hash)
-                .collect()
+            listed_contents(states.state.iter().copied().zip(&states.hash))
         } else {
             Vec::new()
         };
@@ -384,16 +375,7 @@ impl Sender<'_> {
                 self.report.negotiation = Some(format!("offer: {} templates", ids.len()));
             }
             Kind::WantHashes if !query.is_empty() => {
-                let mut index = 0u32;
-                for chunk in query.chunks(MAX_QUERY_CHUNK) {
-                    self.writer.frame(Kind::Hashes, 0, chunk.as_flattened())?;
-                    self.writer.flush()?;
-                    let held = wire::decode_held(&self.reader.expect(Kind::Held)?, chunk.len())?;
-                    for (hash, _) in chunk.iter().zip(held).filter(|(_, held)| *held) {
-                        self.offer.insert(*hash, index);
-                        index += 1;
-                    }
-                }
+                self.offer = query::ask(&mut self.reader, &mut self.writer, &query)?;
                 self.report.negotiation = Some(format!(
                     "query: {} of the VM's {} contents held",
                     self.offer.len(),

@@ -19,11 +19,17 @@ use std::time::Duration;
 /// connects are retried for this long.
 const CONNECT_RETRY: Duration = Duration::from_secs(10);
 
+use std::path::PathBuf;
+
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    catalog::{sources::TemplateSources, store::TemplateStore},
+    api::report::SiteFetch,
+    catalog::{
+        agreement::Negotiation, site::SiteStore, sources::TemplateSources, store::TemplateStore,
+    },
+    config::DEFAULT_SOCKET,
     net::{Timeouts, tls},
     qemu_stream::{Options, Unsupported},
 };
@@ -55,6 +61,17 @@ pub struct SendArgs {
     /// Give up when QEMU does not connect within this many seconds.
     #[arg(long)]
     pub timeout_s: Option<u64>,
+    /// The local agent, asked for the source QEMU's hash list when the
+    /// receive proxy asks which of the VM's contents it holds.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub agent_socket: PathBuf,
+    /// The source QEMU's process id, for its hash list. Default: the
+    /// process that connects (found in /proc when QEMU runs on this host).
+    #[arg(long)]
+    pub vm_pid: Option<u32>,
+    /// Never list the VM's contents: the receive proxy offers its catalog.
+    #[arg(long)]
+    pub no_listing: bool,
     #[command(flatten)]
     pub timeouts: Timeouts,
     #[command(flatten)]
@@ -74,6 +91,11 @@ pub struct ReceiveArgs {
     pub qemu: String,
     #[command(flatten)]
     pub templates: TemplateSources,
+    /// Offer this host's catalog, or ask for the VM's contents (when the
+    /// send proxy can list them) and answer which this host or the site
+    /// store holds.
+    #[arg(long, value_enum, default_value_t = Negotiation::Auto)]
+    pub negotiation: Negotiation,
     /// Give up when no send proxy connects within this many seconds.
     #[arg(long)]
     pub timeout_s: Option<u64>,
@@ -101,7 +123,18 @@ pub struct ProxyReport {
     /// XBZRLE and compressed pages: passed on as they are.
     pub xbzrle_pages: u64,
     pub compressed_pages: u64,
+    /// Templates agreed on: offered, or held of the VM's listed contents.
     pub templates_offered: u64,
+    /// How they were agreed on (`offer: N templates`, `query: K of the
+    /// VM's N contents held`).
+    #[serde(default)]
+    pub negotiation: Option<String>,
+    /// Bytes on the WAN connection before the first chunk, both directions.
+    #[serde(default)]
+    pub negotiation_bytes: u64,
+    /// What the site store delivered (receive side, when one is configured).
+    #[serde(default)]
+    pub site: Option<SiteFetch>,
     /// The RAM section ended normally (send side).
     pub ram_complete: bool,
     /// Where and why the stream was passed through without deduplication.
@@ -143,33 +176,49 @@ pub fn run(command: ProxyCommand) -> anyhow::Result<()> {
                 timeout: args.timeout_s.map(Duration::from_secs),
                 timeouts: args.timeouts,
                 security: tls::Client::from_options(&args.security)?,
+                listing: if args.no_listing {
+                    send::Listing::Nothing
+                } else {
+                    send::Listing::Agent {
+                        socket: args.agent_socket.clone(),
+                        vm_pid: args.vm_pid,
+                    }
+                },
             };
             (send::send(&options)?, args.json)
         }
         ProxyCommand::Receive(args) => {
             let security = tls::Server::from_options(&args.security)?;
             let templates = load_templates(&args)?;
+            // A site store that can never work is the operator's mistake;
+            // one that is down costs pages sent in full, later.
+            if !args.templates.site.nodes.is_empty() {
+                SiteStore::check(&args.templates.site)?;
+            }
             let options = receive::ReceiveOptions {
                 listen: args.listen.clone(),
                 qemu: args.qemu.clone(),
                 timeout: args.timeout_s.map(Duration::from_secs),
                 timeouts: args.timeouts,
                 security,
+                negotiation: args.negotiation,
+                site: args.templates.site.clone(),
             };
-            (receive::receive(&options, &templates)?, args.json)
+            (receive::receive(&options, templates)?, args.json)
         }
     };
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "proxied {} bytes of QEMU stream as {} bytes ({:.1}%): {} pages, {} as templates, {} zero{}; link: {}",
+            "proxied {} bytes of QEMU stream as {} bytes ({:.1}%): {} pages, {} as templates, {} zero; {}{}; link: {}",
             report.stream_bytes,
             report.wire_bytes,
             100.0 * report.wire_bytes as f64 / report.stream_bytes.max(1) as f64,
             report.pages,
             report.template_pages,
             report.zero_pages,
+            report.negotiation.as_deref().unwrap_or("no templates"),
             report
                 .pass_through
                 .as_ref()
@@ -181,15 +230,10 @@ pub fn run(command: ProxyCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The templates the receive proxy offers: catalog files, installed
-/// catalogs, the local agent's VMs. Every page is hashed again here.
+/// The templates the receive proxy holds: catalog files, installed
+/// catalogs, the local agent's VMs (the site store's are fetched when the
+/// VM's contents are known). Every page is hashed again here.
 pub fn load_templates(args: &ReceiveArgs) -> anyhow::Result<TemplateStore> {
-    if !args.templates.site.nodes.is_empty() {
-        anyhow::bail!(
-            "the QEMU proxies do not use the site store yet (only `pagefp migrate receive` does): \
-             drop --site-store (the proxies use this host's catalogs and VMs)"
-        );
-    }
     let mut set = TemplateStore::default();
     for (source, catalog) in args.templates.load()?.catalogs {
         let added = set.add(&catalog);

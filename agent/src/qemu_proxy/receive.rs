@@ -17,13 +17,18 @@ use anyhow::{Context as _, bail};
 use super::{
     CONNECT_RETRY, ProxyReport,
     channels::{self, Failure, MainConnected, ReceiveChannels, ReceiveLink},
-    templates::TemplatePages,
 };
 use crate::{
+    catalog::{
+        agreement::{Agreed, Negotiation},
+        store::TemplateStore,
+    },
+    config::SiteStoreConfig,
     net::{ChannelReader, ChannelWriter, SecureListener, Timeouts, tls},
     transport::{
         accept::accept_peer,
         qemu_proxy::{self as wire, FrameReader, FrameWriter, Kind},
+        query,
     },
 };
 
@@ -36,6 +41,10 @@ pub struct ReceiveOptions {
     pub timeouts: Timeouts,
     /// Who may send the stream.
     pub security: tls::Server,
+    /// Offer the catalog, or ask for the VM's contents.
+    pub negotiation: Negotiation,
+    /// The site store asked for what this host lacks (no nodes: none).
+    pub site: SiteStoreConfig,
 }
 
 /// The destination QEMU's main connection, made when the first stream
@@ -145,16 +154,19 @@ fn relay_answers(
     Ok((thread, stop))
 }
 
-/// Waits for one proxied migration and feeds it to the destination QEMU.
-pub fn receive(
-    options: &ReceiveOptions,
-    templates: &(dyn TemplatePages + Sync),
-) -> anyhow::Result<ProxyReport> {
+/// Waits for one proxied migration and feeds it to the destination QEMU,
+/// rebuilding pages from `templates` (and the site store's).
+pub fn receive(options: &ReceiveOptions, templates: TemplateStore) -> anyhow::Result<ProxyReport> {
     let listener = SecureListener::bind(&options.listen, options.security.clone())?;
     log::info!(
-        "waiting for a proxied QEMU migration on {} ({} templates)",
+        "waiting for a proxied QEMU migration on {} ({} templates{})",
         listener.local_addr()?,
-        templates.hashes().len()
+        templates.len(),
+        if options.site.nodes.is_empty() {
+            ""
+        } else {
+            ", and the site store's"
+        }
     );
     let opened = accept_peer(
         &listener,
@@ -190,13 +202,27 @@ pub fn receive(
         connected: &connected,
         written: 0,
     };
-    let hashes = offered(templates);
+    let session = session()?;
+    let mut agreed = Agreed::new(templates);
+    let mut report = {
+        let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+        agree(
+            &mut reader,
+            &mut writer,
+            &mut agreed,
+            options,
+            opened.opening.query_hashes,
+            &session,
+        )
+    }
+    .context("agreeing on the templates with the send proxy")?;
+    report.negotiation_bytes =
+        reader.bytes + writer.lock().unwrap_or_else(|p| p.into_inner()).bytes;
     let link = ReceiveLink {
         qemu: &options.qemu,
         timeouts: options.timeouts,
-        templates,
-        offered: hashes.len() as u64,
-        session: session()?,
+        templates: &agreed,
+        session,
         main: &connected,
     };
     let stop = AtomicBool::new(false);
@@ -211,7 +237,7 @@ pub fn receive(
             &writer,
             &mut destination,
             &link,
-            hashes,
+            report,
             &channels,
         );
         // A main stream that failed takes its channels down with it.
@@ -244,18 +270,49 @@ pub fn receive(
     }
 }
 
-/// The template ids offered: all of them, up to the protocol's limit.
-fn offered(templates: &dyn TemplatePages) -> &[crate::content::TemplateId] {
-    let hashes = templates.hashes();
-    if hashes.len() > wire::MAX_OFFER {
-        log::warn!(
-            "offering {} of {} templates (the protocol's limit)",
-            wire::MAX_OFFER,
-            hashes.len()
-        );
-        return &hashes[..wire::MAX_OFFER];
+/// The protocol's opening after the Hello: the catalog offered, or the
+/// VM's `listed` contents asked for and answered (from this host's
+/// templates and the site store), then OfferEnd; the report so far.
+fn agree(
+    reader: &mut FrameReader<BufReader<ChannelReader>>,
+    writer: &mut FrameWriter<BufWriter<ChannelWriter>>,
+    agreed: &mut Agreed,
+    options: &ReceiveOptions,
+    listed: u64,
+    session: &str,
+) -> anyhow::Result<ProxyReport> {
+    writer.preamble()?;
+    let site = !options.site.nodes.is_empty();
+    let mut report = ProxyReport {
+        channels: 1,
+        ..ProxyReport::default()
+    };
+    if options.negotiation.asks(listed, agreed.store().len(), site) {
+        let mut answers = agreed.query(&options.site);
+        query::answer(reader, writer, listed, |hashes| answers.holds(hashes))?;
+        report.site = answers.finish();
+        report.negotiation = Some(format!(
+            "query: {} of the VM's {listed} contents held",
+            agreed.len()
+        ));
+    } else {
+        let offer = agreed.offer(wire::MAX_OFFER);
+        for batch in offer.chunks(wire::OFFER_PER_FRAME) {
+            writer.frame(Kind::Offer, 0, &wire::encode_offer(batch))?;
+        }
+        report.negotiation = Some(format!("offer: {} templates", offer.len()));
     }
-    hashes
+    writer.json(
+        Kind::OfferEnd,
+        &wire::OfferEnd {
+            templates: agreed.len() as u64,
+            session: session.to_owned(),
+        },
+    )?;
+    writer.flush()?;
+    report.templates_offered = agreed.len() as u64;
+    log::info!("{}", report.negotiation.as_deref().unwrap_or_default());
+    Ok(report)
 }
 
 /// A fresh session name for this migration's multifd channels.
@@ -268,34 +325,16 @@ fn session() -> anyhow::Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The main stream's chunks, rebuilt and fed to the destination QEMU,
+/// until End; `report` is the negotiation's.
 fn relay(
     reader: &mut FrameReader<BufReader<ChannelReader>>,
     wan: &Wan,
     destination: &mut Destination,
     link: &ReceiveLink,
-    hashes: &[crate::content::TemplateId],
+    mut report: ProxyReport,
     channels: &ReceiveChannels,
 ) -> anyhow::Result<ProxyReport> {
-    let mut writer = wan.lock().unwrap_or_else(|p| p.into_inner());
-    writer.preamble()?;
-    for batch in hashes.chunks(wire::OFFER_PER_FRAME) {
-        writer.frame(Kind::Offer, 0, &wire::encode_offer(batch))?;
-    }
-    writer.json(
-        Kind::OfferEnd,
-        &wire::OfferEnd {
-            templates: hashes.len() as u64,
-            session: link.session.clone(),
-        },
-    )?;
-    writer.flush()?;
-    // The destination QEMU's return path writes on the link from now on.
-    drop(writer);
-    let mut report = ProxyReport {
-        templates_offered: hashes.len() as u64,
-        channels: 1,
-        ..ProxyReport::default()
-    };
     loop {
         let frame = reader.frame()?;
         channels.failure().check().map_err(|e| anyhow::anyhow!(e))?;

@@ -3,6 +3,7 @@
 use std::{
     io::{BufReader, BufWriter},
     net::{TcpListener, TcpStream},
+    path::PathBuf,
     sync::atomic::AtomicBool,
     thread,
     time::{Duration, Instant},
@@ -17,11 +18,15 @@ use super::{
     templates::{Offered, TemplateLookup as _},
 };
 use crate::{
+    api::{client, wire::parse_hash_list},
+    catalog::agreement::listed_contents,
+    content::TemplateId,
     net::{self, ChannelReader, Timeouts, tls},
     qemu_stream::{self, Options, Page, Preamble, Sink, SinkError},
     transport::{
         WireError,
         qemu_proxy::{self as wire, FrameReader, FrameWriter, Kind},
+        query,
     },
 };
 
@@ -35,6 +40,78 @@ pub struct SendOptions {
     pub timeouts: Timeouts,
     /// How the link to the receive proxy is secured.
     pub security: tls::Client,
+    /// What the send proxy can tell a receive proxy that asks for the VM's
+    /// contents.
+    pub listing: Listing,
+}
+
+/// Where the send proxy learns the VM's distinct contents, for a receive
+/// proxy that asks which of them it holds instead of offering its catalog.
+#[derive(Clone, Debug)]
+pub enum Listing {
+    /// Nothing: the receive proxy offers its catalog.
+    Nothing,
+    /// The local agent's hash list of the source QEMU: `vm_pid`, or the
+    /// process whose connection the proxy accepted.
+    Agent {
+        socket: PathBuf,
+        vm_pid: Option<u32>,
+    },
+    /// These contents.
+    Given(Vec<TemplateId>),
+}
+
+impl Listing {
+    /// The contents to list for the QEMU connected on `qemu`; nothing (and
+    /// the reason logged) when the agent cannot say.
+    fn contents(&self, qemu: &TcpStream) -> Vec<TemplateId> {
+        match self {
+            Listing::Nothing => Vec::new(),
+            Listing::Given(contents) => {
+                let mut seen = std::collections::HashSet::new();
+                contents
+                    .iter()
+                    .filter(|c| seen.insert(**c))
+                    .copied()
+                    .collect()
+            }
+            Listing::Agent { socket, vm_pid } => {
+                let pid = vm_pid.or_else(|| {
+                    crate::procfs::tcp_peer_process(qemu.local_addr().ok()?, qemu.peer_addr().ok()?)
+                });
+                let Some(pid) = pid else {
+                    log::info!(
+                        "the source QEMU's process is not on this host (or not found): \
+                         the receive proxy offers its catalog (--vm-pid names it)"
+                    );
+                    return Vec::new();
+                };
+                let listed = client::get_blocking(socket, &format!("/v1/vms/{pid}/hashes"))
+                    .map_err(anyhow::Error::from)
+                    .and_then(|bytes| {
+                        let (_, records) = parse_hash_list(&bytes).map_err(anyhow::Error::msg)?;
+                        Ok(listed_contents(records.iter().map(|r| (r.state, &r.hash))))
+                    });
+                match listed {
+                    Ok(contents) => {
+                        log::info!(
+                            "the agent lists {} distinct contents of QEMU pid {pid}",
+                            contents.len()
+                        );
+                        contents
+                    }
+                    Err(err) => {
+                        log::info!(
+                            "no hash list of QEMU pid {pid} from the agent at {} ({err:#}): \
+                             the receive proxy offers its catalog",
+                            socket.display()
+                        );
+                        Vec::new()
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The main stream's sink: chunks go out once the preamble was accepted.
@@ -166,6 +243,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
     // A source QEMU that stops sending fails the migration too.
     qemu.set_read_timeout(Some(options.timeouts.io_timeout()))?;
     let started = Instant::now();
+    let listed = options.listing.contents(&qemu);
     let wan = net::connect(&options.to, &options.security, CONNECT_RETRY)
         .with_context(|| format!("cannot reach the receive proxy at {}", options.to))?;
     let protection = wan.protection.clone();
@@ -180,9 +258,11 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
     write_half.set_deadline(deadline);
     let mut reader = FrameReader::new(BufReader::new(read_half));
     let mut writer: Wan = FrameWriter::new(BufWriter::with_capacity(1 << 20, write_half));
-    let (offered, offer_end) = handshake(&mut reader, &mut writer, options.zstd)
-        .context("talking to the receive proxy")?;
-    log::info!("the receive proxy offers {} templates", offered.len());
+    let (offered, offer_end, negotiation) =
+        handshake(&mut reader, &mut writer, options.zstd, &listed)
+            .context("talking to the receive proxy")?;
+    let negotiation_bytes = reader.bytes + writer.bytes;
+    log::info!("{negotiation} ({negotiation_bytes} bytes of negotiation)");
     // From here on the receive proxy sends only the destination QEMU's
     // return-path bytes (whenever it writes some), then Done.
     let answers = ReturnPath::relay(reader, &qemu, options.timeouts.io_timeout())?;
@@ -212,16 +292,20 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
         report.seconds = started.elapsed().as_secs_f64();
         report.tls = protection.is_tls();
         report.channel = protection.describe();
+        report.negotiation = Some(negotiation);
+        report.negotiation_bytes = negotiation_bytes;
         Ok(report)
     })
 }
 
-/// The protocol's opening: Hello out, the offer in.
+/// The protocol's opening: Hello out, then the offer in, or the query
+/// asked and answered; what was agreed, and how.
 fn handshake(
     reader: &mut FrameReader<BufReader<ChannelReader>>,
     writer: &mut Wan,
     zstd: bool,
-) -> anyhow::Result<(Offered, wire::OfferEnd)> {
+    listed: &[TemplateId],
+) -> anyhow::Result<(Offered, wire::OfferEnd, String)> {
     writer.preamble()?;
     writer.json(
         Kind::Hello,
@@ -229,15 +313,17 @@ fn handshake(
             sender: format!("pagefp-{}", std::process::id()),
             zstd,
             multifd: None,
+            query_hashes: listed.len() as u64,
         },
     )?;
     writer.flush()?;
     reader.preamble()?;
     let mut hashes = Vec::new();
+    let mut queried = None;
     loop {
         let frame = reader.frame()?;
         match frame.kind {
-            Kind::Offer => {
+            Kind::Offer if queried.is_none() => {
                 let ids = wire::decode_offer(&frame)?;
                 if hashes.len() + ids.len() > wire::MAX_OFFER {
                     return Err(frame
@@ -249,22 +335,42 @@ fn handshake(
                 }
                 hashes.extend(ids);
             }
+            Kind::WantHashes if hashes.is_empty() && queried.is_none() && !listed.is_empty() => {
+                queried = Some(query::ask(reader, writer, listed)?);
+            }
             Kind::OfferEnd => {
                 let end: wire::OfferEnd = frame.json()?;
-                if end.templates != hashes.len() as u64 {
+                // The listed contents are distinct: one index each.
+                let (offered, count, negotiation) = match queried {
+                    Some(agreed) => {
+                        let held = agreed.len();
+                        (
+                            Offered::from(agreed),
+                            held,
+                            format!("query: {held} of the VM's {} contents held", listed.len()),
+                        )
+                    }
+                    None => (
+                        Offered::new(&hashes),
+                        hashes.len(),
+                        format!("offer: {} templates", hashes.len()),
+                    ),
+                };
+                if end.templates != count as u64 {
                     return Err(frame
                         .malformed(format!(
-                            "{} templates announced, {} offered",
-                            end.templates,
-                            hashes.len()
+                            "{} templates announced, {count} agreed",
+                            end.templates
                         ))
                         .into());
                 }
-                return Ok((Offered::new(&hashes), end));
+                return Ok((offered, end, negotiation));
             }
             other => {
                 return Err(frame
-                    .malformed(format!("expected the template offer, got {other:?}"))
+                    .malformed(format!(
+                        "expected the template offer or query, got {other:?}"
+                    ))
                     .into());
             }
         }

@@ -1,15 +1,16 @@
-//! Which pages travel as references: the proxies' view of templates, kept
-//! behind two small traits so where templates come from (catalog files,
-//! the local agent, later the shared migration catalogs) stays pluggable.
+//! Which pages travel as references, on the send proxy's side: the
+//! templates the receive proxy agreed on (offered, or held of the VM's
+//! listed contents), looked up by content. The receive proxy's side is
+//! [`crate::catalog::agreement::Agreed`].
 //!
 //! Both sides go by content: the sender hashes (blake3) the page bytes it
 //! reads in QEMU's stream and replaces a page only when that hash is one the
-//! receiver offered; the receiver offers only pages whose blake3 it checked
-//! itself. Nothing the agent believes about guest memory is trusted.
+//! receiver agreed on; the receiver agrees only on pages whose blake3 it
+//! checked itself. Nothing the agent believes about guest memory is trusted.
 
 use std::collections::HashMap;
 
-use crate::{catalog::store::TemplateStore, content::TemplateId, page::PAGE_SIZE};
+use crate::{catalog::store::TemplateStore, content::TemplateId};
 
 /// Sender side: the template index of a page content, by its blake3.
 pub trait TemplateLookup {
@@ -20,16 +21,16 @@ pub trait TemplateLookup {
     }
 }
 
-/// Receiver side: the pages behind the indices it offers.
-pub trait TemplatePages {
-    /// Every template's id (the blake3 of its page), in index order.
-    fn hashes(&self) -> &[TemplateId];
-    fn page(&self, index: u32) -> Option<&[u8; PAGE_SIZE]>;
-}
-
-/// What the receiver offered, as the sender looks it up.
+/// What the receiver agreed on, as the sender looks it up.
 #[derive(Default)]
 pub struct Offered(HashMap<TemplateId, u32>);
+
+impl From<HashMap<TemplateId, u32>> for Offered {
+    /// The templates of a query, by content.
+    fn from(agreed: HashMap<TemplateId, u32>) -> Self {
+        Self(agreed)
+    }
+}
 
 impl Offered {
     pub fn new(hashes: &[TemplateId]) -> Self {
@@ -51,16 +52,6 @@ impl TemplateLookup for Offered {
     }
 }
 
-impl TemplatePages for TemplateStore {
-    fn hashes(&self) -> &[TemplateId] {
-        self.ids()
-    }
-
-    fn page(&self, index: u32) -> Option<&[u8; PAGE_SIZE]> {
-        TemplateStore::page(self, index)
-    }
-}
-
 impl TemplateLookup for TemplateStore {
     fn template(&self, hash: &TemplateId) -> Option<u32> {
         self.index_of(hash)
@@ -74,6 +65,7 @@ impl TemplateLookup for TemplateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::page::PAGE_SIZE;
 
     #[test]
     fn pages_are_found_by_content_and_never_twice() {
@@ -84,11 +76,10 @@ mod tests {
         assert_eq!(TemplateLookup::len(&set), 2);
         let offered = Offered::new(set.ids());
         let index = offered.template(blake3::hash(&b).as_bytes()).unwrap();
-        assert_eq!(TemplatePages::page(&set, index).unwrap(), &b);
+        assert_eq!(set.page(index).unwrap(), &b);
         assert_eq!(
             offered.template(blake3::hash(&[3u8; PAGE_SIZE]).as_bytes()),
             None
         );
-        assert!(TemplatePages::page(&set, 2).is_none());
     }
 }

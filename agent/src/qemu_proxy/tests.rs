@@ -15,10 +15,11 @@ use std::{
 use super::{
     ProxyReport,
     receive::{ReceiveOptions, receive},
-    send::{SendOptions, send},
+    send::{Listing, SendOptions, send},
 };
 use crate::{
-    catalog::store::TemplateStore,
+    catalog::{agreement::Negotiation, store::TemplateStore},
+    config::SiteStoreConfig,
     net::{Timeouts, pki::test_security},
     qemu_stream::{
         Options, Unsupported,
@@ -52,7 +53,7 @@ fn run_pair(
     unsupported: Unsupported,
     qemu: impl FnOnce(&str) + Send + 'static,
 ) -> Outcome {
-    run_pair_after(templates, zstd, unsupported, |_| {}, qemu)
+    run_pair_negotiated(templates, zstd, unsupported, Listing::Nothing, |_| {}, qemu)
 }
 
 /// [`run_pair`], with `strays(wan)` run once the receive proxy listens and
@@ -61,6 +62,18 @@ fn run_pair_after(
     templates: TemplateStore,
     zstd: bool,
     unsupported: Unsupported,
+    strays: impl FnOnce(&str),
+    qemu: impl FnOnce(&str) + Send + 'static,
+) -> Outcome {
+    run_pair_negotiated(templates, zstd, unsupported, Listing::Nothing, strays, qemu)
+}
+
+/// [`run_pair_after`], the send proxy listing `listing` when asked.
+fn run_pair_negotiated(
+    templates: TemplateStore,
+    zstd: bool,
+    unsupported: Unsupported,
+    listing: Listing,
     strays: impl FnOnce(&str),
     qemu: impl FnOnce(&str) + Send + 'static,
 ) -> Outcome {
@@ -103,8 +116,10 @@ fn run_pair_after(
             timeout: Some(Duration::from_secs(20)),
             timeouts: Timeouts::default(),
             security: server,
+            negotiation: Negotiation::Auto,
+            site: SiteStoreConfig::default(),
         };
-        thread::spawn(move || receive(&options, &templates))
+        thread::spawn(move || receive(&options, templates))
     };
     thread::sleep(Duration::from_millis(100));
     strays(&wan);
@@ -117,6 +132,7 @@ fn run_pair_after(
             timeout: Some(Duration::from_secs(20)),
             timeouts: Timeouts::default(),
             security: client,
+            listing,
         };
         thread::spawn(move || send(&options))
     };
@@ -208,8 +224,9 @@ fn without_templates_the_stream_arrives_unchanged_at_about_its_size() {
     // (version 1, with 5-byte frame headers and 8-byte preambles, stayed
     // under 300 bytes; version 2 adds 3 bytes per frame, 4 per preamble).
     let overhead = sent.wire_bytes - sent.stream_bytes;
-    // Version 4 adds a 32-byte digest per chunk and the session id.
-    assert!(overhead < 420, "framing overhead {overhead} bytes");
+    // Version 4 adds a 32-byte digest per chunk and the session id,
+    // version 5 the Hello's query_hashes.
+    assert!(overhead < 440, "framing overhead {overhead} bytes");
     assert_eq!(sent.wire_bytes, received.wire_bytes);
 }
 
@@ -335,6 +352,7 @@ fn an_offer_larger_than_the_limit_is_refused_by_the_send_proxy() {
         timeout: Some(Duration::from_secs(20)),
         timeouts: Timeouts::default(),
         security: client,
+        listing: Listing::Nothing,
     };
     let sender = thread::spawn(move || send(&options));
     let _qemu = connect(&local);
@@ -377,6 +395,51 @@ fn template_pages_travel_as_references_and_come_back_exact() {
             built.bytes.len()
         );
     }
+}
+
+/// A send proxy that can list the VM's contents: the receive proxy, whose
+/// catalog is larger than the list, asks instead of offering; only the
+/// held contents become templates, numbered in the order listed, and the
+/// stream arrives exact. Listed contents the receiver lacks, and pages not
+/// listed, travel in full.
+#[test]
+fn a_listed_vm_is_asked_about_and_its_held_contents_travel_as_references() {
+    let built = build(&spec(300));
+    let mut templates = TemplateStore::default();
+    // Seeds 2..=5 of the 10 the pages cycle through, and many others.
+    for seed in (2..=5).chain(1000..1100) {
+        templates.add_page(&page_content(seed));
+    }
+    // The source lists seeds 1..=4 (1 is not held; 5 is held, not listed).
+    let listed = (1..=4)
+        .map(|seed| *blake3::hash(&page_content(seed)[..]).as_bytes())
+        .collect();
+    let outcome = run_pair_negotiated(
+        templates,
+        true,
+        Unsupported::Refuse,
+        Listing::Given(listed),
+        |_| {},
+        feed(built.bytes.clone()),
+    );
+    let sent = outcome.sent.unwrap();
+    let received = outcome.received.unwrap();
+    assert!(outcome.destination.unwrap() == built.bytes);
+    assert_eq!(
+        sent.negotiation.as_deref(),
+        Some("query: 3 of the VM's 4 contents held")
+    );
+    assert_eq!(sent.negotiation, received.negotiation);
+    assert_eq!((sent.templates_offered, received.templates_offered), (3, 3));
+    // 300 pages cycling through 10 seeds, 3 of them agreed.
+    assert_eq!(sent.template_pages, 90);
+    assert_eq!(received.template_pages, 90);
+    assert!(received.site.is_none(), "no site store configured");
+    assert!(
+        sent.negotiation_bytes < 1000,
+        "4 hashes and their bits, not the catalog: {} bytes",
+        sent.negotiation_bytes
+    );
 }
 
 /// A stream that asks for postcopy (POSTCOPY_ADVISE: two be64 page sizes).
@@ -672,7 +735,7 @@ fn kinds_round_trip_and_leave_abort_to_the_transport() {
     let known: Vec<u8> = (0..=u8::MAX)
         .filter(|&v| Kind::try_from(v).is_ok_and(|k| u8::from(k) == v))
         .collect();
-    assert_eq!(known, vec![1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(known, vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
     assert!(Kind::try_from(crate::transport::ABORT).is_err());
 }
 
@@ -883,6 +946,7 @@ fn proxy_wire_fuzz_seeds_are_current() {
                 sender: "pagefp-1".into(),
                 zstd: true,
                 multifd: None,
+                query_hashes: 0,
             },
         )
         .unwrap();

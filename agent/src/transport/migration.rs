@@ -25,8 +25,6 @@ pub const VERSION: u32 = 3;
 pub const MAX_PAYLOAD: usize = 32 << 20;
 /// Most templates one offer can hold.
 pub const MAX_OFFER: usize = (MAX_PAYLOAD - 4) / TEMPLATE_ID_LEN;
-/// Most content hashes one [`Kind::Hashes`] frame holds.
-pub const MAX_QUERY_CHUNK: usize = MAX_PAYLOAD / TEMPLATE_ID_LEN;
 
 /// Frame flag: the payload is one zstd frame.
 pub const FLAG_ZSTD: u8 = 1;
@@ -42,6 +40,14 @@ impl Protocol for Migration {
     const MAX_PAYLOAD: usize = MAX_PAYLOAD;
     const FLAGS: u8 = FLAG_ZSTD;
     type Kind = Kind;
+}
+
+impl transport::query::Queries for Migration {
+    const QUERY: transport::query::QueryKinds<Kind> = transport::query::QueryKinds {
+        want: Kind::WantHashes,
+        hashes: Kind::Hashes,
+        held: Kind::Held,
+    };
 }
 
 pub type Frame = transport::Frame<Kind>;
@@ -74,12 +80,11 @@ pub enum Kind {
     RoundAck = 11,
     /// R→S, empty, instead of an Offer: send the VM's content hashes.
     WantHashes = 12,
-    /// S→R, binary: up to [`MAX_QUERY_CHUNK`] distinct 32-byte hashes of
-    /// the VM's non-zero pages; each answered by one Held before the next.
+    /// S→R, binary: distinct 32-byte hashes of the VM's non-zero pages;
+    /// each answered by one Held before the next ([`transport::query`]).
     Hashes = 13,
-    /// R→S, binary: one bit per hash of the last Hashes frame (bit `i % 8`
-    /// of byte `i / 8`), set if the destination can rebuild that content.
-    /// The set hashes, in the order sent, are the templates: index 0, 1...
+    /// R→S, binary: one bit per hash of the last Hashes frame, set if the
+    /// destination can rebuild that content ([`transport::query`]).
     Held = 14,
 }
 }
@@ -101,34 +106,6 @@ pub fn body(frame: &Frame) -> Result<std::borrow::Cow<'_, [u8]>, WireError> {
         return Err(frame.malformed("decompresses to more than the maximum message size"));
     }
     Ok(std::borrow::Cow::Owned(out))
-}
-
-/// A [`Kind::Held`] payload for `count` hashes.
-pub fn encode_held(held: &[bool]) -> Vec<u8> {
-    let mut bits = vec![0u8; held.len().div_ceil(8)];
-    for (i, _) in held.iter().enumerate().filter(|(_, held)| **held) {
-        bits[i / 8] |= 1 << (i % 8);
-    }
-    bits
-}
-
-/// A [`Kind::Held`] frame for `count` hashes: which were held. Its length
-/// must be exact and bits past `count` clear.
-pub fn decode_held(frame: &Frame, count: usize) -> Result<Vec<bool>, WireError> {
-    if frame.payload.len() != count.div_ceil(8) {
-        return Err(frame.malformed(format!(
-            "{} bytes answer {count} hashes (expected {})",
-            frame.payload.len(),
-            count.div_ceil(8)
-        )));
-    }
-    let held: Vec<bool> = (0..count)
-        .map(|i| frame.payload[i / 8] & (1 << (i % 8)) != 0)
-        .collect();
-    if !count.is_multiple_of(8) && frame.payload[count / 8] >> (count % 8) != 0 {
-        return Err(frame.malformed("bits set past the hashes asked"));
-    }
-    Ok(held)
 }
 
 /// One guest memory region, in guest physical address order.
@@ -458,22 +435,6 @@ mod tests {
             .frame(Kind::State, 0, &vec![0u8; MAX_PAYLOAD + 1])
             .unwrap_err();
         assert!(matches!(err, WireError::PayloadTooLarge { .. }), "{err}");
-    }
-
-    #[test]
-    fn held_bits_round_trip_and_must_be_exact() {
-        for count in [1usize, 7, 8, 9, 1000] {
-            let held: Vec<bool> = (0..count).map(|i| i % 3 == 0).collect();
-            let frame = round_trip(Kind::Held, 0, &encode_held(&held));
-            assert_eq!(decode_held(&frame, count).unwrap(), held);
-            assert!(decode_held(&frame, count + 8).is_err());
-        }
-        // A bit past the hashes asked is refused.
-        let frame = round_trip(Kind::Held, 0, &[0b1000_0000]);
-        assert!(decode_held(&frame, 7).is_err());
-        assert!(decode_held(&frame, 8).is_ok());
-        let largest = vec![[1u8; 32]; MAX_QUERY_CHUNK];
-        assert_eq!(largest.as_flattened().len(), MAX_PAYLOAD);
     }
 
     #[test]

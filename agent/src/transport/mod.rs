@@ -31,6 +31,7 @@ pub mod accept;
 mod error;
 pub mod migration;
 pub mod qemu_proxy;
+pub mod query;
 #[cfg(test)]
 mod tests;
 

@@ -1,4 +1,4 @@
-//! The proxies' WAN protocol (version 4): its messages, on the framing of
+//! The proxies' WAN protocol (version 5): its messages, on the framing of
 //! [`crate::transport`]. Kept apart from [`super::migration`] so the page
 //! encoding can change without touching QEMU stream parsing.
 //!
@@ -8,12 +8,17 @@
 //! ```text
 //! each side first: b"PAGEFPQP", u32 LE version
 //! frames: the transport's (payload <= 8 MiB, no flags defined)
-//! S→R Hello     JSON {sender, zstd, multifd}: multifd absent on the main
-//!               stream's connection, the session of OfferEnd on a
-//!               multifd channel's
+//! S→R Hello     JSON {sender, zstd, multifd, query_hashes}: multifd absent
+//!               on the main stream's connection, the session of OfferEnd
+//!               on a multifd channel's; query_hashes: how many distinct
+//!               contents of the VM the send proxy can list (0: none)
 //! R→S Offer     n × 32-byte template ids (blake3 of the page; template
 //!               index = position across all Offer frames), at most
 //!               65,536 per frame (main connection only)
+//!  or WantHashes, then S→R Hashes / R→S Held until every listed content
+//!               was answered: the query negotiation of
+//!               [`crate::transport::query`] (template index = place among
+//!               the held contents, in the order listed)
 //! R→S OfferEnd  JSON {templates, session}: a multifd channel's
 //!               connection gets OfferEnd alone, with the main's count
 //! S→R Chunk     u8 encoding (0 plain, 1 zstd), u32 LE decoded length
@@ -44,8 +49,9 @@ pub const MAGIC: [u8; 8] = *b"PAGEFPQP";
 /// Version 2: the shared transport framing (an 8-byte header with flags,
 /// Abort as kind 0xFF, an 8-byte magic). Version 3: QEMU's return path
 /// (`ReturnPath`) and stream checkpoints. Version 4: a digest in every
-/// chunk instead of checkpoints, and multifd channels.
-pub const VERSION: u32 = 4;
+/// chunk instead of checkpoints, and multifd channels. Version 5: the
+/// query negotiation (`Hello.query_hashes`, `WantHashes`, `Hashes`, `Held`).
+pub const VERSION: u32 = 5;
 pub const MAX_PAYLOAD: usize = 8 << 20;
 /// Largest decoded chunk (its ops).
 pub const MAX_DECODED: usize = 4 << 20;
@@ -100,7 +106,21 @@ pub enum Kind {
     /// R→S: bytes the destination QEMU wrote on its return path (PONG,
     /// SHUT...), for the source QEMU.
     ReturnPath = 7,
+    /// R→S, empty, instead of an Offer: list the VM's contents.
+    WantHashes = 8,
+    /// S→R: distinct 32-byte content hashes ([`crate::transport::query`]).
+    Hashes = 9,
+    /// R→S: one bit per hash of the last Hashes frame, set if held.
+    Held = 10,
 }
+}
+
+impl transport::query::Queries for QemuProxy {
+    const QUERY: transport::query::QueryKinds<Kind> = transport::query::QueryKinds {
+        want: Kind::WantHashes,
+        hashes: Kind::Hashes,
+        held: Kind::Held,
+    };
 }
 
 /// Bytes of one ReturnPath frame at most.
@@ -169,6 +189,10 @@ pub struct Hello {
     /// OfferEnd named.
     #[serde(default)]
     pub multifd: Option<String>,
+    /// Distinct non-zero contents of the VM the send proxy can list when
+    /// asked (its agent's hash list; 0 on a multifd channel's connection).
+    #[serde(default)]
+    pub query_hashes: u64,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -17,8 +17,9 @@ use anyhow::{Context as _, bail};
 
 use super::{ChannelTotals, Failure};
 use crate::{
+    catalog::agreement::Agreed,
     net::{self, ChannelReader, SecureListener, Timeouts},
-    qemu_proxy::{CONNECT_RETRY, templates::TemplatePages},
+    qemu_proxy::CONNECT_RETRY,
     transport::{
         accept::{Opened, accept_peer},
         qemu_proxy::{self as wire, FrameReader, FrameWriter, Kind, QemuProxy},
@@ -54,9 +55,8 @@ impl MainConnected {
 pub struct ReceiveLink<'a> {
     pub qemu: &'a str,
     pub timeouts: Timeouts,
-    pub templates: &'a (dyn TemplatePages + Sync),
-    /// The offer's length and the session, as the main connection got them.
-    pub offered: u64,
+    /// The templates agreed on the main connection, and its session.
+    pub templates: &'a Agreed,
     pub session: String,
     pub main: &'a MainConnected,
 }
@@ -207,7 +207,7 @@ fn relay_channel(
     writer.json(
         Kind::OfferEnd,
         &wire::OfferEnd {
-            templates: link.offered,
+            templates: link.templates.len() as u64,
             session: link.session.clone(),
         },
     )?;

@@ -200,6 +200,7 @@ fn send_channel(
             sender: format!("pagefp-{}", std::process::id()),
             zstd: link.zstd,
             multifd: Some(link.session.clone()),
+            query_hashes: 0,
         },
     )?;
     writer.flush()?;
