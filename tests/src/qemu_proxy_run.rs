@@ -28,6 +28,12 @@ pub enum Templates {
     /// The destination's own VMs, through its agent at this socket
     /// (`--local-templates`).
     Agent(std::path::PathBuf),
+    /// The site store: a Redis cluster's nodes, over TLS with the
+    /// certificates of `tls_dir`, or plaintext without one.
+    Site {
+        nodes: Vec<String>,
+        tls_dir: Option<std::path::PathBuf>,
+    },
 }
 
 impl Templates {
@@ -39,6 +45,16 @@ impl Templates {
                 "--agent-socket".into(),
                 socket.into(),
             ],
+            Self::Site { nodes, tls_dir } => {
+                let mut args: Vec<std::ffi::OsString> = match tls_dir {
+                    Some(dir) => vec!["--site-store-tls-dir".into(), dir.into()],
+                    None => vec!["--site-store-plaintext".into()],
+                };
+                for node in nodes {
+                    args.extend(["--site-store".into(), node.into()]);
+                }
+                args
+            }
         }
     }
 
@@ -46,6 +62,7 @@ impl Templates {
         match self {
             Self::Catalog(_) => "catalog",
             Self::Agent(_) => "agent",
+            Self::Site { .. } => "site",
         }
     }
 }
@@ -599,21 +616,28 @@ pub fn boot_shared_memory_guests(
         )?);
     }
     for (guest, workload) in guests.iter().zip(workloads) {
-        guest.wait_ready(workload, Duration::from_secs(180))?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while agent
-            .vm(guest.pid())
-            .is_none_or(|v| v["pages"].as_u64() == Some(0) || v["unknown"] != 0)
-        {
-            if Instant::now() > deadline {
-                bail!(
-                    "the agent did not hash every page of QEMU {} ({workload}) within 120 s: {:?}",
-                    guest.pid(),
-                    agent.vm(guest.pid())
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_hashed(agent, guest, workload)?;
     }
     Ok(guests)
+}
+
+/// Waits for `guest`'s `workload` to start, then for `agent` to have hashed
+/// each of its pages once.
+pub fn wait_hashed(agent: &AgentProcess, guest: &QemuGuest, workload: &str) -> anyhow::Result<()> {
+    guest.wait_ready(workload, Duration::from_secs(180))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while agent
+        .vm(guest.pid())
+        .is_none_or(|v| v["pages"].as_u64() == Some(0) || v["unknown"] != 0)
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "the agent did not hash every page of QEMU {} ({workload}) within 120 s: {:?}",
+                guest.pid(),
+                agent.vm(guest.pid())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
 }

@@ -13,6 +13,9 @@ use anyhow::bail;
 
 use crate::{
     agent_process::{AgentOptions, AgentProcess, free_port},
+    guest_images::GuestImage,
+    qemu::QemuGuest,
+    qemu_proxy_run::wait_hashed,
     synthetic_images::fleet_image_file,
     vmm_client::{VmmArgs, VmmProcess, testvmm_binary},
 };
@@ -82,6 +85,27 @@ pub fn vm_on(
     let process = VmmProcess::spawn(&testvmm_binary(), &args)?;
     agent.wait_all_clean(process.pid(), Duration::from_secs(300));
     Ok(process)
+}
+
+/// A QEMU guest of `image` on `host` (TCG, its RAM in a file of `shm`,
+/// which `agent` finds and hashes), once its workload runs and `agent`
+/// hashed every page; its console and QMP socket in `dir`.
+pub fn qemu_on(
+    dir: &Path,
+    shm: &Path,
+    host: &str,
+    agent: &AgentProcess,
+    image: &GuestImage,
+) -> anyhow::Result<QemuGuest> {
+    let name = format!("{host}-{}", image.workload);
+    let spec = image.spec().shared_memory(&shm.join(format!("{name}.ram")));
+    // The environment is the wrapper's from its start: the agent never
+    // sees this process without it.
+    let mut on_host = std::process::Command::new("env");
+    on_host.env(HOST_ENV, host);
+    let guest = QemuGuest::boot(&spec, dir, &name, Some(on_host))?;
+    wait_hashed(agent, &guest, &image.workload)?;
+    Ok(guest)
 }
 
 /// Waits until `agent`'s publisher has sent `at_least` counts and is healthy.

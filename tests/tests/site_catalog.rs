@@ -18,11 +18,14 @@ use agent::{
 };
 use pagefp_tests::{
     agent_process::{AgentProcess, TempDir, free_port},
-    link_security::{make_pki, test_pki},
+    guest_images,
+    link_security::{LinkSecurity, make_pki, test_pki},
     migration::{KeptSourceMigration, ReceiveSpec},
     privileged,
+    qemu::QemuGuest,
+    qemu_proxy_run::{Ends, Proxies, Templates},
     redis_cluster::{self, RedisCluster},
-    site_hosts::{self, HostSettings, contents},
+    site_hosts::{self, HostSettings, contents, qemu_on},
     vmm_client::VmmProcess,
 };
 
@@ -299,6 +302,126 @@ fn a_destination_holding_nothing_rebuilds_the_vm_from_the_site() {
         from_site.wire_bytes,
         none.wire_bytes
     );
+}
+
+/// The QEMU proxy path: hosts a and b each run a guest of one OS (QEMU
+/// TCG, its RAM in shared memory, which each host's agent finds and
+/// hashes) and publish; the pages both hold are stored in the site. Host
+/// a's guest migrates through the proxies to host c, whose receive proxy
+/// holds no template of its own, only the site store: the send proxy lists
+/// the guest's contents from host a's agent (finding QEMU by its
+/// connection), the receive proxy answers which the site holds and fetches
+/// them. The paused destination's memory equals the source's, and the
+/// guest runs on.
+#[test]
+fn a_qemu_guest_migrates_through_the_proxies_with_the_sites_templates() {
+    let test = "a_qemu_guest_migrates_through_the_proxies_with_the_sites_templates";
+    if !ready(test) {
+        return;
+    }
+    let images = guest_images::ensure_images().expect("building the guest images");
+    let image = |w: &str| images.iter().find(|i| i.workload == w).unwrap();
+    let cluster = RedisCluster::start_tls(test_pki(), 3, 0).expect("starting a Redis cluster");
+    let dir = TempDir::new("pagefp-site-qemu");
+    let shm = TempDir::new_in(std::path::Path::new("/dev/shm"), "pagefp-site-qemu");
+    let a = host_agent("a", &cluster);
+    let b = host_agent("b", &cluster);
+    let mut source = qemu_on(&dir.0, &shm.0, "a", &a, image("httpd")).unwrap();
+    let sibling = qemu_on(&dir.0, &shm.0, "b", &b, image("idle")).unwrap();
+    assert!(a.vm(sibling.pid()).is_none() && b.vm(source.pid()).is_none());
+    wait_published(&a, contents(&a, source.pid()).len() as u64 / 2);
+    wait_published(&b, contents(&b, sibling.pid()).len() as u64 / 2);
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Host c: the destination QEMU (its RAM a memory backend too: QEMU
+    // migrates RAM blocks by name), paused once loaded (-S) so its memory
+    // can be compared; no agent, no catalog.
+    let port = free_port();
+    let mut dest = QemuGuest::boot(
+        &image("httpd")
+            .spec()
+            .shared_memory(&shm.0.join("c-dst.ram"))
+            .incoming(&format!("tcp:127.0.0.1:{port}"))
+            .with_args(["-S"]),
+        &dir.0,
+        "c-dst",
+        None,
+    )
+    .unwrap();
+    source
+        .qmp
+        .execute(
+            "migrate-set-parameters",
+            Some(serde_json::json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
+        )
+        .unwrap();
+    let site = Templates::Site {
+        nodes: cluster.urls(),
+        tls_dir: cluster.tls_dir(),
+    };
+    let agent_socket = a.socket.display().to_string();
+    let proxies = Proxies::start(
+        &Ends::LOOPBACK,
+        port,
+        &[site],
+        &["--agent-socket", &agent_socket],
+        &LinkSecurity::default(),
+    )
+    .unwrap();
+    source.qmp.migrate(&proxies.uri).unwrap();
+    let info = source.qmp.wait_migration(Duration::from_secs(300));
+    let outcome = proxies.wait().unwrap();
+    let (sent, received) = match (outcome.send, outcome.receive) {
+        (Ok(sent), Ok(received)) => (sent, received),
+        (send, receive) => panic!(
+            "the proxies failed:\nsend: {}\nreceive: {}",
+            send.err().unwrap_or_default(),
+            receive.err().unwrap_or_default()
+        ),
+    };
+    let info = info.unwrap();
+    eprintln!("{sent:?}\n{received:?}\nQEMU: {}", info["ram"]);
+    assert_eq!(info["status"], "completed", "{info:?}");
+    let negotiation = sent.negotiation.clone().unwrap_or_default();
+    assert!(negotiation.starts_with("query: "), "{negotiation}");
+    assert_eq!(sent.negotiation, received.negotiation);
+    let fetched = received
+        .site
+        .clone()
+        .expect("the receive proxy's site fetch");
+    assert!(
+        fetched.pages > 1_000 && fetched.error.is_none(),
+        "{fetched:?}"
+    );
+    assert!(sent.template_pages > 1_000, "{sent:?}");
+    assert_eq!(received.template_pages, sent.template_pages);
+    assert!(
+        sent.wire_bytes * 10 < sent.stream_bytes * 8,
+        "{} WAN bytes for a {}-byte QEMU stream",
+        sent.wire_bytes,
+        sent.stream_bytes
+    );
+    // 32 bytes and a bit per listed content: far under 2% of the stream.
+    assert!(sent.negotiation_bytes * 50 < sent.stream_bytes, "{sent:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while dest.qmp.status().unwrap() == "inmigrate" {
+        assert!(Instant::now() < deadline, "the destination never loaded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let size = u64::from(image("httpd").mem_mib) << 20;
+    let (at_a, at_c) = (dir.0.join("a.mem"), dir.0.join("c.mem"));
+    source.qmp.pmemsave(&at_a, size).unwrap();
+    dest.qmp.pmemsave(&at_c, size).unwrap();
+    assert!(
+        std::fs::read(&at_a).unwrap() == std::fs::read(&at_c).unwrap(),
+        "the destination's memory differs from the source's"
+    );
+    dest.qmp.cont().unwrap();
+    let first = dest.wait_heartbeat(0, Duration::from_secs(30)).unwrap();
+    dest.wait_heartbeat(first, Duration::from_secs(30))
+        .expect("the guest's counter goes on at the destination");
+    drop(sibling);
 }
 
 /// Pages of every shard stored, one master killed: the next fetch reads
