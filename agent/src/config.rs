@@ -111,6 +111,11 @@ pub struct SiteConfig {
     pub min_hosts: u32,
     /// Seconds a stored page is kept after a host last reported holding it.
     pub page_ttl_secs: u64,
+    /// Most bytes of template pages the site stores (0: no limit). Over it,
+    /// the site's curator (one host at a time) keeps the best ranked 90%.
+    pub budget_bytes: u64,
+    /// Seconds between the curator's passes (its lease lasts two).
+    pub curate_secs: u64,
 }
 
 impl SiteConfig {
@@ -135,6 +140,8 @@ impl Default for SiteConfig {
             publish_ms: 2000,
             min_hosts: 2,
             page_ttl_secs: 7 * 24 * 3600,
+            budget_bytes: 4 << 30,
+            curate_secs: 300,
         }
     }
 }

@@ -104,6 +104,12 @@ fn hosts_publish_counts_that_end_with_their_lease() {
     wait_published(&b, on_b.len() as u64);
     // Let one more publication cycle store the pages both hosts hold.
     std::thread::sleep(Duration::from_millis(800));
+    // One host of the two keeps the site within its budget.
+    let curators = [&a, &b]
+        .iter()
+        .filter(|agent| agent.status()["site"]["curator"] == true)
+        .count();
+    assert_eq!(curators, 1, "exactly one curator");
     let mut site = store(&cluster);
     let counts = site_counts(&mut site, &on_a).unwrap();
     let shared: Vec<[u8; 32]> = on_a
@@ -422,6 +428,50 @@ fn a_qemu_guest_migrates_through_the_proxies_with_the_sites_templates() {
     dest.wait_heartbeat(first, Duration::from_secs(30))
         .expect("the guest's counter goes on at the destination");
     drop(sibling);
+}
+
+/// The site's budget: 40 pages stored, held by more and more VMs; with
+/// room for 20, the curator keeps the 18 held by the most VMs (90% of the
+/// budget) and deletes the others. One host curates at a time.
+#[test]
+fn the_site_keeps_its_best_ranked_pages_within_its_budget() {
+    if !ready("the_site_keeps_its_best_ranked_pages_within_its_budget") {
+        return;
+    }
+    let cluster = RedisCluster::start(3, 0).expect("starting a Redis cluster");
+    let pages: Vec<[u8; 4096]> = (1..=40u32)
+        .map(|i| {
+            let mut page = [0u8; 4096];
+            page[..4].copy_from_slice(&i.to_le_bytes());
+            page[4096 - 8..].copy_from_slice(b"pagefp-b");
+            page
+        })
+        .collect();
+    let hashes: Vec<[u8; 32]> = pages.iter().map(|p| *blake3::hash(p).as_bytes()).collect();
+    let mut x = publisher(&cluster, "x");
+    let mut y = publisher(&cluster, "y");
+    x.renew_lease().unwrap();
+    y.renew_lease().unwrap();
+    // Page i is held by i VMs of host x; y holds the first ten in one VM.
+    let held: Vec<([u8; 32], u32)> = hashes.iter().copied().zip(1..).collect();
+    x.publish(&held, &[]).unwrap();
+    let y_held: Vec<([u8; 32], u32)> = hashes[..10].iter().map(|h| (*h, 1)).collect();
+    y.publish(&y_held, &[]).unwrap();
+    let batch: Vec<([u8; 32], &[u8; 4096])> = hashes.iter().copied().zip(&pages).collect();
+    assert_eq!(x.store_pages(&batch).unwrap(), 40);
+    let lease = Duration::from_secs(30);
+    let pass = x
+        .curate(20, lease)
+        .unwrap()
+        .expect("x takes the curator lease");
+    assert_eq!((pass.stored, pass.evicted, pass.expired), (40, 22, 0));
+    assert_eq!(y.curate(20, lease).unwrap(), None, "x curates, not y");
+    let within = x.curate(20, lease).unwrap().expect("x renews its lease");
+    assert_eq!((within.stored, within.evicted), (18, 0));
+    let fetched = store(&cluster).fetch_pages(&hashes, Instant::now() + Duration::from_secs(20));
+    let kept: Vec<bool> = fetched.pages.iter().map(Option::is_some).collect();
+    assert_eq!(kept[..22], [false; 22], "the pages held by fewest VMs go");
+    assert_eq!(kept[22..], [true; 18], "the 18 held by most VMs stay");
 }
 
 /// Pages of every shard stored, one master killed: the next fetch reads

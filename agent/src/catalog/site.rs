@@ -11,6 +11,10 @@
 //! pagefp:hosts             set    every host that published
 //! pagefp:hc:<host>:<xx>    set    the contents a host published, by first hash byte
 //!                                 (what to delete when it is gone)
+//! pagefp:s:<xx>            set    the contents whose page is stored, by first hash
+//!                                 byte (what the site's budget ranks)
+//! pagefp:curator           string the host that keeps the site within its budget
+//!                                 (PX: a lease, taken over when it lapses)
 //! ```
 //!
 //! Nothing read from the store is trusted: a page is used only if its
@@ -38,6 +42,7 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 const PREFIX: &str = "pagefp:";
 const HOSTS: &str = "pagefp:hosts";
+const CURATOR: &str = "pagefp:curator";
 
 fn hex(hash: &PageHash) -> String {
     hash.iter().map(|b| format!("{b:02x}")).collect()
@@ -57,6 +62,10 @@ fn lease_key(host: &str) -> String {
 
 fn index_key(host: &str, hash: &PageHash) -> String {
     format!("{PREFIX}hc:{host}:{:02x}", hash[0])
+}
+
+fn stored_key(bucket: u8) -> String {
+    format!("{PREFIX}s:{bucket:02x}")
 }
 
 /// What the store was asked to do, for the operator and the benchmark.
@@ -470,6 +479,10 @@ impl HostPublisher {
                     .arg("NX")
                     .arg("PX")
                     .arg(self.page_ttl.as_millis() as u64);
+                pipe.cmd("SADD")
+                    .arg(stored_key(hash[0]))
+                    .arg(hash.as_slice())
+                    .ignore();
             }
             if commands == 0 {
                 continue;
@@ -486,19 +499,7 @@ impl HostPublisher {
         let mut forgotten = 0;
         for bucket in 0..=255u8 {
             let key = format!("{PREFIX}hc:{host}:{bucket:02x}");
-            let mut pipe = cluster_pipe();
-            pipe.cmd("SMEMBERS").arg(&key);
-            let members = match self.store.run(&pipe)?.pop() {
-                Some(Value::Array(members)) | Some(Value::Set(members)) => members,
-                _ => Vec::new(),
-            };
-            let hashes: Vec<PageHash> = members
-                .into_iter()
-                .filter_map(|member| match member {
-                    Value::BulkString(bytes) => bytes.try_into().ok(),
-                    _ => None,
-                })
-                .collect();
+            let hashes = self.members(&key)?;
             for batch in hashes.chunks(BATCH) {
                 let mut pipe = cluster_pipe();
                 for hash in batch {
@@ -521,6 +522,134 @@ impl HostPublisher {
             .into_iter()
             .filter(|(host, live)| !live && *host != self.host)
             .map(|(host, _)| host)
+            .collect())
+    }
+
+    /// Keeps the site within its budget of `cap` stored pages, if this host
+    /// is the site's curator (it holds, or takes over, the curator lease
+    /// for `lease`): when more are stored, keeps the best ranked 90% of
+    /// `cap` (held by more VMs, then more hosts, then by hash: the host
+    /// selection's order, without page counts, which the site does not
+    /// keep) and deletes the rest. `None`: another host curates.
+    pub fn curate(&mut self, cap: u64, lease: Duration) -> redis::RedisResult<Option<Curation>> {
+        if !self.curator_lease(lease)? {
+            return Ok(None);
+        }
+        let mut pipe = cluster_pipe();
+        for bucket in 0..=255u8 {
+            pipe.cmd("SCARD").arg(stored_key(bucket));
+        }
+        let stored: u64 = self
+            .store
+            .run(&pipe)?
+            .iter()
+            .map(|v| match v {
+                Value::Int(n) => u64::try_from(*n).unwrap_or(0),
+                _ => 0,
+            })
+            .sum();
+        let mut curation = Curation {
+            stored,
+            ..Curation::default()
+        };
+        if stored <= cap {
+            return Ok(Some(curation));
+        }
+        let mut hashes: Vec<PageHash> = Vec::new();
+        for bucket in 0..=255u8 {
+            hashes.extend(self.members(&stored_key(bucket))?);
+        }
+        // Pages whose TTL ended leave their name behind: drop it.
+        let mut present = Vec::with_capacity(hashes.len());
+        for batch in hashes.chunks(BATCH) {
+            let mut pipe = cluster_pipe();
+            for hash in batch {
+                pipe.cmd("EXISTS").arg(page_key(hash));
+            }
+            let exists = self.store.run(&pipe)?;
+            present.extend(exists.iter().map(|v| matches!(v, Value::Int(1))));
+        }
+        let (live, expired): (Vec<_>, Vec<_>) = hashes
+            .into_iter()
+            .zip(present)
+            .partition(|(_, present)| *present);
+        let expired: Vec<PageHash> = expired.into_iter().map(|(hash, _)| hash).collect();
+        let live: Vec<PageHash> = live.into_iter().map(|(hash, _)| hash).collect();
+        let counts = site_counts(&mut self.store, &live)?;
+        let mut ranked: Vec<(PageHash, SiteCount)> = live.into_iter().zip(counts).collect();
+        ranked.sort_unstable_by(|(a, ca), (b, cb)| {
+            cb.vms
+                .cmp(&ca.vms)
+                .then(cb.hosts.cmp(&ca.hosts))
+                .then(a.cmp(b))
+        });
+        let keep = usize::try_from(cap - cap / 10).unwrap_or(usize::MAX);
+        let evicted: Vec<PageHash> = ranked.iter().skip(keep).map(|(hash, _)| *hash).collect();
+        for batch in evicted.chunks(BATCH / 2) {
+            let mut pipe = cluster_pipe();
+            for hash in batch {
+                pipe.cmd("UNLINK").arg(page_key(hash)).ignore();
+                pipe.cmd("SREM")
+                    .arg(stored_key(hash[0]))
+                    .arg(hash.as_slice())
+                    .ignore();
+            }
+            self.store.run(&pipe)?;
+        }
+        for batch in expired.chunks(BATCH) {
+            let mut pipe = cluster_pipe();
+            for hash in batch {
+                pipe.cmd("SREM")
+                    .arg(stored_key(hash[0]))
+                    .arg(hash.as_slice())
+                    .ignore();
+            }
+            self.store.run(&pipe)?;
+        }
+        curation.evicted = evicted.len() as u64;
+        curation.expired = expired.len() as u64;
+        Ok(Some(curation))
+    }
+
+    /// Whether this host is the curator: it takes the lease when no host
+    /// holds it, and renews it when it does.
+    fn curator_lease(&mut self, lease: Duration) -> redis::RedisResult<bool> {
+        let px = lease.as_millis() as u64;
+        let mut pipe = cluster_pipe();
+        pipe.cmd("SET")
+            .arg(CURATOR)
+            .arg(&self.host)
+            .arg("NX")
+            .arg("PX")
+            .arg(px);
+        pipe.cmd("GET").arg(CURATOR);
+        let values = self.store.run(&pipe)?;
+        let holder = match values.get(1) {
+            Some(Value::BulkString(bytes)) => bytes.as_slice() == self.host.as_bytes(),
+            _ => false,
+        };
+        if holder && !matches!(values.first(), Some(Value::Okay)) {
+            let mut pipe = cluster_pipe();
+            pipe.cmd("PEXPIRE").arg(CURATOR).arg(px).ignore();
+            self.store.run(&pipe)?;
+        }
+        Ok(holder)
+    }
+
+    /// The 32-byte members of the set `key`.
+    fn members(&mut self, key: &str) -> redis::RedisResult<Vec<PageHash>> {
+        let mut pipe = cluster_pipe();
+        pipe.cmd("SMEMBERS").arg(key);
+        let members = match self.store.run(&pipe)?.pop() {
+            Some(Value::Array(members)) | Some(Value::Set(members)) => members,
+            _ => Vec::new(),
+        };
+        Ok(members
+            .into_iter()
+            .filter_map(|member| match member {
+                Value::BulkString(bytes) => bytes.try_into().ok(),
+                _ => None,
+            })
             .collect())
     }
 
@@ -614,6 +743,17 @@ pub fn site_counts(
         }
     }
     Ok(counts)
+}
+
+/// What one pass of [`HostPublisher::curate`] found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Curation {
+    /// Pages the site listed as stored before the pass.
+    pub stored: u64,
+    /// Pages deleted to bring the site within its budget.
+    pub evicted: u64,
+    /// Names of pages whose TTL had ended, dropped from the list.
+    pub expired: u64,
 }
 
 /// How widely the site holds one content.

@@ -11,7 +11,10 @@
 //! 3. for contents this host newly holds that enough hosts now hold and
 //!    whose page is not stored, read one copy from a guest, check its hash
 //!    and store it (`SET NX`: the first host wins);
-//! 4. once a lease period, delete the counts of one host whose lease ended.
+//! 4. once a lease period, delete the counts of one host whose lease ended;
+//! 5. once a curate period, if this host is the site's curator (a lease in
+//!    the store, held by one host at a time), keep the stored pages within
+//!    the site's budget, the best ranked kept.
 //!
 //! The store being down costs the site its catalog, never the host: errors
 //! are logged once per change of state and counted, and the thread retries.
@@ -55,6 +58,14 @@ pub struct SiteStatus {
     pub pages_stored: u64,
     /// Dead hosts whose counts this host deleted.
     pub hosts_reaped: u64,
+    /// This host was the site's curator at its last pass, and what the
+    /// pass found (pages stored, evicted to stay within the budget).
+    #[serde(default)]
+    pub curator: bool,
+    #[serde(default)]
+    pub site_pages: u64,
+    #[serde(default)]
+    pub pages_evicted: u64,
     pub traffic: StoreTraffic,
     /// CPU time of the publishing thread.
     pub cpu_seconds: f64,
@@ -108,6 +119,7 @@ impl SitePublisher {
             publisher: None,
             resync: true,
             last_reap: Instant::now(),
+            last_curation: None,
         };
         if let Some(store) = first {
             worker.publisher = Some(worker.publisher_over(store)?);
@@ -133,6 +145,8 @@ struct Worker {
     /// Delete what this host published and send everything again.
     resync: bool,
     last_reap: Instant,
+    /// When this host last tried to curate (`None`: not yet).
+    last_curation: Option<Instant>,
 }
 
 impl Worker {
@@ -252,6 +266,32 @@ impl Worker {
                     .context("deleting a dead host's counts")?;
                 log::info!("site store: host {dead}'s lease ended; deleted its {forgotten} counts");
                 self.status.lock().unwrap().hosts_reaped += 1;
+            }
+        }
+        let period = Duration::from_secs(self.config.curate_secs.max(1));
+        if self.config.budget_bytes > 0
+            && self.last_curation.is_none_or(|at| at.elapsed() >= period)
+        {
+            self.last_curation = Some(Instant::now());
+            let publisher = self.publisher.as_mut().expect("connected above");
+            let cap = self.config.budget_bytes / PAGE_SIZE as u64;
+            let curation = publisher
+                .curate(cap, 2 * period)
+                .context("keeping the site within its budget")?;
+            let mut status = self.status.lock().unwrap();
+            status.curator = curation.is_some();
+            if let Some(curation) = curation {
+                status.site_pages = curation
+                    .stored
+                    .saturating_sub(curation.evicted + curation.expired);
+                status.pages_evicted += curation.evicted;
+                if curation.evicted > 0 {
+                    log::info!(
+                        "site store: {} pages stored, over the budget of {cap}: evicted the {} ranked lowest",
+                        curation.stored,
+                        curation.evicted
+                    );
+                }
             }
         }
         Ok(())
