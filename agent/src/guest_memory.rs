@@ -19,7 +19,7 @@ use std::{
 use nix::{
     fcntl::{FcntlArg, SealFlag, fcntl},
     sys::{
-        mman::{MapFlags, ProtFlags, mmap, munmap},
+        mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap, munmap},
         uio::{RemoteIoVec, process_vm_readv},
     },
     unistd::Pid,
@@ -36,6 +36,9 @@ pub struct GuestMapping {
     ptr: NonNull<u8>,
     len: usize,
     writable: bool,
+    /// A writable mapping's file and where the region starts in it: where
+    /// holes are punched and found.
+    file: Option<(File, u64)>,
 }
 
 // SAFETY: the mapping is memory owned by this struct; shared access only
@@ -93,8 +96,60 @@ impl GuestMapping {
             .open(&path)
             .with_context(|| format!("opening {path} read-write (run as root)"))?;
         let offset = mapping.offset + (uaddr - mapping.start);
-        Self::map(&file, offset, size, true, MapFlags::empty())
-            .with_context(|| format!("mapping {path}"))
+        let mut mapped = Self::map(&file, offset, size, true, MapFlags::empty())
+            .with_context(|| format!("mapping {path}"))?;
+        mapped.file = Some((file, offset));
+        Ok(mapped)
+    }
+
+    /// Zeroes pages `[first, first+count)` of a writable mapping by freeing
+    /// their backing (`MADV_REMOVE`: the file gets a hole, which reads as
+    /// zeros in every mapping of it, the VMM's too) rather than writing
+    /// zeros: a zero page costs no memory and no page fault. False when
+    /// the range is outside the region or the file system cannot (nothing
+    /// changed then: write the zeros).
+    pub fn discard(&mut self, first: u32, count: u32) -> bool {
+        let start = first as usize * PAGE_SIZE;
+        let len = count as usize * PAGE_SIZE;
+        if !self.writable || count == 0 || start.checked_add(len).is_none_or(|end| end > self.len) {
+            return false;
+        }
+        // SAFETY: a page-aligned range inside this writable shared mapping
+        // (checked above); `&mut self` makes this the only access from
+        // this process. Freeing the backing only makes the pages read as
+        // zeros, which is what the caller asks for.
+        unsafe { madvise(self.ptr.add(start).cast(), len, MmapAdvise::MADV_REMOVE) }.is_ok()
+    }
+
+    /// Which pages of a writable mapping lie in a hole of its file (they
+    /// read as zeros without being read), from `SEEK_DATA`/`SEEK_HOLE`;
+    /// `None` when the file system does not say.
+    pub fn holes(&self) -> Option<Vec<bool>> {
+        use nix::unistd::{Whence, lseek};
+        let (file, offset) = self.file.as_ref()?;
+        let pages = self.len / PAGE_SIZE;
+        let end = *offset + self.len as u64;
+        let mut holes = vec![true; pages];
+        let mut at = *offset;
+        while at < end {
+            let data = match lseek(file.as_fd(), at as i64, Whence::SeekData) {
+                Ok(data) => data as u64,
+                // No data from `at` to the end of the file.
+                Err(nix::errno::Errno::ENXIO) => break,
+                Err(_) => return None,
+            };
+            if data >= end {
+                break;
+            }
+            let hole = lseek(file.as_fd(), data as i64, Whence::SeekHole).ok()? as u64;
+            let hole = hole.min(end);
+            // A page holding any data byte is data.
+            let first = ((data - offset) / PAGE_SIZE as u64) as usize;
+            let last = ((hole - offset).div_ceil(PAGE_SIZE as u64) as usize).min(pages);
+            holes[first..last].fill(false);
+            at = hole.max(data + 1);
+        }
+        Some(holes)
     }
 
     fn map(
@@ -129,6 +184,7 @@ impl GuestMapping {
             ptr: ptr.cast(),
             len: size as usize,
             writable,
+            file: None,
         })
     }
 
@@ -333,6 +389,48 @@ mod tests {
             view.page(2).unwrap().iter().all(|b| *b == 9),
             "the same file"
         );
+    }
+
+    /// A destination's zero pages are holes, not written zeros: the VMM
+    /// reads zeros, the file holds no memory for them, and `holes` finds
+    /// them (and only them) without reading.
+    #[test]
+    fn zeroed_pages_become_holes_that_are_found_without_reading() {
+        let pid = std::process::id();
+        let mut ram = VmmRam::new(16, true);
+        let (uaddr, size) = (ram.uaddr(), 16 * PAGE_SIZE as u64);
+        let mut dest = GuestMapping::open_writable(pid, uaddr, size).unwrap();
+        let untouched = dest.holes().expect("a memfd tells its holes");
+        assert!(
+            untouched.iter().all(|hole| *hole),
+            "a fresh memfd is all holes"
+        );
+        for page in [2, 3, 4, 9] {
+            dest.page_mut(page).unwrap().fill(5);
+        }
+        let holes = dest.holes().unwrap();
+        let data: Vec<usize> = (0..16).filter(|p| !holes[*p]).collect();
+        assert_eq!(data, [2, 3, 4, 9]);
+        assert!(dest.discard(3, 2), "shmem frees pages");
+        let holes = dest.holes().unwrap();
+        let data: Vec<usize> = (0..16).filter(|p| !holes[*p]).collect();
+        assert_eq!(data, [2, 9]);
+        // (Reading a hole of a shared memfd fills it again: checked last.)
+        assert!(
+            ram.bytes()[3 * PAGE_SIZE..5 * PAGE_SIZE]
+                .iter()
+                .all(|b| *b == 0)
+        );
+        assert!(
+            ram.bytes()[2 * PAGE_SIZE..3 * PAGE_SIZE]
+                .iter()
+                .all(|b| *b == 5)
+        );
+        assert!(!dest.discard(15, 2), "past the region");
+        let view = GuestMapping::open_sealed(pid, uaddr, size)
+            .unwrap()
+            .unwrap();
+        assert!(view.holes().is_none(), "a read-only view keeps no file");
     }
 
     #[test]

@@ -182,6 +182,7 @@ fn report(id: &str, phase: Phase, round: u32, wire_bytes: u64) -> MigrationRepor
         catalog_bytes: 0,
         final_pages: 0,
         downtime_parts_ms: Vec::new(),
+        timeline: Vec::new(),
         tls: true,
         channel: "TLS 1.3 TLS13_AES_256_GCM_SHA384, peer certificate dest".into(),
         compression: None,

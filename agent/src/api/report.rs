@@ -175,6 +175,11 @@ pub struct MigrationReport {
     /// exchange (milliseconds).
     #[serde(default)]
     pub downtime_parts_ms: Vec<(String, f64)>,
+    /// Source: when each step ended, seconds from the start (connected,
+    /// negotiated, each round sent and acknowledged, paused, verified,
+    /// resumed): where the migration's time went.
+    #[serde(default)]
+    pub timeline: Vec<(String, f64)>,
     /// The link was TLS 1.3 with both ends authenticated.
     #[serde(default)]
     pub tls: bool,
@@ -250,6 +255,7 @@ impl MigrationReport {
             catalog_bytes: 0,
             final_pages: 0,
             downtime_parts_ms: Vec::new(),
+            timeline: Vec::new(),
             tls: false,
             channel: String::new(),
             compression: None,

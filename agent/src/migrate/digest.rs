@@ -11,10 +11,11 @@ use crate::{
 /// Pages per digest chunk (4 MiB).
 pub const CHUNK_PAGES: u32 = 1024;
 
-/// Digests of `pages` pages; `read(page, buf)` fills `buf` with a page.
+/// Digests of `pages` pages; `read(page, buf)` fills `buf` with a page,
+/// or returns `true` without filling it when the page is known to be zero.
 pub fn chunk_digests<F>(pages: u32, chunk_pages: u32, read: F) -> anyhow::Result<Vec<[u8; 32]>>
 where
-    F: Fn(u32, &mut [u8]) -> anyhow::Result<()> + Sync,
+    F: Fn(u32, &mut [u8]) -> anyhow::Result<bool> + Sync,
 {
     let chunks = pages.div_ceil(chunk_pages.max(1));
     let threads = std::thread::available_parallelism()
@@ -35,8 +36,8 @@ where
                         let mut hasher = blake3::Hasher::new();
                         let first = chunk * chunk_pages;
                         for page in first..(first + chunk_pages).min(pages) {
-                            read(page, &mut buf)?;
-                            let hash = if is_zero_page(&buf) {
+                            let known_zero = read(page, &mut buf)?;
+                            let hash = if known_zero || is_zero_page(&buf) {
                                 zero
                             } else {
                                 *blake3::hash(&buf).as_bytes()
@@ -69,7 +70,7 @@ mod tests {
             let m = m.clone();
             move |page: u32, buf: &mut [u8]| {
                 buf.copy_from_slice(&m[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
-                Ok(())
+                Ok(false)
             }
         };
         let before = chunk_digests(10, 4, read(&memory)).unwrap();

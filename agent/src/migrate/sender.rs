@@ -326,6 +326,7 @@ impl Sender<'_> {
                 .push(("go_resumed".into(), total - before));
         }
         self.report.downtime_ms = downtime;
+        self.mark("resumed");
         log::info!(
             "destination VM resumed (pid {}); downtime {:.0} ms",
             resumed.pid,
@@ -404,6 +405,12 @@ impl Sender<'_> {
         Ok(())
     }
 
+    /// Notes in the report's timeline that `step` ended now.
+    fn mark(&mut self, step: impl Into<String>) {
+        let at = self.started.elapsed().as_secs_f64();
+        self.report.timeline.push((step.into(), at));
+    }
+
     fn sync_bytes(&mut self) {
         self.report.wire_bytes = self.writer.bytes + self.reader.bytes;
         self.report.elapsed_seconds = self.started.elapsed().as_secs_f64();
@@ -455,11 +462,16 @@ impl Sender<'_> {
     }
 
     fn precopy(&mut self, vmm: &mut dyn VmmControl, paused: &mut bool) -> anyhow::Result<()> {
-        self.negotiate(&self.page_states()?)?;
-        self.report.phase = Phase::Precopy;
-        let target = Duration::from_millis(self.options.downtime_ms).as_secs_f64();
+        self.mark("connected");
         let mut states = self.page_states()?;
         let mut taken = Instant::now();
+        self.mark("hash_list");
+        self.negotiate(&states)?;
+        self.mark("negotiated");
+        self.report.phase = Phase::Precopy;
+        let target = Duration::from_millis(self.options.downtime_ms).as_secs_f64();
+        // What the guest wrote while the negotiation ran is in the next
+        // list: the first round sends from the list taken before it.
         let mut previous = usize::MAX;
         let mut stalled = 0;
         loop {
@@ -505,6 +517,7 @@ impl Sender<'_> {
             let bytes_before = self.writer.bytes;
             self.round_estimate = (estimate as u64, bytes_before);
             self.send_pages(&candidates, &states)?;
+            self.mark(format!("round {} sent", self.report.round));
             let round = RoundEnd {
                 round: self.report.round,
                 last: false,
@@ -525,6 +538,7 @@ impl Sender<'_> {
                     round.round
                 );
             }
+            self.mark(format!("round {} acknowledged", self.report.round));
             let seconds = round_start.elapsed().as_secs_f64();
             let sent = (self.writer.bytes - bytes_before) as f64;
             // Short rounds mostly fill socket buffers: no bandwidth signal.
@@ -554,12 +568,13 @@ impl Sender<'_> {
         vmm.pause().context("pausing the source VM")?;
         *paused = true;
         self.pause_started = Some(Instant::now());
+        self.mark("paused");
         // The digest of all memory, independent of the tracking, computed
         // while the last pages go out.
         let memory = Arc::clone(&self.memory);
         let digest = std::thread::spawn(move || {
             chunk_digests(memory.layout.pages(), CHUNK_PAGES, |page, buf| {
-                memory.read(page, buf)
+                memory.read(page, buf).map(|()| false)
             })
         });
         let mut mark = Instant::now();
@@ -607,6 +622,7 @@ impl Sender<'_> {
             );
         }
         self.report.verified = true;
+        self.mark("verified");
         self.report.remaining_bytes = 0;
         log::info!(
             "final round: {} pages; destination memory verified against the source",

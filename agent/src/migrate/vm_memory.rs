@@ -172,8 +172,49 @@ impl DestMemory {
             .is_some()
     }
 
-    pub fn zero(&mut self, page: u32) -> bool {
-        self.page_mut(page).map(|bytes| bytes.fill(0)).is_some()
+    /// Zeroes pages `[first, first+count)`: their backing freed where the
+    /// file system can (a hole reads as zeros and holds no memory), zeros
+    /// written otherwise. False if a page is outside the memory.
+    pub fn zero_run(&mut self, first: u32, count: u32) -> bool {
+        let Some(end) = first
+            .checked_add(count)
+            .filter(|end| *end <= self.layout.pages())
+        else {
+            return false;
+        };
+        let mut page = first;
+        while page < end {
+            let Some((region, index)) = self.layout.locate(page) else {
+                return false;
+            };
+            let in_region = (self.layout.regions[region].size / PAGE_SIZE as u64) as u32 - index;
+            let run = in_region.min(end - page);
+            if !self.regions[region].discard(index, run) {
+                for i in index..index + run {
+                    match self.regions[region].page_mut(i) {
+                        Some(bytes) => bytes.fill(0),
+                        None => return false,
+                    }
+                }
+            }
+            page += run;
+        }
+        true
+    }
+
+    /// Pages known to read as zeros without reading them (holes in the
+    /// memory's files), by global page index; all false where the file
+    /// system does not say.
+    pub fn holes(&self) -> Vec<bool> {
+        let mut holes = Vec::with_capacity(self.layout.pages() as usize);
+        for (region, mapping) in self.layout.regions.iter().zip(&self.regions) {
+            let pages = (region.size / PAGE_SIZE as u64) as usize;
+            match mapping.holes() {
+                Some(found) if found.len() == pages => holes.extend(found),
+                _ => holes.extend(std::iter::repeat_n(false, pages)),
+            }
+        }
+        holes
     }
 }
 

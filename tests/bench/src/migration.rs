@@ -59,6 +59,8 @@ pub struct Run {
     /// Pages sent while the VM was paused, and where the downtime went.
     pub final_pages: u64,
     pub downtime_parts_ms: Vec<(String, f64)>,
+    /// The sender's timeline: when each step ended, seconds from its start.
+    pub timeline: Vec<(String, f64)>,
     /// The link was TLS 1.3 with both ends authenticated (pagefp's default;
     /// `MODE@plaintext` runs and QEMU's own migration are plain TCP).
     pub tls: bool,
@@ -236,6 +238,7 @@ fn failed_run(image: &GuestImage, mode: &str, link: LinkSpec, err: &anyhow::Erro
         templates_agreed: 0,
         final_pages: 0,
         downtime_parts_ms: Vec::new(),
+        timeline: Vec::new(),
         tls: false,
         qemu_version: None,
         error: Some(format!("{err:#}")),
@@ -371,6 +374,7 @@ fn pagefp_run(
         templates_agreed: report.templates_agreed,
         final_pages: report.final_pages,
         downtime_parts_ms: report.downtime_parts_ms.clone(),
+        timeline: report.timeline.clone(),
         tls: report.tls && received.report().tls,
         qemu_version: None,
         error: None,
@@ -516,6 +520,7 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
         templates_agreed: 0,
         final_pages: 0,
         downtime_parts_ms: Vec::new(),
+        timeline: Vec::new(),
         tls: false,
         error: None,
         note,
