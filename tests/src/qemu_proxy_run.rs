@@ -230,23 +230,23 @@ fn wrapped(wrap: Option<Command>, program: impl AsRef<std::ffi::OsStr>) -> Comma
 }
 
 /// One QEMU migration, as [`migrate_once`] saw it.
-struct Migrated {
+pub struct Migrated {
     /// QEMU's `ram.transferred`.
-    wire_bytes: u64,
-    seconds: f64,
+    pub wire_bytes: u64,
+    pub seconds: f64,
     /// QEMU's final status (`completed`, `failed`, ...).
-    status: String,
+    pub status: String,
     /// The guest's heartbeat went on at the destination.
-    resumed: bool,
+    pub resumed: bool,
     /// The paused destination's memory equals the paused source's.
-    memory_identical: Option<bool>,
+    pub memory_identical: Option<bool>,
     /// The send proxy's report, through the proxies.
-    proxy: Option<ProxyReport>,
+    pub proxy: Option<ProxyReport>,
 }
 
 /// Boots the guest at both ends, waits `run_seconds` of workload, and
 /// migrates it (through the proxies if `proxy` is given).
-fn migrate_once(
+pub fn migrate_once(
     image: &GuestImage,
     ends: &Ends,
     dir: &TempDir,

@@ -150,6 +150,9 @@ pub struct ProxyReport {
     /// (send side; 0 without the `return-path` capability).
     #[serde(default)]
     pub return_path_bytes: u64,
+    /// CPU seconds this proxy's process used (all its threads).
+    #[serde(default)]
+    pub cpu_seconds: f64,
     /// QEMU connections relayed: 1, plus one per multifd channel.
     #[serde(default)]
     pub channels: u32,
@@ -206,6 +209,10 @@ pub fn run(command: ProxyCommand) -> anyhow::Result<()> {
             };
             (receive::receive(&options, templates)?, args.json)
         }
+    };
+    let report = ProxyReport {
+        cpu_seconds: crate::clock::process_cpu_ns() as f64 / 1e9,
+        ..report
     };
     if json {
         println!("{}", serde_json::to_string(&report)?);

@@ -164,6 +164,8 @@ pub fn run(images: &[GuestImage], settings: &Settings) -> anyhow::Result<Migrati
                 let started = Instant::now();
                 let result = if mode == "qemu" {
                     qemu_run(&link, image, &dir)
+                } else if mode == "qemu-proxy" {
+                    qemu_proxy_run(&link, image, catalog, &dir)
                 } else {
                     let (name, security) = match mode.strip_suffix(PLAINTEXT_SUFFIX) {
                         Some(name) => (name, LinkSecurity::Plaintext),
@@ -524,6 +526,68 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
         tls: false,
         error: None,
         note,
+    })
+}
+
+/// The guest of [`qemu_run`] migrated by the same QEMU (with the return
+/// path) through the proxies, the receive proxy offering `catalog`.
+fn qemu_proxy_run(
+    link: &ShapedLink,
+    image: &GuestImage,
+    catalog: &Path,
+    dir: &TempDir,
+) -> anyhow::Result<Run> {
+    use pagefp_tests::qemu_proxy_run::{Capabilities, Ends, Templates, migrate_once};
+    const RETURN_PATH: Capabilities = Capabilities {
+        source: &["return-path"],
+        destination: &["return-path"],
+        multifd: 0,
+        multifd_compression: None,
+    };
+    let build = reference_qemu();
+    let migrated = migrate_once(
+        image,
+        &Ends { link: Some(link) },
+        dir,
+        RUN_SECONDS,
+        (build, &RETURN_PATH),
+        Some((
+            &Templates::Catalog(catalog.to_path_buf()),
+            &LinkSecurity::default(),
+        )),
+    )?;
+    let report = migrated.proxy.context("no send proxy report")?;
+    if migrated.status != "completed" {
+        bail!(
+            "QEMU's migration through the proxies ended {}",
+            migrated.status
+        );
+    }
+    Ok(Run {
+        vm: image.name.clone(),
+        mode: "qemu-proxy".into(),
+        qemu_version: Some(build.version().into()),
+        link_mbit: link.mbit,
+        link_rtt_ms: link.rtt_ms,
+        mem_bytes: u64::from(image.mem_mib) << 20,
+        sender_cpu_seconds: report.cpu_seconds,
+        wire_bytes: report.wire_bytes,
+        total_seconds: migrated.seconds,
+        downtime_ms: 0.0,
+        rounds: 0,
+        pages_zero: report.zero_pages,
+        pages_template: report.template_pages,
+        pages_full: report.pages.saturating_sub(report.template_pages),
+        verified: migrated.memory_identical == Some(true),
+        negotiation_bytes: report.negotiation_bytes,
+        catalog_bytes: 0,
+        templates_agreed: report.templates_offered,
+        final_pages: 0,
+        downtime_parts_ms: Vec::new(),
+        timeline: Vec::new(),
+        tls: report.tls,
+        error: None,
+        note: (!migrated.resumed).then(|| "the guest did not run on at the destination".into()),
     })
 }
 
