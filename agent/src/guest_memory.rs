@@ -36,8 +36,8 @@ pub struct GuestMapping {
     ptr: NonNull<u8>,
     len: usize,
     writable: bool,
-    /// A writable mapping's file and where the region starts in it: where
-    /// holes are punched and found.
+    /// The mapped file and where the region starts in it: where holes are
+    /// punched and found.
     file: Option<(File, u64)>,
 }
 
@@ -71,9 +71,10 @@ impl GuestMapping {
         if offset + size > file.metadata()?.len() {
             return Ok(None);
         }
-        // Fault the whole slot in at once: far cheaper than a fault per page
-        // during the first pass.
-        Self::map(&file, offset, size, false, MapFlags::MAP_POPULATE).map(Some)
+        let mut mapped = Self::map(&file, offset, size, false, MapFlags::empty())?;
+        mapped.file = Some((file, offset));
+        mapped.populate_data();
+        Ok(Some(mapped))
     }
 
     /// Maps `[uaddr, uaddr+size)` of process `pid` read-write: the memory of
@@ -121,16 +122,36 @@ impl GuestMapping {
         unsafe { madvise(self.ptr.add(start).cast(), len, MmapAdvise::MADV_REMOVE) }.is_ok()
     }
 
-    /// Which pages of a writable mapping lie in a hole of its file (they
-    /// read as zeros without being read), from `SEEK_DATA`/`SEEK_HOLE`;
-    /// `None` when the file system does not say.
+    /// Which pages of the region lie in a hole of its file (they read as
+    /// zeros without being read, and reading them through a shared
+    /// mapping would allocate them), from `SEEK_DATA`/`SEEK_HOLE`; `None`
+    /// when the file system does not say.
     pub fn holes(&self) -> Option<Vec<bool>> {
+        self.holes_in(0..(self.len / PAGE_SIZE) as u32)
+    }
+
+    /// [`GuestMapping::holes`] for the pages `pages` only (clipped to the
+    /// region), indexed from `pages.start`.
+    pub fn holes_in(&self, pages: std::ops::Range<u32>) -> Option<Vec<bool>> {
+        let last = pages.end.min((self.len / PAGE_SIZE) as u32);
+        let first = pages.start.min(last);
+        let mut holes = vec![true; (last - first) as usize];
+        for extent in self.data_extents(first..last)? {
+            holes[(extent.start - first) as usize..(extent.end - first) as usize].fill(false);
+        }
+        Some(holes)
+    }
+
+    /// The runs of pages within `pages` that hold data (a page holding
+    /// any data byte counts), in order; `None` when the file system does
+    /// not say (or the mapping keeps no file).
+    fn data_extents(&self, pages: std::ops::Range<u32>) -> Option<Vec<std::ops::Range<u32>>> {
         use nix::unistd::{Whence, lseek};
         let (file, offset) = self.file.as_ref()?;
-        let pages = self.len / PAGE_SIZE;
-        let end = *offset + self.len as u64;
-        let mut holes = vec![true; pages];
-        let mut at = *offset;
+        let page = PAGE_SIZE as u64;
+        let end = offset + u64::from(pages.end) * page;
+        let mut at = offset + u64::from(pages.start) * page;
+        let mut extents = Vec::new();
         while at < end {
             let data = match lseek(file.as_fd(), at as i64, Whence::SeekData) {
                 Ok(data) => data as u64,
@@ -141,15 +162,36 @@ impl GuestMapping {
             if data >= end {
                 break;
             }
-            let hole = lseek(file.as_fd(), data as i64, Whence::SeekHole).ok()? as u64;
-            let hole = hole.min(end);
-            // A page holding any data byte is data.
-            let first = ((data - offset) / PAGE_SIZE as u64) as usize;
-            let last = ((hole - offset).div_ceil(PAGE_SIZE as u64) as usize).min(pages);
-            holes[first..last].fill(false);
+            let hole = (lseek(file.as_fd(), data as i64, Whence::SeekHole).ok()? as u64).min(end);
+            let first = ((data - offset) / page) as u32;
+            let last = ((hole - offset).div_ceil(page) as u32).min(pages.end);
+            extents.push(first..last);
             at = hole.max(data + 1);
         }
-        Some(holes)
+        Some(extents)
+    }
+
+    /// Faults in the pages that hold data, all at once (far cheaper than a
+    /// fault per page during the first pass), leaving holes alone: reading
+    /// them would allocate memory the guest never used. Best effort.
+    fn populate_data(&self) {
+        let pages = (self.len / PAGE_SIZE) as u32;
+        let extents = self
+            .data_extents(0..pages)
+            .unwrap_or_else(|| vec![0..pages]);
+        for extent in extents {
+            let start = extent.start as usize * PAGE_SIZE;
+            let len = (extent.end - extent.start) as usize * PAGE_SIZE;
+            // SAFETY: a range inside this mapping (the extents are clipped
+            // to it); populating only faults pages in, it changes no byte.
+            let _ = unsafe {
+                madvise(
+                    self.ptr.add(start).cast(),
+                    len,
+                    MmapAdvise::MADV_POPULATE_READ,
+                )
+            };
+        }
     }
 
     fn map(
@@ -430,7 +472,12 @@ mod tests {
         let view = GuestMapping::open_sealed(pid, uaddr, size)
             .unwrap()
             .unwrap();
-        assert!(view.holes().is_none(), "a read-only view keeps no file");
+        assert_eq!(
+            view.holes(),
+            dest.holes(),
+            "a read-only view finds them too"
+        );
+        assert_eq!(view.holes_in(8..10).unwrap(), [true, false]);
     }
 
     #[test]

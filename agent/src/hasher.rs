@@ -296,10 +296,28 @@ impl Worker {
         };
         if let Some(mapped) = self.mapping(job, plan.pid, plan.uaddr) {
             self.stats.reads_mapped.fetch_add(n, Ordering::Relaxed);
+            // Holes in the guest's memory file read as zeros; reading them
+            // through the mapping would allocate memory the guest never
+            // used. A guest write after this look lands after the plan's
+            // read start, so its event discards this hash as for any read.
+            let first = pages.iter().copied().min().unwrap_or(0);
+            let last = pages.iter().copied().max().map_or(0, |p| p + 1);
+            let holes = mapped.holes_in(first..last);
+            let hole = |page: u32| {
+                holes
+                    .as_ref()
+                    .and_then(|holes| holes.get((page - first) as usize).copied())
+                    .unwrap_or(false)
+            };
             return pages
                 .iter()
                 .enumerate()
-                .map(|(index, page)| mapped.page(*page).and_then(|bytes| hash(index, bytes)))
+                .map(|(index, page)| {
+                    if hole(*page) && (*page as usize + 1) * PAGE_SIZE <= mapped.bytes().len() {
+                        return hash(index, &crate::page::ZERO_PAGE);
+                    }
+                    mapped.page(*page).and_then(|bytes| hash(index, bytes))
+                })
                 .collect();
         }
         self.stats.reads_copied.fetch_add(n, Ordering::Relaxed);

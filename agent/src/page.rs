@@ -7,6 +7,9 @@ pub const PAGE_SIZE: usize = 4096;
 /// log2 of [`PAGE_SIZE`].
 pub const PAGE_SHIFT: u32 = 12;
 
+/// A page of zeros (what a hole in guest memory reads as).
+pub static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
 const _: () = assert!(1 << PAGE_SHIFT == PAGE_SIZE);
 
 /// Is the page all zero? (Cheaper than hashing it.)

@@ -11,6 +11,7 @@ use pagefp_tests::{
     fleet::{CODE_PAGES, Vm, VmOptions, assert_served_hashes_match, vm_pages},
     require_privileged,
     synthetic_images::{FleetLayout, write_fleet},
+    vmm_client::{VmmArgs, VmmProcess, testvmm_binary},
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -343,4 +344,43 @@ fn bitmap_vms_are_tracked_from_their_harvested_bitmaps() {
     assert_served_hashes_match(&agent, &vm);
     vm.harvest_until_clean(&agent, WAIT);
     assert_served_hashes_match(&agent, &vm);
+}
+
+/// A guest's untouched memory stays unallocated: the agent finds the holes
+/// of its memfd and hashes them as the zero page without reading them
+/// (reading a hole through a shared mapping allocates it). 2 MiB of image
+/// in 64 MiB of guest RAM: after the agent's full pass, the memfd holds
+/// about the image, and every page past it is served as the zero page.
+#[test]
+fn untouched_guest_memory_is_hashed_without_being_allocated() {
+    require_privileged!("untouched_guest_memory_is_hashed_without_being_allocated");
+    let dir = TempDir::new("pagefp-holes");
+    let images = write_fleet(&dir.0, 1, 512, FleetLayout::default()).unwrap();
+    let agent = AgentProcess::start(&AgentOptions::default()).unwrap();
+    let mut args = VmmArgs::new(dir.0.join("holes.sock"), 64);
+    args.image = Some(images[0].clone());
+    let vm = VmmProcess::spawn(&testvmm_binary(), &args).unwrap();
+    let view = agent.wait_all_clean(vm.pid(), WAIT);
+    assert!(view["pages"].as_u64() >= Some(64 * 256), "{view:#}");
+    let ram = agent::procfs::maps(vm.pid())
+        .unwrap()
+        .into_iter()
+        .find(|m| m.path.contains("pagefp-guest-ram") && m.size() == 64 << 20)
+        .expect("the guest RAM's memfd mapping");
+    let allocated = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(ram.map_file(vm.pid())).unwrap().blocks() * 512
+    };
+    assert!(
+        allocated < 8 << 20,
+        "{allocated} bytes of the 64 MiB memfd allocated after the agent's pass"
+    );
+    let zero = agent::content::zero_page_hash();
+    let past_image: Vec<_> = agent
+        .hashes(vm.pid())
+        .into_iter()
+        .filter(|r| r.gpa >= 4 << 20 && r.gpa < 64 << 20)
+        .collect();
+    assert!(past_image.len() > 10_000);
+    assert!(past_image.iter().all(|r| r.hash == zero));
 }

@@ -527,6 +527,12 @@ impl Sender<'_> {
             };
             self.writer.json(Kind::RoundEnd, &round)?;
             self.writer.flush()?;
+            // The next hash list, while the round drains from the socket
+            // buffers (the final list, after the pause, is the one that
+            // counts; this one decides whether to pause).
+            let since = taken.elapsed().as_secs_f64();
+            states = self.page_states()?;
+            taken = Instant::now();
             // Wait until the round arrived: data still queued in socket
             // buffers would otherwise be sent during the downtime, and the
             // bandwidth would be overestimated.
@@ -550,9 +556,6 @@ impl Sender<'_> {
                         .map_or(measured, |m| measured.min(m as f64)),
                 );
             }
-            let since = taken.elapsed().as_secs_f64();
-            states = self.page_states()?;
-            taken = Instant::now();
             let dirtied = self.candidates(&states).len();
             self.report.dirty_pages_per_second = dirtied as f64 / since.max(1e-3);
             self.sync_bytes();
@@ -573,7 +576,12 @@ impl Sender<'_> {
         // while the last pages go out.
         let memory = Arc::clone(&self.memory);
         let digest = std::thread::spawn(move || {
+            // Holes in the memory's files read as zeros: not read.
+            let holes = memory.holes();
             chunk_digests(memory.layout.pages(), CHUNK_PAGES, |page, buf| {
+                if holes.get(page as usize) == Some(&true) {
+                    return Ok(true);
+                }
                 memory.read(page, buf).map(|()| false)
             })
         });

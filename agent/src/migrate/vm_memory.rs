@@ -86,6 +86,23 @@ impl Layout {
     }
 }
 
+/// The holes of each region's mapping (`None`, or a file system that does
+/// not say: no page known to be a hole), by global page index.
+fn holes_of<'a>(
+    layout: &Layout,
+    mappings: impl Iterator<Item = Option<&'a GuestMapping>>,
+) -> Vec<bool> {
+    let mut holes = Vec::with_capacity(layout.pages() as usize);
+    for (region, mapping) in layout.regions.iter().zip(mappings) {
+        let pages = (region.size / PAGE_SIZE as u64) as usize;
+        match mapping.and_then(GuestMapping::holes) {
+            Some(found) if found.len() == pages => holes.extend(found),
+            _ => holes.extend(std::iter::repeat_n(false, pages)),
+        }
+    }
+    holes
+}
+
 enum SourceRegion {
     Mapped(GuestMapping),
     Copied { pid: u32, uaddr: u64 },
@@ -113,6 +130,16 @@ impl SourceMemory {
             });
         }
         Ok(Self { layout, regions })
+    }
+
+    /// Pages known to read as zeros without reading them (holes in the
+    /// memory's files), by global page index; false where not known.
+    pub fn holes(&self) -> Vec<bool> {
+        let mappings = self.regions.iter().map(|region| match region {
+            SourceRegion::Mapped(mapping) => Some(mapping),
+            SourceRegion::Copied { .. } => None,
+        });
+        holes_of(&self.layout, mappings)
     }
 
     /// Copies page `page` into `buf`.
@@ -206,15 +233,7 @@ impl DestMemory {
     /// memory's files), by global page index; all false where the file
     /// system does not say.
     pub fn holes(&self) -> Vec<bool> {
-        let mut holes = Vec::with_capacity(self.layout.pages() as usize);
-        for (region, mapping) in self.layout.regions.iter().zip(&self.regions) {
-            let pages = (region.size / PAGE_SIZE as u64) as usize;
-            match mapping.holes() {
-                Some(found) if found.len() == pages => holes.extend(found),
-                _ => holes.extend(std::iter::repeat_n(false, pages)),
-            }
-        }
-        holes
+        holes_of(&self.layout, self.regions.iter().map(Some))
     }
 }
 
