@@ -178,7 +178,7 @@ impl GuestMapping {
         let pages = (self.len / PAGE_SIZE) as u32;
         let extents = self
             .data_extents(0..pages)
-            .unwrap_or_else(|| vec![0..pages]);
+            .unwrap_or_else(|| Vec::from([0..pages]));
         for extent in extents {
             let start = extent.start as usize * PAGE_SIZE;
             let len = (extent.end - extent.start) as usize * PAGE_SIZE;
