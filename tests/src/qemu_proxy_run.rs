@@ -283,10 +283,7 @@ pub fn migrate_once(
         Duration::from_secs(180),
     )?;
     std::thread::sleep(Duration::from_secs(run_seconds));
-    source.qmp.execute(
-        "migrate-set-parameters",
-        Some(json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
-    )?;
+    source.qmp.uncap_migration()?;
     capabilities.apply(&mut source.qmp, &mut dest.qmp)?;
     dest.qmp.execute(
         "migrate-incoming",

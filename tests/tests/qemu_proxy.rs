@@ -595,13 +595,7 @@ fn migrate_a_linux_guest(
     source
         .wait_ready(&guest.workload, Duration::from_secs(180))
         .unwrap();
-    source
-        .qmp
-        .execute(
-            "migrate-set-parameters",
-            Some(serde_json::json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
-        )
-        .unwrap();
+    source.qmp.uncap_migration().unwrap();
     let proxies = Proxies::start(
         &Ends::LOOPBACK,
         port,

@@ -354,13 +354,7 @@ fn a_qemu_guest_migrates_through_the_proxies_with_the_sites_templates() {
         None,
     )
     .unwrap();
-    source
-        .qmp
-        .execute(
-            "migrate-set-parameters",
-            Some(serde_json::json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
-        )
-        .unwrap();
+    source.qmp.uncap_migration().unwrap();
     let site = Templates::Site {
         nodes: cluster.urls(),
         tls_dir: cluster.tls_dir(),
@@ -430,6 +424,24 @@ fn a_qemu_guest_migrates_through_the_proxies_with_the_sites_templates() {
     drop(sibling);
 }
 
+/// Pages numbered `numbers`, told apart from other tests' by `tag`, and
+/// their hashes.
+fn distinct_pages(
+    numbers: std::ops::RangeInclusive<u32>,
+    tag: &[u8; 8],
+) -> (Vec<[u8; 4096]>, Vec<[u8; 32]>) {
+    let pages: Vec<[u8; 4096]> = numbers
+        .map(|i| {
+            let mut page = [0u8; 4096];
+            page[..4].copy_from_slice(&i.to_le_bytes());
+            page[4096 - 8..].copy_from_slice(tag);
+            page
+        })
+        .collect();
+    let hashes = pages.iter().map(|p| *blake3::hash(p).as_bytes()).collect();
+    (pages, hashes)
+}
+
 /// The site's budget: 40 pages stored, held by more and more VMs; with
 /// room for 20, the curator keeps the 18 held by the most VMs (90% of the
 /// budget) and deletes the others. One host curates at a time.
@@ -439,15 +451,7 @@ fn the_site_keeps_its_best_ranked_pages_within_its_budget() {
         return;
     }
     let cluster = RedisCluster::start(3, 0).expect("starting a Redis cluster");
-    let pages: Vec<[u8; 4096]> = (1..=40u32)
-        .map(|i| {
-            let mut page = [0u8; 4096];
-            page[..4].copy_from_slice(&i.to_le_bytes());
-            page[4096 - 8..].copy_from_slice(b"pagefp-b");
-            page
-        })
-        .collect();
-    let hashes: Vec<[u8; 32]> = pages.iter().map(|p| *blake3::hash(p).as_bytes()).collect();
+    let (pages, hashes) = distinct_pages(1..=40, b"pagefp-b");
     let mut x = publisher(&cluster, "x");
     let mut y = publisher(&cluster, "y");
     x.renew_lease().unwrap();
@@ -482,15 +486,7 @@ fn a_shard_whose_master_dies_is_read_from_its_replica() {
         return;
     }
     let mut cluster = RedisCluster::start(3, 1).expect("starting a Redis cluster");
-    let pages: Vec<[u8; 4096]> = (0..600u32)
-        .map(|i| {
-            let mut page = [0u8; 4096];
-            page[..4].copy_from_slice(&i.to_le_bytes());
-            page[4096 - 8..].copy_from_slice(b"pagefp-r");
-            page
-        })
-        .collect();
-    let hashes: Vec<[u8; 32]> = pages.iter().map(|p| *blake3::hash(p).as_bytes()).collect();
+    let (pages, hashes) = distinct_pages(0..=599, b"pagefp-r");
     let mut publisher = publisher(&cluster, "r");
     let batch: Vec<([u8; 32], &[u8; 4096])> = hashes.iter().copied().zip(&pages).collect();
     assert_eq!(publisher.store_pages(&batch).unwrap(), 600);

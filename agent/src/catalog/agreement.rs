@@ -229,17 +229,21 @@ mod tests {
         [byte; PAGE_SIZE]
     }
 
+    fn store_of(bytes: std::ops::RangeInclusive<u8>) -> TemplateStore {
+        let mut store = TemplateStore::default();
+        for byte in bytes {
+            store.add_page(&page(byte));
+        }
+        store
+    }
+
     fn id(byte: u8) -> TemplateId {
         *blake3::hash(&page(byte)).as_bytes()
     }
 
     #[test]
     fn an_offer_agrees_on_its_prefix_and_nothing_past_it() {
-        let mut store = TemplateStore::default();
-        for byte in 1..=3 {
-            store.add_page(&page(byte));
-        }
-        let mut agreed = Agreed::new(store);
+        let mut agreed = Agreed::new(store_of(1..=3));
         assert_eq!(agreed.offer(2), &[id(1), id(2)]);
         assert_eq!(agreed.len(), 2);
         assert_eq!(agreed.page(1), Some(&page(2)));
@@ -248,11 +252,7 @@ mod tests {
 
     #[test]
     fn a_query_numbers_the_held_contents_in_the_order_asked() {
-        let mut store = TemplateStore::default();
-        for byte in 1..=3 {
-            store.add_page(&page(byte));
-        }
-        let mut agreed = Agreed::new(store);
+        let mut agreed = Agreed::new(store_of(1..=3));
         let none = SiteStoreConfig::default();
         let mut answers = agreed.query(&none);
         assert_eq!(answers.holds(&[id(3), id(9), id(1)]), [true, false, true]);

@@ -438,11 +438,7 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
         Duration::from_secs(180),
     )?;
     std::thread::sleep(Duration::from_secs(RUN_SECONDS));
-    // No QEMU-side cap (its default is 32 MiB/s): the link is the limit.
-    source.qmp.execute(
-        "migrate-set-parameters",
-        Some(json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
-    )?;
+    source.qmp.uncap_migration()?;
     for qmp in [&mut source.qmp, &mut dest.qmp] {
         qmp.migrate_set_capabilities(&[("return-path", true)])?;
     }

@@ -260,6 +260,16 @@ impl Qmp {
     /// is refused with "duplicate yank instance", and QEMU 7.2 then stays
     /// in `setup` for good. So this first waits (up to 30 s) until no
     /// migration yank instance is left.
+    /// Lifts QEMU's own migration bandwidth cap (32 MiB/s by default), so
+    /// the link is the limit, with a 300 ms downtime limit.
+    pub fn uncap_migration(&mut self) -> anyhow::Result<()> {
+        self.execute(
+            "migrate-set-parameters",
+            Some(json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})),
+        )
+        .map(drop)
+    }
+
     pub fn migrate(&mut self, uri: &str) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
