@@ -14,7 +14,7 @@ use tokio::net::UnixStream;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "cannot connect to the agent at {path}: {source}. Is `pagefp agent` running (systemctl status pagefp)? Use --socket PATH if it listens elsewhere"
+        "cannot connect to the agent at {path}: {source}. Is `pagefp agent` running (systemctl status pagefp)? Give its socket (--socket, or --agent-socket for the migration tools) if it listens elsewhere"
     )]
     Connect {
         path: PathBuf,
@@ -31,6 +31,10 @@ pub enum ClientError {
 /// How long [`post_json`] waits for the whole exchange: a report must never
 /// hold up a migration for long.
 pub const POST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long [`get`] waits for the whole answer (a large VM's hash list is
+/// tens of megabytes; an agent that takes longer is hung).
+pub const GET_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One request to the agent listening on `socket`; the body of a 2xx answer.
 async fn request(
@@ -82,9 +86,15 @@ async fn request(
     Ok(body.to_vec())
 }
 
-/// GETs `path_and_query` from the agent listening on `socket`.
+/// GETs `path_and_query` from the agent listening on `socket`; gives up
+/// after [`GET_TIMEOUT`].
 pub async fn get(socket: &Path, path_and_query: &str) -> Result<Vec<u8>, ClientError> {
-    request(socket, Method::GET, path_and_query, None).await
+    tokio::time::timeout(
+        GET_TIMEOUT,
+        request(socket, Method::GET, path_and_query, None),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout(GET_TIMEOUT))?
 }
 
 /// POSTs the JSON `body` to `path` of the agent listening on `socket`

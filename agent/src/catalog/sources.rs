@@ -68,6 +68,11 @@ impl TemplateSources {
     /// skipped with a warning (its pages then travel in full), so one bad
     /// file in the directory does not stop every migration.
     pub fn load(&self) -> anyhow::Result<LoadedCatalogs> {
+        // Checked now: a site store that can never work is the operator's
+        // mistake; one that is down costs pages sent in full, later.
+        if !self.site.nodes.is_empty() {
+            super::site::SiteStore::check(&self.site)?;
+        }
         let mut loaded = LoadedCatalogs {
             catalogs: Vec::new(),
             file_bytes: 0,

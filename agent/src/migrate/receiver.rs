@@ -85,11 +85,6 @@ pub fn load_templates(options: &ReceiveOptions) -> anyhow::Result<LoadedTemplate
 /// Receives one migration; the final report on success.
 pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
     let templates = load_templates(options)?;
-    // Checked now: a site store that can never work is the operator's
-    // mistake; one that is down costs pages sent in full, later.
-    if !options.templates.site.nodes.is_empty() {
-        crate::catalog::site::SiteStore::check(&options.templates.site)?;
-    }
     let mut vmm = vmm::connect(&options.vmm_socket)?;
     let info = vmm.info()?;
     if info.state != "incoming" {

@@ -26,9 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     api::report::SiteFetch,
-    catalog::{
-        agreement::Negotiation, site::SiteStore, sources::TemplateSources, store::TemplateStore,
-    },
+    catalog::{agreement::Negotiation, sources::TemplateSources, store::TemplateStore},
     config::DEFAULT_SOCKET,
     net::{Timeouts, tls},
     qemu_stream::{Options, Unsupported},
@@ -193,11 +191,6 @@ pub fn run(command: ProxyCommand) -> anyhow::Result<()> {
         ProxyCommand::Receive(args) => {
             let security = tls::Server::from_options(&args.security)?;
             let templates = load_templates(&args)?;
-            // A site store that can never work is the operator's mistake;
-            // one that is down costs pages sent in full, later.
-            if !args.templates.site.nodes.is_empty() {
-                SiteStore::check(&args.templates.site)?;
-            }
             let options = receive::ReceiveOptions {
                 listen: args.listen.clone(),
                 qemu: args.qemu.clone(),

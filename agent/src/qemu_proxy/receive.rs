@@ -204,20 +204,28 @@ pub fn receive(options: &ReceiveOptions, templates: TemplateStore) -> anyhow::Re
     };
     let session = session()?;
     let mut agreed = Agreed::new(templates);
-    let mut report = {
-        let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
-        agree(
-            &mut reader,
-            &mut writer,
-            &mut agreed,
-            options,
-            opened.opening.query_hashes,
-            &session,
-        )
-    }
-    .context("agreeing on the templates with the send proxy")?;
-    report.negotiation_bytes =
-        reader.bytes + writer.lock().unwrap_or_else(|p| p.into_inner()).bytes;
+    let lock = || writer.lock().unwrap_or_else(|p| p.into_inner());
+    let agreement = agree(
+        &mut reader,
+        &mut lock(),
+        &mut agreed,
+        options,
+        opened.opening.query_hashes,
+        &session,
+    );
+    let mut report = match agreement {
+        Ok(report) => report,
+        Err(err) => {
+            // Tell the send proxy why, as for any later failure.
+            let _ = lock().abort(&format!("{err:#}"));
+            let _ = lock().flush();
+            return Err(err.context(
+                "agreeing on the templates with the send proxy; the destination QEMU was not \
+                 contacted and still waits for a migration",
+            ));
+        }
+    };
+    report.negotiation_bytes = reader.bytes + lock().bytes;
     let link = ReceiveLink {
         qemu: &options.qemu,
         timeouts: options.timeouts,
@@ -228,7 +236,6 @@ pub fn receive(options: &ReceiveOptions, templates: TemplateStore) -> anyhow::Re
     let stop = AtomicBool::new(false);
     let opened_channels = AtomicU32::new(0);
     let failure = Failure::default();
-    let lock = || writer.lock().unwrap_or_else(|p| p.into_inner());
     let result = thread::scope(|scope| {
         let channels =
             ReceiveChannels::start(scope, listener, &link, &stop, &opened_channels, &failure)?;
