@@ -127,19 +127,36 @@ impl GuestMapping {
     /// mapping would allocate them), from `SEEK_DATA`/`SEEK_HOLE`; `None`
     /// when the file system does not say.
     pub fn holes(&self) -> Option<Vec<bool>> {
-        self.holes_in(0..(self.len / PAGE_SIZE) as u32)
-    }
-
-    /// [`GuestMapping::holes`] for the pages `pages` only (clipped to the
-    /// region), indexed from `pages.start`.
-    pub fn holes_in(&self, pages: std::ops::Range<u32>) -> Option<Vec<bool>> {
-        let last = pages.end.min((self.len / PAGE_SIZE) as u32);
-        let first = pages.start.min(last);
-        let mut holes = vec![true; (last - first) as usize];
-        for extent in self.data_extents(first..last)? {
-            holes[(extent.start - first) as usize..(extent.end - first) as usize].fill(false);
+        let pages = (self.len / PAGE_SIZE) as u32;
+        let mut holes = vec![true; pages as usize];
+        for extent in self.data_extents(0..pages)? {
+            holes[extent.start as usize..extent.end as usize].fill(false);
         }
         Some(holes)
+    }
+
+    /// Whether the pages `pages` (all inside the region) lie in one hole of
+    /// the file: one `SEEK_DATA`, which skips holes cheaply (unlike
+    /// `SEEK_HOLE`, which walks the data after it). False when not known.
+    pub fn is_hole(&self, pages: std::ops::Range<u32>) -> bool {
+        use nix::unistd::{Whence, lseek};
+        let Some((file, offset)) = self.file.as_ref() else {
+            return false;
+        };
+        if pages.start >= pages.end || pages.end as usize > self.len / PAGE_SIZE {
+            return false;
+        }
+        let page = PAGE_SIZE as u64;
+        let (start, end) = (
+            offset + u64::from(pages.start) * page,
+            offset + u64::from(pages.end) * page,
+        );
+        match lseek(file.as_fd(), start as i64, Whence::SeekData) {
+            Ok(data) => data as u64 >= end,
+            // No data from `start` to the end of the file.
+            Err(nix::errno::Errno::ENXIO) => true,
+            Err(_) => false,
+        }
     }
 
     /// The runs of pages within `pages` that hold data (a page holding
@@ -477,7 +494,9 @@ mod tests {
             dest.holes(),
             "a read-only view finds them too"
         );
-        assert_eq!(view.holes_in(8..10).unwrap(), [true, false]);
+        assert!(view.is_hole(10..15) && view.is_hole(10..16));
+        assert!(!view.is_hole(15..99), "past the region");
+        assert!(!view.is_hole(8..10) && !view.is_hole(9..10));
     }
 
     #[test]

@@ -296,27 +296,31 @@ impl Worker {
         };
         if let Some(mapped) = self.mapping(job, plan.pid, plan.uaddr) {
             self.stats.reads_mapped.fetch_add(n, Ordering::Relaxed);
-            // Holes in the guest's memory file read as zeros; reading them
-            // through the mapping would allocate memory the guest never
-            // used. A guest write after this look lands after the plan's
-            // read start, so its event discards this hash as for any read.
+            // A job whose pages all lie in a hole of the guest's memory
+            // file reads as zeros; reading them through the mapping would
+            // allocate memory the guest never used. (A guest write after
+            // this look lands after the plan's read start, so its event
+            // discards these hashes as for any read.)
             let first = pages.iter().copied().min().unwrap_or(0);
             let last = pages.iter().copied().max().map_or(0, |p| p + 1);
-            let holes = mapped.holes_in(first..last);
-            let hole = |page: u32| {
-                holes
-                    .as_ref()
-                    .and_then(|holes| holes.get((page - first) as usize).copied())
-                    .unwrap_or(false)
-            };
+            if mapped.is_hole(first..last) {
+                return (0..pages.len())
+                    .map(|index| hash(index, &crate::page::ZERO_PAGE))
+                    .collect();
+            }
+            // Each page is copied into a small buffer first, then hashed
+            // there: a linear copy streams from memory faster than blake3's
+            // interleaved reads of four 1 KiB chunks do (measured: the
+            // mapped path hashed 0.76 of blake3's rate in place, and more
+            // through the copy).
+            let staging = &mut buf[..PAGE_SIZE];
             return pages
                 .iter()
                 .enumerate()
                 .map(|(index, page)| {
-                    if hole(*page) && (*page as usize + 1) * PAGE_SIZE <= mapped.bytes().len() {
-                        return hash(index, &crate::page::ZERO_PAGE);
-                    }
-                    mapped.page(*page).and_then(|bytes| hash(index, bytes))
+                    let bytes = mapped.page(*page)?;
+                    staging.copy_from_slice(bytes);
+                    hash(index, staging)
                 })
                 .collect();
         }
