@@ -11,11 +11,17 @@ use crate::{
 /// Pages per digest chunk (4 MiB).
 pub const CHUNK_PAGES: u32 = 1024;
 
-/// Digests of `pages` pages; `read(page, buf)` fills `buf` with a page,
-/// or returns `true` without filling it when the page is known to be zero.
-pub fn chunk_digests<F>(pages: u32, chunk_pages: u32, read: F) -> anyhow::Result<Vec<[u8; 32]>>
+/// Digests of `pages` pages; `read(page, buf)` fills `buf` with a page.
+/// Pages marked in `holes` (holes in the memory's files, which read as
+/// zeros) are not read: reading them would allocate them.
+pub fn chunk_digests<F>(
+    pages: u32,
+    chunk_pages: u32,
+    holes: &[bool],
+    read: F,
+) -> anyhow::Result<Vec<[u8; 32]>>
 where
-    F: Fn(u32, &mut [u8]) -> anyhow::Result<bool> + Sync,
+    F: Fn(u32, &mut [u8]) -> anyhow::Result<()> + Sync,
 {
     let chunks = pages.div_ceil(chunk_pages.max(1));
     let threads = std::thread::available_parallelism()
@@ -36,8 +42,11 @@ where
                         let mut hasher = blake3::Hasher::new();
                         let first = chunk * chunk_pages;
                         for page in first..(first + chunk_pages).min(pages) {
-                            let known_zero = read(page, &mut buf)?;
-                            let hash = if known_zero || is_zero_page(&buf) {
+                            let hole = holes.get(page as usize) == Some(&true);
+                            if !hole {
+                                read(page, &mut buf)?;
+                            }
+                            let hash = if hole || is_zero_page(&buf) {
                                 zero
                             } else {
                                 *blake3::hash(&buf).as_bytes()
@@ -70,10 +79,10 @@ mod tests {
             let m = m.clone();
             move |page: u32, buf: &mut [u8]| {
                 buf.copy_from_slice(&m[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
-                Ok(false)
+                Ok(())
             }
         };
-        let before = chunk_digests(10, 4, read(&memory)).unwrap();
+        let before = chunk_digests(10, 4, &[], read(&memory)).unwrap();
         assert_eq!(before.len(), 3);
         // A chunk's digest is the blake3 of its pages' blake3 hashes.
         let mut first = blake3::Hasher::new();
@@ -82,8 +91,27 @@ mod tests {
         }
         assert_eq!(*first.finalize().as_bytes(), before[0]);
         memory[9 * PAGE_SIZE + 5] = 7;
-        let after = chunk_digests(10, 4, read(&memory)).unwrap();
+        let after = chunk_digests(10, 4, &[], read(&memory)).unwrap();
         assert_eq!(before[..2], after[..2]);
         assert_ne!(before[2], after[2]);
+    }
+
+    #[test]
+    fn holes_count_as_zero_pages_and_are_not_read() {
+        let mut memory = vec![0u8; 10 * PAGE_SIZE];
+        memory[3 * PAGE_SIZE] = 1;
+        let holes: Vec<bool> = (0..10).map(|page| page != 3).collect();
+        let read_all = |page: u32, buf: &mut [u8]| {
+            buf.copy_from_slice(&memory[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
+            Ok(())
+        };
+        let read_data_only = |page: u32, buf: &mut [u8]| {
+            assert_eq!(page, 3, "a hole was read");
+            read_all(page, buf)
+        };
+        assert_eq!(
+            chunk_digests(10, 4, &holes, read_data_only).unwrap(),
+            chunk_digests(10, 4, &[], read_all).unwrap()
+        );
     }
 }

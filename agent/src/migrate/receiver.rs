@@ -381,18 +381,13 @@ impl Receiver<'_> {
             .memory
             .as_ref()
             .context("the source sent the VM state before any memory")?;
-        // Holes in the memory's files read as zeros: no need to read them
-        // (nor to fault them in).
         let holes = memory.holes();
-        let digests = chunk_digests(memory.layout.pages(), chunk_pages, |page, buf| {
-            if holes.get(page as usize) == Some(&true) {
-                return Ok(true);
-            }
+        let digests = chunk_digests(memory.layout.pages(), chunk_pages, &holes, |page, buf| {
             let data = memory
                 .page(page)
                 .with_context(|| format!("page {page} is outside the guest memory"))?;
             buf.copy_from_slice(data);
-            Ok(false)
+            Ok(())
         })?;
         log::info!(
             "read back {} pages ({} of them holes, zero) in {:.1} ms",

@@ -576,14 +576,12 @@ impl Sender<'_> {
         // while the last pages go out.
         let memory = Arc::clone(&self.memory);
         let digest = std::thread::spawn(move || {
-            // Holes in the memory's files read as zeros: not read.
-            let holes = memory.holes();
-            chunk_digests(memory.layout.pages(), CHUNK_PAGES, |page, buf| {
-                if holes.get(page as usize) == Some(&true) {
-                    return Ok(true);
-                }
-                memory.read(page, buf).map(|()| false)
-            })
+            chunk_digests(
+                memory.layout.pages(),
+                CHUNK_PAGES,
+                &memory.holes(),
+                |page, buf| memory.read(page, buf),
+            )
         });
         let mut mark = Instant::now();
         let mut part = |report: &mut MigrationReport, name: &str| {
