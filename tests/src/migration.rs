@@ -434,9 +434,23 @@ impl CuttingRelay {
                 let _ = a.shutdown(Shutdown::Both);
                 let _ = b.shutdown(Shutdown::Both);
             }
-            // Unwatched direction: plain copy.
-            let plain = |mut from: TcpStream, mut to: TcpStream| {
-                let _ = std::io::copy(&mut from, &mut to);
+            // Set when the cut begins: from then on the unwatched direction
+            // carries nothing (the link is dead both ways at the cut, so an
+            // answer to the last message passed never gets back).
+            let cutting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stopped = cutting.clone();
+            // Unwatched direction: plain copy until the cut.
+            let plain = move |mut from: TcpStream, mut to: TcpStream| {
+                use std::io::{Read, Write};
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0
+                        || stopped.load(std::sync::atomic::Ordering::SeqCst)
+                        || to.write_all(&buf[..n]).is_err()
+                    {
+                        break;
+                    }
+                }
                 close(&from, &to);
             };
             // Watched direction: frame by frame (after the source's preamble).
@@ -471,6 +485,10 @@ impl CuttingRelay {
                     let kind = header[0];
                     if matches!(cut, Cut::BeforeKind(k) if k as u8 == kind) {
                         break;
+                    }
+                    if matches!(cut, Cut::AfterKind(k) | Cut::ResetAfterKind(k) if k as u8 == kind)
+                    {
+                        cutting.store(true, std::sync::atomic::Ordering::SeqCst);
                     }
                     if !forward(&frame, &mut to, &mut passed) {
                         break;
