@@ -21,6 +21,7 @@ pub mod config;
 pub mod guest_memory;
 pub mod page;
 pub mod procfs;
+pub mod random;
 
 pub mod content;
 pub mod hasher;

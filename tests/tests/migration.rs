@@ -567,6 +567,7 @@ fn hello_stream(regions: Vec<Region>, tail: impl FnOnce(&mut FrameWriter<Vec<u8>
                 regions,
                 source: "test".into(),
                 digest_chunk_pages: 1024,
+                digest_seed: 1,
                 query_hashes: 0,
             },
         )

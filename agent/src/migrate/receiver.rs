@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    digest::chunk_digests,
+    digest::{DigestKey, chunk_digests},
     progress::Progress,
     vm_memory::{DestMemory, Layout},
     vmm::{self, MemoryRegion, VmmControl},
@@ -333,7 +333,7 @@ impl Receiver<'_> {
                     self.state = Some(frame.payload);
                     // Nothing is written after the state: read the memory
                     // back now, while the source computes its digest.
-                    self.read_back = Some(self.read_back(hello.digest_chunk_pages)?);
+                    self.read_back = Some(self.read_back(hello.digest_key())?);
                 }
                 Kind::Verify => {
                     self.report.phase = Phase::Verifying;
@@ -375,14 +375,14 @@ impl Receiver<'_> {
     /// Chunk digests of the memory as it is now, read back from the mapping
     /// the VMM will run (not what was received: a page lost, misplaced or
     /// changed after it was written shows).
-    fn read_back(&self, chunk_pages: u32) -> anyhow::Result<Vec<[u8; 32]>> {
+    fn read_back(&self, key: DigestKey) -> anyhow::Result<Vec<[u8; 32]>> {
         let started = Instant::now();
         let memory = self
             .memory
             .as_ref()
             .context("the source sent the VM state before any memory")?;
         let holes = memory.holes();
-        let digests = chunk_digests(memory.layout.pages(), chunk_pages, &holes, |page, buf| {
+        let digests = chunk_digests(memory.layout.pages(), key, &holes, |page, buf| {
             let data = memory
                 .page(page)
                 .with_context(|| format!("page {page} is outside the guest memory"))?;

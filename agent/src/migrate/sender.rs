@@ -28,7 +28,7 @@ use anyhow::{Context as _, bail};
 
 use super::{
     compression::{Gauge, LINK_SAMPLE_BYTES, ZstdPolicy},
-    digest::{CHUNK_PAGES, chunk_digests},
+    digest::{CHUNK_PAGES, DigestKey, chunk_digests},
     encode::{Batch, Encoder, PageHints, Small},
     interrupt,
     pacing::Paced,
@@ -116,6 +116,8 @@ struct Sender<'a> {
     small: PagesBuilder,
     zero_run: Option<(u32, u32)>,
     zero_hash: [u8; 32],
+    /// How both ends compute the final digest.
+    digest_key: DigestKey,
     pause_started: Option<Instant>,
     /// Bytes per second the link carried in the last long enough round.
     bandwidth: Option<f64>,
@@ -233,6 +235,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
         small: PagesBuilder::default(),
         zero_run: None,
         zero_hash: zero_page_hash(),
+        digest_key: DigestKey::fresh(CHUNK_PAGES)?,
         pause_started: None,
         bandwidth: options.max_bandwidth.map(|b| b as f64),
         round_estimate: (0, 0),
@@ -354,7 +357,8 @@ impl Sender<'_> {
             page_size: PAGE_SIZE as u32,
             regions: self.memory.layout.regions.clone(),
             source: self.report.vm_name.clone(),
-            digest_chunk_pages: CHUNK_PAGES,
+            digest_chunk_pages: self.digest_key.chunk_pages,
+            digest_seed: self.digest_key.seed,
             query_hashes: query.len() as u64,
         };
         self.writer.preamble()?;
@@ -575,13 +579,11 @@ impl Sender<'_> {
         // The digest of all memory, independent of the tracking, computed
         // while the last pages go out.
         let memory = Arc::clone(&self.memory);
+        let key = self.digest_key;
         let digest = std::thread::spawn(move || {
-            chunk_digests(
-                memory.layout.pages(),
-                CHUNK_PAGES,
-                &memory.holes(),
-                |page, buf| memory.read(page, buf),
-            )
+            chunk_digests(memory.layout.pages(), key, &memory.holes(), |page, buf| {
+                memory.read(page, buf)
+            })
         });
         let mut mark = Instant::now();
         let mut part = |report: &mut MigrationReport, name: &str| {
@@ -612,8 +614,11 @@ impl Sender<'_> {
         self.progress.update(&self.report);
         let digests = digest.join().expect("digest thread panicked")?;
         part(&mut self.report, "source_digest");
-        self.writer
-            .frame(Kind::Verify, 0, &wire::encode_digest(CHUNK_PAGES, &digests))?;
+        self.writer.frame(
+            Kind::Verify,
+            0,
+            &wire::encode_digest(self.digest_key.chunk_pages, &digests),
+        )?;
         self.writer.flush()?;
         let ready: Ready = self.reader.expect(Kind::Ready)?.json()?;
         part(&mut self.report, "destination_check");
@@ -623,7 +628,7 @@ impl Sender<'_> {
                 "the destination's memory differs from the source in {} chunk(s) of {} pages (first: {:?}); \
                  this is a pagefp bug, please report it",
                 ready.mismatched_chunks.len(),
-                CHUNK_PAGES,
+                self.digest_key.chunk_pages,
                 ready.mismatched_chunks.first()
             );
         }

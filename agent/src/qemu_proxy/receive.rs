@@ -324,11 +324,7 @@ fn agree(
 
 /// A fresh session name for this migration's multifd channels.
 fn session() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 16];
-    rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut bytes)
-        .map_err(|_| anyhow::anyhow!("no randomness from the system for the session"))?;
+    let bytes: [u8; 16] = crate::random::bytes()?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 

@@ -20,7 +20,7 @@ pub const PREAMBLE_MAGIC: [u8; 8] = *b"PAGEFPMG";
 /// Version 2: the shared transport framing (Abort is kind 0xFF) and
 /// 32-byte template ids. Version 3: the destination may ask for the VM's
 /// contents instead of offering its catalog ([`Kind::WantHashes`]).
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Largest payload accepted (a batch of pages, a state blob, an offer).
 pub const MAX_PAYLOAD: usize = 32 << 20;
 /// Most templates one offer can hold.
@@ -128,6 +128,8 @@ pub struct Hello {
     pub source: String,
     /// Pages per digest in the final [`Kind::Verify`] message.
     pub digest_chunk_pages: u32,
+    /// The seed of the digest's page checks, fresh for each migration.
+    pub digest_seed: u64,
     /// Distinct content hashes the source can list if asked
     /// ([`Kind::WantHashes`]); at most the VM's pages.
     #[serde(default)]
@@ -135,6 +137,14 @@ pub struct Hello {
 }
 
 impl Hello {
+    /// How the final digest is computed.
+    pub fn digest_key(&self) -> crate::migrate::digest::DigestKey {
+        crate::migrate::digest::DigestKey {
+            chunk_pages: self.digest_chunk_pages,
+            seed: self.digest_seed,
+        }
+    }
+
     /// Pages over every region (saturating: a hostile hello cannot
     /// overflow it).
     pub fn total_pages(&self) -> u64 {
