@@ -19,6 +19,9 @@ use transport::qemu_proxy::{self as wire, End, FrameReader, Hello, Kind, MAX_CHU
 /// Two template pages the chunk ops may name (index 0 and 1).
 static TEMPLATES: [[u8; page::PAGE_SIZE]; 2] = [[0xA5; page::PAGE_SIZE], [0x5A; page::PAGE_SIZE]];
 
+/// The chunk digests' seed (the seeds in `fuzz/seeds/proxy_wire` use it).
+const DIGEST_SEED: u64 = 0;
+
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, data)) = data.split_first() else {
         return;
@@ -44,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
             }
             Kind::Chunk => {
                 let mut used = 0u64;
-                if let Ok(bytes) = wire::decode_chunk(&frame, stream, |index| {
+                if let Ok(bytes) = wire::decode_chunk(&frame, DIGEST_SEED, stream, |index| {
                     used += 1;
                     TEMPLATES.get(index as usize)
                 }) {

@@ -34,12 +34,19 @@ pub(super) struct Chunks<'a> {
 }
 
 impl<'a> Chunks<'a> {
-    pub fn new(wan: &'a mut Wan, lookup: &'a dyn TemplateLookup, zstd: bool) -> Self {
+    /// Chunks whose digests are seeded with `digest_seed` (the receive
+    /// proxy's OfferEnd).
+    pub fn new(
+        wan: &'a mut Wan,
+        lookup: &'a dyn TemplateLookup,
+        zstd: bool,
+        digest_seed: u64,
+    ) -> Self {
         Self {
             wan,
             lookup,
             zstd,
-            chunk: ChunkBuilder::default(),
+            chunk: ChunkBuilder::new(digest_seed),
             template_pages: 0,
             stream_bytes: 0,
         }

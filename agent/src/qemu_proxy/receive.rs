@@ -203,6 +203,7 @@ pub fn receive(options: &ReceiveOptions, templates: TemplateStore) -> anyhow::Re
         written: 0,
     };
     let session = session()?;
+    let digest_seed = u64::from_le_bytes(crate::random::bytes()?);
     let mut agreed = Agreed::new(templates);
     let lock = || writer.lock().unwrap_or_else(|p| p.into_inner());
     let agreement = agree(
@@ -212,6 +213,7 @@ pub fn receive(options: &ReceiveOptions, templates: TemplateStore) -> anyhow::Re
         options,
         opened.opening.query_hashes,
         &session,
+        digest_seed,
     );
     let mut report = match agreement {
         Ok(report) => report,
@@ -231,6 +233,7 @@ pub fn receive(options: &ReceiveOptions, templates: TemplateStore) -> anyhow::Re
         timeouts: options.timeouts,
         templates: &agreed,
         session,
+        digest_seed,
         main: &connected,
     };
     let stop = AtomicBool::new(false);
@@ -287,6 +290,7 @@ fn agree(
     options: &ReceiveOptions,
     listed: u64,
     session: &str,
+    digest_seed: u64,
 ) -> anyhow::Result<ProxyReport> {
     writer.preamble()?;
     let site = !options.site.nodes.is_empty();
@@ -314,6 +318,7 @@ fn agree(
         &wire::OfferEnd {
             templates: agreed.len() as u64,
             session: session.to_owned(),
+            digest_seed,
         },
     )?;
     writer.flush()?;
@@ -344,10 +349,11 @@ fn relay(
         match frame.kind {
             Kind::Chunk => {
                 let mut templates_used = 0;
-                let bytes = wire::decode_chunk(&frame, report.stream_bytes, |index| {
-                    templates_used += 1;
-                    link.templates.page(index)
-                })?;
+                let bytes =
+                    wire::decode_chunk(&frame, link.digest_seed, report.stream_bytes, |index| {
+                        templates_used += 1;
+                        link.templates.page(index)
+                    })?;
                 report.template_pages += templates_used;
                 report.stream_bytes += bytes.len() as u64;
                 destination.write(&bytes)?;

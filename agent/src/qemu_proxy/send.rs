@@ -273,6 +273,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
         zstd: options.zstd,
         offered: &offered,
         templates: offer_end.templates,
+        digest_seed: offer_end.digest_seed,
         session: offer_end.session,
     };
     let stop = AtomicBool::new(false);
@@ -284,7 +285,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
             options,
             &qemu,
             &mut writer,
-            &offered,
+            (&offered, link.digest_seed),
             &answers,
             &mut channels,
         );
@@ -382,12 +383,12 @@ fn send_main(
     options: &SendOptions,
     qemu: &TcpStream,
     writer: &mut Wan,
-    offered: &Offered,
+    (offered, digest_seed): (&Offered, u64),
     answers: &ReturnPath,
     channels: &mut SendChannels,
 ) -> anyhow::Result<ProxyReport> {
     let mut sink = SendSink {
-        out: Chunks::new(writer, offered, options.zstd),
+        out: Chunks::new(writer, offered, options.zstd, digest_seed),
         started: false,
         qemu,
         channels: channels.failure(),

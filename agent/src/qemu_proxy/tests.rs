@@ -793,6 +793,10 @@ fn offers_round_trip_and_bad_ones_are_refused() {
     assert!(wire::decode_offer(&cut).is_err());
 }
 
+/// The chunk digests' seed in these tests and the fuzz seeds (the fuzz
+/// target decodes with it too).
+const SEED: u64 = 0;
+
 #[test]
 fn chunks_decode_to_exactly_their_bytes() {
     let template = page_content(7);
@@ -805,7 +809,7 @@ fn chunks_decode_to_exactly_their_bytes() {
         offset: 3,
     };
     for zstd in [false, true] {
-        let mut chunk = ChunkBuilder::default();
+        let mut chunk = ChunkBuilder::new(SEED);
         chunk.raw(b"header");
         chunk.template(0, &template);
         chunk.raw(b"more");
@@ -814,29 +818,34 @@ fn chunks_decode_to_exactly_their_bytes() {
         let mut expected = b"header".to_vec();
         expected.extend_from_slice(&template[..]);
         expected.extend_from_slice(b"more!");
-        assert_eq!(wire::decode_chunk(&first, 0, page).unwrap(), expected);
+        assert_eq!(wire::decode_chunk(&first, SEED, 0, page).unwrap(), expected);
         // The next chunk's digest covers its place in the stream.
         chunk.raw(b"tail");
         let second = frame(chunk.finish(zstd).unwrap());
         assert_eq!(
-            wire::decode_chunk(&second, expected.len() as u64, page).unwrap(),
+            wire::decode_chunk(&second, SEED, expected.len() as u64, page).unwrap(),
             b"tail"
         );
-        let moved = wire::decode_chunk(&second, 0, page)
+        let moved = wire::decode_chunk(&second, SEED, 0, page)
             .unwrap_err()
             .to_string();
         assert!(moved.contains("differ from the source's"), "{moved}");
+        // Another migration's seed: another digest.
+        let reseeded = wire::decode_chunk(&second, SEED + 1, expected.len() as u64, page)
+            .unwrap_err()
+            .to_string();
+        assert!(reseeded.contains("differ from the source's"), "{reseeded}");
     }
     let bad = |payload: Vec<u8>| {
-        wire::decode_chunk(&frame(payload), 0, page)
+        wire::decode_chunk(&frame(payload), SEED, 0, page)
             .unwrap_err()
             .to_string()
     };
     // A template whose page is not what the sender read: never delivered.
-    let mut chunk = ChunkBuilder::default();
+    let mut chunk = ChunkBuilder::new(SEED);
     chunk.template(0, &other);
     assert!(bad(chunk.finish(false).unwrap()).contains("differ from the source's"));
-    let mut chunk = ChunkBuilder::default();
+    let mut chunk = ChunkBuilder::new(SEED);
     chunk.template(1, &template);
     assert!(bad(chunk.finish(false).unwrap()).contains("template 1 was not offered"));
     let digest = [0u8; wire::CHUNK_DIGEST_LEN];
@@ -850,7 +859,7 @@ fn chunks_decode_to_exactly_their_bytes() {
     assert!(bad(with_digest(vec![1, 4, 0, 0, 0, 1, 2, 3, 4])).contains("decompress"));
     assert!(bad(vec![0, 0, 0, 0, 0]).contains("shorter than its header and digest"));
     // Too many template pages for one chunk.
-    let mut chunk = ChunkBuilder::default();
+    let mut chunk = ChunkBuilder::new(SEED);
     for _ in 0..=wire::MAX_CHUNK_STREAM / PAGE_SIZE {
         chunk.template(0, &template);
     }
@@ -928,12 +937,12 @@ fn the_return_path_relay_refuses_other_messages() {
 }
 
 /// The fuzz targets' seeds for the proxies' wire (`agent/fuzz/seeds/`):
-/// a whole version-4 session each way, built here so they follow the
+/// a whole session each way, built here so they follow the
 /// protocol. `PAGEFP_WRITE_FUZZ_SEEDS=1` rewrites them.
 #[test]
 fn proxy_wire_fuzz_seeds_are_current() {
     let template = [0xA5u8; PAGE_SIZE];
-    let mut chunk = ChunkBuilder::default();
+    let mut chunk = ChunkBuilder::new(SEED);
     chunk.raw(b"QEVM\0\0\0\x03");
     chunk.template(0, &template);
     chunk.raw(&[0; 100]);

@@ -1,4 +1,4 @@
-//! The proxies' WAN protocol (version 5): its messages, on the framing of
+//! The proxies' WAN protocol (version 6): its messages, on the framing of
 //! [`crate::transport`]. Kept apart from [`super::migration`] so the page
 //! encoding can change without touching QEMU stream parsing.
 //!
@@ -19,16 +19,18 @@
 //!               was answered: the query negotiation of
 //!               [`crate::transport::query`] (template index = place among
 //!               the held contents, in the order listed)
-//! R→S OfferEnd  JSON {templates, session}: a multifd channel's
-//!               connection gets OfferEnd alone, with the main's count
+//! R→S OfferEnd  JSON {templates, session, digest_seed}: a multifd
+//!               channel's connection gets OfferEnd alone, with the main's
+//!               count and seed
 //! S→R Chunk     u8 encoding (0 plain, 1 zstd), u32 LE decoded length
-//!               (<= 4 MiB), body, 32-byte digest; decoded: ops
+//!               (<= 4 MiB), body, 16-byte digest; decoded: ops
 //!               0x01 RAW, u32 LE n, n stream bytes
 //!               0x02 TEMPLATE, u32 LE index: the 4096 stream bytes are
 //!                    that template's page
 //!               (at most 16 MiB of QEMU stream per chunk); digest:
-//!               blake3 of u64 LE stream offset of the chunk's first
-//!               byte, then the stream bytes it stands for
+//!               xxh3-128 seeded with OfferEnd's digest_seed, of u64 LE
+//!               stream offset of the chunk's first byte, then the stream
+//!               bytes it stands for (LE)
 //! S→R End       JSON {stream_bytes, channels}: the connection's whole
 //!               stream; on the main one, the multifd channels opened
 //! R→S Done      JSON {stream_bytes}: the destination QEMU has it all
@@ -39,6 +41,7 @@
 use std::io;
 
 use serde::{Deserialize, Serialize};
+use twox_hash::XxHash3_128;
 
 use crate::{
     content::{TEMPLATE_ID_LEN, TemplateId},
@@ -51,7 +54,9 @@ pub const MAGIC: [u8; 8] = *b"PAGEFPQP";
 /// (`ReturnPath`) and stream checkpoints. Version 4: a digest in every
 /// chunk instead of checkpoints, and multifd channels. Version 5: the
 /// query negotiation (`Hello.query_hashes`, `WantHashes`, `Hashes`, `Held`).
-pub const VERSION: u32 = 5;
+/// Version 6: chunk digests are seeded xxh3-128 (`OfferEnd.digest_seed`),
+/// not blake3.
+pub const VERSION: u32 = 6;
 pub const MAX_PAYLOAD: usize = 8 << 20;
 /// Largest decoded chunk (its ops).
 pub const MAX_DECODED: usize = 4 << 20;
@@ -201,6 +206,8 @@ pub struct OfferEnd {
     /// What the migration's multifd channels present in their Hello.
     #[serde(default)]
     pub session: String,
+    /// The seed of every chunk's digest, fresh for each migration.
+    pub digest_seed: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -218,20 +225,26 @@ pub struct Done {
 }
 
 /// Length of the digest that ends a chunk.
-pub const CHUNK_DIGEST_LEN: usize = 32;
+pub const CHUNK_DIGEST_LEN: usize = 16;
 
-/// The digest a chunk carries: blake3 over the stream offset of its first
-/// byte (u64 LE) and the stream bytes it stands for. The receive proxy
-/// hands a chunk to QEMU only when its rebuilt bytes give the same.
-pub fn chunk_digest_start(start: u64) -> blake3::Hasher {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&start.to_le_bytes());
+/// The digest a chunk carries: xxh3-128 with the migration's seed over the
+/// stream offset of its first byte (u64 LE) and the stream bytes it stands
+/// for. The receive proxy hands a chunk to QEMU only when its rebuilt bytes
+/// give the same. Like the native migration's final digest
+/// ([`crate::migrate::digest`]) it catches the proxies' own faults (a wrong
+/// template index, a misassembled chunk): TLS authenticates the bytes, and
+/// the sender picks a template only when the page's blake3 is the
+/// template's address.
+pub fn chunk_digest_start(seed: u64, start: u64) -> XxHash3_128 {
+    let mut hasher = XxHash3_128::with_seed(seed);
+    hasher.write(&start.to_le_bytes());
     hasher
 }
 
 /// Builds chunk ops: runs of raw stream bytes and template references,
 /// and the chunk's digest.
 pub struct ChunkBuilder {
+    seed: u64,
     ops: Vec<u8>,
     /// Where the open RAW op's length field is.
     raw_at: Option<usize>,
@@ -239,27 +252,27 @@ pub struct ChunkBuilder {
     pub stream_bytes: usize,
     /// Stream offset of the chunk's first byte.
     start: u64,
-    digest: blake3::Hasher,
+    digest: XxHash3_128,
 }
 
-impl Default for ChunkBuilder {
-    fn default() -> Self {
+impl ChunkBuilder {
+    /// Chunks of a stream whose digests are seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
         Self {
+            seed,
             ops: Vec::new(),
             raw_at: None,
             stream_bytes: 0,
             start: 0,
-            digest: chunk_digest_start(0),
+            digest: chunk_digest_start(seed, 0),
         }
     }
-}
 
-impl ChunkBuilder {
     pub fn raw(&mut self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
-        self.digest.update(bytes);
+        self.digest.write(bytes);
         if self.raw_at.is_none() {
             self.ops.push(OP_RAW);
             self.raw_at = Some(self.ops.len());
@@ -272,7 +285,7 @@ impl ChunkBuilder {
     /// `page` travels as template `index` (the receiver's page of that
     /// index must be `page`: the digest says whether it was).
     pub fn template(&mut self, index: u32, page: &[u8; crate::page::PAGE_SIZE]) {
-        self.digest.update(page);
+        self.digest.write(page);
         self.close_raw();
         self.ops.push(OP_TEMPLATE);
         self.ops.extend_from_slice(&index.to_le_bytes());
@@ -301,7 +314,8 @@ impl ChunkBuilder {
         let ops = std::mem::take(&mut self.ops);
         self.start += self.stream_bytes as u64;
         self.stream_bytes = 0;
-        let digest = std::mem::replace(&mut self.digest, chunk_digest_start(self.start)).finalize();
+        let next = chunk_digest_start(self.seed, self.start);
+        let digest = std::mem::replace(&mut self.digest, next).finish_128();
         let mut payload = Vec::with_capacity(ops.len() / 2 + 5 + CHUNK_DIGEST_LEN);
         let compressed = if zstd {
             Some(zstd::bulk::compress(&ops, 3)?).filter(|c| c.len() < ops.len())
@@ -320,16 +334,18 @@ impl ChunkBuilder {
                 payload.extend_from_slice(&ops);
             }
         }
-        payload.extend_from_slice(digest.as_bytes());
+        payload.extend_from_slice(&digest.to_le_bytes());
         Ok(payload)
     }
 }
 
 /// Decodes a chunk frame into the QEMU stream bytes it stands for, with
 /// `page(index)` giving template pages, and checks them against the
-/// chunk's digest for a chunk starting at stream offset `start`.
+/// chunk's digest (seeded with `seed`) for a chunk starting at stream
+/// offset `start`.
 pub fn decode_chunk<'t>(
     frame: &Frame,
+    seed: u64,
     start: u64,
     mut page: impl FnMut(u32) -> Option<&'t [u8; crate::page::PAGE_SIZE]>,
 ) -> Result<Vec<u8>, WireError> {
@@ -395,9 +411,9 @@ pub fn decode_chunk<'t>(
             )));
         }
     }
-    let mut rebuilt = chunk_digest_start(start);
-    rebuilt.update(&out);
-    if rebuilt.finalize().as_bytes() != digest {
+    let mut rebuilt = chunk_digest_start(seed, start);
+    rebuilt.write(&out);
+    if rebuilt.finish_128().to_le_bytes() != digest {
         return Err(frame.malformed(format!(
             "the {} stream bytes rebuilt from offset {start} differ from the source's (chunk digest); none of them went to QEMU",
             out.len()

@@ -413,7 +413,7 @@ fn zstd_bombs_are_refused_within_their_caps() {
         payload,
         offset: 12,
     };
-    let err = qemu_proxy::decode_chunk(&frame, 0, |_| None)
+    let err = qemu_proxy::decode_chunk(&frame, 0, 0, |_| None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("does not decompress"), "{err}");

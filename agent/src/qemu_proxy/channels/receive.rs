@@ -55,9 +55,11 @@ impl MainConnected {
 pub struct ReceiveLink<'a> {
     pub qemu: &'a str,
     pub timeouts: Timeouts,
-    /// The templates agreed on the main connection, and its session.
+    /// The templates agreed on the main connection, its session and the
+    /// seed of its chunk digests.
     pub templates: &'a Agreed,
     pub session: String,
+    pub digest_seed: u64,
     pub main: &'a MainConnected,
 }
 
@@ -209,6 +211,7 @@ fn relay_channel(
         &wire::OfferEnd {
             templates: link.templates.len() as u64,
             session: link.session.clone(),
+            digest_seed: link.digest_seed,
         },
     )?;
     writer.flush()?;
@@ -219,7 +222,7 @@ fn relay_channel(
         let frame = reader.frame()?;
         match frame.kind {
             Kind::Chunk => {
-                let bytes = wire::decode_chunk(&frame, stream_bytes, |index| {
+                let bytes = wire::decode_chunk(&frame, link.digest_seed, stream_bytes, |index| {
                     template_pages += 1;
                     link.templates.page(index)
                 })?;

@@ -35,9 +35,11 @@ pub struct SendLink<'a> {
     pub timeouts: Timeouts,
     pub zstd: bool,
     pub offered: &'a (dyn TemplateLookup + Sync),
-    /// The offer's length and session, as the main connection got them.
+    /// The offer's length, session and digest seed, as the main
+    /// connection got them.
     pub templates: u64,
     pub session: String,
+    pub digest_seed: u64,
 }
 
 /// How long a new connection to the send proxy has to show its first
@@ -206,17 +208,22 @@ fn send_channel(
     writer.flush()?;
     reader.preamble()?;
     let answer: wire::OfferEnd = reader.expect(Kind::OfferEnd)?.json()?;
-    if answer.templates != link.templates || answer.session != link.session {
+    if answer.templates != link.templates
+        || answer.session != link.session
+        || answer.digest_seed != link.digest_seed
+    {
         bail!(
-            "the receive proxy answered a multifd channel with {} templates (session {:?}), the main stream with {} ({:?})",
+            "the receive proxy answered a multifd channel with {} templates (session {:?}, seed {:#x}), the main stream with {} ({:?}, {:#x})",
             answer.templates,
             answer.session,
+            answer.digest_seed,
             link.templates,
-            link.session
+            link.session,
+            link.digest_seed
         );
     }
     let mut sink = ChannelSink {
-        out: Chunks::new(&mut writer, link.offered, link.zstd),
+        out: Chunks::new(&mut writer, link.offered, link.zstd, link.digest_seed),
         qemu: &qemu,
     };
     let summary = multifd::parse_channel(&qemu, &mut sink)
