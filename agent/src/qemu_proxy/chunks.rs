@@ -4,13 +4,14 @@
 //! the bytes read from QEMU is one the receiver offered; every chunk ends
 //! with the digest the receiver checks before QEMU sees any of it.
 
-use std::{io::BufWriter, net::TcpStream, os::fd::AsFd as _};
+use std::{io::BufWriter, net::TcpStream, os::fd::AsFd as _, time::Instant};
 
 use anyhow::Context as _;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::templates::TemplateLookup;
 use crate::{
+    migrate::compression::{Gauge, LINK_SAMPLE_BYTES},
     net::ChannelWriter,
     qemu_stream::SinkError,
     transport::qemu_proxy::{ChunkBuilder, FrameWriter, Kind},
@@ -20,14 +21,20 @@ use crate::{
 const CHUNK_OPS: usize = 1 << 20;
 /// QEMU stream bytes per chunk before it is sent (template pages count 4 KiB).
 const CHUNK_STREAM: usize = 8 << 20;
+/// A chunk payload's bytes besides its (compressed) ops.
+const CHUNK_OVERHEAD: usize = 5 + crate::transport::qemu_proxy::CHUNK_DIGEST_LEN;
 
 pub(super) type Wan = FrameWriter<BufWriter<ChannelWriter>>;
 
 pub(super) struct Chunks<'a> {
     pub wan: &'a mut Wan,
     lookup: &'a dyn TemplateLookup,
-    zstd: bool,
+    /// Whether and how chunks are compressed (None: never).
+    zstd: Option<&'a Gauge>,
     chunk: ChunkBuilder,
+    /// Chunk bytes written and the time the writes took, since the gauge
+    /// last heard of the link.
+    link_sample: (usize, u64),
     pub template_pages: u64,
     /// QEMU stream bytes so far.
     pub stream_bytes: u64,
@@ -39,7 +46,7 @@ impl<'a> Chunks<'a> {
     pub fn new(
         wan: &'a mut Wan,
         lookup: &'a dyn TemplateLookup,
-        zstd: bool,
+        zstd: Option<&'a Gauge>,
         digest_seed: u64,
     ) -> Self {
         Self {
@@ -47,6 +54,7 @@ impl<'a> Chunks<'a> {
             lookup,
             zstd,
             chunk: ChunkBuilder::new(digest_seed),
+            link_sample: (0, 0),
             template_pages: 0,
             stream_bytes: 0,
         }
@@ -73,15 +81,34 @@ impl<'a> Chunks<'a> {
         }
     }
 
-    /// Sends what the chunk holds.
+    /// Sends what the chunk holds, compressed if the gauge says it pays.
     pub fn send(&mut self) -> Result<(), SinkError> {
         if self.chunk.is_empty() {
             return Ok(());
         }
-        let payload = self.chunk.finish(self.zstd)?;
-        self.wan
+        let level = self.zstd.and_then(Gauge::choose);
+        let raw = self.chunk.ops_len();
+        let cpu = crate::clock::thread_cpu_ns();
+        let payload = self.chunk.finish(level)?;
+        if let (Some(gauge), Some(level)) = (self.zstd, level) {
+            // A chunk that did not shrink went plain: ratio 1.
+            let body = payload.len().saturating_sub(CHUNK_OVERHEAD).min(raw);
+            let cpu_ns = crate::clock::thread_cpu_ns().saturating_sub(cpu);
+            gauge.compressed(level, raw, body, cpu_ns);
+        }
+        let started = Instant::now();
+        let wire = self
+            .wan
             .frame(Kind::Chunk, 0, &payload)
             .context("sending to the receive proxy")?;
+        if let Some(gauge) = self.zstd {
+            self.link_sample.0 += wire;
+            self.link_sample.1 += started.elapsed().as_nanos() as u64;
+            if self.link_sample.0 >= LINK_SAMPLE_BYTES {
+                let (bytes, ns) = std::mem::take(&mut self.link_sample);
+                gauge.wrote(bytes, ns);
+            }
+        }
         Ok(())
     }
 

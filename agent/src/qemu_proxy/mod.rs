@@ -28,6 +28,7 @@ use crate::{
     api::report::SiteFetch,
     catalog::{agreement::Negotiation, sources::TemplateSources, store::TemplateStore},
     config::DEFAULT_SOCKET,
+    migrate::compression::ZstdPolicy,
     net::{Timeouts, tls},
     qemu_stream::{Options, Unsupported},
 };
@@ -51,6 +52,14 @@ pub struct SendArgs {
     /// Do not zstd-compress what travels unchanged.
     #[arg(long)]
     pub no_zstd: bool,
+    /// Compress a chunk only when that saves more link time than it costs
+    /// CPU, measured as it runs (auto), or every chunk (always).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub zstd: ZstdPolicy,
+    /// The strongest zstd level `auto` picks (it also tries 1, -1 and -5
+    /// below it), and the one `always` uses.
+    #[arg(long, default_value_t = 3)]
+    pub zstd_level: i32,
     /// Carry streams with features the parser does not understand (block
     /// migration, unknown capabilities or RAM records) unchanged instead of
     /// refusing them; they are not deduplicated from that point on.
@@ -115,6 +124,10 @@ pub struct ProxyReport {
     pub wire_bytes: u64,
     /// RAM `PAGE` records (send side).
     pub pages: u64,
+    /// How chunks were compressed: what `--zstd auto` chose, and why (send
+    /// side).
+    #[serde(default)]
+    pub compression: Option<String>,
     /// Pages that travelled as template references.
     pub template_pages: u64,
     pub zero_pages: u64,
@@ -166,7 +179,8 @@ pub fn run(command: ProxyCommand) -> anyhow::Result<()> {
             let options = send::SendOptions {
                 listen: args.listen.clone(),
                 to: args.to.clone(),
-                zstd: !args.no_zstd,
+                zstd: (!args.no_zstd).then_some(args.zstd),
+                zstd_level: args.zstd_level,
                 parser: Options {
                     unsupported: if args.pass_through_unsupported {
                         Unsupported::PassThrough

@@ -15,12 +15,13 @@ use super::{
     CONNECT_RETRY, ProxyReport,
     channels::{self, ChannelCounts, Failure, SendChannels, SendLink},
     chunks::{Chunks, Wan},
-    templates::{Offered, TemplateLookup as _},
+    templates::Offered,
 };
 use crate::{
     api::{client, wire::parse_hash_list},
     catalog::agreement::listed_contents,
     content::TemplateId,
+    migrate::compression::{Gauge, ZstdPolicy},
     net::{self, ChannelReader, Timeouts, tls},
     qemu_stream::{self, Options, Page, Preamble, Sink, SinkError},
     transport::{
@@ -33,7 +34,10 @@ use crate::{
 pub struct SendOptions {
     pub listen: String,
     pub to: String,
-    pub zstd: bool,
+    /// When chunks are compressed (None: never), and the strongest zstd
+    /// level `auto` uses (the one `always` uses).
+    pub zstd: Option<ZstdPolicy>,
+    pub zstd_level: i32,
     pub parser: Options,
     /// Give up if QEMU does not connect within this time.
     pub timeout: Option<Duration>,
@@ -259,18 +263,23 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
     let mut reader = FrameReader::new(BufReader::new(read_half));
     let mut writer: Wan = FrameWriter::new(BufWriter::with_capacity(1 << 20, write_half));
     let (offered, offer_end, negotiation) =
-        handshake(&mut reader, &mut writer, options.zstd, &listed)
+        handshake(&mut reader, &mut writer, options.zstd.is_some(), &listed)
             .context("talking to the receive proxy")?;
     let negotiation_bytes = reader.bytes + writer.bytes;
     log::info!("{negotiation} ({negotiation_bytes} bytes of negotiation)");
     // From here on the receive proxy sends only the destination QEMU's
     // return-path bytes (whenever it writes some), then Done.
     let answers = ReturnPath::relay(reader, &qemu, options.timeouts.io_timeout())?;
+    // One gauge for every connection: each compares its chunks'
+    // compression with the share of the link its own writes see.
+    let gauge = options
+        .zstd
+        .map(|policy| Gauge::new(policy, 1, options.zstd_level));
     let link = SendLink {
         to: &options.to,
         security: &options.security,
         timeouts: options.timeouts,
-        zstd: options.zstd,
+        zstd: gauge.as_ref(),
         offered: &offered,
         templates: offer_end.templates,
         digest_seed: offer_end.digest_seed,
@@ -281,20 +290,14 @@ pub fn send(options: &SendOptions) -> anyhow::Result<ProxyReport> {
     let failure = Failure::default();
     thread::scope(|scope| {
         let mut channels = SendChannels::start(scope, listener, &link, &stop, &counts, &failure)?;
-        let main = send_main(
-            options,
-            &qemu,
-            &mut writer,
-            (&offered, link.digest_seed),
-            &answers,
-            &mut channels,
-        );
+        let main = send_main(options, &qemu, &mut writer, &link, &answers, &mut channels);
         let mut report = channels::merge(main, &channels.finish(), &failure)?;
         report.seconds = started.elapsed().as_secs_f64();
         report.tls = protection.is_tls();
         report.channel = protection.describe();
         report.negotiation = Some(negotiation);
         report.negotiation_bytes = negotiation_bytes;
+        report.compression = gauge.as_ref().map(Gauge::describe);
         Ok(report)
     })
 }
@@ -383,12 +386,12 @@ fn send_main(
     options: &SendOptions,
     qemu: &TcpStream,
     writer: &mut Wan,
-    (offered, digest_seed): (&Offered, u64),
+    link: &SendLink,
     answers: &ReturnPath,
     channels: &mut SendChannels,
 ) -> anyhow::Result<ProxyReport> {
     let mut sink = SendSink {
-        out: Chunks::new(writer, offered, options.zstd, digest_seed),
+        out: Chunks::new(writer, link.offered, link.zstd, link.digest_seed),
         started: false,
         qemu,
         channels: channels.failure(),
@@ -465,7 +468,7 @@ fn send_main(
         zero_pages: summary.zero_pages,
         xbzrle_pages: summary.xbzrle_pages,
         compressed_pages: summary.compressed_pages,
-        templates_offered: offered.len() as u64,
+        templates_offered: link.offered.len() as u64,
         ram_complete: summary.ram_complete,
         pass_through: summary
             .pass_through

@@ -20,6 +20,7 @@ use super::{
 use crate::{
     catalog::{agreement::Negotiation, store::TemplateStore},
     config::SiteStoreConfig,
+    migrate::compression::ZstdPolicy,
     net::{Timeouts, pki::test_security},
     qemu_stream::{
         Options, Unsupported,
@@ -49,7 +50,7 @@ struct Outcome {
 /// Runs the pair: `qemu` writes the source stream to the send proxy.
 fn run_pair(
     templates: TemplateStore,
-    zstd: bool,
+    zstd: Option<ZstdPolicy>,
     unsupported: Unsupported,
     qemu: impl FnOnce(&str) + Send + 'static,
 ) -> Outcome {
@@ -60,7 +61,7 @@ fn run_pair(
 /// before the send proxy starts.
 fn run_pair_after(
     templates: TemplateStore,
-    zstd: bool,
+    zstd: Option<ZstdPolicy>,
     unsupported: Unsupported,
     strays: impl FnOnce(&str),
     qemu: impl FnOnce(&str) + Send + 'static,
@@ -71,7 +72,7 @@ fn run_pair_after(
 /// [`run_pair_after`], the send proxy listing `listing` when asked.
 fn run_pair_negotiated(
     templates: TemplateStore,
-    zstd: bool,
+    zstd: Option<ZstdPolicy>,
     unsupported: Unsupported,
     listing: Listing,
     strays: impl FnOnce(&str),
@@ -128,6 +129,7 @@ fn run_pair_negotiated(
             listen: local.clone(),
             to: wan,
             zstd,
+            zstd_level: 3,
             parser: Options { unsupported },
             timeout: Some(Duration::from_secs(20)),
             timeouts: Timeouts::default(),
@@ -206,7 +208,7 @@ fn without_templates_the_stream_arrives_unchanged_at_about_its_size() {
     let built = build(&spec(300));
     let outcome = run_pair(
         TemplateStore::default(),
-        false,
+        None,
         Unsupported::Refuse,
         feed(built.bytes.clone()),
     );
@@ -236,7 +238,7 @@ fn strays_never_reach_the_destination_and_the_genuine_send_proxy_gets_through() 
     let mut held = Vec::new();
     let outcome = run_pair_after(
         TemplateStore::default(),
-        false,
+        None,
         Unsupported::Refuse,
         |wan| {
             // Plain TCP: an HTTP request, then a connection that stays silent.
@@ -283,7 +285,7 @@ fn an_authenticated_peer_that_drips_its_opening_is_cut_and_the_next_gets_in() {
     let mut dripper = None;
     let outcome = run_pair_after(
         TemplateStore::default(),
-        false,
+        None,
         Unsupported::Refuse,
         |wan| {
             // A genuine certificate, then the preamble one byte every 2 s:
@@ -345,7 +347,8 @@ fn an_offer_larger_than_the_limit_is_refused_by_the_send_proxy() {
     let options = SendOptions {
         listen: local.clone(),
         to: wan,
-        zstd: false,
+        zstd: None,
+        zstd_level: 3,
         parser: Options {
             unsupported: Unsupported::Refuse,
         },
@@ -375,7 +378,7 @@ fn template_pages_travel_as_references_and_come_back_exact() {
         }
         set
     };
-    for zstd in [false, true] {
+    for zstd in [None, Some(ZstdPolicy::Always), Some(ZstdPolicy::Auto)] {
         let outcome = run_pair(
             templates(),
             zstd,
@@ -384,13 +387,13 @@ fn template_pages_travel_as_references_and_come_back_exact() {
         );
         let sent = outcome.sent.unwrap();
         let received = outcome.received.unwrap();
-        assert!(outcome.destination.unwrap() == built.bytes, "zstd {zstd}");
+        assert!(outcome.destination.unwrap() == built.bytes, "zstd {zstd:?}");
         assert_eq!(sent.template_pages, 150);
         assert_eq!(received.template_pages, 150);
         assert_eq!(sent.templates_offered, 6);
         assert!(
             sent.wire_bytes < built.bytes.len() as u64 * 6 / 10,
-            "zstd {zstd}: {} of {}",
+            "zstd {zstd:?}: {} of {}",
             sent.wire_bytes,
             built.bytes.len()
         );
@@ -416,7 +419,7 @@ fn a_listed_vm_is_asked_about_and_its_held_contents_travel_as_references() {
         .collect();
     let outcome = run_pair_negotiated(
         templates,
-        true,
+        Some(ZstdPolicy::Auto),
         Unsupported::Refuse,
         Listing::Given(listed),
         |_| {},
@@ -456,7 +459,7 @@ fn postcopy_stream() -> Vec<u8> {
 fn a_refused_stream_never_reaches_the_destination() {
     let outcome = run_pair(
         TemplateStore::default(),
-        true,
+        Some(ZstdPolicy::Auto),
         Unsupported::Refuse,
         feed(postcopy_stream()),
     );
@@ -542,7 +545,7 @@ fn multifd_channels_arrive_exactly_and_deduplicated() {
     }
     let outcome = run_pair(
         templates,
-        true,
+        Some(ZstdPolicy::Auto),
         Unsupported::Refuse,
         feed_multifd(main.clone(), channels.clone()),
     );
@@ -577,7 +580,7 @@ fn a_multifd_channel_cut_short_fails_the_migration() {
     let cut = pages[150].stream_offset as usize + 10;
     let outcome = run_pair(
         TemplateStore::default(),
-        true,
+        Some(ZstdPolicy::Auto),
         Unsupported::Refuse,
         feed_multifd(main, vec![channel[..cut].to_vec()]),
     );
@@ -602,7 +605,7 @@ fn a_stray_connection_to_the_send_proxy_is_closed_and_the_migration_goes_on() {
     let bytes = built.bytes.clone();
     let outcome = run_pair(
         TemplateStore::default(),
-        true,
+        Some(ZstdPolicy::Auto),
         Unsupported::Refuse,
         move |local| {
             let mut qemu = connect(local);
@@ -636,7 +639,7 @@ fn unsupported_features_can_be_passed_through() {
     templates.add_page(&page_content(1));
     let outcome = run_pair(
         templates,
-        true,
+        Some(ZstdPolicy::Auto),
         Unsupported::PassThrough,
         feed(bytes.clone()),
     );
@@ -656,7 +659,7 @@ fn a_stream_cut_short_fails_both_ends_and_qemu_gets_only_a_checked_beginning() {
     let cut = built.pages[50].stream_offset as usize + 100;
     let outcome = run_pair(
         TemplateStore::default(),
-        true,
+        Some(ZstdPolicy::Auto),
         Unsupported::Refuse,
         feed(built.bytes[..cut].to_vec()),
     );
@@ -677,7 +680,7 @@ fn a_stream_cut_short_fails_both_ends_and_qemu_gets_only_a_checked_beginning() {
 fn not_a_qemu_stream_is_refused() {
     let outcome = run_pair(
         TemplateStore::default(),
-        true,
+        Some(ZstdPolicy::Auto),
         Unsupported::Refuse,
         feed(b"GET / HTTP/1.1\r\n\r\n".to_vec()),
     );
@@ -808,7 +811,7 @@ fn chunks_decode_to_exactly_their_bytes() {
         payload,
         offset: 3,
     };
-    for zstd in [false, true] {
+    for zstd in [None, Some(3), Some(-5)] {
         let mut chunk = ChunkBuilder::new(SEED);
         chunk.raw(b"header");
         chunk.template(0, &template);
@@ -844,10 +847,10 @@ fn chunks_decode_to_exactly_their_bytes() {
     // A template whose page is not what the sender read: never delivered.
     let mut chunk = ChunkBuilder::new(SEED);
     chunk.template(0, &other);
-    assert!(bad(chunk.finish(false).unwrap()).contains("differ from the source's"));
+    assert!(bad(chunk.finish(None).unwrap()).contains("differ from the source's"));
     let mut chunk = ChunkBuilder::new(SEED);
     chunk.template(1, &template);
-    assert!(bad(chunk.finish(false).unwrap()).contains("template 1 was not offered"));
+    assert!(bad(chunk.finish(None).unwrap()).contains("template 1 was not offered"));
     let digest = [0u8; wire::CHUNK_DIGEST_LEN];
     let with_digest = |mut v: Vec<u8>| {
         v.extend_from_slice(&digest);
@@ -863,7 +866,7 @@ fn chunks_decode_to_exactly_their_bytes() {
     for _ in 0..=wire::MAX_CHUNK_STREAM / PAGE_SIZE {
         chunk.template(0, &template);
     }
-    assert!(bad(chunk.finish(true).unwrap()).contains("stands for more than"));
+    assert!(bad(chunk.finish(Some(3)).unwrap()).contains("stands for more than"));
 }
 
 /// What the receive proxy sends after its offer: return-path frames, Done.
@@ -960,11 +963,11 @@ fn proxy_wire_fuzz_seeds_are_current() {
         )
         .unwrap();
     writer
-        .frame(Kind::Chunk, 0, &chunk.finish(true).unwrap())
+        .frame(Kind::Chunk, 0, &chunk.finish(Some(3)).unwrap())
         .unwrap();
     chunk.raw(b"tail");
     writer
-        .frame(Kind::Chunk, 0, &chunk.finish(false).unwrap())
+        .frame(Kind::Chunk, 0, &chunk.finish(None).unwrap())
         .unwrap();
     writer
         .json(

@@ -307,9 +307,10 @@ impl ChunkBuilder {
         self.ops.is_empty()
     }
 
-    /// The chunk frame's payload; the builder is empty afterwards, its
-    /// next chunk starting where this one ended.
-    pub fn finish(&mut self, zstd: bool) -> io::Result<Vec<u8>> {
+    /// The chunk frame's payload, its ops compressed at zstd `level` when
+    /// given (and when that makes them smaller); the builder is empty
+    /// afterwards, its next chunk starting where this one ended.
+    pub fn finish(&mut self, level: Option<i32>) -> io::Result<Vec<u8>> {
         self.close_raw();
         let ops = std::mem::take(&mut self.ops);
         self.start += self.stream_bytes as u64;
@@ -317,10 +318,9 @@ impl ChunkBuilder {
         let next = chunk_digest_start(self.seed, self.start);
         let digest = std::mem::replace(&mut self.digest, next).finish_128();
         let mut payload = Vec::with_capacity(ops.len() / 2 + 5 + CHUNK_DIGEST_LEN);
-        let compressed = if zstd {
-            Some(zstd::bulk::compress(&ops, 3)?).filter(|c| c.len() < ops.len())
-        } else {
-            None
+        let compressed = match level {
+            Some(level) => Some(zstd::bulk::compress(&ops, level)?).filter(|c| c.len() < ops.len()),
+            None => None,
         };
         match compressed {
             Some(compressed) => {

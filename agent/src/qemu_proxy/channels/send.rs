@@ -15,6 +15,7 @@ use anyhow::{Context as _, bail};
 
 use super::{ChannelTotals, Failure};
 use crate::{
+    migrate::compression::Gauge,
     net::{self, Timeouts, tls},
     qemu_proxy::{
         CONNECT_RETRY,
@@ -33,7 +34,8 @@ pub struct SendLink<'a> {
     pub to: &'a str,
     pub security: &'a tls::Client,
     pub timeouts: Timeouts,
-    pub zstd: bool,
+    /// How chunks are compressed (None: never).
+    pub zstd: Option<&'a Gauge>,
     pub offered: &'a (dyn TemplateLookup + Sync),
     /// The offer's length, session and digest seed, as the main
     /// connection got them.
@@ -200,7 +202,7 @@ fn send_channel(
         Kind::Hello,
         &wire::Hello {
             sender: format!("pagefp-{}", std::process::id()),
-            zstd: link.zstd,
+            zstd: link.zstd.is_some(),
             multifd: Some(link.session.clone()),
             query_hashes: 0,
         },
