@@ -766,12 +766,32 @@ pub fn print_table(report: &MigrationReport) {
             s["wire_bytes_ratio_median"].as_f64().unwrap_or(f64::NAN),
             s["total_time_ratio_median"].as_f64().unwrap_or(f64::NAN),
             s["vms"],
-            if s["targets"].is_null() {
-                ""
-            } else {
-                "  [targets: bytes <= 0.62 (goal 0.4), time <= 0.73 (goal 0.5)]"
-            }
+            describe_targets(&s["targets"])
         );
+    }
+}
+
+/// A summary's targets, as the figures it holds say.
+fn describe_targets(targets: &serde_json::Value) -> String {
+    let limit = |name: &str, max: &str, goal: &str| {
+        targets[max]
+            .as_f64()
+            .map(|max| match targets[goal].as_f64() {
+                Some(goal) => format!("{name} <= {max} (goal {goal})"),
+                None => format!("{name} <= {max}"),
+            })
+    };
+    let parts: Vec<String> = [
+        limit("bytes", "wire_bytes_ratio_max", "wire_bytes_ratio_goal"),
+        limit("time", "total_time_ratio_max", "total_time_ratio_goal"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("  [targets: {}]", parts.join(", "))
     }
 }
 
