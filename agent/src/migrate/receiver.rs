@@ -333,7 +333,11 @@ impl Receiver<'_> {
                     self.state = Some(frame.payload);
                     // Nothing is written after the state: read the memory
                     // back now, while the source computes its digest.
-                    self.read_back = Some(self.read_back(hello.digest_key())?);
+                    let key = DigestKey {
+                        chunk_pages: hello.digest_chunk_pages,
+                        seed: hello.digest_seed,
+                    };
+                    self.read_back = Some(self.read_back(key)?);
                 }
                 Kind::Verify => {
                     self.report.phase = Phase::Verifying;

@@ -137,14 +137,6 @@ pub struct Hello {
 }
 
 impl Hello {
-    /// How the final digest is computed.
-    pub fn digest_key(&self) -> crate::migrate::digest::DigestKey {
-        crate::migrate::digest::DigestKey {
-            chunk_pages: self.digest_chunk_pages,
-            seed: self.digest_seed,
-        }
-    }
-
     /// Pages over every region (saturating: a hostile hello cannot
     /// overflow it).
     pub fn total_pages(&self) -> u64 {
