@@ -86,7 +86,14 @@ impl std::str::FromStr for LinkSpec {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let bad = || format!("link `{text}`: give Mbit/s, optionally /RTT in ms (100, 100/50ms)");
+        let bad = || {
+            format!(
+                "link `{text}`: give Mbit/s, optionally /RTT in ms (100, 100/50ms), or `unlimited`"
+            )
+        };
+        if text.trim() == "unlimited" {
+            return Ok(Self::UNLIMITED);
+        }
         let (mbit, rtt) = text.split_once('/').unwrap_or((text, "0"));
         let mbit: u32 = mbit.trim().parse().map_err(|_| bad())?;
         let rtt_ms: u32 = rtt

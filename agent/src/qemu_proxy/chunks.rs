@@ -18,9 +18,9 @@ use crate::{
 };
 
 /// Ops bytes per chunk before it is sent.
-const CHUNK_OPS: usize = 1 << 20;
+const CHUNK_OPS: usize = 256 << 10;
 /// QEMU stream bytes per chunk before it is sent (template pages count 4 KiB).
-const CHUNK_STREAM: usize = 8 << 20;
+const CHUNK_STREAM: usize = 1 << 20;
 /// A chunk payload's bytes besides its (compressed) ops.
 const CHUNK_OVERHEAD: usize = 5 + crate::transport::qemu_proxy::CHUNK_DIGEST_LEN;
 

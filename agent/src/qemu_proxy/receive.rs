@@ -7,6 +7,7 @@ use std::{
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, Ordering},
+        mpsc::{SyncSender, sync_channel},
     },
     thread,
     time::{Duration, Instant},
@@ -47,62 +48,138 @@ pub struct ReceiveOptions {
     pub site: SiteStoreConfig,
 }
 
+/// Checked chunks queued for the destination QEMU while the WAN is read on,
+/// so the link keeps flowing while QEMU loads what came before (at most
+/// this many chunks of at most [`wire::MAX_CHUNK_STREAM`] bytes each: the
+/// send proxy cuts them at 1 MiB).
+const QUEUED_CHUNKS: usize = 4;
+
+const WRITE_FAILED: &str =
+    "writing to the destination QEMU (did it fail to load the stream? see its log)";
+
 /// The destination QEMU's main connection, made when the first stream
 /// bytes arrive (a refused migration never touches it).
 struct Destination<'a> {
     addr: &'a str,
     /// Longest wait for QEMU to take more of the stream.
     io_timeout: Duration,
-    conn: Option<TcpStream>,
+    feed: Option<Feed>,
     /// Where QEMU's return-path bytes go (the send proxy), and the thread
     /// that carries them, stopped when this is dropped.
     wan: Wan,
     answers: Option<(thread::JoinHandle<()>, Arc<AtomicBool>)>,
     /// Told once the connection exists: multifd channels connect after it.
     connected: &'a MainConnected,
+    /// Bytes QEMU took (all of them once [`Destination::finish`] returned).
     written: u64,
 }
 
+/// The connection, and the thread writing the queued chunks to it.
+struct Feed {
+    conn: TcpStream,
+    queue: Option<SyncSender<Vec<u8>>>,
+    writer: Option<thread::JoinHandle<anyhow::Result<u64>>>,
+}
+
 impl Destination<'_> {
-    fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
-        let stream = match &mut self.conn {
-            Some(stream) => stream,
-            None => {
-                let stream =
-                    crate::net::connect_tcp(self.addr, CONNECT_RETRY).with_context(|| {
-                        format!(
-                            "cannot reach the destination QEMU at {} (started with -incoming tcp:...?)",
-                            self.addr
-                        )
-                    })?;
-                stream.set_nodelay(true)?;
-                stream.set_write_timeout(Some(self.io_timeout))?;
-                log::info!("feeding the destination QEMU at {}", self.addr);
-                self.answers = Some(relay_answers(stream.try_clone()?, self.wan.clone())?);
-                self.conn.insert(stream)
+    /// Queues a checked chunk for QEMU (the first one is written here).
+    fn write(&mut self, bytes: Vec<u8>) -> anyhow::Result<()> {
+        let Some(queue) = self.feed.as_ref().and_then(|feed| feed.queue.as_ref()) else {
+            if self.feed.is_some() {
+                bail!("the stream to the destination QEMU was already ended");
             }
+            return self.start(&bytes);
         };
-        // Whole chunks, written as they are checked: no buffer in between.
-        stream.write_all(bytes).context(
-            "writing to the destination QEMU (did it fail to load the stream? see its log)",
-        )?;
-        // Its first bytes are there: QEMU 8.0+ reads a new connection's
-        // first bytes before it accepts the next.
-        self.connected.set();
-        self.written += bytes.len() as u64;
+        if queue.send(bytes).is_err() {
+            // The writer stopped: its error says why.
+            self.drain()?;
+            bail!("the writer to the destination QEMU stopped");
+        }
         Ok(())
     }
 
-    /// End of stream.
-    fn finish(&mut self) {
-        if let Some(stream) = &self.conn {
-            let _ = stream.shutdown(Shutdown::Write);
+    /// Connects, writes the first chunk, and starts the writer thread.
+    fn start(&mut self, first: &[u8]) -> anyhow::Result<()> {
+        let mut stream = crate::net::connect_tcp(self.addr, CONNECT_RETRY).with_context(|| {
+            format!(
+                "cannot reach the destination QEMU at {} (started with -incoming tcp:...?)",
+                self.addr
+            )
+        })?;
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(self.io_timeout))?;
+        log::info!("feeding the destination QEMU at {}", self.addr);
+        self.answers = Some(relay_answers(stream.try_clone()?, self.wan.clone())?);
+        stream.write_all(first).context(WRITE_FAILED)?;
+        // Its first bytes are there before any multifd channel connects:
+        // QEMU 8.0+ reads a new connection's first bytes before it accepts
+        // the next, and QEMU 7.2 takes its first connection as the main one.
+        self.connected.set();
+        self.written = first.len() as u64;
+        let (queue, chunks) = sync_channel::<Vec<u8>>(QUEUED_CHUNKS);
+        let mut out = stream.try_clone()?;
+        let writer = thread::Builder::new().name("to-qemu".into()).spawn(
+            move || -> anyhow::Result<u64> {
+                let mut written = 0;
+                for chunk in chunks {
+                    out.write_all(&chunk).context(WRITE_FAILED)?;
+                    written += chunk.len() as u64;
+                }
+                Ok(written)
+            },
+        )?;
+        self.feed = Some(Feed {
+            conn: stream,
+            queue: Some(queue),
+            writer: Some(writer),
+        });
+        Ok(())
+    }
+
+    /// Waits until every queued chunk was written (or the writer failed).
+    fn drain(&mut self) -> anyhow::Result<()> {
+        let Some(feed) = &mut self.feed else {
+            return Ok(());
+        };
+        feed.queue = None;
+        if let Some(writer) = feed.writer.take() {
+            let written = writer
+                .join()
+                .map_err(|_| anyhow::anyhow!("the writer to the destination QEMU panicked"))??;
+            self.written += written;
         }
+        Ok(())
+    }
+
+    /// End of stream: everything queued written, then QEMU's side closed;
+    /// the bytes QEMU took.
+    fn finish(&mut self) -> anyhow::Result<u64> {
+        let drained = self.drain();
+        if let Some(feed) = &self.feed {
+            let _ = feed.conn.shutdown(Shutdown::Write);
+        }
+        drained.map(|()| self.written)
+    }
+
+    /// A failed migration: QEMU's side closed at once (what is still
+    /// queued is dropped), so QEMU sees a truncated stream.
+    fn abandon(&mut self) {
+        if let Some(feed) = &self.feed {
+            let _ = feed.conn.shutdown(Shutdown::Write);
+        }
+        let _ = self.drain();
+    }
+
+    fn contacted(&self) -> bool {
+        self.feed.is_some()
     }
 }
 
 impl Drop for Destination<'_> {
     fn drop(&mut self) {
+        if self.feed.as_ref().is_some_and(|feed| feed.writer.is_some()) {
+            self.abandon();
+        }
         if let Some((thread, stop)) = self.answers.take() {
             stop.store(true, Ordering::Relaxed);
             let _ = thread.join();
@@ -198,7 +275,7 @@ pub fn receive(options: &ReceiveOptions, templates: TemplateStore) -> anyhow::Re
         io_timeout: options.timeouts.io_timeout(),
         wan: writer.clone(),
         answers: None,
-        conn: None,
+        feed: None,
         connected: &connected,
         written: 0,
     };
@@ -252,7 +329,7 @@ pub fn receive(options: &ReceiveOptions, templates: TemplateStore) -> anyhow::Re
         );
         // A main stream that failed takes its channels down with it.
         if main.is_err() {
-            destination.finish();
+            destination.abandon();
         }
         channels::merge(main, &channels.finish(), &failure)
     });
@@ -267,7 +344,7 @@ pub fn receive(options: &ReceiveOptions, templates: TemplateStore) -> anyhow::Re
         Err(err) => {
             let _ = lock().abort(&format!("{err:#}"));
             let _ = lock().flush();
-            if destination.conn.is_none() {
+            if !destination.contacted() {
                 Err(err.context(
                     "the destination QEMU was not contacted and still waits for a migration",
                 ))
@@ -356,7 +433,7 @@ fn relay(
                     })?;
                 report.template_pages += templates_used;
                 report.stream_bytes += bytes.len() as u64;
-                destination.write(&bytes)?;
+                destination.write(bytes)?;
             }
             Kind::End => {
                 let end: wire::End = frame.json()?;
@@ -368,12 +445,12 @@ fn relay(
                     );
                 }
                 channels.wait_opened(end.channels, link.timeouts.io_timeout())?;
-                destination.finish();
+                let written = destination.finish()?;
                 let mut writer = wan.lock().unwrap_or_else(|p| p.into_inner());
                 writer.json(
                     Kind::Done,
                     &wire::Done {
-                        stream_bytes: destination.written,
+                        stream_bytes: written,
                     },
                 )?;
                 writer.flush()?;
