@@ -35,6 +35,8 @@ pub(super) struct Chunks<'a> {
     /// Chunk bytes written and the time the writes took, since the gauge
     /// last heard of the link.
     link_sample: (usize, u64),
+    /// Chunks were written to the WAN's buffer since it was last flushed.
+    unflushed: bool,
     pub template_pages: u64,
     /// QEMU stream bytes so far.
     pub stream_bytes: u64,
@@ -55,6 +57,7 @@ impl<'a> Chunks<'a> {
             zstd,
             chunk: ChunkBuilder::new(digest_seed),
             link_sample: (0, 0),
+            unflushed: false,
             template_pages: 0,
             stream_bytes: 0,
         }
@@ -101,6 +104,7 @@ impl<'a> Chunks<'a> {
             .wan
             .frame(Kind::Chunk, 0, &payload)
             .context("sending to the receive proxy")?;
+        self.unflushed = true;
         if let Some(gauge) = self.zstd {
             self.link_sample.0 += wire;
             self.link_sample.1 += started.elapsed().as_nanos() as u64;
@@ -120,14 +124,24 @@ impl<'a> Chunks<'a> {
         Ok(())
     }
 
-    /// Sends and flushes what the chunk holds when QEMU has nothing more
-    /// to read right now, so nothing waits for QEMU's next write (QEMU may
-    /// be waiting for the destination's answer to what it wrote).
+    /// Sends what the chunk holds and flushes every chunk still in the
+    /// WAN's buffer when QEMU has nothing more to read right now, so
+    /// nothing waits for QEMU's next write (QEMU may be waiting for the
+    /// destination's answer to what it wrote). A chunk that filled up just
+    /// before QEMU paused sits in the buffer, not in the builder: flushed
+    /// too (it once stalled migrations until the I/O timeout).
     pub fn send_when_idle(&mut self, qemu: &TcpStream) -> Result<(), SinkError> {
-        if !self.chunk.is_empty() && !readable(qemu)? {
+        if (self.unflushed || !self.chunk.is_empty()) && !readable(qemu)? {
             self.send()?;
-            self.wan.flush().context("sending to the receive proxy")?;
+            self.flush()?;
         }
+        Ok(())
+    }
+
+    /// Flushes the WAN's buffer.
+    pub fn flush(&mut self) -> Result<(), SinkError> {
+        self.wan.flush().context("sending to the receive proxy")?;
+        self.unflushed = false;
         Ok(())
     }
 }

@@ -163,7 +163,7 @@ impl Sink for SendSink<'_> {
             log::info!("QEMU opened its return path: the destination's answers are relayed");
         }
         self.out.send()?;
-        self.out.wan.flush()?;
+        self.out.flush()?;
         Ok(())
     }
 

@@ -990,3 +990,51 @@ fn proxy_wire_fuzz_seeds_are_current() {
     let dir = format!("{}/fuzz/seeds/proxy_wire", env!("CARGO_MANIFEST_DIR"));
     crate::qemu_stream::synth::check_seeds(&dir, &[("session", receive), ("return-path", answers)]);
 }
+
+/// QEMU pauses (waiting for the destination's answer) right after a chunk
+/// filled up: that chunk went to the WAN's buffer, not the builder, and
+/// must reach the receive proxy now, not when QEMU writes again (a
+/// migration once stalled until the I/O timeout so).
+#[test]
+fn a_chunk_that_filled_just_before_qemu_paused_reaches_the_receiver() {
+    use std::{io::BufReader, time::Instant};
+
+    use super::{
+        chunks::{Chunks, Wan},
+        templates::Offered,
+    };
+    use crate::net::{SecureListener, connect};
+
+    let (client, server) = test_security();
+    let listener = SecureListener::bind("127.0.0.1:0", server).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let receiver = thread::spawn(move || {
+        let channel = listener
+            .accept(Some(Instant::now() + Duration::from_secs(5)), "the test")
+            .unwrap();
+        let (read_half, _write_half) = channel.split(Some(Duration::from_secs(5)));
+        let mut reader = FrameReader::new(BufReader::new(read_half));
+        reader.frame().map(|frame| frame.kind)
+    });
+    let channel = connect(&addr, &client, Duration::from_secs(5)).unwrap();
+    let (_read_half, write_half) = channel.split(Some(Duration::from_secs(5)));
+    let mut wan: Wan = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, write_half));
+    // A QEMU connection with nothing to read: QEMU waits.
+    let qemu_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let _qemu_end = TcpStream::connect(qemu_listener.local_addr().unwrap()).unwrap();
+    let (qemu, _) = qemu_listener.accept().unwrap();
+    let offered = Offered::default();
+    let mut chunks = Chunks::new(&mut wan, &offered, None, SEED);
+    // 64 raw pages fill a chunk's 256 KiB of ops exactly: it is sent (into
+    // the buffer) by the 64th page, and the builder is empty.
+    for seed in 0..64 {
+        chunks.page(&page_content(seed));
+        chunks.send_if_full().unwrap();
+    }
+    chunks.send_when_idle(&qemu).unwrap();
+    assert_eq!(
+        receiver.join().unwrap().map_err(|e| e.to_string()),
+        Ok(Kind::Chunk),
+        "the full chunk stayed in the send proxy's buffer"
+    );
+}
