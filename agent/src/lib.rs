@@ -17,6 +17,7 @@
 //!   [`qemu_stream`]), and the command line [`cli`].
 
 pub mod clock;
+pub mod compression;
 pub mod config;
 pub mod guest_memory;
 pub mod page;

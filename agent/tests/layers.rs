@@ -13,6 +13,7 @@ const RANKS: &[(&str, u32)] = &[
     ("page", 0),
     ("clock", 0),
     ("procfs", 0),
+    ("random", 0),
     ("config", 0),
     ("guest_memory", 1),
     // The core: tracking feeds the registry (a pure state machine), whose
@@ -29,6 +30,7 @@ const RANKS: &[(&str, u32)] = &[
     // The outer ring.
     ("catalog", 8),
     ("qemu_stream", 8),
+    ("compression", 8),
     ("daemon", 9),
     ("migrate", 9),
     ("qemu_proxy", 9),

@@ -6,7 +6,6 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 
 use super::{
-    compression::ZstdPolicy,
     receiver::{self, ReceiveOptions},
     sender::{self, SendOptions},
 };
@@ -17,6 +16,7 @@ use crate::{
         agreement::Negotiation,
         sources::{BuildOptions, TemplateSources, build_from_agent},
     },
+    compression::ZstdPolicy,
     config::DEFAULT_SOCKET,
     net::{Timeouts, tls},
 };

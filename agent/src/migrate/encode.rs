@@ -14,8 +14,9 @@ use std::collections::HashMap;
 use anyhow::Context as _;
 use crossbeam::channel;
 
-use super::{compression::Gauge, vm_memory::SourceMemory};
+use super::vm_memory::SourceMemory;
 use crate::{
+    compression::Gauge,
     content::{PageHash, TemplateId},
     page::is_zero_page,
     transport::migration::PagesBuilder,

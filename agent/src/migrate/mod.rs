@@ -2,7 +2,6 @@
 //! The wire format is documented in `docs/migration-protocol.md`.
 
 pub mod cli;
-pub mod compression;
 pub mod digest;
 pub mod encode;
 pub mod interrupt;

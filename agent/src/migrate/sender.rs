@@ -27,7 +27,6 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    compression::{Gauge, LINK_SAMPLE_BYTES, ZstdPolicy},
     digest::{CHUNK_PAGES, DigestKey, chunk_digests},
     encode::{Batch, Encoder, PageHints, Small},
     interrupt,
@@ -43,6 +42,7 @@ use crate::{
         wire::{parse_hash_list, state},
     },
     catalog::agreement::listed_contents,
+    compression::{Gauge, LINK_SAMPLE_BYTES, ZstdPolicy},
     content::{TemplateId, zero_page_hash},
     net::{self, ChannelReader, ChannelWriter, Timeouts, tls},
     page::PAGE_SIZE,

@@ -11,7 +11,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::templates::TemplateLookup;
 use crate::{
-    migrate::compression::{Gauge, LINK_SAMPLE_BYTES},
+    compression::{Gauge, LINK_SAMPLE_BYTES},
     net::ChannelWriter,
     qemu_stream::SinkError,
     transport::qemu_proxy::{ChunkBuilder, FrameWriter, Kind},

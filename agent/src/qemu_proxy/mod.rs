@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     api::report::SiteFetch,
     catalog::{agreement::Negotiation, sources::TemplateSources, store::TemplateStore},
+    compression::ZstdPolicy,
     config::DEFAULT_SOCKET,
-    migrate::compression::ZstdPolicy,
     net::{Timeouts, tls},
     qemu_stream::{Options, Unsupported},
 };

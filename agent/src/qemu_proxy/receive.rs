@@ -170,8 +170,10 @@ impl Destination<'_> {
         let _ = self.drain();
     }
 
+    /// The destination QEMU was connected to (its return path is relayed
+    /// from then on), even if writing the first chunk failed.
     fn contacted(&self) -> bool {
-        self.feed.is_some()
+        self.answers.is_some()
     }
 }
 

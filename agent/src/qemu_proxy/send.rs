@@ -20,8 +20,8 @@ use super::{
 use crate::{
     api::{client, wire::parse_hash_list},
     catalog::agreement::listed_contents,
+    compression::{Gauge, ZstdPolicy},
     content::TemplateId,
-    migrate::compression::{Gauge, ZstdPolicy},
     net::{self, ChannelReader, Timeouts, tls},
     qemu_stream::{self, Options, Page, Preamble, Sink, SinkError},
     transport::{

@@ -19,8 +19,8 @@ use super::{
 };
 use crate::{
     catalog::{agreement::Negotiation, store::TemplateStore},
+    compression::ZstdPolicy,
     config::SiteStoreConfig,
-    migrate::compression::ZstdPolicy,
     net::{Timeouts, pki::test_security},
     qemu_stream::{
         Options, Unsupported,

@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 
 use super::{ChannelTotals, Failure};
 use crate::{
-    migrate::compression::Gauge,
+    compression::Gauge,
     net::{self, Timeouts, tls},
     qemu_proxy::{
         CONNECT_RETRY,

@@ -1,5 +1,6 @@
-//! Whether a frame of full pages is worth compressing, and at which zstd
-//! level (`--zstd auto`, the default of `templates+zstd`).
+//! Whether a frame of pages is worth compressing, and at which zstd level
+//! (`--zstd auto`: the default of `migrate send`'s `templates+zstd` for its
+//! full-page frames, and of `qemu-proxy send` for its chunks).
 //!
 //! Compressing pays when the link, not the CPU, limits the migration: with
 //! `threads` encoding threads compressing at `z` raw bytes per second each
