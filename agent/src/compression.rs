@@ -167,6 +167,19 @@ impl Gauge {
         entry.ratio = blend(entry.ratio, compressed as f64 / raw as f64);
     }
 
+    /// `raw` compressed at the level [`Gauge::choose`] picks, the time it
+    /// took measured for the estimates; `None` when raw is the choice.
+    pub fn compress(&self, raw: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
+        let Some(level) = self.choose() else {
+            return Ok(None);
+        };
+        let started = crate::clock::thread_cpu_ns();
+        let compressed = zstd::bulk::compress(raw, level)?;
+        let cpu_ns = crate::clock::thread_cpu_ns().saturating_sub(started);
+        self.compressed(level, raw.len(), compressed.len(), cpu_ns);
+        Ok(Some(compressed))
+    }
+
     /// The sending thread wrote `bytes` in `wall_ns`.
     pub fn wrote(&self, bytes: usize, wall_ns: u64) {
         if bytes < 1 << 20 || wall_ns == 0 {
@@ -204,6 +217,26 @@ impl Gauge {
             self.threads,
             levels.join("; "),
         )
+    }
+}
+
+/// Frame writes the gauge has not heard of yet: the sending thread adds
+/// each one up and tells the gauge every [`LINK_SAMPLE_BYTES`].
+#[derive(Debug, Default)]
+pub struct LinkSample {
+    bytes: usize,
+    ns: u64,
+}
+
+impl LinkSample {
+    /// A frame of `bytes` was written in `ns`.
+    pub fn add(&mut self, gauge: &Gauge, bytes: usize, ns: u64) {
+        self.bytes += bytes;
+        self.ns += ns;
+        if self.bytes >= LINK_SAMPLE_BYTES {
+            gauge.wrote(self.bytes, self.ns);
+            *self = Self::default();
+        }
     }
 }
 

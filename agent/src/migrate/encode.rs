@@ -170,20 +170,15 @@ impl<H: PageHints> Encoder<'_, H> {
     fn frame(&self, full: &mut PagesBuilder) -> anyhow::Result<FullFrame> {
         let pages = full.records as u64;
         if let Some(gauge) = self.zstd
-            && let Some(level) = gauge.choose()
+            && let Some(body) = gauge.compress(&full.buf).context("compressing pages")?
+            && body.len() < full.buf.len()
         {
-            let started = crate::clock::thread_cpu_ns();
-            let body = zstd::bulk::compress(&full.buf, level).context("compressing pages")?;
-            let cpu_ns = crate::clock::thread_cpu_ns().saturating_sub(started);
-            gauge.compressed(level, full.buf.len(), body.len(), cpu_ns);
-            if body.len() < full.buf.len() {
-                full.clear();
-                return Ok(FullFrame {
-                    pages,
-                    zstd: true,
-                    body,
-                });
-            }
+            full.clear();
+            return Ok(FullFrame {
+                pages,
+                zstd: true,
+                body,
+            });
         }
         let frame = FullFrame {
             pages,

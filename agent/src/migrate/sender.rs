@@ -42,7 +42,7 @@ use crate::{
         wire::{parse_hash_list, state},
     },
     catalog::agreement::listed_contents,
-    compression::{Gauge, LINK_SAMPLE_BYTES, ZstdPolicy},
+    compression::{Gauge, LinkSample, ZstdPolicy},
     content::{TemplateId, zero_page_hash},
     net::{self, ChannelReader, ChannelWriter, Timeouts, tls},
     page::PAGE_SIZE,
@@ -127,7 +127,7 @@ struct Sender<'a> {
     gauge: Arc<Gauge>,
     /// Full-page frame bytes written and the time the writes took, since
     /// the gauge last heard of the link.
-    link_sample: (usize, u64),
+    link_sample: LinkSample,
 }
 
 /// Runs one migration; the final report on success.
@@ -244,7 +244,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
             options.threads,
             options.zstd_level,
         )),
-        link_sample: (0, 0),
+        link_sample: LinkSample::default(),
     };
     let mut paused = false;
     let outcome = sender.run(vmm.as_mut(), &mut paused);
@@ -678,12 +678,11 @@ impl Sender<'_> {
             let flags = if frame.zstd { FLAG_ZSTD } else { 0 };
             let started = Instant::now();
             let wire = self.writer.frame(Kind::Pages, flags, &frame.body)? as u64;
-            self.link_sample.0 += wire as usize;
-            self.link_sample.1 += started.elapsed().as_nanos() as u64;
-            if self.link_sample.0 >= LINK_SAMPLE_BYTES {
-                let (bytes, ns) = std::mem::take(&mut self.link_sample);
-                self.gauge.wrote(bytes, ns);
-            }
+            self.link_sample.add(
+                &self.gauge,
+                wire as usize,
+                started.elapsed().as_nanos() as u64,
+            );
             if frame.zstd {
                 self.report.pages.zstd += frame.pages;
                 self.report.bytes.zstd += wire;

@@ -11,7 +11,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::templates::TemplateLookup;
 use crate::{
-    compression::{Gauge, LINK_SAMPLE_BYTES},
+    compression::{Gauge, LinkSample},
     net::ChannelWriter,
     qemu_stream::SinkError,
     transport::qemu_proxy::{ChunkBuilder, FrameWriter, Kind},
@@ -21,20 +21,20 @@ use crate::{
 const CHUNK_OPS: usize = 256 << 10;
 /// QEMU stream bytes per chunk before it is sent (template pages count 4 KiB).
 const CHUNK_STREAM: usize = 1 << 20;
-/// A chunk payload's bytes besides its (compressed) ops.
-const CHUNK_OVERHEAD: usize = 5 + crate::transport::qemu_proxy::CHUNK_DIGEST_LEN;
 
 pub(super) type Wan = FrameWriter<BufWriter<ChannelWriter>>;
 
 pub(super) struct Chunks<'a> {
-    pub wan: &'a mut Wan,
+    /// Written through [`Chunks::send`] and [`Chunks::flush`] only, so
+    /// that what is buffered is known.
+    wan: &'a mut Wan,
     lookup: &'a dyn TemplateLookup,
     /// Whether and how chunks are compressed (None: never).
     zstd: Option<&'a Gauge>,
     chunk: ChunkBuilder,
     /// Chunk bytes written and the time the writes took, since the gauge
     /// last heard of the link.
-    link_sample: (usize, u64),
+    link_sample: LinkSample,
     /// Chunks were written to the WAN's buffer since it was last flushed.
     unflushed: bool,
     pub template_pages: u64,
@@ -56,7 +56,7 @@ impl<'a> Chunks<'a> {
             lookup,
             zstd,
             chunk: ChunkBuilder::new(digest_seed),
-            link_sample: (0, 0),
+            link_sample: LinkSample::default(),
             unflushed: false,
             template_pages: 0,
             stream_bytes: 0,
@@ -89,16 +89,10 @@ impl<'a> Chunks<'a> {
         if self.chunk.is_empty() {
             return Ok(());
         }
-        let level = self.zstd.and_then(Gauge::choose);
-        let raw = self.chunk.ops_len();
-        let cpu = crate::clock::thread_cpu_ns();
-        let payload = self.chunk.finish(level)?;
-        if let (Some(gauge), Some(level)) = (self.zstd, level) {
-            // A chunk that did not shrink went plain: ratio 1.
-            let body = payload.len().saturating_sub(CHUNK_OVERHEAD).min(raw);
-            let cpu_ns = crate::clock::thread_cpu_ns().saturating_sub(cpu);
-            gauge.compressed(level, raw, body, cpu_ns);
-        }
+        let zstd = self.zstd;
+        let payload = self
+            .chunk
+            .finish(|ops| zstd.map_or(Ok(None), |gauge| gauge.compress(ops)))?;
         let started = Instant::now();
         let wire = self
             .wan
@@ -106,12 +100,8 @@ impl<'a> Chunks<'a> {
             .context("sending to the receive proxy")?;
         self.unflushed = true;
         if let Some(gauge) = self.zstd {
-            self.link_sample.0 += wire;
-            self.link_sample.1 += started.elapsed().as_nanos() as u64;
-            if self.link_sample.0 >= LINK_SAMPLE_BYTES {
-                let (bytes, ns) = std::mem::take(&mut self.link_sample);
-                gauge.wrote(bytes, ns);
-            }
+            self.link_sample
+                .add(gauge, wire, started.elapsed().as_nanos() as u64);
         }
         Ok(())
     }

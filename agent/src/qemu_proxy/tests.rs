@@ -797,6 +797,15 @@ fn offers_round_trip_and_bad_ones_are_refused() {
     assert!(wire::decode_offer(&cut).is_err());
 }
 
+/// A chunk's ops compressed at zstd `level` (`None`: plain).
+fn at(level: Option<i32>) -> impl FnOnce(&[u8]) -> std::io::Result<Option<Vec<u8>>> {
+    move |ops| {
+        level
+            .map(|level| zstd::bulk::compress(ops, level))
+            .transpose()
+    }
+}
+
 /// The chunk digests' seed in these tests and the fuzz seeds (the fuzz
 /// target decodes with it too).
 const SEED: u64 = 0;
@@ -818,14 +827,14 @@ fn chunks_decode_to_exactly_their_bytes() {
         chunk.template(0, &template);
         chunk.raw(b"more");
         chunk.raw(b"!");
-        let first = frame(chunk.finish(zstd).unwrap());
+        let first = frame(chunk.finish(at(zstd)).unwrap());
         let mut expected = b"header".to_vec();
         expected.extend_from_slice(&template[..]);
         expected.extend_from_slice(b"more!");
         assert_eq!(wire::decode_chunk(&first, SEED, 0, page).unwrap(), expected);
         // The next chunk's digest covers its place in the stream.
         chunk.raw(b"tail");
-        let second = frame(chunk.finish(zstd).unwrap());
+        let second = frame(chunk.finish(at(zstd)).unwrap());
         assert_eq!(
             wire::decode_chunk(&second, SEED, expected.len() as u64, page).unwrap(),
             b"tail"
@@ -848,10 +857,10 @@ fn chunks_decode_to_exactly_their_bytes() {
     // A template whose page is not what the sender read: never delivered.
     let mut chunk = ChunkBuilder::new(SEED);
     chunk.template(0, &other);
-    assert!(bad(chunk.finish(None).unwrap()).contains("differ from the source's"));
+    assert!(bad(chunk.finish(at(None)).unwrap()).contains("differ from the source's"));
     let mut chunk = ChunkBuilder::new(SEED);
     chunk.template(1, &template);
-    assert!(bad(chunk.finish(None).unwrap()).contains("template 1 was not offered"));
+    assert!(bad(chunk.finish(at(None)).unwrap()).contains("template 1 was not offered"));
     let digest = [0u8; wire::CHUNK_DIGEST_LEN];
     let with_digest = |mut v: Vec<u8>| {
         v.extend_from_slice(&digest);
@@ -867,7 +876,7 @@ fn chunks_decode_to_exactly_their_bytes() {
     for _ in 0..=wire::MAX_CHUNK_STREAM / PAGE_SIZE {
         chunk.template(0, &template);
     }
-    assert!(bad(chunk.finish(Some(3)).unwrap()).contains("stands for more than"));
+    assert!(bad(chunk.finish(at(Some(3))).unwrap()).contains("stands for more than"));
 }
 
 /// What the receive proxy sends after its offer: return-path frames, Done.
@@ -964,11 +973,11 @@ fn proxy_wire_fuzz_seeds_are_current() {
         )
         .unwrap();
     writer
-        .frame(Kind::Chunk, 0, &chunk.finish(Some(3)).unwrap())
+        .frame(Kind::Chunk, 0, &chunk.finish(at(Some(3))).unwrap())
         .unwrap();
     chunk.raw(b"tail");
     writer
-        .frame(Kind::Chunk, 0, &chunk.finish(None).unwrap())
+        .frame(Kind::Chunk, 0, &chunk.finish(at(None)).unwrap())
         .unwrap();
     writer
         .json(

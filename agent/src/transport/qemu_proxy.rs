@@ -307,10 +307,13 @@ impl ChunkBuilder {
         self.ops.is_empty()
     }
 
-    /// The chunk frame's payload, its ops compressed at zstd `level` when
-    /// given (and when that makes them smaller); the builder is empty
+    /// The chunk frame's payload, its ops as `compress` gives them (`None`:
+    /// plain) when that makes them smaller; the builder is empty
     /// afterwards, its next chunk starting where this one ended.
-    pub fn finish(&mut self, level: Option<i32>) -> io::Result<Vec<u8>> {
+    pub fn finish(
+        &mut self,
+        compress: impl FnOnce(&[u8]) -> io::Result<Option<Vec<u8>>>,
+    ) -> io::Result<Vec<u8>> {
         self.close_raw();
         let ops = std::mem::take(&mut self.ops);
         self.start += self.stream_bytes as u64;
@@ -318,10 +321,7 @@ impl ChunkBuilder {
         let next = chunk_digest_start(self.seed, self.start);
         let digest = std::mem::replace(&mut self.digest, next).finish_128();
         let mut payload = Vec::with_capacity(ops.len() / 2 + 5 + CHUNK_DIGEST_LEN);
-        let compressed = match level {
-            Some(level) => Some(zstd::bulk::compress(&ops, level)?).filter(|c| c.len() < ops.len()),
-            None => None,
-        };
+        let compressed = compress(&ops)?.filter(|c| c.len() < ops.len());
         match compressed {
             Some(compressed) => {
                 payload.push(ENCODING_ZSTD);
