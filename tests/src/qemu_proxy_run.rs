@@ -233,7 +233,13 @@ fn wrapped(wrap: Option<Command>, program: impl AsRef<std::ffi::OsStr>) -> Comma
 pub struct Migrated {
     /// QEMU's `ram.transferred`.
     pub wire_bytes: u64,
+    /// QEMU's `total-time` (from `migrate` to completed, as QEMU counts it,
+    /// the measure of QEMU's direct migrations in the bench); the wall
+    /// time from `migrate` to the answer that said it ended when QEMU gave
+    /// none.
     pub seconds: f64,
+    /// QEMU's `downtime`, when it gave one.
+    pub downtime_ms: Option<u64>,
     /// QEMU's final status (`completed`, `failed`, ...).
     pub status: String,
     /// The guest's heartbeat went on at the destination.
@@ -322,6 +328,7 @@ pub fn migrate_once(
     }
     let info = info?;
     let status = info["status"].as_str().unwrap_or("?").to_string();
+    let seconds = info.total_time_ms.map_or(seconds, |ms| ms as f64 / 1000.0);
     std::thread::sleep(Duration::from_millis(200));
     if let Some(exit) = dest.exited() {
         bail!(
@@ -376,6 +383,7 @@ pub fn migrate_once(
     Ok(Migrated {
         wire_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
         seconds,
+        downtime_ms: info.downtime_ms,
         status,
         resumed,
         memory_identical,

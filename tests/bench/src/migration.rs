@@ -569,7 +569,7 @@ fn qemu_proxy_run(
         sender_cpu_seconds: report.cpu_seconds,
         wire_bytes: report.wire_bytes,
         total_seconds: migrated.seconds,
-        downtime_ms: 0.0,
+        downtime_ms: migrated.downtime_ms.unwrap_or(0) as f64,
         rounds: 0,
         pages_zero: report.zero_pages,
         pages_template: report.template_pages,

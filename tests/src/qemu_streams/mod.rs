@@ -24,6 +24,8 @@ pub struct BiosGuest {
     child: Child,
     pub qmp: Qmp,
     pub name: String,
+    /// QEMU's stderr, told when QEMU ends early.
+    log: std::path::PathBuf,
 }
 
 impl BiosGuest {
@@ -45,6 +47,9 @@ impl BiosGuest {
     ) -> anyhow::Result<Self> {
         let qmp_path = dir.join(format!("{name}.qmp"));
         let _ = std::fs::remove_file(&qmp_path);
+        let log = dir.join(format!("{name}.log"));
+        let stderr = std::fs::File::create(&log)
+            .with_context(|| format!("creating QEMU's log {}", log.display()))?;
         let mut child = build
             .command(None)
             .args([
@@ -61,7 +66,7 @@ impl BiosGuest {
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .with_context(|| {
                 format!(
@@ -88,7 +93,27 @@ impl BiosGuest {
             child,
             qmp,
             name: name.into(),
+            log,
         })
+    }
+
+    /// How QEMU ended, if it did, and the end of its stderr: the context
+    /// of a QMP error.
+    fn fate(&mut self) -> String {
+        let status = match self.child.try_wait() {
+            Ok(Some(status)) => format!("exited: {status}"),
+            Ok(None) => "still running".into(),
+            Err(e) => format!("unknown: {e}"),
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "QEMU {} {status}; its stderr ({}) ends with:\n{}",
+            self.name,
+            self.log.display(),
+            tail.join("\n")
+        )
     }
 
     pub fn pid(&self) -> u32 {
@@ -113,6 +138,15 @@ impl BiosGuest {
     /// last answer (also when it failed). With `pause-before-switchover`,
     /// it continues the paused migration as libvirt does.
     pub fn migrate(&mut self, uri: &str, timeout: Duration) -> anyhow::Result<Value> {
+        self.migrate_unexplained(uri, timeout).map_err(|e| {
+            // Let QEMU finish dying so its status is known.
+            std::thread::sleep(Duration::from_millis(200));
+            let fate = self.fate();
+            e.context(fate)
+        })
+    }
+
+    fn migrate_unexplained(&mut self, uri: &str, timeout: Duration) -> anyhow::Result<Value> {
         self.qmp.migrate(uri)?;
         let deadline = Instant::now() + timeout;
         let mut continued = false;
