@@ -36,7 +36,7 @@ impl BiosGuest {
     }
 
     /// [`BiosGuest::start`] on the QEMU `build` with accelerator `accel`
-    /// (`tcg`, `kvm`, `kvm,dirty-ring-size=4096`).
+    /// (`tcg`, `kvm`, `kvm,dirty-ring-size=65536`).
     pub fn start_on(
         build: QemuBuild,
         accel: &str,
