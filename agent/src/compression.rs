@@ -139,9 +139,12 @@ impl Gauge {
         if let Some(unmeasured) = e.levels.iter().find(|l| l.rate.is_none()) {
             return Some(unmeasured.level);
         }
-        // Nothing known of the link yet: compress, and measure.
+        // Nothing known of the link yet: the fastest level, which costs
+        // least if the link turns out fast and still saves bytes if slow
+        // (the strongest level here once took most of a fast migration's
+        // CPU before the link had been measured).
         let Some(link) = e.link_rate else {
-            return Some(self.level);
+            return e.levels.last().map(|l| l.level);
         };
         e.levels
             .iter()
@@ -341,6 +344,20 @@ mod tests {
         assert_eq!(first, [Some(3), Some(3), Some(3), Some(3), Some(3)]);
         measured(&gauge, 3, 300.0, 0.4, 12.0);
         assert_eq!(gauge.choose(), Some(1));
+    }
+
+    #[test]
+    fn until_the_link_is_measured_the_fastest_level_is_used() {
+        let gauge = Gauge::new(ZstdPolicy::Auto, 1, 3);
+        for level in [3, 1, -1, -5] {
+            gauge.compressed(level, 256 << 10, 100 << 10, 1_000_000);
+        }
+        let counts = choices(&gauge);
+        // Every frame but the samples (which go through the levels in
+        // turn) is at -5, none raw.
+        let samples = 160 / SAMPLE_EVERY as usize;
+        assert!(counts[&Some(-5)] >= 160 - samples, "{counts:?}");
+        assert!(!counts.contains_key(&None), "{counts:?}");
     }
 
     #[test]

@@ -542,24 +542,33 @@ impl Proxies {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting pagefp qemu-proxy send")?;
-        // A probe connection would be taken for QEMU's: watch the socket
-        // table of the send proxy's network namespace instead. It retries
-        // the WAN connection itself.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !listens(send.id(), local_port) {
-            if let Some(status) = send.try_wait()? {
-                bail!("the send proxy exited before it listened ({status})");
-            }
-            if Instant::now() > deadline {
-                bail!("the send proxy does not listen on {local}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Self {
+        // A probe connection would be taken for a peer's: watch the socket
+        // tables of the proxies' network namespaces instead. The receive
+        // proxy listens once its templates are loaded, as it would before
+        // a real migration starts: that load is its own cost, not the
+        // migration's.
+        let mut proxies = Self {
             send,
             receive,
             uri: format!("tcp:{local}"),
-        })
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for (name, child, addr) in [
+            ("receive", &mut proxies.receive, wan.as_str()),
+            ("send", &mut proxies.send, local.as_str()),
+        ] {
+            let addr: std::net::SocketAddrV4 = addr.parse()?;
+            while !listens(child.id(), addr) {
+                if let Some(status) = child.try_wait()? {
+                    bail!("the {name} proxy exited before it listened ({status})");
+                }
+                if Instant::now() > deadline {
+                    bail!("the {name} proxy does not listen on {addr}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(proxies)
     }
 
     /// Waits for both to end.
@@ -578,11 +587,15 @@ impl Proxies {
     }
 }
 
-/// Whether a socket listens on 127.0.0.1:`port` in the network namespace
-/// of process `pid` (its `/proc/PID/net/tcp`).
-fn listens(pid: u32, port: u16) -> bool {
+/// Whether a socket listens on `addr` in the network namespace of process
+/// `pid` (its `/proc/PID/net/tcp`, addresses in host byte order: x86).
+fn listens(pid: u32, addr: std::net::SocketAddrV4) -> bool {
     const LISTEN: &str = "0A";
-    let wanted = format!("0100007F:{port:04X}");
+    let wanted = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(addr.ip().octets()),
+        addr.port()
+    );
     std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).is_ok_and(|table| {
         table.lines().skip(1).any(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
