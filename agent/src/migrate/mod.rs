@@ -7,6 +7,7 @@ pub mod encode;
 pub mod interrupt;
 pub mod pacing;
 pub mod progress;
+pub mod read_ahead;
 pub mod receiver;
 pub mod sender;
 pub mod vm_memory;

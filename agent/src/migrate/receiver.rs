@@ -18,6 +18,7 @@ use anyhow::{Context as _, bail};
 use super::{
     digest::{DigestKey, chunk_digests},
     progress::Progress,
+    read_ahead::{Incoming, ReadAhead},
     vm_memory::{DestMemory, Layout},
     vmm::{self, MemoryRegion, VmmControl},
 };
@@ -115,7 +116,7 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
     let (reader, write_half, peer, protection) =
         (opened.reader, opened.writer, opened.peer, opened.protection);
     let mut receiver = Receiver {
-        reader,
+        read_bytes: 0,
         writer: FrameWriter::new(BufWriter::new(write_half)),
         templates: Agreed::new(templates.store),
         site: &options.templates.site,
@@ -144,7 +145,7 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         read_back: None,
         owned: false,
     };
-    match receiver.run(vmm.as_mut(), options, &info.memory) {
+    match receiver.run(reader, vmm.as_mut(), options, &info.memory) {
         Ok(()) => {
             receiver.report.phase = Phase::Completed;
             receiver.sync();
@@ -185,8 +186,11 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
     }
 }
 
+type Reader = FrameReader<BufReader<ChannelReader>>;
+
 struct Receiver<'a> {
-    reader: FrameReader<BufReader<ChannelReader>>,
+    /// Bytes read from the source so far.
+    read_bytes: u64,
     writer: FrameWriter<BufWriter<ChannelWriter>>,
     templates: Agreed,
     site: &'a crate::config::SiteStoreConfig,
@@ -205,7 +209,7 @@ struct Receiver<'a> {
 
 impl Receiver<'_> {
     fn sync(&mut self) {
-        self.report.wire_bytes = self.reader.bytes + self.writer.bytes;
+        self.report.wire_bytes = self.read_bytes + self.writer.bytes;
         self.report.elapsed_seconds = self.started.elapsed().as_secs_f64();
         self.report.cpu_seconds = crate::clock::process_cpu_ns() as f64 / 1e9;
     }
@@ -213,7 +217,7 @@ impl Receiver<'_> {
     /// Agrees on the templates: offers the catalog, or, when the source
     /// can list the VM's contents and that is cheaper (or a site store may
     /// hold what this host lacks), asks for them and answers which it holds.
-    fn negotiate(&mut self, hello: &Hello) -> anyhow::Result<()> {
+    fn negotiate(&mut self, reader: &mut Reader, hello: &Hello) -> anyhow::Result<()> {
         let asked = hello.query_hashes;
         if asked > hello.total_pages() {
             bail!(
@@ -241,7 +245,7 @@ impl Receiver<'_> {
             return Ok(());
         }
         let mut answers = self.templates.query(self.site);
-        query::answer(&mut self.reader, &mut self.writer, asked, |hashes| {
+        query::answer(reader, &mut self.writer, asked, |hashes| {
             answers.holds(hashes)
         })?;
         self.report.site = answers.finish();
@@ -255,11 +259,12 @@ impl Receiver<'_> {
 
     fn run(
         &mut self,
+        mut reader: Reader,
         vmm: &mut dyn VmmControl,
         options: &ReceiveOptions,
         regions: &[MemoryRegion],
     ) -> anyhow::Result<()> {
-        let hello: Hello = self.reader.expect(Kind::Hello)?.json()?;
+        let hello: Hello = reader.expect(Kind::Hello)?.json()?;
         self.report.id = hello.id.clone();
         self.report.mode = hello.mode;
         if hello.page_size as usize != PAGE_SIZE {
@@ -299,21 +304,27 @@ impl Receiver<'_> {
             .map(|r| regions.iter().find(|m| m.gpa == r.gpa).unwrap().uaddr)
             .collect();
         self.memory = Some(DestMemory::open(self.report.vm_pid, layout, &uaddrs)?);
-        self.negotiate(&hello)?;
-        self.report.negotiation_bytes = self.reader.bytes + self.writer.bytes;
+        self.negotiate(&mut reader, &hello)?;
+        self.read_bytes = reader.bytes;
+        self.report.negotiation_bytes = self.read_bytes + self.writer.bytes;
+        // From here frames are read (and decrypted, and decompressed) on a
+        // thread of their own while this one writes guest memory.
+        let frames = ReadAhead::start(reader)?;
         self.report.phase = Phase::Precopy;
         self.sync();
         self.progress.update(&self.report);
 
         loop {
-            let frame = self.reader.frame()?;
+            let incoming = frames.next()?;
+            self.read_bytes = incoming.read_bytes;
+            let frame = &incoming.frame;
             match frame.kind {
                 Kind::Pages if self.state.is_some() => {
                     return Err(frame
                         .malformed("pages after the VM state: the final round is over")
                         .into());
                 }
-                Kind::Pages => self.apply_pages(&frame)?,
+                Kind::Pages => self.apply_pages(&incoming)?,
                 Kind::RoundEnd => {
                     let round: RoundEnd = frame.json()?;
                     self.report.round = round.round;
@@ -330,7 +341,7 @@ impl Receiver<'_> {
                         return Err(frame.malformed("a second VM state").into());
                     }
                     self.report.phase = Phase::StopAndCopy;
-                    self.state = Some(frame.payload);
+                    self.state = Some(incoming.frame.payload);
                     // Nothing is written after the state: read the memory
                     // back now, while the source computes its digest.
                     let key = DigestKey {
@@ -342,7 +353,7 @@ impl Receiver<'_> {
                 Kind::Verify => {
                     self.report.phase = Phase::Verifying;
                     self.progress.update(&self.report);
-                    self.verify(&frame, hello.digest_chunk_pages, vmm)?;
+                    self.verify(frame, hello.digest_chunk_pages, vmm)?;
                 }
                 Kind::Go => {
                     if !self.report.verified {
@@ -402,8 +413,8 @@ impl Receiver<'_> {
         Ok(digests)
     }
 
-    fn apply_pages(&mut self, frame: &wire::Frame) -> anyhow::Result<()> {
-        let body = wire::body(frame)?;
+    fn apply_pages(&mut self, incoming: &Incoming) -> anyhow::Result<()> {
+        let (frame, body) = (&incoming.frame, incoming.body());
         // Unmapped once verified: pages after that are a protocol violation.
         let memory = self
             .memory
