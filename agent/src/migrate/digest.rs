@@ -56,23 +56,49 @@ pub fn chunk_digests<F>(
 where
     F: Fn(u32, &mut [u8]) -> anyhow::Result<()> + Sync,
 {
+    let mut digests = vec![None; pages.div_ceil(key.chunk_pages.max(1)) as usize];
+    fill_digests(pages, key, holes, &mut digests, read)?;
+    Ok(digests.into_iter().flatten().collect())
+}
+
+/// Computes the digest of every chunk of `digests` that is `None` (as
+/// [`chunk_digests`] does), on up to 4 threads; the others are kept.
+pub fn fill_digests<F>(
+    pages: u32,
+    key: DigestKey,
+    holes: &[bool],
+    digests: &mut [Option<[u8; 32]>],
+    read: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(u32, &mut [u8]) -> anyhow::Result<()> + Sync,
+{
     let chunk_pages = key.chunk_pages.max(1);
-    let chunks = pages.div_ceil(chunk_pages);
+    anyhow::ensure!(
+        digests.len() == pages.div_ceil(chunk_pages) as usize,
+        "{} digests for {pages} pages in chunks of {chunk_pages}",
+        digests.len()
+    );
+    let missing: Vec<u32> = (0..digests.len() as u32)
+        .filter(|&chunk| digests[chunk as usize].is_none())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(4) as u32;
-    let per_thread = chunks.div_ceil(threads.max(1)).max(1);
+        .min(4);
+    let per_thread = missing.len().div_ceil(threads.max(1)).max(1);
     let zero = key.page(&[0; PAGE_SIZE]);
     let read = &read;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..chunks)
-            .step_by(per_thread as usize)
-            .map(|first_chunk| {
-                scope.spawn(move || -> anyhow::Result<Vec<[u8; 32]>> {
+    let computed = std::thread::scope(|scope| {
+        let handles: Vec<_> = missing
+            .chunks(per_thread)
+            .map(|chunks| {
+                scope.spawn(move || -> anyhow::Result<Vec<(u32, [u8; 32])>> {
                     let mut buf = vec![0u8; PAGE_SIZE];
-                    let last_chunk = (first_chunk + per_thread).min(chunks);
-                    let mut out = Vec::new();
-                    for chunk in first_chunk..last_chunk {
+                    let mut out = Vec::with_capacity(chunks.len());
+                    for &chunk in chunks {
                         let mut hasher = blake3::Hasher::new();
                         let first = chunk * chunk_pages;
                         for page in first..(first + chunk_pages).min(pages) {
@@ -84,18 +110,25 @@ where
                             };
                             hasher.update(&check);
                         }
-                        out.push(*hasher.finalize().as_bytes());
+                        out.push((chunk, *hasher.finalize().as_bytes()));
                     }
                     Ok(out)
                 })
             })
             .collect();
-        let mut all = Vec::with_capacity(chunks as usize);
+        let mut all = Vec::with_capacity(missing.len());
         for handle in handles {
-            all.extend(handle.join().expect("digest thread panicked")?);
+            match handle.join() {
+                Ok(part) => all.extend(part?),
+                Err(_) => anyhow::bail!("a digest thread panicked"),
+            }
         }
         Ok(all)
-    })
+    })?;
+    for (chunk, digest) in computed {
+        digests[chunk as usize] = Some(digest);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -149,6 +182,29 @@ mod tests {
             chunk_digests(10, KEY, &holes, read_data_only).unwrap(),
             chunk_digests(10, KEY, &[], read_all).unwrap()
         );
+    }
+
+    #[test]
+    fn only_missing_digests_are_computed_and_match_a_full_pass() {
+        let mut memory = vec![0u8; 10 * PAGE_SIZE];
+        memory[5 * PAGE_SIZE] = 3;
+        let read = |page: u32, buf: &mut [u8]| {
+            assert!(
+                (4..8).contains(&page),
+                "page {page} outside chunk 1 was read"
+            );
+            buf.copy_from_slice(&memory[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
+            Ok(())
+        };
+        let full = chunk_digests(10, KEY, &[], |page, buf: &mut [u8]| {
+            buf.copy_from_slice(&memory[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
+            Ok(())
+        })
+        .unwrap();
+        let mut digests = vec![Some(full[0]), None, Some(full[2])];
+        fill_digests(10, KEY, &[], &mut digests, read).unwrap();
+        assert_eq!(digests, full.iter().copied().map(Some).collect::<Vec<_>>());
+        assert!(fill_digests(10, KEY, &[], &mut [None; 2], read).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    digest::{DigestKey, chunk_digests},
+    digest::{DigestKey, fill_digests},
     progress::Progress,
     read_ahead::{Incoming, ReadAhead},
     vm_memory::{DestMemory, Layout},
@@ -142,6 +142,8 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         started: Instant::now(),
         memory: None,
         state: None,
+        digests: Vec::new(),
+        chunk_pages: 1,
         read_back: None,
         owned: false,
     };
@@ -202,6 +204,11 @@ struct Receiver<'a> {
     state: Option<Vec<u8>>,
     /// The memory's chunk digests, read back when the state arrived.
     read_back: Option<Vec<[u8; 32]>>,
+    /// Each chunk's digest as read back from guest memory after the last
+    /// write into it; `None` once written again (see `refresh_digests`).
+    digests: Vec<Option<[u8; 32]>>,
+    /// Pages per digest chunk (the hello's).
+    chunk_pages: u32,
     /// "go" arrived after the memory was verified: from then on this host
     /// owns the VM, and nothing that fails may discard it.
     owned: bool,
@@ -304,6 +311,13 @@ impl Receiver<'_> {
             .map(|r| regions.iter().find(|m| m.gpa == r.gpa).unwrap().uaddr)
             .collect();
         self.memory = Some(DestMemory::open(self.report.vm_pid, layout, &uaddrs)?);
+        let key = DigestKey {
+            chunk_pages: hello.digest_chunk_pages,
+            seed: hello.digest_seed,
+        };
+        self.chunk_pages = key.chunk_pages;
+        self.digests =
+            vec![None; hello.total_pages().div_ceil(u64::from(key.chunk_pages)) as usize];
         self.negotiate(&mut reader, &hello)?;
         self.read_bytes = reader.bytes;
         self.report.negotiation_bytes = self.read_bytes + self.writer.bytes;
@@ -334,6 +348,8 @@ impl Receiver<'_> {
                     if !round.last {
                         self.writer.json(Kind::RoundAck, &round)?;
                         self.writer.flush()?;
+                        // While the source asks for its next hash list.
+                        self.refresh_digests(key)?;
                     }
                 }
                 Kind::State => {
@@ -344,10 +360,6 @@ impl Receiver<'_> {
                     self.state = Some(incoming.frame.payload);
                     // Nothing is written after the state: read the memory
                     // back now, while the source computes its digest.
-                    let key = DigestKey {
-                        chunk_pages: hello.digest_chunk_pages,
-                        seed: hello.digest_seed,
-                    };
                     self.read_back = Some(self.read_back(key)?);
                 }
                 Kind::Verify => {
@@ -387,30 +399,49 @@ impl Receiver<'_> {
         }
     }
 
-    /// Chunk digests of the memory as it is now, read back from the mapping
-    /// the VMM will run (not what was received: a page lost, misplaced or
-    /// changed after it was written shows).
-    fn read_back(&self, key: DigestKey) -> anyhow::Result<Vec<[u8; 32]>> {
-        let started = Instant::now();
+    /// Reads back the digest of every chunk written since its digest was
+    /// last read: after each pre-copy round, so that what the final round
+    /// left untouched need not be read while the VM is paused. A chunk's
+    /// digest is read from the mapping the VMM will run after the last
+    /// write into it (every write forgets its chunk's digest), so it is
+    /// the digest of what the VM gets.
+    fn refresh_digests(&mut self, key: DigestKey) -> anyhow::Result<usize> {
         let memory = self
             .memory
             .as_ref()
-            .context("the source sent the VM state before any memory")?;
+            .context("the source sent pages before the memory was opened")?;
+        let missing = self.digests.iter().filter(|d| d.is_none()).count();
         let holes = memory.holes();
-        let digests = chunk_digests(memory.layout.pages(), key, &holes, |page, buf| {
-            let data = memory
-                .page(page)
-                .with_context(|| format!("page {page} is outside the guest memory"))?;
-            buf.copy_from_slice(data);
-            Ok(())
-        })?;
-        log::info!(
-            "read back {} pages ({} of them holes, zero) in {:.1} ms",
+        fill_digests(
             memory.layout.pages(),
-            holes.iter().filter(|hole| **hole).count(),
+            key,
+            &holes,
+            &mut self.digests,
+            |page, buf| {
+                let data = memory
+                    .page(page)
+                    .with_context(|| format!("page {page} is outside the guest memory"))?;
+                buf.copy_from_slice(data);
+                Ok(())
+            },
+        )?;
+        Ok(missing)
+    }
+
+    /// Chunk digests of the memory as it is now, read back from the mapping
+    /// the VMM will run (not what was received: a page lost, misplaced or
+    /// changed after it was written shows): those of the chunks the final
+    /// round wrote are read now, the others were read after the round
+    /// that last wrote them.
+    fn read_back(&mut self, key: DigestKey) -> anyhow::Result<Vec<[u8; 32]>> {
+        let started = Instant::now();
+        let read = self.refresh_digests(key)?;
+        log::info!(
+            "read back {read} of {} chunks in {:.1} ms (the others after their last pre-copy round)",
+            self.digests.len(),
             started.elapsed().as_secs_f64() * 1000.0
         );
-        Ok(digests)
+        Ok(self.digests.iter().flatten().copied().collect())
     }
 
     fn apply_pages(&mut self, incoming: &Incoming) -> anyhow::Result<()> {
@@ -425,6 +456,7 @@ impl Receiver<'_> {
             let record = record.map_err(|what| frame.malformed(what))?;
             match record {
                 PageRecord::Zero { first, count } => {
+                    forget_digests(&mut self.digests, self.chunk_pages, first, count);
                     if !memory.zero_run(first, count) {
                         return Err(frame
                             .malformed(format!("zero run {first}+{count} beyond {total} pages"))
@@ -440,6 +472,7 @@ impl Receiver<'_> {
                         .ok_or_else(|| {
                             frame.malformed(format!("template {index} was not offered"))
                         })?;
+                    forget_digests(&mut self.digests, self.chunk_pages, page, 1);
                     if !memory.write(page, data) {
                         return Err(frame
                             .malformed(format!("page {page} beyond {total} pages"))
@@ -448,6 +481,7 @@ impl Receiver<'_> {
                     self.report.pages.template += 1;
                 }
                 PageRecord::Full { page, data } => {
+                    forget_digests(&mut self.digests, self.chunk_pages, page, 1);
                     if !memory.write(page, data) {
                         return Err(frame
                             .malformed(format!("page {page} beyond {total} pages"))
@@ -538,10 +572,48 @@ impl Receiver<'_> {
     }
 }
 
+/// Pages `[first, first + count)` are about to be written: the digests
+/// of their chunks must be read again.
+fn forget_digests(digests: &mut [Option<[u8; 32]>], chunk_pages: u32, first: u32, count: u32) {
+    if count == 0 {
+        return;
+    }
+    let chunk_pages = chunk_pages.max(1);
+    let last = first.saturating_add(count - 1);
+    for chunk in first / chunk_pages..=last / chunk_pages {
+        match digests.get_mut(chunk as usize) {
+            Some(digest) => *digest = None,
+            // Beyond the memory: the write is refused.
+            None => break,
+        }
+    }
+}
+
 /// Writes `report` as one JSON line (for `--json`).
 pub fn print_json(report: &MigrationReport) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, report)?;
     writeln!(out)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forget_digests;
+
+    #[test]
+    fn a_write_forgets_the_digest_of_every_chunk_it_touches() {
+        let all = || vec![Some([1u8; 32]); 4];
+        let forgotten = |first, count| {
+            let mut digests = all();
+            forget_digests(&mut digests, 8, first, count);
+            digests.iter().map(Option::is_none).collect::<Vec<_>>()
+        };
+        assert_eq!(forgotten(7, 1), [true, false, false, false]);
+        assert_eq!(forgotten(7, 2), [true, true, false, false]);
+        assert_eq!(forgotten(8, 16), [false, true, true, false]);
+        assert_eq!(forgotten(0, 0), [false; 4]);
+        // A run reaching past the memory forgets up to its end.
+        assert_eq!(forgotten(30, u32::MAX), [false, false, false, true]);
+    }
 }
