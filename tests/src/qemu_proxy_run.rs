@@ -524,7 +524,7 @@ impl Proxies {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting pagefp qemu-proxy receive")?;
-        let mut send = wrapped(ends.source(), agent_binary())
+        let send = wrapped(ends.source(), agent_binary())
             .args([
                 "qemu-proxy",
                 "send",

@@ -170,9 +170,11 @@ pub struct MigrationReport {
     /// Pages sent while the VM was paused.
     #[serde(default)]
     pub final_pages: u64,
-    /// Where the downtime went: the agent's final hash list, the last pages,
-    /// waiting for the destination's check and state load, the go/resumed
-    /// exchange (milliseconds).
+    /// Where the downtime went (milliseconds). Source: the agent's final
+    /// hash list, the last pages, its own digest, waiting for the
+    /// destination's check and state load, the go/resumed exchange.
+    /// Destination: reading back what the final round wrote, unmapping
+    /// guest memory, loading the VM state.
     #[serde(default)]
     pub downtime_parts_ms: Vec<(String, f64)>,
     /// Source: when each step ended, seconds from the start (connected,

@@ -436,10 +436,11 @@ impl Receiver<'_> {
     fn read_back(&mut self, key: DigestKey) -> anyhow::Result<Vec<[u8; 32]>> {
         let started = Instant::now();
         let read = self.refresh_digests(key)?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.report.downtime_parts_ms.push(("read_back".into(), ms));
         log::info!(
-            "read back {read} of {} chunks in {:.1} ms (the others after their last pre-copy round)",
+            "read back {read} of {} chunks in {ms:.1} ms (the others after their last pre-copy round)",
             self.digests.len(),
-            started.elapsed().as_secs_f64() * 1000.0
         );
         Ok(self.digests.iter().flatten().copied().collect())
     }
@@ -554,10 +555,16 @@ impl Receiver<'_> {
         let unmapped = started.elapsed();
         vmm.load_state(&state)
             .context("loading the VM state into the incoming VMM")?;
-        log::info!(
-            "memory verified; unmapped in {:.1} ms, VM state loaded in {:.1} ms",
+        let (unmap_ms, load_ms) = (
             unmapped.as_secs_f64() * 1000.0,
-            (started.elapsed() - unmapped).as_secs_f64() * 1000.0
+            (started.elapsed() - unmapped).as_secs_f64() * 1000.0,
+        );
+        self.report.downtime_parts_ms.extend([
+            ("unmap".to_string(), unmap_ms),
+            ("load_state".to_string(), load_ms),
+        ]);
+        log::info!(
+            "memory verified; unmapped in {unmap_ms:.1} ms, VM state loaded in {load_ms:.1} ms"
         );
         self.report.verified = true;
         self.writer.json(

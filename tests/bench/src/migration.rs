@@ -59,6 +59,10 @@ pub struct Run {
     /// Pages sent while the VM was paused, and where the downtime went.
     pub final_pages: u64,
     pub downtime_parts_ms: Vec<(String, f64)>,
+    /// The destination's part of the downtime: reading back what the
+    /// final round wrote, unmapping guest memory, loading the VM state.
+    #[serde(default)]
+    pub destination_parts_ms: Vec<(String, f64)>,
     /// The sender's timeline: when each step ended, seconds from its start.
     pub timeline: Vec<(String, f64)>,
     /// The link was TLS 1.3 with both ends authenticated (pagefp's default;
@@ -240,6 +244,7 @@ fn failed_run(image: &GuestImage, mode: &str, link: LinkSpec, err: &anyhow::Erro
         templates_agreed: 0,
         final_pages: 0,
         downtime_parts_ms: Vec::new(),
+        destination_parts_ms: Vec::new(),
         timeline: Vec::new(),
         tls: false,
         qemu_version: None,
@@ -376,6 +381,7 @@ fn pagefp_run(
         templates_agreed: report.templates_agreed,
         final_pages: report.final_pages,
         downtime_parts_ms: report.downtime_parts_ms.clone(),
+        destination_parts_ms: received.report().downtime_parts_ms.clone(),
         timeline: report.timeline.clone(),
         tls: report.tls && received.report().tls,
         qemu_version: None,
@@ -518,6 +524,7 @@ fn qemu_run(link: &ShapedLink, image: &GuestImage, dir: &TempDir) -> anyhow::Res
         templates_agreed: 0,
         final_pages: 0,
         downtime_parts_ms: Vec::new(),
+        destination_parts_ms: Vec::new(),
         timeline: Vec::new(),
         tls: false,
         error: None,
@@ -580,6 +587,7 @@ fn qemu_proxy_run(
         templates_agreed: report.templates_offered,
         final_pages: 0,
         downtime_parts_ms: Vec::new(),
+        destination_parts_ms: Vec::new(),
         timeline: Vec::new(),
         tls: report.tls,
         error: None,
