@@ -451,6 +451,13 @@ fn hashes(state: &AppState, pid: u32, format: Format) -> ApiResponse {
         return unknown_vm(pid);
     };
     records.sort_unstable_by_key(|r| r.gpa);
+    let listed_ns = crate::clock::monotonic_ns();
+    log::debug!(
+        "hash list of pid {pid}: {} records; applying the kernel's events took {:.1} ms, listing them {:.1} ms",
+        records.len(),
+        taken_ns.saturating_sub(request_ns) as f64 / 1e6,
+        listed_ns.saturating_sub(taken_ns) as f64 / 1e6
+    );
     match format {
         Format::Json => {
             let pages: Vec<PageJson> = records

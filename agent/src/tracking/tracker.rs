@@ -17,7 +17,10 @@ use std::{
 
 use agent_common::LossRecord;
 use crossbeam::channel::{Receiver, Sender};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::{
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+    sys::eventfd::{EfdFlags, EventFd},
+};
 
 use super::ebpf::{Probes, Record};
 use crate::{
@@ -80,6 +83,10 @@ pub struct TrackerStats {
 #[derive(Clone)]
 pub struct SyncHandle {
     tx: Sender<Sender<()>>,
+    /// Wakes the tracker from its wait for kernel events (without it, a
+    /// request waits for the wait's timeout: up to 10 ms of a migration's
+    /// downtime, at each hash list).
+    wake: Option<Arc<EventFd>>,
 }
 
 impl SyncHandle {
@@ -88,6 +95,10 @@ impl SyncHandle {
     pub fn sync(&self) {
         let (done_tx, done_rx) = crossbeam::channel::bounded(1);
         if self.tx.send(done_tx).is_ok() {
+            if let Some(wake) = &self.wake {
+                // Fails only when the counter is saturated: awake anyway.
+                let _ = wake.write(1);
+            }
             let _ = done_rx.recv_timeout(Duration::from_secs(5));
         }
     }
@@ -99,6 +110,8 @@ pub struct Tracker {
     pool: Arc<HashPool>,
     config: TrackerConfig,
     sync_rx: Receiver<Sender<()>>,
+    /// Written by [`SyncHandle::sync`]: ends [`Tracker::wait`] early.
+    wake: Option<Arc<EventFd>>,
     stop: Arc<AtomicBool>,
     pub stats: Arc<TrackerStats>,
     seen_losses: HashMap<u32, LossRecord>,
@@ -117,6 +130,18 @@ impl Tracker {
         stop: Arc<AtomicBool>,
     ) -> (Self, SyncHandle) {
         let (tx, sync_rx) = crossbeam::channel::unbounded();
+        let wake = match EventFd::from_value_and_flags(
+            0,
+            EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
+        ) {
+            Ok(fd) => Some(Arc::new(fd)),
+            Err(err) => {
+                log::warn!(
+                    "no eventfd ({err}): hash lists wait up to 10 ms for the tracker to notice them"
+                );
+                None
+            }
+        };
         let selection = VmSelection {
             entry: config.only_vms_with_env.clone(),
             known: Default::default(),
@@ -127,6 +152,7 @@ impl Tracker {
             pool,
             config,
             sync_rx,
+            wake: wake.clone(),
             stop,
             stats: Arc::default(),
             seen_losses: HashMap::new(),
@@ -139,7 +165,7 @@ impl Tracker {
         let (per_pid, unattributed) = tracker.probes.losses();
         tracker.seen_losses = per_pid.into_iter().collect();
         tracker.seen_unattributed = unattributed;
-        (tracker, SyncHandle { tx })
+        (tracker, SyncHandle { tx, wake })
     }
 
     /// Registers VMs found running at start and lets the kernel side report
@@ -287,6 +313,9 @@ impl Tracker {
                 PollFlags::POLLIN,
             ));
         }
+        if let Some(wake) = &self.wake {
+            fds.push(PollFd::new(wake.as_fd(), PollFlags::POLLIN));
+        }
         if !self.sync_rx.is_empty() {
             return;
         }
@@ -294,6 +323,10 @@ impl Tracker {
             &mut fds,
             PollTimeout::try_from(timeout.as_millis() as i32).unwrap_or(PollTimeout::ZERO),
         );
+        if let Some(wake) = &self.wake {
+            // Non-blocking: EAGAIN when nobody asked.
+            let _ = wake.read();
+        }
     }
 
     fn check_losses(&mut self, registry: &mut Registry) {
