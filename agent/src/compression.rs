@@ -123,8 +123,9 @@ impl Gauge {
     /// The level to compress the next frame at, or `None` to send it raw.
     /// `auto` picks the level whose pages reach the destination fastest,
     /// min(threads × its rate, link ÷ its ratio), if that beats the link
-    /// itself by the margin; every level is tried now and then so that its
-    /// figures stay current.
+    /// itself by the margin (the fastest level until the link's rate is
+    /// known); every level is tried now and then so that its figures stay
+    /// current.
     pub fn choose(&self) -> Option<i32> {
         let frame = self.frames.fetch_add(1, Ordering::Relaxed);
         if self.policy == ZstdPolicy::Always {
