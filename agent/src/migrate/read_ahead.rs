@@ -13,7 +13,6 @@
 //! and deadline.
 
 use std::{
-    borrow::Cow,
     io::Read,
     sync::mpsc::{Receiver, SyncSender, sync_channel},
     thread,
@@ -40,11 +39,8 @@ pub struct Incoming {
 
 impl Incoming {
     /// The Pages records of this frame.
-    pub fn body(&self) -> Cow<'_, [u8]> {
-        match &self.decompressed {
-            Some(body) => Cow::Borrowed(body),
-            None => Cow::Borrowed(&self.frame.payload),
-        }
+    pub fn body(&self) -> &[u8] {
+        self.decompressed.as_deref().unwrap_or(&self.frame.payload)
     }
 }
 
@@ -126,9 +122,9 @@ mod tests {
         let total = bytes.len() as u64 - 16;
         let ahead = ReadAhead::start(FrameReader::new(std::io::Cursor::new(bytes))).unwrap();
         let first = ahead.next().unwrap();
-        assert_eq!(first.body().as_ref(), &plain[..]);
+        assert_eq!(first.body(), &plain[..]);
         let second = ahead.next().unwrap();
-        assert_eq!(second.body().as_ref(), &[9u8; 5000][..]);
+        assert_eq!(second.body(), &[9u8; 5000][..]);
         let go = ahead.next().unwrap();
         assert_eq!(go.frame.kind, Kind::Go);
         assert_eq!(go.read_bytes, total);
@@ -143,7 +139,7 @@ mod tests {
         // The second frame's payload is corrupted: its checksum fails.
         bytes[good + 20] ^= 0xff;
         let ahead = ReadAhead::start(FrameReader::new(std::io::Cursor::new(bytes))).unwrap();
-        assert_eq!(ahead.next().unwrap().body().as_ref(), &[1u8; 100][..]);
+        assert_eq!(ahead.next().unwrap().body(), &[1u8; 100][..]);
         let err = ahead.next().err().unwrap();
         assert!(format!("{err:#}").contains("checksum"), "{err:#}");
     }

@@ -144,7 +144,6 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         state: None,
         digests: Vec::new(),
         chunk_pages: 1,
-        read_back: None,
         owned: false,
     };
     match receiver.run(reader, vmm.as_mut(), options, &info.memory) {
@@ -202,8 +201,6 @@ struct Receiver<'a> {
     started: Instant,
     memory: Option<DestMemory>,
     state: Option<Vec<u8>>,
-    /// The memory's chunk digests, read back when the state arrived.
-    read_back: Option<Vec<[u8; 32]>>,
     /// Each chunk's digest as read back from guest memory after the last
     /// write into it; `None` once written again (see `refresh_digests`).
     digests: Vec<Option<[u8; 32]>>,
@@ -360,7 +357,7 @@ impl Receiver<'_> {
                     self.state = Some(incoming.frame.payload);
                     // Nothing is written after the state: read the memory
                     // back now, while the source computes its digest.
-                    self.read_back = Some(self.read_back(key)?);
+                    self.read_back(key)?;
                 }
                 Kind::Verify => {
                     self.report.phase = Phase::Verifying;
@@ -433,7 +430,7 @@ impl Receiver<'_> {
     /// changed after it was written shows): those of the chunks the final
     /// round wrote are read now, the others were read after the round
     /// that last wrote them.
-    fn read_back(&mut self, key: DigestKey) -> anyhow::Result<Vec<[u8; 32]>> {
+    fn read_back(&mut self, key: DigestKey) -> anyhow::Result<()> {
         let started = Instant::now();
         let read = self.refresh_digests(key)?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -442,7 +439,7 @@ impl Receiver<'_> {
             "read back {read} of {} chunks in {ms:.1} ms (the others after their last pre-copy round)",
             self.digests.len(),
         );
-        Ok(self.digests.iter().flatten().copied().collect())
+        Ok(())
     }
 
     fn apply_pages(&mut self, incoming: &Incoming) -> anyhow::Result<()> {
@@ -453,7 +450,7 @@ impl Receiver<'_> {
             .as_mut()
             .ok_or_else(|| frame.malformed("pages after the memory was verified"))?;
         let total = memory.layout.pages();
-        for record in wire::parse_pages(&body) {
+        for record in wire::parse_pages(body) {
             let record = record.map_err(|what| frame.malformed(what))?;
             match record {
                 PageRecord::Zero { first, count } => {
@@ -512,12 +509,12 @@ impl Receiver<'_> {
                 .into());
         }
         // The memory as read back once the final round was written (see
-        // `read_back`); the source hashed its memory itself, independently
-        // of its tracking.
-        let actual = self
-            .read_back
-            .take()
-            .context("the source sent the digest before the VM state")?;
+        // `read_back`, which the VM state's arrival ran); the source hashed
+        // its memory itself, independently of its tracking.
+        if self.state.is_none() {
+            bail!("the source sent the digest before the VM state");
+        }
+        let actual: Vec<[u8; 32]> = self.digests.iter().flatten().copied().collect();
         if actual.len() != expected.len() {
             return Err(frame
                 .malformed(format!(

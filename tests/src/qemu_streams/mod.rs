@@ -106,13 +106,12 @@ impl BiosGuest {
             Err(e) => format!("unknown: {e}"),
         };
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let lines: Vec<&str> = log.lines().collect();
         format!(
             "QEMU {} {status}; its stderr ({}) ends with:\n{}",
             self.name,
             self.log.display(),
-            tail.join("\n")
+            lines[lines.len().saturating_sub(20)..].join("\n")
         )
     }
 
