@@ -73,7 +73,6 @@ impl GuestMapping {
         }
         let mut mapped = Self::map(&file, offset, size, false, MapFlags::empty())?;
         mapped.file = Some((file, offset));
-        mapped.populate_data();
         Ok(Some(mapped))
     }
 
@@ -186,29 +185,6 @@ impl GuestMapping {
             at = hole.max(data + 1);
         }
         Some(extents)
-    }
-
-    /// Faults in the pages that hold data, all at once (far cheaper than a
-    /// fault per page during the first pass), leaving holes alone: reading
-    /// them would allocate memory the guest never used. Best effort.
-    fn populate_data(&self) {
-        let pages = (self.len / PAGE_SIZE) as u32;
-        // A file system that does not say: all of it.
-        let whole = std::iter::once(0..pages).collect();
-        let extents = self.data_extents(0..pages).unwrap_or(whole);
-        for extent in extents {
-            let start = extent.start as usize * PAGE_SIZE;
-            let len = (extent.end - extent.start) as usize * PAGE_SIZE;
-            // SAFETY: a range inside this mapping (the extents are clipped
-            // to it); populating only faults pages in, it changes no byte.
-            let _ = unsafe {
-                madvise(
-                    self.ptr.add(start).cast(),
-                    len,
-                    MmapAdvise::MADV_POPULATE_READ,
-                )
-            };
-        }
     }
 
     fn map(
