@@ -50,9 +50,12 @@ fn guest_rate(vm: &Vm, ops: &Value, seconds: f64) -> Rate {
 }
 
 /// Guest rates of `rounds` rounds, each: without an agent, then with each
-/// agent of `agents` (name, extra flags) in turn.
+/// agent of `agents` (name, extra flags) in turn, each followed by a run
+/// without an agent again: each run with an agent is compared with the
+/// mean of the runs just before and after it.
 struct Rates {
-    without: Vec<Rate>,
+    /// Per round: the runs without an agent (one more than the agents).
+    without: Vec<Vec<Rate>>,
     with: Vec<Vec<Rate>>,
     /// Per agent, per round: the kernel's run time per run of the agent's
     /// dirty-ring push program (NaN without run-time statistics).
@@ -90,7 +93,7 @@ fn rates(
         push_ns: vec![Vec::new(); agents.len()],
     };
     for _ in 0..rounds {
-        rates.without.push(guest_rate(vm, ops, seconds));
+        let mut without = vec![guest_rate(vm, ops, seconds)];
         for (i, (_, flags)) in agents.iter().enumerate() {
             let agent = AgentProcess::start(&AgentOptions {
                 extra: flags.iter().map(|f| f.to_string()).collect(),
@@ -103,7 +106,10 @@ fn rates(
             agent.wait_all_clean(vm.pid(), Duration::from_secs(120));
             rates.with[i].push(guest_rate(vm, ops, seconds));
             rates.push_ns[i].push(push_program_ns(&agent));
+            drop(agent);
+            without.push(guest_rate(vm, ops, seconds));
         }
+        rates.without.push(without);
     }
     Ok(rates)
 }
@@ -123,7 +129,13 @@ impl Rates {
         self.with[i]
             .iter()
             .zip(&self.without)
-            .map(|(with, without)| f(with, without))
+            .map(|(with, without)| {
+                let around = Rate {
+                    wall: (without[i].wall + without[i + 1].wall) / 2.0,
+                    cpu: (without[i].cpu + without[i + 1].cpu) / 2.0,
+                };
+                f(with, &around)
+            })
             .collect()
     }
 
@@ -139,9 +151,10 @@ impl Rates {
                        "cpu_ratio_to_without": spread(&self.cpu_ratios(i))}),
             );
         }
-        json!({"order": "per round: without, then each agent",
-               "without_pages_per_sec": wall(&self.without),
-               "without_pages_per_cpu_sec": cpu(&self.without), "with_agent": by_agent})
+        let without: Vec<Rate> = self.without.iter().flatten().copied().collect();
+        json!({"order": "per round: without, then each agent followed by a run without; each run with an agent ÷ the mean of the runs without just before and after it",
+               "without_pages_per_sec": wall(&without),
+               "without_pages_per_cpu_sec": cpu(&without), "with_agent": by_agent})
     }
 }
 
