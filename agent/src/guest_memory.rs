@@ -121,6 +121,51 @@ impl GuestMapping {
         unsafe { madvise(self.ptr.add(start).cast(), len, MmapAdvise::MADV_REMOVE) }.is_ok()
     }
 
+    /// Writes `pages` (each [`PAGE_SIZE`] bytes) at pages `first`, `first +
+    /// 1`, ... of a writable region through its file (`pwritev`) rather
+    /// than the mapping: the kernel fills a fresh page of the file from
+    /// the data without zeroing it first, and this process gets no page
+    /// fault and no page-table entry to tear down later (measured alone
+    /// on a fresh 256 MiB memfd: 1.6–2.1 µs per page in runs of 64,
+    /// through the mapping 3.5–3.9 µs and 10–13 ms to unmap). What a
+    /// short write leaves is copied through the mapping. False when the
+    /// range is outside the region or the region is read-only.
+    pub fn write_pages(&mut self, first: u32, pages: &[&[u8]]) -> bool {
+        let start = first as usize * PAGE_SIZE;
+        let len = pages.len() * PAGE_SIZE;
+        if !self.writable
+            || pages.iter().any(|page| page.len() != PAGE_SIZE)
+            || start.checked_add(len).is_none_or(|end| end > self.len)
+        {
+            return false;
+        }
+        let mut written = 0usize;
+        if let Some((file, offset)) = &self.file {
+            let slices: Vec<io::IoSlice<'_>> = pages.iter().map(|p| io::IoSlice::new(p)).collect();
+            while written < len && written.is_multiple_of(PAGE_SIZE) {
+                let at = (written / PAGE_SIZE).min(slices.len());
+                match nix::sys::uio::pwritev(
+                    file.as_fd(),
+                    &slices[at..],
+                    (*offset + (start + written) as u64) as i64,
+                ) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => written += n,
+                }
+            }
+        }
+        // Whole pages the file did not take (none, normally), and the
+        // rest of a page it took only in part.
+        let done = written / PAGE_SIZE;
+        for (index, page) in pages.iter().enumerate().skip(done) {
+            let Some(bytes) = self.page_mut(first + index as u32) else {
+                return false;
+            };
+            bytes.copy_from_slice(page);
+        }
+        true
+    }
+
     /// Which pages of the region lie in a hole of its file (they read as
     /// zeros without being read, and reading them through a shared
     /// mapping would allocate them), from `SEEK_DATA`/`SEEK_HOLE`; `None`
@@ -423,6 +468,46 @@ mod tests {
         assert!(
             view.page(2).unwrap().iter().all(|b| *b == 9),
             "the same file"
+        );
+    }
+
+    /// Pages written through the file land where the VMM's own mapping
+    /// (and any other view) reads them, at the slot's offset in the file;
+    /// a range past the slot or a read-only view writes nothing.
+    #[test]
+    fn pages_written_through_the_file_are_what_the_vmm_reads() {
+        let pid = std::process::id();
+        let mut ram = VmmRam::new(6, true);
+        // A slot that starts two pages into the mapping.
+        let uaddr = ram.uaddr() + 2 * PAGE_SIZE as u64;
+        let size = 4 * PAGE_SIZE as u64;
+        let mut dest = GuestMapping::open_writable(pid, uaddr, size).unwrap();
+        let (a, b) = ([3u8; PAGE_SIZE], [4u8; PAGE_SIZE]);
+        assert!(dest.write_pages(1, &[&a, &b]));
+        let bytes = ram.bytes();
+        assert!(bytes[..3 * PAGE_SIZE].iter().all(|x| *x == 0));
+        assert!(bytes[3 * PAGE_SIZE..4 * PAGE_SIZE].iter().all(|x| *x == 3));
+        assert!(bytes[4 * PAGE_SIZE..5 * PAGE_SIZE].iter().all(|x| *x == 4));
+        assert!(bytes[5 * PAGE_SIZE..].iter().all(|x| *x == 0));
+        assert!(
+            dest.page(2).unwrap().iter().all(|x| *x == 4),
+            "its own view too"
+        );
+
+        assert!(!dest.write_pages(3, &[&a, &b]), "past the slot");
+        assert!(!dest.write_pages(0, &[&a[..100]]), "not a page");
+        assert!(ram.bytes()[5 * PAGE_SIZE..].iter().all(|x| *x == 0));
+        let mut ro = GuestMapping::open_sealed(pid, uaddr, size)
+            .unwrap()
+            .unwrap();
+        assert!(
+            !ro.write_pages(0, &[&a]),
+            "a read-only view is not writable"
+        );
+        assert!(
+            ram.bytes()[2 * PAGE_SIZE..3 * PAGE_SIZE]
+                .iter()
+                .all(|x| *x == 0)
         );
     }
 

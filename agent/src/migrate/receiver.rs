@@ -450,10 +450,15 @@ impl Receiver<'_> {
             .as_mut()
             .ok_or_else(|| frame.malformed("pages after the memory was verified"))?;
         let total = memory.layout.pages();
+        // Consecutive pages are written together (one system call per
+        // run), in the frame's order: a zero run writes what came before
+        // it first.
+        let mut run = PageRun::default();
         for record in wire::parse_pages(body) {
             let record = record.map_err(|what| frame.malformed(what))?;
-            match record {
+            let (page, data): (u32, &[u8]) = match record {
                 PageRecord::Zero { first, count } => {
+                    run.flush(memory)?;
                     forget_digests(&mut self.digests, self.chunk_pages, first, count);
                     if !memory.zero_run(first, count) {
                         return Err(frame
@@ -461,6 +466,7 @@ impl Receiver<'_> {
                             .into());
                     }
                     self.report.pages.zero += u64::from(count);
+                    continue;
                 }
                 PageRecord::Template { page, index } => {
                     let data = self
@@ -470,30 +476,27 @@ impl Receiver<'_> {
                         .ok_or_else(|| {
                             frame.malformed(format!("template {index} was not offered"))
                         })?;
-                    forget_digests(&mut self.digests, self.chunk_pages, page, 1);
-                    if !memory.write(page, data) {
-                        return Err(frame
-                            .malformed(format!("page {page} beyond {total} pages"))
-                            .into());
-                    }
                     self.report.pages.template += 1;
+                    (page, data)
                 }
                 PageRecord::Full { page, data } => {
-                    forget_digests(&mut self.digests, self.chunk_pages, page, 1);
-                    if !memory.write(page, data) {
-                        return Err(frame
-                            .malformed(format!("page {page} beyond {total} pages"))
-                            .into());
-                    }
                     if frame.flags & FLAG_ZSTD != 0 {
                         self.report.pages.zstd += 1;
                     } else {
                         self.report.pages.full += 1;
                     }
+                    (page, data)
                 }
+            };
+            if page >= total {
+                return Err(frame
+                    .malformed(format!("page {page} beyond {total} pages"))
+                    .into());
             }
+            forget_digests(&mut self.digests, self.chunk_pages, page, 1);
+            run.push(memory, page, data)?;
         }
-        Ok(())
+        run.flush(memory)
     }
 
     fn verify(
@@ -599,6 +602,44 @@ pub fn print_json(report: &MigrationReport) -> anyhow::Result<()> {
     serde_json::to_writer(&mut out, report)?;
     writeln!(out)?;
     Ok(())
+}
+
+/// Pages of a frame waiting to be written, consecutive from `first`.
+#[derive(Default)]
+struct PageRun<'a> {
+    first: u32,
+    pages: Vec<&'a [u8]>,
+}
+
+impl<'a> PageRun<'a> {
+    /// At most this many pages per write.
+    const MAX: usize = 64;
+
+    /// Adds `data` at `page`, writing what is held first unless `page`
+    /// continues it.
+    fn push(&mut self, memory: &mut DestMemory, page: u32, data: &'a [u8]) -> anyhow::Result<()> {
+        let continues = self.first.checked_add(self.pages.len() as u32) == Some(page);
+        if !self.pages.is_empty() && (!continues || self.pages.len() == Self::MAX) {
+            self.flush(memory)?;
+        }
+        if self.pages.is_empty() {
+            self.first = page;
+        }
+        self.pages.push(data);
+        Ok(())
+    }
+
+    fn flush(&mut self, memory: &mut DestMemory) -> anyhow::Result<()> {
+        if !self.pages.is_empty() && !memory.write_pages(self.first, &self.pages) {
+            anyhow::bail!(
+                "writing pages {}..{} into the destination VM's memory failed: did the VMM exit?",
+                self.first,
+                self.first as usize + self.pages.len()
+            );
+        }
+        self.pages.clear();
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -188,15 +188,24 @@ impl DestMemory {
         self.regions[region].page(index)
     }
 
-    fn page_mut(&mut self, page: u32) -> Option<&mut [u8]> {
-        let (region, index) = self.layout.locate(page)?;
-        self.regions[region].page_mut(index)
-    }
-
-    pub fn write(&mut self, page: u32, data: &[u8]) -> bool {
-        self.page_mut(page)
-            .map(|bytes| bytes.copy_from_slice(data))
-            .is_some()
+    /// Writes `pages` (each a page) at pages `first`, `first + 1`, ...,
+    /// through the memory's files ([`GuestMapping::write_pages`]). False
+    /// if a page is outside the memory.
+    pub fn write_pages(&mut self, first: u32, pages: &[&[u8]]) -> bool {
+        let mut done = 0usize;
+        while done < pages.len() {
+            let page = first + done as u32;
+            let Some((region, index)) = self.layout.locate(page) else {
+                return false;
+            };
+            let in_region = (self.layout.regions[region].size / PAGE_SIZE as u64) as u32 - index;
+            let run = (in_region as usize).min(pages.len() - done);
+            if !self.regions[region].write_pages(index, &pages[done..done + run]) {
+                return false;
+            }
+            done += run;
+        }
+        true
     }
 
     /// Zeroes pages `[first, first+count)`: their backing freed where the

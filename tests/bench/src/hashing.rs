@@ -16,24 +16,26 @@ use super::{Figure, median, spread};
 /// blake3 per page over `memory`, one thread: pages per second of the
 /// thread's CPU time (as the agent's hash workers count theirs).
 pub fn blake3_pages_per_sec(memory: &[u8]) -> f64 {
+    let pages: Vec<&[u8]> = memory.chunks_exact(PAGE_SIZE).collect();
+    pages_per_sec(pages.len(), |index| hash_byte(pages[index]))
+}
+
+/// A byte of the page's blake3 (for a sink the compiler cannot drop).
+fn hash_byte(page: &[u8]) -> u8 {
+    blake3::hash(page).as_bytes()[0]
+}
+
+/// `hash` of page 0, 1, ... `pages - 1`: pages per second of the thread's
+/// CPU time.
+fn pages_per_sec(pages: usize, mut hash: impl FnMut(usize) -> u8) -> f64 {
     let started = agent::clock::thread_cpu_ns();
     let mut sink = 0u8;
-    for page in memory.chunks_exact(PAGE_SIZE) {
-        sink ^= blake3::hash(page).as_bytes()[0];
+    for index in 0..pages {
+        sink ^= hash(index);
     }
     std::hint::black_box(sink);
     let cpu_ns = agent::clock::thread_cpu_ns().saturating_sub(started).max(1);
-    (memory.len() / PAGE_SIZE) as f64 / (cpu_ns as f64 / 1e9)
-}
-
-/// Pages per thread-CPU second of `hash` over `pages`.
-fn pages_per_sec(pages: &[&[u8]], hash: impl Fn(usize)) -> f64 {
-    let started = agent::clock::thread_cpu_ns();
-    for index in 0..pages.len() {
-        hash(index);
-    }
-    let cpu_ns = agent::clock::thread_cpu_ns().saturating_sub(started).max(1);
-    pages.len() as f64 / (cpu_ns as f64 / 1e9)
+    pages as f64 / (cpu_ns as f64 / 1e9)
 }
 
 /// How fast blake3 hashes pages of a shared memfd mapping (as the agent
@@ -79,27 +81,21 @@ fn read_strategies(memory: &[u8]) -> anyhow::Result<serde_json::Value> {
         let shared: Vec<&[u8]> = shared.chunks_exact(PAGE_SIZE).collect();
         for turn in 0..4 {
             let way = (turn + block) % 4;
-            let sink = std::cell::Cell::new(0u8);
-            let out = |bytes: &[u8]| sink.set(sink.get() ^ blake3::hash(bytes).as_bytes()[0]);
+            let n = shared.len();
             let rate = match way {
-                0 => pages_per_sec(&plain, |i| out(plain[i])),
-                1 => pages_per_sec(&shared, |i| out(shared[i])),
-                2 => pages_per_sec(&shared, |i| {
+                0 => pages_per_sec(n, |i| hash_byte(plain[i])),
+                1 => pages_per_sec(n, |i| hash_byte(shared[i])),
+                2 => pages_per_sec(n, |i| {
                     if let Some(next) = shared.get(i + 1) {
                         agent::page::prefetch(next);
                     }
-                    out(shared[i]);
+                    hash_byte(shared[i])
                 }),
-                _ => {
-                    let staging = std::cell::RefCell::new(&mut staging);
-                    pages_per_sec(&shared, |i| {
-                        let mut buf = staging.borrow_mut();
-                        buf.copy_from_slice(shared[i]);
-                        out(&buf);
-                    })
-                }
+                _ => pages_per_sec(n, |i| {
+                    staging.copy_from_slice(shared[i]);
+                    hash_byte(&staging)
+                }),
             };
-            std::hint::black_box(sink.get());
             seconds[way] += shared.len() as f64 / rate;
         }
         pages += shared.len();
