@@ -166,6 +166,17 @@ impl GuestMapping {
         true
     }
 
+    /// Drops this process's page-table entries for the region (the bytes
+    /// stay in the file, and a later access maps them again): what
+    /// reading it back mapped is then not left for the final unmap, which
+    /// a destination does while its VM is paused.
+    pub fn drop_page_tables(&self) {
+        // SAFETY: the whole of this shared file mapping; `MADV_DONTNEED` on
+        // a shared mapping only unmaps (its bytes stay in the file, which
+        // later reads map again) and changes no byte.
+        let _ = unsafe { madvise(self.ptr.cast(), self.len, MmapAdvise::MADV_DONTNEED) };
+    }
+
     /// Which pages of the region lie in a hole of its file (they read as
     /// zeros without being read, and reading them through a shared
     /// mapping would allocate them), from `SEEK_DATA`/`SEEK_HOLE`; `None`

@@ -347,6 +347,12 @@ impl Receiver<'_> {
                         self.writer.flush()?;
                         // While the source asks for its next hash list.
                         self.refresh_digests(key)?;
+                        // Unmapped now, while the source still sends: the
+                        // paused unmap then has only what the final
+                        // round's read-back maps.
+                        if let Some(memory) = &self.memory {
+                            memory.drop_page_tables();
+                        }
                     }
                 }
                 Kind::State => {

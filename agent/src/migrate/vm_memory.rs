@@ -244,6 +244,13 @@ impl DestMemory {
     pub fn holes(&self) -> Vec<bool> {
         holes_of(&self.layout, self.regions.iter().map(Some))
     }
+
+    /// Unmaps what reading the memory back mapped ([`GuestMapping::drop_page_tables`]).
+    pub fn drop_page_tables(&self) {
+        for region in &self.regions {
+            region.drop_page_tables();
+        }
+    }
 }
 
 #[cfg(test)]
