@@ -188,43 +188,49 @@ impl DestMemory {
         self.regions[region].page(index)
     }
 
+    /// Pages `[first, first+count)` split at region boundaries: (region,
+    /// its first page, pages, offset into the range); `None` if a page is
+    /// outside the memory (or the range overflows).
+    fn region_runs(&self, first: u32, count: u32) -> Option<Vec<(usize, u32, u32, u32)>> {
+        let end = first
+            .checked_add(count)
+            .filter(|end| *end <= self.layout.pages())?;
+        let mut runs = Vec::new();
+        let mut page = first;
+        while page < end {
+            let (region, index) = self.layout.locate(page)?;
+            let in_region = (self.layout.regions[region].size / PAGE_SIZE as u64) as u32 - index;
+            let run = in_region.min(end - page);
+            runs.push((region, index, run, page - first));
+            page += run;
+        }
+        Some(runs)
+    }
+
     /// Writes `pages` (each a page) at pages `first`, `first + 1`, ...,
     /// through the memory's files ([`GuestMapping::write_pages`]). False
     /// if a page is outside the memory.
     pub fn write_pages(&mut self, first: u32, pages: &[&[u8]]) -> bool {
-        let mut done = 0usize;
-        while done < pages.len() {
-            let page = first + done as u32;
-            let Some((region, index)) = self.layout.locate(page) else {
-                return false;
-            };
-            let in_region = (self.layout.regions[region].size / PAGE_SIZE as u64) as u32 - index;
-            let run = (in_region as usize).min(pages.len() - done);
-            if !self.regions[region].write_pages(index, &pages[done..done + run]) {
-                return false;
-            }
-            done += run;
-        }
-        true
+        let Some(runs) = u32::try_from(pages.len())
+            .ok()
+            .and_then(|count| self.region_runs(first, count))
+        else {
+            return false;
+        };
+        runs.into_iter().all(|(region, index, run, at)| {
+            let (at, run) = (at as usize, run as usize);
+            self.regions[region].write_pages(index, &pages[at..at + run])
+        })
     }
 
     /// Zeroes pages `[first, first+count)`: their backing freed where the
     /// file system can (a hole reads as zeros and holds no memory), zeros
     /// written otherwise. False if a page is outside the memory.
     pub fn zero_run(&mut self, first: u32, count: u32) -> bool {
-        let Some(end) = first
-            .checked_add(count)
-            .filter(|end| *end <= self.layout.pages())
-        else {
+        let Some(runs) = self.region_runs(first, count) else {
             return false;
         };
-        let mut page = first;
-        while page < end {
-            let Some((region, index)) = self.layout.locate(page) else {
-                return false;
-            };
-            let in_region = (self.layout.regions[region].size / PAGE_SIZE as u64) as u32 - index;
-            let run = in_region.min(end - page);
+        for (region, index, run, _) in runs {
             if !self.regions[region].discard(index, run) {
                 for i in index..index + run {
                     match self.regions[region].page_mut(i) {
@@ -233,7 +239,6 @@ impl DestMemory {
                     }
                 }
             }
-            page += run;
         }
         true
     }
