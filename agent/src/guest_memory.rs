@@ -177,6 +177,28 @@ impl GuestMapping {
         let _ = unsafe { madvise(self.ptr.cast(), self.len, MmapAdvise::MADV_DONTNEED) };
     }
 
+    /// Maps the pages that hold data into this process's page tables, all
+    /// at once (far cheaper than a fault per 16 pages when they are first
+    /// read), leaving holes alone: reading them would allocate memory the
+    /// guest never used. Nothing when the file system does not say where
+    /// its holes are. Best effort: it changes no byte.
+    pub fn populate_data(&self) {
+        let pages = (self.len / PAGE_SIZE) as u32;
+        for extent in self.data_extents(0..pages).unwrap_or_default() {
+            let start = extent.start as usize * PAGE_SIZE;
+            let len = (extent.end - extent.start) as usize * PAGE_SIZE;
+            // SAFETY: a range inside this mapping (the extents are clipped
+            // to it); populating only faults pages in, it changes no byte.
+            let _ = unsafe {
+                madvise(
+                    self.ptr.add(start).cast(),
+                    len,
+                    MmapAdvise::MADV_POPULATE_READ,
+                )
+            };
+        }
+    }
+
     /// Which pages of the region lie in a hole of its file (they read as
     /// zeros without being read, and reading them through a shared
     /// mapping would allocate them), from `SEEK_DATA`/`SEEK_HOLE`; `None`

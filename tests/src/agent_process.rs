@@ -238,7 +238,7 @@ impl AgentProcess {
         let body = self
             .get(&format!("/v1/vms/{pid}/hashes"))
             .unwrap_or_else(|e| panic!("hash list of {pid}: {e}"));
-        parse_hash_list(&body).unwrap().1
+        parse_hash_list(&body).unwrap().records
     }
 
     /// `pagefp templates export` from this agent: the contents VMs `vms`

@@ -8,6 +8,7 @@ use std::sync::{
 
 use anyhow::Context as _;
 
+pub mod hash_list;
 pub mod http;
 pub mod metrics;
 pub mod migration_book;

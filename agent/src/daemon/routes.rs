@@ -1,13 +1,14 @@
 //! Request routing: plain functions from a request line to a response, so
 //! they are tested without a socket.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::{Response, StatusCode, body::Bytes, header};
 use serde::Serialize;
 
 use super::{
+    hash_list::hash_list,
     migration_book::{Refused, Reporter},
     state::AppState,
     views::vm_view,
@@ -16,10 +17,9 @@ use crate::{
     api::{
         report::MigrationReport,
         views::{CatalogView, PageLocation, TemplateView, VmView},
-        wire::{HASH_LIST_MAGIC, HASH_LIST_VERSION, HashListHeader, PageRecord, state},
+        wire::{HashList, state},
     },
-    content::zero_page_hash,
-    page::{PAGE_SIZE, hex},
+    page::hex,
     registry::{PageState, RegistryStats},
     templates::{Selection, SelectionPolicy},
     tracking::ebpf::{
@@ -74,6 +74,8 @@ enum Format {
 struct Query {
     format: Option<Format>,
     limit: Option<usize>,
+    /// `since=TOKEN` of a hash list: only the changes after it.
+    since: Option<String>,
     selection: TemplateQuery,
 }
 
@@ -139,6 +141,7 @@ fn parse_query(query: Option<&str>) -> Result<Query, String> {
                 })
             }
             "limit" => parsed.limit = Some(parse_number(key, value)?),
+            "since" => parsed.since = Some(value.to_owned()),
             "vms" => parsed.selection.vms = Some(parse_pids(key, value)?),
             "exclude" => parsed.selection.exclude = parse_pids(key, value)?,
             "min_vms" => parsed.selection.min_vms = Some(parse_number(key, value)?),
@@ -205,7 +208,12 @@ pub fn handle_with_body(
             Err(response) => response,
         },
         ["v1", "vms", pid, "hashes"] => match parse_pid(pid) {
-            Ok(pid) => hashes(state, pid, query.format.unwrap_or(Format::Binary)),
+            Ok(pid) => hashes(
+                state,
+                pid,
+                query.since.as_deref(),
+                query.format.unwrap_or(Format::Binary),
+            ),
             Err(response) => response,
         },
         ["v1", "templates"] => templates(
@@ -362,105 +370,16 @@ struct PageJson {
     hash: Option<String>,
 }
 
-/// Pages read per hold of the registry lock while a hash list is made: the
-/// tracker and the hash workers wait at most this long for a reader.
-const HASH_LIST_CHUNK: u32 = 16 << 10;
-
-/// How long a hash list waits for the VMM's next dirty-bitmap harvest, for
-/// VMs tracked by their bitmaps (`crate::registry::bitmap`): past it, their
-/// clean pages are served unverified.
-const HARVEST_WAIT: Duration = Duration::from_secs(2);
-
-/// The hash list of VM `pid` (`None` if it is not known), read slot by slot
-/// in chunks of [`HASH_LIST_CHUNK`] pages, each under its own short hold of
-/// the registry lock. Each record is true at the moment its chunk was read;
-/// pages of a slot replaced meanwhile are reported unknown, never clean.
-/// Clean pages of a slot tracked by its bitmaps are served clean only if the
-/// slot was harvested after `request_ns`, unverified otherwise.
-fn hash_records(state: &AppState, pid: u32, request_ns: u64) -> Option<Vec<PageRecord>> {
-    let slots: Vec<(u32, u64, u64, u32)> = {
-        let registry = state.registry.lock().unwrap();
-        let vm = registry.vm(pid)?;
-        vm.slots
-            .values()
-            .map(|slot| (slot.id, slot.epoch, slot.gpa, slot.pages.len() as u32))
-            .collect()
+fn hashes(state: &AppState, pid: u32, since: Option<&str>, format: Format) -> ApiResponse {
+    let listed = match hash_list(state, pid, since) {
+        Ok(Some(listed)) => listed,
+        Ok(None) => return unknown_vm(pid),
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
-    let zero = zero_page_hash();
-    let mut records = Vec::with_capacity(slots.iter().map(|s| s.3 as usize).sum());
-    for (id, epoch, gpa, pages) in slots {
-        let record = |page: u32, state: u8, hash: [u8; 32]| PageRecord {
-            gpa: gpa + u64::from(page) * PAGE_SIZE as u64,
-            hash,
-            state,
-            zero: u8::from(matches!(state, state::CLEAN | state::UNVERIFIED) && hash == zero),
-            _pad: [0; 6],
-        };
-        for first in (0..pages).step_by(HASH_LIST_CHUNK as usize) {
-            let end = first.saturating_add(HASH_LIST_CHUNK).min(pages);
-            let registry = state.registry.lock().unwrap();
-            let slot = registry
-                .vm(pid)
-                .and_then(|vm| vm.slots.get(&id))
-                .filter(|slot| slot.epoch == epoch);
-            let clean = registry.clean_at(pid, id, request_ns);
-            for page in first..end {
-                let Some(entry) = slot.and_then(|slot| slot.pages.get(page)) else {
-                    // The slot (or the VM) went away meanwhile.
-                    records.push(record(page, state::UNKNOWN, [0; 32]));
-                    continue;
-                };
-                records.push(match entry.state() {
-                    PageState::Clean if clean => record(
-                        page,
-                        state::CLEAN,
-                        registry.contents.get(entry.content).hash,
-                    ),
-                    PageState::Clean | PageState::Confirming | PageState::Unverified => record(
-                        page,
-                        state::UNVERIFIED,
-                        registry.contents.get(entry.content).hash,
-                    ),
-                    PageState::Dirty | PageState::Queued => record(page, state::DIRTY, [0; 32]),
-                    PageState::Unknown => record(page, state::UNKNOWN, [0; 32]),
-                });
-            }
-        }
-    }
-    Some(records)
-}
-
-fn hashes(state: &AppState, pid: u32, format: Format) -> ApiResponse {
-    let request_ns = crate::clock::monotonic_ns();
-    // Everything the kernel reported before this request is applied first;
-    // a VM tracked by its dirty bitmaps also waits for its next harvest.
-    if let Some(sync) = &state.sync {
-        let deadline = std::time::Instant::now() + HARVEST_WAIT;
-        loop {
-            sync.sync();
-            if state.registry.lock().unwrap().all_clean_at(pid, request_ns)
-                || std::time::Instant::now() >= deadline
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-    let taken_ns = crate::clock::monotonic_ns();
-    let Some(mut records) = hash_records(state, pid, request_ns) else {
-        return unknown_vm(pid);
-    };
-    records.sort_unstable_by_key(|r| r.gpa);
-    let listed_ns = crate::clock::monotonic_ns();
-    log::debug!(
-        "hash list of pid {pid}: {} records; applying the kernel's events took {:.1} ms, listing them {:.1} ms",
-        records.len(),
-        taken_ns.saturating_sub(request_ns) as f64 / 1e6,
-        listed_ns.saturating_sub(taken_ns) as f64 / 1e6
-    );
     match format {
         Format::Json => {
-            let pages: Vec<PageJson> = records
+            let pages: Vec<PageJson> = listed
+                .records
                 .iter()
                 .map(|r| PageJson {
                     gpa: r.gpa,
@@ -476,22 +395,11 @@ fn hashes(state: &AppState, pid: u32, format: Format) -> ApiResponse {
                 .collect();
             json(&pages)
         }
-        Format::Binary => {
-            let header = HashListHeader {
-                magic: HASH_LIST_MAGIC,
-                version: HASH_LIST_VERSION,
-                pid,
-                page_size: PAGE_SIZE as u32,
-                count: records.len() as u64,
-                taken_ns,
-            };
-            let mut body = Vec::with_capacity(
-                size_of::<HashListHeader>() + records.len() * size_of::<PageRecord>(),
-            );
-            body.extend_from_slice(bytemuck::bytes_of(&header));
-            body.extend_from_slice(bytemuck::cast_slice(&records));
-            binary(body)
-        }
+        Format::Binary => binary(HashList::encode(
+            &listed.header,
+            &listed.token,
+            &listed.records,
+        )),
     }
 }
 
@@ -583,6 +491,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
+    use crate::page::PAGE_SIZE;
 
     fn state() -> AppState {
         AppState::empty()
@@ -707,7 +616,7 @@ mod tests {
             api::wire::parse_hash_list,
             registry::{RamRegion, SharedRamGuest},
         };
-        let pages = 2 * HASH_LIST_CHUNK + 100;
+        let pages = 2 * super::super::hash_list::HASH_LIST_CHUNK + 100;
         let state = AppState::empty();
         {
             let mut registry = state.registry.lock().unwrap();
@@ -738,9 +647,10 @@ mod tests {
         let response = handle(&state, &hyper::Method::GET, "/v1/vms/7/hashes", None);
         assert_eq!(response.status(), StatusCode::OK);
         let body = futures_body(response);
-        let (header, records) = parse_hash_list(&body).unwrap();
-        assert_eq!(header.count, u64::from(pages));
-        for (index, record) in records.iter().enumerate() {
+        let list = parse_hash_list(&body).unwrap();
+        assert_eq!(list.header.count, u64::from(pages));
+        assert!(!list.is_delta());
+        for (index, record) in list.records.iter().enumerate() {
             assert_eq!(record.gpa, (index * PAGE_SIZE) as u64);
             if index as u32 == pages - 1 {
                 assert_eq!(record.state, state::UNKNOWN);

@@ -27,6 +27,8 @@ pub struct AppState {
     pub tracker: Arc<TrackerStats>,
     pub policy: SelectionPolicy,
     pub started: Instant,
+    /// Tells this agent's hash-list tokens from another run's.
+    pub instance: u64,
     pub migrations: Mutex<MigrationBook>,
     /// The site store publisher's state, if one is configured.
     pub site: Option<Arc<Mutex<super::site_publisher::SiteStatus>>>,
@@ -50,6 +52,7 @@ impl AppState {
             tracker,
             policy,
             started: Instant::now(),
+            instance: instance_id(),
             migrations: Mutex::new(MigrationBook::new()),
             site: None,
             selection: Mutex::new(None),
@@ -94,4 +97,15 @@ impl AppState {
         }
         catalog
     }
+}
+
+/// Unique per agent run (its start time and pid): a hash-list token of an
+/// earlier run, whose slot epochs and marks may repeat, is never taken for
+/// one of this run.
+fn instance_id() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    now ^ (u64::from(std::process::id()) << 40)
 }

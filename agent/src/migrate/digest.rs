@@ -44,20 +44,21 @@ impl DigestKey {
     }
 }
 
-/// Digests of `pages` pages; `read(page, buf)` fills `buf` with a page.
+/// Digests of `pages` pages; `check(page, buf)` is the [`DigestKey::page`]
+/// of a page, read in place or copied into `buf` (a page of scratch).
 /// Pages marked in `holes` (holes in the memory's files, which read as
 /// zeros) are not read: reading them would allocate them.
 pub fn chunk_digests<F>(
     pages: u32,
     key: DigestKey,
     holes: &[bool],
-    read: F,
+    check: F,
 ) -> anyhow::Result<Vec<[u8; 32]>>
 where
-    F: Fn(u32, &mut [u8]) -> anyhow::Result<()> + Sync,
+    F: Fn(u32, &mut [u8]) -> anyhow::Result<[u8; 16]> + Sync,
 {
     let mut digests = vec![None; pages.div_ceil(key.chunk_pages.max(1)) as usize];
-    fill_digests(pages, key, holes, &mut digests, read)?;
+    fill_digests(pages, key, holes, &mut digests, check)?;
     Ok(digests.into_iter().flatten().collect())
 }
 
@@ -68,10 +69,10 @@ pub fn fill_digests<F>(
     key: DigestKey,
     holes: &[bool],
     digests: &mut [Option<[u8; 32]>],
-    read: F,
+    check: F,
 ) -> anyhow::Result<()>
 where
-    F: Fn(u32, &mut [u8]) -> anyhow::Result<()> + Sync,
+    F: Fn(u32, &mut [u8]) -> anyhow::Result<[u8; 16]> + Sync,
 {
     let chunk_pages = key.chunk_pages.max(1);
     anyhow::ensure!(
@@ -90,7 +91,7 @@ where
         .min(4);
     let per_thread = missing.len().div_ceil(threads.max(1)).max(1);
     let zero = key.page(&[0; PAGE_SIZE]);
-    let read = &read;
+    let check = &check;
     let computed = std::thread::scope(|scope| {
         let handles: Vec<_> = missing
             .chunks(per_thread)
@@ -102,13 +103,12 @@ where
                         let mut hasher = blake3::Hasher::new();
                         let first = chunk * chunk_pages;
                         for page in first..(first + chunk_pages).min(pages) {
-                            let check = if holes.get(page as usize) == Some(&true) {
+                            let page_check = if holes.get(page as usize) == Some(&true) {
                                 zero
                             } else {
-                                read(page, &mut buf)?;
-                                key.page(&buf)
+                                check(page, &mut buf)?
                             };
-                            hasher.update(&check);
+                            hasher.update(&page_check);
                         }
                         out.push((chunk, *hasher.finalize().as_bytes()));
                     }
@@ -146,10 +146,7 @@ mod tests {
         memory[3 * PAGE_SIZE] = 1;
         let read = |m: &Vec<u8>| {
             let m = m.clone();
-            move |page: u32, buf: &mut [u8]| {
-                buf.copy_from_slice(&m[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
-                Ok(())
-            }
+            move |page: u32, _: &mut [u8]| Ok(KEY.page(&m[page as usize * PAGE_SIZE..][..PAGE_SIZE]))
         };
         let before = chunk_digests(10, KEY, &[], read(&memory)).unwrap();
         assert_eq!(before.len(), 3);
@@ -170,9 +167,8 @@ mod tests {
         let mut memory = vec![0u8; 10 * PAGE_SIZE];
         memory[3 * PAGE_SIZE] = 1;
         let holes: Vec<bool> = (0..10).map(|page| page != 3).collect();
-        let read_all = |page: u32, buf: &mut [u8]| {
-            buf.copy_from_slice(&memory[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
-            Ok(())
+        let read_all = |page: u32, _: &mut [u8]| {
+            Ok(KEY.page(&memory[page as usize * PAGE_SIZE..][..PAGE_SIZE]))
         };
         let read_data_only = |page: u32, buf: &mut [u8]| {
             assert_eq!(page, 3, "a hole was read");
@@ -188,17 +184,16 @@ mod tests {
     fn only_missing_digests_are_computed_and_match_a_full_pass() {
         let mut memory = vec![0u8; 10 * PAGE_SIZE];
         memory[5 * PAGE_SIZE] = 3;
-        let read = |page: u32, buf: &mut [u8]| {
+        let page_of = |page: u32| &memory[page as usize * PAGE_SIZE..][..PAGE_SIZE];
+        let read = |page: u32, _: &mut [u8]| {
             assert!(
                 (4..8).contains(&page),
                 "page {page} outside chunk 1 was read"
             );
-            buf.copy_from_slice(&memory[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
-            Ok(())
+            Ok(KEY.page(page_of(page)))
         };
-        let full = chunk_digests(10, KEY, &[], |page, buf: &mut [u8]| {
-            buf.copy_from_slice(&memory[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
-            Ok(())
+        let full = chunk_digests(10, KEY, &[], |page, _: &mut [u8]| {
+            Ok(KEY.page(page_of(page)))
         })
         .unwrap();
         let mut digests = vec![Some(full[0]), None, Some(full[2])];
@@ -210,15 +205,17 @@ mod tests {
     #[test]
     fn each_migration_checks_with_a_seed_of_its_own() {
         let memory = vec![7u8; 4 * PAGE_SIZE];
-        let read = |page: u32, buf: &mut [u8]| {
-            buf.copy_from_slice(&memory[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
-            Ok(())
-        };
         let (a, b) = (DigestKey::fresh(4).unwrap(), DigestKey::fresh(4).unwrap());
+        let memory = &memory;
+        let read = |key: DigestKey| {
+            move |page: u32, _: &mut [u8]| {
+                Ok(key.page(&memory[page as usize * PAGE_SIZE..][..PAGE_SIZE]))
+            }
+        };
         assert_ne!(a.seed, b.seed);
         assert_ne!(
-            chunk_digests(4, a, &[], read).unwrap(),
-            chunk_digests(4, b, &[], read).unwrap()
+            chunk_digests(4, a, &[], read(a)).unwrap(),
+            chunk_digests(4, b, &[], read(b)).unwrap()
         );
     }
 }

@@ -141,7 +141,7 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         ),
         started: Instant::now(),
         memory: None,
-        state: None,
+        state_loaded: false,
         digests: Vec::new(),
         chunk_pages: 1,
         owned: false,
@@ -200,7 +200,9 @@ struct Receiver<'a> {
     progress: Progress,
     started: Instant,
     memory: Option<DestMemory>,
-    state: Option<Vec<u8>>,
+    /// The source's VM state arrived and is loaded into the incoming VMM,
+    /// which stays paused: nothing may be written after it.
+    state_loaded: bool,
     /// Each chunk's digest as read back from guest memory after the last
     /// write into it; `None` once written again (see `refresh_digests`).
     digests: Vec<Option<[u8; 32]>>,
@@ -330,7 +332,7 @@ impl Receiver<'_> {
             self.read_bytes = incoming.read_bytes;
             let frame = &incoming.frame;
             match frame.kind {
-                Kind::Pages if self.state.is_some() => {
+                Kind::Pages if self.state_loaded => {
                     return Err(frame
                         .malformed("pages after the VM state: the final round is over")
                         .into());
@@ -356,19 +358,21 @@ impl Receiver<'_> {
                     }
                 }
                 Kind::State => {
-                    if self.state.is_some() {
+                    if self.state_loaded {
                         return Err(frame.malformed("a second VM state").into());
                     }
                     self.report.phase = Phase::StopAndCopy;
-                    self.state = Some(incoming.frame.payload);
                     // Nothing is written after the state: read the memory
-                    // back now, while the source computes its digest.
+                    // back and load the state now, while the source
+                    // computes its digest. The VMM stays paused until "go",
+                    // and is discarded if the digests differ.
                     self.read_back(key)?;
+                    self.load_state(vmm, &incoming.frame.payload)?;
                 }
                 Kind::Verify => {
                     self.report.phase = Phase::Verifying;
                     self.progress.update(&self.report);
-                    self.verify(frame, hello.digest_chunk_pages, vmm)?;
+                    self.verify(frame, hello.digest_chunk_pages)?;
                 }
                 Kind::Go => {
                     if !self.report.verified {
@@ -420,12 +424,11 @@ impl Receiver<'_> {
             key,
             &holes,
             &mut self.digests,
-            |page, buf| {
+            |page, _| {
                 let data = memory
                     .page(page)
                     .with_context(|| format!("page {page} is outside the guest memory"))?;
-                buf.copy_from_slice(data);
-                Ok(())
+                Ok(key.page(data))
             },
         )?;
         Ok(missing)
@@ -448,13 +451,36 @@ impl Receiver<'_> {
         Ok(())
     }
 
+    /// Loads the source's VM state into the incoming VMM (it stays paused),
+    /// once the final round was written and read back.
+    fn load_state(&mut self, vmm: &mut dyn VmmControl, state: &[u8]) -> anyhow::Result<()> {
+        // The VMM registers its memory with KVM now; unmap ours first.
+        let started = Instant::now();
+        self.memory = None;
+        let unmapped = started.elapsed();
+        vmm.load_state(state)
+            .context("loading the VM state into the incoming VMM")?;
+        let (unmap_ms, load_ms) = (
+            unmapped.as_secs_f64() * 1000.0,
+            (started.elapsed() - unmapped).as_secs_f64() * 1000.0,
+        );
+        self.report.downtime_parts_ms.extend([
+            ("unmap".to_string(), unmap_ms),
+            ("load_state".to_string(), load_ms),
+        ]);
+        log::info!("unmapped in {unmap_ms:.1} ms, VM state loaded in {load_ms:.1} ms");
+        self.state_loaded = true;
+        Ok(())
+    }
+
     fn apply_pages(&mut self, incoming: &Incoming) -> anyhow::Result<()> {
         let (frame, body) = (&incoming.frame, incoming.body());
-        // Unmapped once verified: pages after that are a protocol violation.
+        // Unmapped once the state is loaded: pages after that are a
+        // protocol violation.
         let memory = self
             .memory
             .as_mut()
-            .ok_or_else(|| frame.malformed("pages after the memory was verified"))?;
+            .ok_or_else(|| frame.malformed("pages after the VM state"))?;
         let total = memory.layout.pages();
         // Consecutive pages are written together (one system call per
         // run), in the frame's order: a zero run writes what came before
@@ -505,12 +531,7 @@ impl Receiver<'_> {
         run.flush(memory)
     }
 
-    fn verify(
-        &mut self,
-        frame: &wire::Frame,
-        chunk_pages: u32,
-        vmm: &mut dyn VmmControl,
-    ) -> anyhow::Result<()> {
+    fn verify(&mut self, frame: &wire::Frame, chunk_pages: u32) -> anyhow::Result<()> {
         let (frame_chunk, expected) = wire::decode_digest(frame)?;
         if frame_chunk != chunk_pages || frame_chunk == 0 {
             return Err(frame
@@ -520,7 +541,7 @@ impl Receiver<'_> {
         // The memory as read back once the final round was written (see
         // `read_back`, which the VM state's arrival ran); the source hashed
         // its memory itself, independently of its tracking.
-        if self.state.is_none() {
+        if !self.state_loaded {
             bail!("the source sent the digest before the VM state");
         }
         let actual: Vec<[u8; 32]> = self.digests.iter().flatten().copied().collect();
@@ -551,27 +572,7 @@ impl Receiver<'_> {
                 mismatched[0]
             );
         }
-        let state = self
-            .state
-            .take()
-            .context("the source sent no VM state before the digest")?;
-        // The VMM registers its memory with KVM now; unmap ours first.
-        let started = Instant::now();
-        self.memory = None;
-        let unmapped = started.elapsed();
-        vmm.load_state(&state)
-            .context("loading the VM state into the incoming VMM")?;
-        let (unmap_ms, load_ms) = (
-            unmapped.as_secs_f64() * 1000.0,
-            (started.elapsed() - unmapped).as_secs_f64() * 1000.0,
-        );
-        self.report.downtime_parts_ms.extend([
-            ("unmap".to_string(), unmap_ms),
-            ("load_state".to_string(), load_ms),
-        ]);
-        log::info!(
-            "memory verified; unmapped in {unmap_ms:.1} ms, VM state loaded in {load_ms:.1} ms"
-        );
+        log::info!("memory verified against the source's digest");
         self.report.verified = true;
         self.writer.json(
             Kind::Ready,

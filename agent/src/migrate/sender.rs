@@ -92,6 +92,8 @@ pub struct SendOptions {
 struct PageStates {
     state: Vec<u8>,
     hash: Vec<[u8; 32]>,
+    /// The agent's token for this list: the next asks only for the changes.
+    token: String,
 }
 
 impl PageHints for PageStates {
@@ -421,24 +423,38 @@ impl Sender<'_> {
         self.report.cpu_seconds = crate::clock::process_cpu_ns() as f64 / 1e9;
     }
 
-    /// The agent's view of every page, after it applied all events so far.
-    fn page_states(&self) -> anyhow::Result<PageStates> {
+    /// The agent's view of every page, after it applied all events so far:
+    /// `previous` (the last list) updated with what changed since, or a
+    /// whole list.
+    fn page_states(&self, previous: Option<PageStates>) -> anyhow::Result<PageStates> {
         let pid = self.options.pid;
-        let bytes =
-            client::get_blocking(&self.options.agent_socket, &format!("/v1/vms/{pid}/hashes"))
-                .with_context(|| format!("asking the agent for the pages of VM pid {pid}"))?;
-        let (_, records) = parse_hash_list(&bytes).map_err(anyhow::Error::msg)?;
-        let pages = self.memory.layout.pages() as usize;
-        let mut states = PageStates {
-            state: vec![state::UNKNOWN; pages],
-            hash: vec![[0; 32]; pages],
+        let path = match &previous {
+            Some(previous) => format!("/v1/vms/{pid}/hashes?since={}", previous.token),
+            None => format!("/v1/vms/{pid}/hashes"),
         };
-        for record in records {
+        let bytes = client::get_blocking(&self.options.agent_socket, &path)
+            .with_context(|| format!("asking the agent for the pages of VM pid {pid}"))?;
+        let list = parse_hash_list(&bytes).map_err(anyhow::Error::msg)?;
+        let pages = self.memory.layout.pages() as usize;
+        let mut states = match previous {
+            Some(previous) if list.is_delta() => previous,
+            None if list.is_delta() => {
+                bail!("the agent sent changes to a hash list this migration never asked for")
+            }
+            // Whole: what it does not name is unknown.
+            _ => PageStates {
+                state: vec![state::UNKNOWN; pages],
+                hash: vec![[0; 32]; pages],
+                token: String::new(),
+            },
+        };
+        for record in &list.records {
             if let Some(page) = self.memory.layout.page_of_gpa(record.gpa) {
                 states.state[page as usize] = record.state;
                 states.hash[page as usize] = record.hash;
             }
         }
+        states.token = list.token;
         Ok(states)
     }
 
@@ -467,11 +483,15 @@ impl Sender<'_> {
 
     fn precopy(&mut self, vmm: &mut dyn VmmControl, paused: &mut bool) -> anyhow::Result<()> {
         self.mark("connected");
-        let mut states = self.page_states()?;
+        let mut states = self.page_states(None)?;
         let mut taken = Instant::now();
         self.mark("hash_list");
         self.negotiate(&states)?;
         self.mark("negotiated");
+        // The page tables of the whole memory, filled while round 1 waits
+        // on the link: the digest while paused reads every page.
+        let memory = Arc::clone(&self.memory);
+        std::thread::spawn(move || memory.populate());
         self.report.phase = Phase::Precopy;
         let target = Duration::from_millis(self.options.downtime_ms).as_secs_f64();
         // What the guest wrote while the negotiation ran is in the next
@@ -535,7 +555,7 @@ impl Sender<'_> {
             // buffers (the final list, after the pause, is the one that
             // counts; this one decides whether to pause).
             let since = taken.elapsed().as_secs_f64();
-            states = self.page_states()?;
+            states = self.page_states(Some(states))?;
             taken = Instant::now();
             // Wait until the round arrived: data still queued in socket
             // buffers would otherwise be sent during the downtime, and the
@@ -582,7 +602,7 @@ impl Sender<'_> {
         let key = self.digest_key;
         let digest = std::thread::spawn(move || {
             chunk_digests(memory.layout.pages(), key, &memory.holes(), |page, buf| {
-                memory.read(page, buf)
+                memory.with_page(page, buf, |data| key.page(data))
             })
         });
         let mut mark = Instant::now();
@@ -592,7 +612,7 @@ impl Sender<'_> {
                 .push((name.to_string(), mark.elapsed().as_secs_f64() * 1000.0));
             mark = Instant::now();
         };
-        let states = self.page_states()?;
+        let states = self.page_states(Some(states))?;
         let candidates = self.candidates(&states);
         part(&mut self.report, "hash_list");
         self.report.round += 1;

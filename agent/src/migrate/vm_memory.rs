@@ -142,23 +142,53 @@ impl SourceMemory {
         holes_of(&self.layout, mappings)
     }
 
+    /// Maps the data pages of the mapped regions into this process's page
+    /// tables ([`GuestMapping::populate_data`]): what the final digest
+    /// reads, while the VM is paused, is then not first faulted in.
+    pub fn populate(&self) {
+        for region in &self.regions {
+            if let SourceRegion::Mapped(mapping) = region {
+                mapping.populate_data();
+            }
+        }
+    }
+
     /// Copies page `page` into `buf`.
     pub fn read(&self, page: u32, buf: &mut [u8]) -> anyhow::Result<()> {
-        let (region, index) = self
-            .layout
-            .locate(page)
-            .with_context(|| format!("page {page} is outside guest memory"))?;
-        match &self.regions[region] {
-            SourceRegion::Mapped(slot) => {
+        match self.region_of(page)? {
+            (SourceRegion::Mapped(slot), index) => {
                 buf.copy_from_slice(slot.page(index).context("page outside its mapping")?);
             }
-            SourceRegion::Copied { pid, uaddr } => {
+            (SourceRegion::Copied { pid, uaddr }, index) => {
                 if !read_copied(*pid, *uaddr, &[index], buf)[0] {
                     bail!("cannot read page {page} of VMM pid {pid}: did the VMM exit?");
                 }
             }
         }
         Ok(())
+    }
+
+    /// Calls `with` on page `page`: in place where its region is mapped,
+    /// else copied into `buf` (a page of scratch).
+    pub fn with_page<R>(
+        &self,
+        page: u32,
+        buf: &mut [u8],
+        with: impl FnOnce(&[u8]) -> R,
+    ) -> anyhow::Result<R> {
+        if let (SourceRegion::Mapped(slot), index) = self.region_of(page)? {
+            return Ok(with(slot.page(index).context("page outside its mapping")?));
+        }
+        self.read(page, buf)?;
+        Ok(with(buf))
+    }
+
+    fn region_of(&self, page: u32) -> anyhow::Result<(&SourceRegion, u32)> {
+        let (region, index) = self
+            .layout
+            .locate(page)
+            .with_context(|| format!("page {page} is outside guest memory"))?;
+        Ok((&self.regions[region], index))
     }
 }
 

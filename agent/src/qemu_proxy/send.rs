@@ -93,8 +93,10 @@ impl Listing {
                 let listed = client::get_blocking(socket, &format!("/v1/vms/{pid}/hashes"))
                     .map_err(anyhow::Error::from)
                     .and_then(|bytes| {
-                        let (_, records) = parse_hash_list(&bytes).map_err(anyhow::Error::msg)?;
-                        Ok(listed_contents(records.iter().map(|r| (r.state, &r.hash))))
+                        let list = parse_hash_list(&bytes).map_err(anyhow::Error::msg)?;
+                        Ok(listed_contents(
+                            list.records.iter().map(|r| (r.state, &r.hash)),
+                        ))
                     });
                 match listed {
                     Ok(contents) => {

@@ -209,6 +209,31 @@ impl Registry {
         self.vms.get(&pid)
     }
 
+    /// For a hash list: takes a new mark of slot `slot_id` of VM `pid` (if
+    /// it still has `epoch`) and returns it with the page ranges that
+    /// changed since the mark `since` (see `PageTable::mark`); every page
+    /// without `since`.
+    pub fn mark_slot(
+        &mut self,
+        pid: u32,
+        slot_id: u32,
+        epoch: u64,
+        since: Option<u64>,
+    ) -> Option<(u64, Vec<(u32, u32)>)> {
+        let slot = self
+            .vms
+            .get_mut(&pid)?
+            .slots
+            .get_mut(&slot_id)
+            .filter(|slot| slot.epoch == epoch)?;
+        let mark = slot.pages.mark();
+        let ranges = match since {
+            Some(since) => slot.pages.changed_since(since),
+            None => vec![(0, slot.pages.len() as u32)],
+        };
+        Some((mark, ranges))
+    }
+
     /// Hash jobs made by the changes so far.
     pub fn take_jobs(&mut self) -> Vec<HashJob> {
         std::mem::take(&mut self.jobs)
@@ -1124,4 +1149,4 @@ fn cap_enabled(vm: &mut Vm, cap: u32, arg0: u64) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

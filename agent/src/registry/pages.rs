@@ -134,13 +134,22 @@ impl PageCounts {
     }
 }
 
+/// Pages per change stamp (see [`PageTable::mark`]).
+pub const STAMP_PAGES: u32 = 64;
+
 /// The pages of one slot, with their counts by state kept as they change,
 /// so that the API and a metrics scrape never walk every page under the
-/// registry lock. Pages change only through its methods.
+/// registry lock, and a change stamp per [`STAMP_PAGES`] pages, so that a
+/// hash list can name only what changed since an earlier one. Pages
+/// change only through its methods.
 #[derive(Clone, Debug)]
 pub struct PageTable {
     entries: Vec<PageEntry>,
     counts: PageCounts,
+    /// Per group of [`STAMP_PAGES`] pages: `mark` when one last changed.
+    stamps: Vec<u64>,
+    /// What a change is stamped with now: the last [`Self::mark`].
+    mark: u64,
 }
 
 impl PageTable {
@@ -152,6 +161,8 @@ impl PageTable {
                 unknown: pages as u64,
                 ..PageCounts::default()
             },
+            stamps: vec![0; pages.div_ceil(STAMP_PAGES as usize)],
+            mark: 0,
         }
     }
 
@@ -182,11 +193,43 @@ impl PageTable {
         *self.counts.bucket(entry) -= 1;
         let result = change(entry);
         *self.counts.bucket(entry) += 1;
+        self.stamps[(page / STAMP_PAGES) as usize] = self.mark;
         Some(result)
+    }
+
+    /// Starts a new period of changes and returns its mark: every page
+    /// changed from now on is in [`Self::changed_since`] that mark. (Each
+    /// hash list takes one; the next names what changed since.)
+    pub fn mark(&mut self) -> u64 {
+        self.mark += 1;
+        self.mark
+    }
+
+    /// The page ranges `(first, count)`, in order, holding every page
+    /// changed since [`Self::mark`] returned `since` (and, at stamp
+    /// granularity, some that did not).
+    pub fn changed_since(&self, since: u64) -> Vec<(u32, u32)> {
+        let mut ranges: Vec<(u32, u32)> = Vec::new();
+        let pages = self.entries.len() as u32;
+        for (group, _) in self
+            .stamps
+            .iter()
+            .enumerate()
+            .filter(|(_, stamp)| **stamp >= since)
+        {
+            let first = group as u32 * STAMP_PAGES;
+            let count = STAMP_PAGES.min(pages - first);
+            match ranges.last_mut() {
+                Some((start, len)) if *start + *len == first => *len += count,
+                _ => ranges.push((first, count)),
+            }
+        }
+        ranges
     }
 
     pub fn shrink_to_fit(&mut self) {
         self.entries.shrink_to_fit();
+        self.stamps.shrink_to_fit();
     }
 }
 
@@ -243,5 +286,35 @@ mod tests {
         });
         assert_eq!(table.counts(), recount(&table));
         assert_eq!(table.counts().total(), 4);
+    }
+
+    #[test]
+    fn what_changed_since_a_mark_is_named_and_nothing_else() {
+        let pages = 5 * STAMP_PAGES + 3;
+        let mut table = PageTable::new(pages as usize);
+        let first = table.mark();
+        assert_eq!(table.changed_since(first), vec![]);
+        table.update(STAMP_PAGES + 1, |p| p.bump(PageState::Dirty));
+        table.update(2 * STAMP_PAGES, |p| p.bump(PageState::Dirty));
+        table.update(pages - 1, |p| p.bump(PageState::Dirty));
+        let second = table.mark();
+        assert_eq!(
+            table.changed_since(first),
+            vec![(STAMP_PAGES, 2 * STAMP_PAGES), (5 * STAMP_PAGES, 3)]
+        );
+        assert_eq!(table.changed_since(second), vec![]);
+        // A change after a later mark is also named since every earlier one.
+        table.update(0, |p| p.set_state(PageState::Queued));
+        let third = table.mark();
+        assert_eq!(table.changed_since(second), vec![(0, STAMP_PAGES)]);
+        assert_eq!(table.changed_since(first)[0], (0, 3 * STAMP_PAGES));
+        assert_eq!(table.changed_since(third), vec![]);
+        // An update of a page beyond the table stamps nothing.
+        assert_eq!(table.update(pages, |p| p.bump(PageState::Dirty)), None);
+        assert_eq!(table.changed_since(third), vec![]);
+        // Before any mark, every change is named since the first.
+        let mut fresh = PageTable::new(8);
+        fresh.update(3, |p| p.bump(PageState::Dirty));
+        assert_eq!(fresh.changed_since(0), vec![(0, 8)]);
     }
 }

@@ -11,25 +11,25 @@ use agent_common::{
 
 use super::*;
 
-const PID: u32 = 100;
+pub(crate) const PID: u32 = 100;
 /// The VM fd.
-const FD: u32 = 5;
+pub(crate) const FD: u32 = 5;
 /// Event time of the helpers below that take none.
-const T: u64 = 10;
+pub(crate) const T: u64 = 10;
 
 /// An ioctl as `agent-ebpf/src/ioctl.rs` reports it: entered at `enter_ns`,
 /// returned `ret` at `exit_ns`.
-fn ioctl_event(pending: PendingIoctl, exit_ns: u64, ret: i64) -> Event {
+pub(crate) fn ioctl_event(pending: PendingIoctl, exit_ns: u64, ret: i64) -> Event {
     pending
         .completed(PID, exit_ns, ret)
         .expect("a successful ioctl is reported")
 }
 
-fn vm_created() -> Event {
+pub(crate) fn vm_created() -> Event {
     ioctl_event(PendingIoctl::create_vm(3, T), T, i64::from(FD))
 }
 
-fn slot_set(slot: u32, flags: u32, gpa: u64, pages: u64, uaddr: u64) -> Event {
+pub(crate) fn slot_set(slot: u32, flags: u32, gpa: u64, pages: u64, uaddr: u64) -> Event {
     let region = SlotRegion {
         slot,
         flags,
@@ -40,12 +40,12 @@ fn slot_set(slot: u32, flags: u32, gpa: u64, pages: u64, uaddr: u64) -> Event {
     ioctl_event(PendingIoctl::set_memory_region(FD, T, region), T, 0)
 }
 
-fn cap_enabled(cap: u32, arg0: u64) -> Event {
+pub(crate) fn cap_enabled(cap: u32, arg0: u64) -> Event {
     ioctl_event(PendingIoctl::enable_cap(FD, T, cap, 0, arg0), T, 0)
 }
 
 /// `KVM_GET_DIRTY_LOG` of `slot`, entered at `enter_ns`, returned at `exit_ns`.
-fn dirty_log_get(slot: u32, enter_ns: u64, exit_ns: u64) -> Event {
+pub(crate) fn dirty_log_get(slot: u32, enter_ns: u64, exit_ns: u64) -> Event {
     ioctl_event(
         PendingIoctl::get_dirty_log(FD, enter_ns, slot, 0),
         exit_ns,
@@ -55,7 +55,7 @@ fn dirty_log_get(slot: u32, enter_ns: u64, exit_ns: u64) -> Event {
 
 /// A bitmap chunk of one ioctl, as `agent-ebpf/src/bitmap.rs` sends it:
 /// `head`, with bit `i` set for every page `first + i` in `set`.
-fn chunk(head: BitmapHead, first: u64, set: &[u64]) -> BitmapChunk {
+pub(crate) fn chunk(head: BitmapHead, first: u64, set: &[u64]) -> BitmapChunk {
     let mut words = [0u64; BITMAP_CHUNK_WORDS];
     for page in set {
         let bit = page - first;
@@ -67,7 +67,7 @@ fn chunk(head: BitmapHead, first: u64, set: &[u64]) -> BitmapChunk {
 /// `KVM_GET_DIRTY_LOG` of slot 0 (`pages` pages) entered at `enter_ns`,
 /// returning the pages `set`, its bitmap sent for `sent` pages: the chunk,
 /// then the event.
-fn harvest(reg: &mut Registry, enter_ns: u64, pages: u32, sent: u32, set: &[u64]) {
+pub(crate) fn harvest(reg: &mut Registry, enter_ns: u64, pages: u32, sent: u32, set: &[u64]) {
     if sent > 0 {
         let mut bits = chunk(BitmapHead::get(PID, enter_ns, 0, 0, sent), 0, set);
         reg.apply_bitmap(&mut bits);
@@ -81,7 +81,7 @@ fn harvest(reg: &mut Registry, enter_ns: u64, pages: u32, sent: u32, set: &[u64]
 
 /// `KVM_CLEAR_DIRTY_LOG` of slot 0, pages `first..first + count`, entered at
 /// `enter_ns`, with the pages `set` in its mask.
-fn clear(reg: &mut Registry, enter_ns: u64, first: u64, count: u32, set: &[u64]) {
+pub(crate) fn clear(reg: &mut Registry, enter_ns: u64, first: u64, count: u32, set: &[u64]) {
     let mut bits = chunk(
         BitmapHead::clear(PID, enter_ns, 0, first, count),
         first,
@@ -96,11 +96,11 @@ fn clear(reg: &mut Registry, enter_ns: u64, first: u64, count: u32, set: &[u64])
 }
 
 /// `mark_page_dirty_in_slot` of guest frame `gfn` at `ktime_ns`.
-fn dirty_gfn(gfn: u64, ktime_ns: u64) -> Event {
+pub(crate) fn dirty_gfn(gfn: u64, ktime_ns: u64) -> Event {
     Event::dirty_gfn(PID, ktime_ns, gfn)
 }
 
-fn ring_vm(pages: u64) -> Registry {
+pub(crate) fn ring_vm(pages: u64) -> Registry {
     let mut reg = Registry::new(false);
     reg.apply(&vm_created());
     reg.apply(&cap_enabled(ioctl::KVM_CAP_DIRTY_LOG_RING, 65536));
@@ -143,13 +143,13 @@ fn state(reg: &Registry, page: usize) -> PageState {
 }
 
 /// `kvm:kvm_dirty_ring_push` of entry `entry` of ring 0: `page` of slot 0.
-fn push(entry: u32, page: u64) -> Event {
+pub(crate) fn push(entry: u32, page: u64) -> Event {
     Event::dirty_ring_push(PID, 0, entry, 0, page)
 }
 
 /// `KVM_RESET_DIRTY_RINGS` at `ktime_ns`, as the eBPF programs report it: its
 /// start, ring 0's reset event, and its end.
-fn reset(reset_index: u32, dirty_index: u32, ktime_ns: u64) -> [Event; 3] {
+pub(crate) fn reset(reset_index: u32, dirty_index: u32, ktime_ns: u64) -> [Event; 3] {
     [
         Event::reset_rings_begin(PID, ktime_ns, FD),
         Event::dirty_ring_reset(PID, ktime_ns, 0, reset_index, dirty_index),
@@ -350,7 +350,7 @@ fn a_bitmap_vm_resyncs_only_after_every_logged_slot_was_harvested() {
 
 /// A VM with QEMU's default dirty log: manual protection, every bit set
 /// when logging starts; slot 0 of `pages` pages, logged.
-fn manual_protect_vm(pages: u64) -> Registry {
+pub(crate) fn manual_protect_vm(pages: u64) -> Registry {
     let mut reg = Registry::new(false);
     reg.apply(&vm_created());
     reg.apply(&cap_enabled(
