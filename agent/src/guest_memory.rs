@@ -166,6 +166,37 @@ impl GuestMapping {
         true
     }
 
+    /// A second, read-only mapping of the same file range: for a thread
+    /// that reads the memory back while this one writes it.
+    pub fn read_only_view(&self) -> io::Result<Self> {
+        let (file, offset) = self.file.as_ref().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::Unsupported, "the mapping keeps no file")
+        })?;
+        let file = file.try_clone()?;
+        let mut view = Self::map(&file, *offset, self.len as u64, false, MapFlags::empty())?;
+        view.file = Some((file, *offset));
+        Ok(view)
+    }
+
+    /// [`Self::drop_page_tables`] for the pages `pages` only (clipped to
+    /// the region).
+    pub fn drop_page_tables_in(&self, pages: std::ops::Range<u32>) {
+        let end = (pages.end as usize).min(self.len / PAGE_SIZE);
+        let start = (pages.start as usize).min(end);
+        if start == end {
+            return;
+        }
+        // SAFETY: a range inside this shared file mapping; `MADV_DONTNEED`
+        // on it only unmaps (the bytes stay in the file) and changes no byte.
+        let _ = unsafe {
+            madvise(
+                self.ptr.add(start * PAGE_SIZE).cast(),
+                (end - start) * PAGE_SIZE,
+                MmapAdvise::MADV_DONTNEED,
+            )
+        };
+    }
+
     /// Drops this process's page-table entries for the region (the bytes
     /// stay in the file, and a later access maps them again): what
     /// reading it back mapped is then not left for the final unmap, which
@@ -208,6 +239,19 @@ impl GuestMapping {
         let mut holes = vec![true; pages as usize];
         for extent in self.data_extents(0..pages)? {
             holes[extent.start as usize..extent.end as usize].fill(false);
+        }
+        Some(holes)
+    }
+
+    /// [`Self::holes`] of the pages `pages` only (inside the region).
+    pub fn holes_in(&self, pages: std::ops::Range<u32>) -> Option<Vec<bool>> {
+        if pages.start > pages.end || pages.end as usize > self.len / PAGE_SIZE {
+            return None;
+        }
+        let mut holes = vec![true; (pages.end - pages.start) as usize];
+        for extent in self.data_extents(pages.clone())? {
+            holes[(extent.start - pages.start) as usize..(extent.end - pages.start) as usize]
+                .fill(false);
         }
         Some(holes)
     }

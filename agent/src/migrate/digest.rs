@@ -52,23 +52,26 @@ pub fn chunk_digests<F>(
     pages: u32,
     key: DigestKey,
     holes: &[bool],
+    threads: usize,
     check: F,
 ) -> anyhow::Result<Vec<[u8; 32]>>
 where
     F: Fn(u32, &mut [u8]) -> anyhow::Result<[u8; 16]> + Sync,
 {
     let mut digests = vec![None; pages.div_ceil(key.chunk_pages.max(1)) as usize];
-    fill_digests(pages, key, holes, &mut digests, check)?;
+    fill_digests(pages, key, holes, &mut digests, threads, check)?;
     Ok(digests.into_iter().flatten().collect())
 }
 
 /// Computes the digest of every chunk of `digests` that is `None` (as
-/// [`chunk_digests`] does), on up to 4 threads; the others are kept.
+/// [`chunk_digests`] does), on up to `threads` threads; the others are
+/// kept.
 pub fn fill_digests<F>(
     pages: u32,
     key: DigestKey,
     holes: &[bool],
     digests: &mut [Option<[u8; 32]>],
+    threads: usize,
     check: F,
 ) -> anyhow::Result<()>
 where
@@ -86,9 +89,6 @@ where
     if missing.is_empty() {
         return Ok(());
     }
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(4);
     let per_thread = missing.len().div_ceil(threads.max(1)).max(1);
     let zero = key.page(&[0; PAGE_SIZE]);
     let check = &check;
@@ -100,17 +100,11 @@ where
                     let mut buf = vec![0u8; PAGE_SIZE];
                     let mut out = Vec::with_capacity(chunks.len());
                     for &chunk in chunks {
-                        let mut hasher = blake3::Hasher::new();
                         let first = chunk * chunk_pages;
-                        for page in first..(first + chunk_pages).min(pages) {
-                            let page_check = if holes.get(page as usize) == Some(&true) {
-                                zero
-                            } else {
-                                check(page, &mut buf)?
-                            };
-                            hasher.update(&page_check);
-                        }
-                        out.push((chunk, *hasher.finalize().as_bytes()));
+                        let end = (first + chunk_pages).min(pages);
+                        let is_hole = |page: u32| holes.get(page as usize) == Some(&true);
+                        let digest = chunk_digest(first..end, zero, is_hole, check, &mut buf)?;
+                        out.push((chunk, digest));
                     }
                     Ok(out)
                 })
@@ -131,6 +125,31 @@ where
     Ok(())
 }
 
+/// The digest of the chunk of pages `pages`: the blake3 of each page's
+/// check (`zero`, the zero page's, for pages `is_hole` names; else
+/// `check(page, buf)`, `buf` a page of scratch).
+pub fn chunk_digest<F>(
+    pages: std::ops::Range<u32>,
+    zero: [u8; 16],
+    is_hole: impl Fn(u32) -> bool,
+    check: &F,
+    buf: &mut [u8],
+) -> anyhow::Result<[u8; 32]>
+where
+    F: Fn(u32, &mut [u8]) -> anyhow::Result<[u8; 16]>,
+{
+    let mut hasher = blake3::Hasher::new();
+    for page in pages {
+        let page_check = if is_hole(page) {
+            zero
+        } else {
+            check(page, buf)?
+        };
+        hasher.update(&page_check);
+    }
+    Ok(*hasher.finalize().as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,7 +167,7 @@ mod tests {
             let m = m.clone();
             move |page: u32, _: &mut [u8]| Ok(KEY.page(&m[page as usize * PAGE_SIZE..][..PAGE_SIZE]))
         };
-        let before = chunk_digests(10, KEY, &[], read(&memory)).unwrap();
+        let before = chunk_digests(10, KEY, &[], 2, read(&memory)).unwrap();
         assert_eq!(before.len(), 3);
         // A chunk's digest is the blake3 of its pages' seeded xxh3-128.
         let mut first = blake3::Hasher::new();
@@ -157,7 +176,7 @@ mod tests {
         }
         assert_eq!(*first.finalize().as_bytes(), before[0]);
         memory[9 * PAGE_SIZE + 5] = 7;
-        let after = chunk_digests(10, KEY, &[], read(&memory)).unwrap();
+        let after = chunk_digests(10, KEY, &[], 2, read(&memory)).unwrap();
         assert_eq!(before[..2], after[..2]);
         assert_ne!(before[2], after[2]);
     }
@@ -175,8 +194,8 @@ mod tests {
             read_all(page, buf)
         };
         assert_eq!(
-            chunk_digests(10, KEY, &holes, read_data_only).unwrap(),
-            chunk_digests(10, KEY, &[], read_all).unwrap()
+            chunk_digests(10, KEY, &holes, 2, read_data_only).unwrap(),
+            chunk_digests(10, KEY, &[], 2, read_all).unwrap()
         );
     }
 
@@ -192,14 +211,14 @@ mod tests {
             );
             Ok(KEY.page(page_of(page)))
         };
-        let full = chunk_digests(10, KEY, &[], |page, _: &mut [u8]| {
+        let full = chunk_digests(10, KEY, &[], 2, |page, _: &mut [u8]| {
             Ok(KEY.page(page_of(page)))
         })
         .unwrap();
         let mut digests = vec![Some(full[0]), None, Some(full[2])];
-        fill_digests(10, KEY, &[], &mut digests, read).unwrap();
+        fill_digests(10, KEY, &[], &mut digests, 2, read).unwrap();
         assert_eq!(digests, full.iter().copied().map(Some).collect::<Vec<_>>());
-        assert!(fill_digests(10, KEY, &[], &mut [None; 2], read).is_err());
+        assert!(fill_digests(10, KEY, &[], &mut [None; 2], 2, read).is_err());
     }
 
     #[test]
@@ -214,8 +233,8 @@ mod tests {
         };
         assert_ne!(a.seed, b.seed);
         assert_ne!(
-            chunk_digests(4, a, &[], read(a)).unwrap(),
-            chunk_digests(4, b, &[], read(b)).unwrap()
+            chunk_digests(4, a, &[], 2, read(a)).unwrap(),
+            chunk_digests(4, b, &[], 2, read(b)).unwrap()
         );
     }
 }

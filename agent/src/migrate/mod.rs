@@ -8,6 +8,7 @@ pub mod interrupt;
 pub mod pacing;
 pub mod progress;
 pub mod read_ahead;
+pub mod read_back;
 pub mod receiver;
 pub mod sender;
 pub mod vm_memory;

@@ -19,6 +19,7 @@ use super::{
     digest::{DigestKey, fill_digests},
     progress::Progress,
     read_ahead::{Incoming, ReadAhead},
+    read_back::{BackgroundReader, ChunkDigests, IN_FLIGHT, QUIET},
     vm_memory::{DestMemory, Layout},
     vmm::{self, MemoryRegion, VmmControl},
 };
@@ -142,8 +143,8 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         started: Instant::now(),
         memory: None,
         state_loaded: false,
-        digests: Vec::new(),
-        chunk_pages: 1,
+        chunks: ChunkDigests::new(0, 1),
+        reader: None,
         owned: false,
     };
     match receiver.run(reader, vmm.as_mut(), options, &info.memory) {
@@ -175,6 +176,7 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
             receiver.sync();
             receiver.progress.update(&receiver.report);
             // Unmap before the VMM goes away.
+            receiver.reader = None;
             receiver.memory = None;
             let discarded = vmm.exit();
             match discarded {
@@ -204,10 +206,12 @@ struct Receiver<'a> {
     /// which stays paused: nothing may be written after it.
     state_loaded: bool,
     /// Each chunk's digest as read back from guest memory after the last
-    /// write into it; `None` once written again (see `refresh_digests`).
-    digests: Vec<Option<[u8; 32]>>,
-    /// Pages per digest chunk (the hello's).
-    chunk_pages: u32,
+    /// write into it ([`ChunkDigests`]).
+    chunks: ChunkDigests,
+    /// Reads chunks back while pages still arrive; `None` before the hello
+    /// or where the memory cannot be mapped twice (then each pre-copy
+    /// round's chunks are read at its end).
+    reader: Option<BackgroundReader>,
     /// "go" arrived after the memory was verified: from then on this host
     /// owns the VM, and nothing that fails may discard it.
     owned: bool,
@@ -314,9 +318,17 @@ impl Receiver<'_> {
             chunk_pages: hello.digest_chunk_pages,
             seed: hello.digest_seed,
         };
-        self.chunk_pages = key.chunk_pages;
-        self.digests =
-            vec![None; hello.total_pages().div_ceil(u64::from(key.chunk_pages)) as usize];
+        self.chunks = ChunkDigests::new(hello.total_pages(), key.chunk_pages);
+        self.reader = match self.memory.as_ref().map(DestMemory::reader) {
+            Some(Ok(view)) => Some(BackgroundReader::start(view, key)?),
+            Some(Err(err)) => {
+                log::warn!(
+                    "reading memory back at the end of each round instead of while pages arrive: {err:#}"
+                );
+                None
+            }
+            None => None,
+        };
         self.negotiate(&mut reader, &hello)?;
         self.read_bytes = reader.bytes;
         self.report.negotiation_bytes = self.read_bytes + self.writer.bytes;
@@ -337,7 +349,10 @@ impl Receiver<'_> {
                         .malformed("pages after the VM state: the final round is over")
                         .into());
                 }
-                Kind::Pages => self.apply_pages(&incoming)?,
+                Kind::Pages => {
+                    self.apply_pages(&incoming)?;
+                    self.ask_read_back(QUIET, IN_FLIGHT)?;
+                }
                 Kind::RoundEnd => {
                     let round: RoundEnd = frame.json()?;
                     self.report.round = round.round;
@@ -347,8 +362,14 @@ impl Receiver<'_> {
                     if !round.last {
                         self.writer.json(Kind::RoundAck, &round)?;
                         self.writer.flush()?;
-                        // While the source asks for its next hash list.
-                        self.refresh_digests(key)?;
+                        // The round is whole: every chunk it wrote is read
+                        // back now, while the source asks for its next hash
+                        // list and sends on.
+                        if self.reader.is_some() {
+                            self.ask_read_back(Duration::ZERO, usize::MAX)?;
+                        } else {
+                            self.refresh_digests(key)?;
+                        }
                         // Unmapped now, while the source still sends: the
                         // paused unmap then has only what the final
                         // round's read-back maps.
@@ -406,24 +427,39 @@ impl Receiver<'_> {
         }
     }
 
-    /// Reads back the digest of every chunk written since its digest was
-    /// last read: after each pre-copy round, so that what the final round
-    /// left untouched need not be read while the VM is paused. A chunk's
-    /// digest is read from the mapping the VMM will run after the last
-    /// write into it (every write forgets its chunk's digest), so it is
-    /// the digest of what the VM gets.
+    /// Hands the read-back answers ready to the book and asks for up to
+    /// `limit` more chunks in all, those not written in the last `quiet`.
+    fn ask_read_back(&mut self, quiet: Duration, limit: usize) -> anyhow::Result<()> {
+        let Some(reader) = self.reader.as_mut() else {
+            return Ok(());
+        };
+        reader.collect(&mut self.chunks)?;
+        let room = limit.saturating_sub(reader.in_flight());
+        for (chunk, generation) in self.chunks.to_ask(quiet, room) {
+            reader.ask(chunk, generation);
+        }
+        Ok(())
+    }
+
+    /// Reads back, here, the digest of every chunk written since its
+    /// digest was last read. A chunk's digest is read from the mapping the
+    /// VMM will run after the last write into it (every write forgets its
+    /// chunk's digest), so it is the digest of what the VM gets.
     fn refresh_digests(&mut self, key: DigestKey) -> anyhow::Result<usize> {
         let memory = self
             .memory
             .as_ref()
             .context("the source sent pages before the memory was opened")?;
-        let missing = self.digests.iter().filter(|d| d.is_none()).count();
+        let missing = self.chunks.missing();
         let holes = memory.holes();
         fill_digests(
             memory.layout.pages(),
             key,
             &holes,
-            &mut self.digests,
+            &mut self.chunks.digests,
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(4),
             |page, _| {
                 let data = memory
                     .page(page)
@@ -436,17 +472,25 @@ impl Receiver<'_> {
 
     /// Chunk digests of the memory as it is now, read back from the mapping
     /// the VMM will run (not what was received: a page lost, misplaced or
-    /// changed after it was written shows): those of the chunks the final
-    /// round wrote are read now, the others were read after the round
-    /// that last wrote them.
+    /// changed after it was written shows): the background reader's
+    /// answers, then, here, every chunk written since.
     fn read_back(&mut self, key: DigestKey) -> anyhow::Result<()> {
         let started = Instant::now();
+        let mut in_background = 0;
+        if let Some(reader) = self.reader.take() {
+            in_background = reader.read;
+            reader.finish(&mut self.chunks)?;
+        }
+        let waited_ms = started.elapsed().as_secs_f64() * 1000.0;
         let read = self.refresh_digests(key)?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         self.report.downtime_parts_ms.push(("read_back".into(), ms));
         log::info!(
-            "read back {read} of {} chunks in {ms:.1} ms (the others after their last pre-copy round)",
-            self.digests.len(),
+            "read back {read} of {} chunks in {ms:.1} ms ({waited_ms:.1} ms waiting for the \
+             background reader, which read {in_background} chunks while pages arrived; \
+             {} of its reads were of chunks written again)",
+            self.chunks.digests.len(),
+            self.chunks.discarded,
         );
         Ok(())
     }
@@ -491,7 +535,7 @@ impl Receiver<'_> {
             let (page, data): (u32, &[u8]) = match record {
                 PageRecord::Zero { first, count } => {
                     run.flush(memory)?;
-                    forget_digests(&mut self.digests, self.chunk_pages, first, count);
+                    self.chunks.forget(first, count);
                     if !memory.zero_run(first, count) {
                         return Err(frame
                             .malformed(format!("zero run {first}+{count} beyond {total} pages"))
@@ -525,7 +569,7 @@ impl Receiver<'_> {
                     .malformed(format!("page {page} beyond {total} pages"))
                     .into());
             }
-            forget_digests(&mut self.digests, self.chunk_pages, page, 1);
+            self.chunks.forget(page, 1);
             run.push(memory, page, data)?;
         }
         run.flush(memory)
@@ -544,7 +588,7 @@ impl Receiver<'_> {
         if !self.state_loaded {
             bail!("the source sent the digest before the VM state");
         }
-        let actual: Vec<[u8; 32]> = self.digests.iter().flatten().copied().collect();
+        let actual: Vec<[u8; 32]> = self.chunks.digests.iter().flatten().copied().collect();
         if actual.len() != expected.len() {
             return Err(frame
                 .malformed(format!(
@@ -583,23 +627,6 @@ impl Receiver<'_> {
         )?;
         self.writer.flush()?;
         Ok(())
-    }
-}
-
-/// Pages `[first, first + count)` are about to be written: the digests
-/// of their chunks must be read again.
-fn forget_digests(digests: &mut [Option<[u8; 32]>], chunk_pages: u32, first: u32, count: u32) {
-    if count == 0 {
-        return;
-    }
-    let chunk_pages = chunk_pages.max(1);
-    let last = first.saturating_add(count - 1);
-    for chunk in first / chunk_pages..=last / chunk_pages {
-        match digests.get_mut(chunk as usize) {
-            Some(digest) => *digest = None,
-            // Beyond the memory: the write is refused.
-            None => break,
-        }
     }
 }
 
@@ -646,26 +673,5 @@ impl<'a> PageRun<'a> {
         }
         self.pages.clear();
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::forget_digests;
-
-    #[test]
-    fn a_write_forgets_the_digest_of_every_chunk_it_touches() {
-        let all = || vec![Some([1u8; 32]); 4];
-        let forgotten = |first, count| {
-            let mut digests = all();
-            forget_digests(&mut digests, 8, first, count);
-            digests.iter().map(Option::is_none).collect::<Vec<_>>()
-        };
-        assert_eq!(forgotten(7, 1), [true, false, false, false]);
-        assert_eq!(forgotten(7, 2), [true, true, false, false]);
-        assert_eq!(forgotten(8, 16), [false, true, true, false]);
-        assert_eq!(forgotten(0, 0), [false; 4]);
-        // A run reaching past the memory forgets up to its end.
-        assert_eq!(forgotten(30, u32::MAX), [false, false, false, true]);
     }
 }

@@ -88,6 +88,9 @@ pub struct SendOptions {
     pub security: tls::Client,
 }
 
+/// The first hash list, asked for while the connection is made.
+type FirstList = std::thread::JoinHandle<anyhow::Result<PageStates>>;
+
 /// What the agent reports about each page, by global page index.
 struct PageStates {
     state: Vec<u8>,
@@ -198,6 +201,11 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
     let mut progress = Progress::new(options.progress, Some(options.agent_socket.clone()));
     progress.update(&report);
 
+    // The first hash list (a whole one) while the connection is made.
+    let first_list = {
+        let (socket, pid, layout) = (options.agent_socket.clone(), options.pid, layout.clone());
+        std::thread::spawn(move || page_states(&socket, pid, &layout, None))
+    };
     let connected = net::connect(&options.to, &options.security, Duration::ZERO)
         .with_context(|| format!("cannot reach `pagefp migrate receive` at {}", options.to));
     let (read_half, write_half) = match connected {
@@ -249,7 +257,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
         link_sample: LinkSample::default(),
     };
     let mut paused = false;
-    let outcome = sender.run(vmm.as_mut(), &mut paused);
+    let outcome = sender.run(vmm.as_mut(), &mut paused, first_list);
     sender.report.elapsed_seconds = sender.started.elapsed().as_secs_f64();
     sender.report.cpu_seconds = crate::clock::process_cpu_ns() as f64 / 1e9;
     if options.mode.uses_zstd() {
@@ -292,14 +300,59 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
     }
 }
 
+/// The agent's view of every page, after it applied all events so far:
+/// `previous` (the last list) updated with what changed since, or a
+/// whole list.
+fn page_states(
+    agent_socket: &std::path::Path,
+    pid: u32,
+    layout: &Layout,
+    previous: Option<PageStates>,
+) -> anyhow::Result<PageStates> {
+    let path = match &previous {
+        Some(previous) => format!("/v1/vms/{pid}/hashes?since={}", previous.token),
+        None => format!("/v1/vms/{pid}/hashes"),
+    };
+    let bytes = client::get_blocking(agent_socket, &path)
+        .with_context(|| format!("asking the agent for the pages of VM pid {pid}"))?;
+    let list = parse_hash_list(&bytes).map_err(anyhow::Error::msg)?;
+    let pages = layout.pages() as usize;
+    let mut states = match previous {
+        Some(previous) if list.is_delta() => previous,
+        None if list.is_delta() => {
+            bail!("the agent sent changes to a hash list this migration never asked for")
+        }
+        // Whole: what it does not name is unknown.
+        _ => PageStates {
+            state: vec![state::UNKNOWN; pages],
+            hash: vec![[0; 32]; pages],
+            token: String::new(),
+        },
+    };
+    for record in &list.records {
+        if let Some(page) = layout.page_of_gpa(record.gpa) {
+            states.state[page as usize] = record.state;
+            states.hash[page as usize] = record.hash;
+        }
+    }
+    states.token = list.token;
+    Ok(states)
+}
+
 enum Failure {
     BeforeGo(anyhow::Error),
     AfterGo(anyhow::Error),
 }
 
 impl Sender<'_> {
-    fn run(&mut self, vmm: &mut dyn VmmControl, paused: &mut bool) -> Result<(), Failure> {
-        self.precopy(vmm, paused).map_err(Failure::BeforeGo)?;
+    fn run(
+        &mut self,
+        vmm: &mut dyn VmmControl,
+        paused: &mut bool,
+        first_list: FirstList,
+    ) -> Result<(), Failure> {
+        self.precopy(vmm, paused, first_list)
+            .map_err(Failure::BeforeGo)?;
         // The last moment a signal can still keep the VM here.
         interrupt::check().map_err(Failure::BeforeGo)?;
         // Go: from here the destination owns the VM, and the source never
@@ -423,39 +476,14 @@ impl Sender<'_> {
         self.report.cpu_seconds = crate::clock::process_cpu_ns() as f64 / 1e9;
     }
 
-    /// The agent's view of every page, after it applied all events so far:
-    /// `previous` (the last list) updated with what changed since, or a
-    /// whole list.
+    /// [`page_states`] of this migration's VM.
     fn page_states(&self, previous: Option<PageStates>) -> anyhow::Result<PageStates> {
-        let pid = self.options.pid;
-        let path = match &previous {
-            Some(previous) => format!("/v1/vms/{pid}/hashes?since={}", previous.token),
-            None => format!("/v1/vms/{pid}/hashes"),
-        };
-        let bytes = client::get_blocking(&self.options.agent_socket, &path)
-            .with_context(|| format!("asking the agent for the pages of VM pid {pid}"))?;
-        let list = parse_hash_list(&bytes).map_err(anyhow::Error::msg)?;
-        let pages = self.memory.layout.pages() as usize;
-        let mut states = match previous {
-            Some(previous) if list.is_delta() => previous,
-            None if list.is_delta() => {
-                bail!("the agent sent changes to a hash list this migration never asked for")
-            }
-            // Whole: what it does not name is unknown.
-            _ => PageStates {
-                state: vec![state::UNKNOWN; pages],
-                hash: vec![[0; 32]; pages],
-                token: String::new(),
-            },
-        };
-        for record in &list.records {
-            if let Some(page) = self.memory.layout.page_of_gpa(record.gpa) {
-                states.state[page as usize] = record.state;
-                states.hash[page as usize] = record.hash;
-            }
-        }
-        states.token = list.token;
-        Ok(states)
+        page_states(
+            &self.options.agent_socket,
+            self.options.pid,
+            &self.memory.layout,
+            previous,
+        )
     }
 
     /// Pages whose content may differ from what the destination holds.
@@ -481,9 +509,16 @@ impl Sender<'_> {
         }
     }
 
-    fn precopy(&mut self, vmm: &mut dyn VmmControl, paused: &mut bool) -> anyhow::Result<()> {
+    fn precopy(
+        &mut self,
+        vmm: &mut dyn VmmControl,
+        paused: &mut bool,
+        first_list: FirstList,
+    ) -> anyhow::Result<()> {
         self.mark("connected");
-        let mut states = self.page_states(None)?;
+        let mut states = first_list.join().map_err(|_| {
+            anyhow::anyhow!("the thread asking the agent for the hash list panicked")
+        })??;
         let mut taken = Instant::now();
         self.mark("hash_list");
         self.negotiate(&states)?;
@@ -598,12 +633,20 @@ impl Sender<'_> {
         self.mark("paused");
         // The digest of all memory, independent of the tracking, computed
         // while the last pages go out.
+        // On `--threads` threads, as the pages: the host's other guests
+        // keep the rest of its cores, and here the agent's final hash list
+        // and the last pages need one.
         let memory = Arc::clone(&self.memory);
         let key = self.digest_key;
+        let threads = self.options.threads;
         let digest = std::thread::spawn(move || {
-            chunk_digests(memory.layout.pages(), key, &memory.holes(), |page, buf| {
-                memory.with_page(page, buf, |data| key.page(data))
-            })
+            chunk_digests(
+                memory.layout.pages(),
+                key,
+                &memory.holes(),
+                threads,
+                |page, buf| memory.with_page(page, buf, |data| key.page(data)),
+            )
         });
         let mut mark = Instant::now();
         let mut part = |report: &mut MigrationReport, name: &str| {

@@ -74,6 +74,25 @@ impl Layout {
         Some((region, page - self.starts[region]))
     }
 
+    /// Pages `[first, first+count)` split at region boundaries: (region,
+    /// its first page, pages, offset into the range); `None` if a page is
+    /// outside the memory (or the range overflows).
+    pub fn region_runs(&self, first: u32, count: u32) -> Option<Vec<(usize, u32, u32, u32)>> {
+        let end = first
+            .checked_add(count)
+            .filter(|end| *end <= self.pages())?;
+        let mut runs = Vec::new();
+        let mut page = first;
+        while page < end {
+            let (region, index) = self.locate(page)?;
+            let in_region = (self.regions[region].size / PAGE_SIZE as u64) as u32 - index;
+            let run = in_region.min(end - page);
+            runs.push((region, index, run, page - first));
+            page += run;
+        }
+        Some(runs)
+    }
+
     /// The global page of a guest physical address.
     pub fn page_of_gpa(&self, gpa: u64) -> Option<u32> {
         let region = self
@@ -153,6 +172,33 @@ impl SourceMemory {
         }
     }
 
+    /// [`Self::holes`] of pages `[first, first + count)` only (empty if
+    /// the range leaves the memory).
+    pub fn holes_in(&self, first: u32, count: u32) -> Vec<bool> {
+        let mut holes = Vec::with_capacity(count as usize);
+        for (region, index, run, _) in self.layout.region_runs(first, count).unwrap_or_default() {
+            let found = match &self.regions[region] {
+                SourceRegion::Mapped(mapping) => mapping.holes_in(index..index + run),
+                SourceRegion::Copied { .. } => None,
+            };
+            match found {
+                Some(found) if found.len() == run as usize => holes.extend(found),
+                _ => holes.extend(std::iter::repeat_n(false, run as usize)),
+            }
+        }
+        holes
+    }
+
+    /// Drops this process's page-table entries for pages `[first, first +
+    /// count)` of the mapped regions (the bytes stay in the files).
+    pub fn drop_page_tables_in(&self, first: u32, count: u32) {
+        for (region, index, run, _) in self.layout.region_runs(first, count).unwrap_or_default() {
+            if let SourceRegion::Mapped(mapping) = &self.regions[region] {
+                mapping.drop_page_tables_in(index..index + run);
+            }
+        }
+    }
+
     /// Copies page `page` into `buf`.
     pub fn read(&self, page: u32, buf: &mut [u8]) -> anyhow::Result<()> {
         match self.region_of(page)? {
@@ -218,23 +264,19 @@ impl DestMemory {
         self.regions[region].page(index)
     }
 
-    /// Pages `[first, first+count)` split at region boundaries: (region,
-    /// its first page, pages, offset into the range); `None` if a page is
-    /// outside the memory (or the range overflows).
-    fn region_runs(&self, first: u32, count: u32) -> Option<Vec<(usize, u32, u32, u32)>> {
-        let end = first
-            .checked_add(count)
-            .filter(|end| *end <= self.layout.pages())?;
-        let mut runs = Vec::new();
-        let mut page = first;
-        while page < end {
-            let (region, index) = self.layout.locate(page)?;
-            let in_region = (self.layout.regions[region].size / PAGE_SIZE as u64) as u32 - index;
-            let run = in_region.min(end - page);
-            runs.push((region, index, run, page - first));
-            page += run;
-        }
-        Some(runs)
+    /// A read-only view of the same memory, for a thread that reads it
+    /// back while this one writes it.
+    pub fn reader(&self) -> anyhow::Result<SourceMemory> {
+        let regions = self
+            .regions
+            .iter()
+            .map(|mapping| mapping.read_only_view().map(SourceRegion::Mapped))
+            .collect::<std::io::Result<_>>()
+            .context("mapping the destination's memory a second time, read-only")?;
+        Ok(SourceMemory {
+            layout: self.layout.clone(),
+            regions,
+        })
     }
 
     /// Writes `pages` (each a page) at pages `first`, `first + 1`, ...,
@@ -243,7 +285,7 @@ impl DestMemory {
     pub fn write_pages(&mut self, first: u32, pages: &[&[u8]]) -> bool {
         let Some(runs) = u32::try_from(pages.len())
             .ok()
-            .and_then(|count| self.region_runs(first, count))
+            .and_then(|count| self.layout.region_runs(first, count))
         else {
             return false;
         };
@@ -257,7 +299,7 @@ impl DestMemory {
     /// file system can (a hole reads as zeros and holds no memory), zeros
     /// written otherwise. False if a page is outside the memory.
     pub fn zero_run(&mut self, first: u32, count: u32) -> bool {
-        let Some(runs) = self.region_runs(first, count) else {
+        let Some(runs) = self.layout.region_runs(first, count) else {
             return false;
         };
         for (region, index, run, _) in runs {
