@@ -20,8 +20,8 @@ pub const HASH_LIST_MAGIC: [u8; 4] = *b"PFHL";
 pub const HASH_LIST_VERSION: u32 = 2;
 /// The records are a delta on the list whose token was given as `since`.
 pub const FLAG_DELTA: u32 = 1;
-/// Longest token an agent sends or accepts.
-pub const MAX_TOKEN_LEN: usize = 64 << 10;
+/// Longest token an agent sends or accepts (it travels in a request line).
+pub const MAX_TOKEN_LEN: usize = 16 << 10;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
