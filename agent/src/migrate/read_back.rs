@@ -13,6 +13,7 @@
 //! after, so the digest taken is that of the chunk as it is.
 
 use std::{
+    collections::VecDeque,
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -43,6 +44,10 @@ pub struct ChunkDigests {
     written: Vec<Option<Instant>>,
     /// The generation the chunk was asked for at, if it was.
     asked: Vec<Option<u64>>,
+    /// Chunks to read, in the order of their first write since they were
+    /// last taken from here (every chunk at first); `queued` marks them.
+    pending: VecDeque<u32>,
+    queued: Vec<bool>,
     /// Answers dropped because the chunk was written after the question.
     pub discarded: u64,
 }
@@ -57,6 +62,8 @@ impl ChunkDigests {
             generations: vec![0; chunks],
             written: vec![None; chunks],
             asked: vec![None; chunks],
+            pending: (0..chunks as u32).collect(),
+            queued: vec![true; chunks],
             discarded: 0,
         }
     }
@@ -70,14 +77,18 @@ impl ChunkDigests {
         let now = Instant::now();
         let last = first.saturating_add(count - 1);
         for chunk in first / self.chunk_pages..=last / self.chunk_pages {
-            let chunk = chunk as usize;
+            let index = chunk as usize;
             // Beyond the memory: the write is refused.
-            if chunk >= self.digests.len() {
+            if index >= self.digests.len() {
                 break;
             }
-            self.digests[chunk] = None;
-            self.generations[chunk] += 1;
-            self.written[chunk] = Some(now);
+            self.digests[index] = None;
+            self.generations[index] += 1;
+            self.written[index] = Some(now);
+            if !self.queued[index] {
+                self.queued[index] = true;
+                self.pending.push_back(chunk);
+            }
         }
     }
 
@@ -88,22 +99,26 @@ impl ChunkDigests {
 
     /// Up to `limit` chunks to ask for now, with their generations: not
     /// read since their last write, not asked for since, and not written
-    /// in the last `quiet`.
+    /// in the last `quiet`. Taken in the order they were first written,
+    /// up to the first one written too recently (in a round, pages come
+    /// in about the order of their addresses); work in proportion to the
+    /// chunks asked for.
     pub fn to_ask(&mut self, quiet: Duration, limit: usize) -> Vec<(u32, u64)> {
         let now = Instant::now();
         let mut ask = Vec::new();
-        for chunk in 0..self.digests.len() {
-            if ask.len() >= limit {
+        while ask.len() < limit
+            && let Some(&chunk) = self.pending.front()
+        {
+            let index = chunk as usize;
+            if self.written[index].is_some_and(|at| now - at < quiet) {
                 break;
             }
-            let generation = self.generations[chunk];
-            let quiet_enough = self.written[chunk].is_none_or(|at| now - at >= quiet);
-            if self.digests[chunk].is_none()
-                && self.asked[chunk] != Some(generation)
-                && quiet_enough
-            {
-                self.asked[chunk] = Some(generation);
-                ask.push((chunk as u32, generation));
+            self.pending.pop_front();
+            self.queued[index] = false;
+            let generation = self.generations[index];
+            if self.digests[index].is_none() && self.asked[index] != Some(generation) {
+                self.asked[index] = Some(generation);
+                ask.push((chunk, generation));
             }
         }
         ask
@@ -257,11 +272,16 @@ mod tests {
     #[test]
     fn an_answer_to_a_chunk_written_after_the_question_is_dropped() {
         let mut book = ChunkDigests::new(16, 4);
+        // Never written: asked for at once, in order.
+        assert_eq!(
+            book.to_ask(Duration::from_secs(60), 2),
+            vec![(0, 0), (1, 0)]
+        );
         book.forget(0, 16);
         // Just written: not asked during a round, asked at its end.
         assert_eq!(book.to_ask(Duration::from_secs(60), 8), vec![]);
         let asked = book.to_ask(Duration::ZERO, 8);
-        assert_eq!(asked, vec![(0, 1), (1, 1), (2, 1), (3, 1)]);
+        assert_eq!(asked, vec![(2, 1), (3, 1), (0, 1), (1, 1)]);
         // Asked once per generation.
         assert_eq!(book.to_ask(Duration::ZERO, 8), vec![]);
         book.forget(5, 1);
@@ -273,5 +293,23 @@ mod tests {
         // Written again: asked again, at the new generation.
         assert_eq!(book.to_ask(Duration::ZERO, 1), vec![(1, 2)]);
         assert_eq!(book.missing(), 3);
+        // An answer to an older question of a chunk asked again is dropped.
+        book.answer(1, 1, [9; 32]);
+        assert_eq!(book.digests[1], None);
+        book.answer(1, 2, [9; 32]);
+        assert_eq!(book.digests[1], Some([9; 32]));
+    }
+
+    #[test]
+    fn a_chunk_written_too_recently_holds_back_those_written_after_it() {
+        let mut book = ChunkDigests::new(16, 4);
+        assert_eq!(book.to_ask(Duration::ZERO, 8).len(), 4);
+        book.forget(8, 1);
+        std::thread::sleep(Duration::from_millis(40));
+        book.forget(0, 1);
+        book.forget(8, 1);
+        // Chunk 2 was first written first, and again just now.
+        assert_eq!(book.to_ask(QUIET, 8), vec![]);
+        assert_eq!(book.to_ask(Duration::ZERO, 8), vec![(2, 2), (0, 1)]);
     }
 }
