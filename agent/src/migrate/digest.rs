@@ -14,6 +14,12 @@
 //! faster than blake3, which is downtime: both ends hash all of memory
 //! while the VM is paused.
 
+use std::sync::{
+    Mutex,
+    atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::Context as _;
 use twox_hash::XxHash3_128;
 
 use crate::page::PAGE_SIZE;
@@ -47,7 +53,8 @@ impl DigestKey {
 /// Digests of `pages` pages; `check(page, buf)` is the [`DigestKey::page`]
 /// of a page, read in place or copied into `buf` (a page of scratch).
 /// Pages marked in `holes` (holes in the memory's files, which read as
-/// zeros) are not read: reading them would allocate them.
+/// zeros) are not read: reading them would allocate them. On `threads`
+/// threads (this one among them).
 pub fn chunk_digests<F>(
     pages: u32,
     key: DigestKey,
@@ -58,9 +65,77 @@ pub fn chunk_digests<F>(
 where
     F: Fn(u32, &mut [u8]) -> anyhow::Result<[u8; 16]> + Sync,
 {
-    let mut digests = vec![None; pages.div_ceil(key.chunk_pages.max(1)) as usize];
-    fill_digests(pages, key, holes, &mut digests, threads, check)?;
-    Ok(digests.into_iter().flatten().collect())
+    let job = DigestJob::new(pages, key, holes.to_vec(), check);
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..threads.max(1))
+            .map(|_| scope.spawn(|| job.work()))
+            .collect();
+        let mine = job.work();
+        for helper in helpers {
+            helper
+                .join()
+                .map_err(|_| anyhow::anyhow!("a digest thread panicked"))??;
+        }
+        mine
+    })?;
+    job.digests()
+}
+
+/// The digests of all of memory ([`chunk_digests`]), computed by however
+/// many threads call [`DigestJob::work`], each taking the next chunk: a
+/// thread may join in when it is free.
+pub struct DigestJob<F> {
+    pages: u32,
+    key: DigestKey,
+    holes: Vec<bool>,
+    check: F,
+    next: AtomicU32,
+    digests: Mutex<Vec<Option<[u8; 32]>>>,
+}
+
+impl<F> DigestJob<F>
+where
+    F: Fn(u32, &mut [u8]) -> anyhow::Result<[u8; 16]> + Sync,
+{
+    pub fn new(pages: u32, key: DigestKey, holes: Vec<bool>, check: F) -> Self {
+        let chunks = pages.div_ceil(key.chunk_pages.max(1)) as usize;
+        Self {
+            pages,
+            key,
+            holes,
+            check,
+            next: AtomicU32::new(0),
+            digests: Mutex::new(vec![None; chunks]),
+        }
+    }
+
+    /// Computes chunks until none is left to take.
+    pub fn work(&self) -> anyhow::Result<()> {
+        let chunk_pages = self.key.chunk_pages.max(1);
+        let zero = self.key.page(&[0; PAGE_SIZE]);
+        let mut buf = vec![0u8; PAGE_SIZE];
+        let is_hole = |page: u32| self.holes.get(page as usize) == Some(&true);
+        loop {
+            let chunk = self.next.fetch_add(1, Ordering::Relaxed);
+            let first = u64::from(chunk) * u64::from(chunk_pages);
+            if first >= u64::from(self.pages) {
+                return Ok(());
+            }
+            let first = first as u32;
+            let end = first.saturating_add(chunk_pages).min(self.pages);
+            let digest = chunk_digest(first..end, zero, is_hole, &self.check, &mut buf)?;
+            self.digests.lock().unwrap_or_else(|e| e.into_inner())[chunk as usize] = Some(digest);
+        }
+    }
+
+    /// Every chunk's digest, once the workers are done.
+    pub fn digests(self) -> anyhow::Result<Vec<[u8; 32]>> {
+        let digests = self.digests.into_inner().unwrap_or_else(|e| e.into_inner());
+        digests
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .context("a digest chunk was left uncomputed (a worker failed)")
+    }
 }
 
 /// Computes the digest of every chunk of `digests` that is `None` (as

@@ -27,7 +27,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    digest::{CHUNK_PAGES, DigestKey, chunk_digests},
+    digest::{CHUNK_PAGES, DigestJob, DigestKey},
     encode::{Batch, Encoder, PageHints, Small},
     interrupt,
     pacing::Paced,
@@ -632,22 +632,24 @@ impl Sender<'_> {
         self.pause_started = Some(Instant::now());
         self.mark("paused");
         // The digest of all memory, independent of the tracking, computed
-        // while the last pages go out.
-        // On `--threads` threads, as the pages: the host's other guests
-        // keep the rest of its cores, and here the agent's final hash list
-        // and the last pages need one.
+        // while the last pages go out: on `--threads` threads, as the
+        // pages (the host's other guests keep the rest of its cores, and
+        // here the agent's final hash list and the last pages need one),
+        // then this one joins in.
         let memory = Arc::clone(&self.memory);
         let key = self.digest_key;
-        let threads = self.options.threads;
-        let digest = std::thread::spawn(move || {
-            chunk_digests(
-                memory.layout.pages(),
-                key,
-                &memory.holes(),
-                threads,
-                |page, buf| memory.with_page(page, buf, |data| key.page(data)),
-            )
-        });
+        let digest = Arc::new(DigestJob::new(
+            memory.layout.pages(),
+            key,
+            memory.holes(),
+            move |page, buf: &mut [u8]| memory.with_page(page, buf, |data| key.page(data)),
+        ));
+        let helpers: Vec<_> = (0..self.options.threads.max(1))
+            .map(|_| {
+                let job = Arc::clone(&digest);
+                std::thread::spawn(move || job.work())
+            })
+            .collect();
         let mut mark = Instant::now();
         let mut part = |report: &mut MigrationReport, name: &str| {
             report
@@ -675,7 +677,15 @@ impl Sender<'_> {
 
         self.report.phase = Phase::Verifying;
         self.progress.update(&self.report);
-        let digests = digest.join().expect("digest thread panicked")?;
+        digest.work()?;
+        for helper in helpers {
+            helper
+                .join()
+                .map_err(|_| anyhow::anyhow!("a digest thread panicked"))??;
+        }
+        let digests = Arc::into_inner(digest)
+            .context("a digest thread still holds the digest")?
+            .digests()?;
         part(&mut self.report, "source_digest");
         self.writer.frame(
             Kind::Verify,
