@@ -294,7 +294,10 @@ mod tests {
     use super::*;
     use crate::registry::{
         Registry,
-        tests::{PID, T, clear, harvest, manual_protect_vm, push, reset, ring_vm, slot_set},
+        tests::{
+            PID, RingDriver, RingOp, clear, harvest, manual_protect_vm, push, ring_op, ring_vm,
+            slot_set,
+        },
     };
 
     /// What a client knows of every page: (state, hash) by gpa.
@@ -325,27 +328,10 @@ mod tests {
         view
     }
 
-    fn hash_all(reg: &mut Registry, seed: u8) {
-        for job in reg.take_jobs().into_iter().chain(reg.rescan_jobs(64)) {
-            if let Some(plan) = reg.plan(&job) {
-                let hashes: Vec<_> = plan
-                    .pages
-                    .iter()
-                    .map(|(page, _)| Some([(*page as u8).wrapping_add(seed) % 4; 32]))
-                    .collect();
-                reg.commit(&job, &plan, &hashes);
-            }
-        }
-    }
-
     #[derive(Clone, Debug)]
     enum Op {
-        Push(u64),
-        Reset,
-        Hash(u8),
-        Loss,
-        Logging(bool),
-        /// Slot 0 set again with this many pages (replaced unless 16).
+        Ring(RingOp),
+        /// Slot 0 set again with this many pages (replaced unless 200).
         Resize(u64),
         /// Slot 1 added (or set again) or removed.
         Second(bool),
@@ -356,11 +342,7 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            4 => (0u64..200).prop_map(Op::Push),
-            2 => Just(Op::Reset),
-            3 => (0u8..4).prop_map(Op::Hash),
-            1 => Just(Op::Loss),
-            1 => any::<bool>().prop_map(Op::Logging),
+            10 => ring_op(200).prop_map(Op::Ring),
             1 => prop_oneof![Just(16u64), Just(200)].prop_map(Op::Resize),
             1 => any::<bool>().prop_map(Op::Second),
             4 => any::<bool>().prop_map(Op::List),
@@ -375,26 +357,11 @@ mod tests {
             let mut view = View::new();
             apply(&mut view, &first);
             let mut token = first.token;
-            let (mut entry, mut now) = (0u32, T);
+            let mut driver = RingDriver::new(200);
             for op in ops {
-                now += 1;
                 let mut reg = state.registry.lock().unwrap();
                 match op {
-                    Op::Push(page) => {
-                        reg.apply(&push(entry, page));
-                        entry += 1;
-                    }
-                    Op::Reset => {
-                        for event in reset(entry, entry, now) {
-                            reg.apply(&event);
-                        }
-                    }
-                    Op::Hash(seed) => hash_all(&mut reg, seed),
-                    Op::Loss => reg.note_loss(Some(PID), now),
-                    Op::Logging(on) => {
-                        let flags = if on { ioctl::KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
-                        reg.apply(&slot_set(0, flags, 0, 200, 0x7000_0000));
-                    }
+                    Op::Ring(op) => driver.apply(&mut reg, &op),
                     Op::Resize(pages) => {
                         reg.apply(&slot_set(0, ioctl::KVM_MEM_LOG_DIRTY_PAGES, 0, pages, 0x7000_0000));
                     }
@@ -425,7 +392,7 @@ mod tests {
     #[test]
     fn nothing_changed_lists_nothing_and_a_change_lists_its_group() {
         let state = agent(ring_vm(4096));
-        hash_all(&mut state.registry.lock().unwrap(), 1);
+        RingDriver::new(4096).apply(&mut state.registry.lock().unwrap(), &RingOp::Hash(1));
         let first = list(&state, None);
         assert_eq!((first.header.count, first.header.flags), (4096, 0));
         let idle = list(&state, Some(&first.token));

@@ -700,30 +700,94 @@ fn an_event_of_unknown_kind_is_counted_and_changes_nothing() {
     );
 }
 
+/// What can happen to the VM of [`ring_vm`], for property tests.
+#[derive(Clone, Debug)]
+pub(crate) enum RingOp {
+    Push(u64),
+    Reset,
+    Hash(u8),
+    Loss,
+    Logging(bool),
+}
+
+/// [`RingOp`]s on pages `0..pages`.
+pub(crate) fn ring_op(pages: u64) -> impl proptest::strategy::Strategy<Value = RingOp> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0..pages).prop_map(RingOp::Push),
+        2 => Just(RingOp::Reset),
+        3 => (0u8..4).prop_map(RingOp::Hash),
+        1 => Just(RingOp::Loss),
+        1 => any::<bool>().prop_map(RingOp::Logging),
+    ]
+}
+
+/// Applies [`RingOp`]s to the VM of [`ring_vm`]`(pages)`: its next ring
+/// entry and the event clock.
+pub(crate) struct RingDriver {
+    pages: u64,
+    entry: u32,
+    now: u64,
+}
+
+impl RingDriver {
+    pub(crate) fn new(pages: u64) -> Self {
+        Self {
+            pages,
+            entry: 0,
+            now: T,
+        }
+    }
+
+    pub(crate) fn apply(&mut self, reg: &mut Registry, op: &RingOp) {
+        self.now += 1;
+        match *op {
+            RingOp::Push(page) => {
+                reg.apply(&push(self.entry, page));
+                self.entry += 1;
+            }
+            RingOp::Reset => {
+                for event in reset(self.entry, self.entry, self.now) {
+                    reg.apply(&event);
+                }
+            }
+            RingOp::Hash(seed) => {
+                for job in reg.take_jobs().into_iter().chain(reg.rescan_jobs(64)) {
+                    if let Some(plan) = reg.plan(&job) {
+                        let hashes: Vec<_> = plan
+                            .pages
+                            .iter()
+                            .map(|(page, _)| {
+                                let value = (*page as u8).wrapping_add(seed) % 4;
+                                Some(if value == 0 {
+                                    crate::content::zero_page_hash()
+                                } else {
+                                    [value; 32]
+                                })
+                            })
+                            .collect();
+                        reg.commit(&job, &plan, &hashes);
+                    }
+                }
+            }
+            RingOp::Loss => reg.note_loss(Some(PID), self.now),
+            RingOp::Logging(on) => {
+                let flags = if on {
+                    ioctl::KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                };
+                reg.apply(&slot_set(0, flags, 0, self.pages, 0x7000_0000));
+            }
+        }
+    }
+}
+
 mod page_counts {
     use proptest::prelude::*;
 
     use super::*;
     use crate::content::zero_page_hash;
-
-    #[derive(Clone, Debug)]
-    enum Op {
-        Push(u64),
-        Reset,
-        Hash(u8),
-        Loss,
-        Logging(bool),
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            4 => (0u64..16).prop_map(Op::Push),
-            2 => Just(Op::Reset),
-            3 => (0u8..4).prop_map(Op::Hash),
-            1 => Just(Op::Loss),
-            1 => any::<bool>().prop_map(Op::Logging),
-        ]
-    }
 
     /// The counts a walk over every page gives.
     fn recount(reg: &Registry) -> PageCounts {
@@ -749,42 +813,11 @@ mod page_counts {
 
     proptest! {
         #[test]
-        fn counts_kept_as_pages_change_equal_a_recount(ops in prop::collection::vec(op(), 1..120)) {
+        fn counts_kept_as_pages_change_equal_a_recount(ops in prop::collection::vec(ring_op(16), 1..120)) {
             let mut reg = ring_vm(16);
-            let (mut entry, mut now) = (0u32, T);
+            let mut driver = RingDriver::new(16);
             for op in ops {
-                now += 1;
-                match op {
-                    Op::Push(page) => {
-                        reg.apply(&push(entry, page));
-                        entry += 1;
-                    }
-                    Op::Reset => {
-                        for event in reset(entry, entry, now) {
-                            reg.apply(&event);
-                        }
-                    }
-                    Op::Hash(seed) => {
-                        for job in reg.take_jobs().into_iter().chain(reg.rescan_jobs(64)) {
-                            if let Some(plan) = reg.plan(&job) {
-                                let hashes: Vec<_> = plan
-                                    .pages
-                                    .iter()
-                                    .map(|(page, _)| {
-                                        let value = (*page as u8).wrapping_add(seed) % 4;
-                                        Some(if value == 0 { zero_page_hash() } else { [value; 32] })
-                                    })
-                                    .collect();
-                                reg.commit(&job, &plan, &hashes);
-                            }
-                        }
-                    }
-                    Op::Loss => reg.note_loss(Some(PID), now),
-                    Op::Logging(on) => {
-                        let flags = if on { ioctl::KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
-                        reg.apply(&slot_set(0, flags, 0, 16, 0x7000_0000));
-                    }
-                }
+                driver.apply(&mut reg, &op);
                 let vm = reg.vm(PID).unwrap();
                 prop_assert_eq!(vm.page_counts(), recount(&reg));
                 prop_assert_eq!(vm.page_counts().total(), 16);
