@@ -14,12 +14,14 @@
 //! faster than blake3, which is downtime: both ends hash all of memory
 //! while the VM is paused.
 
-use std::sync::{
-    Mutex,
-    atomic::{AtomicU32, Ordering},
+use std::{
+    borrow::Cow,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
-use anyhow::Context as _;
 use twox_hash::XxHash3_128;
 
 use crate::page::PAGE_SIZE;
@@ -65,77 +67,9 @@ pub fn chunk_digests<F>(
 where
     F: Fn(u32, &mut [u8]) -> anyhow::Result<[u8; 16]> + Sync,
 {
-    let job = DigestJob::new(pages, key, holes.to_vec(), check);
-    std::thread::scope(|scope| {
-        let helpers: Vec<_> = (1..threads.max(1))
-            .map(|_| scope.spawn(|| job.work()))
-            .collect();
-        let mine = job.work();
-        for helper in helpers {
-            helper
-                .join()
-                .map_err(|_| anyhow::anyhow!("a digest thread panicked"))??;
-        }
-        mine
-    })?;
+    let job = DigestJob::new(pages, key, Cow::Borrowed(holes), check);
+    job.run(threads)?;
     job.digests()
-}
-
-/// The digests of all of memory ([`chunk_digests`]), computed by however
-/// many threads call [`DigestJob::work`], each taking the next chunk: a
-/// thread may join in when it is free.
-pub struct DigestJob<F> {
-    pages: u32,
-    key: DigestKey,
-    holes: Vec<bool>,
-    check: F,
-    next: AtomicU32,
-    digests: Mutex<Vec<Option<[u8; 32]>>>,
-}
-
-impl<F> DigestJob<F>
-where
-    F: Fn(u32, &mut [u8]) -> anyhow::Result<[u8; 16]> + Sync,
-{
-    pub fn new(pages: u32, key: DigestKey, holes: Vec<bool>, check: F) -> Self {
-        let chunks = pages.div_ceil(key.chunk_pages.max(1)) as usize;
-        Self {
-            pages,
-            key,
-            holes,
-            check,
-            next: AtomicU32::new(0),
-            digests: Mutex::new(vec![None; chunks]),
-        }
-    }
-
-    /// Computes chunks until none is left to take.
-    pub fn work(&self) -> anyhow::Result<()> {
-        let chunk_pages = self.key.chunk_pages.max(1);
-        let zero = self.key.page(&[0; PAGE_SIZE]);
-        let mut buf = vec![0u8; PAGE_SIZE];
-        let is_hole = |page: u32| self.holes.get(page as usize) == Some(&true);
-        loop {
-            let chunk = self.next.fetch_add(1, Ordering::Relaxed);
-            let first = u64::from(chunk) * u64::from(chunk_pages);
-            if first >= u64::from(self.pages) {
-                return Ok(());
-            }
-            let first = first as u32;
-            let end = first.saturating_add(chunk_pages).min(self.pages);
-            let digest = chunk_digest(first..end, zero, is_hole, &self.check, &mut buf)?;
-            self.digests.lock().unwrap_or_else(|e| e.into_inner())[chunk as usize] = Some(digest);
-        }
-    }
-
-    /// Every chunk's digest, once the workers are done.
-    pub fn digests(self) -> anyhow::Result<Vec<[u8; 32]>> {
-        let digests = self.digests.into_inner().unwrap_or_else(|e| e.into_inner());
-        digests
-            .into_iter()
-            .collect::<Option<Vec<_>>>()
-            .context("a digest chunk was left uncomputed (a worker failed)")
-    }
 }
 
 /// Computes the digest of every chunk of `digests` that is `None` (as
@@ -164,40 +98,108 @@ where
     if missing.is_empty() {
         return Ok(());
     }
-    let per_thread = missing.len().div_ceil(threads.max(1)).max(1);
-    let zero = key.page(&[0; PAGE_SIZE]);
-    let check = &check;
-    let computed = std::thread::scope(|scope| {
-        let handles: Vec<_> = missing
-            .chunks(per_thread)
-            .map(|chunks| {
-                scope.spawn(move || -> anyhow::Result<Vec<(u32, [u8; 32])>> {
-                    let mut buf = vec![0u8; PAGE_SIZE];
-                    let mut out = Vec::with_capacity(chunks.len());
-                    for &chunk in chunks {
-                        let first = chunk * chunk_pages;
-                        let end = (first + chunk_pages).min(pages);
-                        let is_hole = |page: u32| holes.get(page as usize) == Some(&true);
-                        let digest = chunk_digest(first..end, zero, is_hole, check, &mut buf)?;
-                        out.push((chunk, digest));
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        let mut all = Vec::with_capacity(missing.len());
-        for handle in handles {
-            match handle.join() {
-                Ok(part) => all.extend(part?),
-                Err(_) => anyhow::bail!("a digest thread panicked"),
-            }
-        }
-        Ok(all)
-    })?;
-    for (chunk, digest) in computed {
+    let job = DigestJob::of_chunks(pages, key, Cow::Borrowed(holes), missing, check);
+    job.run(threads)?;
+    for (chunk, digest) in job.into_computed() {
         digests[chunk as usize] = Some(digest);
     }
     Ok(())
+}
+
+/// Chunk digests ([`chunk_digests`]) computed by however many threads call
+/// [`DigestJob::work`], each taking the next chunk: a thread may join in
+/// when it is free.
+pub struct DigestJob<'a, F> {
+    pages: u32,
+    key: DigestKey,
+    holes: Cow<'a, [bool]>,
+    check: F,
+    /// The chunks to compute, and the index of the next one to take.
+    chunks: Vec<u32>,
+    next: AtomicUsize,
+    computed: Mutex<Vec<(u32, [u8; 32])>>,
+}
+
+impl<'a, F> DigestJob<'a, F>
+where
+    F: Fn(u32, &mut [u8]) -> anyhow::Result<[u8; 16]> + Sync,
+{
+    /// Every chunk of `pages` pages.
+    pub fn new(pages: u32, key: DigestKey, holes: Cow<'a, [bool]>, check: F) -> Self {
+        let chunks = (0..pages.div_ceil(key.chunk_pages.max(1))).collect();
+        Self::of_chunks(pages, key, holes, chunks, check)
+    }
+
+    fn of_chunks(
+        pages: u32,
+        key: DigestKey,
+        holes: Cow<'a, [bool]>,
+        chunks: Vec<u32>,
+        check: F,
+    ) -> Self {
+        Self {
+            pages,
+            key,
+            holes,
+            check,
+            computed: Mutex::new(Vec::with_capacity(chunks.len())),
+            chunks,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Computes chunks until none is left to take.
+    pub fn work(&self) -> anyhow::Result<()> {
+        let chunk_pages = self.key.chunk_pages.max(1);
+        let zero = self.key.page(&[0; PAGE_SIZE]);
+        let mut buf = vec![0u8; PAGE_SIZE];
+        let is_hole = |page: u32| self.holes.get(page as usize) == Some(&true);
+        while let Some(&chunk) = self.chunks.get(self.next.fetch_add(1, Ordering::Relaxed)) {
+            let first = chunk.saturating_mul(chunk_pages).min(self.pages);
+            let end = first.saturating_add(chunk_pages).min(self.pages);
+            let digest = chunk_digest(first..end, zero, is_hole, &self.check, &mut buf)?;
+            self.computed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((chunk, digest));
+        }
+        Ok(())
+    }
+
+    /// [`Self::work`] on `threads` threads, this one among them.
+    fn run(&self, threads: usize) -> anyhow::Result<()> {
+        std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..threads.max(1))
+                .map(|_| scope.spawn(|| self.work()))
+                .collect();
+            let mine = self.work();
+            for helper in helpers {
+                helper
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a digest thread panicked"))??;
+            }
+            mine
+        })
+    }
+
+    fn into_computed(self) -> Vec<(u32, [u8; 32])> {
+        self.computed
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every chunk's digest in order, once the workers are done.
+    pub fn digests(self) -> anyhow::Result<Vec<[u8; 32]>> {
+        let wanted = self.chunks.len();
+        let mut computed = self.into_computed();
+        anyhow::ensure!(
+            computed.len() == wanted,
+            "{} of {wanted} digest chunks computed (a worker failed)",
+            computed.len()
+        );
+        computed.sort_unstable_by_key(|(chunk, _)| *chunk);
+        Ok(computed.into_iter().map(|(_, digest)| digest).collect())
+    }
 }
 
 /// The digest of the chunk of pages `pages`: the blake3 of each page's

@@ -641,7 +641,7 @@ impl Sender<'_> {
         let digest = Arc::new(DigestJob::new(
             memory.layout.pages(),
             key,
-            memory.holes(),
+            memory.holes().into(),
             move |page, buf: &mut [u8]| memory.with_page(page, buf, |data| key.page(data)),
         ));
         let helpers: Vec<_> = (0..self.options.threads.max(1))
