@@ -62,8 +62,18 @@ struct Level {
 struct Estimates {
     /// Strongest first.
     levels: Vec<Level>,
-    /// Bytes per second the link took.
-    link_rate: Option<f64>,
+    /// Seconds the link took per byte, averaged over time (not over
+    /// rates: a migration's first sample, which the socket buffers take at
+    /// memory speed, would otherwise hide a slow link for dozens of
+    /// samples).
+    link_cost: Option<f64>,
+}
+
+impl Estimates {
+    /// Bytes per second the link takes.
+    fn link_rate(&self) -> Option<f64> {
+        self.link_cost.map(|cost| 1.0 / cost)
+    }
 }
 
 fn blend(old: Option<f64>, new: f64) -> Option<f64> {
@@ -105,7 +115,7 @@ impl Gauge {
                         frames: 0,
                     })
                     .collect(),
-                link_rate: None,
+                link_cost: None,
             }),
             frames: AtomicU64::new(0),
             compressed: AtomicU64::new(0),
@@ -144,7 +154,7 @@ impl Gauge {
         // least if the link turns out fast and still saves bytes if slow
         // (the strongest level here once took most of a fast migration's
         // CPU before the link had been measured).
-        let Some(link) = e.link_rate else {
+        let Some(link) = e.link_rate() else {
             return e.levels.last().map(|l| l.level);
         };
         e.levels
@@ -192,7 +202,15 @@ impl Gauge {
             return;
         }
         let mut e = self.estimates();
-        e.link_rate = blend(e.link_rate, bytes as f64 / (wall_ns as f64 / 1e9));
+        e.link_cost = blend(e.link_cost, (wall_ns as f64 / 1e9) / bytes as f64);
+    }
+
+    /// Frames compressed, and frames the gauge was asked about.
+    pub fn frames(&self) -> (u64, u64) {
+        (
+            self.compressed.load(Ordering::Relaxed),
+            self.frames.load(Ordering::Relaxed),
+        )
     }
 
     /// What was chosen, for the report.
@@ -212,12 +230,11 @@ impl Gauge {
                 )
             })
             .collect();
+        let (compressed, frames) = self.frames();
         format!(
-            "{:?}: {} of {} full-page frames compressed (link {} MB/s, {} threads; {})",
+            "{:?}: {compressed} of {frames} full-page frames compressed (link {} MB/s, {} threads; {})",
             self.policy,
-            self.compressed.load(Ordering::Relaxed),
-            self.frames.load(Ordering::Relaxed),
-            mb(e.link_rate),
+            mb(e.link_rate()),
             self.threads,
             levels.join("; "),
         )
@@ -359,6 +376,23 @@ mod tests {
         let samples = 160 / SAMPLE_EVERY as usize;
         assert!(counts[&Some(-5)] >= 160 - samples, "{counts:?}");
         assert!(!counts.contains_key(&None), "{counts:?}");
+    }
+
+    /// A migration's first sample goes into empty socket buffers at memory
+    /// speed; three samples at the link's real 12 MB/s must outweigh it.
+    #[test]
+    fn a_fast_first_sample_does_not_hide_a_slow_link() {
+        let gauge = Gauge::new(ZstdPolicy::Auto, 1, 3);
+        for level in [3, 1, -1, -5] {
+            gauge.compressed(level, 1 << 20, 1 << 19, 3_000_000);
+        }
+        let sample = LINK_SAMPLE_BYTES;
+        gauge.wrote(sample, (sample as f64 / 1e9 * 1e9) as u64);
+        assert!(share_compressed(&gauge) < 0.1, "a 1 GB/s link: raw");
+        for _ in 0..3 {
+            gauge.wrote(sample, (sample as f64 / 12e6 * 1e9) as u64);
+        }
+        assert!(share_compressed(&gauge) > 0.9, "{}", gauge.describe());
     }
 
     #[test]

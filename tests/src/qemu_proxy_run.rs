@@ -111,6 +111,10 @@ pub struct ProxyRun {
     pub plaintext_proxied_seconds: Option<f64>,
     pub plaintext_proxied_wire_bytes: Option<u64>,
     pub tls_time_ratio: Option<f64>,
+    /// What the send proxy's compression gauge chose (its report's
+    /// `compression`), in the proxied run and in the plaintext one.
+    pub compression: Option<String>,
+    pub plaintext_compression: Option<String>,
 }
 
 /// Migration capabilities switched on at each end.
@@ -430,7 +434,11 @@ pub fn compare(
         if plain.status != "completed" || plain_report.tls {
             bail!("the plaintext proxied migration ended {}", plain.status);
         }
-        Some((plain.seconds, plain_report.wire_bytes))
+        Some((
+            plain.seconds,
+            plain_report.wire_bytes,
+            plain_report.compression,
+        ))
     } else {
         None
     };
@@ -458,9 +466,11 @@ pub fn compare(
         dedup_to_end: report.ram_complete && report.pass_through.is_none(),
         memory_identical: proxied.memory_identical,
         direct_memory_identical: direct.memory_identical,
-        plaintext_proxied_seconds: plaintext.map(|p| p.0),
-        plaintext_proxied_wire_bytes: plaintext.map(|p| p.1),
-        tls_time_ratio: plaintext.map(|p| proxied.seconds / p.0),
+        plaintext_proxied_seconds: plaintext.as_ref().map(|p| p.0),
+        plaintext_proxied_wire_bytes: plaintext.as_ref().map(|p| p.1),
+        tls_time_ratio: plaintext.as_ref().map(|p| proxied.seconds / p.0),
+        compression: report.compression.clone(),
+        plaintext_compression: plaintext.and_then(|p| p.2),
     })
 }
 

@@ -1047,3 +1047,75 @@ fn a_chunk_that_filled_just_before_qemu_paused_reaches_the_receiver() {
         "the full chunk stayed in the send proxy's buffer"
     );
 }
+
+/// QEMU sends in bursts and the proxy flushes at every pause: on a slow
+/// link those flushes are where it waits, and the compression gauge must
+/// see them. Chunks of half-compressible pages, flushed one by one, to a
+/// receiver that reads about 16 MB/s: nearly all are compressed. (The
+/// gauge once timed only the frame writes into the buffer, took the link
+/// for a fast one and sent most chunks raw: a third were compressed.)
+#[test]
+fn flushes_at_qemus_pauses_count_as_link_time_for_compression() {
+    use std::time::Instant;
+
+    use super::{
+        chunks::{Chunks, Wan},
+        templates::Offered,
+    };
+    use crate::{
+        compression::Gauge,
+        net::{
+            SecureListener, connect,
+            tls::{Client, Server},
+        },
+    };
+
+    let listener = SecureListener::bind("127.0.0.1:0", Server::Plaintext).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let receiver = thread::spawn(move || {
+        let channel = listener
+            .accept(Some(Instant::now() + Duration::from_secs(5)), "the test")
+            .unwrap();
+        let (mut read_half, _write_half) = channel.split(Some(Duration::from_secs(10)));
+        let mut buf = vec![0u8; 64 << 10];
+        let mut total = 0u64;
+        loop {
+            match read_half.read(&mut buf) {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n as u64,
+            }
+            // 64 KiB per 4 ms: about 16 MB/s.
+            thread::sleep(Duration::from_millis(4));
+        }
+    });
+    let channel = connect(&addr, &Client::Plaintext, Duration::from_secs(5)).unwrap();
+    // The write half alone holds the connection: dropped, it closes it.
+    let (_, write_half) = channel.split(Some(Duration::from_secs(10)));
+    let mut wan: Wan = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, write_half));
+    let qemu_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let _qemu_end = TcpStream::connect(qemu_listener.local_addr().unwrap()).unwrap();
+    let (qemu, _) = qemu_listener.accept().unwrap();
+    let offered = Offered::default();
+    let gauge = Gauge::new(ZstdPolicy::Auto, 1, 3);
+    let mut chunks = Chunks::new(&mut wan, &offered, Some(&gauge), SEED);
+    // 96 chunks of 64 pages (24 MiB): each page half random, half zeros.
+    for chunk in 0..96u64 {
+        for page in 0..64 {
+            let mut data = page_content(chunk * 64 + page + 1);
+            data[PAGE_SIZE / 2..].fill(0);
+            chunks.page(&data);
+        }
+        chunks.send_if_full().unwrap();
+        chunks.send_when_idle(&qemu).unwrap();
+    }
+    drop(chunks);
+    drop(wan);
+    let delivered = receiver.join().unwrap();
+    let (compressed, frames) = gauge.frames();
+    assert_eq!(frames, 96);
+    assert!(
+        compressed >= 80,
+        "{}; {delivered} bytes delivered",
+        gauge.describe()
+    );
+}
