@@ -48,6 +48,8 @@ pub struct ChunkDigests {
     /// last taken from here (every chunk at first); `queued` marks them.
     pending: VecDeque<u32>,
     queued: Vec<bool>,
+    /// The chunk of the last page of the latest write.
+    front: u32,
     /// Answers dropped because the chunk was written after the question.
     pub discarded: u64,
 }
@@ -64,6 +66,7 @@ impl ChunkDigests {
             asked: vec![None; chunks],
             pending: (0..chunks as u32).collect(),
             queued: vec![true; chunks],
+            front: 0,
             discarded: 0,
         }
     }
@@ -76,6 +79,7 @@ impl ChunkDigests {
         }
         let now = Instant::now();
         let last = first.saturating_add(count - 1);
+        self.front = last / self.chunk_pages;
         for chunk in first / self.chunk_pages..=last / self.chunk_pages {
             let index = chunk as usize;
             // Beyond the memory: the write is refused.
@@ -98,11 +102,20 @@ impl ChunkDigests {
     }
 
     /// Up to `limit` chunks to ask for now, with their generations: not
-    /// read since their last write, not asked for since, and not written
-    /// in the last `quiet`. Taken in the order they were first written,
-    /// up to the first one written too recently (in a round, pages come
-    /// in about the order of their addresses); work in proportion to the
-    /// chunks asked for.
+    /// read since their last write, not asked for since, and either not
+    /// written in the last `quiet` or passed by the writes (the latest
+    /// one lies two chunks or more beyond). Taken in the order they were
+    /// first written, up to the first one not ready (in a round, pages
+    /// come in about the order of their addresses); work in proportion to
+    /// the chunks asked for.
+    ///
+    /// In a first round the sender's batches go in page order and each
+    /// spans fewer pages than a chunk, so a chunk two behind the latest
+    /// write gets no more writes in the round; template pages, written at
+    /// memory speed, would otherwise wait `quiet` and pile up for the
+    /// pause. A later round's sparse pages may still come back to a
+    /// passed chunk: its answer is then dropped and the chunk read again
+    /// (a wasted read, never a wrong digest).
     pub fn to_ask(&mut self, quiet: Duration, limit: usize) -> Vec<(u32, u64)> {
         let now = Instant::now();
         let mut ask = Vec::new();
@@ -110,7 +123,8 @@ impl ChunkDigests {
             && let Some(&chunk) = self.pending.front()
         {
             let index = chunk as usize;
-            if self.written[index].is_some_and(|at| now - at < quiet) {
+            let passed = self.front > chunk.saturating_add(1);
+            if !passed && self.written[index].is_some_and(|at| now - at < quiet) {
                 break;
             }
             self.pending.pop_front();
@@ -311,5 +325,30 @@ mod tests {
         // Chunk 2 was first written first, and again just now.
         assert_eq!(book.to_ask(QUIET, 8), vec![]);
         assert_eq!(book.to_ask(Duration::ZERO, 8), vec![(2, 2), (0, 1)]);
+    }
+
+    #[test]
+    fn a_chunk_the_writes_have_passed_is_ready_at_once() {
+        let mut book = ChunkDigests::new(16, 4);
+        assert_eq!(book.to_ask(Duration::ZERO, 8).len(), 4);
+        book.forget(0, 2);
+        assert_eq!(book.to_ask(QUIET, 8), vec![], "just written");
+        // The next chunk's write does not pass chunk 0 yet.
+        book.forget(4, 1);
+        assert_eq!(book.to_ask(QUIET, 8), vec![]);
+        // One two chunks on does; chunk 1 (written after 0) is not passed.
+        book.forget(9, 3);
+        assert_eq!(book.to_ask(QUIET, 8), vec![(0, 1)]);
+        // A write coming back to a passed chunk queues it again, and the
+        // answer to the question before it is dropped.
+        book.forget(1, 1);
+        book.answer(0, 1, [7; 32]);
+        assert_eq!(book.digests[0], None);
+        assert_eq!(book.discarded, 1);
+        // Chunk 1 is passed now; chunk 2 (last written one chunk behind
+        // the front) is not, and holds back chunk 0 queued after it.
+        book.forget(15, 1);
+        assert_eq!(book.to_ask(QUIET, 8), vec![(1, 1)]);
+        assert_eq!(book.to_ask(Duration::ZERO, 8), vec![(2, 1), (0, 2), (3, 1)]);
     }
 }
