@@ -224,10 +224,7 @@ impl ContentTable {
     /// Counts one more page of `hash` in the VM owning `vm`; returns its id.
     pub fn add_page(&mut self, vm: &mut VmContentCounts, hash: &PageHash) -> ContentId {
         self.epoch += 1;
-        let id = match self.lookup(hash) {
-            Some(id) => id,
-            None => self.intern(hash),
-        };
+        let id = self.intern(hash);
         let in_vm = vm.counts.entry(id).or_insert(0);
         *in_vm += 1;
         let info = &mut self.entries[id as usize];
@@ -342,7 +339,20 @@ impl ContentTable {
             })
     }
 
+    /// The id of `hash`, a new one if it is not in the table: one probe
+    /// of the index either way (a lookup, then an insert, probed twice for
+    /// every new content, a third of the hash workers' bookkeeping).
     fn intern(&mut self, hash: &PageHash) -> ContentId {
+        use hashbrown::hash_table::Entry;
+        let entries = &self.entries;
+        let vacant = match self.index.entry(
+            hash_key(hash),
+            |id| entries[*id as usize].hash == *hash,
+            |id| hash_key(&entries[*id as usize].hash),
+        ) {
+            Entry::Occupied(found) => return *found.get(),
+            Entry::Vacant(vacant) => vacant,
+        };
         let info = ContentInfo {
             hash: *hash,
             pages: 0,
@@ -358,10 +368,7 @@ impl ContentTable {
                 (self.entries.len() - 1) as ContentId
             }
         };
-        let entries = &self.entries;
-        self.index.insert_unique(hash_key(hash), id, |id| {
-            hash_key(&entries[*id as usize].hash)
-        });
+        vacant.insert(id);
         id
     }
 
