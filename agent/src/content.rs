@@ -340,8 +340,8 @@ impl ContentTable {
     }
 
     /// The id of `hash`, a new one if it is not in the table: one probe
-    /// of the index either way (a lookup, then an insert, probed twice for
-    /// every new content, a third of the hash workers' bookkeeping).
+    /// of the index either way (a lookup then an insert probed it twice
+    /// for every new content).
     fn intern(&mut self, hash: &PageHash) -> ContentId {
         use hashbrown::hash_table::Entry;
         let entries = &self.entries;

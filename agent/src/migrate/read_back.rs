@@ -336,7 +336,8 @@ mod tests {
         // The next chunk's write does not pass chunk 0 yet.
         book.forget(4, 1);
         assert_eq!(book.to_ask(QUIET, 8), vec![]);
-        // One two chunks on does; chunk 1 (written after 0) is not passed.
+        // A write two chunks on does; chunk 1 (written after 0) is not
+        // passed yet.
         book.forget(9, 3);
         assert_eq!(book.to_ask(QUIET, 8), vec![(0, 1)]);
         // A write coming back to a passed chunk queues it again, and the
