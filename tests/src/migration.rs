@@ -271,8 +271,18 @@ impl RunningReceiver {
         if let Some(mut out) = self.child.stdout.take() {
             let _ = out.read_to_string(&mut stdout);
         }
-        let stderr: Vec<String> = self.stderr.try_iter().collect();
-        let mut stderr = stderr.join("\n");
+        // The process has ended, but the thread reading its stderr may not
+        // have passed on the last lines (the error is written just before
+        // exit): read until the pipe closes, within a deadline.
+        let mut lines = Vec::new();
+        let drained_by = Instant::now() + Duration::from_secs(5);
+        while let Some(left) = drained_by.checked_duration_since(Instant::now()) {
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(_) => break,
+            }
+        }
+        let mut stderr = lines.join("\n");
         if status.is_none() {
             stderr.push_str("\n(killed: did not finish in time)");
         }
