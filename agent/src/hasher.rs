@@ -308,19 +308,16 @@ impl Worker {
                     .map(|index| hash(index, &crate::page::ZERO_PAGE))
                     .collect();
             }
-            // Otherwise hashed in place, the next page prefetched meanwhile
-            // (measured side by side on 512 MiB of a memfd: ×1.11 of blake3's
-            // rate over a plain buffer; hashing in place without the
-            // prefetch ×1.00, through a copy into a small buffer ×1.03).
+            // Otherwise hashed in place, without a software prefetch of the
+            // next page: over whole passes of 512 MiB (more than the caches
+            // hold) it never helped, and on a fresh mapping, whose next
+            // page has no page-table entry yet, it cost (hashing bench,
+            // `read_strategies`, two runs: fresh 0.841 and 0.778 of blake3
+            // over a buffer without it, 0.794 and 0.766 with it).
             return pages
                 .iter()
                 .enumerate()
-                .map(|(index, page)| {
-                    if let Some(next) = pages.get(index + 1).and_then(|p| mapped.page(*p)) {
-                        crate::page::prefetch(next);
-                    }
-                    hash(index, mapped.page(*page)?)
-                })
+                .map(|(index, page)| hash(index, mapped.page(*page)?))
                 .collect();
         }
         self.stats.reads_copied.fetch_add(n, Ordering::Relaxed);

@@ -24,26 +24,6 @@ pub fn is_zero_page(page: &[u8]) -> bool {
         && suffix.iter().all(|b| *b == 0)
 }
 
-/// Asks the CPU to start loading `page` into its caches, without waiting.
-/// For the next page of a pass while the current one is hashed: the
-/// hardware prefetchers stop at 4 KiB boundaries, so each page of guest
-/// memory would otherwise begin with a TLB miss and cold cache misses.
-#[inline]
-pub fn prefetch(page: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in page.chunks(64) {
-        // SAFETY: a prefetch only hints the cache: it never faults and
-        // changes no byte, whatever the address (here: inside `page`).
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr().cast(),
-            )
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = page;
-}
-
 /// Lowercase hex of `bytes` (hashes in JSON, logs and file names).
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
