@@ -244,6 +244,8 @@ pub struct Migrated {
     pub seconds: f64,
     /// QEMU's `downtime`, when it gave one.
     pub downtime_ms: Option<u64>,
+    /// QEMU's `ram.dirty-sync-count`: its pre-copy rounds.
+    pub rounds: u32,
     /// QEMU's final status (`completed`, `failed`, ...).
     pub status: String,
     /// The guest's heartbeat went on at the destination.
@@ -388,6 +390,7 @@ pub fn migrate_once(
         wire_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
         seconds,
         downtime_ms: info.downtime_ms,
+        rounds: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) as u32,
         status,
         resumed,
         memory_identical,

@@ -577,7 +577,7 @@ fn qemu_proxy_run(
         wire_bytes: report.wire_bytes,
         total_seconds: migrated.seconds,
         downtime_ms: migrated.downtime_ms.unwrap_or(0) as f64,
-        rounds: 0,
+        rounds: migrated.rounds,
         pages_zero: report.zero_pages,
         pages_template: report.template_pages,
         pages_full: report.pages.saturating_sub(report.template_pages),
