@@ -241,6 +241,10 @@ fn hash_records(
             }
         };
         for (first, count) in ranges {
+            // Grown a page at a time, a whole list's records were copied
+            // and faulted in again at every doubling: listing 66560 pages
+            // took 7.1-7.3 ms, reserved 1.2-2.0 ms.
+            records.reserve(count as usize);
             let end = first + count;
             for chunk in (first..end).step_by(HASH_LIST_CHUNK as usize) {
                 let chunk_end = chunk.saturating_add(HASH_LIST_CHUNK).min(end);

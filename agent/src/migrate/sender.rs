@@ -311,9 +311,17 @@ fn page_states(
         Some(previous) => format!("/v1/vms/{pid}/hashes?since={}", previous.token),
         None => format!("/v1/vms/{pid}/hashes"),
     };
+    let asked = Instant::now();
     let bytes = client::get_blocking(agent_socket, &path)
         .with_context(|| format!("asking the agent for the pages of VM pid {pid}"))?;
+    let got = asked.elapsed();
     let list = parse_hash_list(&bytes).map_err(anyhow::Error::msg)?;
+    log::debug!(
+        "hash list of {} bytes: {:.1} ms from the agent, {:.1} ms to parse",
+        bytes.len(),
+        got.as_secs_f64() * 1e3,
+        (asked.elapsed() - got).as_secs_f64() * 1e3
+    );
     let pages = layout.pages() as usize;
     let mut states = match previous {
         Some(previous) if list.is_delta() => previous,
