@@ -312,8 +312,9 @@ impl Worker {
             // next page: over whole passes of 512 MiB (more than the caches
             // hold) it never helped, and on a fresh mapping, whose next
             // page has no page-table entry yet, it cost (hashing bench,
-            // `read_strategies`, two runs: fresh 0.841 and 0.778 of blake3
-            // over a buffer without it, 0.794 and 0.766 with it).
+            // `read_strategies`, three runs: fresh 0.841, 0.778 and 0.893
+            // of blake3 over a buffer without it, 0.794, 0.766 and 0.800
+            // with it).
             return pages
                 .iter()
                 .enumerate()

@@ -320,7 +320,7 @@ fn page_states(
         "hash list of {} bytes: {:.1} ms from the agent, {:.1} ms to parse",
         bytes.len(),
         got.as_secs_f64() * 1e3,
-        (asked.elapsed() - got).as_secs_f64() * 1e3
+        asked.elapsed().saturating_sub(got).as_secs_f64() * 1e3
     );
     let pages = layout.pages() as usize;
     let mut states = match previous {
