@@ -57,6 +57,9 @@ pub struct AgentArgs {
     /// Hash worker threads (0 = one per CPU).
     #[arg(long)]
     pub hash_threads: Option<usize>,
+    /// Nice value of the hash workers (-20..19; default 10: behind the guests).
+    #[arg(long, allow_hyphen_values = true)]
+    pub hash_nice: Option<i32>,
     /// eBPF event ring buffer bytes (power of two).
     #[arg(long)]
     pub ring_buffer_bytes: Option<u32>,
@@ -112,6 +115,9 @@ impl AgentArgs {
         }
         if let Some(v) = self.hash_threads {
             config.hash_threads = v;
+        }
+        if let Some(v) = self.hash_nice {
+            config.hash_nice = v;
         }
         if let Some(v) = self.ring_buffer_bytes {
             config.ring_buffer_bytes = v;

@@ -22,6 +22,9 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// Hash worker threads; 0 = one per CPU.
     pub hash_threads: usize,
+    /// Nice value of the hash worker threads (-20..=19): background work,
+    /// behind the guests and the migrations on a busy host.
+    pub hash_nice: i32,
     /// eBPF event ring buffer size in bytes (power of two, >= 4096).
     pub ring_buffer_bytes: u32,
     /// Pages per second read to rescan VMs that are not dirty-tracked.
@@ -168,6 +171,7 @@ impl Default for Config {
             socket: DEFAULT_SOCKET.into(),
             metrics_addr: DEFAULT_METRICS_ADDR.parse().unwrap(),
             hash_threads: 0,
+            hash_nice: 10,
             ring_buffer_bytes: 16 << 20,
             rescan_pages_per_sec: 25_600,
             rehash_delay_ms: 250,
@@ -200,6 +204,8 @@ pub enum ConfigError {
     RingSize(u32),
     #[error("min_vms must be at least 1")]
     MinVms,
+    #[error("hash_nice must be a nice value, -20 to 19, not {0}")]
+    Nice(i32),
     #[error("only_vms_with_env must be NAME=VALUE, not `{0}`")]
     EnvFilter(String),
     #[error(
@@ -235,6 +241,9 @@ impl Config {
         }
         if self.min_vms == 0 {
             return Err(ConfigError::MinVms);
+        }
+        if !(-20..=19).contains(&self.hash_nice) {
+            return Err(ConfigError::Nice(self.hash_nice));
         }
         if let Some(filter) = &self.only_vms_with_env
             && filter

@@ -115,8 +115,10 @@ pub struct HashPool {
 }
 
 impl HashPool {
+    /// `threads` workers, each at nice value `nice`.
     pub fn new(
         threads: usize,
+        nice: i32,
         registry: Arc<Mutex<Registry>>,
         zero_copy: bool,
         change_detection: bool,
@@ -136,7 +138,10 @@ impl HashPool {
                 };
                 std::thread::Builder::new()
                     .name(format!("pagefp-hash-{i}"))
-                    .spawn(move || worker.run())
+                    .spawn(move || {
+                        lower_priority(nice);
+                        worker.run()
+                    })
                     .expect("spawning a hash worker thread")
             })
             .collect();
@@ -193,6 +198,20 @@ impl Drop for HashPool {
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
+    }
+}
+
+/// Sets the calling thread's nice value (Linux: per thread). A worker that
+/// cannot only hashes at the agent's priority.
+fn lower_priority(nice: i32) {
+    let tid = nix::unistd::gettid().as_raw() as libc::id_t;
+    // SAFETY: setpriority takes plain integers and touches no memory of
+    // ours; PRIO_PROCESS with a thread id names only this thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
+        log::warn!(
+            "hash worker: cannot set nice {nice}: {}; it hashes at the agent's priority",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

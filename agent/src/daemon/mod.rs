@@ -66,6 +66,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let registry = Arc::new(Mutex::new(registry));
     let pool = Arc::new(HashPool::new(
         config.threads(),
+        config.hash_nice,
         registry.clone(),
         config.zero_copy,
         config.rescan_change_detection,

@@ -86,8 +86,9 @@ pub struct SendOptions {
     pub security: tls::Client,
 }
 
-/// The first hash list, asked for while the connection is made.
-type FirstList = std::thread::JoinHandle<anyhow::Result<PageStates>>;
+/// The first hash list, asked for while the connection is made, and when
+/// the agent's answer was in.
+type FirstList = std::thread::JoinHandle<(anyhow::Result<PageStates>, Instant)>;
 
 /// What the agent reports about each page, by global page index.
 struct PageStates {
@@ -176,6 +177,7 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
         .map(|r| info.memory.iter().find(|m| m.slot == r.slot).unwrap().uaddr)
         .collect();
     let memory = SourceMemory::open(options.pid, layout.clone(), &uaddrs)?;
+    let opened = started.elapsed().as_secs_f64();
 
     let id = format!(
         "{}-{}",
@@ -196,14 +198,18 @@ pub fn send(options: &SendOptions) -> anyhow::Result<MigrationReport> {
             options.to.clone(),
         )
     };
+    report.timeline.push(("memory_opened".into(), opened));
     let mut progress = Progress::new(options.progress, Some(options.agent_socket.clone()));
     progress.update(&report);
 
     // The first hash list (a whole one) while the connection is made.
     let first_list = {
         let (socket, pid, layout) = (options.agent_socket.clone(), options.pid, layout.clone());
-        std::thread::spawn(move || page_states(&socket, pid, &layout, None))
+        std::thread::spawn(move || (page_states(&socket, pid, &layout, None), Instant::now()))
     };
+    report
+        .timeline
+        .push(("connecting".into(), started.elapsed().as_secs_f64()));
     let connected = net::connect(&options.to, &options.security, Duration::ZERO)
         .with_context(|| format!("cannot reach `pagefp migrate receive` at {}", options.to));
     let (read_half, write_half) = match connected {
@@ -522,10 +528,17 @@ impl Sender<'_> {
         first_list: FirstList,
     ) -> anyhow::Result<()> {
         self.mark("connected");
-        let mut states = first_list.join().map_err(|_| {
+        let (states, answered) = first_list.join().map_err(|_| {
             anyhow::anyhow!("the thread asking the agent for the hash list panicked")
-        })??;
+        })?;
+        let mut states = states?;
         let mut taken = Instant::now();
+        // When the agent's answer was in (the connection was made
+        // meanwhile), and when the sender took it.
+        let answered = answered.duration_since(self.started).as_secs_f64();
+        self.report
+            .timeline
+            .push(("hash_list_answered".into(), answered));
         self.mark("hash_list");
         self.negotiate(&states)?;
         self.mark("negotiated");
@@ -679,6 +692,9 @@ impl Sender<'_> {
         self.writer.json(Kind::RoundEnd, &round)?;
         let vm_state = vmm.save_state().context("saving the source VM's state")?;
         self.writer.frame(Kind::State, 0, &vm_state)?;
+        // Out now, not with the digest: the destination reads its memory
+        // back and loads the state while the digest is computed here.
+        self.writer.flush()?;
         part(&mut self.report, "last_pages");
 
         self.report.phase = Phase::Verifying;

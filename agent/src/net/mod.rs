@@ -7,7 +7,12 @@ pub mod pki;
 pub mod tls;
 
 use std::{
+    io::Read as _,
     net::{TcpListener, TcpStream, ToSocketAddrs as _},
+    os::{
+        fd::{AsFd as _, BorrowedFd},
+        unix::net::UnixStream,
+    },
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -18,6 +23,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 pub use channel::{Channel, ChannelReader, ChannelWriter, Protection};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 /// The bounds of one migration's WAN connection, for every end.
 #[derive(clap::Args, Clone, Copy, Debug)]
@@ -79,11 +85,39 @@ pub fn accept_within(
                 return Ok(stream);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
+                if !wait_readable(&[listener.as_fd()], Some(deadline))? {
                     bail!("no connection within {} s", timeout.as_secs());
                 }
-                std::thread::sleep(Duration::from_millis(20));
             }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Waits until one of `fds` is readable (`true`) or `until` passes
+/// (`false`; none: forever). A wakeup, not a sleep: a connection is taken
+/// the moment it arrives.
+fn wait_readable(fds: &[BorrowedFd<'_>], until: Option<Instant>) -> std::io::Result<bool> {
+    loop {
+        let timeout = match until {
+            None => PollTimeout::NONE,
+            Some(until) => {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(false);
+                }
+                // Whole milliseconds, rounded up so a wait never spins.
+                let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut polled: Vec<PollFd<'_>> = fds
+            .iter()
+            .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+            .collect();
+        match poll(&mut polled, timeout) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => return Ok(true),
             Err(e) => return Err(e.into()),
         }
     }
@@ -136,6 +170,10 @@ pub struct SecureListener {
     in_flight: Arc<AtomicUsize>,
     done: mpsc::Receiver<(String, anyhow::Result<Channel>)>,
     done_tx: mpsc::Sender<(String, anyhow::Result<Channel>)>,
+    /// A handshake thread writes a byte to `woken_by` when it sent its
+    /// result: `accept` waits on `woken` and the listener together.
+    woken: UnixStream,
+    woken_by: Arc<UnixStream>,
 }
 
 impl SecureListener {
@@ -144,12 +182,18 @@ impl SecureListener {
             TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
         listener.set_nonblocking(true)?;
         let (done_tx, done) = mpsc::channel();
+        let (woken, woken_by) =
+            UnixStream::pair().context("creating the handshake threads' wakeup socket")?;
+        woken.set_nonblocking(true)?;
+        woken_by.set_nonblocking(true)?;
         Ok(Self {
             listener,
             server,
             in_flight: Arc::new(AtomicUsize::new(0)),
             done,
             done_tx,
+            woken,
+            woken_by: Arc::new(woken_by),
         })
     }
 
@@ -164,6 +208,9 @@ impl SecureListener {
     /// handshake timeout), so a slow one does not hold up the genuine peer.
     pub fn accept(&self, deadline: Option<Instant>, waiting_for: &str) -> anyhow::Result<Channel> {
         loop {
+            // Wakeups of finished handshakes; their results follow.
+            let mut drained = [0u8; 64];
+            while matches!((&self.woken).read(&mut drained), Ok(n) if n > 0) {}
             while let Ok((peer, result)) = self.done.try_recv() {
                 match result {
                     Ok(channel) => {
@@ -173,21 +220,22 @@ impl SecureListener {
                     Err(err) => log::warn!("refused a connection from {peer}: {err:#}"),
                 }
             }
-            if self.in_flight.load(Ordering::Relaxed) >= MAX_HANDSHAKES {
-                // Full: later connections wait in the backlog, in order.
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    bail!("{waiting_for} did not connect and authenticate in time");
-                }
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-            match self.listener.accept() {
+            let full = self.in_flight.load(Ordering::Relaxed) >= MAX_HANDSHAKES;
+            let accepted = if full {
+                // Later connections wait in the backlog, in order.
+                Err(std::io::ErrorKind::WouldBlock.into())
+            } else {
+                self.listener.accept()
+            };
+            match accepted {
                 Ok((tcp, addr)) => self.start_handshake(tcp, addr.to_string()),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                    let woken = self.woken.as_fd();
+                    let listener = self.listener.as_fd();
+                    let fds: &[BorrowedFd<'_>] = if full { &[woken] } else { &[woken, listener] };
+                    if !wait_readable(fds, deadline)? {
                         bail!("{waiting_for} did not connect and authenticate in time");
                     }
-                    std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => {
                     // EMFILE and the like: back off instead of spinning.
@@ -206,10 +254,11 @@ impl SecureListener {
             return;
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let (server, in_flight, done) = (
+        let (server, in_flight, done, wake) = (
             self.server.clone(),
             self.in_flight.clone(),
             self.done_tx.clone(),
+            self.woken_by.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name("tls-handshake".into())
@@ -217,6 +266,9 @@ impl SecureListener {
                 let result = server.secure(tcp, peer.clone());
                 in_flight.fetch_sub(1, Ordering::Relaxed);
                 let _ = done.send((peer, result));
+                // Full only if `accept` has not drained it for 200 KiB of
+                // wakeups: it is awake then anyway.
+                let _ = std::io::Write::write(&mut &*wake, &[1]);
             });
         if let Err(e) = spawned {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -386,7 +386,10 @@ fn pagefp_run(
         tls: report.tls && received.report().tls,
         qemu_version: None,
         error: None,
-        note: None,
+        note: report
+            .compression
+            .as_ref()
+            .map(|compression| format!("compression: {compression}")),
     })
 }
 
