@@ -188,7 +188,7 @@ impl Gauge {
             return Ok(None);
         };
         let started = crate::clock::thread_cpu_ns();
-        let compressed = zstd::bulk::compress(raw, level)?;
+        let compressed = compress_here(raw, level)?;
         let cpu_ns = crate::clock::thread_cpu_ns().saturating_sub(started);
         self.compressed(level, raw.len(), compressed.len(), cpu_ns);
         Ok(Some(compressed))
@@ -239,6 +239,27 @@ impl Gauge {
             levels.join("; "),
         )
     }
+}
+
+thread_local! {
+    /// This thread's zstd context, kept from frame to frame: a fresh one
+    /// per frame allocated (and faulted in) its tables every 256 KiB.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `raw` compressed at `level` with this thread's context.
+fn compress_here(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with_borrow_mut(|kept| {
+        let compressor = match kept {
+            Some(compressor) => {
+                compressor.set_compression_level(level)?;
+                compressor
+            }
+            None => kept.insert(zstd::bulk::Compressor::new(level)?),
+        };
+        compressor.compress(raw)
+    })
 }
 
 /// Frame writes the gauge has not heard of yet: the sending thread adds
