@@ -458,7 +458,7 @@ pub fn read_copied(pid: u32, uaddr: u64, pages: &[u32], buf: &mut [u8]) -> Vec<b
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{ffi::CString, os::fd::OwnedFd};
 
     use nix::{
@@ -469,14 +469,14 @@ mod tests {
     use super::*;
 
     /// What a VMM does: guest RAM in a memfd (sealed or not), mapped shared.
-    struct VmmRam {
+    pub(crate) struct VmmRam {
         _fd: OwnedFd,
         ptr: NonNull<u8>,
         len: usize,
     }
 
     impl VmmRam {
-        fn new(pages: usize, sealed: bool) -> Self {
+        pub(crate) fn new(pages: usize, sealed: bool) -> Self {
             let len = pages * PAGE_SIZE;
             let name = CString::new("pagefp-test-ram").unwrap();
             let fd = memfd_create(name.as_c_str(), MFdFlags::MFD_ALLOW_SEALING).unwrap();
@@ -503,13 +503,26 @@ mod tests {
             }
         }
 
-        fn bytes(&mut self) -> &mut [u8] {
+        pub(crate) fn bytes(&mut self) -> &mut [u8] {
             // SAFETY: the mapping made in `new`, alive as long as `self`.
             unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
         }
 
-        fn uaddr(&self) -> u64 {
+        pub(crate) fn uaddr(&self) -> u64 {
             self.ptr.as_ptr() as u64
+        }
+
+        /// Frees page `page` (a hole again, as a balloon or a discard does).
+        pub(crate) fn punch(&mut self, page: usize) {
+            // SAFETY: one page inside the mapping made in `new`.
+            unsafe {
+                nix::sys::mman::madvise(
+                    self.ptr.add(page * PAGE_SIZE).cast(),
+                    PAGE_SIZE,
+                    nix::sys::mman::MmapAdvise::MADV_REMOVE,
+                )
+            }
+            .unwrap();
         }
     }
 

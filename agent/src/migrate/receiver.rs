@@ -146,6 +146,7 @@ pub fn receive(options: &ReceiveOptions) -> anyhow::Result<MigrationReport> {
         chunks: ChunkDigests::new(0, 1),
         reader: None,
         owned: false,
+        ready_sent: None,
     };
     match receiver.run(reader, vmm.as_mut(), options, &info.memory) {
         Ok(()) => {
@@ -215,6 +216,9 @@ struct Receiver<'a> {
     /// "go" arrived after the memory was verified: from then on this host
     /// owns the VM, and nothing that fails may discard it.
     owned: bool,
+    /// When "ready" went out: the wait for "go" is the source's part of
+    /// the downtime that this end sees.
+    ready_sent: Option<Instant>,
 }
 
 impl Receiver<'_> {
@@ -399,9 +403,20 @@ impl Receiver<'_> {
                         bail!("the source said go before the memory was verified");
                     }
                     self.owned = true;
+                    let go_ms = self
+                        .ready_sent
+                        .map_or(0.0, |sent| sent.elapsed().as_secs_f64() * 1000.0);
+                    let resuming = Instant::now();
                     if options.resume {
                         vmm.resume().context("resuming the migrated VM")?;
                     }
+                    self.report.downtime_parts_ms.extend([
+                        ("ready_to_go".to_string(), go_ms),
+                        (
+                            "resume".to_string(),
+                            resuming.elapsed().as_secs_f64() * 1000.0,
+                        ),
+                    ]);
                     self.writer.json(
                         Kind::Resumed,
                         &Resumed {
@@ -643,6 +658,7 @@ impl Receiver<'_> {
             },
         )?;
         self.writer.flush()?;
+        self.ready_sent = Some(Instant::now());
         Ok(())
     }
 }

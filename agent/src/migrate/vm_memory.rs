@@ -161,6 +161,46 @@ impl SourceMemory {
         holes_of(&self.layout, mappings)
     }
 
+    /// [`Self::holes`] now, from `earlier` (what it said a moment ago):
+    /// each run of earlier holes is checked with one `SEEK_DATA` (cheap
+    /// over holes) and looked at page by page only where data appeared in
+    /// it. A page that held data earlier counts as data: if it was punched
+    /// since, reading it gives the zeros a hole would.
+    pub fn holes_since(&self, earlier: &[bool]) -> Vec<bool> {
+        let pages = self.layout.pages();
+        let mut holes = vec![false; pages as usize];
+        let mut page = 0u32;
+        while page < pages {
+            if earlier.get(page as usize) != Some(&true) {
+                page += 1;
+                continue;
+            }
+            let run_end = (page..pages)
+                .find(|&p| earlier.get(p as usize) != Some(&true))
+                .unwrap_or(pages);
+            for (region, index, run, offset) in self
+                .layout
+                .region_runs(page, run_end - page)
+                .unwrap_or_default()
+            {
+                if let SourceRegion::Mapped(mapping) = &self.regions[region] {
+                    let range = index..index + run;
+                    let found = if mapping.is_hole(range.clone()) {
+                        Some(vec![true; run as usize])
+                    } else {
+                        mapping.holes_in(range)
+                    };
+                    if let Some(found) = found.filter(|f| f.len() == run as usize) {
+                        let at = (page + offset) as usize;
+                        holes[at..at + run as usize].copy_from_slice(&found);
+                    }
+                }
+            }
+            page = run_end;
+        }
+        holes
+    }
+
     /// Maps the data pages of the mapped regions into this process's page
     /// tables ([`GuestMapping::populate_data`]): what the final digest
     /// reads, while the VM is paused, is then not first faulted in.
@@ -353,5 +393,35 @@ mod tests {
         assert_eq!(layout.page_of_gpa(0xE000_1000), Some(4));
         assert_eq!(layout.page_of_gpa(0x3000), None);
         assert!(Layout::new(vec![region(0, 0, 3), region(1, 0x1000, 1)]).is_err());
+    }
+
+    /// The holes at the pause, from those found before it: a hole written
+    /// since is data, a page punched since still counts as data (it reads
+    /// as zeros), the others keep their earlier answer.
+    #[test]
+    fn holes_since_sees_holes_filled_meanwhile() {
+        let mut ram = crate::guest_memory::tests::VmmRam::new(8, true);
+        for page in [1, 2, 5] {
+            ram.bytes()[page * PAGE_SIZE] = 1;
+        }
+        let layout = Layout::new(vec![region(0, 0, 8)]).unwrap();
+        let memory = SourceMemory::open(std::process::id(), layout, &[ram.uaddr()]).unwrap();
+        let before = memory.holes();
+        assert_eq!(
+            before,
+            [true, false, false, true, true, false, true, true],
+            "this file system tells holes"
+        );
+        ram.bytes()[3 * PAGE_SIZE + 100] = 9;
+        ram.bytes()[7 * PAGE_SIZE] = 9;
+        ram.punch(5);
+        assert_eq!(
+            memory.holes_since(&before),
+            [true, false, false, false, true, false, true, false]
+        );
+        // Nothing changed: the earlier answer stands, read with one seek
+        // per run of holes.
+        let now = memory.holes();
+        assert_eq!(memory.holes_since(&now), now);
     }
 }
