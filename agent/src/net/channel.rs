@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::PollFlags;
 
 /// Plaintext the TLS session buffers before a write waits for the socket.
 const TLS_BUFFER: usize = 1 << 20;
@@ -179,29 +179,13 @@ fn lock(tls: &Mutex<rustls::Connection>) -> MutexGuard<'_, rustls::Connection> {
 
 /// Waits until `tcp` is ready for `flags`, or fails with `TimedOut` at `until`.
 pub(super) fn wait(tcp: &TcpStream, flags: PollFlags, until: Option<Instant>) -> io::Result<()> {
-    loop {
-        let timeout = match until {
-            None => PollTimeout::NONE,
-            Some(until) => {
-                let left = until.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the peer made no progress within the timeout",
-                    ));
-                }
-                // Whole milliseconds, rounded up so a wait never spins.
-                let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
-            }
-        };
-        let mut fds = [PollFd::new(tcp.as_fd(), flags)];
-        match poll(&mut fds, timeout) {
-            Ok(0) => continue,
-            Ok(_) => return Ok(()),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
+    if super::wait_ready(&[tcp.as_fd()], flags, until)? {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer made no progress within the timeout",
+        ))
     }
 }
 

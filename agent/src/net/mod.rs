@@ -85,7 +85,7 @@ pub fn accept_within(
                 return Ok(stream);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if !wait_readable(&[listener.as_fd()], Some(deadline))? {
+                if !wait_ready(&[listener.as_fd()], PollFlags::POLLIN, Some(deadline))? {
                     bail!("no connection within {} s", timeout.as_secs());
                 }
             }
@@ -94,10 +94,14 @@ pub fn accept_within(
     }
 }
 
-/// Waits until one of `fds` is readable (`true`) or `until` passes
-/// (`false`; none: forever). A wakeup, not a sleep: a connection is taken
-/// the moment it arrives.
-fn wait_readable(fds: &[BorrowedFd<'_>], until: Option<Instant>) -> std::io::Result<bool> {
+/// Waits until one of `fds` is ready for `flags` (`true`) or `until`
+/// passes (`false`; none: forever). A wakeup, not a sleep: a connection or
+/// a byte is taken the moment it arrives.
+pub(crate) fn wait_ready(
+    fds: &[BorrowedFd<'_>],
+    flags: PollFlags,
+    until: Option<Instant>,
+) -> std::io::Result<bool> {
     loop {
         let timeout = match until {
             None => PollTimeout::NONE,
@@ -111,10 +115,7 @@ fn wait_readable(fds: &[BorrowedFd<'_>], until: Option<Instant>) -> std::io::Res
                 PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
             }
         };
-        let mut polled: Vec<PollFd<'_>> = fds
-            .iter()
-            .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
-            .collect();
+        let mut polled: Vec<PollFd<'_>> = fds.iter().map(|fd| PollFd::new(*fd, flags)).collect();
         match poll(&mut polled, timeout) {
             Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
             Ok(_) => return Ok(true),
@@ -233,7 +234,7 @@ impl SecureListener {
                     let woken = self.woken.as_fd();
                     let listener = self.listener.as_fd();
                     let fds: &[BorrowedFd<'_>] = if full { &[woken] } else { &[woken, listener] };
-                    if !wait_readable(fds, deadline)? {
+                    if !wait_ready(fds, PollFlags::POLLIN, deadline)? {
                         bail!("{waiting_for} did not connect and authenticate in time");
                     }
                 }
