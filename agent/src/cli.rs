@@ -57,7 +57,7 @@ pub struct AgentArgs {
     /// Hash worker threads (0 = one per CPU).
     #[arg(long)]
     pub hash_threads: Option<usize>,
-    /// Nice value of the hash workers (-20..19; default 10: behind the guests).
+    /// Nice value of the hash workers (-20..19; raised, hashing yields to the guests).
     #[arg(long, allow_hyphen_values = true)]
     pub hash_nice: Option<i32>,
     /// eBPF event ring buffer bytes (power of two).

@@ -22,8 +22,8 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// Hash worker threads; 0 = one per CPU.
     pub hash_threads: usize,
-    /// Nice value of the hash worker threads (-20..=19): background work,
-    /// behind the guests and the migrations on a busy host.
+    /// Nice value of the hash worker threads (-20..=19; raised, hashing
+    /// yields to the guests, and pages take longer to be clean).
     pub hash_nice: i32,
     /// eBPF event ring buffer size in bytes (power of two, >= 4096).
     pub ring_buffer_bytes: u32,
@@ -171,7 +171,7 @@ impl Default for Config {
             socket: DEFAULT_SOCKET.into(),
             metrics_addr: DEFAULT_METRICS_ADDR.parse().unwrap(),
             hash_threads: 0,
-            hash_nice: 10,
+            hash_nice: 0,
             ring_buffer_bytes: 16 << 20,
             rescan_pages_per_sec: 25_600,
             rehash_delay_ms: 250,

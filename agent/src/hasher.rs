@@ -115,7 +115,7 @@ pub struct HashPool {
 }
 
 impl HashPool {
-    /// `threads` workers, each at nice value `nice`.
+    /// `threads` workers, each at nice value `nice` (0: the agent's own).
     pub fn new(
         threads: usize,
         nice: i32,
@@ -139,7 +139,9 @@ impl HashPool {
                 std::thread::Builder::new()
                     .name(format!("pagefp-hash-{i}"))
                     .spawn(move || {
-                        lower_priority(nice);
+                        if nice != 0 {
+                            lower_priority(nice);
+                        }
                         worker.run()
                     })
                     .expect("spawning a hash worker thread")
