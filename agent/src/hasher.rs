@@ -140,7 +140,7 @@ impl HashPool {
                     .name(format!("pagefp-hash-{i}"))
                     .spawn(move || {
                         if nice != 0 {
-                            lower_priority(nice);
+                            set_nice(nice);
                         }
                         worker.run()
                     })
@@ -205,7 +205,7 @@ impl Drop for HashPool {
 
 /// Sets the calling thread's nice value (Linux: per thread). A worker that
 /// cannot only hashes at the agent's priority.
-fn lower_priority(nice: i32) {
+fn set_nice(nice: i32) {
     let tid = nix::unistd::gettid().as_raw() as libc::id_t;
     // SAFETY: setpriority takes plain integers and touches no memory of
     // ours; PRIO_PROCESS with a thread id names only this thread.
