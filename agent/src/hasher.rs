@@ -329,6 +329,9 @@ impl Worker {
                     .map(|index| hash(index, &crate::page::ZERO_PAGE))
                     .collect();
             }
+            if pages.len() as u32 == last - first {
+                mapped.populate(first..last);
+            }
             // Otherwise hashed in place, without a software prefetch of the
             // next page: over whole passes of 512 MiB (more than the caches
             // hold) it never helped, and on a fresh mapping, whose next
