@@ -152,6 +152,9 @@ pub fn run(
     std::thread::sleep(
         (first_sync + Duration::from_secs(2)).saturating_duration_since(Instant::now()),
     );
+    // A QEMU gone meanwhile would only show as a VM the agent no longer
+    // knows: said as what it is.
+    source.still_running("during the migration, before the agent's hash list")?;
     let records = agent.hashes(pid);
     let unwritten: Vec<&PageRecord> = records
         .iter()
@@ -171,6 +174,7 @@ pub fn run(
     // migration within two rounds (nothing is written any more), which
     // turns dirty logging off: whether the list came before is recorded.
     source.qmp.execute("stop", None)?;
+    source.still_running("after it was paused")?;
     let paused = agent.hashes(pid);
     let paused_while_migrating = source.qmp.execute("query-migrate", None)?["status"] == "active";
     let memory = source.dump(&dir.join(format!("{tag}.mem")), u64::from(MEM_MIB) << 20)?;

@@ -119,6 +119,15 @@ impl BiosGuest {
         self.child.id()
     }
 
+    /// `Ok` while QEMU runs; once it exited, an error that says how and
+    /// what its stderr ends with (`during`: what was going on).
+    pub fn still_running(&mut self, during: &str) -> anyhow::Result<()> {
+        match self.child.try_wait() {
+            Ok(Some(_)) => anyhow::bail!("{} ({during})", self.fate()),
+            _ => Ok(()),
+        }
+    }
+
     /// A destination waiting on `-incoming tcp:127.0.0.1:PORT`.
     pub fn incoming(dir: &Path, name: &str, mem_mib: u32, port: u16) -> anyhow::Result<Self> {
         Self::start(
