@@ -181,20 +181,7 @@ impl GuestMapping {
     /// [`Self::drop_page_tables`] for the pages `pages` only (clipped to
     /// the region).
     pub fn drop_page_tables_in(&self, pages: std::ops::Range<u32>) {
-        let end = (pages.end as usize).min(self.len / PAGE_SIZE);
-        let start = (pages.start as usize).min(end);
-        if start == end {
-            return;
-        }
-        // SAFETY: a range inside this shared file mapping; `MADV_DONTNEED`
-        // on it only unmaps (the bytes stay in the file) and changes no byte.
-        let _ = unsafe {
-            madvise(
-                self.ptr.add(start * PAGE_SIZE).cast(),
-                (end - start) * PAGE_SIZE,
-                MmapAdvise::MADV_DONTNEED,
-            )
-        };
+        self.advise(pages, MmapAdvise::MADV_DONTNEED);
     }
 
     /// Drops this process's page-table entries for the region (the bytes
@@ -202,10 +189,7 @@ impl GuestMapping {
     /// reading it back mapped is then not left for the final unmap, which
     /// a destination does while its VM is paused.
     pub fn drop_page_tables(&self) {
-        // SAFETY: the whole of this shared file mapping; `MADV_DONTNEED` on
-        // a shared mapping only unmaps (its bytes stay in the file, which
-        // later reads map again) and changes no byte.
-        let _ = unsafe { madvise(self.ptr.cast(), self.len, MmapAdvise::MADV_DONTNEED) };
+        self.drop_page_tables_in(0..(self.len / PAGE_SIZE) as u32);
     }
 
     /// Maps the pages `pages` (clipped to the region) into this process's
@@ -214,20 +198,7 @@ impl GuestMapping {
     /// them is allocated, as reading it would). Best effort: it changes no
     /// byte.
     pub fn populate(&self, pages: std::ops::Range<u32>) {
-        let end = (pages.end as usize).min(self.len / PAGE_SIZE);
-        let start = (pages.start as usize).min(end);
-        if start == end {
-            return;
-        }
-        // SAFETY: a range inside this mapping; populating only faults
-        // pages in, it changes no byte.
-        let _ = unsafe {
-            madvise(
-                self.ptr.add(start * PAGE_SIZE).cast(),
-                (end - start) * PAGE_SIZE,
-                MmapAdvise::MADV_POPULATE_READ,
-            )
-        };
+        self.advise(pages, MmapAdvise::MADV_POPULATE_READ);
     }
 
     /// Maps the pages that hold data into this process's page tables, all
@@ -238,18 +209,35 @@ impl GuestMapping {
     pub fn populate_data(&self) {
         let pages = (self.len / PAGE_SIZE) as u32;
         for extent in self.data_extents(0..pages).unwrap_or_default() {
-            let start = extent.start as usize * PAGE_SIZE;
-            let len = (extent.end - extent.start) as usize * PAGE_SIZE;
-            // SAFETY: a range inside this mapping (the extents are clipped
-            // to it); populating only faults pages in, it changes no byte.
-            let _ = unsafe {
-                madvise(
-                    self.ptr.add(start).cast(),
-                    len,
-                    MmapAdvise::MADV_POPULATE_READ,
-                )
-            };
+            self.populate(extent);
         }
+    }
+
+    /// `advice` for the pages `pages`, clipped to the region: only
+    /// `MADV_DONTNEED` (on this shared file mapping it only unmaps; the
+    /// bytes stay in the file, which later reads map again) and
+    /// `MADV_POPULATE_READ` (it only faults pages in), neither of which
+    /// changes a byte. Best effort.
+    fn advise(&self, pages: std::ops::Range<u32>, advice: MmapAdvise) {
+        debug_assert!(matches!(
+            advice,
+            MmapAdvise::MADV_DONTNEED | MmapAdvise::MADV_POPULATE_READ
+        ));
+        let end = (pages.end as usize).min(self.len / PAGE_SIZE);
+        let start = (pages.start as usize).min(end);
+        if start == end {
+            return;
+        }
+        // SAFETY: a range inside this live mapping; either advice (above)
+        // changes no byte of it, and no reference into it is invalidated
+        // (the pages read the same afterwards).
+        let _ = unsafe {
+            madvise(
+                self.ptr.add(start * PAGE_SIZE).cast(),
+                (end - start) * PAGE_SIZE,
+                advice,
+            )
+        };
     }
 
     /// Which pages of the region lie in a hole of its file (they read as
